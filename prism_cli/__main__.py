@@ -1,0 +1,3 @@
+from prism_cli.app import main
+
+main()

@@ -1,0 +1,59 @@
+"""The shared rich console and progress bars (the library never prints; commands do)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Throughput in the task's unit (tokens/s, experts/s ...)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None, unit: str = "tokens") -> Iterator[Callable[..., None]]:
+    """A progress bar; yields ``advance(n=1, total=None)`` (``total`` may be set once it is known)."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total)
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                progress.update(task, total=total)
+            if n:
+                progress.advance(task, n)
+
+        yield advance

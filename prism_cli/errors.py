@@ -1,0 +1,21 @@
+"""Errors that the CLI turns into one line on stderr and a non-zero exit code (never a traceback)."""
+
+from __future__ import annotations
+
+
+class PrismError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    exit_code = 2
+
+
+class BudgetNotMet(PrismError):
+    """No operating point meets the requested latency budget or quality floor (``prism bench``)."""
+
+    exit_code = 3
+
+
+class Interrupted(PrismError):
+    """The user pressed Ctrl-C; any partial output has been removed."""
+
+    exit_code = 130

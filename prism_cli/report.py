@@ -1,0 +1,77 @@
+"""Result tables: one object rendered as a rich table on screen and saved as Markdown, CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table as RichTable
+
+from prism_cli.io import write_json, write_text
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Human formatting for table cells: floats to ``digits`` significant places, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
+    return str(value)
+
+
+@dataclass
+class ResultTable:
+    """A titled table with named columns; ``notes`` are printed under it and kept in every file."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *values: Any) -> None:
+        if len(values) != len(self.columns):
+            raise ValueError(f"row has {len(values)} values for {len(self.columns)} columns")
+        self.rows.append(list(values))
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+    def rich(self) -> RichTable:
+        table = RichTable(title=self.title, caption="\n".join(self.notes) or None, caption_justify="left")
+        for col in self.columns:
+            table.add_column(col, justify="left" if not self.rows or isinstance(self.rows[0][self.columns.index(col)], str) else "right")
+        for row in self.rows:
+            table.add_row(*(fmt(v) for v in row))
+        return table
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in self.rows]
+        if self.notes:
+            lines += [""] + [f"{note}  " for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.columns)
+        writer.writerows(self.rows)
+        return buf.getvalue()
+
+    def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
+        """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``)."""
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
+        write_text(paths[0], self.markdown())
+        write_text(paths[1], self.csv())
+        write_json(paths[2], {"title": self.title, "notes": self.notes, "rows": self.records(), **(extra or {})})
+        return paths
