@@ -1,0 +1,195 @@
+"""Loading models and tokenizers by path or hub id, with one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prism_cli.errors import PrismError
+from prism_cli.models.adapters import MoEAdapter, adapter_for_config
+
+#: Name that selects the model shipped inside the package.
+BUILTIN = "builtin"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+#: Config fields that say nothing about the weights (left out of the fingerprint).
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "architectures",
+    "_experts_implementation",
+    "_attn_implementation",
+    "use_cache",
+    "output_router_logits",
+    "prism",
+}
+
+
+def builtin_model_dir() -> Path:
+    """The built-in checkpoint (a stock OLMoE model, see its README.md)."""
+    return Path(__file__).resolve().parent.parent / "data" / "builtin-model"
+
+
+def resolve_model(spec: str | None) -> str:
+    """``None`` or ``"builtin"`` -> the built-in checkpoint; a path must exist; anything else is a hub id."""
+    if spec in (None, "", BUILTIN):
+        path = builtin_model_dir()
+        if not (path / "config.json").exists():
+            raise PrismError(f"the built-in model is missing from {path}; reinstall prism or run `make model`")
+        return str(path)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PrismError(f"model path {spec} is a file; give the checkpoint folder")
+        if not (path / "config.json").exists():
+            raise PrismError(f"{spec} is not a transformers checkpoint: it has no config.json")
+        if not os.access(path / "config.json", os.R_OK):
+            raise PrismError(f"cannot read {path / 'config.json'}: permission denied")
+        return str(path)
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1:
+        raise PrismError(f"model path {spec} does not exist")
+    return spec
+
+
+def load_config(spec: str | None) -> Any:
+    """The transformers config of a checkpoint folder or hub id."""
+    from transformers import AutoConfig
+
+    name = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise PrismError(_load_failure(name, exc)) from None
+
+
+def _load_failure(name: str, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not Path(name).exists():
+        return (
+            f"cannot load {name!r}: it is not a local folder and the hub did not provide it "
+            f"(offline, or no such model): {first}"
+        )
+    return f"cannot load model from {name}: {first}"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, its MoE adapter and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    adapter: MoEAdapter | None
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise PrismError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def parse_device(name: str) -> torch.device:
+    """A torch device, refusing CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PrismError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PrismError("CUDA was asked for but this machine has no CUDA device (torch.cuda.is_available() is False)")
+    return device
+
+
+def load_model(
+    spec: str | None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    device_map: str | None = None,
+    experts_implementation: str | None = None,
+    require_moe: bool = True,
+) -> LoadedModel:
+    """Load a causal LM for inference; ``require_moe`` also checks that prism supports its MoE family."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = resolve_model(spec)
+    config = load_config(name)
+    adapter = adapter_for_config(config) if require_moe else _maybe_adapter(config)
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    target = None if device_map else parse_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise PrismError(_load_failure(name, exc)) from None
+    if target is not None:
+        model.to(target)
+    model.eval()
+    if adapter is not None:
+        adapter.moe_layers(model)  # fails early, with the reason, on an unsupported expert layout
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name)
+
+
+def _maybe_adapter(config: Any) -> MoEAdapter | None:
+    try:
+        return adapter_for_config(config)
+    except PrismError:
+        return None
+
+
+def config_fingerprint(config: Any) -> str:
+    """Hash of the config fields that describe the architecture (not versions or runtime choices)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The folder holding a model's files: the path itself, or the hub snapshot (downloaded if needed)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
+        raise PrismError(_load_failure(name, exc)) from None
+
+
+def weights_fingerprint(directory: Path, adapter: MoEAdapter) -> str:
+    """Hash of the first MoE layer's router weights as stored on disk: tells apart two checkpoints of one
+    architecture (a fine-tune, another seed) whatever dtype they are loaded in."""
+    from prism_cli.refactor.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(directory)
+    routers = adapter.key_patterns().router
+    found = sorted(
+        (int(m.group("layer")), key) for key in reader.keys() if (m := routers.match(key)) and m.group("name") == "weight"
+    )
+    if not found:
+        raise PrismError(f"found no MoE router weights in {directory}")
+    data = reader.get(found[0][1]).float().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -1,0 +1,134 @@
+"""The profile file (``profile.h5``): what ``prism profile`` writes and ``prism partition`` reads.
+
+Layout (HDF5)::
+
+    /                       attrs: format="prism-profile", format_version, prism_version, created,
+                                   model, model_type, config_hash, weights_hash, data, data_hash,
+                                   tokens, seq_len, seed, max_rows, holdout_fraction, row_dtype,
+                                   num_experts, expert_width, hidden_size, top_k, layers (list)
+    /layers/<L>/            one group per profiled MoE layer L (the decoder layer index)
+        tokens_routed       [E] int64    tokens routed to each expert (all calibration tokens)
+        router_weight_sum   [E] float64  sum of those tokens' routing weights
+        l1_mass             [E, I] float64  sum over routed tokens of |a_j(x)|
+        hot_count           [E, I] int64    tokens for which neuron j is in the top quarter of |a(x)|
+        experts/<e>/fit_rows        [r, I]  activation rows a(x) (signed), uniform reservoir sample
+                   /fit_token       [r]     global position of each row's token in the calibration stream
+                   /fit_weight      [r]     its routing weight for expert e
+                   /heldout_rows, heldout_token, heldout_weight: the same for held-out sequences
+
+Rows come from two disjoint sets of calibration sequences: a seeded ``holdout_fraction`` of the
+sequences feed only the held-out reservoirs, the rest only the fit reservoirs, so partitions are
+validated on tokens they never saw. Co-activation counts are not stored: they are computed from the
+fit rows when needed (``PartitionProblem.coactivation``), at the paper's ``k_a = 3/4 I``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from prism_cli.errors import PrismError
+from prism_cli.io import h5_attr
+
+FORMAT = "prism-profile"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ExpertRows:
+    """One expert's recorded rows and statistics, as read back from a profile."""
+
+    layer: int
+    expert: int
+    fit_rows: np.ndarray
+    heldout_rows: np.ndarray
+    l1_mass: np.ndarray
+    hot_rate: np.ndarray
+    tokens_routed: int
+
+
+class ProfileFile:
+    """Read access to a profile, validated on open; use as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise PrismError(f"profile {path} does not exist")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError:
+            raise PrismError(f"{path} is not a readable HDF5 file (corrupt, truncated or another format)") from None
+        try:
+            self.meta = {k: h5_attr(v) for k, v in self._h5.attrs.items()}
+            if self.meta.get("format") != FORMAT:
+                raise PrismError(f"{path} is not a prism profile (format attribute is {self.meta.get('format')!r})")
+            if int(self.meta.get("format_version", -1)) != FORMAT_VERSION:
+                raise PrismError(
+                    f"{path} has profile format version {self.meta.get('format_version')}; this prism reads {FORMAT_VERSION}"
+                )
+            self.layers: list[int] = [int(x) for x in self.meta["layers"]]
+            missing = [layer for layer in self.layers if f"layers/{layer}" not in self._h5]
+            if missing:
+                raise PrismError(f"{path} is incomplete: layers {missing} are listed but missing")
+        except PrismError:
+            self._h5.close()
+            raise
+
+    def __enter__(self) -> "ProfileFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._h5.close()
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.meta["num_experts"])
+
+    @property
+    def width(self) -> int:
+        return int(self.meta["expert_width"])
+
+    def tokens_routed(self, layer: int) -> np.ndarray:
+        return self._read(f"layers/{layer}/tokens_routed")
+
+    def expert(self, layer: int, expert: int) -> ExpertRows:
+        """Rows and statistics of one (layer, expert)."""
+        if layer not in self.layers:
+            raise PrismError(f"layer {layer} is not in profile {self.path} (profiled layers: {self.layers})")
+        base = f"layers/{layer}"
+        routed = self._read(f"{base}/tokens_routed")
+        hot = self._read(f"{base}/hot_count")[expert]
+        return ExpertRows(
+            layer=layer,
+            expert=expert,
+            fit_rows=self._read(f"{base}/experts/{expert}/fit_rows"),
+            heldout_rows=self._read(f"{base}/experts/{expert}/heldout_rows"),
+            l1_mass=self._read(f"{base}/l1_mass")[expert],
+            hot_rate=hot / max(int(routed[expert]), 1),
+            tokens_routed=int(routed[expert]),
+        )
+
+    def row_counts(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fit and held-out row counts of every expert of ``layer``."""
+        fit = np.array([self._shape(f"layers/{layer}/experts/{e}/fit_rows")[0] for e in range(self.num_experts)])
+        held = np.array([self._shape(f"layers/{layer}/experts/{e}/heldout_rows")[0] for e in range(self.num_experts)])
+        return fit, held
+
+    def _read(self, key: str) -> np.ndarray:
+        try:
+            return self._h5[key][()]
+        except (KeyError, OSError):
+            raise PrismError(f"profile {self.path} is corrupt: cannot read {key}") from None
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        try:
+            return self._h5[key].shape
+        except KeyError:
+            raise PrismError(f"profile {self.path} is corrupt: {key} is missing") from None
+
