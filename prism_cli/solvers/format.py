@@ -1,0 +1,167 @@
+"""The partition file (``partition.h5``): what ``prism partition`` writes and ``prism export`` reads.
+
+Layout (HDF5)::
+
+    /                 attrs: format="prism-partition", format_version, prism_version, created,
+                             solver, solver_settings (JSON), sub_experts (N), keep, gate_neurons (s),
+                             seed, profile (path), profile_hash, and the profile's model metadata:
+                             model, model_type, config_hash, weights_hash, data_hash, tokens,
+                             num_experts, expert_width, hidden_size, top_k, layers
+    /layers/<L>/
+        permutation       [E, I] int32  neurons of each expert grouped by sub-expert: sub-expert n of
+                                        expert e is ``permutation[e, n*I/N:(n+1)*I/N]`` (ascending);
+                                        sub-expert 0 carries the most activation mass on the fit rows
+        gate_positions    [E, N, s] int32  each sub-expert's gate neurons (SPEC 3.4a), as positions
+                                        inside that sub-expert's slice of ``permutation``
+        fit_cost, heldout_cost          [E] float64  normalised paper cost (SPEC 3.2, keep)
+        fit_retained, heldout_retained  [E, N-1] float64  R_1..R_{N-1}
+        seconds           [E] float64   solver wall time per expert
+        front/<e>         [F, N-1]      the Pareto front's R_m values (multi-objective solvers only)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from prism_cli import __version__
+from prism_cli.errors import PrismError
+from prism_cli.io import atomic_path, h5_attr
+
+FORMAT = "prism-partition"
+FORMAT_VERSION = 1
+
+#: Profile metadata copied into the partition so that export can check the model it is given.
+MODEL_KEYS = (
+    "model",
+    "model_type",
+    "config_hash",
+    "weights_hash",
+    "data_hash",
+    "tokens",
+    "num_experts",
+    "expert_width",
+    "hidden_size",
+    "top_k",
+)
+
+
+@dataclass
+class ExpertPartition:
+    """One expert's split, scored on its fit and held-out rows."""
+
+    permutation: np.ndarray
+    gate_positions: np.ndarray
+    fit_cost: float
+    heldout_cost: float
+    fit_retained: np.ndarray
+    heldout_retained: np.ndarray
+    seconds: float
+    front: np.ndarray | None = None
+
+
+@dataclass
+class Partition:
+    """A whole model's partition: ``experts[layer][expert]`` plus metadata (the root attributes)."""
+
+    meta: dict[str, Any]
+    experts: dict[int, list[ExpertPartition]] = field(default_factory=dict)
+
+    @property
+    def n_sub(self) -> int:
+        return int(self.meta["sub_experts"])
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.experts)
+
+
+def file_hash(path: str | Path) -> str:
+    """Content hash of a file (recorded so later steps can tell which partition or profile they got)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def write_partition(path: str | Path, partition: Partition) -> None:
+    """Write atomically, in the layout documented above."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "prism_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **partition.meta,
+        "layers": partition.layers,
+    }
+    with atomic_path(Path(path)) as tmp, h5py.File(tmp, "w") as h5:
+        for key, value in meta.items():
+            h5.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+        for layer, experts in partition.experts.items():
+            g = h5.create_group(f"layers/{layer}")
+            g["permutation"] = np.stack([x.permutation for x in experts]).astype(np.int32)
+            g["gate_positions"] = np.stack([x.gate_positions for x in experts]).astype(np.int32)
+            g["fit_cost"] = np.array([x.fit_cost for x in experts])
+            g["heldout_cost"] = np.array([x.heldout_cost for x in experts])
+            g["fit_retained"] = np.stack([x.fit_retained for x in experts])
+            g["heldout_retained"] = np.stack([x.heldout_retained for x in experts])
+            g["seconds"] = np.array([x.seconds for x in experts])
+            for e, x in enumerate(experts):
+                if x.front is not None:
+                    g[f"front/{e}"] = x.front
+
+
+def read_partition(path: str | Path) -> Partition:
+    """Read and validate a partition file; every problem is a one-line ``PrismError``."""
+    path = Path(path)
+    if not path.exists():
+        raise PrismError(f"partition {path} does not exist")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError:
+        raise PrismError(f"{path} is not a readable HDF5 file (corrupt, truncated or another format)") from None
+    with h5:
+        meta = {k: h5_attr(v) for k, v in h5.attrs.items()}
+        if meta.get("format") != FORMAT:
+            raise PrismError(f"{path} is not a prism partition (format attribute is {meta.get('format')!r})")
+        if int(meta.get("format_version", -1)) != FORMAT_VERSION:
+            raise PrismError(f"{path} has partition format version {meta.get('format_version')}; this prism reads {FORMAT_VERSION}")
+        if isinstance(meta.get("solver_settings"), str):
+            meta["solver_settings"] = json.loads(meta["solver_settings"])
+        n_sub, width, n_experts = int(meta["sub_experts"]), int(meta["expert_width"]), int(meta["num_experts"])
+        partition = Partition(meta=meta)
+        try:
+            for layer in [int(x) for x in meta["layers"]]:
+                g = h5[f"layers/{layer}"]
+                perm = g["permutation"][()]
+                if perm.shape != (n_experts, width) or np.any(np.sort(perm, axis=1) != np.arange(width)):
+                    raise PrismError(f"{path} is corrupt: layer {layer} permutation is not a permutation of 0..{width - 1} per expert")
+                gates = g["gate_positions"][()]
+                if gates.ndim != 3 or gates.shape[:2] != (n_experts, n_sub) or gates.min() < 0 or gates.max() >= width // n_sub:
+                    raise PrismError(f"{path} is corrupt: layer {layer} gate positions have shape {gates.shape} or values out of range")
+                fronts = g.get("front")
+                partition.experts[layer] = [
+                    ExpertPartition(
+                        permutation=perm[e],
+                        gate_positions=gates[e],
+                        fit_cost=float(g["fit_cost"][e]),
+                        heldout_cost=float(g["heldout_cost"][e]),
+                        fit_retained=g["fit_retained"][e],
+                        heldout_retained=g["heldout_retained"][e],
+                        seconds=float(g["seconds"][e]),
+                        front=fronts[str(e)][()] if fronts is not None and str(e) in fronts else None,
+                    )
+                    for e in range(n_experts)
+                ]
+        except KeyError as exc:
+            raise PrismError(f"{path} is corrupt: missing {exc.args[0] if exc.args else 'data'}") from None
+    return partition
+

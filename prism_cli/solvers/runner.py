@@ -1,0 +1,235 @@
+"""Running a solver over every (layer, expert) of a profile, in parallel, and scoring the results.
+
+Per expert: solve on the fit rows, number the groups by importance (sub-expert 0 carries the most
+fit mass), choose each sub-expert's gate neurons (SPEC 3.4a) and score the partition on the fit and
+the held-out rows with the shared objectives. Every expert gets its own generator seeded by
+``(seed, layer, expert)``, so results do not depend on the number of workers or their scheduling.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prism_cli.errors import PrismError
+from prism_cli.profiling.format import ExpertRows, ProfileFile
+from prism_cli.solvers.base import SOLVERS, PartitionProblem
+from prism_cli.solvers.format import MODEL_KEYS, ExpertPartition, Partition, file_hash
+from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, retained_mass
+
+EXECUTORS = ("local", "ray")
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    """Everything that decides a partition, recorded in the output."""
+
+    solver: str = "nsga2"
+    sub_experts: int = 4
+    keep: int = 1
+    gate_neurons: int = 4
+    seed: int = 0
+    solver_options: tuple[tuple[str, Any], ...] = ()
+
+    def validate(self, width: int) -> None:
+        if self.sub_experts < 2:
+            raise PrismError(f"--sub-experts must be at least 2, got {self.sub_experts}")
+        if width % self.sub_experts:
+            divisors = [d for d in range(2, min(width, 64) + 1) if width % d == 0]
+            raise PrismError(
+                f"--sub-experts {self.sub_experts} does not divide the expert width {width}; "
+                f"choose one of {', '.join(map(str, divisors))}{' ...' if width > 64 else ''}"
+            )
+        if not 1 <= self.keep < self.sub_experts:
+            raise PrismError(f"--keep must be between 1 and {self.sub_experts - 1} (fewer than --sub-experts), got {self.keep}")
+        if not 1 <= self.gate_neurons <= width // self.sub_experts:
+            raise PrismError(f"--gate-neurons must be between 1 and {width // self.sub_experts}, got {self.gate_neurons}")
+        SOLVERS.get(self.solver)  # unknown names fail here, listing the known ones
+        self.make_solver()
+
+    def make_solver(self):
+        try:
+            return SOLVERS.get(self.solver)(**dict(self.solver_options))
+        except TypeError as exc:
+            raise PrismError(f"bad option for solver {self.solver!r}: {exc}") from None
+
+
+def gate_positions(problem: PartitionProblem, members: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` neurons of each group with the largest summed co-activation with the rest of it.
+
+    ``members [N, G]`` lists each group's neurons (ascending); returns positions into those rows.
+    """
+    coact = problem.coactivation
+    out = np.empty((members.shape[0], count), dtype=np.int64)
+    for n, group in enumerate(members):
+        block = coact[np.ix_(group, group)]
+        score = block.sum(axis=1) - np.diag(block)
+        out[n] = np.sort(np.argsort(-score, kind="stable")[:count])
+    return out
+
+
+def finish(problem: PartitionProblem, labels: np.ndarray, heldout: np.ndarray, settings: PartitionSettings) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Importance numbering, gate neurons and fit / held-out scores for a solver's labels."""
+    n = problem.n_groups
+    if not is_valid_partition(labels, n):
+        raise RuntimeError(f"solver {settings.solver!r} returned an invalid partition")
+    mass = group_loads(problem.rows, labels, n).sum(axis=0)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(-mass, kind="stable")] = np.arange(n)
+    labels = rank[labels]
+    members = np.stack([np.nonzero(labels == g)[0] for g in range(n)])
+    fit_loads = group_loads(problem.rows, labels, n)
+    held_loads = group_loads(np.abs(heldout).astype(np.float32), labels, n)
+    scores = {
+        "fit_cost": paper_cost(fit_loads, problem.keep),
+        "heldout_cost": paper_cost(held_loads, problem.keep),
+        "fit_retained": retained_mass(fit_loads),
+        "heldout_retained": retained_mass(held_loads),
+    }
+    return members.reshape(-1), gate_positions(problem, members, settings.gate_neurons), scores
+
+
+def solve_expert(rows: ExpertRows, settings: PartitionSettings) -> ExpertPartition:
+    """Solve, number, gate and score one expert (runs inside a worker)."""
+    problem = PartitionProblem(
+        rows=rows.fit_rows, n_groups=settings.sub_experts, keep=settings.keep, l1_mass=rows.l1_mass, rate=rows.hot_rate
+    )
+    rng = np.random.default_rng([settings.seed, rows.layer, rows.expert])
+    start = time.perf_counter()
+    solution = settings.make_solver().solve(problem, rng)
+    seconds = time.perf_counter() - start
+    permutation, gates, scores = finish(problem, solution.labels, rows.heldout_rows, settings)
+    return ExpertPartition(permutation=permutation, gate_positions=gates, seconds=seconds, front=solution.front, **scores)
+
+
+def _solve_from_file(path: str, layer: int, expert: int, settings: PartitionSettings) -> tuple[int, int, ExpertPartition]:
+    with ProfileFile(path) as profile:
+        rows = profile.expert(layer, expert)
+    return layer, expert, solve_expert(rows, settings)
+
+
+@contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Workers each get one BLAS thread: parallelism comes from processes, not oversubscribed threads."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: "1" for k in _THREAD_VARS})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_rows(profile: ProfileFile, layers: list[int], settings: PartitionSettings) -> None:
+    """Refuse experts without enough rows, naming them and the remedy."""
+    short: list[str] = []
+    for layer in layers:
+        fit, held = profile.row_counts(layer)
+        bad = [e for e in range(profile.num_experts) if fit[e] < settings.sub_experts or held[e] < 1]
+        if bad:
+            short.append(f"layer {layer}: experts {', '.join(map(str, bad))}")
+    if short:
+        raise PrismError(
+            "too few calibration rows to partition (" + "; ".join(short) + "): profile more tokens (--tokens) "
+            "or a larger --max-rows"
+        )
+
+
+def partition_profile(
+    profile_path: str | Path,
+    settings: PartitionSettings,
+    *,
+    layers: list[int] | None = None,
+    workers: int | None = None,
+    executor: str = "local",
+    on_done: Callable[[int, int, ExpertPartition], None] | None = None,
+) -> Partition:
+    """Partition every expert of the profiled ``layers`` (default: all) with ``settings``."""
+    if workers is not None and workers < 1:
+        raise PrismError(f"--workers must be at least 1, got {workers}")
+    if executor not in EXECUTORS:
+        raise PrismError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    with ProfileFile(profile_path) as profile:
+        settings.validate(profile.width)
+        chosen = layers or profile.layers
+        missing = sorted(set(chosen) - set(profile.layers))
+        if missing:
+            raise PrismError(f"--layers {missing} are not in the profile (profiled layers: {profile.layers})")
+        check_rows(profile, chosen, settings)
+        meta = {k: profile.meta[k] for k in MODEL_KEYS}
+        n_experts = profile.num_experts
+    jobs = [(layer, e) for layer in chosen for e in range(n_experts)]
+    results: dict[tuple[int, int], ExpertPartition] = {}
+
+    def done(layer: int, expert: int, result: ExpertPartition) -> None:
+        results[layer, expert] = result
+        if on_done is not None:
+            on_done(layer, expert, result)
+
+    if executor == "ray":
+        _run_ray(str(profile_path), jobs, settings, done)
+    else:
+        _run_local(str(profile_path), jobs, settings, workers or os.cpu_count() or 1, done)
+
+    meta.update(
+        solver=settings.solver,
+        solver_settings=settings.make_solver().settings(),
+        sub_experts=settings.sub_experts,
+        keep=settings.keep,
+        gate_neurons=settings.gate_neurons,
+        seed=settings.seed,
+        profile=str(profile_path),
+        profile_hash=file_hash(profile_path),
+    )
+    partition = Partition(meta=meta)
+    for layer in chosen:
+        partition.experts[layer] = [results[layer, e] for e in range(n_experts)]
+    return partition
+
+
+def _run_local(path: str, jobs: list[tuple[int, int]], settings: PartitionSettings, workers: int, done: Callable) -> None:
+    if workers == 1:
+        for layer, e in jobs:
+            done(*_solve_from_file(path, layer, e, settings))
+        return
+    with _single_threaded_children(), ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        futures = [pool.submit(_solve_from_file, path, layer, e, settings) for layer, e in jobs]
+        try:
+            for future in as_completed(futures):
+                done(*future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _run_ray(path: str, jobs: list[tuple[int, int]], settings: PartitionSettings, done: Callable) -> None:
+    """Same jobs as Ray tasks; rows travel through Ray's object store, so workers need no shared disk."""
+    try:
+        import ray
+    except ImportError:
+        raise PrismError("--executor ray needs Ray: pip install 'prism-cli[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(solve_expert)
+    with ProfileFile(path) as profile:
+        pending = {remote.remote(profile.expert(layer, e), settings): (layer, e) for layer, e in jobs}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        layer, e = pending.pop(ready[0])
+        done(layer, e, ray.get(ready[0]))
