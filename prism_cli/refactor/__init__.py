@@ -1,0 +1,1 @@
+"""Building sub-experts from a partition and writing them as checkpoints (``prism export``)."""

@@ -1,0 +1,1 @@
+"""The elastic model at inference: allocation policies, the gate-neuron router, operating points."""

@@ -1,0 +1,160 @@
+"""Loading an export as an elastic model and moving it between operating points in place.
+
+``load_elastic(DIR)`` loads a prism export with stock ``AutoModelForCausalLM`` and prism's experts
+implementation; for a neurons-gate export it also builds, per MoE block, a ``GateNeuronRouter`` around
+the original router (its rows are every N-th row of the flat router). ``set_operating_point`` then
+swaps routers and policies without reloading: the weights never move.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from prism_cli.errors import PrismError
+from prism_cli.models.adapters import MoEAdapter, MoELayer, adapter_for_config
+from prism_cli.models.loading import LoadedModel, load_model, resolve_model
+from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
+from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
+from prism_cli.runtime.policies import POLICIES
+from prism_cli.runtime.router import GateNeuronRouter
+
+GATE_FILE = "prism_gate.safetensors"
+
+
+@dataclass
+class ElasticState:
+    """What ``set_operating_point`` needs, attached to the model as ``model.prism_state``."""
+
+    gate: str | None
+    n_sub: int
+    top_k: int
+    num_experts: int
+    layers: list[MoELayer]
+    flat_routers: list[nn.Module]
+    gate_routers: list[GateNeuronRouter] = field(default_factory=list)
+    point: OperatingPoint | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def points(self) -> list[OperatingPoint]:
+        return default_operating_points(self.gate, self.n_sub, self.top_k)
+
+
+def export_meta(spec: str | Path) -> dict[str, Any] | None:
+    """The ``prism`` section of a checkpoint's config, or None when it is not a prism export."""
+    path = Path(spec) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("prism")
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def is_prism_export(spec: str | Path | None) -> bool:
+    return spec is not None and export_meta(spec) is not None
+
+
+def _source_router(flat: nn.Module, config: Any, adapter: MoEAdapter, meta: dict[str, Any]) -> nn.Module:
+    """The original router module, rebuilt: same class, original expert count and top-k, every N-th row."""
+    n_sub = meta["sub_experts"]
+    router_config = copy.deepcopy(config)
+    for key, value in adapter.source_router_config(config, n_sub).items():
+        setattr(router_config, key, value)
+    router = type(flat)(router_config).to(device=flat.weight.device)
+    with torch.no_grad():
+        router.weight = nn.Parameter(flat.weight[::n_sub].clone(), requires_grad=False)
+        for name in adapter.router_per_expert:
+            getattr(router, name).copy_(getattr(flat, name)[::n_sub])
+    return router
+
+
+def _gate_rows(layer: MoELayer, positions: torch.Tensor, n_sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate-neuron rows ``[E, N*s, H]`` of W_gate and W_up, taken from the flat sub-experts."""
+    gate_up = layer.experts.gate_up_proj.detach()
+    width = gate_up.shape[1] // 2
+    experts, _, s = positions.shape
+    sub = torch.arange(experts * n_sub, device=gate_up.device).view(experts, n_sub, 1).expand(-1, -1, s)
+    pos = positions.to(gate_up.device).long()
+    gate_w = gate_up[sub, pos].reshape(experts, n_sub * s, -1)
+    up_w = gate_up[sub, pos + width].reshape(experts, n_sub * s, -1)
+    return gate_w.contiguous(), up_w.contiguous()
+
+
+def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
+    """Prepare ``model`` (an export, or a plain model when ``directory`` is None) for operating points."""
+    adapter = adapter_for_config(model.config)
+    layers = adapter.moe_layers(model)
+    meta = getattr(model.config, "prism", None) if directory is not None else None
+    if meta is None:
+        state = ElasticState(None, 1, adapter.top_k, adapter.num_experts, layers, [layer.router for layer in layers])
+    else:
+        n_sub = int(meta["sub_experts"])
+        state = ElasticState(
+            meta["gate"], n_sub, int(meta["source"]["top_k"]), int(meta["source"]["num_experts"]), layers,
+            [layer.router for layer in layers], meta=meta,
+        )
+        if meta["gate"] == "neurons":
+            gate_file = directory / GATE_FILE
+            if not gate_file.exists():
+                raise PrismError(f"{directory} is a neurons-gate export but {GATE_FILE} is missing")
+            positions = load_file(str(gate_file))
+            for layer in layers:
+                key = f"layers.{layer.index}.gate_positions"
+                if key not in positions:
+                    raise PrismError(f"{gate_file} has no gate neurons for layer {layer.index}")
+                gate_w, up_w = _gate_rows(layer, positions[key], n_sub)
+                policy = POLICIES.get("topk")(n_sub, state.top_k, state.num_experts)
+                state.gate_routers.append(
+                    GateNeuronRouter(_source_router(layer.router, model.config, adapter, meta), gate_w, up_w, n_sub,
+                                     float(meta["down_scale"]), policy, n_sub * state.top_k)
+                )
+    model.prism_state = state
+    return state
+
+
+def set_operating_point(model: Any, point: str | int | OperatingPoint) -> OperatingPoint:
+    """Move ``model`` to ``point`` in place (see ``operating_points`` for the syntax); returns it parsed."""
+    state: ElasticState | None = getattr(model, "prism_state", None)
+    if state is None:
+        state = attach_elastic_state(model, None)
+    op = parse_operating_point(point, state.gate, state.n_sub, state.top_k)
+    for i, layer in enumerate(state.layers):
+        if op.policy in ("linear", "original"):
+            layer.block.gate = state.flat_routers[i]
+            state.flat_routers[i].top_k = int(op.value)
+        else:
+            router = state.gate_routers[i]
+            router.policy = POLICIES.get(op.policy)(state.n_sub, state.top_k, state.num_experts)
+            router.value = op.value
+            layer.block.gate = router
+    state.point = op
+    return op
+
+
+def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu", operating_point: str | None = None) -> LoadedModel:
+    """Load a prism export with its tokenizer; the model is at ``operating_point`` or the export's default."""
+    meta = export_meta(resolve_model(spec))
+    if meta is None:
+        raise PrismError(f"{spec} is not a prism export (its config.json has no 'prism' section)")
+    loaded = load_model(spec, dtype=dtype, device=device, experts_implementation=EXPERTS_IMPLEMENTATION)
+    attach_elastic_state(loaded.model, Path(loaded.name))
+    set_operating_point(loaded.model, operating_point or meta["default_operating_point"])
+    return loaded
+
+
+def load_elastic(directory: str, operating_point: str | int | None = None, *, dtype: str = "float32", device: str = "cpu") -> Any:
+    """Python API: a transformers model loaded from a prism export, at ``operating_point``.
+
+    >>> model = load_elastic("export/", operating_point="topk:4")
+    >>> set_operating_point(model, "threshold:0.9")
+    """
+    return load_elastic_model(directory, dtype=dtype, device=device,
+                              operating_point=None if operating_point is None else str(operating_point)).model

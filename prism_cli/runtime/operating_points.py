@@ -1,0 +1,95 @@
+"""Operating points: how many sub-experts each token computes, and by which rule.
+
+Written ``policy:value``:
+
+* ``linear:K``     the flat router's top-K over all ``E * N`` sub-experts (the linear gate, SPEC 3.4b);
+* ``topk:K``       training-free gate: the K best (expert, sub-expert) pairs per token (SPEC 3.4a);
+* ``pattern:P``    training-free gate, the paper's per-rank pattern (``4,3,1``) or a total K;
+* ``threshold:T``  training-free gate, pairs until their estimated share of mass reaches T (variable);
+* ``original:k``   a plain (not exported) model at top-k experts (the baseline).
+
+A bare integer means the gate's own default policy (``linear`` or ``topk``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prism_cli.errors import PrismError
+
+GATES = ("linear", "neurons")
+NEURON_POLICIES = ("topk", "pattern", "threshold")
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    policy: str
+    value: int | float | tuple[int, ...]
+
+    def __str__(self) -> str:
+        value = ",".join(map(str, self.value)) if isinstance(self.value, tuple) else self.value
+        return f"{self.policy}:{value}"
+
+
+def parse_operating_point(spec: str | int | OperatingPoint, gate: str | None, n_sub: int, top_k: int) -> OperatingPoint:
+    """Parse and validate a point for a model with ``n_sub`` sub-experts per expert and top-``top_k`` routing.
+
+    ``gate`` is the export's gate (None for a plain model, which only has ``original`` points).
+    """
+    if isinstance(spec, OperatingPoint):
+        policy, raw = spec.policy, spec.value
+    else:
+        text = str(spec).strip()
+        policy, sep, raw = text.partition(":")
+        if not sep:
+            policy, raw = {"linear": "linear", "neurons": "topk", None: "original"}[gate], text
+    allowed = {None: ("original",), "linear": ("linear",), "neurons": ("linear", *NEURON_POLICIES)}[gate]
+    if policy not in allowed:
+        raise PrismError(f"operating point {spec!r} is not available here; policies: {', '.join(allowed)}")
+    if policy == "pattern":
+        return OperatingPoint(policy, raw if isinstance(raw, tuple) else _pattern(str(raw), n_sub, top_k))
+    if policy == "threshold":
+        try:
+            tau = float(raw)
+        except ValueError:
+            raise PrismError(f"threshold {raw!r} is not a number") from None
+        if not 0.0 < tau <= 1.0:
+            raise PrismError(f"threshold {tau} must be in (0, 1]")
+        return OperatingPoint(policy, tau)
+    try:
+        k = int(raw)
+    except ValueError:
+        raise PrismError(f"operating point {spec!r}: {raw!r} is not an integer") from None
+    limit = top_k if policy == "original" else n_sub * top_k
+    if not 1 <= k <= limit:
+        raise PrismError(f"operating point {policy}:{k} is outside 1..{limit}")
+    return OperatingPoint(policy, k)
+
+
+def _pattern(raw: str, n_sub: int, top_k: int) -> tuple[int, ...]:
+    """A per-rank pattern (``4,3,1``) or a total K, filled front-loaded (best expert first)."""
+    try:
+        parts = [int(p) for p in raw.split(",")]
+    except ValueError:
+        raise PrismError(f"pattern {raw!r} must be an integer or comma-separated integers") from None
+    if len(parts) == 1:
+        total = parts[0]
+        if not 1 <= total <= n_sub * top_k:
+            raise PrismError(f"operating point pattern:{total} is outside 1..{n_sub * top_k}")
+        parts = [min(n_sub, max(0, total - r * n_sub)) for r in range(top_k)]
+    if len(parts) > top_k or any(not 0 <= p <= n_sub for p in parts) or sum(parts) == 0:
+        raise PrismError(f"pattern {raw!r} must list at most {top_k} counts between 0 and {n_sub}, not all zero")
+    return tuple(parts) + (0,) * (top_k - len(parts))
+
+
+def default_operating_points(gate: str | None, n_sub: int, top_k: int) -> list[OperatingPoint]:
+    """The points an export advertises (and ``prism bench`` sweeps by default)."""
+    if gate is None:
+        return [OperatingPoint("original", k) for k in range(1, top_k + 1)]
+    ks = range(1, n_sub * top_k + 1)
+    points = [OperatingPoint("linear", k) for k in ks]
+    if gate == "neurons":
+        points += [OperatingPoint("topk", k) for k in ks]
+        points += [OperatingPoint("threshold", t) for t in DEFAULT_THRESHOLDS]
+    return points
