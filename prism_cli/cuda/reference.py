@@ -1,0 +1,105 @@
+"""Torch reference of every sub-expert MoE op: the CPU path of the runtime and the oracle for the kernels.
+
+Layout (the flat sub-expert export): ``G = E * N`` sub-experts of width ``Is = I / N``;
+``gate_up [G, 2*Is, H]`` (gate rows first, then up rows), ``down [G, H, Is]``. Routing hands over
+``indices [T, P]`` (sub-expert ids; the value ``G`` is a sentinel for an unused slot) and
+``weights [T, P]``. ``experts_forward`` computes ``out[t] = sum_p weights[t, p] * SubExpert_{indices[t, p]}(x[t])``.
+
+Every op here has a compiled CUDA twin in ``kernels.cu`` with the same signature and semantics.
+Matmuls accumulate in float32 on every device (``x.float()``), and the per-token reduction is a
+fixed-order sum over slots, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sort_pairs(indices: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the (token, slot) pairs by sub-expert.
+
+    Returns ``order [S]`` (int64: flat pair ids ``t * P + p`` sorted by sub-expert, stable, sentinels
+    dropped) and ``offsets [G + 1]`` (int64: pairs of group g are ``order[offsets[g]:offsets[g + 1]]``).
+    """
+    flat = indices.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    counts = torch.bincount(sorted_ids, minlength=num_groups + 1)[:num_groups]
+    offsets = torch.zeros(num_groups + 1, dtype=torch.long, device=indices.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order[: int(offsets[-1])], offsets
+
+
+def _groups(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Non-empty groups as (group, start, end) on the host: one sync per layer, not per group."""
+    off = offsets.tolist()
+    return [(g, off[g], off[g + 1]) for g in range(len(off) - 1) if off[g + 1] > off[g]]
+
+
+def grouped_swiglu(
+    x: torch.Tensor, gate_up: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, slots: int
+) -> torch.Tensor:
+    """``act[i] = silu(x[t] Wg^T) * (x[t] Wu^T)`` for the i-th sorted pair (t = order[i] // slots)."""
+    width = gate_up.shape[1] // 2
+    act = torch.empty(order.shape[0], width, dtype=x.dtype, device=x.device)
+    tokens = order // slots
+    for g, start, end in _groups(offsets):
+        h = x[tokens[start:end]].float() @ gate_up[g].float().T
+        act[start:end] = (F.silu(h[:, :width]) * h[:, width:]).to(x.dtype)
+    return act
+
+
+def grouped_down(
+    act: torch.Tensor,
+    down: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    num_tokens: int,
+) -> torch.Tensor:
+    """``out[t] = sum_p weights[t, p] * (down[g] @ act[pair])``, reduced over slots in a fixed order."""
+    slots = weights.shape[1]
+    hidden = down.shape[1]
+    per_pair = torch.zeros(num_tokens * slots, hidden, dtype=torch.float32, device=act.device)
+    flat_w = weights.reshape(-1).float()
+    for g, start, end in _groups(offsets):
+        pairs = order[start:end]
+        per_pair[pairs] = (act[start:end].float() @ down[g].float().T) * flat_w[pairs, None]
+    return per_pair.view(num_tokens, slots, hidden).sum(dim=1).to(act.dtype)
+
+
+def experts_forward(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The whole sub-expert MoE step: sort pairs, SwiGLU up-projection, weighted down-projection."""
+    order, offsets = sort_pairs(indices, gate_up.shape[0])
+    act = grouped_swiglu(x, gate_up, order, offsets, indices.shape[1])
+    return grouped_down(act, down, order, offsets, weights, x.shape[0])
+
+
+def gate_scores(
+    x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, expert_idx: torch.Tensor, n_sub: int
+) -> torch.Tensor:
+    """Training-free gate (SPEC 3.4a): score of every sub-expert of each chosen expert.
+
+    ``gate_w, up_w [E, N * s, H]`` hold the gate neurons' rows, sub-expert by sub-expert;
+    ``expert_idx [T, k]`` the experts the router chose. Returns ``[T, k, N]``: the mean ``|a_j(x)|``
+    over each sub-expert's ``s`` gate neurons, computed for the chosen experts only.
+    """
+    tokens, k = expert_idx.shape
+    n_gate = gate_w.shape[1]
+    scores = torch.empty(tokens, k, n_gate, dtype=torch.float32, device=x.device)
+    flat = expert_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_w.shape[0]).tolist()
+    start = 0
+    xs = x.float()
+    flat_scores = scores.view(tokens * k, n_gate)
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        xt = xs[pairs // k]
+        flat_scores[pairs] = (F.silu(xt @ gate_w[e].float().T) * (xt @ up_w[e].float().T)).abs()
+    return scores.view(tokens, k, n_sub, n_gate // n_sub).mean(dim=-1)
