@@ -1,0 +1,66 @@
+# prism: the two set-up commands are `make demo` (main job on the built-in model) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    := runs/demo
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all test-slow tables bench-profile bench-partition compare-solvers model gpu-check lint clean
+
+# torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole pipeline on the built-in model and data: profile -> partition -> export -> bench.
+demo: $(STAMP)
+	mkdir -p $(RUN)
+	$(BIN)/prism profile builtin --out $(RUN)/profile.h5
+	$(BIN)/prism partition $(RUN)/profile.h5 --out $(RUN)/partition.h5
+	$(BIN)/prism export builtin $(RUN)/partition.h5 --out $(RUN)/export --gate neurons --force
+	$(BIN)/prism bench $(RUN)/export --batch 32,1 --out $(RUN)/bench
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Regenerate the committed operating-point tables (tables/builtin/).
+tables: $(STAMP)
+	$(BIN)/prism tables --config configs/builtin.yaml --out tables
+
+# Benchmarks that write their numbers to files under results/.
+bench-profile: $(STAMP)
+	$(BIN)/python -m prism_cli.profiling.benchmark --out results/bench_profile.json
+
+bench-partition: $(STAMP)
+	$(BIN)/python -m prism_cli.solvers.benchmark --out results/bench_partition.json
+
+compare-solvers: $(STAMP)
+	mkdir -p $(RUN)
+	test -f $(RUN)/profile.h5 || $(BIN)/prism profile builtin --out $(RUN)/profile.h5
+	$(BIN)/prism partition compare $(RUN)/profile.h5 --out results/partition_compare
+
+# Retrain the built-in model (about 2 hours on 2 CPU cores); see prism_cli/data/builtin-model/README.md.
+model: $(STAMP)
+	$(BIN)/python scripts/train_builtin_model.py --out prism_cli/data/builtin-model --steps 2600 --minutes 115
+
+gpu-check:
+	bash scripts/gpu_check.sh results/gpu
+
+lint: $(STAMP)
+	$(BIN)/pip install --quiet ruff
+	$(BIN)/ruff check prism_cli tests scripts
+
+clean:
+	rm -rf runs results/local .pytest_cache

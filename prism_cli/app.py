@@ -1,0 +1,77 @@
+"""The ``prism`` command: one typer app, one module per subcommand in ``prism_cli/commands``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from prism_cli import __version__
+from prism_cli.commands import bench, eval as eval_cmd, export, kernels, partition, profile, tables
+from prism_cli.console import err_console
+from prism_cli.errors import PrismError
+
+app = typer.Typer(
+    name="prism",
+    help="Turn a Mixture-of-Experts model into an elastic one: profile -> partition -> export -> bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"prism {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """prism: elastic Mixture-of-Experts (MoE-Prism)."""
+
+
+app.command("profile")(profile.profile)
+app.add_typer(partition.app, name="partition")
+app.command("export")(export.export)
+app.command("bench")(bench.bench)
+app.command("eval")(eval_cmd.evaluate)
+app.command("tables")(tables.tables)
+app.add_typer(kernels.app, name="kernels")
+app.command("doctor")(kernels.doctor)
+
+
+def main() -> None:
+    """Entry point: bad input becomes one line on stderr and a non-zero exit code, never a traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # prism draws its own progress; keep weight-loading bars out of it
+    hf_logging.set_verbosity_error()
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(prog_name="prism", standalone_mode=False)
+    except PrismError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err_console.print("[bold red]interrupted:[/] stopped by the user; no partial output was kept")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MemoryError:
+        err_console.print("[bold red]error:[/] out of memory; use a smaller --batch-size / --tokens / --max-rows")
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback only on request
+        if os.environ.get("PRISM_DEBUG"):
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set PRISM_DEBUG=1 for the traceback)")
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

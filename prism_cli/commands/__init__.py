@@ -1,0 +1,1 @@
+"""Thin CLI commands: parse options, call the library, print. One module per subcommand."""

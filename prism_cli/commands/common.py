@@ -1,0 +1,41 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from prism_cli.config import config_callback
+from prism_cli.errors import PrismError
+
+ConfigOption = typer.Option(
+    None,
+    "--config",
+    is_eager=True,
+    callback=config_callback,
+    help="YAML run configuration (see configs/); command-line options override it.",
+)
+
+def parse_int_list(value: str | None, option: str) -> list[int] | None:
+    """``"1,8,32"`` -> ``[1, 8, 32]``; None stays None."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise PrismError(f"{option} must be a comma-separated list of integers, got {value!r}") from None
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group that runs its ``run`` subcommand when the first argument is not a subcommand name.
+
+    This lets ``prism partition PROFILE`` and ``prism partition compare PROFILE`` coexist.
+    """
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)

@@ -1,0 +1,50 @@
+"""``prism eval``: held-out perplexity of any causal LM checkpoint (exported elastic models included)."""
+
+from __future__ import annotations
+
+import typer
+
+from prism_cli.commands.common import ConfigOption
+from prism_cli.data import load_text
+from prism_cli.console import console, progress_bar
+from prism_cli.errors import PrismError
+from prism_cli.evaluation.perplexity import perplexity, token_windows
+from prism_cli.models.loading import load_model
+
+
+def evaluate(
+    model: str = typer.Argument("builtin", help="Checkpoint folder or hub id ('builtin': the shipped model)."),
+    data: str = typer.Option(None, help="Text file, or builtin:<split> (default builtin:eval, the held-out split)."),
+    tokens: int = typer.Option(None, help="Evaluate at most this many tokens (default: all of the data)."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per evaluation window."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    config: str = ConfigOption,
+) -> None:
+    """Held-out perplexity and tokens/s of a causal LM (the evaluator every other command reuses)."""
+    if tokens is not None and tokens <= 0:
+        raise PrismError(f"--tokens must be positive, got {tokens}")
+    if batch_size <= 0:
+        raise PrismError(f"--batch-size must be positive, got {batch_size}")
+    text, data_name = load_text(data, "eval")
+    loaded = load_elastic_or_plain(model, dtype, device)
+    try:
+        windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
+    except ValueError as exc:
+        raise PrismError(str(exc)) from None
+    with progress_bar("evaluating", total=windows.numel()) as advance:
+        result = perplexity(loaded.model, windows, batch_size=batch_size, on_batch=advance)
+    console.print(
+        f"perplexity [bold]{result.perplexity:.2f}[/] on {result.tokens:,} predicted tokens of {data_name} "
+        f"({result.tokens_per_second:,.0f} tokens/s, seq-len {seq_len})"
+    )
+
+
+def load_elastic_or_plain(model: str, dtype: str, device: str):
+    """A prism export loads through the elastic runtime (so its gate is used); anything else plainly."""
+    from prism_cli.runtime.elastic import is_prism_export, load_elastic_model
+
+    if is_prism_export(model):
+        return load_elastic_model(model, dtype=dtype, device=device)
+    return load_model(model, dtype=dtype, device=device, require_moe=False)

@@ -1,0 +1,45 @@
+"""``prism export``: write the partition's sub-experts as a checkpoint stock transformers loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from prism_cli.commands.common import ConfigOption
+from prism_cli.console import console, progress_bar
+from prism_cli.refactor.export import ExportSettings, export_model
+from prism_cli.runtime.operating_points import GATES
+
+
+def export(
+    model: str = typer.Argument(..., help="Source checkpoint folder or hub id ('builtin': the shipped model)."),
+    partition: Path = typer.Argument(..., help="Partition written by `prism partition`."),
+    out: Path = typer.Option(..., help="Output folder (must not exist unless --force)."),
+    gate: str = typer.Option("neurons", help=f"Gate: {' or '.join(GATES)} (SPEC 3.4)."),
+    operating_point: str = typer.Option(
+        None, "--operating-point", "-K",
+        help="Default operating point: K (1..N*k), or topk:K, pattern:4,3,1, threshold:0.9, linear:K. Default: all sub-experts.",
+    ),
+    allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Export a linear gate even where router copies cannot be exact."),
+    max_shard_gb: float = typer.Option(4.0, "--max-shard-gb", help="Largest output shard, in GiB."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+    config: str = ConfigOption,
+) -> None:
+    """Export sub-expert checkpoints: the flat layout (linear gate) plus, for --gate neurons, gate neurons."""
+    settings = ExportSettings(
+        gate=gate, operating_point=operating_point, allow_inexact=allow_inexact, max_shard_bytes=int(max_shard_gb * 2**30)
+    )
+    with progress_bar("exporting", unit="layers") as advance:
+        result = export_model(model, partition, out, settings, force=force, on_progress=lambda done, total: advance(1, total=total))
+    console.print(
+        f"exported [bold]{result.out}[/]: {result.num_experts} experts x {result.n_sub} sub-experts of width "
+        f"{result.width // result.n_sub} ({result.num_experts * result.n_sub} experts, top-{result.top_k * result.n_sub} = full), "
+        f"gate {result.gate}, default operating point {result.default_point}; files: {', '.join(result.files)}"
+    )
+    if result.inexact_reason:
+        console.print(f"[yellow]warning:[/] the linear gate is not exact for this model: {result.inexact_reason}")
+    console.print(
+        "load it with prism_cli.load_elastic(DIR)"
+        + ("" if result.gate == "neurons" else " or plain AutoModelForCausalLM.from_pretrained(DIR)")
+    )

@@ -1,0 +1,129 @@
+"""``prism partition``: split every expert into sub-experts; ``prism partition compare``: rank solvers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+import yaml
+
+from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, parse_int_list
+from prism_cli.console import console, progress_bar
+from prism_cli.errors import PrismError
+from prism_cli.io import check_writable
+from prism_cli.profiling.format import ProfileFile
+from prism_cli.report import ResultTable
+from prism_cli.solvers import SOLVERS
+from prism_cli.solvers.format import Partition, write_partition
+from prism_cli.solvers.runner import PartitionSettings, partition_profile
+
+app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True, help="Split experts into sub-experts (SPEC 3.2-3.4).")
+
+SolverOptions = typer.Option(None, "--solver-option", "-O", help="Solver setting NAME=VALUE (repeatable), e.g. -O generations=40.")
+
+
+def parse_solver_options(items: list[str] | None) -> tuple[tuple[str, Any], ...]:
+    out = []
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise PrismError(f"--solver-option must look like NAME=VALUE, got {item!r}")
+        out.append((name.replace("-", "_"), yaml.safe_load(value)))
+    return tuple(out)
+
+
+def _count_jobs(profile: Path, layers: list[int] | None) -> int:
+    with ProfileFile(profile) as pf:
+        return len(layers or pf.layers) * pf.num_experts
+
+
+@app.command("run")
+def run(
+    profile: Path = typer.Argument(..., help="Profile written by `prism profile`."),
+    sub_experts: int = typer.Option(4, "--sub-experts", "-N", help="Sub-experts per expert (must divide the expert width)."),
+    solver: str = typer.Option("nsga2", help=f"Solver: {', '.join(SOLVERS.names())}."),
+    keep: int = typer.Option(1, help="Sub-experts kept per token in the paper cost (SPEC 3.2: keep one)."),
+    gate_neurons: int = typer.Option(4, "--gate-neurons", help="Gate neurons per sub-expert (SPEC 3.4a)."),
+    seed: int = typer.Option(0, help="Seed; each expert derives its own from (seed, layer, expert)."),
+    workers: int = typer.Option(None, help="Parallel worker processes (default: all cores)."),
+    executor: str = typer.Option("local", help="local (processes on this machine) or ray (a Ray cluster; RAY_ADDRESS)."),
+    layers: str = typer.Option(None, help="Comma-separated layers to partition (default: all profiled)."),
+    solver_option: list[str] = SolverOptions,
+    out: Path = typer.Option(Path("partition.h5"), help="Output HDF5 file."),
+    config: str = ConfigOption,
+) -> None:
+    """Partition every profiled expert into N equal sub-experts and write partition.h5."""
+    settings = PartitionSettings(
+        solver=solver, sub_experts=sub_experts, keep=keep, gate_neurons=gate_neurons, seed=seed,
+        solver_options=parse_solver_options(solver_option),
+    )
+    check_writable(out)
+    wanted = parse_int_list(layers, "--layers")
+    with progress_bar(f"partitioning ({solver})", total=_count_jobs(profile, wanted), unit="experts") as advance:
+        result = partition_profile(
+            profile, settings, layers=wanted, workers=workers, executor=executor, on_done=lambda *_: advance()
+        )
+    write_partition(out, result)
+    console.print(summary_table(result).rich())
+    console.print(f"written {out}")
+
+
+def summary_table(partition: Partition) -> ResultTable:
+    n = partition.n_sub
+    table = ResultTable(
+        f"partition: solver {partition.meta['solver']}, N = {n}, keep = {partition.meta['keep']}",
+        ["layer", "fit cost", "held-out cost", *[f"held-out R_{m}" for m in range(1, n)], "s / expert"],
+    )
+    for layer, experts in sorted(partition.experts.items()):
+        held_r = np.mean([x.heldout_retained for x in experts], axis=0)
+        table.add(layer, float(np.mean([x.fit_cost for x in experts])), float(np.mean([x.heldout_cost for x in experts])),
+                  *map(float, held_r), float(np.mean([x.seconds for x in experts])))
+    table.notes.append("cost: normalised paper cost (SPEC 3.2), lower is better; R_m: retained-mass fraction with m sub-experts, higher is better")
+    return table
+
+
+@app.command("compare")
+def compare(
+    profile: Path = typer.Argument(..., help="Profile written by `prism profile`."),
+    solvers: str = typer.Option(",".join(SOLVERS.names()), help="Comma-separated solvers to compare."),
+    sub_experts: int = typer.Option(4, "--sub-experts", "-N", help="Sub-experts per expert."),
+    keep: int = typer.Option(1, help="Sub-experts kept per token in the paper cost."),
+    seed: int = typer.Option(0, help="Seed (the same for every solver)."),
+    workers: int = typer.Option(None, help="Parallel worker processes (default: all cores)."),
+    layers: str = typer.Option(None, help="Comma-separated layers (default: all profiled)."),
+    out: Path = typer.Option(Path("partition_compare"), help="Output stem: writes .md, .csv and .json."),
+    config: str = ConfigOption,
+) -> None:
+    """Run several solvers on the same experts and tabulate held-out cost, R_m and time per expert."""
+    names = [s.strip() for s in solvers.split(",") if s.strip()]
+    if not names:
+        raise PrismError("--solvers is empty")
+    for name in names:
+        SOLVERS.get(name)
+    wanted = parse_int_list(layers, "--layers")
+    table = ResultTable(
+        f"partition solvers on {profile.name}: N = {sub_experts}, keep = {keep}, held-out rows",
+        ["solver", "held-out cost", *[f"R_{m}" for m in range(1, sub_experts)], "mean R", "fit cost", "s / expert", "experts"],
+    )
+    per_solver: dict[str, Any] = {}
+    n_jobs = _count_jobs(profile, wanted)
+    for name in names:
+        settings = PartitionSettings(solver=name, sub_experts=sub_experts, keep=keep, seed=seed)
+        with progress_bar(name, total=n_jobs, unit="experts") as advance:
+            result = partition_profile(profile, settings, layers=wanted, workers=workers, on_done=lambda *_: advance())
+        experts = [x for layer in result.layers for x in result.experts[layer]]
+        held_r = np.mean([x.heldout_retained for x in experts], axis=0)
+        row = [name, float(np.mean([x.heldout_cost for x in experts])), *map(float, held_r), float(held_r.mean()),
+               float(np.mean([x.fit_cost for x in experts])), float(np.mean([x.seconds for x in experts])), len(experts)]
+        table.add(*row)
+        per_solver[name] = {"heldout_cost": [x.heldout_cost for x in experts], "seconds": [x.seconds for x in experts]}
+    table.notes += [
+        "cost: normalised paper cost (SPEC 3.2: activation mass lost when each token keeps its largest sub-expert), lower is better",
+        "R_m: mean over held-out tokens of the mass fraction in their m largest sub-experts, higher is better",
+        f"s / expert: solver wall time on one core per (layer, expert) problem; seed {seed}",
+    ]
+    paths = table.save(out, extra={"profile": str(profile), "per_expert": per_solver})
+    console.print(table.rich())
+    console.print("written " + ", ".join(map(str, paths)))

@@ -1,0 +1,79 @@
+"""``prism profile``: record expert activations on calibration text into an HDF5 profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import typer
+
+from prism_cli.commands.common import ConfigOption, parse_int_list
+from prism_cli.data import load_text
+from prism_cli.console import console, progress_bar
+from prism_cli.io import check_writable
+from prism_cli.models.loading import load_model
+from prism_cli.profiling.profiler import ProfileSettings, profile_model
+from prism_cli.report import ResultTable
+
+
+def profile(
+    model: str = typer.Argument("builtin", help="Checkpoint folder or hub id ('builtin': the shipped model)."),
+    data: str = typer.Option(None, help="Calibration text file, or builtin:<split> (default builtin:calibration)."),
+    tokens: int = typer.Option(131_072, help="Calibration tokens to run (capped by the data)."),
+    max_rows: int = typer.Option(5_120, "--max-rows", help="Rows kept per expert (fit + held-out reservoirs)."),
+    holdout: float = typer.Option(0.2, help="Share of calibration sequences kept apart for validating partitions."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration sequence."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    layers: str = typer.Option(None, help="Comma-separated MoE layer indices to profile (default: all)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device_map: str = typer.Option(None, "--device-map", help="accelerate device map (e.g. 'auto') for models larger than one device."),
+    row_dtype: str = typer.Option("float16", "--row-dtype", help="Storage dtype of recorded rows."),
+    seed: int = typer.Option(0, help="Seed for the held-out split and the reservoir samples."),
+    out: Path = typer.Option(Path("profile.h5"), help="Output HDF5 file."),
+    config: str = ConfigOption,
+) -> None:
+    """Profile neuron activations of every expert on calibration text (SPEC 3.1)."""
+    settings = ProfileSettings(
+        tokens=tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_rows=max_rows,
+        holdout_fraction=holdout,
+        seed=seed,
+        layers=parse_int_list(layers, "--layers"),
+        row_dtype=row_dtype,
+    )
+    settings.validate()
+    check_writable(out)
+    text, data_name = load_text(data, "calibration")
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    adapter = loaded.adapter
+    assert adapter is not None
+    n_layers = len(settings.layers or adapter.moe_layers(loaded.model))
+    row_bytes = 2 if row_dtype == "float16" else 4
+    console.print(
+        f"profiling [bold]{loaded.name}[/] ({adapter.model_type}: {n_layers} MoE layers x {adapter.num_experts} experts, "
+        f"width {adapter.width}, top-{adapter.top_k}); row reservoirs up to "
+        f"{n_layers * adapter.num_experts * max_rows * adapter.width * row_bytes / 2**30:.2f} GiB"
+    )
+    with progress_bar("profiling", unit="tokens") as advance:
+        summary = profile_model(
+            loaded,
+            text,
+            data_name,
+            settings,
+            out,
+            on_batch=advance,
+            on_start=lambda total: advance(0, total=total),
+        )
+    table = ResultTable(
+        f"profile: {summary.tokens:,} tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:,.0f} tokens/s)",
+        ["layer", "tokens routed (min / max per expert)", "fit rows (min)", "held-out rows (min)", "experts with no rows"],
+    )
+    for layer in summary.layers:
+        routed = summary.routed[layer]
+        empty = [e for e, (f, h) in enumerate(zip(summary.fit_rows[layer], summary.heldout_rows[layer])) if f == 0 or h == 0]
+        table.add(layer, f"{min(routed):,} / {max(routed):,}", min(summary.fit_rows[layer]), min(summary.heldout_rows[layer]), ",".join(map(str, empty)) or "-")
+    table.notes.append(f"peak RSS {psutil.Process().memory_info().rss / 2**30:.2f} GiB; written {out}")
+    console.print(table.rich())

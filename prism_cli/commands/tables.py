@@ -1,0 +1,34 @@
+"""``prism tables``: regenerate operating-point tables from a config (what CI jobs run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from prism_cli.commands.bench import StageBars
+from prism_cli.console import console
+from prism_cli.errors import PrismError
+from prism_cli.evaluation.bench import summary_tables
+from prism_cli.evaluation.tables import TableConfig, quality_table, regenerate
+
+
+def tables(
+    config: Path = typer.Option(..., "--config", help="Table config (configs/NAME.yaml): model, stages, points, data."),
+    out: Path = typer.Option(Path("tables"), help="Tables root: writes <out>/<name>/."),
+    work: Path = typer.Option(None, help="Work folder for profile, partition and export (default runs/<name>)."),
+    partition: Path = typer.Option(None, help="Reuse this partition instead of profiling and solving again."),
+    quality_only: bool = typer.Option(False, "--quality-only", help="Skip timing; print the quality columns only."),
+) -> None:
+    """Run profile -> partition -> export -> bench for a config and write its operating-point tables."""
+    cfg = TableConfig.load(config)
+    if partition is not None and not partition.exists():
+        raise PrismError(f"partition {partition} does not exist")
+    with StageBars() as stages:
+        table_dir, report = regenerate(cfg, out, work or Path("runs") / cfg.name, partition=partition,
+                                       quality_only=quality_only, on_stage=stages)
+    console.print(quality_table(report).rich())
+    if not quality_only:
+        for table in summary_tables(report):
+            console.print(table.rich())
+        console.print(f"written {table_dir}/operating_points.md, .csv, .json, summary.md, frontier.png, partition.h5")

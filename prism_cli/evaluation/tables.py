@@ -1,0 +1,155 @@
+"""Operating-point tables regenerated from a YAML config (``prism tables``, ``make tables``, CI jobs).
+
+A table config names the model and the settings of every stage; ``regenerate`` runs
+profile -> partition -> export -> bench in a work folder and writes into ``<out>/<name>/``:
+
+* ``operating_points.{md,csv,json}``: every point, quality columns (reproducible under the seed) and
+  latency columns labelled with the machine they were measured on;
+* ``summary.md``: distinct stable points, equal-compute cells, MoE-layer elasticity;
+* ``frontier.png``; ``partition.h5`` (so quality can be re-derived without re-running the solver);
+* ``config.yaml``: the config used.
+
+``quality_only`` skips timing; ``partition`` reuses a committed partition instead of re-solving.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prism_cli.config import load_run_config
+from prism_cli.data import load_text
+from prism_cli.errors import PrismError
+from prism_cli.evaluation.bench import BenchReport, BenchSettings, machine_label, report_json, run_bench, summary_tables
+from prism_cli.io import write_text
+from prism_cli.models.loading import load_model
+from prism_cli.profiling.profiler import ProfileSettings, profile_model
+from prism_cli.refactor.export import ExportSettings, export_model
+from prism_cli.report import ResultTable
+from prism_cli.solvers.format import write_partition
+from prism_cli.solvers.runner import PartitionSettings, partition_profile
+
+QUALITY_COLUMNS = ("point", "kind", "active sub-experts", "perplexity", "KL", "top-1 agree")
+
+
+@dataclass
+class TableConfig:
+    name: str
+    model: str = "builtin"
+    seed: int = 0
+    profile: dict[str, Any] = field(default_factory=dict)
+    partition: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    bench: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TableConfig":
+        data = load_run_config(path)
+        known = {"name", "model", "seed", "profile", "partition", "export", "bench", "data"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PrismError(f"table config {path} has unknown keys {unknown}; known: {sorted(known)}")
+        data.pop("data", None)
+        data.setdefault("name", Path(path).stem)
+        return cls(**data)
+
+
+def _pick(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
+    bad = sorted(set(section) - allowed)
+    if bad:
+        raise PrismError(f"table config section {where!r} has unknown keys {bad}; known: {sorted(allowed)}")
+    return section
+
+
+def quality_table(report: BenchReport) -> ResultTable:
+    """Quality columns only: what must reproduce exactly under the seed."""
+    table = ResultTable(f"operating points of {report.target}: quality", list(QUALITY_COLUMNS))
+    for p in report.points:
+        table.add(p.point, p.kind, _round(p.quality.active), _round(p.quality.perplexity), _round(p.quality.kl),
+                  _round(p.quality.top1_agreement))
+    return table
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def operating_points_table(report: BenchReport) -> ResultTable:
+    label = machine_label(report.environment)
+    batches = report.settings.batches
+    table = ResultTable(
+        f"operating points of {report.source or report.target} ({report.settings.mode}, seq-len {report.settings.seq_len})",
+        [*QUALITY_COLUMNS, *[f"ms b={b} [{label}]" for b in batches], *[f"p90 ms b={b} [{label}]" for b in batches],
+         *[f"MoE ms b={b} [{label}]" for b in batches], "frontier", "distinct stable"],
+    )
+    b0 = batches[0]
+    for p, q in zip(report.points, quality_table(report).rows):
+        table.add(*q, *[p.latency[b].median_ms for b in batches], *[p.latency[b].p90_ms for b in batches],
+                  *[p.latency[b].moe_ms for b in batches], p.point in report.frontier[b0][p.kind],
+                  p.point in report.distinct[b0][p.kind])
+    table.notes += [
+        f"quality: {report.points[0].quality.tokens:,} held-out tokens; reference: the source model at its full top-k "
+        f"(perplexity {report.full_perplexity:.4f})",
+        f"latency: {report.settings.mode} step, experts implementation {report.implementation}, measured on {label}",
+        f"frontier / distinct stable at batch {b0} (see summary.md for the definition)",
+    ]
+    return table
+
+
+def regenerate(
+    config: TableConfig,
+    out_root: Path,
+    work: Path,
+    *,
+    partition: Path | None = None,
+    quality_only: bool = False,
+    on_stage: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> tuple[Path, BenchReport]:
+    """Run the pipeline for ``config``; returns the table folder and the bench report."""
+    work.mkdir(parents=True, exist_ok=True)
+    table_dir = out_root / config.name
+    table_dir.mkdir(parents=True, exist_ok=True)
+    seed = config.seed
+    if partition is None:
+        prof = dict(_pick(config.profile, {"data", "tokens", "max_rows", "holdout", "seq_len", "batch_size"}, "profile"))
+        text, data_name = load_text(prof.pop("data", None), "calibration")
+        if "holdout" in prof:
+            prof["holdout_fraction"] = prof.pop("holdout")
+        loaded = load_model(config.model)
+        advance = on_stage("profile", 0) if on_stage else None
+        profile_model(loaded, text, data_name, ProfileSettings(seed=seed, **prof), work / "profile.h5",
+                      on_batch=advance, on_start=(lambda total: advance(0, total=total)) if advance else None)
+        del loaded
+        part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "workers"}, "partition"))
+        workers = part.pop("workers", None)
+        settings = PartitionSettings(seed=seed, **part)
+        advance = on_stage("partition", 0) if on_stage else None
+        result = partition_profile(work / "profile.h5", settings, workers=workers,
+                                   on_done=(lambda *_: advance(1)) if advance else None)
+        partition = work / "partition.h5"
+        write_partition(partition, result)
+    exp = _pick(config.export, {"gate", "operating_point"}, "export")
+    export_model(config.model, partition, work / "export", ExportSettings(**exp), force=True)
+    bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "warmup"}, "bench"))
+    text, _ = load_text(bench_cfg.pop("data", None), "eval")
+    batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
+    points = bench_cfg.pop("points", None)
+    settings = BenchSettings(batches=batches, seed=seed, quality_only=quality_only,
+                             points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
+    report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
+    if quality_only:
+        return table_dir, report
+    operating_points_table(report).save(table_dir / "operating_points", extra=report_json(report))
+    write_text(table_dir / "summary.md", "\n".join(t.markdown() for t in summary_tables(report)))
+    from prism_cli.evaluation.plot import plot_frontiers
+
+    plot_frontiers(report, batches[0], table_dir / "frontier.png")
+    if partition.resolve() != (table_dir / "partition.h5").resolve():
+        shutil.copyfile(partition, table_dir / "partition.h5")
+    write_text(table_dir / "config.yaml", yaml.safe_dump(vars(config), sort_keys=False))
+    return table_dir, report

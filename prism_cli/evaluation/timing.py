@@ -1,0 +1,147 @@
+"""Latency of one forward step: decode (one new token per sequence over a KV cache) or prefill.
+
+Decode reuses one KV cache of ``seq_len`` tokens per batch size: each timed step appends a token and
+``crop(-1)`` takes it off again, so every repeat sees the same context. Times are wall clock around
+the forward on CPU and CUDA events on GPU, after warm-up; median and p90 over the repeats.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from prism_cli.errors import PrismError
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p90_ms: float
+    tokens_per_second: float
+    peak_memory_mib: float
+    repeats: int
+    moe_ms: float | None = None  # median time inside the sparse MoE blocks (CPU only: timed by hooks)
+
+
+class BlockClock:
+    """Wall time spent inside some modules during a forward (forward pre-hook to forward hook).
+
+    Only meaningful where kernels are synchronous (CPU); on CUDA the step's events are used instead.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.elapsed = 0.0
+        self._start = 0.0
+        self._handles = [h for m in modules for h in (
+            m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._exit))]
+
+    def _enter(self, *_: object) -> None:
+        self._start = time.perf_counter()
+
+    def _exit(self, *_: object) -> None:
+        self.elapsed += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class StepTimer:
+    """Times forward steps of ``model`` at a batch size, building the decode context once."""
+
+    def __init__(
+        self, model: Any, batch: int, seq_len: int, mode: str, vocab: int, seed: int = 0,
+        moe_blocks: list[torch.nn.Module] | None = None,
+    ) -> None:
+        if mode not in ("decode", "prefill"):
+            raise PrismError(f"--mode must be decode or prefill, got {mode!r}")
+        self.model, self.batch, self.seq_len, self.mode = model, batch, seq_len, mode
+        self.moe_blocks = moe_blocks or []
+        self.device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(self.device)
+        self.cache = None
+        # transformers renamed `past_key_values` to `cache`; take whichever this version's forward has.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        try:
+            if mode == "decode":
+                with torch.inference_mode():
+                    self.cache = model(input_ids=self.ids[:, :seq_len], use_cache=True).past_key_values
+        except BaseException as exc:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
+            if _is_oom(exc):
+                raise MemoryError(f"batch {batch} x seq-len {seq_len} does not fit in memory") from None
+            raise
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        if self.mode == "decode":
+            self.model(input_ids=self.ids[:, self.seq_len :], use_cache=True, **{self._cache_kw: self.cache})
+            self.cache.crop(-1)
+        else:
+            self.model(input_ids=self.ids[:, : self.seq_len], use_cache=False)
+
+    def measure(self, repeats: int, warmup: int) -> Latency:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        clock = BlockClock(self.moe_blocks) if self.moe_blocks and not cuda else None
+        moe_times: list[float] = []
+        try:
+            for _ in range(warmup):
+                self._step()
+            times = []
+            for _ in range(repeats):
+                if clock is not None:
+                    clock.elapsed = 0.0
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    self._step()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    self._step()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                if clock is not None:
+                    moe_times.append(clock.elapsed * 1e3)
+        except BaseException as exc:  # noqa: BLE001
+            if _is_oom(exc):
+                raise MemoryError(f"batch {self.batch} x seq-len {self.seq_len} does not fit in memory") from None
+            raise
+        finally:
+            if clock is not None:
+                clock.remove()
+        median = statistics.median(times)
+        p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+        tokens = self.batch * (1 if self.mode == "decode" else self.seq_len)
+        memory = (
+            torch.cuda.max_memory_allocated(self.device) if cuda else psutil.Process().memory_info().rss
+        ) / 2**20
+        moe = statistics.median(moe_times) if moe_times else None
+        return Latency(median, p90, tokens / (median / 1e3), memory, repeats, moe)
+
+
+def largest_fitting_batch(model: Any, batch: int, seq_len: int, mode: str, vocab: int) -> int:
+    """Halve ``batch`` until a step fits; 0 when not even one sequence does."""
+    while batch > 1:
+        batch //= 2
+        try:
+            StepTimer(model, batch, seq_len, mode, vocab).measure(repeats=1, warmup=0)
+            return batch
+        except MemoryError:
+            continue
+    return 0

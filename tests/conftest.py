@@ -1,0 +1,65 @@
+"""Shared fixtures: offline mode, tiny models of every family, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import FAMILIES, build_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(family)`` -> folder of a tiny random model of that family (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, err={self.err[-500:]!r})"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``prism ARGS`` in-process through the real entry point; returns exit code, stdout, stderr."""
+    from prism_cli.app import main
+
+    def run(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["prism", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main()
+        captured = capsys.readouterr()
+        code = exc.value.code if isinstance(exc.value.code, int) else (0 if exc.value.code is None else 1)
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
