@@ -59,6 +59,11 @@ def cli(capsys, monkeypatch):
     return run
 
 
+# The tests run tiny models: intra-op threads only contend with each other (and with any other job
+# on the machine), which makes a 20 ms forward take seconds. One thread for the whole session.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

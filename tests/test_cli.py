@@ -1,0 +1,224 @@
+"""The ``prism`` command itself: help and version, run configurations, and what the user sees when
+something goes wrong (usage errors, internal errors, PRISM_DEBUG)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from prism_cli import __version__
+from prism_cli.app import app
+from prism_cli.config import defaults_for
+from prism_cli.io import atomic_dir, atomic_path
+from prism_cli.profiling.format import ProfileFile
+from prism_cli.solvers.format import read_partition
+
+
+
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command and subcommand of ``prism``, walked from the app itself (new commands are covered)."""
+    root = typer.main.get_command(app)
+    paths: list[tuple[str, ...]] = []
+
+    def walk(command, path: tuple[str, ...]) -> None:
+        ctx = type(root).context_class(command, info_name=path[-1] if path else "prism")
+        names = command.list_commands(ctx) if hasattr(command, "list_commands") else []
+        for name in names:
+            paths.append((*path, name))
+            walk(command.get_command(ctx, name), (*path, name))
+
+    walk(root, ())
+    return paths
+
+
+COMMANDS = _command_paths()
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert result.code != 0, result
+    assert "Traceback" not in result.err
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# --- help and version -----------------------------------------------------------------------------
+
+
+def test_help(cli) -> None:
+    result = cli("--help")
+    assert result.code == 0, result
+    for name in ("profile", "partition", "export", "bench", "eval", "tables", "kernels", "doctor"):
+        assert name in result.out
+
+
+def test_version(cli) -> None:
+    result = cli("--version")
+    assert result.code == 0 and result.out.strip() == f"prism {__version__}"
+
+
+def test_python_dash_m_version() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "prism_cli", "--version"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"prism {__version__}"
+
+
+def test_every_command_is_walked() -> None:
+    assert {("profile",), ("partition",), ("partition", "run"), ("partition", "compare"), ("export",), ("bench",),
+            ("eval",), ("tables",), ("doctor",), ("kernels",)} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_subcommand_help(cli, path: tuple[str, ...]) -> None:
+    result = cli(*path, "--help")
+    assert result.code == 0, result
+    assert "Usage" in result.out and path[-1] in result.out
+    assert "Traceback" not in result.err
+
+
+def test_usage_errors_are_not_internal_errors(cli) -> None:
+    """A mistyped option or command is a usage error (exit 2), not an "internal error" (exit 1)."""
+    for args in (("profile", "--tokns", "5"), ("profile", "--tokens", "many"), ("no-such-command",)):
+        result = cli(*args)
+        assert result.code == 2, (args, result)
+        assert "internal error" not in result.err and "Traceback" not in result.err
+        assert "Error:" in result.err
+
+
+# --- run configurations ---------------------------------------------------------------------------
+
+
+def test_config_supplies_defaults_and_the_command_line_wins(cli, tiny_model_dir, tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "profile.h5"
+    config.write_text(
+        f"model: {tiny_model_dir('olmoe')}\n"  # shared keys: used by every command that has the option
+        "seed: 3\n"
+        "profile:\n"
+        "  tokens: 1024\n"
+        "  seq-len: 16\n"  # '-' or '_' both work
+        "  max_rows: 64\n"
+        "  row_dtype: float32\n"
+        f"  out: {out}\n"
+        "partition:\n"
+        "  solver: nsga2\n"
+        "  solver-option: [pop_size=8, generations=2]\n"  # a repeatable option takes a list
+        "  layers: [1]\n"  # a comma-separated option takes a list too
+        "  workers: 1\n"
+    )
+    result = cli("profile", "--config", config, "--seq-len", "32")
+    assert result.code == 0, result
+    with ProfileFile(out) as pf:
+        meta = pf.meta
+        fit, held = pf.row_counts(pf.layers[0])
+    assert meta["model"] == str(tiny_model_dir("olmoe"))
+    assert (meta["tokens"], meta["seq_len"], meta["max_rows"], meta["seed"]) == (1024, 32, 64, 3)
+    assert meta["row_dtype"] == "float32" and (fit + held).max() <= 64
+    # `prism partition PROFILE --config` reads the partition section through the implicit `run`.
+    part = tmp_path / "partition.h5"
+    result = cli("partition", out, "--config", config, "--out", part)
+    assert result.code == 0, result
+    meta = read_partition(part).meta
+    assert (meta["solver"], meta["seed"], meta["layers"]) == ("nsga2", 3, [1])
+    assert (meta["solver_settings"]["pop_size"], meta["solver_settings"]["generations"]) == (8, 2)
+
+
+def test_config_values_for_list_options() -> None:
+    """``defaults_for`` hands a repeatable option a list and any other option the command-line string."""
+    root = typer.main.get_command(app)
+    ctx = type(root).context_class(root, info_name="prism")
+    partition = root.get_command(ctx, "partition")
+    run = partition.get_command(type(root).context_class(partition, info_name="partition"), "run")
+    defaults = defaults_for({"partition": {"solver-option": "generations=2", "layers": [0, 1], "keep": 2}}, "partition",
+                            run.params)
+    assert defaults == {"solver_option": ["generations=2"], "layers": "0,1", "keep": 2}
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        ("profile:\n  tokenz: 5\n", ["config section 'profile' has unknown option 'tokenz'", "tokens"]),
+        ("profile: [1, 2]\n", ["config section 'profile' must be a mapping"]),
+        ("- just\n- a list\n", ["must hold a mapping"]),
+        ("profile: {tokens: [unclosed\n", ["not valid YAML"]),
+    ],
+)
+def test_bad_config_is_one_line(cli, tmp_path, content: str, needles: list[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    result = cli("profile", "--config", config, "--out", tmp_path / "profile.h5")
+    one_line_error(result, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_missing_config_is_one_line(cli, tmp_path) -> None:
+    result = cli("profile", "--config", tmp_path / "nope.yaml")
+    one_line_error(result, "config file", "does not exist")
+
+
+def test_unknown_shared_keys_are_ignored(cli, tmp_path) -> None:
+    """Top-level keys are shared by all commands, so one that this command lacks is not an error."""
+    config = tmp_path / "run.yaml"
+    config.write_text("solver: alternating\nprofile:\n  tokens: 0\n")
+    result = cli("profile", "--config", config)
+    one_line_error(result, "--tokens must be positive")  # the section applied; `solver` was ignored
+
+
+# --- internal errors ------------------------------------------------------------------------------
+
+
+def _boom(*_args, **_kwargs):
+    raise ValueError("something [unexpected] went wrong " + "and kept going " * 12 + "\nsecond line of detail")
+
+
+def test_internal_error_is_one_line(cli, monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("PRISM_DEBUG", raising=False)
+    monkeypatch.setattr("prism_cli.commands.profile.load_text", _boom)
+    result = cli("profile", "--out", tmp_path / "profile.h5")
+    assert result.code == 1
+    assert "Traceback" not in result.err
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("internal error: ValueError: something [unexpected] went wrong")
+    assert "PRISM_DEBUG" in lines[0] and "second line" not in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prism_debug_shows_the_exception(cli, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PRISM_DEBUG", "1")
+    monkeypatch.setattr("prism_cli.commands.profile.load_text", _boom)
+    with pytest.raises(ValueError, match="something"):
+        cli("profile", "--out", tmp_path / "profile.h5")
+
+
+def test_error_messages_keep_brackets(cli, tmp_path) -> None:
+    """User errors print as text: a path with [brackets] is not eaten as console markup."""
+    weird = tmp_path / "[bold]data.txt"
+    result = cli("profile", "--data", weird, "--out", tmp_path / "profile.h5")
+    one_line_error(result, f"{weird} does not exist")
+
+
+# --- output files ---------------------------------------------------------------------------------
+
+
+def test_outputs_get_the_usual_permissions(tmp_path) -> None:
+    """Atomic writes go through private temp files; the results must not stay private (0600 / 0700)."""
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "file.h5") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "inside.txt").write_text("x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "file.h5").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.h5", "folder"]

@@ -1,0 +1,150 @@
+"""The built-in corpus split and ``load_text``: deterministic, disjoint, covering every book; one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+
+import pytest
+
+from prism_cli import data
+from prism_cli.data import (
+    CHUNK_CHARS,
+    SPLITS,
+    TEXTS,
+    chunk_text,
+    corpus_dir,
+    corpus_text,
+    load_text,
+    split_of_chunk,
+    split_text,
+)
+from prism_cli.errors import PrismError
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def chunks_by_split() -> dict[str, list[tuple[str, int, str]]]:
+    """``split -> [(book, chunk index, chunk text)]`` straight from the chunking rule."""
+    out: dict[str, list[tuple[str, int, str]]] = {s: [] for s in SPLITS}
+    for book in TEXTS:
+        for i, chunk in enumerate(chunk_text(corpus_text(book))):
+            out[split_of_chunk(i)].append((book, i, chunk))
+    return out
+
+
+# --- the built-in split --------------------------------------------------------------------------
+
+
+def test_split_is_deterministic() -> None:
+    first = {s: digest(split_text(s)) for s in SPLITS}
+    # Recompute from the compressed files, bypassing every cache.
+    split_text.cache_clear()
+    corpus_text.cache_clear()
+    second = {s: digest(split_text(s)) for s in SPLITS}
+    assert first == second
+    # And independently of the package's own helpers: read the xz files directly and re-chunk.
+    for book in TEXTS:
+        with lzma.open(corpus_dir() / f"{book}.txt.xz", "rt", encoding="utf-8") as fh:
+            assert digest(fh.read()) == digest(corpus_text(book))
+
+
+def test_chunks_rebuild_each_book_and_end_at_line_breaks() -> None:
+    for book in TEXTS:
+        text = corpus_text(book)
+        chunks = chunk_text(text)
+        assert "".join(chunks) == text
+        assert all(len(c) >= CHUNK_CHARS for c in chunks[:-1])
+        assert all(c.endswith("\n") for c in chunks[:-1])
+
+
+def test_splits_do_not_overlap_and_cover_the_corpus() -> None:
+    by_split = chunks_by_split()
+    # Each (book, chunk) is in exactly one split, and each split is exactly its chunks in order.
+    keys = [(book, i) for s in SPLITS for book, i, _ in by_split[s]]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {(b, i) for b in TEXTS for i in range(len(chunk_text(corpus_text(b))))}
+    for s in SPLITS:
+        assert split_text(s) == "".join(c for _, _, c in by_split[s])
+    # No chunk's text appears in two splits (a repeated chunk would leak training text into eval).
+    contents = [{c for _, _, c in by_split[s]} for s in SPLITS]
+    for a in range(len(SPLITS)):
+        for b in range(a + 1, len(SPLITS)):
+            assert not contents[a] & contents[b], (SPLITS[a], SPLITS[b])
+    assert sum(len(split_text(s)) for s in SPLITS) == sum(len(corpus_text(b)) for b in TEXTS)
+
+
+def test_split_shares_are_as_documented() -> None:
+    total = sum(len(corpus_text(b)) for b in TEXTS)
+    shares = {s: len(split_text(s)) / total for s in SPLITS}
+    assert 0.85 < shares["train"] < 0.95
+    assert 0.03 < shares["calibration"] < 0.07
+    assert 0.03 < shares["eval"] < 0.07
+
+
+def test_every_split_has_text_from_every_book() -> None:
+    by_split = chunks_by_split()
+    for s in SPLITS:
+        text = split_text(s)
+        books = {book for book, _, _ in by_split[s]}
+        assert books == set(TEXTS), s
+        for book in TEXTS:
+            # The split samples the whole book: a chunk from its first and one from its last 20 chunks.
+            mine = [i for b, i, _ in by_split[s] if b == book]
+            n = len(chunk_text(corpus_text(book)))
+            assert min(mine) < 20 and max(mine) >= n - 20, (s, book)
+            sample = next(c for b, _, c in by_split[s] if b == book)
+            assert sample in text
+
+
+# --- load_text ------------------------------------------------------------------------------------
+
+
+def test_load_text_builtin_and_file(tmp_path) -> None:
+    text, name = load_text(None, "eval")
+    assert name == "builtin:eval" and text == split_text("eval")
+    text, name = load_text("builtin:calibration", "eval")
+    assert name == "builtin:calibration" and text == split_text("calibration")
+    path = tmp_path / "calib.txt"
+    path.write_text("Call me Ishmael. Ünïcödé is fine.\n", encoding="utf-8")
+    text, name = load_text(str(path), "calibration")
+    assert text.startswith("Call me Ishmael") and name == str(path)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("folder", "is a folder"),
+        ("empty", "is empty"),
+        ("blank", "is empty"),
+        ("latin1", "not UTF-8"),
+        ("builtin", "unknown built-in split"),
+    ],
+)
+def test_load_text_errors(tmp_path, case: str, message: str) -> None:
+    spec = {
+        "missing": lambda: tmp_path / "nope.txt",
+        "folder": lambda: tmp_path,
+        "empty": lambda: _write(tmp_path / "empty.txt", b""),
+        "blank": lambda: _write(tmp_path / "blank.txt", b"  \n\n\t\n"),
+        "latin1": lambda: _write(tmp_path / "latin1.txt", "caf\u00e9 cr\u00e8me\n".encode("latin-1")),
+        "builtin": lambda: "builtin:validation",
+    }[case]()
+    with pytest.raises(PrismError, match=message) as exc:
+        load_text(str(spec), "calibration")
+    assert "\n" not in str(exc.value)
+    if case == "builtin":
+        assert all(s in str(exc.value) for s in SPLITS)
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def test_unknown_split_in_library_call_is_a_key_error() -> None:
+    with pytest.raises(KeyError):
+        data.split_text("validation")

@@ -1,0 +1,546 @@
+"""prism export: exactness of the flat sub-expert checkpoint for every family and gate, loading with
+plain transformers, sub-expert slices, streaming shards, and one-line refusals of bad input.
+
+Partitions are built directly (random permutations, random gate neurons) instead of running the
+profiler and solver: the exactness of an export must not depend on the quality of its partition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import build_tiny, tiny_tokenizer
+
+from prism_cli.errors import PrismError
+from prism_cli.models.adapters import adapter_for_config
+from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, weights_fingerprint
+from prism_cli.refactor.checkpoint import INDEX, CheckpointReader
+from prism_cli.refactor.export import GATE_FILE, ExportSettings, export_model
+from prism_cli.solvers.format import ExpertPartition, Partition, write_partition
+
+N_SUB = 4
+TOP_K = 2  # every tiny model routes to 2 of 8 experts
+FULL = N_SUB * TOP_K
+TOLERANCE = 1e-4  # max |difference| relative to max |logit|
+INEXACT_FAMILIES = ("deepseek_v3",)  # group-limited routing scored by the sum of two experts
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared with test_runtime.py and test_bench.py.
+
+
+def moe_layers_on_disk(model_dir: Path) -> list[int]:
+    """The MoE layers of a checkpoint, from its tensor names (what export compares the partition with)."""
+    adapter = adapter_for_config(load_config(str(model_dir)))
+    patterns = adapter.key_patterns()
+    reader = CheckpointReader(checkpoint_dir(str(model_dir)))
+    return sorted({int(m["layer"]) for key in reader.keys() if (m := patterns.expert.match(key) or patterns.fused.match(key))})
+
+
+def random_partition(
+    model_dir: Path, *, n_sub: int = N_SUB, seed: int = 0, gate_neurons: int = 2, layers: list[int] | None = None
+) -> Partition:
+    """A valid partition of ``model_dir`` with a random permutation per expert and random gate neurons,
+    carrying the metadata export checks (config and weights fingerprints, shapes)."""
+    config = load_config(str(model_dir))
+    adapter = adapter_for_config(config)
+    experts, width = adapter.num_experts, adapter.width
+    size = width // n_sub
+    rng = np.random.default_rng(seed)
+    layers = moe_layers_on_disk(model_dir) if layers is None else layers
+    parts: dict[int, list[ExpertPartition]] = {}
+    for layer in layers:
+        parts[layer] = []
+        for _ in range(experts):
+            perm = rng.permutation(width)
+            # sub-expert slices are stored ascending (the file format's convention)
+            perm = np.concatenate([np.sort(perm[n * size : (n + 1) * size]) for n in range(n_sub)])
+            gates = np.stack([rng.choice(size, gate_neurons, replace=False) for _ in range(n_sub)])
+            parts[layer].append(ExpertPartition(
+                permutation=perm.astype(np.int32), gate_positions=gates.astype(np.int32), fit_cost=0.0,
+                heldout_cost=0.0, fit_retained=np.zeros(n_sub - 1), heldout_retained=np.zeros(n_sub - 1), seconds=0.0,
+            ))
+    meta: dict[str, Any] = {
+        "model": str(model_dir),
+        "model_type": adapter.model_type,
+        "num_experts": experts,
+        "expert_width": width,
+        "hidden_size": adapter.hidden_size,
+        "top_k": adapter.top_k,
+        "sub_experts": n_sub,
+        "keep": n_sub - 1,
+        "gate_neurons": gate_neurons,
+        "seed": seed,
+        "solver": "random-test",
+        "solver_settings": {},
+        "data_hash": "none",
+        "tokens": 0,
+        "profile": "none",
+        "profile_hash": "none",
+        "config_hash": config_fingerprint(config),
+        "weights_hash": weights_fingerprint(checkpoint_dir(str(model_dir)), adapter),
+    }
+    return Partition(meta=meta, experts=parts)
+
+
+def write_random_partition(model_dir: Path, path: Path, **kwargs: Any) -> Path:
+    write_partition(path, random_partition(model_dir, **kwargs))
+    return path
+
+
+def token_batch(seed: int = 0, batch: int = 3, length: int = 24) -> torch.Tensor:
+    """A few token windows over the tiny tokenizer's whole vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, len(tiny_tokenizer()), (batch, length), generator=gen)
+
+
+@torch.inference_mode()
+def logits_of(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def original_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return logits_of(model, ids)
+
+
+def assert_one_line_failure(result: Any, *needles: str) -> str:
+    """A non-zero exit with exactly one line on stderr, no traceback; returns that line."""
+    assert result.code != 0, result
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err and "internal error" not in result.err, result.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists(), f"{out} was written"
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not leftovers, leftovers
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one partition per family, one export per (family, gate), built once per module.
+
+
+
+
+@pytest.fixture(scope="module")
+def partition_of(tiny_model_dir, tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = write_random_partition(tiny_model_dir(family), tmp_path_factory.mktemp("part") / f"{family}.h5")
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, partition_of, tmp_path_factory):
+    """``exported(family, gate)`` -> export folder (N = 4, default operating point: all sub-experts)."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, gate: str, **settings: Any) -> Path:
+        key = (family, gate, *sorted(settings.items()))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("export") / f"{family}-{gate}"
+            export_model(str(tiny_model_dir(family)), partition_of(family), out, ExportSettings(gate=gate, **settings))
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model_dir):
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(family: str) -> torch.Tensor:
+        if family not in cache:
+            cache[family] = original_logits(tiny_model_dir(family), token_batch())
+        return cache[family]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness: the first test of every export (SPEC 3.4).
+
+
+@pytest.mark.parametrize("gate", ["linear", "neurons"])
+def test_full_operating_point_reproduces_the_original(family, gate, exported, reference_logits, tiny_model_dir, partition_of, tmp_path):
+    from prism_cli import load_elastic, set_operating_point
+
+    ref = reference_logits(family)
+    if gate == "linear" and family in INEXACT_FAMILIES:
+        # Refused without --allow-inexact; exported (and marked inexact) with it.
+        with pytest.raises(PrismError, match="cannot be exact"):
+            export_model(str(tiny_model_dir(family)), partition_of(family), tmp_path / "refused", ExportSettings(gate=gate))
+        assert_nothing_written(tmp_path / "refused")
+        out = exported(family, gate, allow_inexact=True)
+        meta = json.loads((out / "config.json").read_text())["prism"]
+        assert meta["linear_gate_exact"] is False
+        assert "group" in meta["linear_gate_note"]
+        return
+    out = exported(family, gate)
+    meta = json.loads((out / "config.json").read_text())["prism"]
+    assert meta["gate"] == gate and meta["sub_experts"] == N_SUB
+    assert meta["linear_gate_exact"] is (family not in INEXACT_FAMILIES)
+    assert (out / GATE_FILE).exists() is (gate == "neurons")
+
+    full = f"linear:{FULL}" if gate == "linear" else f"topk:{FULL}"
+    model = load_elastic(str(out), operating_point=full)
+    assert relative_error(logits_of(model, token_batch()), ref) <= TOLERANCE
+    if gate == "neurons":
+        # Every neurons-gate rule that selects all sub-experts of the top-k experts is exact too.
+        for point in (f"pattern:{N_SUB},{N_SUB}", "threshold:1.0"):
+            set_operating_point(model, point)
+            assert relative_error(logits_of(model, token_batch()), ref) <= TOLERANCE, point
+        if family not in INEXACT_FAMILIES:
+            set_operating_point(model, f"linear:{FULL}")
+            assert relative_error(logits_of(model, token_batch()), ref) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("fam", "overrides", "n_sub"),
+    [
+        ("deepseek_v3", {"n_group": 1, "topk_group": 1, "norm_topk_prob": False}, 4),  # sigmoid, no renorm: scale 1
+        ("deepseek_v3", {"n_group": 2, "topk_group": 2}, 4),  # every group kept: the linear gate is exact
+        ("deepseek_v2", {"topk_method": "greedy"}, 4),
+        ("qwen2_moe", {"norm_topk_prob": True}, 4),
+        ("qwen3_moe", {"num_experts_per_tok": 3}, 4),
+        ("olmoe", {}, 2),
+        ("mixtral", {}, 8),
+    ],
+    ids=["v3-nogroups-nonorm", "v3-allgroups", "v2-greedy", "qwen2-renorm", "qwen3-top3", "olmoe-N2", "mixtral-N8"],
+)
+def test_router_variants_and_other_n_are_exact(fam, overrides, n_sub, tmp_path):
+    from prism_cli import load_elastic
+
+    source = build_tiny(fam, tmp_path / "src", seed=2, **overrides)
+    part = write_random_partition(source, tmp_path / "p.h5", n_sub=n_sub, seed=5)
+    ref = original_logits(source, token_batch(seed=1))
+    full = n_sub * int(load_config(str(source)).num_experts_per_tok)
+    for gate, point in (("linear", f"linear:{full}"), ("neurons", f"topk:{full}")):
+        export_model(str(source), part, tmp_path / gate, ExportSettings(gate=gate))
+        assert json.loads((tmp_path / gate / "config.json").read_text())["prism"]["linear_gate_exact"] is True
+        model = load_elastic(str(tmp_path / gate), operating_point=point)
+        assert relative_error(logits_of(model, token_batch(seed=1)), ref) <= TOLERANCE, gate
+
+
+def test_deepseek_v3_linear_export_refused_through_the_cli(cli, tiny_model_dir, partition_of, tmp_path):
+    model, part, out = tiny_model_dir("deepseek_v3"), partition_of("deepseek_v3"), tmp_path / "v3-linear"
+    result = cli("export", model, part, "--out", out, "--gate", "linear")
+    assert_one_line_failure(result, "--allow-inexact")
+    assert_nothing_written(out)
+
+    result = cli("export", model, part, "--out", out, "--gate", "linear", "--allow-inexact")
+    assert result.code == 0, result
+    assert "not exact" in result.out
+    meta = json.loads((out / "config.json").read_text())["prism"]
+    assert meta["linear_gate_exact"] is False and "two best experts" in meta["linear_gate_note"]
+
+
+def test_default_operating_point_is_recorded(exported, tiny_model_dir, partition_of, tmp_path):
+    from prism_cli.runtime.elastic import load_elastic_model
+
+    out = tmp_path / "k3"
+    export_model(str(tiny_model_dir("olmoe")), partition_of("olmoe"), out, ExportSettings(gate="neurons", operating_point="pattern:3"))
+    meta = json.loads((out / "config.json").read_text())["prism"]
+    assert meta["default_operating_point"] == "pattern:3,0"
+    assert str(load_elastic_model(str(out)).model.prism_state.point) == "pattern:3,0"
+    linear = json.loads((exported("olmoe", "linear") / "config.json").read_text())
+    assert linear["num_experts"] == 8 * N_SUB and linear["intermediate_size"] == 32 // N_SUB
+    assert linear["num_experts_per_tok"] == FULL
+    # a linear export's default point is the checkpoint's own top-k: what plain transformers runs
+    export_model(str(tiny_model_dir("olmoe")), partition_of("olmoe"), tmp_path / "lin3", ExportSettings(gate="linear", operating_point="3"))
+    lin3 = json.loads((tmp_path / "lin3" / "config.json").read_text())
+    assert lin3["num_experts_per_tok"] == 3 and lin3["prism"]["default_operating_point"] == "linear:3"
+    assert lin3["prism"]["source"]["top_k"] == TOP_K
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear export is an ordinary checkpoint: stock transformers, no prism.
+
+
+_PLAIN_LOAD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    text, out, directories = sys.argv[1], sys.argv[2], sys.argv[3:]
+    results = {}
+    for directory in directories:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        results[directory] = {"ids": ids, "logits": logits}
+        print(json.dumps({"dir": directory, "shape": list(logits.shape), "max": float(logits.abs().max())}))
+    torch.save(results, out)
+    assert not any(name.startswith("prism_cli") for name in sys.modules), "prism was imported"
+    """
+)
+
+
+def test_linear_export_loads_with_plain_transformers(exported, tiny_model_dir, tmp_path):
+    families = ("olmoe", "mixtral")
+    outs = [str(exported(fam, "linear")) for fam in families]
+    text = "Call me Ishmael. Some years ago, never mind how long precisely"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLAIN_LOAD, text, str(tmp_path / "logits.pt"), *outs],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    got = torch.load(tmp_path / "logits.pt")
+    for fam, out, stat in zip(families, outs, stats, strict=True):
+        assert stat["dir"] == out and stat["shape"] == list(got[out]["logits"].shape)
+        ref = original_logits(tiny_model_dir(fam), got[out]["ids"])
+        assert relative_error(got[out]["logits"].float(), ref) <= TOLERANCE, fam
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-experts are slices of their expert; their outputs add up to it.
+
+
+def _source_expert(reader: CheckpointReader, adapter: Any, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+    patterns = adapter.key_patterns()
+    found = {}
+    for key in reader.keys():
+        m = patterns.expert.match(key)
+        if m and int(m["layer"]) == layer and int(m["expert"]) == expert:
+            found[m["proj"]] = reader.get(key)
+    return tuple(found[p] for p in adapter.proj_names)
+
+
+def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def test_sub_experts_are_slices_that_add_up(family, exported, tiny_model_dir, partition_of):
+    from prism_cli.solvers.format import read_partition
+
+    source = tiny_model_dir(family)
+    adapter = adapter_for_config(load_config(str(source)))
+    gate_name, up_name, down_name = adapter.proj_names
+    partition = read_partition(partition_of(family))
+    src, out = CheckpointReader(source), CheckpointReader(exported(family, "neurons"))
+    patterns = adapter.key_patterns()
+    prefix = next(m["prefix"] for k in out.keys() if (m := patterns.expert.match(k)))
+    prefix = prefix.rsplit(".layers.", 1)[0]
+    block = adapter.checkpoint_block
+    scale = adapter.flat_down_scale(N_SUB)
+    size = adapter.width // N_SUB
+    x = torch.randn(5, adapter.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for layer in partition.layers:
+        for e in (0, adapter.num_experts - 1):
+            gate, up, down = _source_expert(src, adapter, layer, e)
+            total = torch.zeros(5, adapter.hidden_size, dtype=torch.float64)
+            for n in range(N_SUB):
+                idx = torch.from_numpy(partition.experts[layer][e].permutation[n * size : (n + 1) * size].astype(np.int64))
+                sub = f"{prefix}.layers.{layer}.{block}.experts.{e * N_SUB + n}"
+                g, u, d = (out.get(f"{sub}.{name}.weight") for name in (gate_name, up_name, down_name))
+                assert torch.equal(g, gate[idx]) and torch.equal(u, up[idx])
+                torch.testing.assert_close(d, down[:, idx] * scale, rtol=0, atol=0)
+                total += _swiglu(x, g.double(), u.double(), d.double() / scale)
+            torch.testing.assert_close(total, _swiglu(x, gate.double(), up.double(), down.double()), rtol=1e-10, atol=1e-12)
+        # router rows are repeated N times, in order
+        router = next(k for k in src.keys() if (m := patterns.router.match(k)) and int(m["layer"]) == layer and m["name"] == "weight")
+        assert torch.equal(out.get(router), src.get(router).repeat_interleave(N_SUB, dim=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: bounded output shards, sharded sources.
+
+
+def test_small_shards_write_an_index_and_load_exactly(cli, tiny_model_dir, partition_of, reference_logits, tmp_path):
+    from prism_cli import load_elastic
+
+    out = tmp_path / "sharded"
+    result = cli("export", tiny_model_dir("olmoe"), partition_of("olmoe"), "--out", out, "--max-shard-gb", "0.00005")
+    assert result.code == 0, result
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (out / INDEX).exists() and not (out / "model.safetensors").exists()
+    index = json.loads((out / INDEX).read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert not list(out.glob(".shard-*"))
+    model = load_elastic(str(out), operating_point=f"topk:{FULL}")
+    assert relative_error(logits_of(model, token_batch()), reference_logits("olmoe")) <= TOLERANCE
+
+
+def test_sharded_source_checkpoint_exports(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prism_cli import load_elastic
+
+    source = tmp_path / "sharded-source"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("qwen2_moe")), dtype=torch.float32)
+    model.save_pretrained(source, max_shard_size="50KB")
+    tiny_tokenizer().save_pretrained(source)
+    assert (source / INDEX).exists() and len(list(source.glob("*.safetensors"))) > 2
+    part = write_random_partition(source, tmp_path / "p.h5", seed=3)
+    export_model(str(source), part, tmp_path / "out", ExportSettings(gate="neurons"))
+    elastic = load_elastic(str(tmp_path / "out"), operating_point=f"topk:{FULL}")
+    ref = logits_of(model.eval(), token_batch())
+    assert relative_error(logits_of(elastic, token_batch()), ref) <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, non-zero exit, nothing half-written.
+
+
+def test_partition_of_another_seed_is_refused(cli, partition_of, tmp_path):
+    other = build_tiny("olmoe", tmp_path / "olmoe-seed1", seed=1)
+    out = tmp_path / "out"
+    assert_one_line_failure(cli("export", other, partition_of("olmoe"), "--out", out), "another model", "weights_hash")
+    assert_nothing_written(out)
+
+
+def test_partition_of_another_family_is_refused(cli, tiny_model_dir, partition_of, tmp_path):
+    out = tmp_path / "out"
+    result = cli("export", tiny_model_dir("qwen3_moe"), partition_of("olmoe"), "--out", out)
+    assert_one_line_failure(result, "another model", "model_type")
+    assert_nothing_written(out)
+
+
+def test_partition_of_another_expert_width_is_refused(cli, tiny_model_dir, tmp_path):
+    wide = build_tiny("olmoe", tmp_path / "olmoe-wide", intermediate_size=64)
+    part = write_random_partition(wide, tmp_path / "wide.h5")
+    out = tmp_path / "out"
+    assert_one_line_failure(cli("export", tiny_model_dir("olmoe"), part, "--out", out), "expert_width")
+    assert_nothing_written(out)
+
+
+def test_n_that_does_not_divide_the_width_is_refused(cli, tiny_model_dir, tmp_path):
+    model = tiny_model_dir("olmoe")
+    partition = random_partition(model, n_sub=4)
+    partition.meta["sub_experts"] = 3  # 32 neurons cannot split into 3 equal sub-experts
+    for experts in partition.experts.values():
+        for expert in experts:
+            expert.gate_positions = expert.gate_positions[:3]
+    write_partition(tmp_path / "n3.h5", partition)
+    out = tmp_path / "out"
+    assert_one_line_failure(cli("export", model, tmp_path / "n3.h5", "--out", out), "N = 3")
+    assert_nothing_written(out)
+
+
+def test_existing_output_needs_force(cli, tiny_model_dir, partition_of, tmp_path):
+    model, part, out = tiny_model_dir("olmoe"), partition_of("olmoe"), tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_failure(cli("export", model, part, "--out", out), "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = cli("export", model, part, "--out", out, "--force")
+    assert result.code == 0, result
+    assert not (out / "keep.txt").exists() and (out / GATE_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+@pytest.mark.parametrize("error", [PrismError("disk trouble"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_failure_mid_export_keeps_nothing_and_spares_the_old_output(error, tiny_model_dir, partition_of, tmp_path, monkeypatch):
+    import prism_cli.refactor.export as export_module
+
+    real = export_module._write_layer
+    calls: list[int] = []
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "_write_layer", failing)
+    out = tmp_path / "out"
+    with pytest.raises(type(error)):
+        export_model(str(tiny_model_dir("olmoe")), partition_of("olmoe"), out, ExportSettings())
+    assert_nothing_written(out)
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    calls.clear()
+    with pytest.raises(type(error)):
+        export_model(str(tiny_model_dir("olmoe")), partition_of("olmoe"), out, ExportSettings(), force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+@pytest.mark.parametrize(
+    ("gate", "point", "needle"),
+    [
+        ("neurons", "0", "outside 1..8"),
+        ("neurons", "99", "outside 1..8"),
+        ("neurons", "topk:99", "outside 1..8"),
+        ("linear", "linear:0", "outside 1..8"),
+        ("neurons", "pattern:5,1", "pattern"),
+        ("linear", "topk:4", "not available"),
+        ("neurons", "threshold:1.5", "(0, 1]"),
+        ("neurons", "threshold:0", "(0, 1]"),
+        ("neurons", "threshold:high", "not a number"),
+        ("neurons", "nonsense:3", "not available"),
+    ],
+)
+def test_bad_operating_point_is_refused(cli, tiny_model_dir, partition_of, tmp_path, gate, point, needle):
+    out = tmp_path / "out"
+    result = cli("export", tiny_model_dir("olmoe"), partition_of("olmoe"), "--out", out, "--gate", gate, "-K", point)
+    assert_one_line_failure(result, needle)
+    assert_nothing_written(out)
+
+
+def test_unknown_gate_is_refused(cli, tiny_model_dir, partition_of, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_failure(cli("export", tiny_model_dir("olmoe"), partition_of("olmoe"), "--out", out, "--gate", "magic"), "unknown gate")
+    assert_nothing_written(out)
+
+
+def test_corrupt_partition_is_refused(cli, tiny_model_dir, partition_of, tmp_path):
+    model, out = tiny_model_dir("olmoe"), tmp_path / "out"
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\x89HDF\r\n" + bytes(range(256)) * 8)
+    assert_one_line_failure(cli("export", model, garbage, "--out", out), "not a readable HDF5")
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(partition_of("olmoe").read_bytes()[:3000])
+    assert_one_line_failure(cli("export", model, truncated, "--out", out))
+    assert_one_line_failure(cli("export", model, tmp_path / "missing.h5", "--out", out), "does not exist")
+    # a readable file whose permutations are not permutations
+    import h5py
+
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(partition_of("olmoe").read_bytes())
+    with h5py.File(broken, "r+") as h5:
+        perm = h5["layers/0/permutation"]
+        data = perm[()]
+        data[0, 0] = data[0, 1]
+        perm[...] = data
+    assert_one_line_failure(cli("export", model, broken, "--out", out), "corrupt")
+    assert_nothing_written(out)
+
+
+def test_partition_missing_layers_is_refused(cli, tiny_model_dir, tmp_path):
+    model = tiny_model_dir("olmoe")
+    assert moe_layers_on_disk(model) == [0, 1]
+    part = write_random_partition(model, tmp_path / "layer0.h5", layers=[0])
+    out = tmp_path / "out"
+    assert_one_line_failure(cli("export", model, part, "--out", out), "layers [0]", "[0, 1]")
+    assert_nothing_written(out)

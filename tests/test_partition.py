@@ -1,0 +1,436 @@
+"""``prism partition``: solvers end to end on a tiny profile, the partition file, determinism, the compare
+table, evolutionary solvers and their operators on synthetic rows, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from prism_cli.data import load_text
+from prism_cli.models.loading import load_model
+from prism_cli.profiling.format import ProfileFile
+from prism_cli.profiling.profiler import ProfileSettings, profile_model
+from prism_cli.solvers import SOLVERS, PartitionProblem
+from prism_cli.solvers.alternating import (
+    alternating_step,
+    group_weights,
+    improve,
+    pair_step,
+    scalarised,
+    token_scale,
+)
+from prism_cli.solvers.evolutionary import BalanceRepair, PartitionObjectives, canonical
+from prism_cli.solvers.format import Partition, read_partition, write_partition
+from prism_cli.solvers.heuristics import equal_labels
+from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, rank_weights, retained_mass
+from prism_cli.solvers.runner import PartitionSettings, partition_profile
+from prism_cli.solvers.synthetic import planted_rows, realistic_rows
+
+
+N = 4
+WIDTH = 32
+LAYERS = [0, 1]
+FAST = {"nsga2": (("pop_size", 8), ("generations", 3)), "ga": (("pop_size", 8), ("generations", 3))}
+
+
+def settings_for(solver: str, seed: int = 0, **kw) -> PartitionSettings:
+    return PartitionSettings(solver=solver, sub_experts=N, seed=seed, solver_options=FAST.get(solver, ()), **kw)
+
+
+@pytest.fixture(scope="module")
+def profile_path(tiny_model_dir, tmp_path_factory) -> Path:
+    """One profile of the tiny OLMoE (2 MoE layers x 8 experts of width 32), shared by the module."""
+    loaded = load_model(str(tiny_model_dir("olmoe")))
+    text, name = load_text(None, "calibration")
+    path = tmp_path_factory.mktemp("partition") / "profile.h5"
+    profile_model(loaded, text, name, ProfileSettings(tokens=2048, seq_len=32, max_rows=256, row_dtype="float32"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def solved(profile_path):
+    """``solved(solver)``: ``partition_profile`` on the module profile, one worker, seed 0 (cached)."""
+    cache: dict[str, Partition] = {}
+
+    def get(solver: str) -> Partition:
+        if solver not in cache:
+            cache[solver] = partition_profile(profile_path, settings_for(solver), workers=1)
+        return cache[solver]
+
+    return get
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to renaming the groups: the (a, b) label pairs form a bijection."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def labels_of(permutation: np.ndarray, n: int) -> np.ndarray:
+    """Sub-expert label of every neuron from a permutation (sub-expert k = slice k)."""
+    labels = np.empty(permutation.size, dtype=np.int64)
+    labels[permutation] = np.repeat(np.arange(n), permutation.size // n)
+    return labels
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert result.code != 0, result
+    assert "Traceback" not in result.err
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# --- end to end on a tiny profile -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["alternating", "nsga2", "rate-chunk"])
+def test_partition_profile_is_valid_and_scored(profile_path, solved, solver: str) -> None:
+    result = solved(solver)
+    assert result.layers == LAYERS and result.n_sub == N
+    assert result.meta["solver"] == solver and result.meta["sub_experts"] == N and result.meta["keep"] == 1
+    assert result.meta["model_type"] == "olmoe"
+    g = WIDTH // N
+    with ProfileFile(profile_path) as pf:
+        for layer in LAYERS:
+            assert len(result.experts[layer]) == 8
+            for e, x in enumerate(result.experts[layer]):
+                rows = pf.expert(layer, e)
+                perm = np.asarray(x.permutation)
+                assert np.array_equal(np.sort(perm), np.arange(WIDTH))
+                slices = perm.reshape(N, g)
+                assert all(np.all(np.diff(s) > 0) for s in slices)  # each sub-expert's neurons ascending
+                # Sub-experts are numbered by fit mass: sub-expert 0 carries the most.
+                mass = np.abs(rows.fit_rows)[:, slices].sum(axis=(0, 2))
+                assert np.all(np.diff(mass) <= 1e-6 * mass.max()), mass
+                # Gate neurons: s positions per sub-expert, inside its slice, all different.
+                gates = np.asarray(x.gate_positions)
+                assert gates.shape == (N, 4) and gates.min() >= 0 and gates.max() < g
+                assert all(len(set(row.tolist())) == 4 for row in gates)
+                # The recorded scores are the shared objectives on the fit and held-out rows.
+                labels = labels_of(perm, N)
+                fit_loads = group_loads(np.abs(rows.fit_rows).astype(np.float32), labels, N)
+                held_loads = group_loads(np.abs(rows.heldout_rows).astype(np.float32), labels, N)
+                assert x.fit_cost == pytest.approx(paper_cost(fit_loads, 1), rel=1e-6)
+                assert x.heldout_cost == pytest.approx(paper_cost(held_loads, 1), rel=1e-6)
+                np.testing.assert_allclose(x.heldout_retained, retained_mass(held_loads), rtol=1e-6)
+                assert x.fit_retained.shape == (N - 1,) and x.seconds >= 0
+                if solver == "nsga2":
+                    assert x.front is not None and x.front.shape[1] == N - 1
+                else:
+                    assert x.front is None
+
+
+@pytest.mark.parametrize("solver", ["alternating", "nsga2"])
+def test_partition_file_round_trips(solved, tmp_path, solver: str) -> None:
+    result = solved(solver)
+    path = tmp_path / "partition.h5"
+    write_partition(path, result)
+    back = read_partition(path)
+    assert back.layers == result.layers and back.n_sub == result.n_sub
+    for key, value in result.meta.items():
+        assert back.meta[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert back.meta["solver_settings"] == SOLVERS.get(solver)(**dict(FAST.get(solver, ()))).settings()
+    for layer in result.layers:
+        for a, b in zip(result.experts[layer], back.experts[layer]):
+            np.testing.assert_array_equal(a.permutation, b.permutation)
+            np.testing.assert_array_equal(a.gate_positions, b.gate_positions)
+            assert (a.fit_cost, a.heldout_cost, a.seconds) == (b.fit_cost, b.heldout_cost, b.seconds)
+            np.testing.assert_array_equal(a.fit_retained, b.fit_retained)
+            np.testing.assert_array_equal(a.heldout_retained, b.heldout_retained)
+            if a.front is None:
+                assert b.front is None
+            else:
+                np.testing.assert_array_equal(a.front, b.front)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partition.h5"]  # no temp file left
+
+
+def _same_results(a: Partition, b: Partition) -> bool:
+    return all(
+        np.array_equal(x.permutation, y.permutation) and np.array_equal(x.gate_positions, y.gate_positions)
+        and x.fit_cost == y.fit_cost and x.heldout_cost == y.heldout_cost
+        for layer in a.layers
+        for x, y in zip(a.experts[layer], b.experts[layer])
+    )
+
+
+def test_results_do_not_depend_on_workers(profile_path, solved) -> None:
+    two = partition_profile(profile_path, settings_for("nsga2"), workers=2)
+    assert two.layers == solved("nsga2").layers
+    assert _same_results(solved("nsga2"), two)
+
+
+def test_seed_changes_the_result(profile_path) -> None:
+    a = partition_profile(profile_path, settings_for("random", seed=0), workers=1)
+    b = partition_profile(profile_path, settings_for("random", seed=0), workers=1)
+    c = partition_profile(profile_path, settings_for("random", seed=1), workers=1)
+    assert _same_results(a, b)
+    assert not _same_results(a, c)
+    # Each expert draws from its own (seed, layer, expert) stream: no two experts share a split.
+    perms = {a.experts[layer][e].permutation.tobytes() for layer in a.layers for e in range(8)}
+    assert len(perms) == 16
+
+
+def test_partition_cli_writes_the_file_and_prints_the_summary(cli, profile_path, tmp_path) -> None:
+    out = tmp_path / "partition.h5"
+    result = cli("partition", profile_path, "--solver", "alternating", "-N", "4", "--workers", "1", "--out", out)
+    assert result.code == 0, result
+    assert "partition: solver alternating" in result.out and f"written {out}" in result.out.replace("\n", "")
+    back = read_partition(out)
+    assert back.meta["solver"] == "alternating" and back.layers == LAYERS
+    # The explicit `run` subcommand is the same command.
+    out2 = tmp_path / "partition2.h5"
+    result = cli("partition", "run", profile_path, "--solver", "alternating", "--workers", "1", "--out", out2)
+    assert result.code == 0, result
+    assert _same_results(back, read_partition(out2))
+
+
+def test_partition_cli_solver_options(cli, profile_path, tmp_path) -> None:
+    out = tmp_path / "partition.h5"
+    result = cli("partition", profile_path, "--solver", "nsga2", "-O", "pop_size=8", "-O", "generations=2",
+                 "--workers", "1", "--layers", "1", "--out", out)
+    assert result.code == 0, result
+    back = read_partition(out)
+    assert back.layers == [1]
+    assert back.meta["solver_settings"]["pop_size"] == 8 and back.meta["solver_settings"]["generations"] == 2
+
+
+def test_compare_cli(cli, profile_path, tmp_path) -> None:
+    stem = tmp_path / "cmp" / "solvers"
+    result = cli("partition", "compare", profile_path, "--solvers", "random,contiguous,alternating",
+                 "--workers", "1", "--out", stem)
+    assert result.code == 0, result
+    files = {p.suffix: p for p in stem.parent.iterdir()}
+    assert sorted(files) == [".csv", ".json", ".md"]
+    with open(files[".csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["solver"] for r in rows] == ["random", "contiguous", "alternating"]
+    cost = {r["solver"]: float(r["held-out cost"]) for r in rows}
+    assert all(0 < c < 1 for c in cost.values())
+    assert cost["alternating"] < cost["random"] and cost["alternating"] < cost["contiguous"]
+    assert all(int(r["experts"]) == 16 for r in rows)
+    data = json.loads(files[".json"].read_text())
+    assert [r["solver"] for r in data["rows"]] == ["random", "contiguous", "alternating"]
+    assert {r["solver"]: r["held-out cost"] for r in data["rows"]} == pytest.approx(cost)
+    assert set(data["per_expert"]) == {"random", "contiguous", "alternating"}
+    assert all(len(v["heldout_cost"]) == 16 for v in data["per_expert"].values())
+    markdown = files[".md"].read_text()
+    assert all(f"| {name} |" in markdown for name in cost)
+
+
+# --- evolutionary solvers and their operators on synthetic rows ------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["nsga2", "ga"])
+@pytest.mark.parametrize("n_groups, width, n_rows, noise", [(4, 64, 300, 0.2), (8, 64, 200, 0.3)])
+def test_evolutionary_solvers_recover_planted_groups(solver, n_groups, width, n_rows, noise) -> None:
+    for seed in range(3):
+        rows, planted = planted_rows(n_rows, width, n_groups, np.random.default_rng(seed), noise=noise)
+        problem = PartitionProblem(rows, n_groups, keep=1)
+        solution = SOLVERS.get(solver)(pop_size=8, generations=3).solve(problem, np.random.default_rng(100 + seed))
+        assert is_valid_partition(solution.labels, n_groups)
+        assert same_partition(solution.labels, planted), (solver, seed)
+        if solver == "nsga2":
+            assert solution.front is not None and solution.front.shape[1] == n_groups - 1
+            assert np.all(np.diff(solution.front[:, 0]) <= 0)  # sorted by R_1, best first
+
+
+@pytest.mark.parametrize("solver", ["nsga2", "ga"])
+def test_evolutionary_solvers_are_deterministic_and_keep_their_best(solver) -> None:
+    rows = realistic_rows(200, 32, np.random.default_rng(5))
+    problem = PartitionProblem(rows, 4, keep=1)
+    make = lambda: SOLVERS.get(solver)(pop_size=8, generations=3)  # noqa: E731
+    solution = make().solve(problem, np.random.default_rng(9))
+    again = make().solve(problem, np.random.default_rng(9))
+    labels = solution.labels
+    assert np.array_equal(labels, again.labels) and is_valid_partition(labels, 4)
+    if solver == "ga":
+        # GA is elitist on the paper cost, and its population starts from the alternating optimum.
+        weights, scale = rank_weights(4, 1), token_scale(problem.rows, per_token=False)
+        start = SOLVERS.get("rate-chunk")().solve(problem, np.random.default_rng(0)).labels
+        _, seed_value = improve(problem.rows, start, weights, scale, 30)
+        assert scalarised(group_loads(problem.rows, labels, 4), weights, scale) >= seed_value * (1 - 1e-6)
+    else:
+        # NSGA-II returns the front member with the best mean R_m, and the whole front sorted by R_1.
+        mine = retained_mass(group_loads(problem.rows, labels, 4))
+        front = solution.front
+        assert np.any(np.all(np.isclose(front, mine, rtol=1e-6), axis=1))
+        assert mine.mean() >= front.mean(axis=1).max() - 1e-9
+
+
+def test_canonical_makes_relabelled_partitions_equal() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.permutation(equal_labels(24, 4))
+        renamed = rng.permutation(4)[labels]
+        assert np.array_equal(canonical(labels), canonical(renamed))
+        assert canonical(labels)[0] == 0 and np.all(np.diff(np.maximum.accumulate(canonical(labels))) <= 1)
+        other = labels.copy()
+        i, j = np.nonzero(labels != labels[0])[0][0], 0
+        other[i], other[j] = other[j], other[i]
+        assert not np.array_equal(canonical(labels), canonical(other))
+
+
+def test_balance_repair_always_gives_equal_groups() -> None:
+    rng = np.random.default_rng(1)
+    for n_groups, width in [(2, 8), (4, 32), (8, 64)]:
+        problem = PartitionObjectives(PartitionProblem(rng.random((5, width)), n_groups), "cost")
+        x = rng.integers(0, n_groups, size=(30, width))
+        x[0] = np.zeros(width)  # all in one group
+        x[1] = rng.permutation(equal_labels(width, n_groups))  # already balanced
+        repaired = BalanceRepair()._do(problem, x.copy(), random_state=np.random.default_rng(2))
+        for before, after in zip(x, repaired):
+            assert is_valid_partition(after, n_groups)
+            counts = np.bincount(before, minlength=n_groups)
+            # Only neurons of over-full groups move.
+            moved = before != after
+            assert np.all(counts[before[moved]] > width // n_groups)
+        assert np.array_equal(repaired[1], x[1])
+
+
+def _random_weights(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.sort(rng.random(n))[::-1].copy()  # non-increasing, as every rank-weighted objective is
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_pair_step_never_lowers_the_objective(per_token: bool) -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.choice([2, 4, 8]))
+        rows = realistic_rows(60, 32, rng) if trial % 2 else rng.lognormal(size=(60, 32)).astype(np.float32)
+        problem = PartitionProblem(rows, n)
+        weights = [rank_weights(n, 1), rank_weights(n, None), _random_weights(rng, n)][trial % 3]
+        scale = token_scale(problem.rows, per_token)
+        labels = rng.permutation(equal_labels(32, n))
+        f0 = scalarised(group_loads(problem.rows, labels, n), weights, scale)
+        per_group = group_weights(problem.rows, labels, weights, scale)
+        current = labels
+        for _ in range(5):  # several steps sharing one per_group stay above the starting value
+            a, b = rng.choice(n, size=2, replace=False)
+            current = pair_step(problem.columns, current, per_group, int(a), int(b))
+            assert is_valid_partition(current, n)
+            assert scalarised(group_loads(problem.rows, current, n), weights, scale) >= f0 - 1e-5 * abs(f0)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_alternating_step_and_improve_are_monotone(per_token: bool) -> None:
+    rng = np.random.default_rng(4)
+    for trial in range(10):
+        n = [2, 4, 8][trial % 3]
+        rows = realistic_rows(80, 32, rng)
+        weights = rank_weights(n, None) if trial % 2 else rank_weights(n, 1)
+        scale = token_scale(rows, per_token)
+        labels = rng.permutation(equal_labels(32, n))
+        value = scalarised(group_loads(rows, labels, n), weights, scale)
+        for _ in range(4):
+            labels = alternating_step(rows, labels, weights, scale)
+            assert is_valid_partition(labels, n)
+            new = scalarised(group_loads(rows, labels, n), weights, scale)
+            assert new >= value - 1e-5 * abs(value)
+            value = new
+        start = rng.permutation(equal_labels(32, n))
+        start_value = scalarised(group_loads(rows, start, n), weights, scale)
+        best, best_value = improve(rows, start, weights, scale, max_steps=20)
+        assert is_valid_partition(best, n) and best_value >= start_value
+        assert best_value == pytest.approx(float(scalarised(group_loads(rows, best, n), weights, scale)), rel=1e-6)
+
+
+# --- bad input through the CLI ---------------------------------------------------------------------
+
+
+def _profile_without_rows(source: Path, target: Path) -> Path:
+    """A copy of ``source`` where layer 1 experts 3 (fit rows) and 5 (held-out rows) have no rows."""
+    shutil.copy(source, target)
+    with h5py.File(target, "r+") as h5:
+        for expert, kind in ((3, "fit"), (5, "heldout")):
+            group = h5[f"layers/1/experts/{expert}"]
+            for name, shape in ((f"{kind}_rows", (0, WIDTH)), (f"{kind}_token", (0,)), (f"{kind}_weight", (0,))):
+                dtype = group[name].dtype
+                del group[name]
+                group.create_dataset(name, shape=shape, dtype=dtype)
+    return target
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("n-not-divisor", ["--sub-experts 3", "width 32", "2, 4, 8, 16, 32"]),
+        ("n-below-2", ["--sub-experts", "at least 2"]),
+        ("keep-too-large", ["--keep", "4"]),
+        ("experts-without-rows", ["layer 1: experts 3, 5", "profile more tokens"]),
+        ("corrupt-hdf5", ["not a readable HDF5 file"]),
+        ("foreign-hdf5", ["not a prism profile"]),
+        ("incomplete-profile", ["is incomplete", "weights_hash"]),
+        ("missing-profile", ["does not exist"]),
+        ("unknown-solver", ["unknown solver 'magic'", "alternating", "nsga2", "random"]),
+        ("workers-0", ["--workers", "at least 1"]),
+        ("bad-solver-option", ["badoption", "alternating", "objective, restarts, max_steps"]),
+        ("bad-solver-value", ["objective must be"]),
+        ("bad-solver-type", ["option generations must be int", "'ten'"]),
+        ("layers-not-profiled", ["--layers [5]", "profiled layers: [0, 1]"]),
+        ("gate-neurons", ["--gate-neurons", "between 1 and 8"]),
+        ("bad-executor", ["unknown executor 'spark'", "local, ray"]),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(cli, profile_path, tmp_path, case, needles) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    profile: Path = profile_path
+    args: list = ["--solver", "alternating", "--workers", "1"]
+    if case == "n-not-divisor":
+        args += ["-N", "3"]
+    elif case == "n-below-2":
+        args += ["-N", "1"]
+    elif case == "keep-too-large":
+        args += ["-N", "4", "--keep", "4"]
+    elif case == "experts-without-rows":
+        profile = _profile_without_rows(profile_path, tmp_path / "holes.h5")
+    elif case == "corrupt-hdf5":
+        profile = tmp_path / "corrupt.h5"
+        profile.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif case == "foreign-hdf5":
+        profile = tmp_path / "foreign.h5"
+        with h5py.File(profile, "w") as h5:
+            h5["data"] = np.arange(10)
+            h5.attrs["creator"] = "someone else"
+    elif case == "incomplete-profile":
+        profile = tmp_path / "incomplete.h5"
+        shutil.copy(profile_path, profile)
+        with h5py.File(profile, "r+") as h5:
+            del h5.attrs["weights_hash"]
+    elif case == "missing-profile":
+        profile = tmp_path / "nope.h5"
+    elif case == "unknown-solver":
+        args = ["--solver", "magic", "--workers", "1"]
+    elif case == "workers-0":
+        args = ["--solver", "alternating", "--workers", "0"]
+    elif case == "bad-solver-option":
+        args += ["-O", "badoption=1"]
+    elif case == "bad-solver-value":
+        args += ["-O", "objective=sideways"]
+    elif case == "bad-solver-type":
+        args = ["--solver", "nsga2", "--workers", "1", "-O", "generations=ten"]
+    elif case == "layers-not-profiled":
+        args += ["--layers", "1,5"]
+    elif case == "gate-neurons":
+        args += ["-N", "4", "--gate-neurons", "9"]
+    elif case == "bad-executor":
+        args += ["--executor", "spark"]
+    result = cli("partition", profile, *args, "--out", out_dir / "partition.h5")
+    one_line_error(result, *needles)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_compare_bad_input_is_one_line(cli, profile_path, tmp_path) -> None:
+    result = cli("partition", "compare", profile_path, "--solvers", "random,magic", "--out", tmp_path / "cmp")
+    one_line_error(result, "unknown solver 'magic'")
+    result = cli("partition", "compare", profile_path, "--solvers", "random", "-N", "5", "--out", tmp_path / "cmp")
+    one_line_error(result, "--sub-experts 5")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,391 @@
+"""The elastic runtime: allocation policies, operating-point syntax, prism's experts implementation,
+switching operating points in place, the Python API and the active sub-expert count."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import FULL, N_SUB, TOP_K, logits_of, token_batch, write_random_partition
+
+from prism_cli.errors import PrismError
+from prism_cli.evaluation.quality import ActiveCounter
+from prism_cli.refactor.export import ExportSettings, export_model
+from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
+from prism_cli.runtime.policies import POLICIES, PatternPolicy, ThresholdPolicy, TopKPolicy
+
+EXPERTS = 8
+SENTINEL = EXPERTS * N_SUB
+
+
+
+
+def routing(tokens: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random router output for ``tokens``: distinct experts, softmax-like weights, positive scores."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(tokens)])
+    w = torch.rand(tokens, TOP_K, generator=gen) + 0.05
+    w = w / w.sum(dim=1, keepdim=True)
+    scores = torch.rand(tokens, TOP_K, N_SUB, generator=gen) + 0.1
+    return idx, w, scores
+
+
+def candidates(idx: torch.Tensor, w: torch.Tensor, scores: torch.Tensor, t: int) -> list[tuple[int, float, float]]:
+    """Token t's (sub-expert id, weight, weight x score) pairs, by brute force."""
+    return [
+        (int(idx[t, r]) * N_SUB + n, float(w[t, r]), float(w[t, r] * scores[t, r, n]))
+        for r in range(idx.shape[1]) for n in range(N_SUB)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocation policies.
+
+
+def test_policies_are_registered():
+    assert {"topk", "pattern", "threshold"} <= set(POLICIES.names())
+    assert POLICIES.get("topk") is TopKPolicy
+
+
+@pytest.mark.parametrize("k", [1, 3, FULL])
+def test_topk_keeps_the_k_largest_weight_times_score_pairs(k):
+    idx, w, scores = routing()
+    ids, weights = TopKPolicy(N_SUB, TOP_K, EXPERTS).allocate(idx, w, scores, k)
+    assert ids.shape == weights.shape == (idx.shape[0], k)
+    for t in range(idx.shape[0]):
+        pairs = sorted(candidates(idx, w, scores, t), key=lambda p: -p[2])
+        assert set(ids[t].tolist()) == {p[0] for p in pairs[:k]}
+        weight_of = {p[0]: p[1] for p in pairs}
+        assert weights[t].tolist() == pytest.approx([weight_of[i] for i in ids[t].tolist()])
+
+
+def test_topk_prefers_a_strong_sub_expert_of_a_weak_expert():
+    idx = torch.tensor([[0, 1]])
+    w = torch.tensor([[0.6, 0.4]])
+    scores = torch.tensor([[[0.1, 0.1, 0.1, 0.1], [0.2, 0.9, 0.1, 0.1]]])
+    ids, weights = TopKPolicy(N_SUB, TOP_K, EXPERTS).allocate(idx, w, scores, 1)
+    assert ids.tolist() == [[1 * N_SUB + 1]] and weights.tolist() == [[pytest.approx(0.4)]]
+
+
+@pytest.mark.parametrize("pattern", [(4, 1), (3, 3), (1, 0), (2, 4), (4, 4)])
+def test_pattern_gives_each_ranked_expert_its_best_sub_experts(pattern):
+    idx, w, scores = routing(seed=1)
+    ids, weights = PatternPolicy(N_SUB, TOP_K, EXPERTS).allocate(idx, w, scores, pattern)
+    assert ids.shape == (idx.shape[0], sum(pattern))
+    for t in range(idx.shape[0]):
+        ranked = sorted(range(TOP_K), key=lambda r: -float(w[t, r]))
+        want, want_w = set(), {}
+        for r, count in zip(ranked, pattern, strict=True):
+            best = sorted(range(N_SUB), key=lambda n: -float(scores[t, r, n]))[:count]
+            for n in best:
+                want.add(int(idx[t, r]) * N_SUB + n)
+                want_w[int(idx[t, r]) * N_SUB + n] = float(w[t, r])
+        assert set(ids[t].tolist()) == want
+        assert weights[t].tolist() == pytest.approx([want_w[i] for i in ids[t].tolist()])
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3, 0.5, 0.8, 0.95])
+def test_threshold_keeps_a_prefix_until_the_share_reaches_tau(tau):
+    idx, w, scores = routing(seed=2)
+    ids, weights = ThresholdPolicy(N_SUB, TOP_K, EXPERTS).allocate(idx, w, scores, tau)
+    assert ids.shape == weights.shape and 1 <= ids.shape[1] <= FULL
+    widths = []
+    for t in range(idx.shape[0]):
+        pairs = sorted(candidates(idx, w, scores, t), key=lambda p: -p[2])
+        total = sum(p[2] for p in pairs)
+        # the fewest pairs whose share reaches tau (at least one)
+        kept = next(m for m in range(1, len(pairs) + 1) if sum(p[2] for p in pairs[:m]) / total >= tau - 1e-7)
+        row, row_w = ids[t].tolist(), weights[t].tolist()
+        live = [i for i in row if i != SENTINEL]
+        assert row[: len(live)] == live, "kept pairs must be a prefix"
+        assert len(live) == kept
+        assert live == [p[0] for p in pairs[:kept]]
+        assert row_w[: len(live)] == pytest.approx([p[1] for p in pairs[:kept]])
+        assert all(x == 0.0 for x in row_w[len(live) :])
+        widths.append(kept)
+    assert ids.shape[1] == max(widths), "no all-sentinel column"
+
+
+def test_threshold_sentinels_and_extremes():
+    idx, w, scores = routing(seed=3)
+    policy = ThresholdPolicy(N_SUB, TOP_K, EXPERTS)
+    assert policy.sentinel == SENTINEL
+    ids, weights = policy.allocate(idx, w, scores, 1.0)
+    assert ids.shape == (idx.shape[0], FULL) and (ids != SENTINEL).all()
+    for t in range(idx.shape[0]):
+        assert sorted(ids[t].tolist()) == sorted(p[0] for p in candidates(idx, w, scores, t))
+    ids, weights = policy.allocate(idx, w, scores, 1e-6)
+    assert ids.shape == (idx.shape[0], 1) and (ids != SENTINEL).all() and (weights > 0).all()
+    # a token with one dominant pair keeps one pair, its neighbour many: sentinels fill the first row
+    idx = torch.tensor([[0, 1], [2, 3]])
+    w = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    scores = torch.tensor([[[100.0, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]], [[1.0] * 4, [1.0] * 4]])
+    ids, weights = policy.allocate(idx, w, scores, 0.9)
+    assert ids.shape == (2, 8)
+    assert ids[0].tolist() == [0] + [SENTINEL] * 7 and weights[0, 1:].eq(0).all()
+    assert (ids[1] != SENTINEL).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Operating-point syntax.
+
+
+@pytest.mark.parametrize(
+    ("spec", "gate", "want"),
+    [
+        ("topk:3", "neurons", OperatingPoint("topk", 3)),
+        ("3", "neurons", OperatingPoint("topk", 3)),
+        (5, "neurons", OperatingPoint("topk", 5)),
+        ("5", "linear", OperatingPoint("linear", 5)),
+        ("linear:8", "neurons", OperatingPoint("linear", 8)),
+        (" topk:8 ", "neurons", OperatingPoint("topk", 8)),
+        ("pattern:4,1", "neurons", OperatingPoint("pattern", (4, 1))),
+        ("pattern:4", "neurons", OperatingPoint("pattern", (4, 0))),
+        ("pattern:5", "neurons", OperatingPoint("pattern", (4, 1))),
+        ("pattern:0,3", "neurons", OperatingPoint("pattern", (0, 3))),
+        ("threshold:0.9", "neurons", OperatingPoint("threshold", 0.9)),
+        ("threshold:1", "neurons", OperatingPoint("threshold", 1.0)),
+        ("original:2", None, OperatingPoint("original", 2)),
+        ("1", None, OperatingPoint("original", 1)),
+        (OperatingPoint("topk", 2), "neurons", OperatingPoint("topk", 2)),
+    ],
+)
+def test_parse_operating_point_accepts(spec, gate, want):
+    got = parse_operating_point(spec, gate, N_SUB, TOP_K)
+    assert got == want
+    assert parse_operating_point(str(got), gate, N_SUB, TOP_K) == got  # str() round-trips
+
+
+@pytest.mark.parametrize(
+    ("spec", "gate"),
+    [
+        ("topk:0", "neurons"), ("topk:9", "neurons"), ("linear:9", "linear"), ("0", "linear"), ("-1", "neurons"),
+        ("topk:2.5", "neurons"), ("topk:", "neurons"), ("", "neurons"), ("topk:x", "neurons"),
+        ("topk:3", "linear"), ("threshold:0.5", "linear"), ("original:1", "neurons"), ("topk:2", None),
+        ("original:3", None), ("original:0", None),
+        ("threshold:0", "neurons"), ("threshold:1.5", "neurons"), ("threshold:-0.1", "neurons"),
+        ("threshold:nan", "neurons"), ("threshold:abc", "neurons"),
+        ("pattern:5,0", "neurons"), ("pattern:1,1,1", "neurons"), ("pattern:0,0", "neurons"),
+        ("pattern:9", "neurons"), ("pattern:0", "neurons"), ("pattern:a,b", "neurons"), ("pattern:-1,2", "neurons"),
+        ("bogus:1", "neurons"),
+    ],
+)
+def test_parse_operating_point_refuses(spec, gate):
+    with pytest.raises(PrismError) as exc:
+        parse_operating_point(spec, gate, N_SUB, TOP_K)
+    assert "\n" not in str(exc.value)
+
+
+def test_default_operating_points():
+    assert [str(p) for p in default_operating_points(None, 1, TOP_K)] == ["original:1", "original:2"]
+    linear = default_operating_points("linear", N_SUB, TOP_K)
+    assert [str(p) for p in linear] == [f"linear:{k}" for k in range(1, FULL + 1)]
+    neurons = [str(p) for p in default_operating_points("neurons", N_SUB, TOP_K)]
+    assert neurons[:FULL] == [str(p) for p in linear] and f"topk:{FULL}" in neurons and "threshold:0.9" in neurons
+    for p in neurons:
+        parse_operating_point(p, "neurons", N_SUB, TOP_K)
+
+
+# ---------------------------------------------------------------------------------------------
+# prism's experts implementation against transformers' eager one.
+
+
+@pytest.fixture(scope="module")
+def eager_experts(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("olmoe")), dtype=torch.float32, experts_implementation="eager")
+    return model.model.layers[1].mlp.experts
+
+
+def test_prism_experts_equal_eager(eager_experts):
+    from prism_cli.runtime.experts import prism_experts_forward
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(20, eager_experts.hidden_dim, generator=gen)
+    idx = torch.stack([torch.randperm(EXPERTS, generator=gen)[:3] for _ in range(20)])
+    w = torch.rand(20, 3, generator=gen)
+    with torch.no_grad():
+        want = eager_experts(x, idx, w)
+        got = prism_experts_forward(eager_experts, x, idx, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_prism_experts_skip_sentinel_slots(eager_experts):
+    from prism_cli.runtime.experts import prism_experts_forward
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(12, eager_experts.hidden_dim, generator=gen)
+    idx = torch.stack([torch.randperm(EXPERTS, generator=gen)[:3] for _ in range(12)])
+    w = torch.rand(12, 3, generator=gen)
+    live = torch.rand(12, 3, generator=gen) < 0.6
+    live[:, 0] = True
+    live[3] = False  # a token with no expert at all gets zeros
+    padded_idx = torch.where(live, idx, torch.full_like(idx, EXPERTS))
+    padded_w = torch.where(live, w, torch.zeros_like(w))
+    with torch.no_grad():
+        got = prism_experts_forward(eager_experts, x, padded_idx, padded_w)
+        want = eager_experts(x, idx, torch.where(live, w, torch.zeros_like(w)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got[3].abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The elastic model: Python API, switching in place, active sub-experts.
+
+
+@pytest.fixture(scope="module")
+def neurons_export(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runtime")
+    part = write_random_partition(tiny_model_dir("olmoe"), root / "p.h5", seed=11)
+    export_model(str(tiny_model_dir("olmoe")), part, root / "export", ExportSettings(gate="neurons"))
+    return root / "export"
+
+
+@pytest.fixture(scope="module")
+def elastic(neurons_export):
+    import prism_cli
+
+    return prism_cli.load_elastic(str(neurons_export), operating_point=f"topk:{FULL}")
+
+
+def test_python_api_and_in_place_switching(elastic):
+    import prism_cli
+
+    ids = token_batch(seed=4)
+    weights = {name: (p.data_ptr(), p.detach().clone()) for name, p in elastic.named_parameters()}
+    assert str(elastic.prism_state.point) == f"topk:{FULL}"
+    full = logits_of(elastic, ids)
+    assert str(prism_cli.set_operating_point(elastic, "topk:1")) == "topk:1"
+    one = logits_of(elastic, ids)
+    assert (one - full).abs().max() > 1e-3, "topk:1 must compute less than topk:8"
+    prism_cli.set_operating_point(elastic, "threshold:0.7")
+    assert not torch.equal(logits_of(elastic, ids), full)
+    prism_cli.set_operating_point(elastic, f"topk:{FULL}")
+    assert torch.equal(logits_of(elastic, ids), full)
+    for name, p in elastic.named_parameters():  # no weight moved or changed
+        assert p.data_ptr() == weights[name][0] and torch.equal(p, weights[name][1]), name
+    with pytest.raises(PrismError):
+        prism_cli.set_operating_point(elastic, "topk:99")
+    assert str(elastic.prism_state.point) == f"topk:{FULL}", "a refused point leaves the model where it was"
+
+
+def test_gate_neuron_rows_come_from_the_partition(elastic, neurons_export, tiny_model_dir):
+    """The training-free gate reads the rows of each sub-expert's gate neurons: row
+    ``permutation[n * I/N + position]`` of the source expert's W_gate and W_up."""
+    from prism_cli.refactor.checkpoint import CheckpointReader
+    from prism_cli.solvers.format import read_partition
+
+    partition = read_partition(neurons_export.parent / "p.h5")
+    source = CheckpointReader(tiny_model_dir("olmoe"))
+    size = 32 // N_SUB
+    state = elastic.prism_state
+    for layer, router in zip(state.layers, state.gate_routers, strict=True):
+        s = partition.meta["gate_neurons"]
+        assert router.gate_w.shape == router.up_w.shape == (EXPERTS, N_SUB * s, 64)
+        for e in range(EXPERTS):
+            expert = partition.experts[layer.index][e]
+            rows = [int(expert.permutation[n * size + int(pos)]) for n in range(N_SUB) for pos in expert.gate_positions[n]]
+            gate = source.get(f"model.layers.{layer.index}.mlp.experts.{e}.gate_proj.weight")
+            up = source.get(f"model.layers.{layer.index}.mlp.experts.{e}.up_proj.weight")
+            assert torch.equal(router.gate_w[e], gate[rows]) and torch.equal(router.up_w[e], up[rows])
+
+
+def test_gate_scores_are_mean_gate_neuron_activations(elastic):
+    """Scores of the chosen experts' sub-experts: mean |silu(g.x) (u.x)| over their gate neurons."""
+    router = elastic.prism_state.gate_routers[0]
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    _, _, expert_idx = router.router(x)
+    from prism_cli.cuda import reference
+
+    scores = reference.gate_scores(x, router.gate_w, router.up_w, expert_idx, N_SUB)
+    s = router.gate_w.shape[1] // N_SUB
+    for t in range(6):
+        for r, e in enumerate(expert_idx[t].tolist()):
+            act = (torch.nn.functional.silu(router.gate_w[e] @ x[t]) * (router.up_w[e] @ x[t])).abs()
+            torch.testing.assert_close(scores[t, r], act.view(N_SUB, s).mean(dim=1))
+
+
+def test_pattern_of_one_whole_expert_is_the_original_top1(elastic, tiny_model_dir):
+    """OLMoE does not renormalise its top-k weights: all N sub-experts of the best expert, weighted by
+    its routing weight, must equal the source model routed to its top-1 expert."""
+    from transformers import AutoModelForCausalLM
+
+    from prism_cli import set_operating_point
+
+    source = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("olmoe")), dtype=torch.float32).eval()
+    set_operating_point(source, "original:1")
+    ids = token_batch(seed=12)
+    set_operating_point(elastic, f"pattern:{N_SUB},0")
+    want = logits_of(source, ids)
+    assert float((logits_of(elastic, ids) - want).abs().max() / want.abs().max()) <= 1e-4
+    set_operating_point(elastic, f"linear:{N_SUB}")  # the flat router's top-N: the N copies of the best expert
+    assert float((logits_of(elastic, ids) - want).abs().max() / want.abs().max()) <= 1e-4
+    set_operating_point(elastic, f"topk:{FULL}")
+
+
+def test_load_elastic_refuses_a_plain_model(tiny_model_dir):
+    import prism_cli
+
+    with pytest.raises(PrismError, match="not a prism export"):
+        prism_cli.load_elastic(str(tiny_model_dir("olmoe")))
+
+
+def _active(model, counter_hooks, ids) -> float:
+    counter = ActiveCounter()
+    handles = [m.register_forward_hook(counter.hook(**kw)) for m, kw in counter_hooks]
+    try:
+        logits_of(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return counter.mean()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, FULL])
+def test_active_sub_experts_at_topk_and_linear(elastic, k):
+    from prism_cli import set_operating_point
+
+    state = elastic.prism_state
+    ids = token_batch(seed=7)
+    set_operating_point(elastic, f"topk:{k}")
+    assert _active(elastic, [(r, {"sentinel": SENTINEL}) for r in state.gate_routers], ids) == k
+    # counted directly from the router outputs too
+    seen: list[torch.Tensor] = []
+    handles = [r.register_forward_hook(lambda _m, _i, out: seen.append(out[2])) for r in state.gate_routers]
+    logits_of(elastic, ids)
+    for h in handles:
+        h.remove()
+    assert len(seen) == len(state.layers)
+    for indices in seen:
+        assert indices.shape == (ids.numel(), k) and (indices < SENTINEL).all()
+        assert all(len(set(row)) == k for row in indices.tolist())
+    set_operating_point(elastic, f"linear:{k}")
+    assert _active(elastic, [(r, {}) for r in state.flat_routers], ids) == k
+    set_operating_point(elastic, f"topk:{FULL}")
+
+
+def test_active_sub_experts_vary_under_threshold(elastic):
+    from prism_cli import set_operating_point
+
+    state = elastic.prism_state
+    ids = token_batch(seed=8)
+    means = []
+    for tau in (0.3, 0.6, 0.9, 1.0):
+        set_operating_point(elastic, f"threshold:{tau}")
+        means.append(_active(elastic, [(r, {"sentinel": SENTINEL}) for r in state.gate_routers], ids))
+    assert all(1 <= m <= FULL for m in means)
+    assert means == sorted(means) and means[-1] == FULL and means[0] < FULL
+    set_operating_point(elastic, f"topk:{FULL}")
+
+
+def test_every_advertised_point_runs(elastic):
+    from prism_cli import set_operating_point
+
+    ids = token_batch(seed=9, batch=1, length=8)
+    for point in itertools.islice(elastic.prism_state.points(), 0, None, 3):
+        set_operating_point(elastic, point)
+        assert torch.isfinite(logits_of(elastic, ids)).all(), point
+    set_operating_point(elastic, f"topk:{FULL}")
