@@ -44,7 +44,7 @@ bench-profile: $(STAMP)
 	$(BIN)/python -m prism_cli.profiling.benchmark --out results/bench_profile.json
 
 bench-partition: $(STAMP)
-	$(BIN)/python -m prism_cli.solvers.benchmark --out results/bench_partition.json
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m prism_cli.solvers.benchmark --out results/bench_partition.json
 
 compare-solvers: $(STAMP)
 	mkdir -p $(RUN)

@@ -7,11 +7,21 @@ import sys
 
 import click
 import typer
+from rich.markup import escape
 
 from prism_cli import __version__
 from prism_cli.commands import bench, eval as eval_cmd, export, kernels, partition, profile, tables
 from prism_cli.console import err_console
 from prism_cli.errors import PrismError
+
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT_CODE = 130
+
+# Recent typer versions run on their own copy of click and raise its exceptions, not click's: catch
+# both kinds, or a mistyped option would be reported as an internal error.
+_EXIT = tuple({click.exceptions.Exit, typer.Exit})
+_ABORT = tuple({click.exceptions.Abort, typer.Abort})
+_USAGE = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
 
 app = typer.Typer(
     name="prism",
@@ -56,22 +66,36 @@ def main() -> None:
     try:
         result = command.main(prog_name="prism", standalone_mode=False)
     except PrismError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        err_console.print("[bold red]interrupted:[/] stopped by the user; no partial output was kept")
-        sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except (KeyboardInterrupt, *_ABORT):
+        _interrupted()
+    except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except _USAGE as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except MemoryError:
-        err_console.print("[bold red]error:[/] out of memory; use a smaller --batch-size / --tokens / --max-rows")
+        err_console.print("[bold red]error:[/] out of memory; use a smaller --batch-size / --tokens / --max-rows", soft_wrap=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback only on request
         if os.environ.get("PRISM_DEBUG"):
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set PRISM_DEBUG=1 for the traceback)")
+        # One line whatever the message: its first line, unwrapped, with any [brackets] printed as text.
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} (set PRISM_DEBUG=1 for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
+    if result == INTERRUPTED_EXIT_CODE:
+        # Recent typer versions catch Ctrl-C themselves and, outside standalone mode, return 130
+        # instead of raising: without this the run would stop without a word.
+        _interrupted()
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _interrupted() -> None:
+    err_console.print("[bold red]interrupted:[/] stopped by the user; no partial output was kept", soft_wrap=True)
+    sys.exit(INTERRUPTED_EXIT_CODE)

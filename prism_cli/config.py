@@ -38,14 +38,21 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
     section = config.get(command) or {}
     if not isinstance(section, dict):
         raise PrismError(f"config section {command!r} must be a mapping")
-    names = {p.name for p in params if p.name}
+    by_name = {p.name: p for p in params if p.name}
     merged: dict[str, Any] = {}
     for key, value in {**shared, **section}.items():
         name = key.replace("-", "_")
-        if name in names:
-            merged[name] = ",".join(map(str, value)) if isinstance(value, list) else value
+        if name in by_name:
+            # A repeatable option (``-O``) takes a list; any other option takes a list as it is typed on
+            # the command line (``layers: [0, 1]`` -> "0,1").
+            multiple = getattr(by_name[name], "multiple", False)
+            if multiple and not isinstance(value, list):
+                value = [value]
+            elif isinstance(value, list) and not multiple:
+                value = ",".join(map(str, value))
+            merged[name] = value
         elif key in section:
-            raise PrismError(f"config section {command!r} has unknown option {key!r}; known: {', '.join(sorted(names))}")
+            raise PrismError(f"config section {command!r} has unknown option {key!r}; known: {', '.join(sorted(by_name))}")
     return merged
 
 

@@ -27,6 +27,13 @@ def check_writable(path: Path) -> None:
         raise PrismError(f"cannot write {path}: it is a folder")
 
 
+def _default_mode(mode: int) -> int:
+    """``mode`` less the process umask: what ``open`` or ``mkdir`` would have given the output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
@@ -40,6 +47,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes the file private (0600); the output should get the usual permissions.
+        os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -61,6 +70,7 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes the folder private (0700)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
             os.replace(path, old / "x")

@@ -6,9 +6,11 @@ import. Everything is seeded: the same command on the same torch build gives the
 
     python scripts/train_builtin_model.py --minutes 90 --out prism_cli/data/builtin-model
 
-Training stops at ``--steps`` optimizer steps or after ``--minutes`` of wall time, whichever comes
-first; the learning-rate schedule (linear warm-up, cosine decay to 10 %) is laid out over
-``--steps``, so a run cut short by time ends at a higher learning rate than planned.
+Training stops at ``--steps`` optimizer steps, at ``--stop-step``, or after ``--minutes`` of wall
+time, whichever comes first; the learning-rate schedule (linear warm-up, cosine decay to 10 %) is laid
+out over ``--steps``, so a run cut short ends at a higher learning rate than planned. A run stopped
+by the clock is reproduced exactly with ``--stop-step`` set to the step count it reached (recorded in
+``training_log.json``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--stop-step", type=int, default=None, help="stop here; the schedule still spans --steps")
     ap.add_argument("--minutes", type=float, default=120.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -124,7 +127,8 @@ def main() -> None:
     deadline = time.perf_counter() + args.minutes * 60
     log: list[dict] = []
     step = 0
-    while step < args.steps and time.perf_counter() < deadline:
+    last = min(args.steps, args.stop_step or args.steps)
+    while step < last and time.perf_counter() < deadline:
         starts = gen.integers(0, len(train_ids) - span, size=args.batch)
         batch = torch.from_numpy(np.stack([train_ids[s : s + span] for s in starts]))
         for group in opt.param_groups:

@@ -135,6 +135,10 @@ def points_table(report: BenchReport) -> ResultTable:
 
 def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: float | None) -> None:
     table = points_table(report)
+    if report.note:
+        # The report's caveat (a plain model's original-only range, skipped points) must be seen on
+        # screen, not only in the files: otherwise missing points look like a broken export.
+        console.print(f"[yellow]note:[/] {report.note}")
     console.print(screen_table(report).rich())
     b0 = report.settings.batches[0]
     summaries = summary_tables(report)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import click
 import typer
 from typer.core import TyperGroup
 
 from prism_cli.config import config_callback
+from prism_cli.console import progress_bar
 from prism_cli.errors import PrismError
 
 ConfigOption = typer.Option(
@@ -16,6 +20,27 @@ ConfigOption = typer.Option(
     callback=config_callback,
     help="YAML run configuration (see configs/); command-line options override it.",
 )
+
+
+@contextlib.contextmanager
+def deferred_progress(description: str, unit: str) -> Iterator[tuple[Callable[[int], None], Callable[..., None]]]:
+    """``(start, advance)`` for a progress bar that opens only at ``start(total)``.
+
+    Library calls check their input before they call ``start``: an input they refuse is then reported
+    as one line, with no half-drawn bar above it (``export`` does the same with its own callback).
+    """
+    with contextlib.ExitStack() as stack:
+        bar: list[Callable[..., None]] = []
+
+        def start(total: int) -> None:
+            bar.append(stack.enter_context(progress_bar(description, total=total, unit=unit)))
+
+        def advance(n: int = 1) -> None:
+            if bar:
+                bar[-1](n)
+
+        yield start, advance
+
 
 def parse_int_list(value: str | None, option: str) -> list[int] | None:
     """``"1,8,32"`` -> ``[1, 8, 32]``; None stays None."""

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import ConfigOption
-from prism_cli.console import console, progress_bar
+from prism_cli.commands.common import ConfigOption, deferred_progress
+from prism_cli.console import console
 from prism_cli.refactor.export import ExportSettings, export_model
 from prism_cli.runtime.operating_points import GATES
 
@@ -30,8 +30,11 @@ def export(
     settings = ExportSettings(
         gate=gate, operating_point=operating_point, allow_inexact=allow_inexact, max_shard_bytes=int(max_shard_gb * 2**30)
     )
-    with progress_bar("exporting", unit="layers") as advance:
-        result = export_model(model, partition, out, settings, force=force, on_progress=lambda done, total: advance(1, total=total))
+    # export_model reports (0, total) only once its checks have passed: a refused export prints its
+    # one-line error with no progress bar above it.
+    with deferred_progress("exporting", unit="layers") as (start, advance):
+        result = export_model(model, partition, out, settings, force=force,
+                              on_progress=lambda done, total: advance(1) if done else start(total))
     console.print(
         f"exported [bold]{result.out}[/]: {result.num_experts} experts x {result.n_sub} sub-experts of width "
         f"{result.width // result.n_sub} ({result.num_experts * result.n_sub} experts, top-{result.top_k * result.n_sub} = full), "

@@ -9,11 +9,10 @@ import numpy as np
 import typer
 import yaml
 
-from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, parse_int_list
-from prism_cli.console import console, progress_bar
+from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress, parse_int_list
+from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.io import check_writable
-from prism_cli.profiling.format import ProfileFile
 from prism_cli.report import ResultTable
 from prism_cli.solvers import SOLVERS
 from prism_cli.solvers.format import Partition, write_partition
@@ -32,11 +31,6 @@ def parse_solver_options(items: list[str] | None) -> tuple[tuple[str, Any], ...]
             raise PrismError(f"--solver-option must look like NAME=VALUE, got {item!r}")
         out.append((name.replace("-", "_"), yaml.safe_load(value)))
     return tuple(out)
-
-
-def _count_jobs(profile: Path, layers: list[int] | None) -> int:
-    with ProfileFile(profile) as pf:
-        return len(layers or pf.layers) * pf.num_experts
 
 
 @app.command("run")
@@ -61,9 +55,9 @@ def run(
     )
     check_writable(out)
     wanted = parse_int_list(layers, "--layers")
-    with progress_bar(f"partitioning ({solver})", total=_count_jobs(profile, wanted), unit="experts") as advance:
+    with deferred_progress(f"partitioning ({solver})", unit="experts") as (start, advance):
         result = partition_profile(
-            profile, settings, layers=wanted, workers=workers, executor=executor, on_done=lambda *_: advance()
+            profile, settings, layers=wanted, workers=workers, executor=executor, on_start=start, on_done=lambda *_: advance()
         )
     write_partition(out, result)
     console.print(summary_table(result).rich())
@@ -108,11 +102,12 @@ def compare(
         ["solver", "held-out cost", *[f"R_{m}" for m in range(1, sub_experts)], "mean R", "fit cost", "s / expert", "experts"],
     )
     per_solver: dict[str, Any] = {}
-    n_jobs = _count_jobs(profile, wanted)
     for name in names:
         settings = PartitionSettings(solver=name, sub_experts=sub_experts, keep=keep, seed=seed)
-        with progress_bar(name, total=n_jobs, unit="experts") as advance:
-            result = partition_profile(profile, settings, layers=wanted, workers=workers, on_done=lambda *_: advance())
+        with deferred_progress(name, unit="experts") as (start, advance):
+            result = partition_profile(
+                profile, settings, layers=wanted, workers=workers, on_start=start, on_done=lambda *_: advance()
+            )
         experts = [x for layer in result.layers for x in result.experts[layer]]
         held_r = np.mean([x.heldout_retained for x in experts], axis=0)
         row = [name, float(np.mean([x.heldout_cost for x in experts])), *map(float, held_r), float(held_r.mean()),

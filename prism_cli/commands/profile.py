@@ -7,9 +7,9 @@ from pathlib import Path
 import psutil
 import typer
 
-from prism_cli.commands.common import ConfigOption, parse_int_list
+from prism_cli.commands.common import ConfigOption, deferred_progress, parse_int_list
 from prism_cli.data import load_text
-from prism_cli.console import console, progress_bar
+from prism_cli.console import console
 from prism_cli.io import check_writable
 from prism_cli.models.loading import load_model
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
@@ -57,16 +57,8 @@ def profile(
         f"width {adapter.width}, top-{adapter.top_k}); row reservoirs up to "
         f"{n_layers * adapter.num_experts * max_rows * adapter.width * row_bytes / 2**30:.2f} GiB"
     )
-    with progress_bar("profiling", unit="tokens") as advance:
-        summary = profile_model(
-            loaded,
-            text,
-            data_name,
-            settings,
-            out,
-            on_batch=advance,
-            on_start=lambda total: advance(0, total=total),
-        )
+    with deferred_progress("profiling", unit="tokens") as (start, advance):
+        summary = profile_model(loaded, text, data_name, settings, out, on_batch=advance, on_start=start)
     table = ResultTable(
         f"profile: {summary.tokens:,} tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:,.0f} tokens/s)",
         ["layer", "tokens routed (min / max per expert)", "fit rows (min)", "held-out rows (min)", "experts with no rows"],

@@ -185,11 +185,22 @@ def run_bench(
     if elastic is not None:
         state: ElasticState = elastic.model.prism_state
         names = settings.points or [str(p) for p in state.points()]
+        skipped: list[str] = []
         for spec in names:
             op = parse_operating_point(spec, state.gate, state.n_sub, state.top_k)
+            if any(name == str(op) for name, *_ in runners):
+                continue  # "8" and "topk:8" are one point: measure it once
             if op.policy == "threshold" and settings.experts_impl != EXPERTS_IMPLEMENTATION:
-                continue  # variable compute needs sentinel slots, which only prism's implementation takes
+                # Variable compute needs sentinel slots, which only prism's implementation takes. A point
+                # the user listed is refused rather than silently left out of the report.
+                if settings.points:
+                    raise PrismError(f"operating point {op} needs --experts-impl {EXPERTS_IMPLEMENTATION}: threshold "
+                                     "points leave unused (sentinel) slots, which only prism's implementation takes")
+                skipped.append(str(op))
+                continue
             runners.append((str(op), "elastic", elastic.model, state, lambda op=op: _at(elastic.model, op)))
+        if skipped:
+            note = f"threshold points ({', '.join(skipped)}) need --experts-impl {EXPERTS_IMPLEMENTATION} and were skipped"
     for k in range(1, top_k + 1):
         op = parse_operating_point(f"original:{k}", None, 1, top_k)
         runners.append((str(op), "original", source.model, source_state, lambda op=op: _at(source.model, op)))
@@ -333,6 +344,17 @@ def report_json(report: BenchReport) -> dict[str, Any]:
     }
 
 
+def _equal_compute_name(policy: str, total: int, n_sub: int, top_k: int) -> str:
+    """The name a point of ``policy`` with ``total`` sub-experts has in a report.
+
+    Pattern points are named by their per-rank counts (``pattern:4,0``), never by the total, so the
+    total is expanded the way ``parse_operating_point`` expands it (front-loaded).
+    """
+    if policy == "pattern":
+        return str(parse_operating_point(f"pattern:{total}", "neurons", n_sub, top_k))
+    return f"{policy}:{total}"
+
+
 def summary_tables(report: BenchReport) -> list[ResultTable]:
     """Distinct stable points per batch, equal-compute quality cells and MoE-layer elasticity."""
     tables = []
@@ -351,10 +373,10 @@ def summary_tables(report: BenchReport) -> list[ResultTable]:
                             ["k'", "K", "original", *policies, "best elastic wins"])
         for p in orig[:-1]:
             k = int(p.point.split(":")[1])
-            vals = [by_name.get(f"{pol}:{n_sub * k}") for pol in policies]
+            vals = [by_name.get(_equal_compute_name(pol, n_sub * k, n_sub, len(orig))) for pol in policies]
             elastic = [v.quality.perplexity for v in vals if v is not None]
             cells.add(k, n_sub * k, p.quality.perplexity, *[v.quality.perplexity if v else None for v in vals],
-                      bool(elastic) and min(elastic) < p.quality.perplexity)
+                      min(elastic) < p.quality.perplexity if elastic else None)
         tables.append(cells)
 
     if report.settings.batches:

@@ -42,6 +42,7 @@ class TableConfig:
     name: str
     model: str = "builtin"
     seed: int = 0
+    device: str = "cpu"
     profile: dict[str, Any] = field(default_factory=dict)
     partition: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +51,7 @@ class TableConfig:
     @classmethod
     def load(cls, path: str | Path) -> "TableConfig":
         data = load_run_config(path)
-        known = {"name", "model", "seed", "profile", "partition", "export", "bench", "data"}
+        known = {"name", "model", "seed", "device", "profile", "partition", "export", "bench", "data"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PrismError(f"table config {path} has unknown keys {unknown}; known: {sorted(known)}")
@@ -120,7 +121,7 @@ def regenerate(
         text, data_name = load_text(prof.pop("data", None), "calibration")
         if "holdout" in prof:
             prof["holdout_fraction"] = prof.pop("holdout")
-        loaded = load_model(config.model)
+        loaded = load_model(config.model, device=config.device)
         advance = on_stage("profile", 0) if on_stage else None
         profile_model(loaded, text, data_name, ProfileSettings(seed=seed, **prof), work / "profile.h5",
                       on_batch=advance, on_start=(lambda total: advance(0, total=total)) if advance else None)
@@ -139,7 +140,7 @@ def regenerate(
     text, _ = load_text(bench_cfg.pop("data", None), "eval")
     batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
     points = bench_cfg.pop("points", None)
-    settings = BenchSettings(batches=batches, seed=seed, quality_only=quality_only,
+    settings = BenchSettings(batches=batches, seed=seed, quality_only=quality_only, device=config.device,
                              points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
     if quality_only:

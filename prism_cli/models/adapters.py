@@ -242,6 +242,16 @@ class DeepseekV3Adapter(_DeepseekAdapter):
         return None
 
 
+def _declares_experts(config: Any) -> bool:
+    """True when ``config`` or one of its sub-configs counts experts.
+
+    Some MoE families keep the expert count in a nested config (DBRX's ``ffn_config``, the
+    ``text_config`` of a vision-language MoE); looking only at the top level would call them dense.
+    """
+    nested = [getattr(config, name, None) for name in (getattr(config, "sub_configs", None) or {})]
+    return any(getattr(c, field, None) for c in (config, *nested) if c is not None for field in _EXPERT_COUNT_FIELDS)
+
+
 def adapter_for_config(config: Any) -> MoEAdapter:
     """The adapter for ``config``, or a one-line error naming what was found."""
     model_type = getattr(config, "model_type", None) or "unknown"
@@ -249,7 +259,7 @@ def adapter_for_config(config: Any) -> MoEAdapter:
         return ADAPTERS.get(model_type)(config)
     arch = ", ".join(getattr(config, "architectures", None) or []) or "no architecture listed"
     supported = ", ".join(ADAPTERS.names())
-    if any(getattr(config, field, None) for field in _EXPERT_COUNT_FIELDS):
+    if _declares_experts(config):
         raise PrismError(f"unsupported MoE family {model_type!r} ({arch}); supported: {supported}")
     raise PrismError(
         f"model type {model_type!r} ({arch}) is not a Mixture-of-Experts model: its config lists no experts; "

@@ -35,6 +35,12 @@ from prism_cli.io import h5_attr
 
 FORMAT = "prism-profile"
 FORMAT_VERSION = 1
+#: Root attributes that readers rely on (the partition copies the model ones): a file without them is
+#: refused on open, in one line, instead of failing later with a bare KeyError.
+_REQUIRED_ATTRS = (
+    "layers", "num_experts", "expert_width", "hidden_size", "top_k",
+    "model", "model_type", "config_hash", "weights_hash", "data_hash", "tokens",
+)
 
 
 @dataclass
@@ -69,6 +75,9 @@ class ProfileFile:
                 raise PrismError(
                     f"{path} has profile format version {self.meta.get('format_version')}; this prism reads {FORMAT_VERSION}"
                 )
+            absent = [key for key in _REQUIRED_ATTRS if key not in self.meta]
+            if absent:
+                raise PrismError(f"{path} is incomplete: attributes {', '.join(absent)} are missing")
             self.layers: list[int] = [int(x) for x in self.meta["layers"]]
             missing = [layer for layer in self.layers if f"layers/{layer}" not in self._h5]
             if missing:

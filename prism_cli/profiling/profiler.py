@@ -121,7 +121,8 @@ def profile_model(
 ) -> ProfileSummary:
     """Profile ``loaded`` on ``text`` and write the profile to ``out_path`` (atomically).
 
-    ``on_start(total_tokens)`` is called once the data is tokenized, ``on_batch(tokens)`` after each batch.
+    ``on_start(total_tokens)`` is called once every check has passed (data tokenized, checkpoint
+    fingerprinted), just before the first batch; ``on_batch(tokens)`` after each batch.
     """
     settings.validate()
     adapter = loaded.adapter
@@ -144,6 +145,31 @@ def profile_model(
         device=device,
     )
     total = windows.numel()
+    # Everything that can refuse this run (fingerprints read from the checkpoint files included) is
+    # done before the first batch, so a refusal never comes after a long profiling run.
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "prism_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": loaded.name,
+        "model_type": adapter.model_type,
+        "config_hash": config_fingerprint(load_config(loaded.name)),
+        "weights_hash": weights_fingerprint(checkpoint_dir(loaded.name), adapter),
+        "data": data_name,
+        "data_hash": text_hash(text),
+        "tokens": total,
+        "seq_len": settings.seq_len,
+        "seed": settings.seed,
+        "max_rows": settings.max_rows,
+        "holdout_fraction": settings.holdout_fraction,
+        "row_dtype": settings.row_dtype,
+        "num_experts": adapter.num_experts,
+        "expert_width": adapter.width,
+        "hidden_size": adapter.hidden_size,
+        "top_k": adapter.top_k,
+        "layers": [layer.index for layer in layers],
+    }
     if on_start is not None:
         on_start(total)
     start = time.perf_counter()
@@ -156,29 +182,6 @@ def profile_model(
             if on_batch is not None:
                 on_batch(batch.numel())
         seconds = time.perf_counter() - start
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "prism_version": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": loaded.name,
-            "model_type": adapter.model_type,
-            "config_hash": config_fingerprint(load_config(loaded.name)),
-            "weights_hash": weights_fingerprint(checkpoint_dir(loaded.name), adapter),
-            "data": data_name,
-            "data_hash": text_hash(text),
-            "tokens": total,
-            "seq_len": settings.seq_len,
-            "seed": settings.seed,
-            "max_rows": settings.max_rows,
-            "holdout_fraction": settings.holdout_fraction,
-            "row_dtype": settings.row_dtype,
-            "num_experts": adapter.num_experts,
-            "expert_width": adapter.width,
-            "hidden_size": adapter.hidden_size,
-            "top_k": adapter.top_k,
-            "layers": [layer.index for layer in layers],
-        }
         write_profile(tmp, recorder, meta)
     summary = ProfileSummary(tokens=total, seconds=seconds, layers=[layer.index for layer in layers])
     for layer in summary.layers:

@@ -9,6 +9,8 @@ activations are never computed twice.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from transformers.integrations.moe import ExpertsInterface
@@ -92,7 +94,9 @@ class ActivationRecorder:
             self.heldout[layer, e] = Reservoir(heldout_cap, width, row_dtype, np.random.default_rng(seeds[2 * i + 1]))
         self._token_offset = 0
         self._holdout: torch.Tensor | None = None
-        self._hot_k = max(1, width - width // 4)  # k-th smallest that starts the top quarter
+        # The top quarter is the ceil(I/4) largest values (as ``hot_rate`` counts them from rows), so it
+        # starts at the (I - ceil(I/4) + 1)-th smallest; ``I - I // 4`` would count one neuron too many.
+        self._hot_k = width - max(1, math.ceil(width / 4)) + 1
 
     def begin_batch(self, token_offset: int, holdout: torch.Tensor) -> None:
         """Next batch: its first token's global position and a per-token held-out flag ``[tokens]``."""

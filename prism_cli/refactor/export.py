@@ -95,7 +95,9 @@ def export_model(
 ) -> ExportResult:
     """Export ``model`` split by the partition at ``partition_path`` into the folder ``out``.
 
-    ``on_progress(done, total)`` is called as MoE layers are written.
+    ``on_progress(done, total)`` is called with ``done = 0`` once every check has passed and writing
+    starts (so a caller can show progress only for an export that will run), then as MoE layers are
+    written.
     """
     if settings.gate not in GATES:
         raise PrismError(f"unknown gate {settings.gate!r}; choose one of {', '.join(GATES)}")
@@ -124,9 +126,11 @@ def export_model(
         )
     with atomic_dir(Path(out), force=force) as tmp:
         writer = ShardWriter(tmp, settings.max_shard_bytes)
+        total = len(plan.moe_layers)
+        if on_progress is not None:
+            on_progress(0, total)
         for key in plan.plain:
             writer.add(key, reader.get(key))
-        total = len(plan.moe_layers)
         for done, layer in enumerate(sorted(plan.moe_layers), start=1):
             _write_layer(reader, writer, plan, layer, partition, adapter)
             if on_progress is not None:

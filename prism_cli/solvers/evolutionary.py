@@ -46,10 +46,9 @@ from prism_cli.solvers.objectives import group_loads, paper_cost, rank_weights, 
 
 def canonical(labels: np.ndarray) -> np.ndarray:
     """Rename groups in order of first appearance, so equal partitions have equal label vectors."""
-    _, first = np.unique(labels, return_index=True)
-    rename = np.empty(first.size, dtype=np.int64)
-    rename[np.argsort(np.argsort(first))] = np.arange(first.size)
-    return rename[np.unique(labels, return_inverse=True)[1]]
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rename = np.argsort(np.argsort(first))  # rank of each label's first appearance
+    return rename[inverse]
 
 
 def swap_neurons(labels: np.ndarray, n_swaps: int, rng: np.random.Generator) -> np.ndarray:
@@ -191,6 +190,8 @@ class _EvolutionarySolver(Solver):
     kind: str
 
     def __init__(self, *, pop_size: int = 24, generations: int = 30, mutation_steps: int = 12, seed_steps: int = 30) -> None:
+        if pop_size < 2 or generations < 1 or mutation_steps < 0 or seed_steps < 1:
+            raise ValueError("pop_size must be at least 2, generations and seed_steps at least 1, mutation_steps at least 0")
         self.pop_size = pop_size
         self.generations = generations
         self.mutation_steps = mutation_steps

@@ -8,6 +8,7 @@ the held-out rows with the shared objectives. Every expert gets its own generato
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import time
@@ -58,10 +59,42 @@ class PartitionSettings:
         self.make_solver()
 
     def make_solver(self):
+        """The configured solver; an unknown option or a value it refuses is a one-line error."""
+        cls = SOLVERS.get(self.solver)
+        params = [] if cls.__init__ is object.__init__ else list(inspect.signature(cls.__init__).parameters.values())
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            known = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+            unknown = [name for name, _ in self.solver_options if name not in known]
+            if unknown:
+                raise PrismError(
+                    f"solver {self.solver!r} has no option {', '.join(map(repr, unknown))}; "
+                    f"its options: {', '.join(known) or 'none'}"
+                )
+            # Solvers only use their settings once they run, inside a worker: check the types here
+            # against the defaults, so `-O generations=ten` is refused at once.
+            for name, value in self.solver_options:
+                want = _option_type(known[name])
+                if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
+                    raise PrismError(
+                        f"solver {self.solver!r} option {name} must be {want[0].__name__}, got {value!r}"
+                    )
         try:
-            return SOLVERS.get(self.solver)(**dict(self.solver_options))
-        except TypeError as exc:
+            return cls(**dict(self.solver_options))
+        except (TypeError, ValueError) as exc:  # solvers check their settings in __init__
             raise PrismError(f"bad option for solver {self.solver!r}: {exc}") from None
+
+
+def _option_type(default: Any) -> tuple[type, ...] | None:
+    """Types a solver option accepts, judged by its default (None or no default: anything)."""
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (float, int)
+    return (type(default),)
 
 
 def gate_positions(problem: PartitionProblem, members: np.ndarray, count: int) -> np.ndarray:
@@ -156,8 +189,13 @@ def partition_profile(
     workers: int | None = None,
     executor: str = "local",
     on_done: Callable[[int, int, ExpertPartition], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Partition:
-    """Partition every expert of the profiled ``layers`` (default: all) with ``settings``."""
+    """Partition every expert of the profiled ``layers`` (default: all) with ``settings``.
+
+    ``on_start(n_experts)`` is called once the profile and the settings have passed every check, just
+    before the first expert is solved; ``on_done(layer, expert, result)`` after each expert.
+    """
     if workers is not None and workers < 1:
         raise PrismError(f"--workers must be at least 1, got {workers}")
     if executor not in EXECUTORS:
@@ -172,6 +210,8 @@ def partition_profile(
         meta = {k: profile.meta[k] for k in MODEL_KEYS}
         n_experts = profile.num_experts
     jobs = [(layer, e) for layer in chosen for e in range(n_experts)]
+    if on_start is not None:
+        on_start(len(jobs))
     results: dict[tuple[int, int], ExpertPartition] = {}
 
     def done(layer: int, expert: int, result: ExpertPartition) -> None:
