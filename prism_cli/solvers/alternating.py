@@ -43,24 +43,23 @@ def group_weights(rows: np.ndarray, labels: np.ndarray, weights: np.ndarray, sca
 
 
 def alternating_step(rows: np.ndarray, labels: np.ndarray, weights: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """One step: rank groups per token, then exactly re-assign every neuron."""
+    """One step: rank groups per token, then exactly re-assign every neuron (warm-started at ``labels``)."""
     profit = rows.T @ group_weights(rows, labels, weights, scale)
-    return balanced_assignment(-profit, labels.size // weights.size)
+    return balanced_assignment(-profit, labels.size // weights.size, init=labels)
 
 
-def pair_step(columns: np.ndarray, labels: np.ndarray, per_group: np.ndarray, a: int, b: int) -> np.ndarray:
-    """The same step restricted to the neurons of groups ``a`` and ``b``, for given ``group_weights``.
+def pair_step(labels: np.ndarray, profit: np.ndarray, a: int, b: int) -> np.ndarray:
+    """The same step restricted to the neurons of groups ``a`` and ``b``, for a fixed ``profit [I, N]``.
 
-    With two groups the balanced assignment is a sort: the half of the pooled neurons that gains
-    most from being in ``a`` rather than ``b`` goes to ``a``. Cheap, and different pairs move a
-    partition in different directions, which keeps an evolving population diverse. Several pair
-    steps may share one ``per_group`` computed before the first: the rank-weighted linear value
-    they raise is a lower bound of ``f`` that is tight at the partition the ranks came from, so
-    ``f`` still never falls. ``columns`` is ``rows.T`` stored contiguously (``PartitionProblem.columns``),
-    so gathering the pooled neurons reads whole rows.
+    ``profit = rows.T @ group_weights(...)`` is each neuron's rank-weighted mass in each group. With
+    two groups the balanced assignment is a sort: the half of the pooled neurons that gains most
+    from being in ``a`` rather than ``b`` goes to ``a``. Cheap, and different pairs move a partition
+    in different directions, which keeps an evolving population diverse. Several pair steps may
+    share one ``profit`` computed before the first: the rank-weighted linear value they raise is a
+    lower bound of ``f`` that is tight at the partition the ranks came from, so ``f`` never falls.
     """
     members = np.nonzero((labels == a) | (labels == b))[0]
-    gain = columns[members] @ (per_group[:, a] - per_group[:, b])
+    gain = profit[members, a] - profit[members, b]
     out = labels.copy()
     out[members] = b
     out[members[np.argsort(-gain, kind="stable")[: members.size // 2]]] = a

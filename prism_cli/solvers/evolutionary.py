@@ -61,20 +61,23 @@ def swap_neurons(labels: np.ndarray, n_swaps: int, rng: np.random.Generator) -> 
 
 
 class PartitionObjectives(Problem):
-    """Objectives to minimise: ``1 - R_m`` for m = 1..N-1 (``kind="retained"``) or the paper cost."""
+    """Objectives to minimise: the paper cost, then ``1 - R_m`` for m = 1..N-1 (``kind="retained"``);
+    or the paper cost alone (``kind="cost"``).
+
+    With ``kind="retained"`` the paper cost is an objective too, so the partition that is best at
+    the paper's keep-``keep`` operating point is never dropped from the front.
+    """
 
     def __init__(self, partition: PartitionProblem, kind: str) -> None:
         self.partition = partition
         self.kind = kind
-        n_obj = partition.n_groups - 1 if kind == "retained" else 1
+        n_obj = partition.n_groups if kind == "retained" else 1
         super().__init__(n_var=partition.width, n_obj=n_obj, xl=0, xu=partition.n_groups - 1, vtype=int)
 
     def _evaluate(self, x: np.ndarray, out: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         loads = group_loads(self.partition.rows, x.astype(np.int64), self.partition.n_groups)
-        if self.kind == "retained":
-            out["F"] = 1.0 - retained_mass(loads)
-        else:
-            out["F"] = np.asarray(paper_cost(loads, self.partition.keep)).reshape(-1, 1)
+        cost = np.asarray(paper_cost(loads, self.partition.keep)).reshape(-1, 1)
+        out["F"] = np.hstack([cost, 1.0 - retained_mass(loads)]) if self.kind == "retained" else cost
 
 
 class SeededSampling(Sampling):
@@ -140,24 +143,29 @@ class PairReassignMutation(Mutation):
         self.partition = partition
         self.kind = kind
         self.steps = steps
-        self._scale = token_scale(partition.rows, per_token=kind == "retained")
+        self._mass_scale = token_scale(partition.rows, per_token=False)
+        self._token_scale = token_scale(partition.rows, per_token=True)
         n = partition.n_groups
         # R_m counts the m largest groups: its rank weights are the first m ones.
-        self._basis = np.tril(np.ones((n - 1, n)), k=0)[:, :n] if kind == "retained" else None
+        self._basis = np.tril(np.ones((n - 1, n)), k=0)[:, :n]
 
-    def weights(self, rng: np.random.Generator) -> np.ndarray:
-        if self._basis is None:
-            return rank_weights(self.partition.n_groups, self.partition.keep)
-        return rng.dirichlet(np.ones(self._basis.shape[0])) @ self._basis
+    def scalarisation(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Rank weights and token scale of one objective direction: the paper cost (mass-weighted) or,
+        for ``kind="retained"`` and with probability ``(N-1)/N``, a random mix of the ``R_m`` (per token)."""
+        n = self.partition.n_groups
+        if self.kind == "cost" or rng.random() < 1.0 / n:
+            return rank_weights(n, self.partition.keep), self._mass_scale
+        return rng.dirichlet(np.ones(n - 1)) @ self._basis, self._token_scale
 
     def _do(self, problem: Problem, x: np.ndarray, *args: Any, random_state: np.random.Generator, **kwargs: Any) -> np.ndarray:
         x = x.astype(np.int64)
         n = self.partition.n_groups
         for k in range(x.shape[0]):
-            per_group = group_weights(self.partition.rows, x[k], self.weights(random_state), self._scale)
+            per_group = group_weights(self.partition.rows, x[k], *self.scalarisation(random_state))
+            profit = self.partition.columns @ per_group
             for _ in range(self.steps):
                 a, b = random_state.choice(n, size=2, replace=False)
-                x[k] = pair_step(self.partition.columns, x[k], per_group, int(a), int(b))
+                x[k] = pair_step(x[k], profit, int(a), int(b))
         return x
 
 
@@ -178,10 +186,9 @@ def seed_partitions(partition: PartitionProblem, kind: str, rng: np.random.Gener
     """Strong starts: the alternating optimum of every objective from the rate chunking, plus rate chunking and greedy."""
     chunked = RateChunkSolver().solve(partition, rng).labels
     n = partition.n_groups
+    targets = [(rank_weights(n, partition.keep), False)]
     if kind == "retained":
-        targets = [(rank_weights(n, m), True) for m in range(1, n)] + [(rank_weights(n, None), True)]
-    else:
-        targets = [(rank_weights(n, partition.keep), False)]
+        targets += [(rank_weights(n, m), True) for m in range(1, n)] + [(rank_weights(n, None), True)]
     seeds = [improve(partition.rows, chunked, w, token_scale(partition.rows, per_token), max_steps)[0] for w, per_token in targets]
     return seeds + [chunked, greedy_labels(partition.l1_mass, n)]
 
@@ -221,24 +228,43 @@ class _EvolutionarySolver(Solver):
 
 @register_solver
 class NSGA2Solver(_EvolutionarySolver):
-    """NSGA-II over ``1 - R_1 .. 1 - R_{N-1}``; keeps the front member with the highest mean ``R_m``.
+    """NSGA-II over the paper cost and ``1 - R_1 .. 1 - R_{N-1}``.
 
-    The mean of the ``R_m`` is the average retained mass over every operating point between one and
-    N-1 sub-experts per expert, which is what an elastic model is run at; the whole front's objective
-    values are returned as well.
+    Kept from the front: the member with the highest mean ``R_m`` among those whose paper cost is
+    within ``cost_tolerance`` (relative) of the front's best. The paper cost is the quality at the
+    paper's own operating point; the mean of the ``R_m`` is the average retained mass over every
+    point between one and N-1 sub-experts per expert, which is what an elastic model is run at. The
+    whole front (paper cost, ``R_1..R_{N-1}`` on the fit rows) is returned as well.
     """
 
     name = "nsga2"
     multi_objective = True
     kind = "retained"
 
+    def __init__(
+        self,
+        *,
+        pop_size: int = 24,
+        generations: int = 30,
+        mutation_steps: int = 12,
+        seed_steps: int = 30,
+        cost_tolerance: float = 0.002,
+    ) -> None:
+        super().__init__(pop_size=pop_size, generations=generations, mutation_steps=mutation_steps, seed_steps=seed_steps)
+        if not 0.0 <= cost_tolerance < 1.0:
+            raise ValueError("cost_tolerance must be in [0, 1)")
+        self.cost_tolerance = cost_tolerance
+
     def solve(self, problem: PartitionProblem, rng: np.random.Generator) -> Solution:
         res = self._run(problem, rng, NSGA2, binary_tournament)
         front_x = np.atleast_2d(res.X).astype(np.int64)
-        front_r = 1.0 - np.atleast_2d(res.F)
-        best = int(np.argmax(front_r.mean(axis=1)))
-        order = np.argsort(-front_r[:, 0])
-        return Solution(labels=front_x[best], front=front_r[order], info={"front_size": int(front_x.shape[0])})
+        front = np.atleast_2d(res.F).copy()
+        front[:, 1:] = 1.0 - front[:, 1:]  # -> paper cost, R_1..R_{N-1}
+        near_best = front[:, 0] <= front[:, 0].min() * (1.0 + self.cost_tolerance)
+        mean_r = np.where(near_best, front[:, 1:].mean(axis=1), -np.inf)
+        best = int(np.argmax(mean_r))
+        order = np.argsort(front[:, 0])
+        return Solution(labels=front_x[best], front=front[order], info={"front_size": int(front_x.shape[0])})
 
 
 @register_solver

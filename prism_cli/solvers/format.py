@@ -16,7 +16,8 @@ Layout (HDF5)::
         fit_cost, heldout_cost          [E] float64  normalised paper cost (SPEC 3.2, keep)
         fit_retained, heldout_retained  [E, N-1] float64  R_1..R_{N-1}
         seconds           [E] float64   solver wall time per expert
-        front/<e>         [F, N-1]      the Pareto front's R_m values (multi-objective solvers only)
+        front/<e>         [F, N]        the Pareto front on the fit rows (multi-objective solvers only):
+                                        paper cost, then R_1..R_{N-1}, by increasing cost
 """
 
 from __future__ import annotations
