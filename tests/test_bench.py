@@ -18,7 +18,7 @@ from prism_cli.evaluation.bench import BenchReport, BenchSettings, PointResult, 
 from prism_cli.evaluation.pareto import CostQuality, distinct_stable, pareto_front
 from prism_cli.evaluation.quality import PointQuality
 from prism_cli.evaluation.timing import Latency
-from prism_cli.refactor.export import ExportSettings, export_model
+from prism_cli.export.builder import ExportSettings, export_model
 
 POINTS = "topk:1;topk:8;linear:8;threshold:0.8"
 TINY = ("--batch", "2", "--seq-len", "16", "--tokens", "512", "--repeats", "2", "--warmup", "0")

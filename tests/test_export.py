@@ -24,8 +24,8 @@ from tiny_models import build_tiny, tiny_tokenizer
 from prism_cli.errors import PrismError
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, weights_fingerprint
-from prism_cli.refactor.checkpoint import INDEX, CheckpointReader
-from prism_cli.refactor.export import GATE_FILE, ExportSettings, export_model
+from prism_cli.export.checkpoint import INDEX, CheckpointReader
+from prism_cli.export.builder import GATE_FILE, ExportSettings, export_model
 from prism_cli.solvers.format import ExpertPartition, Partition, write_partition
 
 N_SUB = 4
@@ -461,7 +461,7 @@ def test_existing_output_needs_force(cli, tiny_model_dir, partition_of, tmp_path
 
 @pytest.mark.parametrize("error", [PrismError("disk trouble"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
 def test_failure_mid_export_keeps_nothing_and_spares_the_old_output(error, tiny_model_dir, partition_of, tmp_path, monkeypatch):
-    import prism_cli.refactor.export as export_module
+    import prism_cli.export.builder as export_module
 
     real = export_module._write_layer
     calls: list[int] = []

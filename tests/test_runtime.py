@@ -12,7 +12,7 @@ from test_export import FULL, N_SUB, TOP_K, logits_of, token_batch, write_random
 
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.quality import ActiveCounter
-from prism_cli.refactor.export import ExportSettings, export_model
+from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.policies import POLICIES, PatternPolicy, ThresholdPolicy, TopKPolicy
 
@@ -275,7 +275,7 @@ def test_python_api_and_in_place_switching(elastic):
 def test_gate_neuron_rows_come_from_the_partition(elastic, neurons_export, tiny_model_dir):
     """The training-free gate reads the rows of each sub-expert's gate neurons: row
     ``permutation[n * I/N + position]`` of the source expert's W_gate and W_up."""
-    from prism_cli.refactor.checkpoint import CheckpointReader
+    from prism_cli.export.checkpoint import CheckpointReader
     from prism_cli.solvers.format import read_partition
 
     partition = read_partition(neurons_export.parent / "p.h5")

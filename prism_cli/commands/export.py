@@ -8,7 +8,7 @@ import typer
 
 from prism_cli.commands.common import ConfigOption, deferred_progress
 from prism_cli.console import console
-from prism_cli.refactor.export import ExportSettings, export_model
+from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.runtime.operating_points import GATES
 
 

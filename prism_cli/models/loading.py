@@ -182,7 +182,7 @@ def checkpoint_dir(name: str) -> Path:
 def weights_fingerprint(directory: Path, adapter: MoEAdapter) -> str:
     """Hash of the first MoE layer's router weights as stored on disk: tells apart two checkpoints of one
     architecture (a fine-tune, another seed) whatever dtype they are loaded in."""
-    from prism_cli.refactor.checkpoint import CheckpointReader
+    from prism_cli.export.checkpoint import CheckpointReader
 
     reader = CheckpointReader(directory)
     routers = adapter.key_patterns().router

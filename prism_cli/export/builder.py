@@ -32,7 +32,7 @@ from prism_cli.errors import PrismError
 from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, resolve_model, weights_fingerprint
-from prism_cli.refactor.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
+from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
 from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
 
