@@ -196,9 +196,20 @@ def seed_partitions(partition: PartitionProblem, kind: str, rng: np.random.Gener
 class _EvolutionarySolver(Solver):
     kind: str
 
-    def __init__(self, *, pop_size: int = 24, generations: int = 30, mutation_steps: int = 12, seed_steps: int = 30) -> None:
+    def __init__(
+        self,
+        *,
+        pop_size: int = 24,
+        generations: int = 30,
+        mutation_steps: int = 12,
+        seed_steps: int = 30,
+        cost_tolerance: float = 0.002,
+    ) -> None:
         if pop_size < 2 or generations < 1 or mutation_steps < 0 or seed_steps < 1:
             raise ValueError("pop_size must be at least 2, generations and seed_steps at least 1, mutation_steps at least 0")
+        if not 0.0 <= cost_tolerance < 1.0:
+            raise ValueError("cost_tolerance must be in [0, 1)")
+        self.cost_tolerance = cost_tolerance
         self.pop_size = pop_size
         self.generations = generations
         self.mutation_steps = mutation_steps
@@ -241,39 +252,39 @@ class NSGA2Solver(_EvolutionarySolver):
     multi_objective = True
     kind = "retained"
 
-    def __init__(
-        self,
-        *,
-        pop_size: int = 24,
-        generations: int = 30,
-        mutation_steps: int = 12,
-        seed_steps: int = 30,
-        cost_tolerance: float = 0.002,
-    ) -> None:
-        super().__init__(pop_size=pop_size, generations=generations, mutation_steps=mutation_steps, seed_steps=seed_steps)
-        if not 0.0 <= cost_tolerance < 1.0:
-            raise ValueError("cost_tolerance must be in [0, 1)")
-        self.cost_tolerance = cost_tolerance
-
     def solve(self, problem: PartitionProblem, rng: np.random.Generator) -> Solution:
         res = self._run(problem, rng, NSGA2, binary_tournament)
         front_x = np.atleast_2d(res.X).astype(np.int64)
         front = np.atleast_2d(res.F).copy()
         front[:, 1:] = 1.0 - front[:, 1:]  # -> paper cost, R_1..R_{N-1}
-        near_best = front[:, 0] <= front[:, 0].min() * (1.0 + self.cost_tolerance)
-        mean_r = np.where(near_best, front[:, 1:].mean(axis=1), -np.inf)
-        best = int(np.argmax(mean_r))
+        best = pick_near_best(front, self.cost_tolerance)
         order = np.argsort(front[:, 0])
         return Solution(labels=front_x[best], front=front[order], info={"front_size": int(front_x.shape[0])})
 
 
+def pick_near_best(scores: np.ndarray, cost_tolerance: float) -> int:
+    """Row of ``scores [paper cost, R_1..R_{N-1}]`` with the highest mean R_m among those whose
+    cost is within ``cost_tolerance`` (relative) of the lowest."""
+    near_best = scores[:, 0] <= scores[:, 0].min() * (1.0 + cost_tolerance)
+    return int(np.argmax(np.where(near_best, scores[:, 1:].mean(axis=1), -np.inf)))
+
+
 @register_solver
 class GASolver(_EvolutionarySolver):
-    """Single-objective GA on the paper cost with the problem's ``keep``."""
+    """Single-objective GA on the paper cost with the problem's ``keep``.
+
+    The GA optimises the paper cost alone; among the final population's members within
+    ``cost_tolerance`` of the best cost, the one with the highest mean ``R_m`` is kept (the same
+    rule as ``nsga2``), so ties on the cost go to the partition that is better at other points.
+    """
 
     name = "ga"
     kind = "cost"
 
     def solve(self, problem: PartitionProblem, rng: np.random.Generator) -> Solution:
         res = self._run(problem, rng, GA, comp_by_cv_and_fitness)
-        return Solution(labels=np.asarray(res.X, dtype=np.int64).reshape(-1), info={"cost": float(np.ravel(res.F)[0])})
+        population = np.atleast_2d(res.pop.get("X")).astype(np.int64)
+        table = np.atleast_2d(PartitionObjectives(problem, "retained").evaluate(population, return_values_of=["F"])).copy()
+        table[:, 1:] = 1.0 - table[:, 1:]
+        best = pick_near_best(table, self.cost_tolerance)
+        return Solution(labels=population[best], info={"cost": float(table[best, 0])})
