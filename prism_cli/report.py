@@ -69,8 +69,10 @@ class ResultTable:
     def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
         """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``)."""
         stem = Path(stem)
+        if stem.suffix in (".md", ".csv", ".json"):  # `--out results/table.md` names the stem too
+            stem = stem.with_suffix("")
         stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
+        paths = [stem.with_name(stem.name + ext) for ext in (".md", ".csv", ".json")]  # keep dots in the stem
         write_text(paths[0], self.markdown())
         write_text(paths[1], self.csv())
         write_json(paths[2], {"title": self.title, "notes": self.notes, "rows": self.records(), **(extra or {})})

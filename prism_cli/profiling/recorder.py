@@ -106,6 +106,10 @@ class ActivationRecorder:
     def record(self, layer: int, expert: int, act: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor) -> None:
         """Record the activations ``act [n, I]`` of the batch tokens ``token_idx`` routed to ``expert``."""
         mag = act.detach().abs()
+        if self.l1_mass[layer].device != act.device:
+            # With --device-map the layers live on different devices: keep each layer's counters on its own.
+            for stats in (self.routed, self.weight_sum, self.l1_mass, self.hot_count):
+                stats[layer] = stats[layer].to(act.device)
         self.routed[layer][expert] += act.shape[0]
         self.weight_sum[layer][expert] += weights.detach().double().sum()
         self.l1_mass[layer][expert] += mag.sum(dim=0, dtype=torch.float64)
