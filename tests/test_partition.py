@@ -25,7 +25,7 @@ from prism_cli.solvers.alternating import (
     scalarised,
     token_scale,
 )
-from prism_cli.solvers.evolutionary import BalanceRepair, PartitionObjectives, canonical
+from prism_cli.solvers.evolutionary import BalanceRepair, PartitionObjectives, canonical, pick_near_best
 from prism_cli.solvers.format import Partition, read_partition, write_partition
 from prism_cli.solvers.heuristics import equal_labels
 from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, rank_weights, retained_mass
@@ -439,3 +439,15 @@ def test_compare_bad_input_is_one_line(cli, profile_path, tmp_path) -> None:
     result = cli("partition", "compare", profile_path, "--solvers", "random", "-N", "5", "--out", tmp_path / "cmp")
     one_line_error(result, "--sub-experts 5")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_near_best_rule_prefers_mean_retained_mass_within_the_cost_tolerance() -> None:
+    # columns: paper cost, R_1, R_2, R_3
+    scores = np.array([
+        [0.500, 0.50, 0.70, 0.88],  # best cost
+        [0.5009, 0.51, 0.72, 0.89],  # within 0.2 %: higher mean R -> kept
+        [0.520, 0.60, 0.80, 0.95],  # best mean R but 4 % worse cost: never kept
+    ])
+    assert pick_near_best(scores, 0.002) == 1
+    assert pick_near_best(scores, 0.0) == 0
+    assert pick_near_best(scores, 0.05) == 2
