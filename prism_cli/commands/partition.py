@@ -40,6 +40,9 @@ def run(
     solver: str = typer.Option("nsga2", help=f"Solver: {', '.join(SOLVERS.names())}."),
     keep: int = typer.Option(1, help="Sub-experts kept per token in the paper cost (SPEC 3.2: keep one)."),
     gate_neurons: int = typer.Option(4, "--gate-neurons", help="Gate neurons per sub-expert (SPEC 3.4a)."),
+    gate_selection: str = typer.Option(
+        "coact", "--gate-selection", help="How gate neurons are chosen: coact (the paper's rule) or mass."
+    ),
     seed: int = typer.Option(0, help="Seed; each expert derives its own from (seed, layer, expert)."),
     workers: int = typer.Option(None, help="Parallel worker processes (default: all cores)."),
     executor: str = typer.Option("local", help="local (processes on this machine) or ray (a Ray cluster; RAY_ADDRESS)."),
@@ -50,7 +53,7 @@ def run(
 ) -> None:
     """Partition every profiled expert into N equal sub-experts and write partition.h5."""
     settings = PartitionSettings(
-        solver=solver, sub_experts=sub_experts, keep=keep, gate_neurons=gate_neurons, seed=seed,
+        solver=solver, sub_experts=sub_experts, keep=keep, gate_neurons=gate_neurons, gate_selection=gate_selection, seed=seed,
         solver_options=parse_solver_options(solver_option),
     )
     check_writable(out)

@@ -3,7 +3,7 @@
 Layout (HDF5)::
 
     /                 attrs: format="prism-partition", format_version, prism_version, created,
-                             solver, solver_settings (JSON), sub_experts (N), keep, gate_neurons (s),
+                             solver, solver_settings (JSON), sub_experts (N), keep, gate_neurons (s), gate_selection,
                              seed, profile (path), profile_hash, and the profile's model metadata:
                              model, model_type, config_hash, weights_hash, data_hash, tokens,
                              num_experts, expert_width, hidden_size, top_k, layers

@@ -28,6 +28,7 @@ from prism_cli.solvers.format import MODEL_KEYS, ExpertPartition, Partition, fil
 from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, retained_mass
 
 EXECUTORS = ("local", "ray")
+GATE_SELECTIONS = ("coact", "mass")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -39,6 +40,7 @@ class PartitionSettings:
     sub_experts: int = 4
     keep: int = 1
     gate_neurons: int = 4
+    gate_selection: str = "coact"
     seed: int = 0
     solver_options: tuple[tuple[str, Any], ...] = ()
 
@@ -55,6 +57,8 @@ class PartitionSettings:
             raise PrismError(f"--keep must be between 1 and {self.sub_experts - 1} (fewer than --sub-experts), got {self.keep}")
         if not 1 <= self.gate_neurons <= width // self.sub_experts:
             raise PrismError(f"--gate-neurons must be between 1 and {width // self.sub_experts}, got {self.gate_neurons}")
+        if self.gate_selection not in GATE_SELECTIONS:
+            raise PrismError(f"--gate-selection must be one of {', '.join(GATE_SELECTIONS)}, got {self.gate_selection!r}")
         SOLVERS.get(self.solver)  # unknown names fail here, listing the known ones
         self.make_solver()
 
@@ -97,16 +101,20 @@ def _option_type(default: Any) -> tuple[type, ...] | None:
     return (type(default),)
 
 
-def gate_positions(problem: PartitionProblem, members: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` neurons of each group with the largest summed co-activation with the rest of it.
+def gate_positions(problem: PartitionProblem, members: np.ndarray, count: int, selection: str = "coact") -> np.ndarray:
+    """Each group's ``count`` gate neurons, as positions into its row of ``members [N, G]`` (ascending).
 
-    ``members [N, G]`` lists each group's neurons (ascending); returns positions into those rows.
+    ``coact`` (the paper's rule, SPEC 3.4a): the neurons with the largest summed co-activation with
+    the rest of their group. ``mass``: the neurons carrying the most activation mass on the fit rows,
+    whose ``|a_j|`` then make up the largest share of the group's norm that the score estimates.
     """
-    coact = problem.coactivation
     out = np.empty((members.shape[0], count), dtype=np.int64)
     for n, group in enumerate(members):
-        block = coact[np.ix_(group, group)]
-        score = block.sum(axis=1) - np.diag(block)
+        if selection == "mass":
+            score = problem.rows[:, group].sum(axis=0, dtype=np.float64)
+        else:
+            block = problem.coactivation[np.ix_(group, group)]
+            score = block.sum(axis=1) - np.diag(block)
         out[n] = np.sort(np.argsort(-score, kind="stable")[:count])
     return out
 
@@ -129,7 +137,7 @@ def finish(problem: PartitionProblem, labels: np.ndarray, heldout: np.ndarray, s
         "fit_retained": retained_mass(fit_loads),
         "heldout_retained": retained_mass(held_loads),
     }
-    return members.reshape(-1), gate_positions(problem, members, settings.gate_neurons), scores
+    return members.reshape(-1), gate_positions(problem, members, settings.gate_neurons, settings.gate_selection), scores
 
 
 def solve_expert(rows: ExpertRows, settings: PartitionSettings) -> ExpertPartition:
@@ -230,6 +238,7 @@ def partition_profile(
         sub_experts=settings.sub_experts,
         keep=settings.keep,
         gate_neurons=settings.gate_neurons,
+        gate_selection=settings.gate_selection,
         seed=settings.seed,
         profile=str(profile_path),
         profile_hash=file_hash(profile_path),
