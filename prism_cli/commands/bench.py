@@ -73,7 +73,8 @@ class StageBars:
 
     def __call__(self, name: str, total: int):
         self.close()
-        bar = progress_bar(name, total=total, unit="tokens" if name == "quality" else "points")
+        unit = {"quality": "tokens", "profile": "tokens", "partition": "experts"}.get(name, "points")
+        bar = progress_bar(name, total=total, unit=unit)
         advance = bar.__enter__()
         self._open.append(bar)
         return advance

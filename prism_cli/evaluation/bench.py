@@ -232,23 +232,31 @@ def run_bench(
     progress = on_stage("latency", len(runners) * len(settings.batches)) if on_stage else None
     for batch in settings.batches:
         timers: dict[int, StepTimer] = {}
-        for name, _, model, state, prepare in runners:
-            prepare()
-            try:
-                timer = timers.get(id(model)) or StepTimer(
-                    model, batch, settings.seq_len, settings.mode, vocab, settings.seed, [layer.block for layer in state.layers]
-                )
-                timers[id(model)] = timer
-                latencies[name][batch] = timer.measure(settings.repeats, settings.warmup)
-            except MemoryError:
-                fits = largest_fitting_batch(model, batch, settings.seq_len, settings.mode, vocab)
-                raise PrismError(
-                    f"batch {batch} x seq-len {settings.seq_len} ({settings.mode}) does not fit in memory on {device}; "
-                    + (f"the largest batch that fits is {fits}" if fits else "not even batch 1 fits: use a shorter --seq-len")
-                ) from None
-            if progress:
-                progress(1)
-        del timers
+        samples: dict[str, list] = {name: [] for name, *_ in runners}
+        try:
+            for name, _, model, state, prepare in runners:  # build each model's context once, warm every point
+                prepare()
+                if id(model) not in timers:
+                    timers[id(model)] = StepTimer(model, batch, settings.seq_len, settings.mode, vocab, settings.seed,
+                                                  [layer.block for layer in state.layers])
+                for _ in range(settings.warmup):
+                    timers[id(model)].sample()
+            for _ in range(settings.repeats):  # round-robin: one step of every point per round
+                for name, _, model, _, prepare in runners:
+                    prepare()
+                    samples[name].append(timers[id(model)].sample())
+                if progress:
+                    progress(len(runners) / settings.repeats)
+        except MemoryError:
+            fits = largest_fitting_batch(runners[0][2], batch, settings.seq_len, settings.mode, vocab)
+            raise PrismError(
+                f"batch {batch} x seq-len {settings.seq_len} ({settings.mode}) does not fit in memory on {device}; "
+                + (f"the largest batch that fits is {fits}" if fits else "not even batch 1 fits: use a shorter --seq-len")
+            ) from None
+        for name, _, model, _, _ in runners:
+            latencies[name][batch] = timers[id(model)].summarize(samples[name])
+        for timer in timers.values():
+            timer.close()
 
     points: list[PointResult] = []
     for name, kind, model, state, _ in runners:
@@ -383,14 +391,15 @@ def summary_tables(report: BenchReport) -> list[ResultTable]:
         b0 = report.settings.batches[0]
         full_k = n_sub * int(orig[-1].point.split(":")[1]) if orig else 0
         elastic_pts = [p for p in report.points if p.kind == "elastic" and p.point.split(":")[0] in ("topk", "linear")]
-        full = by_name.get(f"topk:{full_k}") or by_name.get(f"linear:{full_k}")
-        if full is not None and full.latency[b0].moe_ms:
-            el = ResultTable(f"elasticity of the MoE layers (batch {b0}): time at K over time at K = {full_k}",
+        fulls = {pol: by_name.get(f"{pol}:{full_k}") for pol in ("topk", "linear")}
+        if any(f is not None and f.latency[b0].moe_ms for f in fulls.values()):
+            el = ResultTable(f"elasticity of the MoE layers (batch {b0}): time at K over the same policy's time at K = {full_k}",
                              ["point", "K / (N*k)", "MoE ms", "MoE time ratio", "elasticity (ratio / ideal)", "step ms"])
             for p in elastic_pts:
-                k = int(p.point.split(":")[1])
+                policy, k = p.point.split(":")[0], int(p.point.split(":")[1])
+                full = fulls[policy]
                 moe = p.latency[b0].moe_ms
-                ratio = moe / full.latency[b0].moe_ms if moe else None
+                ratio = moe / full.latency[b0].moe_ms if moe and full is not None and full.latency[b0].moe_ms else None
                 el.add(p.point, k / full_k, moe, ratio, ratio / (k / full_k) if ratio else None, p.latency[b0].median_ms)
             el.notes.append("1.0 = MoE time exactly proportional to the sub-experts computed; above 1 = fixed overhead")
             tables.append(el)

@@ -103,7 +103,7 @@ def evaluate_points(
     return {
         name: PointQuality(
             perplexity=math.exp(a.nll / a.tokens),
-            kl=a.kl / a.tokens,
+            kl=max(a.kl / a.tokens, 0.0),  # a true KL is >= 0; rounding can leave -1e-10
             top1_agreement=a.agree / a.tokens,
             active=a.active_sum / a.active_count if a.active_count else None,
             tokens=a.tokens,

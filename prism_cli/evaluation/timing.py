@@ -1,7 +1,12 @@
 """Latency of one forward step: decode (one new token per sequence over a KV cache) or prefill.
 
+Points that share a model are timed round-robin (``bench``): one step of each point per round, so
+slow drifts of a shared machine (other jobs, frequency changes) spread over all points instead of
+biasing whichever point ran during them.
+
 Decode reuses one KV cache of ``seq_len`` tokens per batch size: each timed step appends a token and
-``crop(-1)`` takes it off again, so every repeat sees the same context. Times are wall clock around
+``crop(-1)`` takes it off again, so every repeat sees the same context. Prefill runs whole prompts
+and, as serving engines do, computes logits for the last position only. Times are wall clock around
 the forward on CPU and CUDA events on GPU, after warm-up; median and p90 over the repeats.
 """
 
@@ -69,12 +74,16 @@ class StepTimer:
             raise PrismError(f"--mode must be decode or prefill, got {mode!r}")
         self.model, self.batch, self.seq_len, self.mode = model, batch, seq_len, mode
         self.moe_blocks = moe_blocks or []
+        self._clock = BlockClock(self.moe_blocks)
         self.device = next(model.parameters()).device
         gen = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(self.device)
         self.cache = None
         # transformers renamed `past_key_values` to `cache`; take whichever this version's forward has.
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # A serving prefill needs logits for the last position only (vLLM, SGLang and generate() do this).
+        self._prefill_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         try:
             if mode == "decode":
                 with torch.inference_mode():
@@ -90,49 +99,52 @@ class StepTimer:
             self.model(input_ids=self.ids[:, self.seq_len :], use_cache=True, **{self._cache_kw: self.cache})
             self.cache.crop(-1)
         else:
-            self.model(input_ids=self.ids[:, : self.seq_len], use_cache=False)
+            self.model(input_ids=self.ids[:, : self.seq_len], use_cache=False, **self._prefill_kw)
 
-    def measure(self, repeats: int, warmup: int) -> Latency:
+    def sample(self) -> tuple[float, float | None, float]:
+        """One timed step: (milliseconds, milliseconds inside the MoE blocks or None, peak memory MiB)."""
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        clock = BlockClock(self.moe_blocks) if self.moe_blocks and not cuda else None
-        moe_times: list[float] = []
         try:
-            for _ in range(warmup):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
                 self._step()
-            times = []
-            for _ in range(repeats):
-                if clock is not None:
-                    clock.elapsed = 0.0
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    self._step()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    self._step()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                if clock is not None:
-                    moe_times.append(clock.elapsed * 1e3)
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+                memory = torch.cuda.max_memory_allocated(self.device)
+            else:
+                self._clock.elapsed = 0.0
+                t0 = time.perf_counter()
+                self._step()
+                ms = (time.perf_counter() - t0) * 1e3
+                memory = psutil.Process().memory_info().rss
         except BaseException as exc:  # noqa: BLE001
             if _is_oom(exc):
                 raise MemoryError(f"batch {self.batch} x seq-len {self.seq_len} does not fit in memory") from None
             raise
-        finally:
-            if clock is not None:
-                clock.remove()
+        moe = None if cuda or not self.moe_blocks else self._clock.elapsed * 1e3
+        return ms, moe, memory / 2**20
+
+    def summarize(self, samples: list[tuple[float, float | None, float]]) -> Latency:
+        """Median and p90 of the samples' step times, with throughput, peak memory and MoE time."""
+        times = [t for t, _, _ in samples]
         median = statistics.median(times)
         p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
         tokens = self.batch * (1 if self.mode == "decode" else self.seq_len)
-        memory = (
-            torch.cuda.max_memory_allocated(self.device) if cuda else psutil.Process().memory_info().rss
-        ) / 2**20
-        moe = statistics.median(moe_times) if moe_times else None
-        return Latency(median, p90, tokens / (median / 1e3), memory, repeats, moe)
+        moe = [m for _, m, _ in samples if m is not None]
+        return Latency(median, p90, tokens / (median / 1e3), max(m for _, _, m in samples), len(samples),
+                       statistics.median(moe) if moe else None)
+
+    def measure(self, repeats: int, warmup: int) -> Latency:
+        """``warmup`` untimed steps, then ``repeats`` timed ones."""
+        for _ in range(warmup):
+            self._step()
+        return self.summarize([self.sample() for _ in range(repeats)])
+
+    def close(self) -> None:
+        self._clock.remove()
 
 
 def largest_fitting_batch(model: Any, batch: int, seq_len: int, mode: str, vocab: int) -> int:
@@ -140,7 +152,7 @@ def largest_fitting_batch(model: Any, batch: int, seq_len: int, mode: str, vocab
     while batch > 1:
         batch //= 2
         try:
-            StepTimer(model, batch, seq_len, mode, vocab).measure(repeats=1, warmup=0)
+            StepTimer(model, batch, seq_len, mode, vocab).measure(repeats=1, warmup=0).median_ms
             return batch
         except MemoryError:
             continue
