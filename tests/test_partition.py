@@ -29,7 +29,7 @@ from prism_cli.solvers.evolutionary import BalanceRepair, PartitionObjectives, c
 from prism_cli.solvers.format import Partition, read_partition, write_partition
 from prism_cli.solvers.heuristics import equal_labels
 from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, rank_weights, retained_mass
-from prism_cli.solvers.runner import PartitionSettings, partition_profile
+from prism_cli.solvers.runner import PartitionSettings, gate_positions, partition_profile
 from prism_cli.solvers.synthetic import planted_rows, realistic_rows
 
 
@@ -451,3 +451,14 @@ def test_near_best_rule_prefers_mean_retained_mass_within_the_cost_tolerance() -
     assert pick_near_best(scores, 0.002) == 1
     assert pick_near_best(scores, 0.0) == 0
     assert pick_near_best(scores, 0.05) == 2
+
+
+def test_gate_neurons_by_mass_and_by_coactivation() -> None:
+    # One group of four neurons: 0 and 1 fire together on every row (strong co-activation, small
+    # values); 2 fires alone with a large value; 3 is almost silent.
+    rows = np.array([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.01], [0.0, 0.0, 9.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    problem = PartitionProblem(np.hstack([rows, rows]), 2)
+    members = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(gate_positions(problem, members, 2, "mass"), [[0, 2], [0, 2]])  # ties: lowest index first
+    coact = gate_positions(problem, members, 2, "coact")
+    assert set(coact[0]) == {0, 1}, coact
