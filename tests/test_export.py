@@ -221,6 +221,21 @@ def test_full_operating_point_reproduces_the_original(family, gate, exported, re
             assert relative_error(logits_of(model, token_batch()), ref) <= TOLERANCE
 
 
+@pytest.mark.parametrize("gate", ["linear", "neurons"])
+def test_builtin_model_full_operating_point_is_exact(gate: str, tmp_path: Path) -> None:
+    """The shipped model, exported with the committed table partition, equals itself at K = N*k."""
+    from prism_cli import load_elastic
+    from prism_cli.models.loading import resolve_model
+
+    source = Path(resolve_model("builtin"))
+    partition = Path(__file__).resolve().parent.parent / "tables" / "builtin" / "partition.h5"
+    out = tmp_path / gate
+    export_model("builtin", partition, out, ExportSettings(gate=gate))
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    full = "linear:8" if gate == "linear" else "topk:8"
+    assert relative_error(logits_of(load_elastic(str(out), operating_point=full), ids), original_logits(source, ids)) <= TOLERANCE
+
+
 @pytest.mark.parametrize(
     ("fam", "overrides", "n_sub"),
     [
