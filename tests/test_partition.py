@@ -167,6 +167,17 @@ def test_results_do_not_depend_on_workers(profile_path, solved) -> None:
     assert _same_results(solved("nsga2"), two)
 
 
+def test_ray_executor_gives_the_local_result(profile_path, solved) -> None:
+    """The same jobs on a local Ray instance (skipped where Ray is not installed: it is an optional extra)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = partition_profile(profile_path, settings_for("nsga2"), executor="ray")
+    finally:
+        ray.shutdown()
+    assert _same_results(solved("nsga2"), on_ray)
+
+
 def test_seed_changes_the_result(profile_path) -> None:
     a = partition_profile(profile_path, settings_for("random", seed=0), workers=1)
     b = partition_profile(profile_path, settings_for("random", seed=0), workers=1)
