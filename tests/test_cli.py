@@ -39,15 +39,6 @@ def _command_paths() -> list[tuple[str, ...]]:
 COMMANDS = _command_paths()
 
 
-def one_line_error(result, *needles: str) -> None:
-    assert result.code != 0, result
-    assert "Traceback" not in result.err
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1, result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 # --- help and version -----------------------------------------------------------------------------
 
 
@@ -155,13 +146,13 @@ def test_bad_config_is_one_line(cli, tmp_path, content: str, needles: list[str])
     config = tmp_path / "bad.yaml"
     config.write_text(content)
     result = cli("profile", "--config", config, "--out", tmp_path / "profile.h5")
-    one_line_error(result, *needles)
+    result.assert_one_line_error(*needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
 def test_missing_config_is_one_line(cli, tmp_path) -> None:
     result = cli("profile", "--config", tmp_path / "nope.yaml")
-    one_line_error(result, "config file", "does not exist")
+    result.assert_one_line_error("config file", "does not exist")
 
 
 def test_unknown_shared_keys_are_ignored(cli, tmp_path) -> None:
@@ -169,7 +160,7 @@ def test_unknown_shared_keys_are_ignored(cli, tmp_path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text("solver: alternating\nprofile:\n  tokens: 0\n")
     result = cli("profile", "--config", config)
-    one_line_error(result, "--tokens must be positive")  # the section applied; `solver` was ignored
+    result.assert_one_line_error("--tokens must be positive")  # the section applied; `solver` was ignored
 
 
 # --- internal errors ------------------------------------------------------------------------------
@@ -203,7 +194,7 @@ def test_error_messages_keep_brackets(cli, tmp_path) -> None:
     """User errors print as text: a path with [brackets] is not eaten as console markup."""
     weird = tmp_path / "[bold]data.txt"
     result = cli("profile", "--data", weird, "--out", tmp_path / "profile.h5")
-    one_line_error(result, f"{weird} does not exist")
+    result.assert_one_line_error(f"{weird} does not exist")
 
 
 # --- output files ---------------------------------------------------------------------------------

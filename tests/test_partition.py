@@ -79,15 +79,6 @@ def labels_of(permutation: np.ndarray, n: int) -> np.ndarray:
     return labels
 
 
-def one_line_error(result, *needles: str) -> None:
-    assert result.code != 0, result
-    assert "Traceback" not in result.err
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1, result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 # --- end to end on a tiny profile -----------------------------------------------------------------
 
 
@@ -440,15 +431,15 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, profile_path, tmp_path, c
     elif case == "bad-executor":
         args += ["--executor", "spark"]
     result = cli("partition", profile, *args, "--out", out_dir / "partition.h5")
-    one_line_error(result, *needles)
+    result.assert_one_line_error(*needles)
     assert list(out_dir.iterdir()) == []
 
 
 def test_compare_bad_input_is_one_line(cli, profile_path, tmp_path) -> None:
     result = cli("partition", "compare", profile_path, "--solvers", "random,magic", "--out", tmp_path / "cmp")
-    one_line_error(result, "unknown solver 'magic'")
+    result.assert_one_line_error("unknown solver 'magic'")
     result = cli("partition", "compare", profile_path, "--solvers", "random", "-N", "5", "--out", tmp_path / "cmp")
-    one_line_error(result, "--sub-experts 5")
+    result.assert_one_line_error("--sub-experts 5")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -107,16 +107,6 @@ def swiglu(experts: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tens
     return torch.nn.functional.silu(x @ gate_up[:width].T) * (x @ gate_up[width:].T)
 
 
-def one_line_error(result, *needles: str) -> None:
-    """Non-zero exit, exactly one non-empty line on stderr (no traceback) that mentions every needle."""
-    assert result.code != 0, result
-    assert "Traceback" not in result.err
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1, result.err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 # --- every family ---------------------------------------------------------------------------------
 
 
@@ -385,7 +375,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tiny_model_dir, dense_mod
     elif case == "bad-row-dtype":
         args += ["--row-dtype", "int8"]
     result = cli("profile", *args, "--out", out)
-    one_line_error(result, *needles)
+    result.assert_one_line_error(*needles)
     assert list(out_dir.iterdir()) == []
 
 
