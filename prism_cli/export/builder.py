@@ -31,7 +31,7 @@ from prism_cli import __version__
 from prism_cli.errors import PrismError
 from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
-from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, resolve_model, weights_fingerprint
+from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
 from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
 from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
@@ -147,7 +147,7 @@ def export_model(
             "gate": settings.gate,
             "sub_experts": n_sub,
             "source": {
-                "model": name,
+                "model": model_label(name),
                 "model_type": adapter.model_type,
                 "num_experts": adapter.num_experts,
                 "expert_width": adapter.width,

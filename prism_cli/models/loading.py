@@ -43,6 +43,12 @@ def builtin_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "builtin-model"
 
 
+def model_label(resolved: str) -> str:
+    """How a model is recorded in output files: ``builtin`` for the shipped model, whose path differs
+    between checkouts (so exports and profiles of it stay valid when the repository moves)."""
+    return BUILTIN if Path(resolved) == builtin_model_dir() else resolved
+
+
 def resolve_model(spec: str | None) -> str:
     """``None`` or ``"builtin"`` -> the built-in checkpoint; a path must exist; anything else is a hub id."""
     if spec in (None, "", BUILTIN):

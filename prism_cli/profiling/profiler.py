@@ -18,7 +18,7 @@ from prism_cli.errors import PrismError
 from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.io import atomic_path
 from prism_cli.models.adapters import MoELayer
-from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, weights_fingerprint
+from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint
 from prism_cli.profiling.format import FORMAT, FORMAT_VERSION
 from prism_cli.profiling.recorder import PROFILE_IMPLEMENTATION, ActivationRecorder
 
@@ -152,7 +152,7 @@ def profile_model(
         "format_version": FORMAT_VERSION,
         "prism_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": loaded.name,
+        "model": model_label(loaded.name),
         "model_type": adapter.model_type,
         "config_hash": config_fingerprint(load_config(loaded.name)),
         "weights_hash": weights_fingerprint(checkpoint_dir(loaded.name), adapter),
