@@ -29,7 +29,7 @@ from prism_cli.evaluation.bench import BenchReport, BenchSettings, machine_label
 from prism_cli.io import write_text
 from prism_cli.models.loading import load_model
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
-from prism_cli.refactor.export import ExportSettings, export_model
+from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.report import ResultTable
 from prism_cli.solvers.format import write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile
@@ -109,9 +109,13 @@ def regenerate(
     *,
     partition: Path | None = None,
     quality_only: bool = False,
+    points: list[str] | None = None,
     on_stage: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> tuple[Path, BenchReport]:
-    """Run the pipeline for ``config``; returns the table folder and the bench report."""
+    """Run the pipeline for ``config``; returns the table folder and the bench report.
+
+    ``points`` overrides the config's operating points (a quick check of a few rows of a table).
+    """
     work.mkdir(parents=True, exist_ok=True)
     table_dir = out_root / config.name
     table_dir.mkdir(parents=True, exist_ok=True)
@@ -126,11 +130,12 @@ def regenerate(
         profile_model(loaded, text, data_name, ProfileSettings(seed=seed, **prof), work / "profile.h5",
                       on_batch=advance, on_start=(lambda total: advance(0, total=total)) if advance else None)
         del loaded
-        part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "workers"}, "partition"))
+        part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
         workers = part.pop("workers", None)
         settings = PartitionSettings(seed=seed, **part)
         advance = on_stage("partition", 0) if on_stage else None
         result = partition_profile(work / "profile.h5", settings, workers=workers,
+                                   on_start=(lambda total: advance(0, total=total)) if advance else None,
                                    on_done=(lambda *_: advance(1)) if advance else None)
         partition = work / "partition.h5"
         write_partition(partition, result)
@@ -139,10 +144,12 @@ def regenerate(
     bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "warmup"}, "bench"))
     text, _ = load_text(bench_cfg.pop("data", None), "eval")
     batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
-    points = bench_cfg.pop("points", None)
+    configured = bench_cfg.pop("points", None)
+    points = points or configured
     settings = BenchSettings(batches=batches, seed=seed, quality_only=quality_only, device=config.device,
                              points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
+    report.source = config.model  # as the config names it ("builtin", a hub id), not this machine's path
     if quality_only:
         return table_dir, report
     operating_points_table(report).save(table_dir / "operating_points", extra=report_json(report))

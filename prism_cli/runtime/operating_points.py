@@ -19,7 +19,7 @@ from prism_cli.errors import PrismError
 
 GATES = ("linear", "neurons")
 NEURON_POLICIES = ("topk", "pattern", "threshold")
-DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 
 @dataclass(frozen=True)

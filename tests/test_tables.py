@@ -1,0 +1,61 @@
+"""The committed operating-point table of the built-in model must match what the code produces now.
+
+The quality columns are regenerated from the committed partition (export + quality sweep, no timing)
+and compared with ``tables/builtin/operating_points.csv``: a change that moves quality without
+regenerating the table (``make tables``) fails here. Latency columns are machine-dependent and are
+not compared. The slow test regenerates every row from scratch, the profile and partition included.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from prism_cli.evaluation.tables import QUALITY_COLUMNS, TableConfig, quality_table, regenerate
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = ROOT / "tables" / "builtin"
+CONFIG = ROOT / "configs" / "builtin.yaml"
+
+
+def _committed() -> list[dict[str, str]]:
+    with open(TABLE / "operating_points.csv", newline="") as fh:
+        return [{c: row[c] for c in QUALITY_COLUMNS} for row in csv.DictReader(fh)]
+
+
+def _assert_same_quality(fresh: list[dict], committed: list[dict[str, str]], *, subset: bool = False) -> None:
+    if subset:
+        by_point = {r["point"]: r for r in committed}
+        assert all(r["point"] in by_point for r in fresh), "the table lacks points: run make tables"
+        committed = [by_point[r["point"]] for r in fresh]
+    assert [r["point"] for r in fresh] == [r["point"] for r in committed], "the table lists other points: run make tables"
+    for new, old in zip(fresh, committed):
+        assert new["kind"] == old["kind"]
+        # Perplexity to 1e-4 relative, KL and agreement to 1e-4 absolute: float summation can differ in
+        # the last digits between CPUs; a real change to the pipeline moves them far more.
+        assert float(new["perplexity"]) == pytest.approx(float(old["perplexity"]), rel=1e-4), new["point"]
+        assert float(new["KL"]) == pytest.approx(float(old["KL"]), abs=1e-4), new["point"]
+        assert float(new["top-1 agree"]) == pytest.approx(float(old["top-1 agree"]), abs=1e-4), new["point"]
+        assert float(new["active sub-experts"]) == pytest.approx(float(old["active sub-experts"]), rel=1e-4), new["point"]
+
+
+#: One row of each kind of point (about 10 s each on 2 cores); the slow test checks every row.
+QUICK_POINTS = ["linear:3", "topk:1", "topk:5", "threshold:0.9"]  # the original top-1..k rows come with any sweep
+
+
+def test_quality_columns_match_the_committed_table(tmp_path: Path) -> None:
+    config = TableConfig.load(CONFIG)
+    _, report = regenerate(config, tmp_path / "tables", tmp_path / "work", partition=TABLE / "partition.h5",
+                           quality_only=True, points=QUICK_POINTS)
+    _assert_same_quality(quality_table(report).records(), _committed(), subset=True)
+
+
+@pytest.mark.slow
+def test_the_whole_table_regenerates(tmp_path: Path) -> None:
+    """Profile, partition (NSGA-II), export and the quality sweep from scratch: every quality column
+    of the committed table (timing is skipped: it is machine-dependent and not compared)."""
+    config = TableConfig.load(CONFIG)
+    _, report = regenerate(config, tmp_path / "tables", tmp_path / "work", quality_only=True)
+    _assert_same_quality(quality_table(report).records(), _committed())
