@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables bench-profile bench-partition compare-solvers model gpu-check lint clean
+.PHONY: install demo test test-all test-slow tables bench-profile bench-partition compare-solvers gate-ablation model gpu-check lint clean
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -18,13 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The whole pipeline on the built-in model and data: profile -> partition -> export -> bench.
+# The whole pipeline on the built-in model and data: profile -> partition -> export -> bench,
+# with the settings of configs/builtin.yaml; ends with the Pareto table (runs/demo/bench/).
 demo: $(STAMP)
 	mkdir -p $(RUN)
-	$(BIN)/prism profile builtin --out $(RUN)/profile.h5
-	$(BIN)/prism partition $(RUN)/profile.h5 --out $(RUN)/partition.h5
-	$(BIN)/prism export builtin $(RUN)/partition.h5 --out $(RUN)/export --gate neurons --force
-	$(BIN)/prism bench $(RUN)/export --batch 32,1 --out $(RUN)/bench
+	$(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
+	$(BIN)/prism partition $(RUN)/profile.h5 --config configs/builtin.yaml --out $(RUN)/partition.h5
+	$(BIN)/prism export builtin $(RUN)/partition.h5 --config configs/builtin.yaml --out $(RUN)/export --force
+	$(BIN)/prism bench $(RUN)/export --config configs/builtin.yaml --min-quality 45 --out $(RUN)/bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -46,14 +47,21 @@ bench-profile: $(STAMP)
 bench-partition: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m prism_cli.solvers.benchmark --out results/bench_partition.json
 
+gate-ablation: $(STAMP)
+	mkdir -p $(RUN)
+	test -f $(RUN)/profile.h5 || $(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
+	test -f $(RUN)/partition.h5 || $(BIN)/prism partition $(RUN)/profile.h5 --config configs/builtin.yaml --out $(RUN)/partition.h5
+	$(BIN)/python scripts/gate_ablation.py --profile $(RUN)/profile.h5 --partition $(RUN)/partition.h5 --out results/gate_ablation
+
 compare-solvers: $(STAMP)
 	mkdir -p $(RUN)
-	test -f $(RUN)/profile.h5 || $(BIN)/prism profile builtin --out $(RUN)/profile.h5
+	test -f $(RUN)/profile.h5 || $(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
 	$(BIN)/prism partition compare $(RUN)/profile.h5 --out results/partition_compare
 
-# Retrain the built-in model (about 2 hours on 2 CPU cores); see prism_cli/data/builtin-model/README.md.
+# Retrain the built-in model exactly as shipped (about 2 hours on 2 CPU cores); see its card,
+# prism_cli/data/builtin-model/README.md.
 model: $(STAMP)
-	$(BIN)/python scripts/train_builtin_model.py --out prism_cli/data/builtin-model --steps 2600 --minutes 115
+	$(BIN)/python scripts/train_builtin_model.py --out prism_cli/data/builtin-model --steps 2600 --stop-step 1622 --minutes 1000
 
 gpu-check:
 	bash scripts/gpu_check.sh results/gpu
