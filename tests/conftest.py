@@ -41,14 +41,16 @@ class CliResult:
     def __repr__(self) -> str:
         return f"CliResult(code={self.code}, err={self.err[-500:]!r})"
 
-    def assert_one_line_error(self, *needles: str) -> None:
-        """Non-zero exit, exactly one non-empty line on stderr (no traceback) that mentions every needle."""
+    def assert_one_line_error(self, *needles: str) -> str:
+        """Non-zero exit, exactly one non-empty line on stderr (no traceback, not an internal error)
+        that mentions every needle; returns that line."""
         assert self.code != 0, self
-        assert "Traceback" not in self.err
+        assert "Traceback" not in self.err and "internal error" not in self.err, self.err
         lines = [line for line in self.err.splitlines() if line.strip()]
         assert len(lines) == 1, self.err
         for needle in needles:
             assert needle in lines[0], (needle, lines[0])
+        return lines[0]
 
 
 @pytest.fixture

@@ -271,6 +271,27 @@ def test_bench_refuses_bad_input_in_one_line(cli, tmp_path, bench_export):
     assert not (tmp_path / "o").exists()
 
 
+def test_bench_batch_too_large_names_the_largest_that_fits(cli, tmp_path, bench_export, monkeypatch):
+    """An out-of-memory step (simulated above batch 2) is one line naming the largest batch that fits."""
+    from prism_cli.evaluation import timing
+
+    real_step = timing.StepTimer._step
+
+    def step(self):
+        if self.batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_step(self)
+
+    monkeypatch.setattr(timing.StepTimer, "_step", step)
+    args = ("--points", "topk:1", "--batch", "8", "--seq-len", "16", "--tokens", "256", "--repeats", "1", "--warmup", "1")
+    result = cli("bench", bench_export, *args, "--out", tmp_path / "o")
+    # The quality sweep ran (its progress bar is on stderr too); the failure is one line at the end.
+    assert result.code == 2 and "Traceback" not in result.err, result
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("error: batch 8") and "the largest batch that fits is 2" in last, last
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_bench_cuda_without_cuda_is_one_line(cli, tmp_path, bench_export):
     assert_one_line_failure(cli("bench", bench_export, "--device", "cuda", "--out", tmp_path / "o"), "CUDA")

@@ -122,13 +122,7 @@ def original_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def assert_one_line_failure(result: Any, *needles: str) -> str:
     """A non-zero exit with exactly one line on stderr, no traceback; returns that line."""
-    assert result.code != 0, result
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1, result.err
-    assert "Traceback" not in result.err and "internal error" not in result.err, result.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return result.assert_one_line_error(*needles)
 
 
 def assert_nothing_written(out: Path) -> None:

@@ -58,7 +58,6 @@ def bench(
     )
     settings.validate()
     text, _ = load_text(data, "eval")
-    out.mkdir(parents=True, exist_ok=True)
 
     with StageBars() as stages:
         report = run_bench(model, text, settings, on_stage=stages)
@@ -135,6 +134,7 @@ def points_table(report: BenchReport) -> ResultTable:
 
 
 def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: float | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty output folder
     table = points_table(report)
     if report.note:
         # The report's caveat (a plain model's original-only range, skipped points) must be seen on

@@ -27,7 +27,7 @@ from prism_cli.data import split_text
 from prism_cli.evaluation.bench import environment
 from prism_cli.evaluation.perplexity import batched, token_windows
 from prism_cli.io import write_json
-from prism_cli.models.loading import load_model
+from prism_cli.models.loading import load_model, model_label
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     plain_s = [plain() for _ in range(args.repeats)]
     profile_s = [profiled() for _ in range(args.repeats)]
     result = {
-        "model": loaded.name,
+        "model": model_label(loaded.name),
         "tokens": windows.numel(),
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
