@@ -58,10 +58,16 @@ app.command("doctor")(kernels.doctor)
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and a non-zero exit code, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    # prism draws its own progress: keep transformers' weight-loading bars and info logs out of it.
+    # Set through the environment (read when transformers is first imported, by the commands that
+    # need it) so that `prism --help` does not pay for importing transformers; a user's own setting wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (prism run from Python): set it directly
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # prism draws its own progress; keep weight-loading bars out of it
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     command = typer.main.get_command(app)
     try:
         result = command.main(prog_name="prism", standalone_mode=False)

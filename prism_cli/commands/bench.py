@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.panel import Panel
@@ -11,21 +12,10 @@ from prism_cli.commands.common import ConfigOption, parse_int_list
 from prism_cli.data import load_text
 from prism_cli.console import console, progress_bar
 from prism_cli.errors import BudgetNotMet, PrismError
-from prism_cli.evaluation.bench import (
-    BenchReport,
-    BenchSettings,
-    best_under_budget,
-    machine_label,
-    parse_budget,
-    report_json,
-    run_bench,
-    summary_tables,
-)
-from prism_cli.evaluation.plot import plot_frontiers
-from prism_cli.io import write_text
-from prism_cli.models.loading import parse_device, resolve_model
 from prism_cli.report import ResultTable
 
+if TYPE_CHECKING:
+    from prism_cli.evaluation.bench import BenchReport
 
 def bench(
     model: str = typer.Argument(..., help="A prism export folder (or a plain MoE model: only its top-k range)."),
@@ -46,6 +36,10 @@ def bench(
     config: str = ConfigOption,
 ) -> None:
     """Benchmark every operating point: quality, latency, memory; Pareto frontiers; the point for a budget."""
+    # Imported here, not at the top: torch and transformers would slow every `prism` call (--help too).
+    from prism_cli.evaluation.bench import BenchSettings, parse_budget, run_bench
+    from prism_cli.models.loading import parse_device, resolve_model
+
     budget_ms = parse_budget(budget) if budget is not None else None
     if min_quality is not None and min_quality <= 0:
         raise PrismError(f"--min-quality must be a positive perplexity, got {min_quality}")
@@ -103,6 +97,8 @@ def screen_table(report: BenchReport) -> ResultTable:
 
 
 def points_table(report: BenchReport) -> ResultTable:
+    from prism_cli.evaluation.bench import machine_label
+
     batches = report.settings.batches
     label = machine_label(report.environment)
     table = ResultTable(
@@ -134,6 +130,10 @@ def points_table(report: BenchReport) -> ResultTable:
 
 
 def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: float | None) -> None:
+    from prism_cli.evaluation.bench import best_under_budget, report_json, summary_tables
+    from prism_cli.evaluation.plot import plot_frontiers
+    from prism_cli.io import write_text
+
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty output folder
     table = points_table(report)
     if report.note:

@@ -8,8 +8,6 @@ from prism_cli.commands.common import ConfigOption
 from prism_cli.data import load_text
 from prism_cli.console import console, progress_bar
 from prism_cli.errors import PrismError
-from prism_cli.evaluation.perplexity import perplexity, token_windows
-from prism_cli.models.loading import load_model
 
 
 def evaluate(
@@ -27,6 +25,8 @@ def evaluate(
         raise PrismError(f"--tokens must be positive, got {tokens}")
     if batch_size <= 0:
         raise PrismError(f"--batch-size must be positive, got {batch_size}")
+    from prism_cli.evaluation.perplexity import perplexity, token_windows
+
     text, data_name = load_text(data, "eval")
     loaded = load_elastic_or_plain(model, dtype, device)
     try:
@@ -43,6 +43,7 @@ def evaluate(
 
 def load_elastic_or_plain(model: str, dtype: str, device: str):
     """A prism export loads through the elastic runtime (so its gate is used); anything else plainly."""
+    from prism_cli.models.loading import load_model
     from prism_cli.runtime.elastic import is_prism_export, load_elastic_model
 
     if is_prism_export(model):

@@ -8,7 +8,6 @@ import typer
 
 from prism_cli.commands.common import ConfigOption, deferred_progress
 from prism_cli.console import console
-from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.runtime.operating_points import GATES
 
 
@@ -27,6 +26,8 @@ def export(
     config: str = ConfigOption,
 ) -> None:
     """Export sub-expert checkpoints: the flat layout (linear gate) plus, for --gate neurons, gate neurons."""
+    from prism_cli.export.builder import ExportSettings, export_model
+
     settings = ExportSettings(
         gate=gate, operating_point=operating_point, allow_inexact=allow_inexact, max_shard_bytes=int(max_shard_gb * 2**30)
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from prism_cli import cuda
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.report import ResultTable
@@ -19,6 +18,8 @@ def build(
 ) -> None:
     """Compile the kernels for this machine's GPU (cached; also done on first use)."""
     import torch
+
+    from prism_cli import cuda
 
     if not torch.cuda.is_available():
         raise PrismError("no CUDA device here: the kernels need an NVIDIA GPU (compute capability 8.0+); "
@@ -35,6 +36,8 @@ def build(
 
 def doctor() -> None:
     """Report the device, the CUDA toolkit and whether the kernels are built and pass a self-check."""
+    from prism_cli import cuda
+
     info = cuda.toolkit_info()
     table = ResultTable("prism doctor", ["item", "value"])
     for key, value in info.items():

@@ -11,8 +11,6 @@ from prism_cli.commands.common import ConfigOption, deferred_progress, parse_int
 from prism_cli.data import load_text
 from prism_cli.console import console
 from prism_cli.io import check_writable
-from prism_cli.models.loading import load_model
-from prism_cli.profiling.profiler import ProfileSettings, profile_model
 from prism_cli.report import ResultTable
 
 
@@ -34,6 +32,10 @@ def profile(
     config: str = ConfigOption,
 ) -> None:
     """Profile neuron activations of every expert on calibration text (SPEC 3.1)."""
+    # Imported here, not at the top: torch and transformers would slow every `prism` call (--help too).
+    from prism_cli.models.loading import load_model
+    from prism_cli.profiling.profiler import ProfileSettings, profile_model
+
     settings = ProfileSettings(
         tokens=tokens,
         seq_len=seq_len,

@@ -9,8 +9,6 @@ import typer
 from prism_cli.commands.bench import StageBars
 from prism_cli.console import console
 from prism_cli.errors import PrismError
-from prism_cli.evaluation.bench import summary_tables
-from prism_cli.evaluation.tables import TableConfig, quality_table, regenerate
 
 
 def tables(
@@ -21,6 +19,9 @@ def tables(
     quality_only: bool = typer.Option(False, "--quality-only", help="Skip timing; print the quality columns only."),
 ) -> None:
     """Run profile -> partition -> export -> bench for a config and write its operating-point tables."""
+    from prism_cli.evaluation.bench import summary_tables
+    from prism_cli.evaluation.tables import TableConfig, quality_table, regenerate
+
     cfg = TableConfig.load(config)
     if partition is not None and not partition.exists():
         raise PrismError(f"partition {partition} does not exist")
