@@ -4,6 +4,7 @@ switching operating points in place, the Python API and the active sub-expert co
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,21 @@ def test_every_advertised_point_runs(elastic):
         set_operating_point(elastic, point)
         assert torch.isfinite(logits_of(elastic, ids)).all(), point
     set_operating_point(elastic, f"topk:{FULL}")
+
+
+def _eval_perplexity(result) -> float:
+    assert result.code == 0, result
+    return float(re.search(r"perplexity(?: at \S+)? ([\d.]+) on", result.out).group(1))
+
+
+def test_eval_cli_at_operating_points(cli, neurons_export, tiny_model_dir):
+    """`prism eval EXPORT -K point`: the full point is the original model; another point is another model
+    (the tiny model's weights are random, so which one is better means nothing)."""
+    args = ("--tokens", "512", "--seq-len", "64")
+    original = _eval_perplexity(cli("eval", tiny_model_dir("olmoe"), *args))
+    full = _eval_perplexity(cli("eval", neurons_export, *args, "--operating-point", f"topk:{FULL}"))
+    one = _eval_perplexity(cli("eval", neurons_export, *args, "-K", "topk:1"))
+    assert full == pytest.approx(original, rel=1e-3)
+    assert abs(one - full) > 1e-3 * full
+    cli("eval", tiny_model_dir("olmoe"), *args, "-K", "topk:1").assert_one_line_error("needs a prism export")
+    cli("eval", neurons_export, *args, "-K", "topk:99").assert_one_line_error("topk:99")

@@ -18,6 +18,9 @@ def evaluate(
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    operating_point: str = typer.Option(
+        None, "--operating-point", "-K", help="For a prism export: the point to evaluate (topk:4, threshold:0.9, ...; default: the export's)."
+    ),
     config: str = ConfigOption,
 ) -> None:
     """Held-out perplexity and tokens/s of a causal LM (the evaluator every other command reuses)."""
@@ -28,24 +31,27 @@ def evaluate(
     from prism_cli.evaluation.perplexity import perplexity, token_windows
 
     text, data_name = load_text(data, "eval")
-    loaded = load_elastic_or_plain(model, dtype, device)
+    loaded = load_elastic_or_plain(model, dtype, device, operating_point)
     try:
         windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
     except ValueError as exc:
         raise PrismError(str(exc)) from None
     with progress_bar("evaluating", total=windows.numel()) as advance:
         result = perplexity(loaded.model, windows, batch_size=batch_size, on_batch=advance)
+    point = "" if operating_point is None else f" at {operating_point}"
     console.print(
-        f"perplexity [bold]{result.perplexity:.2f}[/] on {result.tokens:,} predicted tokens of {data_name} "
+        f"perplexity{point} [bold]{result.perplexity:.2f}[/] on {result.tokens:,} predicted tokens of {data_name} "
         f"({result.tokens_per_second:,.0f} tokens/s, seq-len {seq_len})"
     )
 
 
-def load_elastic_or_plain(model: str, dtype: str, device: str):
+def load_elastic_or_plain(model: str, dtype: str, device: str, operating_point: str | None = None):
     """A prism export loads through the elastic runtime (so its gate is used); anything else plainly."""
     from prism_cli.models.loading import load_model
     from prism_cli.runtime.elastic import is_prism_export, load_elastic_model
 
     if is_prism_export(model):
-        return load_elastic_model(model, dtype=dtype, device=device)
+        return load_elastic_model(model, dtype=dtype, device=device, operating_point=operating_point)
+    if operating_point is not None:
+        raise PrismError(f"--operating-point needs a prism export; {model} is a plain model")
     return load_model(model, dtype=dtype, device=device, require_moe=False)
