@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-from test_export import FULL, N_SUB, assert_one_line_failure, write_random_partition
+from test_export import FULL, N_SUB, assert_one_line_failure, random_neurons_export
 
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, PointResult, parse_budget, summary_tables
 from prism_cli.evaluation.pareto import CostQuality, distinct_stable, pareto_front
 from prism_cli.evaluation.quality import PointQuality
 from prism_cli.evaluation.timing import Latency
-from prism_cli.export.builder import ExportSettings, export_model
 
 POINTS = "topk:1;topk:8;linear:8;threshold:0.8"
 TINY = ("--batch", "2", "--seq-len", "16", "--tokens", "512", "--repeats", "2", "--warmup", "0")
@@ -159,10 +158,7 @@ def test_summary_tables_equal_compute_cells():
 
 @pytest.fixture(scope="module")
 def bench_export(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
-    part = write_random_partition(tiny_model_dir("olmoe"), root / "p.h5", seed=21)
-    export_model(str(tiny_model_dir("olmoe")), part, root / "export", ExportSettings(gate="neurons"))
-    return root / "export"
+    return random_neurons_export(tiny_model_dir("olmoe"), tmp_path_factory.mktemp("bench"), seed=21)
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,13 @@ def write_random_partition(model_dir: Path, path: Path, **kwargs: Any) -> Path:
     return path
 
 
+def random_neurons_export(model_dir: Path, root: Path, seed: int) -> Path:
+    """A neurons-gate export of ``model_dir`` from a random partition, in ``root / "export"``."""
+    part = write_random_partition(model_dir, root / "p.h5", seed=seed)
+    export_model(str(model_dir), part, root / "export", ExportSettings(gate="neurons"))
+    return root / "export"
+
+
 def token_batch(seed: int = 0, batch: int = 3, length: int = 24) -> torch.Tensor:
     """A few token windows over the tiny tokenizer's whole vocabulary."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import FULL, N_SUB, TOP_K, logits_of, token_batch, write_random_partition
+from test_export import FULL, N_SUB, TOP_K, logits_of, token_batch, random_neurons_export
 
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.quality import ActiveCounter
-from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.policies import POLICIES, PatternPolicy, ThresholdPolicy, TopKPolicy
 
@@ -239,10 +238,7 @@ def test_prism_experts_skip_sentinel_slots(eager_experts):
 
 @pytest.fixture(scope="module")
 def neurons_export(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runtime")
-    part = write_random_partition(tiny_model_dir("olmoe"), root / "p.h5", seed=11)
-    export_model(str(tiny_model_dir("olmoe")), part, root / "export", ExportSettings(gate="neurons"))
-    return root / "export"
+    return random_neurons_export(tiny_model_dir("olmoe"), tmp_path_factory.mktemp("runtime"), seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,6 @@ def regenerate(
     settings = BenchSettings(batches=batches, seed=seed, quality_only=quality_only, device=config.device,
                              points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
-    report.source = config.model  # as the config names it ("builtin", a hub id), not this machine's path
     if quality_only:
         return table_dir, report
     operating_points_table(report).save(table_dir / "operating_points", extra=report_json(report))
