@@ -89,7 +89,7 @@ def experts_forward(
     out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32)
     for g, start, end in _groups(offsets):
         t = tokens[start:end]
-        h = F.linear(xf[t], gate_up[g].float())
+        h = F.linear(xf.index_select(0, t), gate_up[g].float())
         out.index_add_(0, t, F.linear(F.silu(h[:, :width]) * h[:, width:], down[g].float()) * pair_w[start:end])
     return out.to(x.dtype)
 
@@ -105,18 +105,21 @@ def gate_scores(
     """
     tokens, k = expert_idx.shape
     n_gate = gate_w.shape[1]
-    scores = torch.empty(tokens, k, n_gate, dtype=torch.float32, device=x.device)
     flat = expert_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=gate_w.shape[0]).tolist()
+    # Gather the tokens once in expert order (index_select: contiguous rows, much cheaper on the CPU
+    # than advanced indexing), score each expert's slice, reduce to [pairs, N] before scattering back.
+    xs = x.float().index_select(0, order // k)
+    sorted_scores = torch.empty(tokens * k, n_sub, dtype=torch.float32, device=x.device)
     start = 0
-    xs = x.float()
-    flat_scores = scores.view(tokens * k, n_gate)
     for e, count in enumerate(counts):
         if count == 0:
             continue
-        pairs = order[start : start + count]
+        xt = xs[start : start + count]
+        a = (F.silu(xt @ gate_w[e].float().T) * (xt @ up_w[e].float().T)).abs_()
+        sorted_scores[start : start + count] = a.view(count, n_sub, n_gate // n_sub).mean(dim=-1)
         start += count
-        xt = xs[pairs // k]
-        flat_scores[pairs] = (F.silu(xt @ gate_w[e].float().T) * (xt @ up_w[e].float().T)).abs()
-    return scores.view(tokens, k, n_sub, n_gate // n_sub).mean(dim=-1)
+    scores = torch.empty_like(sorted_scores)
+    scores.index_copy_(0, order, sorted_scores)
+    return scores.view(tokens, k, n_sub)
