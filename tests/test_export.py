@@ -277,6 +277,43 @@ def test_deepseek_v3_linear_export_refused_through_the_cli(cli, tiny_model_dir, 
     assert meta["linear_gate_exact"] is False and "two best experts" in meta["linear_gate_note"]
 
 
+RENORMALISING = {"olmoe": False, "qwen2_moe": False, "qwen3_moe": True, "mixtral": True, "deepseek_v2": False,
+                 "deepseek_v3": True}  # the tiny configs' top-k weight normalisation
+
+
+def test_linear_gate_below_full_takes_sub_experts_in_order(family, exported):
+    """linear:K with K not a multiple of N: an expert's copies tie, and prism breaks the tie by sub-expert
+    index (sub-expert 0 holds the most mass), as vLLM's fused top-k kernel does; weights are the
+    family's (renormalised over the K kept pairs where the family renormalises)."""
+    from prism_cli import load_elastic, set_operating_point
+
+    out = exported(family, "neurons")  # its flat routers serve the linear points too (exact or not)
+    model = load_elastic(str(out), operating_point=f"linear:{FULL}")
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    for router in model.prism_state.flat_routers:
+        outputs = []
+        for k in (FULL, 1, N_SUB - 1, N_SUB + 1):
+            set_operating_point(model, f"linear:{k}")
+            with torch.no_grad():
+                outputs.append(router(x))
+        (logits, w_full, idx_full), *partial = outputs
+        # at the full point: all N copies of each of the top-k experts
+        parents = (idx_full // N_SUB).sort(dim=1).values.view(-1, TOP_K, N_SUB)
+        assert (parents == parents[..., :1]).all()
+        # the router ranks experts by its logits, DeepSeek-V3 by sigmoid score plus correction bias
+        rank = logits.float().sigmoid() + router.router.e_score_correction_bias if family == "deepseek_v3" else logits
+        for (_, w, idx), k in zip(partial, (1, N_SUB - 1, N_SUB + 1), strict=True):
+            assert idx.shape == (x.shape[0], k)
+            for t in range(idx.shape[0]):
+                full = dict(zip(idx_full[t].tolist(), w_full[t].tolist(), strict=True))
+                order = sorted(full, key=lambda i: (-float(rank[t, i]), i))  # parents by rank, copies by index
+                assert idx[t].tolist() == order[:k]
+                want = torch.tensor([full[i] for i in order[:k]])
+                if RENORMALISING[family]:
+                    want = want * (w_full[t].sum() / want.sum())
+                torch.testing.assert_close(w[t], want.to(w.dtype))
+
+
 def test_default_operating_point_is_recorded(exported, tiny_model_dir, partition_of, tmp_path):
     from prism_cli.runtime.elastic import load_elastic_model
 
@@ -560,3 +597,63 @@ def test_partition_missing_layers_is_refused(cli, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     assert_one_line_failure(cli("export", model, part, "--out", out), "layers [0]", "[0, 1]")
     assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# What serving engines need from the flat export (checked without them).
+
+
+def _serving(family: str, n_sub: int = 4, **fields: Any) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from prism_cli.export.serving import serving_check
+    from prism_cli.models.adapters import adapter_for_config
+
+    config = AutoConfig.for_model(family, **fields)
+    return serving_check(config, adapter_for_config(config), n_sub)
+
+
+def test_serving_check_tensor_and_expert_parallel_sizes():
+    base = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=8, num_experts_per_tok=8)
+    ok = _serving("olmoe", num_experts=32, intermediate_size=256, **base)
+    assert ok["tensor_parallel"] == [1, 2, 4, 8] and ok["expert_parallel"] == [1, 2, 4, 8]
+    assert ok["architecture"] is None and ok["experts"] == 32 and ok["expert_width"] == 256
+    # a sub-expert width of 12 splits over 4 ranks, not 8 (engines would floor 12 / 8 silently)
+    narrow = _serving("olmoe", num_experts=12, intermediate_size=12, **base)
+    assert narrow["tensor_parallel"] == [1, 2, 4]
+    assert narrow["tensor_parallel_refused"] == {"8": "sub-expert width 12 not divisible by 8"}
+    assert narrow["expert_parallel"] == [1, 2, 4]
+    heads = _serving("olmoe", num_experts=32, intermediate_size=256, **{**base, "num_attention_heads": 4,
+                                                                        "num_key_value_heads": 4})
+    assert heads["tensor_parallel_refused"] == {"8": "4 attention heads not divisible by 8"}
+    # Qwen2-MoE's shared expert keeps its width, and it is split over the ranks too
+    shared = _serving("qwen2_moe", num_experts=32, moe_intermediate_size=64, shared_expert_intermediate_size=20, **base)
+    assert shared["tensor_parallel"] == [1, 2, 4] and "shared expert width 20" in shared["tensor_parallel_refused"]["8"]
+    # DeepSeek: latent attention (no KV-head rule); dense layers' width counts only where there are dense layers
+    mla = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=3, n_routed_experts=32, moe_intermediate_size=64,
+               n_shared_experts=4, num_experts_per_tok=8, intermediate_size=36, kv_lora_rank=16, q_lora_rank=None,
+               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    assert _serving("deepseek_v2", first_k_dense_replace=0, **mla)["tensor_parallel"] == [1, 2, 4, 8]
+    dense = _serving("deepseek_v2", first_k_dense_replace=1, **mla)
+    assert dense["tensor_parallel_refused"] == {"8": "dense MLP width 36 not divisible by 8"}
+
+
+def test_serving_check_notes():
+    base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_experts=32, intermediate_size=64,
+                num_experts_per_tok=8)
+    plain = _serving("olmoe", **base)["notes"]
+    assert len(plain) == 1 and "lowest index first" in plain[0] and "not a multiple of 4" in plain[0]
+    renorm = _serving("olmoe", norm_topk_prob=True, **base)["notes"]
+    assert any("never renormalises" in note for note in renorm)
+
+
+def test_export_records_the_serving_check(cli, tiny_model_dir, partition_of, tmp_path):
+    out = tmp_path / "lin"
+    result = cli("export", tiny_model_dir("olmoe"), partition_of("olmoe"), "--out", out, "--gate", "linear")
+    assert result.code == 0, result
+    serving = json.loads((out / "config.json").read_text())["prism"]["serving"]
+    # tiny OLMoE: 4 heads, 2 KV heads, 8 experts of width 32 -> 32 sub-experts of width 8
+    assert serving["architecture"] == "OlmoeForCausalLM" and serving["experts"] == 8 * N_SUB
+    assert serving["expert_width"] == 32 // N_SUB
+    assert serving["tensor_parallel"] == [1, 2, 4] and serving["expert_parallel"] == [1, 2, 4, 8]
+    assert "tensor-parallel 1, 2, 4" in " ".join(result.out.split())

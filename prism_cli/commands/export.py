@@ -41,6 +41,13 @@ def export(
         f"{result.width // result.n_sub} ({result.num_experts * result.n_sub} experts, top-{result.top_k * result.n_sub} = full), "
         f"gate {result.gate}, default operating point {result.default_point}; files: {', '.join(result.files)}"
     )
+    serving = result.serving
+    refused = "".join(f"; not {tp}: {why}" for tp, why in serving["tensor_parallel_refused"].items())
+    console.print(
+        f"vLLM / SGLang serve it as {serving['architecture']} ({serving['experts']} experts of width "
+        f"{serving['expert_width']}): tensor-parallel {', '.join(map(str, serving['tensor_parallel']))}{refused}; "
+        f"expert-parallel {', '.join(map(str, serving['expert_parallel']))}"
+    )
     if result.inexact_reason:
         console.print(f"[yellow]warning:[/] the linear gate is not exact for this model: {result.inexact_reason}")
     console.print(

@@ -33,6 +33,7 @@ from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
 from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
+from prism_cli.export.serving import serving_check
 from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
 
@@ -60,6 +61,7 @@ class ExportResult:
     default_point: str
     files: list[str]
     inexact_reason: str | None
+    serving: dict[str, Any]
 
 
 def check_partition(partition: Partition, config: Any, adapter: MoEAdapter, weights_hash: str, model: str) -> None:
@@ -169,6 +171,7 @@ def export_model(
             "operating_points": [str(p) for p in default_operating_points(settings.gate, n_sub, adapter.top_k)],
             "default_operating_point": str(default_point),
         }
+        flat.prism["serving"] = serving_check(flat, adapter, n_sub)
         flat.save_pretrained(tmp)
         if settings.gate == "neurons":
             gates = {
@@ -181,7 +184,7 @@ def export_model(
             files.append(GATE_FILE)
         _copy_side_files(source, tmp)
     return ExportResult(Path(out), settings.gate, n_sub, adapter.num_experts, adapter.width, adapter.top_k,
-                        str(default_point), files, inexact)
+                        str(default_point), files, inexact, flat.prism["serving"])
 
 
 @dataclass

@@ -160,6 +160,16 @@ class MoEAdapter:
         """Fields to set on a copy of the flat config to build the original router module again."""
         return {self.experts_key: self.num_experts // n_sub, self.top_k_key: self.top_k // n_sub}
 
+    # ---- routing semantics, for a top-K below the router's own ------------------------------------
+    def renormalizes(self) -> bool:
+        """Whether the router divides its top-k weights by their sum (``norm_topk_prob``)."""
+        return bool(getattr(self.config, "norm_topk_prob", False))
+
+    def selection_scores(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """The scores the router ranks experts by (any monotone transform will do): softmax routers
+        rank by their logits."""
+        return logits
+
 
 ADAPTERS: Registry[type[MoEAdapter]] = Registry("MoE family")
 
@@ -196,6 +206,9 @@ class MixtralAdapter(MoEAdapter):
     checkpoint_block = "block_sparse_moe"
     proj_names = ("w1", "w3", "w2")
 
+    def renormalizes(self) -> bool:
+        return True
+
 
 class _DeepseekAdapter(MoEAdapter):
     """DeepSeek-V2/V3: shared experts sized ``moe_intermediate_size * n_shared_experts`` stay whole."""
@@ -218,6 +231,9 @@ class DeepseekV2Adapter(_DeepseekAdapter):
 
     model_type = "deepseek_v2"
 
+    def renormalizes(self) -> bool:
+        return False  # V2 scales its softmax top-k by routed_scaling_factor, never by their sum
+
 
 @register_adapter
 class DeepseekV3Adapter(_DeepseekAdapter):
@@ -226,9 +242,13 @@ class DeepseekV3Adapter(_DeepseekAdapter):
     model_type = "deepseek_v3"
     router_per_expert = ("e_score_correction_bias",)
 
+    def selection_scores(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        # V3 ranks by sigmoid score plus the per-expert correction bias, and weights by the score alone.
+        return logits.float().sigmoid() + router.e_score_correction_bias
+
     def flat_down_scale(self, n_sub: int) -> float:
         # Sigmoid scores are per expert, not shared out: copies only split the weight if renormalised.
-        return float(n_sub) if getattr(self.config, "norm_topk_prob", False) else 1.0
+        return float(n_sub) if self.renormalizes() else 1.0
 
     def linear_gate_inexact_reason(self) -> str | None:
         n_group = getattr(self.config, "n_group", 1) or 1

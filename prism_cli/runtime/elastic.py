@@ -24,7 +24,7 @@ from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.policies import POLICIES
-from prism_cli.runtime.router import GateNeuronRouter
+from prism_cli.runtime.router import GateNeuronRouter, LinearGateRouter
 
 GATE_FILE = "prism_gate.safetensors"
 
@@ -97,10 +97,10 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
         state = ElasticState(None, 1, adapter.top_k, adapter.num_experts, layers, [layer.router for layer in layers])
     else:
         n_sub = int(meta["sub_experts"])
-        state = ElasticState(
-            meta["gate"], n_sub, int(meta["source"]["top_k"]), int(meta["source"]["num_experts"]), layers,
-            [layer.router for layer in layers], meta=meta,
-        )
+        top_k = int(meta["source"]["top_k"])
+        flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores)
+                for layer in layers]
+        state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta)
         if meta["gate"] == "neurons":
             gate_file = directory / GATE_FILE
             if not gate_file.exists():

@@ -1,0 +1,85 @@
+"""What vLLM and SGLang need from a flat (linear-gate) export, checked without either engine.
+
+The flat export is a checkpoint of the source model's own architecture, so both engines load it with
+the model class they already have for that family. What changes is the MoE shape: ``E * N`` experts of
+width ``I / N``. The engines' fused-MoE layers split each expert's width over the tensor-parallel
+ranks (``intermediate_size // tp``, without checking the remainder) and split experts over the
+expert-parallel ranks, so the narrower experts decide which parallel sizes still work. The rules here
+are the ones those model classes apply (attention heads divisible by the TP size, KV heads divisible
+by it or dividing it, every MLP width divisible by it); the result is recorded in the export's config
+and printed by ``prism export``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prism_cli.models.adapters import MoEAdapter
+
+#: Parallel sizes reported (one node).
+PARALLEL_SIZES = (1, 2, 4, 8)
+
+#: Families whose attention is multi-head latent attention (no KV-head split across ranks).
+_MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
+
+
+def _widths(config: Any, adapter: MoEAdapter) -> dict[str, int]:
+    """Every MLP width the engines shard over tensor-parallel ranks: routed, shared and dense."""
+    widths = {"sub-expert width": int(getattr(config, adapter.width_key))}
+    shared = getattr(config, "shared_expert_intermediate_size", None)
+    if shared:
+        widths["shared expert width"] = int(shared)
+    n_shared = getattr(config, "n_shared_experts", None)
+    if n_shared:
+        widths["shared experts width"] = int(n_shared) * int(getattr(config, adapter.width_key))
+    dense_layers = (getattr(config, "first_k_dense_replace", 0) or 0) > 0 or bool(getattr(config, "mlp_only_layers", None)) \
+        or (getattr(config, "decoder_sparse_step", 1) or 1) > 1
+    if dense_layers and adapter.width_key != "intermediate_size":
+        widths["dense MLP width"] = int(config.intermediate_size)
+    return widths
+
+
+def _tp_problem(config: Any, adapter: MoEAdapter, tp: int) -> str | None:
+    heads = int(config.num_attention_heads)
+    if heads % tp:
+        return f"{heads} attention heads"
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv and adapter.model_type not in _MLA_FAMILIES and int(kv) % tp and tp % int(kv):
+        return f"{kv} KV heads"
+    for name, width in _widths(config, adapter).items():
+        if width % tp:
+            return f"{name} {width}"
+    return None
+
+
+def serving_check(config: Any, adapter: MoEAdapter, n_sub: int) -> dict[str, Any]:
+    """The flat export's parallel sizes and the engine behaviours a user should know about.
+
+    ``config`` is the flat export's config; ``adapter`` the source model's adapter.
+    """
+    experts = int(getattr(config, adapter.experts_key))
+    tensor_parallel, refused = [], {}
+    for tp in PARALLEL_SIZES:
+        problem = _tp_problem(config, adapter, tp)
+        if problem is None:
+            tensor_parallel.append(tp)
+        else:
+            refused[str(tp)] = f"{problem} not divisible by {tp}"
+    notes = [
+        f"num_experts_per_tok = K not a multiple of {n_sub} splits an expert's {n_sub} tied copies: prism's linear:K and "
+        "vLLM's fused top-k softmax kernel take them lowest index first (sub-expert 0 holds the most activation "
+        "mass); other top-k implementations (torch.topk in plain transformers, some SGLang and grouped top-k "
+        "paths) may take any copy, which changes quality at such K but not at multiples of N",
+    ]
+    if adapter.model_type == "olmoe" and getattr(config, "norm_topk_prob", False):
+        notes.append("vLLM's OLMoE never renormalises top-k weights, but this config sets norm_topk_prob: "
+                     "vLLM will not match transformers (for the source model as well)")
+    return {
+        "architecture": (getattr(config, "architectures", None) or [None])[0],
+        "experts": experts,
+        "expert_width": int(getattr(config, adapter.width_key)),
+        "tensor_parallel": tensor_parallel,
+        "tensor_parallel_refused": refused,
+        "expert_parallel": [ep for ep in PARALLEL_SIZES if experts % ep == 0],
+        "notes": notes,
+    }
