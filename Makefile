@@ -67,7 +67,7 @@ gpu-check:
 	bash scripts/gpu_check.sh results/gpu
 
 lint: $(STAMP)
-	$(BIN)/pip install --quiet ruff
+	$(BIN)/pip install --quiet "ruff==0.17.6"
 	$(BIN)/ruff check prism_cli tests scripts
 
 clean:

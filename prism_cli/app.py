@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 
 from prism_cli import __version__
-from prism_cli.commands import bench, eval as eval_cmd, export, kernels, partition, profile, tables
+from prism_cli.commands import bench, export, kernels, partition, profile, tables
+from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
 from prism_cli.errors import PrismError
 
@@ -84,7 +85,7 @@ def main() -> None:
     except MemoryError:
         err_console.print("[bold red]error:[/] out of memory; use a smaller --batch-size / --tokens / --max-rows", soft_wrap=True)
         sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback only on request
+    except Exception as exc:
         if os.environ.get("PRISM_DEBUG"):
             raise
         # One line whatever the message: its first line, unwrapped, with any [brackets] printed as text.

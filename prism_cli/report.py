@@ -42,7 +42,7 @@ class ResultTable:
         self.rows.append(list(values))
 
     def records(self) -> list[dict[str, Any]]:
-        return [dict(zip(self.columns, row)) for row in self.rows]
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
     def rich(self) -> RichTable:
         table = RichTable(title=self.title, caption="\n".join(self.notes) or None, caption_justify="left")

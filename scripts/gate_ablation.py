@@ -19,8 +19,8 @@ import numpy as np
 
 from prism_cli.data import split_text
 from prism_cli.evaluation.perplexity import perplexity, token_windows
-from prism_cli.profiling.format import ProfileFile
 from prism_cli.export.builder import ExportSettings, export_model
+from prism_cli.profiling.format import ProfileFile
 from prism_cli.report import ResultTable
 from prism_cli.runtime.elastic import load_elastic_model, set_operating_point
 from prism_cli.solvers.base import PartitionProblem

@@ -108,7 +108,7 @@ def measure(fn: Callable[[], Any], mode: str, flush: torch.Tensor, reps_range: t
         flush_us = timed_runs(lambda: None, flush, 1)[0]
         reps = int(min(max(MEASURE_S * 1e6 / (one + flush_us), reps_range[0]), reps_range[1]))
         samples = sorted(timed_runs(run, flush, reps))
-    except Exception as exc:  # recorded: one failing baseline must not end the run
+    except Exception as exc:  # noqa: BLE001 - recorded: one failing baseline must not end the run
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return {"p50_us": statistics.median(samples), "p90_us": samples[int(0.9 * (len(samples) - 1))], "reps": reps}
 
@@ -192,7 +192,7 @@ def bench_model(
     for impl in ("grouped_mm", "eager"):
         try:
             baselines[impl] = transformers_experts(gate_up, down, impl)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded: a missing transformers implementation is a result
             result.setdefault("baseline_errors", {})[impl] = f"{type(exc).__name__}: {exc}"[:300]
     graphs_work = {"prism": True, **dict.fromkeys(baselines, True)}  # a failed capture is not retried
     for tokens in BATCHES:
@@ -204,8 +204,8 @@ def bench_model(
             indices, weights, _ = cuda.random_routing(tokens, experts, N_SUB, top_k, active, gen)
             weights = weights.bfloat16()
             row: dict[str, Any] = {"tokens": tokens, "K": active, "unique_sub_experts": indices.unique().numel()}
-            calls = {"prism": lambda: ops.experts_forward(x, gate_up, down, indices, weights)}
-            calls |= {impl: (lambda m=module: m(x, indices, weights)) for impl, module in baselines.items()}
+            calls = {"prism": lambda x=x, i=indices, w=weights: ops.experts_forward(x, gate_up, down, i, w)}
+            calls |= {impl: (lambda m=module, x=x, i=indices, w=weights: m(x, i, w)) for impl, module in baselines.items()}
             for impl, call in calls.items():
                 if impl == "eager" and tokens == PREFILL and active != k_max:
                     continue
@@ -232,17 +232,17 @@ def bench_model(
 def proportionality(ks: list[float], lat: list[float]) -> dict[str, float]:
     """Fit latency = slope * K through the origin: max relative deviation; and the affine fit's
     intercept (the fixed cost) with its own max deviation."""
-    slope = sum(k * t for k, t in zip(ks, lat)) / sum(k * k for k in ks)
+    slope = sum(k * t for k, t in zip(ks, lat, strict=True)) / sum(k * k for k in ks)
     n = len(ks)
     mean_k, mean_t = sum(ks) / n, sum(lat) / n
     var = sum((k - mean_k) ** 2 for k in ks)
-    b = sum((k - mean_k) * (t - mean_t) for k, t in zip(ks, lat)) / var if var else 0.0
+    b = sum((k - mean_k) * (t - mean_t) for k, t in zip(ks, lat, strict=True)) / var if var else 0.0
     a = mean_t - b * mean_k
     return {
-        "max_dev_proportional": max(abs(t / (slope * k) - 1) for k, t in zip(ks, lat)),
+        "max_dev_proportional": max(abs(t / (slope * k) - 1) for k, t in zip(ks, lat, strict=True)),
         "affine_intercept_us": a,
         "affine_slope_us": b,
-        "max_dev_affine": max(abs(t / (a + b * k) - 1) if a + b * k > 0 else float("inf") for k, t in zip(ks, lat)),
+        "max_dev_affine": max(abs(t / (a + b * k) - 1) if a + b * k > 0 else float("inf") for k, t in zip(ks, lat, strict=True)),
     }
 
 
@@ -419,7 +419,7 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         cuda.build(verbose=os.environ.get("PRISM_VERBOSE_BUILD") == "1")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a failed build is the result: saved, then the run ends
         report["build_error"] = f"{type(exc).__name__}: {exc}"[-4000:]
         save(report, args.out)
         print(report["build_error"], file=sys.stderr)

@@ -10,10 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from tiny_models import FAMILIES, build_tiny  # noqa: E402
+import pytest
+import torch
+from tiny_models import FAMILIES, build_tiny
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from tiny_models import CONFIGS, FAMILIES
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prism_cli.errors import PrismError
 from prism_cli.models.adapters import ADAPTERS, MoEAdapter, adapter_for_config
 from prism_cli.models.loading import load_config, load_model
-from tiny_models import CONFIGS, FAMILIES
-
 
 #: Decoder layers of each tiny model that hold a sparse MoE block (DeepSeek's first layer is dense).
 MOE_LAYERS = {family: [1] if family.startswith("deepseek") else [0, 1] for family in FAMILIES}

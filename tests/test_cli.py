@@ -19,7 +19,6 @@ from prism_cli.profiling.format import ProfileFile
 from prism_cli.solvers.format import read_partition
 
 
-
 def _command_paths() -> list[tuple[str, ...]]:
     """Every command and subcommand of ``prism``, walked from the app itself (new commands are covered)."""
     root = typer.main.get_command(app)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from tiny_models import build_tiny, tiny_tokenizer
 
 from prism_cli.errors import PrismError
+from prism_cli.export.builder import GATE_FILE, ExportSettings, export_model
+from prism_cli.export.checkpoint import INDEX, CheckpointReader
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, weights_fingerprint
-from prism_cli.export.checkpoint import INDEX, CheckpointReader
-from prism_cli.export.builder import GATE_FILE, ExportSettings, export_model
 from prism_cli.solvers.format import ExpertPartition, Partition, write_partition
 
 N_SUB = 4

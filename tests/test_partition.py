@@ -32,7 +32,6 @@ from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_
 from prism_cli.solvers.runner import PartitionSettings, gate_positions, partition_profile
 from prism_cli.solvers.synthetic import planted_rows, realistic_rows
 
-
 N = 4
 WIDTH = 32
 LAYERS = [0, 1]
@@ -68,7 +67,7 @@ def solved(profile_path):
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to renaming the groups: the (a, b) label pairs form a bijection."""
-    pairs = set(zip(a.tolist(), b.tolist()))
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
@@ -130,7 +129,7 @@ def test_partition_file_round_trips(solved, tmp_path, solver: str) -> None:
         assert back.meta[key] == (list(value) if isinstance(value, tuple) else value), key
     assert back.meta["solver_settings"] == SOLVERS.get(solver)(**dict(FAST.get(solver, ()))).settings()
     for layer in result.layers:
-        for a, b in zip(result.experts[layer], back.experts[layer]):
+        for a, b in zip(result.experts[layer], back.experts[layer], strict=True):
             np.testing.assert_array_equal(a.permutation, b.permutation)
             np.testing.assert_array_equal(a.gate_positions, b.gate_positions)
             assert (a.fit_cost, a.heldout_cost, a.seconds) == (b.fit_cost, b.heldout_cost, b.seconds)
@@ -148,7 +147,7 @@ def _same_results(a: Partition, b: Partition) -> bool:
         np.array_equal(x.permutation, y.permutation) and np.array_equal(x.gate_positions, y.gate_positions)
         and x.fit_cost == y.fit_cost and x.heldout_cost == y.heldout_cost
         for layer in a.layers
-        for x, y in zip(a.experts[layer], b.experts[layer])
+        for x, y in zip(a.experts[layer], b.experts[layer], strict=True)
     )
 
 
@@ -293,7 +292,7 @@ def test_balance_repair_always_gives_equal_groups() -> None:
         x[0] = np.zeros(width)  # all in one group
         x[1] = rng.permutation(equal_labels(width, n_groups))  # already balanced
         repaired = BalanceRepair()._do(problem, x.copy(), random_state=np.random.default_rng(2))
-        for before, after in zip(x, repaired):
+        for before, after in zip(x, repaired, strict=True):
             assert is_valid_partition(after, n_groups)
             counts = np.bincount(before, minlength=n_groups)
             # Only neurons of over-full groups move.

@@ -26,7 +26,6 @@ from prism_cli.profiling.profiler import ProfileSettings, holdout_mask, profile_
 from prism_cli.profiling.recorder import Reservoir
 from prism_cli.solvers.base import top_fraction_mask
 
-
 SETTINGS = dict(tokens=2048, seq_len=32, max_rows=256, row_dtype="float32")
 CLI_SETTINGS = ["--tokens", "2048", "--seq-len", "32", "--max-rows", "256", "--row-dtype", "float32"]
 MOE_LAYERS = {"deepseek_v2": [1], "deepseek_v3": [1]}
@@ -287,7 +286,7 @@ def test_memory_bound_rows_do_not_grow_with_tokens(tiny_model_dir, tmp_path) -> 
         out = tmp_path / f"profile-{tokens}.h5"
         profile_model(loaded, text, name, settings, out)
         with ProfileFile(out) as pf:
-            fit, held = zip(*(pf.row_counts(layer) for layer in pf.layers))
+            fit, held = zip(*(pf.row_counts(layer) for layer in pf.layers), strict=True)
             routed = sum(int(pf.tokens_routed(layer).sum()) for layer in pf.layers)
         counts[tokens] = (np.concatenate(fit), np.concatenate(held), routed)
     for fit, held, _ in counts.values():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import FULL, N_SUB, TOP_K, logits_of, token_batch, random_neurons_export
+from test_export import FULL, N_SUB, TOP_K, logits_of, random_neurons_export, token_batch
 
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.quality import ActiveCounter

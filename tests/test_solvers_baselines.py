@@ -25,7 +25,7 @@ def make(name: str, **overrides: object) -> Solver:
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to renaming the groups: the (a, b) label pairs form a bijection."""
-    pairs = set(zip(a.tolist(), b.tolist()))
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 

@@ -31,7 +31,7 @@ def _assert_same_quality(fresh: list[dict], committed: list[dict[str, str]], *, 
         assert all(r["point"] in by_point for r in fresh), "the table lacks points: run make tables"
         committed = [by_point[r["point"]] for r in fresh]
     assert [r["point"] for r in fresh] == [r["point"] for r in committed], "the table lists other points: run make tables"
-    for new, old in zip(fresh, committed):
+    for new, old in zip(fresh, committed, strict=True):
         assert new["kind"] == old["kind"]
         # Perplexity to 1e-4 relative, KL and agreement to 1e-4 absolute: float summation can differ in
         # the last digits between CPUs; a real change to the pipeline moves them far more.

@@ -9,8 +9,8 @@ import typer
 from rich.panel import Panel
 
 from prism_cli.commands.common import ConfigOption, parse_int_list
-from prism_cli.data import load_text
 from prism_cli.console import console, progress_bar
+from prism_cli.data import load_text
 from prism_cli.errors import BudgetNotMet, PrismError
 from prism_cli.report import ResultTable
 
@@ -76,7 +76,7 @@ class StageBars:
         while self._open:
             self._open.pop().__exit__(None, None, None)
 
-    def __enter__(self) -> "StageBars":
+    def __enter__(self) -> StageBars:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -170,7 +170,7 @@ def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: floa
             failures.append(f"no operating point reaches perplexity {max_ppl:g}; the best is {best.point} at {best.quality.perplexity:.2f}")
         else:
             console.print(Panel(f"[bold]{pick.point}[/]: perplexity {pick.quality.perplexity:.2f}, "
-                                f"{pick.latency[b0].median_ms:.3g} ms at batch {b0}", title=f"cheapest point with perplexity <= {max_ppl:g}",
-                                border_style="green"))
+                                f"{pick.latency[b0].median_ms:.3g} ms at batch {b0}",
+                                title=f"cheapest point with perplexity <= {max_ppl:g}", border_style="green"))
     if failures:
         raise BudgetNotMet("; ".join(failures))

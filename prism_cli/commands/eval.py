@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from prism_cli.commands.common import ConfigOption
-from prism_cli.data import load_text
 from prism_cli.console import console, progress_bar
+from prism_cli.data import load_text
 from prism_cli.errors import PrismError
 
 
@@ -19,7 +19,8 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     operating_point: str = typer.Option(
-        None, "--operating-point", "-K", help="For a prism export: the point to evaluate (topk:4, threshold:0.9, ...; default: the export's)."
+        None, "--operating-point", "-K",
+        help="For a prism export: the point to evaluate (topk:4, threshold:0.9, ...; default: the export's).",
     ),
     config: str = ConfigOption,
 ) -> None:

@@ -77,7 +77,8 @@ def summary_table(partition: Partition) -> ResultTable:
         held_r = np.mean([x.heldout_retained for x in experts], axis=0)
         table.add(layer, float(np.mean([x.fit_cost for x in experts])), float(np.mean([x.heldout_cost for x in experts])),
                   *map(float, held_r), float(np.mean([x.seconds for x in experts])))
-    table.notes.append("cost: normalised paper cost (SPEC 3.2), lower is better; R_m: retained-mass fraction with m sub-experts, higher is better")
+    table.notes.append("cost: normalised paper cost (SPEC 3.2), lower is better; "
+                       "R_m: retained-mass fraction with m sub-experts, higher is better")
     return table
 
 

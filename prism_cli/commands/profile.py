@@ -8,8 +8,8 @@ import psutil
 import typer
 
 from prism_cli.commands.common import ConfigOption, deferred_progress, parse_int_list
-from prism_cli.data import load_text
 from prism_cli.console import console
+from prism_cli.data import load_text
 from prism_cli.io import check_writable
 from prism_cli.report import ResultTable
 
@@ -67,7 +67,8 @@ def profile(
     )
     for layer in summary.layers:
         routed = summary.routed[layer]
-        empty = [e for e, (f, h) in enumerate(zip(summary.fit_rows[layer], summary.heldout_rows[layer])) if f == 0 or h == 0]
-        table.add(layer, f"{min(routed):,} / {max(routed):,}", min(summary.fit_rows[layer]), min(summary.heldout_rows[layer]), ",".join(map(str, empty)) or "-")
+        fit, held = summary.fit_rows[layer], summary.heldout_rows[layer]
+        empty = [e for e, (f, h) in enumerate(zip(fit, held, strict=True)) if f == 0 or h == 0]
+        table.add(layer, f"{min(routed):,} / {max(routed):,}", min(fit), min(held), ",".join(map(str, empty)) or "-")
     table.notes.append(f"peak RSS {psutil.Process().memory_info().rss / 2**30:.2f} GiB; written {out}")
     console.print(table.rich())

@@ -224,7 +224,7 @@ def get_ops(device: torch.device | str | None = None) -> Any:
         return reference
     if not available():
         warnings.warn("prism: CUDA kernels unavailable (device older than sm_80, or no nvcc or ninja); "
-                      "using the torch reference")
+                      "using the torch reference", stacklevel=2)
         return reference
     if _compiled is None:
         _compiled = _CompiledOps(build())
@@ -355,7 +355,7 @@ def check_case(ops: Any, case: dict[str, Any]) -> dict[str, float]:
             _poison_free_memory(device)
         out = calls[name]()
         if name == "sort_pairs":
-            same = all(torch.equal(a, b) for a, b in zip(out, (ref_order, ref_offsets)))
+            same = all(torch.equal(a, b) for a, b in zip(out, (ref_order, ref_offsets), strict=True))
             errors[name] = 0.0 if same else float("inf")
         else:
             errors[name] = _rel_err(out, expected[name])
@@ -392,7 +392,7 @@ def self_check(device: torch.device | str = "cuda") -> dict[str, Any]:
                 case = random_case(**shape, dtype=dtype, device=device, unused_slots=0.1, seed=seed)
                 for name, err in check_case(ops, case).items():
                     worst[name] = max(worst[name], err)
-    except Exception as exc:  # reported, not raised: this feeds `prism doctor`
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: this feeds `prism doctor`
         result["error"] = f"{type(exc).__name__}: {exc}"
         return result
     result["ops"] = {name: {"passed": err <= TOLERANCE, "max_rel_err": err} for name, err in worst.items()}

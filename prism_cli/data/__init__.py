@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -34,7 +34,7 @@ def corpus_dir() -> Path:
     return Path(str(resources.files("prism_cli.data") / "corpus"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def corpus_text(name: str) -> str:
     """One whole corpus text, decompressed."""
     if name not in TEXTS:
@@ -63,7 +63,7 @@ def split_of_chunk(index: int) -> str:
     return _SPLIT_OF_RESIDUE.get(index % _PERIOD, "train")
 
 
-@lru_cache(maxsize=None)
+@cache
 def split_text(split: str) -> str:
     """All chunks of one split, texts in a fixed order, chunks in book order."""
     if split not in SPLITS:

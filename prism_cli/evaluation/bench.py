@@ -175,7 +175,8 @@ def run_bench(
     else:
         source_name = target
         source = load_model(target, device=settings.device, experts_implementation=settings.experts_impl)
-        note = f"{target} is a plain MoE model, not a prism export: only its original top-1..top-{source.adapter.top_k} range is benchmarked"
+        note = (f"{target} is a plain MoE model, not a prism export: "
+                f"only its original top-1..top-{source.adapter.top_k} range is benchmarked")
     assert source.adapter is not None
     source_state = attach_elastic_state(source.model, None)
     n_sub = int(meta["sub_experts"]) if meta else 1
@@ -234,7 +235,7 @@ def run_bench(
         timers: dict[int, StepTimer] = {}
         samples: dict[str, list] = {name: [] for name, *_ in runners}
         try:
-            for name, _, model, state, prepare in runners:  # build each model's context once, warm every point
+            for _name, _, model, state, prepare in runners:  # build each model's context once, warm every point
                 prepare()
                 if id(model) not in timers:
                     timers[id(model)] = StepTimer(model, batch, settings.seq_len, settings.mode, vocab, settings.seed,

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from prism_cli.evaluation.bench import BenchReport  # noqa: E402
-from prism_cli.io import atomic_path  # noqa: E402
+from prism_cli.evaluation.bench import BenchReport
+from prism_cli.io import atomic_path
 
 _STYLE = {"original": ("tab:red", "s"), "linear": ("tab:gray", "^"), "topk": ("tab:blue", "o"),
           "pattern": ("tab:purple", "D"), "threshold": ("tab:green", "v")}

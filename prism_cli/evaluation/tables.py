@@ -26,10 +26,10 @@ from prism_cli.config import load_run_config
 from prism_cli.data import load_text
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, machine_label, report_json, run_bench, summary_tables
+from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.io import write_text
 from prism_cli.models.loading import load_model
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
-from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.report import ResultTable
 from prism_cli.solvers.format import write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile
@@ -49,7 +49,7 @@ class TableConfig:
     bench: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TableConfig":
+    def load(cls, path: str | Path) -> TableConfig:
         data = load_run_config(path)
         known = {"name", "model", "seed", "device", "profile", "partition", "export", "bench", "data"}
         unknown = sorted(set(data) - known)
@@ -89,7 +89,7 @@ def operating_points_table(report: BenchReport) -> ResultTable:
          *[f"MoE ms b={b} [{label}]" for b in batches], "frontier", "distinct stable"],
     )
     b0 = batches[0]
-    for p, q in zip(report.points, quality_table(report).rows):
+    for p, q in zip(report.points, quality_table(report).rows, strict=True):
         table.add(*q, *[p.latency[b].median_ms for b in batches], *[p.latency[b].p90_ms for b in batches],
                   *[p.latency[b].moe_ms for b in batches], p.point in report.frontier[b0][p.kind],
                   p.point in report.distinct[b0][p.kind])

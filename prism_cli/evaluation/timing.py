@@ -88,7 +88,7 @@ class StepTimer:
             if mode == "decode":
                 with torch.inference_mode():
                     self.cache = model(input_ids=self.ids[:, :seq_len], use_cache=True).past_key_values
-        except BaseException as exc:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
+        except BaseException as exc:
             if _is_oom(exc):
                 raise MemoryError(f"batch {batch} x seq-len {seq_len} does not fit in memory") from None
             raise
@@ -120,7 +120,7 @@ class StepTimer:
                 self._step()
                 ms = (time.perf_counter() - t0) * 1e3
                 memory = psutil.Process().memory_info().rss
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             if _is_oom(exc):
                 raise MemoryError(f"batch {self.batch} x seq-len {self.seq_len} does not fit in memory") from None
             raise
@@ -152,7 +152,7 @@ def largest_fitting_batch(model: Any, batch: int, seq_len: int, mode: str, vocab
     while batch > 1:
         batch //= 2
         try:
-            StepTimer(model, batch, seq_len, mode, vocab).measure(repeats=1, warmup=0).median_ms
+            StepTimer(model, batch, seq_len, mode, vocab).measure(repeats=1, warmup=0)
             return batch
         except MemoryError:
             continue

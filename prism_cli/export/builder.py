@@ -29,11 +29,11 @@ from safetensors.torch import save_file
 
 from prism_cli import __version__
 from prism_cli.errors import PrismError
+from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
+from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
-from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
-from prism_cli.export.serving import serving_check
 from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
 
@@ -249,5 +249,6 @@ def _write_layer(
 def _copy_side_files(source: Path, out: Path) -> None:
     """Tokenizer, generation config, chat template ...: every top-level file that is not weights or config."""
     for path in source.iterdir():
-        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in (INDEX, SINGLE, "config.json") and not (out / path.name).exists():
+        side_file = not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in (INDEX, SINGLE, "config.json")
+        if path.is_file() and side_file and not (out / path.name).exists():
             shutil.copy2(path, out / path.name)

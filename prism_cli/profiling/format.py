@@ -86,7 +86,7 @@ class ProfileFile:
             self._h5.close()
             raise
 
-    def __enter__(self) -> "ProfileFile":
+    def __enter__(self) -> ProfileFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -72,7 +72,7 @@ def balanced_assignment(cost: np.ndarray, group_size: int, init: np.ndarray | No
         cycle = _negative_cycle(weights, tol)
         if cycle is None:
             return labels
-        moves = [(argbest[a, b], b) for a, b in zip(cycle, cycle[1:] + cycle[:1])]
+        moves = [(argbest[a, b], b) for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)]
         for j, b in moves:
             labels[j] = b
     raise RuntimeError("balanced assignment did not converge")

@@ -28,8 +28,8 @@ import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2, binary_tournament
 from pymoo.algorithms.soo.nonconvex.ga import GA, comp_by_cv_and_fitness
 from pymoo.core.crossover import Crossover
-from pymoo.core.mating import Mating
 from pymoo.core.duplicate import DuplicateElimination
+from pymoo.core.mating import Mating
 from pymoo.core.mutation import Mutation
 from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair

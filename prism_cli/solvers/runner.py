@@ -119,7 +119,9 @@ def gate_positions(problem: PartitionProblem, members: np.ndarray, count: int, s
     return out
 
 
-def finish(problem: PartitionProblem, labels: np.ndarray, heldout: np.ndarray, settings: PartitionSettings) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def finish(
+    problem: PartitionProblem, labels: np.ndarray, heldout: np.ndarray, settings: PartitionSettings
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Importance numbering, gate neurons and fit / held-out scores for a solver's labels."""
     n = problem.n_groups
     if not is_valid_partition(labels, n):
