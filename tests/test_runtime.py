@@ -269,6 +269,52 @@ def test_python_api_and_in_place_switching(elastic):
     assert str(elastic.prism_state.point) == f"topk:{FULL}", "a refused point leaves the model where it was"
 
 
+@pytest.mark.parametrize("point", ["linear:3", "topk:3"])
+def test_an_elastic_model_saves_as_its_export(neurons_export, point, tmp_path):
+    """The router swap is invisible to state_dict / save_pretrained: the saved checkpoint is the export's."""
+    from transformers import AutoModelForCausalLM
+
+    import prism_cli
+
+    model = prism_cli.load_elastic(str(neurons_export), operating_point=point)
+    stock = AutoModelForCausalLM.from_pretrained(str(neurons_export)).state_dict()
+    assert sorted(model.state_dict()) == sorted(stock)
+    model.save_pretrained(tmp_path / "saved")
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).state_dict()
+    assert sorted(saved) == sorted(stock)
+    for key, tensor in stock.items():
+        assert torch.equal(saved[key], tensor), key
+
+
+def test_load_state_dict_reaches_both_gates(neurons_export):
+    import prism_cli
+
+    model = prism_cli.load_elastic(str(neurons_export), operating_point="topk:3")
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("mlp.gate.weight"))
+    state[key] = state[key] * 2.0
+    model.load_state_dict(state, strict=True)
+    router = model.prism_state.elastic_routers[0]
+    assert torch.equal(router.linear.router.weight, state[key])
+    assert torch.equal(router.neurons.router.weight, state[key][::N_SUB])
+
+
+def test_moving_the_model_moves_every_gate(neurons_export):
+    """model.double() at a neurons point converts the linear branch too (and the other way round)."""
+    import prism_cli
+
+    ids = token_batch(seed=6)
+    model = prism_cli.load_elastic(str(neurons_export), operating_point=f"topk:{FULL}")
+    want = logits_of(model, ids).double()
+    model.double()
+    for point in (f"linear:{FULL}", "linear:3", f"topk:{FULL}"):
+        prism_cli.set_operating_point(model, point)
+        got = model(input_ids=ids, use_cache=False).logits
+        assert got.dtype == torch.float64
+        if point != "linear:3":
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max(), point
+
+
 def test_gate_neuron_rows_come_from_the_partition(elastic, neurons_export, tiny_model_dir):
     """The training-free gate reads the rows of each sub-expert's gate neurons: row
     ``permutation[n * I/N + position]`` of the source expert's W_gate and W_up."""

@@ -1,9 +1,10 @@
 """Loading an export as an elastic model and moving it between operating points in place.
 
 ``load_elastic(DIR)`` loads a prism export with stock ``AutoModelForCausalLM`` and prism's experts
-implementation; for a neurons-gate export it also builds, per MoE block, a ``GateNeuronRouter`` around
-the original router (its rows are every N-th row of the flat router). ``set_operating_point`` then
-swaps routers and policies without reloading: the weights never move.
+implementation, then replaces each MoE block's router once by an ``ElasticRouter``: the linear gate
+(the flat router with a defined tie order) and, for a neurons-gate export, a ``GateNeuronRouter``
+around the original router (its rows are every N-th row of the flat router). ``set_operating_point``
+then switches branches and policies without reloading: the weights never move.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.policies import POLICIES
-from prism_cli.runtime.router import GateNeuronRouter, LinearGateRouter
+from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter
 
 GATE_FILE = "prism_gate.safetensors"
 
@@ -40,6 +41,7 @@ class ElasticState:
     layers: list[MoELayer]
     flat_routers: list[nn.Module]
     gate_routers: list[GateNeuronRouter] = field(default_factory=list)
+    elastic_routers: list[ElasticRouter] = field(default_factory=list)
     point: OperatingPoint | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +118,10 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
                     GateNeuronRouter(_source_router(layer.router, model.config, adapter, meta), gate_w, up_w, n_sub,
                                      float(meta["down_scale"]), policy, n_sub * state.top_k)
                 )
+        for i, layer in enumerate(layers):
+            router = ElasticRouter(flat[i], state.gate_routers[i] if state.gate_routers else None)
+            layer.block.gate = router
+            state.elastic_routers.append(router)
     model.prism_state = state
     return state
 
@@ -126,15 +132,15 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
     if state is None:
         state = attach_elastic_state(model, None)
     op = parse_operating_point(point, state.gate, state.n_sub, state.top_k)
-    for i, layer in enumerate(state.layers):
+    for i in range(len(state.layers)):
         if op.policy in ("linear", "original"):
-            layer.block.gate = state.flat_routers[i]
             state.flat_routers[i].top_k = int(op.value)
         else:
             router = state.gate_routers[i]
             router.policy = POLICIES.get(op.policy)(state.n_sub, state.top_k, state.num_experts)
             router.value = op.value
-            layer.block.gate = router
+        if state.elastic_routers:
+            state.elastic_routers[i].use_neurons = op.policy not in ("linear", "original")
     state.point = op
     return op
 

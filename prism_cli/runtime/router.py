@@ -86,3 +86,45 @@ class LinearGateRouter(nn.Module):
         if self.renormalize:
             kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
         return logits, kept_w, indices.gather(1, keep)
+
+
+class ElasticRouter(nn.Module):
+    """The router of an exported MoE block under prism: the linear gate or the gate neurons, in place.
+
+    It replaces the block's stock (flat) router once, at load; ``set_operating_point`` only switches
+    which branch runs. Both branches stay in the module tree, so ``model.to()`` / ``.half()`` move them
+    all, and state-dict hooks make the block save and load as the stock flat router it replaced: an
+    elastic model's ``state_dict()`` / ``save_pretrained`` has exactly the export's keys. (The gate
+    neurons' rows are taken from the experts at load; loading other expert weights into an elastic
+    model needs ``load_elastic`` again.)
+    """
+
+    def __init__(self, linear: LinearGateRouter, neurons: GateNeuronRouter | None) -> None:
+        super().__init__()
+        self.linear = linear
+        self.neurons = neurons
+        self.use_neurons = False
+        self.register_state_dict_post_hook(_save_as_flat_router)
+        self.register_load_state_dict_pre_hook(_load_as_flat_router)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        branch = self.neurons if self.use_neurons and self.neurons is not None else self.linear
+        return branch(hidden_states)
+
+
+def _save_as_flat_router(module: ElasticRouter, state_dict: dict, prefix: str, _metadata: object) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    for name, tensor in module.linear.router.state_dict().items():
+        state_dict[prefix + name] = tensor
+
+
+def _load_as_flat_router(module: ElasticRouter, state_dict: dict, prefix: str, *_args: object) -> None:
+    """Stock keys go to the flat router, and every N-th expert's rows to the gate neurons' source router."""
+    for name in module.linear.router.state_dict():
+        if prefix + name not in state_dict:
+            continue
+        value = state_dict.pop(prefix + name)
+        state_dict[f"{prefix}linear.router.{name}"] = value
+        if module.neurons is not None:
+            state_dict[f"{prefix}neurons.router.{name}"] = value[:: module.neurons.n_sub]
