@@ -3,6 +3,7 @@ switching operating points in place, the Python API and the active sub-expert co
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 from pathlib import Path
@@ -313,6 +314,25 @@ def test_moving_the_model_moves_every_gate(neurons_export):
         assert got.dtype == torch.float64
         if point != "linear:3":
             assert (got - want).abs().max() <= 1e-4 * want.abs().max(), point
+
+
+@pytest.mark.parametrize("point", ["linear:3", "topk:3", "threshold:0.7", "pattern:4,1"])
+def test_cached_decoding_matches_a_full_forward(elastic, point):
+    """Routing is per token, so a KV-cached decode step computes what a full forward does at that position;
+    generate() runs at every point."""
+    import prism_cli
+
+    prism_cli.set_operating_point(elastic, point)
+    ids = token_batch(seed=8)
+    with torch.no_grad():
+        full = elastic(input_ids=ids, use_cache=False).logits[:, -1].float()
+        prefix = elastic(input_ids=ids[:, :-1], use_cache=True)
+        cache_kw = "cache" if "cache" in inspect.signature(elastic.forward).parameters else "past_key_values"  # renamed in 5.x
+        step = elastic(input_ids=ids[:, -1:], use_cache=True, **{cache_kw: prefix.past_key_values}).logits[:, -1].float()
+        out = elastic.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    prism_cli.set_operating_point(elastic, f"topk:{FULL}")
+    assert (step - full).abs().max() <= 1e-4 * full.abs().max()
+    assert out.shape == (ids.shape[0], ids.shape[1] + 4) and torch.equal(out[:, : ids.shape[1]], ids)
 
 
 def test_gate_neuron_rows_come_from_the_partition(elastic, neurons_export, tiny_model_dir):
