@@ -613,6 +613,20 @@ def _serving(family: str, n_sub: int = 4, **fields: Any) -> dict[str, Any]:
     return serving_check(config, adapter_for_config(config), n_sub)
 
 
+@pytest.mark.parametrize("gate", ["linear", "neurons"])
+def test_top_level_safetensors_hold_only_model_weights(exported, gate):
+    """Without an index, vLLM and SGLang load every top-level *.safetensors file as model weights."""
+    from safetensors import safe_open
+
+    out = exported("olmoe", gate)
+    top_level = sorted(path.name for path in out.glob("*.safetensors"))
+    assert top_level == ["model.safetensors"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert all(key.startswith(("model.", "lm_head.")) and "gate_positions" not in key for key in keys)
+    assert (out / GATE_FILE).exists() is (gate == "neurons") and "/" in GATE_FILE
+
+
 def test_serving_check_tensor_and_expert_parallel_sizes():
     base = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=8, num_experts_per_tok=8)
     ok = _serving("olmoe", num_experts=32, intermediate_size=256, **base)

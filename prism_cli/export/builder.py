@@ -6,7 +6,7 @@ router rows repeated N times, and ``down_proj`` rescaled (``MoEAdapter.flat_down
 top-(N*k) operating point equals the original model. Stock transformers loads it as is (the linear
 gate); vLLM and SGLang serve it as an ordinary fine-grained MoE.
 
-``--gate neurons`` adds ``prism_gate.safetensors`` (each sub-expert's gate-neuron positions) and
+``--gate neurons`` adds ``prism/gate_neurons.safetensors`` (each sub-expert's gate-neuron positions) and
 makes the prism runtime route with the *original* router and the training-free gate (SPEC 3.4a).
 
 Source weights are streamed tensor by tensor from safetensors and written in bounded shards, in the
@@ -34,10 +34,10 @@ from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
+from prism_cli.runtime.elastic import GATE_FILE
 from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
 
-GATE_FILE = "prism_gate.safetensors"
 EXPORT_FORMAT_VERSION = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
@@ -180,6 +180,7 @@ def export_model(
                 )
                 for layer in partition.layers
             }
+            (tmp / GATE_FILE).parent.mkdir()
             save_file(gates, str(tmp / GATE_FILE))
             files.append(GATE_FILE)
         _copy_side_files(source, tmp)

@@ -27,7 +27,9 @@ from prism_cli.runtime.operating_points import OperatingPoint, default_operating
 from prism_cli.runtime.policies import POLICIES
 from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter
 
-GATE_FILE = "prism_gate.safetensors"
+#: The gate neurons of a neurons-gate export. In a subfolder: serving engines load every top-level
+#: ``*.safetensors`` file of an unsharded checkpoint as model weights.
+GATE_FILE = "prism/gate_neurons.safetensors"
 
 
 @dataclass
