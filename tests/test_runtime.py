@@ -396,6 +396,18 @@ def test_load_elastic_refuses_a_plain_model(tiny_model_dir):
         prism_cli.load_elastic(str(tiny_model_dir("olmoe")))
 
 
+def test_an_export_of_another_format_version_is_refused(cli, neurons_export, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(neurons_export, old)
+    config = json.loads((old / "config.json").read_text())
+    config["prism"]["format_version"] = 1
+    (old / "config.json").write_text(json.dumps(config))
+    cli("eval", old, "--tokens", "64").assert_one_line_error("export format version 1", "export it again")
+
+
 def _active(model, counter_hooks, ids) -> float:
     counter = ActiveCounter()
     handles = [m.register_forward_hook(counter.hook(**kw)) for m, kw in counter_hooks]

@@ -34,11 +34,10 @@ from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
-from prism_cli.runtime.elastic import GATE_FILE
+from prism_cli.runtime.elastic import EXPORT_FORMAT_VERSION, GATE_FILE
 from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
 
-EXPORT_FORMAT_VERSION = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
 

@@ -27,6 +27,8 @@ from prism_cli.runtime.operating_points import OperatingPoint, default_operating
 from prism_cli.runtime.policies import POLICIES
 from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter
 
+#: Version of the export layout this prism writes and reads (2: gate neurons in a subfolder, ``prism.serving``).
+EXPORT_FORMAT_VERSION = 2
 #: The gate neurons of a neurons-gate export. In a subfolder: serving engines load every top-level
 #: ``*.safetensors`` file of an unsharded checkpoint as model weights.
 GATE_FILE = "prism/gate_neurons.safetensors"
@@ -152,6 +154,9 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     meta = export_meta(resolve_model(spec))
     if meta is None:
         raise PrismError(f"{spec} is not a prism export (its config.json has no 'prism' section)")
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise PrismError(f"{spec} has export format version {meta.get('format_version')}; this prism reads "
+                         f"{EXPORT_FORMAT_VERSION}: export it again")
     loaded = load_model(spec, dtype=dtype, device=device, experts_implementation=EXPERTS_IMPLEMENTATION)
     attach_elastic_state(loaded.model, Path(loaded.name))
     set_operating_point(loaded.model, operating_point or meta["default_operating_point"])
