@@ -85,7 +85,7 @@ def main() -> None:
     except MemoryError:
         err_console.print("[bold red]error:[/] out of memory; use a smaller --batch-size / --tokens / --max-rows", soft_wrap=True)
         sys.exit(2)
-    except Exception as exc:
+    except Exception as exc:  # last resort: one line, traceback only on request
         if os.environ.get("PRISM_DEBUG"):
             raise
         # One line whatever the message: its first line, unwrapped, with any [brackets] printed as text.

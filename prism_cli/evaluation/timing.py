@@ -88,7 +88,7 @@ class StepTimer:
             if mode == "decode":
                 with torch.inference_mode():
                     self.cache = model(input_ids=self.ids[:, :seq_len], use_cache=True).past_key_values
-        except BaseException as exc:
+        except BaseException as exc:  # re-raised unless it is an out-of-memory error
             if _is_oom(exc):
                 raise MemoryError(f"batch {batch} x seq-len {seq_len} does not fit in memory") from None
             raise
@@ -120,7 +120,7 @@ class StepTimer:
                 self._step()
                 ms = (time.perf_counter() - t0) * 1e3
                 memory = psutil.Process().memory_info().rss
-        except BaseException as exc:
+        except BaseException as exc:  # re-raised unless it is an out-of-memory error
             if _is_oom(exc):
                 raise MemoryError(f"batch {self.batch} x seq-len {self.seq_len} does not fit in memory") from None
             raise

@@ -19,10 +19,6 @@ from prism_cli.models.adapters import MoEAdapter
 #: Parallel sizes reported (one node).
 PARALLEL_SIZES = (1, 2, 4, 8)
 
-#: Families whose attention is multi-head latent attention (no KV-head split across ranks).
-_MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
-
-
 def _widths(config: Any, adapter: MoEAdapter) -> dict[str, int]:
     """Every MLP width the engines shard over tensor-parallel ranks: routed, shared and dense."""
     widths = {"sub-expert width": int(getattr(config, adapter.width_key))}
@@ -44,7 +40,7 @@ def _tp_problem(config: Any, adapter: MoEAdapter, tp: int) -> str | None:
     if heads % tp:
         return f"{heads} attention heads"
     kv = getattr(config, "num_key_value_heads", None)
-    if kv and adapter.model_type not in _MLA_FAMILIES and int(kv) % tp and tp % int(kv):
+    if kv and not adapter.latent_attention and int(kv) % tp and tp % int(kv):
         return f"{kv} KV heads"
     for name, width in _widths(config, adapter).items():
         if width % tp:

@@ -62,6 +62,8 @@ class MoEAdapter:
     proj_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
     #: Per-expert router tensors besides ``weight`` (repeated like router rows in the flat export).
     router_per_expert: ClassVar[tuple[str, ...]] = ()
+    #: Multi-head latent attention: KV heads are not split over tensor-parallel ranks.
+    latent_attention: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -215,6 +217,7 @@ class _DeepseekAdapter(MoEAdapter):
 
     experts_key = "n_routed_experts"
     width_key = "moe_intermediate_size"
+    latent_attention = True
 
     def flat_config_updates(self, n_sub: int) -> dict[str, Any]:
         updates = super().flat_config_updates(n_sub)

@@ -136,15 +136,15 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
     if state is None:
         state = attach_elastic_state(model, None)
     op = parse_operating_point(point, state.gate, state.n_sub, state.top_k)
+    neurons = op.policy not in ("linear", "original")
+    policy = POLICIES.get(op.policy)(state.n_sub, state.top_k, state.num_experts) if neurons else None
     for i in range(len(state.layers)):
-        if op.policy in ("linear", "original"):
-            state.flat_routers[i].top_k = int(op.value)
+        if neurons:
+            state.gate_routers[i].policy, state.gate_routers[i].value = policy, op.value
         else:
-            router = state.gate_routers[i]
-            router.policy = POLICIES.get(op.policy)(state.n_sub, state.top_k, state.num_experts)
-            router.value = op.value
+            state.flat_routers[i].top_k = int(op.value)
         if state.elastic_routers:
-            state.elastic_routers[i].use_neurons = op.policy not in ("linear", "original")
+            state.elastic_routers[i].use_neurons = neurons
     state.point = op
     return op
 

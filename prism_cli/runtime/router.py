@@ -108,8 +108,7 @@ class ElasticRouter(nn.Module):
         self.register_load_state_dict_pre_hook(_load_as_flat_router)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        branch = self.neurons if self.use_neurons and self.neurons is not None else self.linear
-        return branch(hidden_states)
+        return (self.neurons if self.use_neurons else self.linear)(hidden_states)
 
 
 def _save_as_flat_router(module: ElasticRouter, state_dict: dict, prefix: str, _metadata: object) -> None:
