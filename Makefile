@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The whole pipeline on the built-in model and data: profile -> partition -> export -> bench,
-# with the settings of configs/builtin.yaml; ends with the Pareto table (runs/demo/bench/).
+# with the settings of configs/builtin.yaml (bench at batch 8 only); ends with the Pareto table (runs/demo/bench/).
 demo: $(STAMP)
 	mkdir -p $(RUN)
 	$(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
 	$(BIN)/prism partition $(RUN)/profile.h5 --config configs/builtin.yaml --out $(RUN)/partition.h5
 	$(BIN)/prism export builtin $(RUN)/partition.h5 --config configs/builtin.yaml --out $(RUN)/export --force
-	$(BIN)/prism bench $(RUN)/export --config configs/builtin.yaml --min-quality 45 --out $(RUN)/bench
+	$(BIN)/prism bench $(RUN)/export --config configs/builtin.yaml --batch 8 --min-quality 45 --out $(RUN)/bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
