@@ -24,8 +24,6 @@ TINY = ("--batch", "2", "--seq-len", "16", "--tokens", "512", "--repeats", "2", 
 QUALITY_FIELDS = ("perplexity", "kl", "top1_agreement", "active", "tokens")
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Budgets.
 

@@ -142,8 +142,6 @@ def assert_nothing_written(out: Path) -> None:
 # Fixtures: one partition per family, one export per (family, gate), built once per module.
 
 
-
-
 @pytest.fixture(scope="module")
 def partition_of(tiny_model_dir, tmp_path_factory):
     cache: dict[str, Path] = {}

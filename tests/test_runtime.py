@@ -21,8 +21,6 @@ EXPERTS = 8
 SENTINEL = EXPERTS * N_SUB
 
 
-
-
 def routing(tokens: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random router output for ``tokens``: distinct experts, softmax-like weights, positive scores."""
     gen = torch.Generator().manual_seed(seed)

@@ -17,6 +17,7 @@ from prism_cli.report import ResultTable
 if TYPE_CHECKING:
     from prism_cli.evaluation.bench import BenchReport
 
+
 def bench(
     model: str = typer.Argument(..., help="A prism export folder (or a plain MoE model: only its top-k range)."),
     budget: str = typer.Option(None, help="Latency budget per step (50ms, 0.05s, or 50 = ms): pick the best point within it."),

@@ -19,6 +19,7 @@ from prism_cli.models.adapters import MoEAdapter
 #: Parallel sizes reported (one node).
 PARALLEL_SIZES = (1, 2, 4, 8)
 
+
 def _widths(config: Any, adapter: MoEAdapter) -> dict[str, int]:
     """Every MLP width the engines shard over tensor-parallel ranks: routed, shared and dense."""
     widths = {"sub-expert width": int(getattr(config, adapter.width_key))}
