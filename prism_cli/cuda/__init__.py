@@ -168,6 +168,11 @@ class _CompiledOps:
     def __init__(self, extension: ModuleType) -> None:
         self._ext = extension
 
+    @staticmethod
+    def takes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Whether ``experts_forward`` runs the kernels (not the reference) on these inputs."""
+        return _kernel_ready(x, gate_up, down, widths=(gate_up.shape[1] // 2,))
+
     def sort_pairs(self, indices: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         if indices.is_cuda and indices.dtype == torch.long:
             return self._ext.sort_pairs(indices.contiguous(), num_groups)

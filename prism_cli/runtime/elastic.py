@@ -126,6 +126,8 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
             router = ElasticRouter(flat[i], state.gate_routers[i] if state.gate_routers else None)
             layer.block.gate = router
             state.elastic_routers.append(router)
+    for layer in layers:
+        layer.experts.prism_sub_experts = state.n_sub  # the grouped executor runs an expert's pieces together
     model.prism_state = state
     return state
 

@@ -1,26 +1,95 @@
 """prism's experts implementation, registered with transformers' ``ExpertsInterface`` as ``"prism"``.
 
-It computes ``out[t] = sum_p w[t, p] * Expert_{idx[t, p]}(x[t])`` for any fused SwiGLU experts module
-(whole experts or flat sub-experts), accepts sentinel slots (``idx == num_experts``, e.g. from the
-threshold policy's variable compute) and runs prism's compiled CUDA kernels on a GPU where they are
-built, the torch reference elsewhere (``prism_cli.cuda.get_ops``).
+It computes ``out[t] = sum_p w[t, p] * Expert_{idx[t, p]}(x[t])`` for any fused experts module (whole
+experts or flat sub-experts) and accepts sentinel slots (``idx == num_experts``, e.g. from the
+threshold policy's variable compute). Which executor runs is resolved once per module, device and
+dtype, from a registry:
+
+* ``grouped`` (:mod:`prism_cli.runtime.grouped`): tokens grouped once per expert, sub-experts run over
+  contiguous weight slices; any device, any layout transformers' own implementations accept;
+* ``cuda-kernels``: prism's compiled kernels (``prism_cli.cuda``), on a CUDA device of sm_80+ with the
+  kernels built, bf16/fp16 weights and the standard layout (gate/up concatenated, not transposed, no
+  biases, SwiGLU).
+
+Every call is counted by the executor that actually ran (``DISPATCH_COUNTS``), so a report can name
+the implementation behind each number instead of the one it asked for.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers.integrations.moe import ExpertsInterface
+from collections import Counter
+from collections.abc import Callable
 
-from prism_cli.cuda import get_ops
+import torch
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
+
+from prism_cli import cuda
+from prism_cli.registry import Registry
+from prism_cli.runtime.grouped import grouped_experts_forward
 
 EXPERTS_IMPLEMENTATION = "prism"
+
+Executor = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EXECUTORS: Registry[Executor] = Registry("experts executor")
+#: Calls per executor since the last ``reset_dispatch_counts()``.
+DISPATCH_COUNTS: Counter[str] = Counter()
+
+
+@EXECUTORS.register("grouped")
+def _grouped(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return grouped_experts_forward(module, x, indices, weights, sub_experts_of(module))
+
+
+@EXECUTORS.register("cuda-kernels")
+def _kernels(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    ops = cuda.get_ops(x.device)
+    if not ops.takes(x, module.gate_up_proj, module.down_proj):  # e.g. an unaligned slice of activations
+        DISPATCH_COUNTS["grouped"] += 1
+        return _grouped(module, x, indices, weights)
+    DISPATCH_COUNTS["cuda-kernels"] += 1
+    return ops.experts_forward(x, module.gate_up_proj, module.down_proj, indices, weights)
+
+
+def sub_experts_of(module: torch.nn.Module) -> int:
+    """How many adjacent experts of ``module`` are the pieces of one original expert (1 for a plain model)."""
+    return int(getattr(module, "prism_sub_experts", 1))
+
+
+def _standard_layout(module: torch.nn.Module) -> bool:
+    return (
+        not getattr(module, "is_transposed", False)
+        and getattr(module, "is_concatenated", True)
+        and not getattr(module, "has_bias", False)
+        and type(module)._apply_gate is _default_apply_gate
+    )
+
+
+def resolve_executor(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    """The executor for ``module`` on ``device`` with activations of ``dtype`` (see the module docstring)."""
+    if device.type == "cuda" and dtype in cuda.KERNEL_DTYPES and _standard_layout(module) and cuda.available():
+        return "cuda-kernels"
+    return "grouped"
 
 
 def prism_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    ops = get_ops(hidden_states.device)
-    return ops.experts_forward(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
+    key = (hidden_states.device, hidden_states.dtype)
+    cached = getattr(self, "_prism_executor", None)
+    if cached is None or cached[0] != key:
+        cached = (key, resolve_executor(self, *key))
+        self._prism_executor = cached
+    name = cached[1]
+    if name != "cuda-kernels":  # the kernels' wrapper counts itself (it may hand a call to grouped)
+        DISPATCH_COUNTS[name] += 1
+    return EXECUTORS.get(name)(self, hidden_states, top_k_index, top_k_weights)
+
+
+def reset_dispatch_counts() -> Counter[str]:
+    """The counts so far, then zero them."""
+    counts = Counter(DISPATCH_COUNTS)
+    DISPATCH_COUNTS.clear()
+    return counts
 
 
 ExpertsInterface.register(EXPERTS_IMPLEMENTATION, prism_experts_forward)

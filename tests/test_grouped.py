@@ -1,0 +1,179 @@
+"""The grouped experts executor and its plan, against a float64 per-token brute force.
+
+The oracle computes ``out[t] = sum_p w[t, p] * SubExpert_{idx[t, p]}(x[t])`` one (token, slot) at a time
+in float64 from the module's weights and transformers' own definition of its activation
+(``_apply_gate``), for the standard layout (OLMoE) and for GPT-OSS's (transposed weights, biases,
+interleaved gate/up, clamped activation).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from prism_cli.runtime.grouped import grouped_experts_forward
+from prism_cli.runtime.plan import SMALL_BATCH_PAIRS, plan_experts
+
+HIDDEN, WIDTH = 32, 8  # sub-expert width
+
+
+def _olmoe_experts(groups: int) -> torch.nn.Module:
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+
+    cfg = OlmoeConfig(hidden_size=HIDDEN, intermediate_size=WIDTH, num_experts=groups, num_experts_per_tok=2)
+    module = OlmoeExperts(cfg)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0, HIDDEN**-0.5)
+        module.down_proj.normal_(0, WIDTH**-0.5)
+    return module
+
+
+def _gpt_oss_experts(groups: int) -> torch.nn.Module:
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    cfg = GptOssConfig(hidden_size=HIDDEN, intermediate_size=WIDTH, num_local_experts=groups, num_experts_per_tok=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    module = GptOssExperts(cfg)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    return module
+
+
+LAYOUTS = {"olmoe": _olmoe_experts, "gpt_oss": _gpt_oss_experts}
+
+
+@torch.no_grad()
+def brute_force(module: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    m = copy.deepcopy(module).double()
+    groups = m.gate_up_proj.shape[0]
+    out = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for p in range(idx.shape[1]):
+            g = int(idx[t, p])
+            if g >= groups:
+                continue
+            xt = x[t].double()
+            if m.is_transposed:
+                h = xt @ m.gate_up_proj[g] + m.gate_up_proj_bias[g]
+                y = m._apply_gate(h[None])[0] @ m.down_proj[g] + m.down_proj_bias[g]
+            else:
+                h = m.gate_up_proj[g] @ xt
+                y = m.down_proj[g] @ m._apply_gate(h[None])[0]
+            out[t] += float(w[t, p]) * y
+    return out
+
+
+def routing(kind: str, tokens: int, experts: int, n_sub: int, top_k: int, gen: torch.Generator):
+    """``prefix``: each chosen expert runs its first m sub-experts (the linear gate's shape); ``subsets``:
+    random subsets (the training-free gate's); ``sentinels``: subsets with unused slots; ``duplicates``:
+    a sub-expert twice for a token (weights add up)."""
+    chosen = torch.rand(tokens, experts, generator=gen).argsort(dim=1)[:, :top_k]
+    ids, ws = [], []
+    for t in range(tokens):
+        row, wrow = [], []
+        for e in chosen[t].tolist():
+            w_e = float(torch.rand(1, generator=gen)) + 0.1
+            if kind == "prefix":
+                subs = list(range(int(torch.randint(1, n_sub + 1, (1,), generator=gen))))
+            else:
+                subs = [n for n in range(n_sub) if torch.rand(1, generator=gen) < 0.5] or [0]
+            row += [e * n_sub + n for n in subs]
+            wrow += [w_e] * len(subs)
+        if kind == "duplicates":
+            row.append(row[0])
+            wrow.append(0.25)
+        ids.append(row)
+        ws.append(wrow)
+    width = max(len(r) for r in ids) + (2 if kind == "sentinels" else 0)
+    sentinel = experts * n_sub
+    idx = torch.full((tokens, width), sentinel, dtype=torch.long)
+    w = torch.zeros(tokens, width)
+    for t, (r, wr) in enumerate(zip(ids, ws, strict=True)):
+        perm = torch.randperm(width, generator=gen)[: len(r)]  # slots in any order, sentinels anywhere
+        idx[t, perm] = torch.tensor(r)
+        w[t, perm] = torch.tensor(wr)
+    return idx, w
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("n_sub", [1, 2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 5, 90])
+@pytest.mark.parametrize("kind", ["prefix", "subsets", "sentinels", "duplicates"])
+def test_grouped_matches_the_brute_force(layout, n_sub, tokens, kind):
+    experts, top_k = 6, 2
+    gen = torch.Generator().manual_seed(hash((layout, n_sub, tokens, kind)) % 2**31)
+    module = LAYOUTS[layout](experts * n_sub)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    idx, w = routing(kind, tokens, experts, n_sub, top_k, gen)
+    with torch.no_grad():
+        got = grouped_experts_forward(module, x, idx, w, n_sub)
+    want = brute_force(module, x, idx, w)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_all_slots_unused_gives_zeros():
+    module = _olmoe_experts(8)
+    x = torch.randn(3, HIDDEN)
+    idx = torch.full((3, 2), 8)
+    with torch.no_grad():
+        assert torch.equal(grouped_experts_forward(module, x, idx, torch.ones(3, 2), 4), torch.zeros(3, HIDDEN))
+
+
+@pytest.mark.parametrize("tokens", [5, 300])
+def test_plan_computes_each_requested_piece_once(tokens):
+    """No waste: the plan's pieces are the distinct (token, sub-expert) pairs routed; prefix routing
+    gives only contiguous blocks, one per expert and prefix length, covering its rows."""
+    n_sub, experts = 4, 6
+    gen = torch.Generator().manual_seed(1)
+    for kind in ("prefix", "subsets", "sentinels"):
+        idx, w = routing(kind, tokens, experts, n_sub, 2, gen)
+        plan = plan_experts(idx, w, n_sub, experts * n_sub)
+        distinct = {(t, g) for t in range(tokens) for g in idx[t].tolist() if g < experts * n_sub}
+        assert plan.pieces == len(distinct)
+        covered = set()
+        for work in plan.experts:
+            rows = plan.tokens[work.start : work.stop]
+            assert len(set(rows.tolist())) == rows.size  # a token once per expert
+            for a, b, n0, n1 in work.blocks:
+                covered |= {(int(t), work.expert * n_sub + n) for t in rows[a:b] for n in range(n0, n1)}
+            for n, r in work.scattered:
+                covered |= {(int(t), work.expert * n_sub + n) for t in rows[r]}
+            if kind == "prefix":
+                assert not work.scattered
+                lengths = {int(m).bit_length() for m in plan.masks[work.start : work.stop]}
+                assert len(work.blocks) <= len(lengths)  # nested prefixes: one block per distinct length at most
+        assert covered == distinct
+
+
+def test_small_and_large_planners_agree():
+    """The plain-Python planner (decode steps) and the numpy one give the same plan."""
+    import prism_cli.runtime.plan as plan_mod
+
+    gen = torch.Generator().manual_seed(2)
+    idx, w = routing("sentinels", 6, 6, 4, 2, gen)
+    assert idx.numel() <= SMALL_BATCH_PAIRS
+    small = plan_experts(idx, w, 4, 24)
+    large_rows = plan_mod._rows_large(idx, w, 4, 24)
+    small_rows = plan_mod._rows_small(idx, w, 4, 24)
+    for a, b in zip(small_rows, large_rows, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [e.expert for e in small.experts] == sorted({int(g) // 4 for g in idx.flatten() if g < 24})
+
+
+def test_whole_batch_expert_needs_no_gather():
+    """A decode step of one sequence: the expert's rows are the batch (flagged, and still exact)."""
+    module = _olmoe_experts(8)
+    x = torch.randn(1, HIDDEN)
+    idx, w = torch.tensor([[4, 5, 6, 7, 0, 1]]), torch.tensor([[0.5] * 4 + [0.2] * 2])
+    plan = plan_experts(idx, w, 4, 8)
+    assert [work.all_tokens for work in plan.experts] == [True, True]
+    with torch.no_grad():
+        got = grouped_experts_forward(module, x, idx, w, 4)
+    torch.testing.assert_close(got.double(), brute_force(module, x, idx, w), rtol=1e-5, atol=1e-6)
