@@ -14,13 +14,14 @@ import torch
 from test_export import FULL, N_SUB, assert_one_line_failure, random_neurons_export
 
 from prism_cli.errors import PrismError
-from prism_cli.evaluation.bench import BenchReport, BenchSettings, PointResult, parse_budget, summary_tables
-from prism_cli.evaluation.pareto import CostQuality, distinct_stable, pareto_front
+from prism_cli.evaluation.bench import BenchReport, BenchSettings, PointResult, best_under_budget, count_points, parse_budget
+from prism_cli.evaluation.bench_tables import summary_tables
+from prism_cli.evaluation.pareto import CostQuality, CountRule, distinct_stable, pareto_front
 from prism_cli.evaluation.quality import PointQuality
 from prism_cli.evaluation.timing import Latency
 
 POINTS = "topk:1;topk:8;linear:8;threshold:0.8"
-TINY = ("--batch", "2", "--seq-len", "16", "--tokens", "512", "--repeats", "2", "--warmup", "0")
+TINY = ("--batch", "2", "--seq-len", "16", "--tokens", "512", "--repeats", "2", "--max-repeats", "2", "--warmup", "0")
 QUALITY_FIELDS = ("perplexity", "kl", "top1_agreement", "active", "tokens")
 
 
@@ -61,15 +62,17 @@ def reference_front(points: list[CostQuality]) -> set[int]:
     return front
 
 
-def reference_distinct(points: list[CostQuality], full: float, ratio=1.5, gap=0.03, spread=1.15) -> list[int]:
-    front = sorted(reference_front(points), key=lambda i: points[i].latency)
+def reference_distinct(points: list[CostQuality], full: float, ratio=1.5, gap=0.03, gain=0.005, spread=1.15) -> list[int]:
+    """Straight from the definition: drop unusable and unsteady points, take the frontier of the rest by
+    brute force, walk it from the fastest keeping points 3 % slower and 0.5 % better than the last kept."""
+    ok = [i for i, p in enumerate(points) if p.perplexity <= ratio * full and p.p90 <= spread * p.latency]
+    sub = [points[i] for i in ok]
+    front = sorted((ok[j] for j in reference_front(sub)), key=lambda i: points[i].latency)
     kept: list[int] = []
     for i in front:
         p = points[i]
-        usable = p.perplexity <= ratio * full
-        steady = p.p90 <= spread * p.latency
-        distinct = not kept or p.latency >= (1 + gap) * points[kept[-1]].latency
-        if usable and steady and distinct:
+        if not kept or (p.latency >= (1 + gap) * points[kept[-1]].latency
+                        and p.perplexity <= (1 - gain) * points[kept[-1]].perplexity):
             kept.append(i)
     return kept
 
@@ -89,28 +92,34 @@ def test_pareto_front_by_hand():
 def test_distinct_stable_by_hand():
     full = 10.0
     points = [
-        cq(1.00, 20.0),             # 0: on the front but unusable (perplexity > 1.5 x full)
-        cq(2.00, 14.0, p90=2.5),    # 1: usable but unsteady (p90 > 1.15 x median)
-        cq(2.50, 13.0),             # 2: counted
-        cq(2.55, 12.5),             # 3: less than 3 % slower than 2: not distinct
-        cq(2.60, 12.0),             # 4: 4 % slower than 2: counted
-        cq(3.00, 12.5),             # 5: beaten by 4: off the front
-        cq(4.00, 10.0, p90=4.6),    # 6: p90 exactly 1.15 x median: steady, counted
+        cq(1.00, 20.0),             # 0: fastest but unusable (perplexity > 1.5 x full): dropped first
+        cq(2.00, 14.0, p90=2.5),    # 1: usable but unsteady (p90 > 1.15 x median): dropped first
+        cq(2.50, 13.0),             # 2: the fastest usable point: counted
+        cq(2.55, 12.5),             # 3: better, but less than 3 % slower than 2: not counted
+        cq(2.60, 12.0),             # 4: 4 % slower and 7.7 % better than 2: counted
+        cq(3.00, 12.5),             # 5: beaten by 4: off the frontier
+        cq(3.20, 11.99),            # 6: 23 % slower but only 0.08 % better than 4 (same quality): not counted
+        cq(4.00, 10.0, p90=4.6),    # 7: p90 exactly 1.15 x median: steady, counted
+        cq(1.50, 15.1, p90=1.5),    # 8: just above 1.5 x full: dropped
     ]
-    assert pareto_front(points) == [0, 1, 2, 3, 4, 6]
-    assert distinct_stable(points, full) == [2, 4, 6]
-    assert distinct_stable(points, full, quality_ratio=2.0) == [0, 2, 4, 6]
-    assert distinct_stable(points, full, min_gap=0.0) == [2, 3, 4, 6]
+    assert pareto_front(points) == [0, 8, 1, 2, 3, 4, 6, 7]
+    assert distinct_stable(points, full) == [2, 4, 7]
+    assert distinct_stable(points, full, CountRule(quality_ratio=2.0)) == [0, 8, 2, 4, 7]
+    assert distinct_stable(points, full, CountRule(min_gap=0.0)) == [2, 3, 4, 7]
+    assert distinct_stable(points, full, CountRule(min_gain=0.0)) == [2, 4, 6, 7]
+    # the original beating an elastic point on both axes removes it from the one frontier
+    assert distinct_stable([cq(1.0, 10.0), cq(1.1, 10.0)], full) == [0]
 
 
 def test_pareto_and_distinct_match_the_definitions_on_random_sets():
     rng = random.Random(0)
-    for _ in range(300):
+    for _ in range(500):
         n = rng.randint(1, 9)
         points = []
-        for _ in range(n):  # coarse values so that ties happen
+        for _ in range(n):  # coarse values so that ties and near-ties happen
             latency = rng.choice([1.0, 1.02, 1.05, 1.5, 2.0, 3.0])
-            points.append(CostQuality(latency, latency * rng.choice([1.0, 1.1, 1.2]), rng.choice([9.0, 10.0, 12.0, 15.0, 16.0])))
+            ppl = rng.choice([9.0, 9.02, 10.0, 12.0, 15.0, 16.0])
+            points.append(CostQuality(latency, latency * rng.choice([1.0, 1.1, 1.2]), ppl))
         front = pareto_front(points)
         assert set(front) == reference_front(points)
         assert [points[i].latency for i in front] == sorted(points[i].latency for i in front)
@@ -123,31 +132,62 @@ def test_pareto_and_distinct_match_the_definitions_on_random_sets():
 
 
 def _point(name: str, kind: str, ppl: float, ms: float, active: float) -> PointResult:
-    return PointResult(name, kind, PointQuality(ppl, 0.0, 1.0, active, 100), {1: Latency(ms, ms, 1.0 / ms, 1.0, 3, ms / 2)}, 1.0, 2.0)
+    return PointResult(name, kind, PointQuality(ppl, 0.0, 1.0, active, 100), {1: Latency(ms, ms, 1.0 / ms, 1.0, 3, ms / 2)},
+                       1.0, 2.0, {1: "prism:grouped"})
 
 
-def test_summary_tables_equal_compute_cells():
+def _report(points: list[PointResult]) -> BenchReport:
+    counts = {1: count_points(points, 1, 10.0)}
+    return BenchReport(N_SUB, "x", "src", None, BenchSettings(batches=[1]), 10.0, points, counts, {})
+
+
+def test_summary_tables_by_hand():
     points = [
         _point("topk:2", "elastic", 12.0, 1.0, 2), _point("topk:4", "elastic", 10.5, 1.5, 4),
         _point("pattern:4,0", "elastic", 10.8, 1.5, 4), _point("linear:4", "elastic", 11.5, 1.4, 4),
+        _point("linear:2", "elastic", 13.0, 0.8, 2),
         _point("topk:8", "elastic", 10.0, 2.0, 8), _point("linear:8", "elastic", 10.0, 1.9, 8),
         _point("original:1", "original", 11.0, 1.3, 4), _point("original:2", "original", 10.0, 1.8, 8),
     ]
-    report = BenchReport(N_SUB, "x", "src", None, "prism", BenchSettings(batches=[1]), 10.0, points,
-                         {1: {"elastic": [], "original": []}}, {1: {"elastic": ["topk:2"], "original": ["original:1"]}}, {})
-    tables = {t.title.split(":")[0]: t for t in summary_tables(report)}
+    report = _report(points)
+    # One frontier: linear:2 (0.8), topk:2 (1.0), original:1 (1.3; beats linear:4), topk:4 (1.5), original:2 (1.8)
+    assert report.counts[1].frontier == ["linear:2", "topk:2", "original:1", "topk:4", "original:2"]
+    assert report.counts[1].counted == ["linear:2", "topk:2", "original:1", "topk:4", "original:2"]
+    assert report.counts[1].original_alone == ["original:1", "original:2"]
+    assert (report.counts[1].elastic, report.counts[1].ratio) == (3, 2.5)
+    tables = {t.title.split(":")[0].split(" (")[0]: t for t in summary_tables(report)}
+    count = tables["distinct stable operating points"].records()[0]
+    assert (count["counted"], count["elastic"], count["original alone"], count["ratio"]) == (5, 3, 2, 2.5)
     cells = tables["equal compute"].records()
     assert len(cells) == 1
     row = cells[0]
     assert (row["k'"], row["K"], row["original"]) == (1, 4, 11.0)
     assert (row["topk"], row["pattern"], row["linear"]) == (10.5, 10.8, 11.5)
     assert row["best elastic wins"] is True
-    elasticity = next(t for t in summary_tables(report) if t.title.startswith("elasticity"))
-    assert [r["point"] for r in elasticity.records()] == ["topk:2", "topk:4", "linear:4", "topk:8", "linear:8"]
+    same = {(r["point"], r["reference"]): r["ratio b=1"] for r in tables["same computation side by side"].records()}
+    assert same == {("linear:4", "original:1"): pytest.approx(1.4 / 1.3), ("linear:8", "original:2"): pytest.approx(1.9 / 1.8),
+                    ("topk:2", "linear:2"): pytest.approx(1.0 / 0.8), ("topk:4", "linear:4"): pytest.approx(1.5 / 1.4),
+                    ("topk:8", "linear:8"): pytest.approx(2.0 / 1.9)}
+    elasticity = tables["elasticity of the MoE layers"]
+    assert [r["point"] for r in elasticity.records()] == ["topk:2", "topk:4", "linear:4", "linear:2", "topk:8", "linear:8"]
     # a K with no elastic point measured is not a loss
     report.points = [p for p in points if p.point not in ("topk:4", "pattern:4,0", "linear:4")]
     cells = next(t for t in summary_tables(report) if t.title.startswith("equal compute")).records()
     assert cells[0]["best elastic wins"] is None
+
+
+def test_best_under_budget_by_hand():
+    points = [_point("linear:2", "elastic", 13.0, 0.8, 2), _point("topk:3", "elastic", 11.5, 1.2, 3),
+              _point("original:1", "original", 11.0, 1.3, 4), _point("linear:8", "elastic", 10.0, 1.9, 8)]
+    report = _report(points)
+    picks = best_under_budget(report, 1, 1.25, 12.0)  # budget between topk:3 (1.2 ms) and original:1 (1.3 ms)
+    assert picks["budget"].point == "topk:3"
+    assert picks["quality"].point == "topk:3"  # the cheapest with perplexity <= 12
+    assert best_under_budget(report, 1, 1.3, 11.0)["budget"].point == "original:1"
+    assert best_under_budget(report, 1, 1.3, 11.0)["quality"].kind == "original"
+    none = best_under_budget(report, 1, 0.5, 9.0)
+    assert none["budget"] is None and none["fastest"].point == "linear:2"
+    assert none["quality"] is None and none["best_quality"].point == "linear:8"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +246,13 @@ def test_bench_end_to_end_files(cli, bench_runs, bench_export):
     assert 1 <= by_name["threshold:0.8"]["active"] <= FULL
     for p in data["points"]:
         assert set(p["latency"]) == {"2"} and p["latency"]["2"]["repeats"] == 2
+        if p["kind"] == "elastic":  # counted at dispatch: prism's grouped executor ran every step
+            assert p["implementation"] == {"2": "prism:grouped"} and p["alternatives"] == {}
+        else:  # the original runs with prism's and transformers' default experts; the faster counts
+            alts = p["alternatives"]["2"]
+            assert set(alts) == {"prism:grouped", "grouped_mm"}
+            fastest = min(alts, key=lambda name: alts[name]["median_ms"])
+            assert p["implementation"]["2"] == fastest and p["latency"]["2"] == alts[fastest]
     csv_lines = (out / "bench.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(names) and csv_lines[0].startswith("point,kind")
     assert "distinct stable operating points" in (out / "bench_summary.md").read_text()
@@ -296,7 +343,7 @@ def test_bench_other_experts_implementation(cli, bench_runs, bench_export):
     assert result.code == 0, result
     by_name = {p["point"]: p for p in data["points"]}
     assert list(by_name) == ["topk:2", "pattern:4,0", "original:1", "original:2"]  # "2" is topk:2, measured once
-    assert data["experts_implementation"] == "eager"
+    assert all(p["implementation"]["2"] == "eager" for p in data["points"] if p["kind"] == "elastic")
     # all sub-experts of the best expert, weighted by its routing weight, is the original at top-1
     assert by_name["pattern:4,0"]["perplexity"] == pytest.approx(by_name["original:1"]["perplexity"], rel=1e-5)
     assert by_name["pattern:4,0"]["active"] == by_name["original:1"]["active"] == N_SUB
@@ -305,3 +352,14 @@ def test_bench_other_experts_implementation(cli, bench_runs, bench_export):
 def test_bench_refuses_listed_threshold_points_without_prism_experts(cli, tmp_path, bench_export):
     result = cli("bench", bench_export, *TINY, "--experts-impl", "eager", "--points", "topk:2;threshold:0.5", "--out", tmp_path / "o")
     assert_one_line_failure(result, "threshold:0.5", "--experts-impl prism")
+
+
+def test_median_ci_by_hand():
+    from prism_cli.evaluation.timing import median_ci, relative_ci
+
+    # n = 20: ranks 6 and 15 (the textbook 95 % interval of the median)
+    samples = [float(v) for v in range(20, 0, -1)]
+    assert median_ci(samples) == (6.0, 15.0)
+    assert relative_ci(samples) == pytest.approx((15.0 - 6.0) / 2 / 10.5)
+    assert median_ci([3.0]) == (3.0, 3.0)
+    assert relative_ci([5.0] * 7) == 0.0

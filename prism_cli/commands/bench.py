@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 import typer
 from rich.panel import Panel
 
-from prism_cli.commands.common import ConfigOption, parse_int_list
-from prism_cli.console import console, progress_bar
+from prism_cli.commands.common import ConfigOption, StageBars, parse_int_list
+from prism_cli.console import console
 from prism_cli.data import load_text
 from prism_cli.errors import BudgetNotMet, PrismError
-from prism_cli.report import ResultTable
 
 if TYPE_CHECKING:
     from prism_cli.evaluation.bench import BenchReport
@@ -29,9 +28,12 @@ def bench(
     data: str = typer.Option(None, help="Quality text file or builtin:<split> (default builtin:eval, held out)."),
     tokens: int = typer.Option(32_768, help="Held-out tokens for the quality columns."),
     points: str = typer.Option(None, help="Operating points to sweep, comma-separated by ';' (default: all the export lists)."),
-    repeats: int = typer.Option(20, help="Timed repeats per point and batch."),
+    repeats: int = typer.Option(20, help="Timed repeats per point and batch, at least."),
+    max_repeats: int = typer.Option(60, "--max-repeats", help="... and at most, while a median is less precise than --precision."),
+    precision: float = typer.Option(0.02, help="Repeat until every median is known within this fraction (95% interval)."),
     warmup: int = typer.Option(3, help="Untimed warm-up steps."),
-    experts_impl: str = typer.Option("prism", "--experts-impl", help="prism (kernels on GPU, torch elsewhere), grouped_mm or eager."),
+    dtype: str = typer.Option(None, help="Model dtype (default: float32 on CPU, bfloat16 on CUDA, what the kernels take)."),
+    experts_impl: str = typer.Option("prism", "--experts-impl", help="Experts implementation of the export: prism, grouped_mm or eager."),
     seed: int = typer.Option(0, help="Seed for the timing inputs."),
     out: Path = typer.Option(Path("results"), help="Output folder: bench.md, bench.csv, bench.json, bench.png."),
     config: str = ConfigOption,
@@ -47,9 +49,9 @@ def bench(
     parse_device(device)
     resolve_model(model)
     settings = BenchSettings(
-        device=device, batches=parse_int_list(batch, "--batch") or [], seq_len=seq_len, mode=mode, tokens=tokens,
-        repeats=repeats, warmup=warmup, points=[p for p in points.split(";") if p.strip()] if points else None,
-        experts_impl=experts_impl, seed=seed,
+        device=device, dtype=dtype, batches=parse_int_list(batch, "--batch") or [], seq_len=seq_len, mode=mode,
+        tokens=tokens, repeats=repeats, max_repeats=max_repeats, precision=precision, warmup=warmup,
+        points=[p for p in points.split(";") if p.strip()] if points else None, experts_impl=experts_impl, seed=seed,
     )
     settings.validate()
     text, _ = load_text(data, "eval")
@@ -59,79 +61,9 @@ def bench(
     _emit(report, out, budget_ms, min_quality)
 
 
-class StageBars:
-    """One progress bar per bench stage, each closed when the next one starts (and all on exit)."""
-
-    def __init__(self) -> None:
-        self._open: list = []
-
-    def __call__(self, name: str, total: int):
-        self.close()
-        unit = {"quality": "tokens", "profile": "tokens", "partition": "experts"}.get(name, "points")
-        bar = progress_bar(name, total=total, unit=unit)
-        advance = bar.__enter__()
-        self._open.append(bar)
-        return advance
-
-    def close(self) -> None:
-        while self._open:
-            self._open.pop().__exit__(None, None, None)
-
-    def __enter__(self) -> StageBars:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def screen_table(report: BenchReport) -> ResultTable:
-    """The columns that fit a terminal; the files carry every column."""
-    b0 = report.settings.batches[0]
-    table = ResultTable(
-        f"operating points ({report.settings.mode}, batch {b0}, seq-len {report.settings.seq_len})",
-        ["point", "active", "perplexity", "KL", "top-1", "ms", "stable"],
-    )
-    for p in report.points:
-        table.add(p.point, p.quality.active, p.quality.perplexity, p.quality.kl, p.quality.top1_agreement,
-                  p.latency[b0].median_ms, p.point in report.distinct[b0][p.kind])
-    return table
-
-
-def points_table(report: BenchReport) -> ResultTable:
-    from prism_cli.evaluation.bench import machine_label
-
-    batches = report.settings.batches
-    label = machine_label(report.environment)
-    table = ResultTable(
-        f"operating points of {report.target} ({report.settings.mode}, seq-len {report.settings.seq_len})",
-        ["point", "kind", "active sub-experts", "perplexity", "KL", "top-1 agree",
-         *[f"ms b={b}" for b in batches], f"p90 ms b={batches[0]}", f"tokens/s b={batches[-1]}",
-         "peak MiB", "active params", "GFLOPs/token", "frontier", "distinct stable"],
-    )
-    b0 = batches[0]
-    for p in report.points:
-        table.add(
-            p.point, p.kind, p.quality.active, p.quality.perplexity, p.quality.kl, p.quality.top1_agreement,
-            *[p.latency[b].median_ms for b in batches], p.latency[b0].p90_ms, p.latency[batches[-1]].tokens_per_second,
-            max(lat.peak_memory_mib for lat in p.latency.values()), p.active_params, p.flops_per_token / 1e9,
-            p.point in report.frontier[b0][p.kind], p.point in report.distinct[b0][p.kind],
-        )
-    table.notes += [
-        f"latency measured on {label}, experts implementation: {report.implementation}",
-        f"quality on {report.points[0].quality.tokens:,} held-out tokens against the source model at its full top-k "
-        f"(perplexity {report.full_perplexity:.3f}); KL in nats per token",
-        "active sub-experts: per token and MoE layer, in units of 1/N expert (the original at top-k' counts N*k')",
-        "distinct stable: Pareto-optimal in its set, perplexity <= 1.5x full, p90 <= 1.15x median, "
-        "latency >= 3% above the previous such point (frontier and distinct columns at batch "
-        f"{b0})",
-    ]
-    if report.note:
-        table.notes.append(report.note)
-    return table
-
-
 def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: float | None) -> None:
-    from prism_cli.evaluation.bench import best_under_budget, report_json, summary_tables
+    from prism_cli.evaluation.bench import best_under_budget, report_json
+    from prism_cli.evaluation.bench_tables import points_table, screen_table, summary_tables
     from prism_cli.evaluation.plot import plot_frontiers
     from prism_cli.io import write_text
 
@@ -161,7 +93,7 @@ def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: floa
             failures.append(f"no operating point meets {budget_ms:g} ms at batch {b0}; the fastest is {fastest.point} "
                             f"at {fastest.latency[b0].median_ms:.3g} ms (perplexity {fastest.quality.perplexity:.2f})")
         else:
-            console.print(Panel(f"[bold]{pick.point}[/]: perplexity {pick.quality.perplexity:.2f}, "
+            console.print(Panel(f"[bold]{pick.point}[/] ({pick.kind}): perplexity {pick.quality.perplexity:.2f}, "
                                 f"{pick.latency[b0].median_ms:.3g} ms per {report.settings.mode} step at batch {b0} "
                                 f"(budget {budget_ms:g} ms)", title="best point within the budget", border_style="green"))
     if max_ppl is not None:
@@ -170,7 +102,7 @@ def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: floa
             best = picks["best_quality"]
             failures.append(f"no operating point reaches perplexity {max_ppl:g}; the best is {best.point} at {best.quality.perplexity:.2f}")
         else:
-            console.print(Panel(f"[bold]{pick.point}[/]: perplexity {pick.quality.perplexity:.2f}, "
+            console.print(Panel(f"[bold]{pick.point}[/] ({pick.kind}): perplexity {pick.quality.perplexity:.2f}, "
                                 f"{pick.latency[b0].median_ms:.3g} ms at batch {b0}",
                                 title=f"cheapest point with perplexity <= {max_ppl:g}", border_style="green"))
     if failures:

@@ -64,3 +64,28 @@ class DefaultCommandGroup(TyperGroup):
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+
+class StageBars:
+    """One progress bar per bench stage, each closed when the next one starts (and all on exit)."""
+
+    def __init__(self) -> None:
+        self._open: list = []
+
+    def __call__(self, name: str, total: int):
+        self.close()
+        unit = {"quality": "tokens", "profile": "tokens", "partition": "experts"}.get(name.split()[0], "points")
+        bar = progress_bar(name, total=total, unit=unit)
+        advance = bar.__enter__()
+        self._open.append(bar)
+        return advance
+
+    def close(self) -> None:
+        while self._open:
+            self._open.pop().__exit__(None, None, None)
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.bench import StageBars
+from prism_cli.commands.common import StageBars
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 
@@ -19,7 +19,7 @@ def tables(
     quality_only: bool = typer.Option(False, "--quality-only", help="Skip timing; print the quality columns only."),
 ) -> None:
     """Run profile -> partition -> export -> bench for a config and write its operating-point tables."""
-    from prism_cli.evaluation.bench import summary_tables
+    from prism_cli.evaluation.bench_tables import summary_tables
     from prism_cli.evaluation.tables import TableConfig, quality_table, regenerate
 
     cfg = TableConfig.load(config)

@@ -1,40 +1,47 @@
-"""``prism bench``: quality, latency and memory of every operating point, Pareto frontiers, a budget pick.
+"""``prism bench``: quality, latency and memory of every operating point, one honest frontier, a budget pick.
 
-The sweep covers the export's operating points and, as the baseline, its source model at top-1..top-k
-(or only the latter for a plain MoE model). Quality is measured once for all points in one pass over
-the held-out data (``quality.evaluate_points``), against the source model at its own top-k; latency
-per point and batch size with ``timing.StepTimer``.
+The sweep covers the export's operating points and, as the baseline in the same run, its source model
+at top-1..top-k (only the latter for a plain MoE model). The original is timed with every experts
+implementation it has here -- transformers' default for the device and prism's -- and the faster one
+counts, as a user would run it. Steps:
+
+1. ``_load``: the export (prism's runtime) and its source model;
+2. ``_runners``: one runner per (point, implementation);
+3. ``_quality``: one pass over the held-out data, every point against the source model at its full top-k
+   (``quality.evaluate_points``);
+4. ``_latency``: per batch size, points timed round-robin (one step of each per round) until every
+   median is known within ``precision`` (95 % interval, order statistics) or ``max_repeats``; the
+   experts executor that ran is counted at dispatch for every step;
+5. ``_assemble``: one frontier over elastic and original points and the distinct stable count
+   (``pareto.py``).
 """
 
 from __future__ import annotations
 
 import math
-import platform
 import re
-import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
-from prism_cli import __version__
-from prism_cli.cuda import get_ops
-from prism_cli.cuda import reference as torch_reference
+from prism_cli.environment import environment
 from prism_cli.errors import PrismError
-from prism_cli.evaluation.pareto import CostQuality, distinct_stable, pareto_front
+from prism_cli.evaluation.pareto import COUNT_RULE, CostQuality, distinct_stable, pareto_front, usable
 from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.evaluation.quality import ActiveCounter, PointQuality, evaluate_points
 from prism_cli.evaluation.timing import Latency, StepTimer, largest_fitting_batch
 from prism_cli.models.loading import LoadedModel, load_model
-from prism_cli.report import ResultTable
 from prism_cli.runtime.elastic import ElasticState, attach_elastic_state, export_meta, load_elastic_model, set_operating_point
-from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
-from prism_cli.runtime.operating_points import parse_operating_point
+from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION, reset_dispatch_counts
+from prism_cli.runtime.operating_points import OperatingPoint, parse_operating_point
 
 IMPLEMENTATIONS = (EXPERTS_IMPLEMENTATION, "grouped_mm", "eager")
+#: What a device can run the model in; the first is the default (the dtype prism's kernels take on CUDA).
+DEVICE_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float16", "float32")}
 
 
 def parse_budget(text: str) -> float:
@@ -51,13 +58,16 @@ def parse_budget(text: str) -> float:
 @dataclass
 class BenchSettings:
     device: str = "cpu"
+    dtype: str | None = None  # None: the device's default (DEVICE_DTYPES)
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])
     seq_len: int = 256
     mode: str = "decode"
     tokens: int = 32_768
     quality_seq_len: int = 256
     quality_batch: int = 8
-    repeats: int = 20
+    repeats: int = 20  # timed steps per point and batch, at least
+    max_repeats: int = 60  # ... and at most, while a median is known less precisely than `precision`
+    precision: float = 0.02
     warmup: int = 3
     points: list[str] | None = None
     experts_impl: str = EXPERTS_IMPLEMENTATION
@@ -75,8 +85,17 @@ class BenchSettings:
             raise PrismError(f"--mode must be decode or prefill, got {self.mode!r}")
         if self.tokens < 2 or self.repeats < 1 or self.warmup < 0:
             raise PrismError("--tokens must be at least 2, --repeats at least 1 and --warmup at least 0")
+        if self.max_repeats < self.repeats:
+            raise PrismError(f"--max-repeats ({self.max_repeats}) must be at least --repeats ({self.repeats})")
+        if not 0 < self.precision < 1:
+            raise PrismError(f"--precision must be a fraction in (0, 1), e.g. 0.02, got {self.precision}")
         if self.experts_impl not in IMPLEMENTATIONS:
             raise PrismError(f"--experts-impl must be one of {', '.join(IMPLEMENTATIONS)}, got {self.experts_impl!r}")
+        kind = torch.device(self.device).type
+        allowed = DEVICE_DTYPES.get(kind, ("float32",))
+        self.dtype = self.dtype or allowed[0]
+        if self.dtype not in allowed:
+            raise PrismError(f"--dtype {self.dtype} does not run on {kind} here; use one of: {', '.join(allowed)}")
 
 
 @dataclass
@@ -87,6 +106,27 @@ class PointResult:
     latency: dict[int, Latency]
     active_params: float
     flops_per_token: float
+    #: The experts implementation behind ``latency`` per batch, as counted at dispatch ("prism:grouped", "grouped_mm").
+    implementation: dict[int, str] = field(default_factory=dict)
+    #: Every implementation timed for this point (the original runs several; the fastest is ``latency``).
+    alternatives: dict[int, dict[str, Latency]] = field(default_factory=dict)
+
+
+@dataclass
+class BatchCount:
+    """The one frontier of a batch size and its distinct stable points (``pareto.py``)."""
+
+    frontier: list[str]  # usable, steady and Pareto-optimal, fastest first
+    counted: list[str]  # the distinct stable points among them
+    original_alone: list[str]  # the same rule over the original's points only
+
+    @property
+    def elastic(self) -> int:
+        return sum(1 for name in self.counted if not name.startswith("original:"))
+
+    @property
+    def ratio(self) -> float | None:
+        return len(self.counted) / len(self.original_alone) if self.original_alone else None
 
 
 @dataclass
@@ -95,48 +135,44 @@ class BenchReport:
     target: str
     source: str | None
     note: str | None
-    implementation: str
     settings: BenchSettings
     full_perplexity: float
     points: list[PointResult]
-    frontier: dict[int, dict[str, list[str]]]
-    distinct: dict[int, dict[str, list[str]]]
+    counts: dict[int, BatchCount]
     environment: dict[str, Any]
 
-    def ratio(self, batch: int) -> float | None:
-        orig = len(self.distinct[batch]["original"])
-        return len(self.distinct[batch]["elastic"]) / orig if orig else None
+    def point(self, name: str) -> PointResult | None:
+        return next((p for p in self.points if p.point == name), None)
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    env = {
-        "prism": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "torch_threads": torch.get_num_threads(),
-        "command": " ".join(["prism", *sys.argv[1:]]),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
+@dataclass
+class _Runner:
+    """One (operating point, experts implementation) to measure."""
+
+    name: str
+    kind: str
+    model: Any
+    state: ElasticState
+    op: OperatingPoint
+    implementation: str
+
+    def prepare(self) -> Any:
+        if self.model.config._experts_implementation != self.implementation:
+            self.model.set_experts_implementation(self.implementation)
+        if self.state.point != self.op:
+            set_operating_point(self.model, self.op)
+        return self.model
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_label(env: dict[str, Any]) -> str:
-    """Short description of where latencies were measured, for column labels."""
-    return env.get("gpu") or f"{env['processor']}, {env['torch_threads']} threads"
+@dataclass
+class _Models:
+    elastic: LoadedModel | None
+    source: LoadedModel
+    source_state: ElasticState
+    source_name: str
+    meta: dict[str, Any] | None
+    default_impl: str  # transformers' own choice for the source model on this device
+    note: str | None = None
 
 
 def active_parameters(model: Any, state: ElasticState, policy: str, active: float, unit: float) -> float:
@@ -156,40 +192,58 @@ def run_bench(
     target: str,
     text: str,
     settings: BenchSettings,
-    on_stage: Callable[[str, int], Callable[[int], None]] | None = None,
+    on_stage: Callable[[str, int], Callable[[float], None]] | None = None,
 ) -> BenchReport:
     """Benchmark ``target`` (an export or a plain MoE model); ``on_stage(name, total)`` gives a progress callback."""
     settings.validate()
-    device = torch.device(settings.device)
+    models = _load(target, settings)
+    runners = _runners(models, settings)
+    quality = _quality(models, runners, text, settings, on_stage)
+    top_k = models.source_state.top_k
+    full_ppl = quality[f"original:{top_k}"].perplexity
+    timed: dict[int, dict[int, tuple[Latency, str]]] = {}
+    for batch in settings.batches:
+        timed[batch] = _latency(runners, batch, settings, models.source.model.config.vocab_size,
+                                on_stage("latency", len(runners)) if on_stage else None)
+    points = _assemble_points(models, runners, quality, timed, settings)
+    counts = {b: count_points(points, b, full_ppl) for b in settings.batches}
+    n_sub = int(models.meta["sub_experts"]) if models.meta else 1
+    return BenchReport(n_sub, target, models.source_name if models.meta else None, models.note, settings, full_ppl,
+                       points, counts, environment(torch.device(settings.device)))
+
+
+def _load(target: str, settings: BenchSettings) -> _Models:
     meta = export_meta(target) if Path(target).is_dir() else None
-    note = None
-    elastic: LoadedModel | None = None
+    elastic = None
+    kw = {"device": settings.device, "dtype": settings.dtype}
     if meta is not None:
-        elastic = load_elastic_model(target, device=settings.device)
+        elastic = load_elastic_model(target, **kw)
         elastic.model.set_experts_implementation(settings.experts_impl)
         source_name = meta["source"]["model"]
         try:
-            source = load_model(source_name, device=settings.device, experts_implementation=settings.experts_impl)
+            source = load_model(source_name, **kw)
         except PrismError as exc:
             raise PrismError(f"the export's source model is needed as the baseline but could not be loaded: {exc}") from None
     else:
         source_name = target
-        source = load_model(target, device=settings.device, experts_implementation=settings.experts_impl)
-        note = (f"{target} is a plain MoE model, not a prism export: "
-                f"only its original top-1..top-{source.adapter.top_k} range is benchmarked")
-    assert source.adapter is not None
-    source_state = attach_elastic_state(source.model, None)
-    n_sub = int(meta["sub_experts"]) if meta else 1
-    top_k = source_state.top_k
+        source = load_model(target, **kw)
+    default_impl = source.model.config._experts_implementation
+    source.model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    models = _Models(elastic, source, attach_elastic_state(source.model, None), source_name, meta, default_impl)
+    if meta is None:
+        models.note = (f"{target} is a plain MoE model, not a prism export: "
+                       f"only its original top-1..top-{models.source_state.top_k} range is benchmarked")
+    return models
 
-    runners: list[tuple[str, str, Any, ElasticState, Callable[[], Any]]] = []
-    if elastic is not None:
-        state: ElasticState = elastic.model.prism_state
-        names = settings.points or [str(p) for p in state.points()]
+
+def _runners(models: _Models, settings: BenchSettings) -> list[_Runner]:
+    runners: list[_Runner] = []
+    if models.elastic is not None:
+        state: ElasticState = models.elastic.model.prism_state
         skipped: list[str] = []
-        for spec in names:
+        for spec in settings.points or [str(p) for p in state.points()]:
             op = parse_operating_point(spec, state.gate, state.n_sub, state.top_k)
-            if any(name == str(op) for name, *_ in runners):
+            if any(r.name == str(op) for r in runners):
                 continue  # "8" and "topk:8" are one point: measure it once
             if op.policy == "threshold" and settings.experts_impl != EXPERTS_IMPLEMENTATION:
                 # Variable compute needs sentinel slots, which only prism's implementation takes. A point
@@ -199,106 +253,132 @@ def run_bench(
                                      "points leave unused (sentinel) slots, which only prism's implementation takes")
                 skipped.append(str(op))
                 continue
-            runners.append((str(op), "elastic", elastic.model, state, lambda op=op: _at(elastic.model, op)))
+            runners.append(_Runner(str(op), "elastic", models.elastic.model, state, op, settings.experts_impl))
         if skipped:
-            note = f"threshold points ({', '.join(skipped)}) need --experts-impl {EXPERTS_IMPLEMENTATION} and were skipped"
-    for k in range(1, top_k + 1):
-        op = parse_operating_point(f"original:{k}", None, 1, top_k)
-        runners.append((str(op), "original", source.model, source_state, lambda op=op: _at(source.model, op)))
+            models.note = f"threshold points ({', '.join(skipped)}) need --experts-impl {EXPERTS_IMPLEMENTATION} and were skipped"
+    # The original as a user runs it: with transformers' default and with prism's experts (the faster counts).
+    impls = list(dict.fromkeys([settings.experts_impl, models.default_impl]))
+    for k in range(1, models.source_state.top_k + 1):
+        op = parse_operating_point(f"original:{k}", None, 1, models.source_state.top_k)
+        runners += [_Runner(str(op), "original", models.source.model, models.source_state, op, impl) for impl in impls]
+    return runners
 
-    # --- quality: one pass, every point against the source model at its full top-k ---
+
+def _quality(models: _Models, runners: list[_Runner], text: str, settings: BenchSettings,
+             on_stage: Callable[[str, int], Callable[[float], None]] | None) -> dict[str, PointQuality]:
+    """Every point once (its first runner), against the source model at its full top-k."""
+    first = {r.name: r for r in reversed(runners)}
+    ordered = [first[name] for name in dict.fromkeys(r.name for r in runners)]
     counter = ActiveCounter()
-    handles = _hook_routers(counter, elastic, source_state, n_sub)
+    n_sub = int(models.meta["sub_experts"]) if models.meta else 1
+    handles = _hook_routers(counter, models.elastic, models.source_state, n_sub)
     try:
-        windows = token_windows(source.tokenizer, text, settings.quality_seq_len, settings.tokens)
-    except ValueError as exc:
-        raise PrismError(str(exc)) from None
-    reference_op = parse_operating_point(f"original:{top_k}", None, 1, top_k)
-    progress = on_stage("quality", windows.numel()) if on_stage else None
-    quality = evaluate_points(
-        _Reference(source.model, reference_op),
-        [(name, prepare, counter) for name, _, _, _, prepare in runners],
-        windows,
-        settings.quality_batch,
-        on_batch=progress,
-    )
-    for h in handles:
-        h.remove()
-    full_ppl = quality[str(reference_op)].perplexity
-
-    # --- latency: per point and batch size ---
-    unit = 3.0 * source.adapter.hidden_size * source.adapter.width / n_sub  # one sub-expert's parameters
-    vocab = source.model.config.vocab_size
-    latencies: dict[str, dict[int, Latency]] = {name: {} for name, *_ in runners}
-    progress = on_stage("latency", len(runners) * len(settings.batches)) if on_stage else None
-    for batch in settings.batches:
-        timers: dict[int, StepTimer] = {}
-        samples: dict[str, list] = {name: [] for name, *_ in runners}
         try:
-            for _name, _, model, state, prepare in runners:  # build each model's context once, warm every point
-                prepare()
-                if id(model) not in timers:
-                    timers[id(model)] = StepTimer(model, batch, settings.seq_len, settings.mode, vocab, settings.seed,
-                                                  [layer.block for layer in state.layers])
-                for _ in range(settings.warmup):
-                    timers[id(model)].sample()
-            for _ in range(settings.repeats):  # round-robin: one step of every point per round
-                for name, _, model, _, prepare in runners:
-                    prepare()
-                    samples[name].append(timers[id(model)].sample())
-                if progress:
-                    progress(len(runners) / settings.repeats)
-        except MemoryError:
-            fits = largest_fitting_batch(runners[0][2], batch, settings.seq_len, settings.mode, vocab)
-            raise PrismError(
-                f"batch {batch} x seq-len {settings.seq_len} ({settings.mode}) does not fit in memory on {device}; "
-                + (f"the largest batch that fits is {fits}" if fits else "not even batch 1 fits: use a shorter --seq-len")
-            ) from None
-        for name, _, model, _, _ in runners:
-            latencies[name][batch] = timers[id(model)].summarize(samples[name])
+            windows = token_windows(models.source.tokenizer, text, settings.quality_seq_len, settings.tokens)
+        except ValueError as exc:
+            raise PrismError(str(exc)) from None
+        top_k = models.source_state.top_k
+        reference = _Runner(f"original:{top_k}", "original", models.source.model, models.source_state,
+                            parse_operating_point(f"original:{top_k}", None, 1, top_k), EXPERTS_IMPLEMENTATION)
+        progress = on_stage("quality", windows.numel()) if on_stage else None
+        return evaluate_points(_Pinned(reference), [(r.name, r.prepare, counter) for r in ordered],
+                               windows, settings.quality_batch, on_batch=progress)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab: int,
+             progress: Callable[[float], None] | None) -> dict[int, tuple[Latency, str]]:
+    """Time every runner at ``batch``: ``{runner index: (latency, implementation that ran)}``."""
+    timers: dict[int, StepTimer] = {}
+    samples: list[list[tuple[float, float | None, float]]] = [[] for _ in runners]
+    executors: list[Counter[str]] = [Counter() for _ in runners]
+    try:
+        for runner in runners:  # build each model's context once, warm every point
+            model = runner.prepare()
+            if id(model) not in timers:
+                timers[id(model)] = StepTimer(model, batch, settings.seq_len, settings.mode, vocab, settings.seed,
+                                              [layer.block for layer in runner.state.layers])
+            for _ in range(settings.warmup):
+                timers[id(model)].sample()
+        rounds = 0
+        while rounds < settings.max_repeats:
+            for i, runner in enumerate(runners):  # round-robin: drift on a shared machine hits all points alike
+                runner.prepare()
+                reset_dispatch_counts()
+                samples[i].append(timers[id(runner.model)].sample())
+                executors[i].update(reset_dispatch_counts())
+            rounds += 1
+            if progress:
+                progress(len(runners) / settings.repeats if rounds <= settings.repeats else 0)
+            if rounds >= settings.repeats and all(
+                timers[id(r.model)].summarize(s).median_ci <= settings.precision for r, s in zip(runners, samples, strict=True)
+            ):
+                break
+    except MemoryError:
+        fits = largest_fitting_batch(runners[0].model, batch, settings.seq_len, settings.mode, vocab)
+        raise PrismError(
+            f"batch {batch} x seq-len {settings.seq_len} ({settings.mode}) does not fit in memory on {settings.device}; "
+            + (f"the largest batch that fits is {fits}" if fits else "not even batch 1 fits: use a shorter --seq-len")
+        ) from None
+    finally:
         for timer in timers.values():
             timer.close()
-
-    points: list[PointResult] = []
-    for name, kind, model, state, _ in runners:
-        q = quality[name]
-        params = active_parameters(model, state, name.split(":")[0], q.active or 0.0, unit)
-        points.append(PointResult(name, kind, q, latencies[name], params, 2.0 * params))
-
-    frontier: dict[int, dict[str, list[str]]] = {}
-    distinct: dict[int, dict[str, list[str]]] = {}
-    for batch in settings.batches:
-        frontier[batch], distinct[batch] = {}, {}
-        for kind in ("elastic", "original"):
-            subset = [p for p in points if p.kind == kind]
-            cq = [CostQuality(p.latency[batch].median_ms, p.latency[batch].p90_ms, p.quality.perplexity) for p in subset]
-            frontier[batch][kind] = [subset[i].point for i in pareto_front(cq)]
-            distinct[batch][kind] = [subset[i].point for i in distinct_stable(cq, full_ppl)]
-    ops = get_ops(device) if settings.experts_impl == EXPERTS_IMPLEMENTATION else None
-    implementation = (
-        settings.experts_impl if ops is None
-        else "prism (torch reference)" if ops is torch_reference else "prism (compiled CUDA kernels)"
-    )
-    return BenchReport(n_sub, target, source_name if meta else None, note, implementation, settings, full_ppl, points,
-                       frontier, distinct, environment(device))
+    return {i: (timers[id(r.model)].summarize(samples[i]), _implementation_label(r.implementation, executors[i]))
+            for i, r in enumerate(runners)}
 
 
-class _Reference(torch.nn.Module):
-    """The source model pinned at its full top-k, whatever point the shared model was left at."""
+def _implementation_label(implementation: str, executors: Counter[str]) -> str:
+    """``prism:grouped`` (prism's executors as counted at dispatch, most used first) or transformers' name."""
+    if implementation != EXPERTS_IMPLEMENTATION or not executors:
+        return implementation
+    return f"{EXPERTS_IMPLEMENTATION}:" + "+".join(name for name, _ in executors.most_common())
 
-    def __init__(self, model: Any, op: Any) -> None:
+
+def _assemble_points(models: _Models, runners: list[_Runner], quality: dict[str, PointQuality],
+                     timed: dict[int, dict[int, tuple[Latency, str]]], settings: BenchSettings) -> list[PointResult]:
+    n_sub = int(models.meta["sub_experts"]) if models.meta else 1
+    adapter = models.source.adapter
+    unit = 3.0 * adapter.hidden_size * adapter.width / n_sub  # one sub-expert's parameters
+    points: dict[str, PointResult] = {}
+    for i, r in enumerate(runners):
+        q = quality[r.name]
+        if r.name not in points:
+            params = active_parameters(r.model, r.state, r.op.policy, q.active or 0.0, unit)
+            points[r.name] = PointResult(r.name, r.kind, q, {}, params, 2.0 * params)
+        p = points[r.name]
+        for batch in settings.batches:
+            latency, label = timed[batch][i]
+            p.alternatives.setdefault(batch, {})[label] = latency
+            if batch not in p.latency or latency.median_ms < p.latency[batch].median_ms:
+                p.latency[batch], p.implementation[batch] = latency, label
+    for p in points.values():  # one implementation needs no list of alternatives
+        p.alternatives = {b: alts for b, alts in p.alternatives.items() if len(alts) > 1}
+    return list(points.values())
+
+
+def count_points(points: list[PointResult], batch: int, full_perplexity: float) -> BatchCount:
+    """The frontier and the distinct stable points at ``batch`` (one frontier, ``pareto.py``)."""
+    cq = [CostQuality(p.latency[batch].median_ms, p.latency[batch].p90_ms, p.quality.perplexity) for p in points]
+    kept = [i for i, c in enumerate(cq) if usable(c, full_perplexity)]
+    frontier = [points[kept[j]].point for j in pareto_front([cq[i] for i in kept])]
+    counted = [points[i].point for i in distinct_stable(cq, full_perplexity)]
+    originals = [i for i, p in enumerate(points) if p.kind == "original"]
+    alone = [points[originals[j]].point for j in distinct_stable([cq[i] for i in originals], full_perplexity)]
+    return BatchCount(frontier, counted, alone)
+
+
+class _Pinned(torch.nn.Module):
+    """A runner's model pinned at its point, whatever point the shared model was left at (the reference)."""
+
+    def __init__(self, runner: _Runner) -> None:
         super().__init__()
-        self.model = model
-        self.op = op
+        self.model = runner.model  # a submodule: parameters() and device come from it
+        self.runner = runner
 
     def forward(self, **kwargs: Any) -> Any:
-        return _at(self.model, self.op)(**kwargs)
-
-
-def _at(model: Any, op: Any) -> Any:
-    if model.prism_state.point != op:
-        set_operating_point(model, op)
-    return model
+        return self.runner.prepare()(**kwargs)
 
 
 def _hook_routers(counter: ActiveCounter, elastic: LoadedModel | None, source_state: ElasticState, n_sub: int) -> list:
@@ -312,9 +392,10 @@ def _hook_routers(counter: ActiveCounter, elastic: LoadedModel | None, source_st
     return handles
 
 
-def best_under_budget(report: BenchReport, batch: int, budget_ms: float | None, max_ppl: float | None) -> dict[str, Any]:
-    """The budget pick (best quality within the latency) and the quality pick (cheapest within the ceiling)."""
-    out: dict[str, Any] = {}
+def best_under_budget(report: BenchReport, batch: int, budget_ms: float | None, max_ppl: float | None) -> dict[str, PointResult | None]:
+    """Over every point, elastic and original: the budget pick (best quality within the latency) and the
+    quality pick (cheapest within the perplexity ceiling), with the fastest / best as fallbacks."""
+    out: dict[str, PointResult | None] = {}
     pts = report.points
     if budget_ms is not None:
         ok = [p for p in pts if p.latency[batch].median_ms <= budget_ms]
@@ -328,80 +409,30 @@ def best_under_budget(report: BenchReport, batch: int, budget_ms: float | None, 
 
 
 def report_json(report: BenchReport) -> dict[str, Any]:
+    def clean(value: Any) -> Any:
+        return None if isinstance(value, float) and math.isnan(value) else value
+
     def point(p: PointResult) -> dict[str, Any]:
         return {
             "point": p.point,
             "kind": p.kind,
-            **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(p.quality).items()},
+            **{k: clean(v) for k, v in asdict(p.quality).items()},
             "active_params": p.active_params,
             "flops_per_token": p.flops_per_token,
             "latency": {str(b): asdict(lat) for b, lat in p.latency.items()},
+            "implementation": {str(b): name for b, name in p.implementation.items()},
+            "alternatives": {str(b): {name: asdict(lat) for name, lat in alts.items()} for b, alts in p.alternatives.items()},
         }
 
     return {
         "target": report.target,
         "source": report.source,
         "note": report.note,
-        "experts_implementation": report.implementation,
         "settings": asdict(report.settings),
         "full_perplexity": report.full_perplexity,
         "points": [point(p) for p in report.points],
-        "frontier": {str(b): v for b, v in report.frontier.items()},
-        "distinct_stable": {str(b): v for b, v in report.distinct.items()},
-        "distinct_stable_ratio": {str(b): report.ratio(b) for b in report.settings.batches},
+        "count_rule": asdict(COUNT_RULE),
+        "counts": {str(b): {"frontier": c.frontier, "counted": c.counted, "elastic": c.elastic,
+                            "original_alone": c.original_alone, "ratio": c.ratio} for b, c in report.counts.items()},
         "environment": report.environment,
     }
-
-
-def _equal_compute_name(policy: str, total: int, n_sub: int, top_k: int) -> str:
-    """The name a point of ``policy`` with ``total`` sub-experts has in a report.
-
-    Pattern points are named by their per-rank counts (``pattern:4,0``), never by the total, so the
-    total is expanded the way ``parse_operating_point`` expands it (front-loaded).
-    """
-    if policy == "pattern":
-        return str(parse_operating_point(f"pattern:{total}", "neurons", n_sub, top_k))
-    return f"{policy}:{total}"
-
-
-def summary_tables(report: BenchReport) -> list[ResultTable]:
-    """Distinct stable points per batch, equal-compute quality cells and MoE-layer elasticity."""
-    tables = []
-    counts = ResultTable("distinct stable operating points", ["batch", "elastic", "original", "ratio"])
-    for b in report.settings.batches:
-        counts.add(b, len(report.distinct[b]["elastic"]), len(report.distinct[b]["original"]), report.ratio(b))
-    counts.notes.append("Pareto-optimal, perplexity <= 1.5x full, p90 <= 1.15x median, >= 3% latency apart")
-    tables.append(counts)
-
-    by_name = {p.point: p for p in report.points}
-    orig = sorted((p for p in report.points if p.kind == "original"), key=lambda p: int(p.point.split(":")[1]))
-    n_sub = report.n_sub
-    if n_sub > 1 and len(orig) > 1:
-        policies = [pol for pol in ("topk", "pattern", "linear") if any(p.point.startswith(pol + ":") for p in report.points)]
-        cells = ResultTable("equal compute: perplexity of K = N*k' sub-experts against the original at top-k'",
-                            ["k'", "K", "original", *policies, "best elastic wins"])
-        for p in orig[:-1]:
-            k = int(p.point.split(":")[1])
-            vals = [by_name.get(_equal_compute_name(pol, n_sub * k, n_sub, len(orig))) for pol in policies]
-            elastic = [v.quality.perplexity for v in vals if v is not None]
-            cells.add(k, n_sub * k, p.quality.perplexity, *[v.quality.perplexity if v else None for v in vals],
-                      min(elastic) < p.quality.perplexity if elastic else None)
-        tables.append(cells)
-
-    if report.settings.batches:
-        b0 = report.settings.batches[0]
-        full_k = n_sub * int(orig[-1].point.split(":")[1]) if orig else 0
-        elastic_pts = [p for p in report.points if p.kind == "elastic" and p.point.split(":")[0] in ("topk", "linear")]
-        fulls = {pol: by_name.get(f"{pol}:{full_k}") for pol in ("topk", "linear")}
-        if any(f is not None and f.latency[b0].moe_ms for f in fulls.values()):
-            el = ResultTable(f"elasticity of the MoE layers (batch {b0}): time at K over the same policy's time at K = {full_k}",
-                             ["point", "K / (N*k)", "MoE ms", "MoE time ratio", "elasticity (ratio / ideal)", "step ms"])
-            for p in elastic_pts:
-                policy, k = p.point.split(":")[0], int(p.point.split(":")[1])
-                full = fulls[policy]
-                moe = p.latency[b0].moe_ms
-                ratio = moe / full.latency[b0].moe_ms if moe and full is not None and full.latency[b0].moe_ms else None
-                el.add(p.point, k / full_k, moe, ratio, ratio / (k / full_k) if ratio else None, p.latency[b0].median_ms)
-            el.notes.append("1.0 = MoE time exactly proportional to the sub-experts computed; above 1 = fixed overhead")
-            tables.append(el)
-    return tables

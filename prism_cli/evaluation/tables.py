@@ -25,7 +25,8 @@ import yaml
 from prism_cli.config import load_run_config
 from prism_cli.data import load_text
 from prism_cli.errors import PrismError
-from prism_cli.evaluation.bench import BenchReport, BenchSettings, machine_label, report_json, run_bench, summary_tables
+from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
+from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.io import write_text
 from prism_cli.models.loading import load_model
@@ -34,7 +35,7 @@ from prism_cli.report import ResultTable
 from prism_cli.solvers.format import write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile
 
-QUALITY_COLUMNS = ("point", "kind", "active sub-experts", "perplexity", "KL", "top-1 agree")
+__all__ = ["QUALITY_COLUMNS", "TableConfig", "quality_table", "regenerate"]
 
 
 @dataclass
@@ -65,41 +66,6 @@ def _pick(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, A
     if bad:
         raise PrismError(f"table config section {where!r} has unknown keys {bad}; known: {sorted(allowed)}")
     return section
-
-
-def quality_table(report: BenchReport) -> ResultTable:
-    """Quality columns only: what must reproduce exactly under the seed."""
-    table = ResultTable(f"operating points of {report.target}: quality", list(QUALITY_COLUMNS))
-    for p in report.points:
-        table.add(p.point, p.kind, _round(p.quality.active), _round(p.quality.perplexity), _round(p.quality.kl),
-                  _round(p.quality.top1_agreement))
-    return table
-
-
-def _round(value: float | None, digits: int = 6) -> float | None:
-    return None if value is None else float(f"{value:.{digits}g}")
-
-
-def operating_points_table(report: BenchReport) -> ResultTable:
-    label = machine_label(report.environment)
-    batches = report.settings.batches
-    table = ResultTable(
-        f"operating points of {report.source or report.target} ({report.settings.mode}, seq-len {report.settings.seq_len})",
-        [*QUALITY_COLUMNS, *[f"ms b={b} [{label}]" for b in batches], *[f"p90 ms b={b} [{label}]" for b in batches],
-         *[f"MoE ms b={b} [{label}]" for b in batches], "frontier", "distinct stable"],
-    )
-    b0 = batches[0]
-    for p, q in zip(report.points, quality_table(report).rows, strict=True):
-        table.add(*q, *[p.latency[b].median_ms for b in batches], *[p.latency[b].p90_ms for b in batches],
-                  *[p.latency[b].moe_ms for b in batches], p.point in report.frontier[b0][p.kind],
-                  p.point in report.distinct[b0][p.kind])
-    table.notes += [
-        f"quality: {report.points[0].quality.tokens:,} held-out tokens; reference: the source model at its full top-k "
-        f"(perplexity {report.full_perplexity:.4f})",
-        f"latency: {report.settings.mode} step, experts implementation {report.implementation}, measured on {label}",
-        f"frontier / distinct stable at batch {b0} (see summary.md for the definition)",
-    ]
-    return table
 
 
 def regenerate(
@@ -141,7 +107,8 @@ def regenerate(
         write_partition(partition, result)
     exp = _pick(config.export, {"gate", "operating_point"}, "export")
     export_model(config.model, partition, work / "export", ExportSettings(**exp), force=True)
-    bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "warmup"}, "bench"))
+    bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "max_repeats",
+                                           "precision", "warmup", "dtype"}, "bench"))
     text, _ = load_text(bench_cfg.pop("data", None), "eval")
     batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
     configured = bench_cfg.pop("points", None)
@@ -151,7 +118,7 @@ def regenerate(
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
     if quality_only:
         return table_dir, report
-    operating_points_table(report).save(table_dir / "operating_points", extra=report_json(report))
+    points_table(report).save(table_dir / "operating_points", extra=report_json(report))
     write_text(table_dir / "summary.md", "\n".join(t.markdown() for t in summary_tables(report)))
     from prism_cli.evaluation.plot import plot_frontiers
 

@@ -13,6 +13,7 @@ the forward on CPU and CUDA events on GPU, after warm-up; median and p90 over th
 from __future__ import annotations
 
 import inspect
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +33,32 @@ class Latency:
     peak_memory_mib: float
     repeats: int
     moe_ms: float | None = None  # median time inside the sparse MoE blocks (CPU only: timed by hooks)
+    #: Half-width of the 95 % confidence interval of the median, relative to it (the spread reported).
+    median_ci: float | None = None
+
+
+def median_ci(samples: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median from order statistics.
+
+    With n samples the number below the true median is binomial(n, 1/2): the interval runs from the
+    sample of rank ``n/2 - z*sqrt(n)/2`` to that of rank ``1 + n/2 + z*sqrt(n)/2`` (1-based, rounded,
+    clipped to the sample), the textbook normal approximation (n = 20 gives ranks 6 and 15).
+    """
+    xs = sorted(samples)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no samples")
+    half = z * math.sqrt(n) / 2
+    lo = min(n, max(1, round(n / 2 - half)))
+    hi = max(lo, min(n, round(1 + n / 2 + half)))
+    return xs[lo - 1], xs[hi - 1]
+
+
+def relative_ci(samples: list[float]) -> float:
+    """Half-width of :func:`median_ci` over the median: 0.02 means the median is known within 2 %."""
+    lo, hi = median_ci(samples)
+    median = statistics.median(samples)
+    return (hi - lo) / 2 / median if median > 0 else math.inf
 
 
 class BlockClock:
@@ -135,7 +162,7 @@ class StepTimer:
         tokens = self.batch * (1 if self.mode == "decode" else self.seq_len)
         moe = [m for _, m, _ in samples if m is not None]
         return Latency(median, p90, tokens / (median / 1e3), max(m for _, _, m in samples), len(samples),
-                       statistics.median(moe) if moe else None)
+                       statistics.median(moe) if moe else None, relative_ci(times))
 
     def measure(self, repeats: int, warmup: int) -> Latency:
         """``warmup`` untimed steps, then ``repeats`` timed ones."""

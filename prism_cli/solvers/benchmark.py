@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prism_cli.evaluation.bench import environment
+from prism_cli.environment import environment
 from prism_cli.report import ResultTable
 from prism_cli.solvers import SOLVERS, PartitionProblem
 from prism_cli.solvers.objectives import group_loads, paper_cost, retained_mass

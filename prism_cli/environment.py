@@ -1,0 +1,64 @@
+"""Where a number was measured: versions, processor, threads and the command, for every results file.
+
+Kept apart from the stages (and free of torch/transformers imports: versions come from package
+metadata) so that a pure-numpy benchmark can record its environment without loading the runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from prism_cli import __version__
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: fall through to platform's answer
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """Versions, machine and command line; the GPU's name when ``device`` is a CUDA device."""
+    env: dict[str, Any] = {
+        "prism": __version__,
+        "python": sys.version.split()[0],
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "platform": platform.platform(),
+        "processor": cpu_name(),
+        "torch_threads": _torch_threads(),
+        "command": " ".join(["prism", *sys.argv[1:]]),
+    }
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _torch_threads() -> int:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
+def machine_label(env: dict[str, Any]) -> str:
+    """Short description of where latencies were measured, for column labels."""
+    return env.get("gpu") or f"{env['processor']}, {env['torch_threads']} threads"
