@@ -152,19 +152,23 @@ def test_plan_computes_each_requested_piece_once(tokens):
         assert covered == distinct
 
 
-def test_small_and_large_planners_agree():
+@pytest.mark.parametrize("kind", ["prefix", "subsets", "sentinels", "duplicates"])
+def test_small_and_large_planners_agree(kind, monkeypatch):
     """The plain-Python planner (decode steps) and the numpy one give the same plan."""
     import prism_cli.runtime.plan as plan_mod
 
     gen = torch.Generator().manual_seed(2)
-    idx, w = routing("sentinels", 6, 6, 4, 2, gen)
+    idx, w = routing(kind, 6, 6, 4, 2, gen)
     assert idx.numel() <= SMALL_BATCH_PAIRS
     small = plan_experts(idx, w, 4, 24)
-    large_rows = plan_mod._rows_large(idx, w, 4, 24)
-    small_rows = plan_mod._rows_small(idx, w, 4, 24)
-    for a, b in zip(small_rows, large_rows, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert [e.expert for e in small.experts] == sorted({int(g) // 4 for g in idx.flatten() if g < 24})
+    monkeypatch.setattr(plan_mod, "SMALL_BATCH_PAIRS", 0)
+    large = plan_experts(idx, w, 4, 24)
+    for field in ("tokens", "masks", "weights"):
+        np.testing.assert_array_equal(getattr(small, field), getattr(large, field))
+    assert [(e.expert, e.start, e.stop, e.blocks, e.all_tokens) for e in small.experts] == \
+        [(e.expert, e.start, e.stop, e.blocks, e.all_tokens) for e in large.experts]
+    assert [[(n, r.tolist()) for n, r in e.scattered] for e in small.experts] == \
+        [[(n, r.tolist()) for n, r in e.scattered] for e in large.experts]
 
 
 def test_whole_batch_expert_needs_no_gather():
@@ -177,3 +181,22 @@ def test_whole_batch_expert_needs_no_gather():
     with torch.no_grad():
         got = grouped_experts_forward(module, x, idx, w, 4)
     torch.testing.assert_close(got.double(), brute_force(module, x, idx, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_gate_scores_match_the_brute_force(tokens):
+    """Mean |silu(g.x) * (u.x)| over each sub-expert's gate neurons, for each chosen expert, in float64."""
+    from prism_cli.runtime.scoring import gate_scores, gate_up_rows
+
+    experts, n_sub, s, top_k = 6, 4, 3, 2
+    gen = torch.Generator().manual_seed(tokens)
+    gate_w, up_w = torch.randn(experts, n_sub * s, HIDDEN, generator=gen), torch.randn(experts, n_sub * s, HIDDEN, generator=gen)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    chosen = torch.rand(tokens, experts, generator=gen).argsort(dim=1)[:, :top_k]
+    got = gate_scores(x, gate_up_rows(gate_w, up_w), chosen, n_sub)
+    want = torch.zeros(tokens, top_k, n_sub, dtype=torch.float64)
+    for t in range(tokens):
+        for slot, e in enumerate(chosen[t].tolist()):
+            a = torch.nn.functional.silu(gate_w[e].double() @ x[t].double()) * (up_w[e].double() @ x[t].double())
+            want[t, slot] = a.abs().view(n_sub, s).mean(dim=1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

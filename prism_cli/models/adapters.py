@@ -64,6 +64,8 @@ class MoEAdapter:
     router_per_expert: ClassVar[tuple[str, ...]] = ()
     #: Multi-head latent attention: KV heads are not split over tensor-parallel ranks.
     latent_attention: ClassVar[bool] = False
+    #: The router returns its top-k sorted by score (``torch.topk``'s default); DeepSeek's do not.
+    router_sorted: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -218,6 +220,7 @@ class _DeepseekAdapter(MoEAdapter):
     experts_key = "n_routed_experts"
     width_key = "moe_intermediate_size"
     latent_attention = True
+    router_sorted = False
 
     def flat_config_updates(self, n_sub: int) -> dict[str, Any]:
         updates = super().flat_config_updates(n_sub)

@@ -104,8 +104,9 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     else:
         n_sub = int(meta["sub_experts"])
         top_k = int(meta["source"]["top_k"])
-        flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores)
-                for layer in layers]
+        tied = "tuning" not in meta  # a tuned router's copies no longer tie
+        flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores, n_sub,
+                                 sorted_blocks=tied and adapter.router_sorted) for layer in layers]
         state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta)
         if meta["gate"] == "neurons":
             gate_file = directory / GATE_FILE

@@ -66,13 +66,13 @@ def _up(module: torch.nn.Module, xr: torch.Tensor, g0: int, g1: int) -> torch.Te
     """Gate-up projection of rows ``xr`` for sub-experts ``g0:g1``, activated: ``[rows, g1-g0, width]``."""
     gate_up = module.gate_up_proj
     count, rows = g1 - g0, xr.shape[0]
-    if getattr(module, "is_transposed", False):  # [G, H, 2w]: one matmul per sub-expert
-        h = torch.stack([xr @ gate_up[g].float() for g in range(g0, g1)], dim=1)
+    if getattr(module, "is_transposed", False):  # [G, H, 2w]: a batched product over the sub-experts
+        h = torch.matmul(xr, gate_up[g0:g1].float()).transpose(0, 1)
     else:  # [G, 2w, H]: the slice is one contiguous [(g1-g0)*2w, H] matrix
         h = F.linear(xr, gate_up[g0:g1].reshape(-1, gate_up.shape[-1]).float()).view(rows, count, -1)
     if getattr(module, "has_bias", False):
         h = h + module.gate_up_proj_bias[g0:g1].float()
-    act = module._apply_gate(h.view(rows * count, -1))
+    act = module._apply_gate(h.reshape(rows * count, -1))
     return act.view(rows, count, -1)
 
 
@@ -84,13 +84,13 @@ def _down_into(module: torch.nn.Module, target: torch.Tensor, act: torch.Tensor,
         weight = down[g0 : g0 + count].reshape(count * width, -1).float()
         flat = act.reshape(rows, count * width)
         return flat @ weight if first else target.addmm_(flat, weight)
-    for j in range(count):
-        weight_t = down[g0 + j].float().t()
-        if first:
-            target, first = act[:, j] @ weight_t, False
-        else:
-            target.addmm_(act[:, j], weight_t)
-    return target
+    if count == 1:
+        weight_t = down[g0].float().t()
+        return act[:, 0] @ weight_t if first else target.addmm_(act[:, 0], weight_t)
+    # [G, H, w]: the slice is not one matrix; a batched product per sub-expert, summed (a few rows only:
+    # tall blocks are split into one block per sub-expert before they get here)
+    y = torch.bmm(act.transpose(0, 1), down[g0 : g0 + count].float().transpose(1, 2)).sum(dim=0)
+    return y if first else target.add_(y)
 
 
 def _split_tall_blocks(blocks: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:

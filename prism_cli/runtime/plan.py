@@ -101,10 +101,12 @@ def plan_experts(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_g
     """Group ``indices [T, P]`` (sub-expert ids, ``num_groups`` = sentinel) and ``weights [T, P]`` per expert."""
     if indices.dim() == 1:
         indices, weights = indices.unsqueeze(1), weights.unsqueeze(1)
-    rows = (_rows_small if indices.numel() <= SMALL_BATCH_PAIRS else _rows_large)(indices, weights, n_sub, num_groups)
+    if indices.numel() <= SMALL_BATCH_PAIRS:
+        return _plan_small(indices, weights, n_sub, num_groups)
+    tokens = indices.shape[0]
+    rows = _rows_large(indices, weights, n_sub, num_groups)
     if rows is None:
-        return ExpertPlan(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_sub), np.float32), [], n_sub,
-                          indices.shape[0])
+        return ExpertPlan(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_sub), np.float32), [], n_sub, tokens)
     row_tok, row_expert, masks, row_w = rows
     bounds = np.flatnonzero(row_expert[1:] != row_expert[:-1]) + 1
     e_start = [0, *bounds.tolist()]
@@ -114,25 +116,27 @@ def plan_experts(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_g
         key = _row_order_key(n_sub)[masks] + row_expert.astype(np.int64) * (1 << n_sub)
         perm = np.argsort(key, kind="stable")
         row_tok, masks, row_w = row_tok[perm], masks[perm], row_w[perm]
-    tokens = indices.shape[0]
     experts = []
     for a, b, same in zip(e_start, e_stop, uniform, strict=True):
-        # Rows of one expert are distinct tokens in token order (unless reordered by mask): all T of them
-        # means the expert's rows are the batch itself, with no gather and no scatter.
-        work = ExpertWork(int(row_expert[a]), a, b, all_tokens=same and b - a == tokens)
-        if same:
-            work.blocks = [(0, b - a, n0, n1) for n0, n1 in _runs(int(masks[a]), n_sub)]
-        else:
-            _blocks_of_mixed_expert(work, masks[a:b], n_sub)
-        experts.append(work)
+        experts.append(_expert_work(int(row_expert[a]), a, b, masks[a:b], same, tokens, n_sub))
     return ExpertPlan(row_tok, masks, row_w, experts, n_sub, tokens)
 
 
-Rows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+def _expert_work(expert: int, start: int, stop: int, masks: np.ndarray | list[int], same: bool, tokens: int,
+                 n_sub: int) -> ExpertWork:
+    # Rows of one expert are distinct tokens in token order (unless reordered by mask): all T of them
+    # means the expert's rows are the batch itself, with no gather and no scatter.
+    work = ExpertWork(expert, start, stop, all_tokens=same and stop - start == tokens)
+    if same:
+        work.blocks = [(0, stop - start, n0, n1) for n0, n1 in _runs(int(masks[0]), n_sub)]
+    else:
+        _blocks_of_mixed_expert(work, np.asarray(masks, dtype=np.int64), n_sub)
+    return work
 
 
-def _rows_small(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_groups: int) -> Rows | None:
-    """(token, expert) rows, grouped by expert in token order: token, expert, mask, weight per sub-expert."""
+def _plan_small(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_groups: int) -> ExpertPlan:
+    """``plan_experts`` in plain Python, for a few pairs (a decode step): same plan, fewer fixed costs."""
+    tokens = indices.shape[0]
     rows: dict[tuple[int, int], list] = {}
     for t, (ids, ws) in enumerate(zip(indices.tolist(), weights.float().tolist(), strict=True)):
         for g, w in zip(ids, ws, strict=True):
@@ -144,11 +148,29 @@ def _rows_small(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_gr
                 row = rows[(e, t)] = [0, [0.0] * n_sub]
             row[0] |= 1 << n
             row[1][n] += w  # a sub-expert listed twice for one token: its weights add up
-    if not rows:
-        return None
     keys = sorted(rows)
-    return (np.array([t for _, t in keys], dtype=np.int64), np.array([e for e, _ in keys], dtype=np.int64),
-            np.array([rows[k][0] for k in keys], dtype=np.int64), np.array([rows[k][1] for k in keys], dtype=np.float32))
+    order_key = _row_order_key(n_sub)
+    row_tok: list[int] = []
+    row_masks: list[int] = []
+    row_w: list[list[float]] = []
+    experts: list[ExpertWork] = []
+    i = 0
+    while i < len(keys):
+        expert, j = keys[i][0], i
+        while j < len(keys) and keys[j][0] == expert:
+            j += 1
+        group = keys[i:j]
+        same = all(rows[k][0] == rows[group[0]][0] for k in group)
+        if not same:
+            group = sorted(group, key=lambda k: order_key[rows[k][0]])
+        start = len(row_tok)
+        row_tok += [t for _, t in group]
+        row_masks += [rows[k][0] for k in group]
+        row_w += [rows[k][1] for k in group]
+        experts.append(_expert_work(expert, start, len(row_tok), row_masks[start:], same, tokens, n_sub))
+        i = j
+    return ExpertPlan(np.array(row_tok, dtype=np.int64), np.array(row_masks, dtype=np.int64),
+                      np.array(row_w, dtype=np.float32).reshape(-1, n_sub), experts, n_sub, tokens)
 
 
 def _rows_large(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_groups: int) -> Rows | None:

@@ -15,8 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from prism_cli.cuda import get_ops
+from prism_cli import cuda
 from prism_cli.runtime.policies import AllocationPolicy
+from prism_cli.runtime.scoring import gate_scores, gate_up_rows
 
 
 class GateNeuronRouter(nn.Module):
@@ -36,6 +37,7 @@ class GateNeuronRouter(nn.Module):
         self.router = router
         self.register_buffer("gate_w", gate_w, persistent=False)
         self.register_buffer("up_w", up_w, persistent=False)
+        self.register_buffer("rows", gate_up_rows(gate_w, up_w), persistent=False)  # one matmul per expert
         self.n_sub = n_sub
         self.down_scale = down_scale
         self.policy = policy
@@ -45,7 +47,10 @@ class GateNeuronRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, expert_w, expert_idx = self.router(hidden_states)
         x = hidden_states.reshape(-1, self.hidden_dim)
-        scores = get_ops(x.device).gate_scores(x, self.gate_w, self.up_w, expert_idx, self.n_sub)
+        if x.device.type == "cuda" and x.dtype in cuda.KERNEL_DTYPES and cuda.available():
+            scores = cuda.get_ops(x.device).gate_scores(x, self.gate_w, self.up_w, expert_idx, self.n_sub)
+        else:
+            scores = gate_scores(x, self.rows, expert_idx, self.n_sub)
         ids, weights = self.policy.allocate(expert_idx, expert_w, scores, self.value)
         # The flat export's down_proj carries the linear gate's rescaling; undo it for original weights.
         return logits, (weights / self.down_scale).to(expert_w.dtype), ids
@@ -65,7 +70,8 @@ class LinearGateRouter(nn.Module):
     """
 
     def __init__(self, router: nn.Module, full_k: int, renormalize: bool,
-                 selection_scores: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+                 selection_scores: Callable[[nn.Module, torch.Tensor], torch.Tensor], n_sub: int = 1,
+                 sorted_blocks: bool = False) -> None:
         super().__init__()
         self.router = router
         self.router.top_k = full_k
@@ -73,19 +79,29 @@ class LinearGateRouter(nn.Module):
         self.top_k = full_k
         self.renormalize = renormalize
         self.selection_scores = selection_scores
+        self.n_sub = n_sub
+        #: The stock router returns its top-k sorted by score and the N copies of an expert tie exactly
+        #: (an untuned export): the pairs then come in blocks of N per expert, best expert first, and
+        #: the rule is one sort inside each block (a decode step pays for every op it runs).
+        self.sorted_blocks = sorted_blocks
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, weights, indices = self.router(hidden_states)
         if self.top_k >= self.full_k:
             return logits, weights, indices
-        by_index, perm = torch.sort(indices, dim=-1, stable=True)
-        score = self.selection_scores(self.router, logits).gather(1, by_index)
-        order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, : self.top_k]
-        keep = perm.gather(1, order)
-        kept_w = weights.gather(1, keep)
+        if self.sorted_blocks:
+            tokens = indices.shape[0]
+            kept_idx = indices.view(tokens, -1, self.n_sub).sort(dim=-1).values.view(tokens, -1)[:, : self.top_k]
+            kept_w = weights[:, : self.top_k]  # the copies of an expert carry the same weight
+        else:
+            by_index, perm = torch.sort(indices, dim=-1, stable=True)
+            score = self.selection_scores(self.router, logits).gather(1, by_index)
+            order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, : self.top_k]
+            keep = perm.gather(1, order)
+            kept_w, kept_idx = weights.gather(1, keep), indices.gather(1, keep)
         if self.renormalize:
             kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
-        return logits, kept_w, indices.gather(1, keep)
+        return logits, kept_w, kept_idx
 
 
 class ElasticRouter(nn.Module):
