@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables bench-profile bench-partition compare-solvers gate-ablation model gpu-check lint clean
+.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition compare-solvers gate-ablation model gpu-check lint clean
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -36,9 +36,17 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Regenerate the committed operating-point tables (tables/builtin/).
+# Regenerate the committed operating-point tables (tables/builtin/, N = 4; tables/builtin-n8/, N = 8).
+# Timing wants a quiet machine: every point is timed side by side with the original in one run.
 tables: $(STAMP)
 	$(BIN)/prism tables --config configs/builtin.yaml --out tables
+
+tables-n8: $(STAMP)
+	$(BIN)/prism tables --config configs/builtin-n8.yaml --out tables
+
+# The built-in table's timing three times from its committed partition: the count of each run.
+bench-stability: $(STAMP)
+	$(BIN)/python -m prism_cli.evaluation.stability --config configs/builtin.yaml --runs 3 --out results/bench_stability
 
 # Benchmarks that write their numbers to files under results/.
 bench-profile: $(STAMP)
@@ -50,8 +58,7 @@ bench-partition: $(STAMP)
 gate-ablation: $(STAMP)
 	mkdir -p $(RUN)
 	test -f $(RUN)/profile.h5 || $(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
-	test -f $(RUN)/partition.h5 || $(BIN)/prism partition $(RUN)/profile.h5 --config configs/builtin.yaml --out $(RUN)/partition.h5
-	$(BIN)/python scripts/gate_ablation.py --profile $(RUN)/profile.h5 --partition $(RUN)/partition.h5 --out results/gate_ablation
+	$(BIN)/python scripts/gate_ablation.py --profile $(RUN)/profile.h5 --partition tables/builtin/partition.h5 --out results/gate_ablation
 
 compare-solvers: $(STAMP)
 	mkdir -p $(RUN)

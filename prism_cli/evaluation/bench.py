@@ -193,18 +193,24 @@ def run_bench(
     text: str,
     settings: BenchSettings,
     on_stage: Callable[[str, int], Callable[[float], None]] | None = None,
+    quality: dict[str, PointQuality] | None = None,
 ) -> BenchReport:
-    """Benchmark ``target`` (an export or a plain MoE model); ``on_stage(name, total)`` gives a progress callback."""
+    """Benchmark ``target`` (an export or a plain MoE model); ``on_stage(name, total)`` gives a progress callback.
+
+    ``quality`` (the points' quality from an earlier report of the same export and data) skips the
+    quality pass: repeated timing runs need it only once.
+    """
     settings.validate()
     models = _load(target, settings)
     runners = _runners(models, settings)
-    quality = _quality(models, runners, text, settings, on_stage)
+    if quality is None:
+        quality = _quality(models, runners, text, settings, on_stage)
     top_k = models.source_state.top_k
     full_ppl = quality[f"original:{top_k}"].perplexity
     timed: dict[int, dict[int, tuple[Latency, str]]] = {}
     for batch in settings.batches:
         timed[batch] = _latency(runners, batch, settings, models.source.model.config.vocab_size,
-                                on_stage("latency", len(runners)) if on_stage else None)
+                                on_stage(f"latency b={batch}", len(runners)) if on_stage else None)
     points = _assemble_points(models, runners, quality, timed, settings)
     counts = {b: count_points(points, b, full_ppl) for b in settings.batches}
     n_sub = int(models.meta["sub_experts"]) if models.meta else 1

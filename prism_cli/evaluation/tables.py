@@ -68,6 +68,20 @@ def _pick(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, A
     return section
 
 
+def bench_settings(config: TableConfig, *, quality_only: bool = False,
+                   points: list[str] | None = None) -> tuple[BenchSettings, str]:
+    """The bench settings and quality text of a table config (``points`` overrides its points)."""
+    bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "max_repeats",
+                                           "precision", "warmup", "dtype"}, "bench"))
+    text, _ = load_text(bench_cfg.pop("data", None), "eval")
+    batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
+    configured = bench_cfg.pop("points", None)
+    points = points or configured
+    settings = BenchSettings(batches=batches, seed=config.seed, quality_only=quality_only, device=config.device,
+                             points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
+    return settings, text
+
+
 def regenerate(
     config: TableConfig,
     out_root: Path,
@@ -107,14 +121,7 @@ def regenerate(
         write_partition(partition, result)
     exp = _pick(config.export, {"gate", "operating_point"}, "export")
     export_model(config.model, partition, work / "export", ExportSettings(**exp), force=True)
-    bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "max_repeats",
-                                           "precision", "warmup", "dtype"}, "bench"))
-    text, _ = load_text(bench_cfg.pop("data", None), "eval")
-    batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
-    configured = bench_cfg.pop("points", None)
-    points = points or configured
-    settings = BenchSettings(batches=batches, seed=seed, quality_only=quality_only, device=config.device,
-                             points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
+    settings, text = bench_settings(config, quality_only=quality_only, points=points)
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
     if quality_only:
         return table_dir, report
@@ -122,7 +129,7 @@ def regenerate(
     write_text(table_dir / "summary.md", "\n".join(t.markdown() for t in summary_tables(report)))
     from prism_cli.evaluation.plot import plot_frontiers
 
-    plot_frontiers(report, batches[0], table_dir / "frontier.png")
+    plot_frontiers(report, settings.batches[0], table_dir / "frontier.png")
     if partition.resolve() != (table_dir / "partition.h5").resolve():
         shutil.copyfile(partition, table_dir / "partition.h5")
     write_text(table_dir / "config.yaml", yaml.safe_dump(vars(config), sort_keys=False))

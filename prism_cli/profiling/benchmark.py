@@ -74,7 +74,7 @@ def main() -> None:
         "profile_seconds": profile_s,
         "ratio": statistics.median(profile_s) / statistics.median(plain_s),
         "peak_rss_mib": {t: _peak_rss_mib(args.model, t, args.batch_size) for t in map(int, args.rss_tokens.split(","))},
-        "environment": environment(torch.device("cpu")),
+        "environment": environment(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)

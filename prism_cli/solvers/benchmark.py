@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from prism_cli.environment import environment
 from prism_cli.report import ResultTable
@@ -58,7 +57,7 @@ def main() -> None:
     table.notes.append("target: nsga2 <= 30 s per expert on one core at OLMoE's shape")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out.with_suffix(""), extra={"settings": vars(args) | {"out": str(args.out)}, "solvers": results,
-                                                "environment": environment(torch.device("cpu"))})
+                                                "environment": environment()})
     print(table.markdown())
 
 
