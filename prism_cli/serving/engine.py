@@ -101,6 +101,7 @@ class Executor(ABC):
 class EngineStats:
     decisions: int = 0
     decision_s: float = 0.0
+    decision_times: list[float] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     violations: int = 0  # rows served below their floor, summed over steps
 
@@ -158,7 +159,9 @@ class Engine:
         self._retire()
         t0 = time.perf_counter()
         launches = self.policy.admit(self) if len(self.waiting) and self.free_slots() > 0 else []
-        self.stats.decision_s += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.stats.decision_s += spent
+        self.stats.decision_times.append(spent)
         self.stats.decisions += 1
         for launch in launches:
             self._launch(launch.batch, launch.requests)
@@ -168,8 +171,11 @@ class Engine:
         if batch is not None:
             self._decode(batch)
         elif not launches:
-            nxt = self._scheduled[0].arrival if self._scheduled else None
-            self.executor.idle(nxt, self._wake)
+            events = [self._scheduled[0].arrival] if self._scheduled else []
+            oldest = self.waiting.oldest()
+            if oldest is not None:  # a waiting request forces a launch once it is older than t_max
+                events.append(oldest.arrival + self.limits.t_max + 1e-6)
+            self.executor.idle(min(events, default=None), self._wake)
             self._wake.clear()
             return False
         return True
@@ -178,6 +184,10 @@ class Engine:
         """Iterate until every request (submitted or scheduled) has finished."""
         while self.pending():
             self.step()
+        self.finish()
+
+    def finish(self) -> None:
+        """Move the requests that ended in the last step to ``finished``."""
         self._retire()
 
     # --- internals ---------------------------------------------------------------------------

@@ -98,6 +98,10 @@ class ModelExecutor(Executor):
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
+    def reset_clock(self) -> None:
+        """Time zero of the engine's clock is now (a workload's arrivals count from it)."""
+        self._t0 = time.perf_counter()
+
     # --- points ------------------------------------------------------------------------------
     def _at(self, points: list[OperatingPoint], tokens_per_row: int) -> None:
         from prism_cli.runtime.elastic import set_operating_point
