@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import ConfigOption, DefaultCommandGroup
-from prism_cli.console import console, progress_bar
+from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress
+from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.report import ResultTable
 
@@ -73,11 +73,14 @@ def run(
     settings = _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
                          max_prompt, min_output, max_output)
     model = find_cost_model(directory, cost_model)
-    with progress_bar("requests served", unit="requests") as advance:
-        done = [0]
+    with deferred_progress("requests served", "requests") as (start, advance):
+        done = [-1]
 
         def progress(finished: int, total: int) -> None:
-            advance(finished - done[0], total=total)
+            if done[0] < 0:  # the first call: the input has been checked, the run begins
+                start(total)
+                done[0] = 0
+            advance(finished - done[0])
             done[0] = finished
 
         result = run_schedule(directory, settings, model, on_progress=progress)
@@ -160,13 +163,15 @@ def sweep(
     served = None if sim else {False: load_served_model(directory), True: load_served_model(directory, original=True)}
     names = [n.strip() for n in loads.split(",") if n.strip()]
     total = (len(rate_list) if rate_list else len(names)) * 6
-    with progress_bar("sweep runs", total=total, unit="runs") as advance:
-        first = [True]
+    with deferred_progress("sweep runs", "runs") as (start, advance):
+        started = [False]
 
         def on_run(_what: str) -> None:
-            if not first[0]:
+            if started[0]:
                 advance(1)
-            first[0] = False
+            else:
+                start(total)
+                started[0] = True
 
         runs, capacity = run_sweep(directory, settings, model, names, rate_list, served, on_run)
         advance(1)

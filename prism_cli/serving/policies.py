@@ -10,9 +10,12 @@ independently of the policy.
   set, and the full model); a request is in every queue whose point meets its floor. Launching queue K
   into a batch (a running one, or a new one) is scored by SPEC's utility, generalised to a running
   engine: the tokens per millisecond of a round of decode steps over all batches afterwards (with
-  nothing running it is SPEC's ``U_K = tokens(Q_K) / C(|Q_K|, K)``). The best launch wins if it beats
-  the current round (waiting for a fuller batch can be worth it); hard triggers: a launch that fills a
-  batch goes at once, and a request older than ``t_max`` forces a launch that includes it.
+  nothing running it is SPEC's ``U_K = tokens(Q_K) / C(|Q_K|, K)``). While there is room the best launch
+  goes (the engine never idles with requests waiting); a launch that fills a batch beats one that does
+  not, and a request older than ``t_max`` forces a launch that includes it (with the requests whose own
+  point is the launch's, not cheaper floors that would pay for the higher point). ``t_max`` bounds how
+  long utility may pass a request over; under sustained overload every request passes it and the
+  order of launches becomes FIFO's (the batch each joins is still chosen by utility).
 * ``fifo``: oldest first into the first batch with room; a batch runs at the cheapest point that
   meets every floor in it (the highest floor, the paper's baseline).
 * ``fullbatch``: launches only whole new batches of ``max_batch`` requests (or what has waited
@@ -163,10 +166,17 @@ class PrismPolicy(SchedulingPolicy):
             overdue = oldest if now - oldest.arrival > limits.t_max else None
             rows = sum(len(f) for _, f in plan)
             total = sum(cost)
-            current = rows / total if total > 0 else 0.0
-            best = None  # (forced, full, utility, target index, members, new floors, new cost)
+            best = None  # ((forced, full, utility, -overpay), target index, members, new floors, new cost)
             for k in ladder.queue_points(engine.waiting.floors()):
-                members_all = engine.waiting.peek(lambda f, k=k: ladder.meets(k, f), free + len(taken))
+                if overdue is None:
+                    accepts = lambda f, k=k: ladder.meets(k, f)  # noqa: E731 - the virtual queue of point k
+                elif ladder.meets(k, overdue.floor):
+                    # A forced launch takes the overdue request with the requests that k is the own point of:
+                    # filling it with cheaper floors would make them pay k's price for a launch they did not win.
+                    accepts = lambda f, k=k: f == overdue.floor or ladder.cheapest_meeting([f]) == k  # noqa: E731
+                else:
+                    continue
+                members_all = engine.waiting.peek(accepts, free + len(taken))
                 members_all = [r for r in members_all if id(r) not in taken]
                 if not members_all:
                     continue
@@ -182,16 +192,18 @@ class PrismPolicy(SchedulingPolicy):
                     utility = (rows + len(members)) / (total - old_cost + new_cost)
                     full = len(new_floors) == limits.max_batch
                     forced = overdue is not None and any(m is overdue for m in members)
-                    key = (forced, full, utility)
+                    # Among equal utilities (a join that leaves the batch's point as it is), prefer the
+                    # members whose own point the batch runs at: cheaper floors are kept for cheaper batches.
+                    point = ladder.rank(ladder.cheapest_meeting(new_floors))
+                    overpay = sum(point - ladder.rank(ladder.cheapest_meeting([m.floor])) for m in members)
+                    key = (forced, full, round(utility, 12), -overpay)
                     if best is None or key > best[0]:
                         best = (key, index, members, new_floors, new_cost)
             if best is None:
                 break
-            (forced, full, utility), index, members, new_floors, new_cost = best
+            (forced, *_), index, members, new_floors, new_cost = best
             if overdue is not None and not forced:
                 break  # the overdue request fits nowhere yet: keep the room for it
-            if not (forced or full or utility > current):
-                break  # waiting for a fuller batch is worth more than launching now
             if index < len(plan):
                 plan[index] = (plan[index][0], new_floors)
                 cost[index] = new_cost

@@ -16,6 +16,7 @@ class WaitingQueue:
     def __init__(self) -> None:
         self._by_floor: dict[OperatingPoint, deque[Request]] = {}
         self._count = 0
+        self._order = itertools.count()
 
     def __len__(self) -> int:
         return self._count
@@ -27,6 +28,7 @@ class WaitingQueue:
         return [f for f, q in self._by_floor.items() if q]
 
     def push(self, request: Request) -> None:
+        request.seq = next(self._order)  # the queue's order is the order of entry
         self._by_floor.setdefault(request.floor, deque()).append(request)
         self._count += 1
 

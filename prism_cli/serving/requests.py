@@ -59,7 +59,7 @@ class Request:
     below_floor_steps: int = 0
     cancelled: bool = False  # set from another thread: the engine drops the request at its next iteration
     generator: Any = None  # torch.Generator for a seeded request (real engine only)
-    seq: int = field(default_factory=lambda: next(_ids))
+    seq: int = 0  # order of entry into the waiting queue (set by it)
 
     @property
     def finished(self) -> bool:
