@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import random_neurons_export
 
 from prism_cli.errors import PrismError
 from prism_cli.runtime.operating_points import OperatingPoint
@@ -226,18 +225,6 @@ def test_per_row_topk_equals_topk_at_each_tokens_k():
         got = dict(zip(ids[t][kept].tolist(), weights[t][kept].tolist(), strict=True))
         assert got == pytest.approx(dict(zip(want_ids[0].tolist(), want_w[0].tolist(), strict=True)))
         assert weights[t][~kept].abs().sum() == 0
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny_model_dir, tmp_path_factory):
-    return random_neurons_export(tiny_model_dir("olmoe"), tmp_path_factory.mktemp("serving"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def served(tiny_export):
-    from prism_cli.serving.executor import load_served_model
-
-    return load_served_model(str(tiny_export))
 
 
 def test_row_points_give_each_row_what_its_point_gives_it(served):

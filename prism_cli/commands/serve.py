@@ -57,7 +57,7 @@ def serve(
     instance = cls(served.space.parse(point) if point else served.space.full()) if policy == "static" else cls()
     engine = Engine(ModelExecutor(served, seed=seed), instance, ladder, limits, model)
     state = ServerState(engine, served.tokenizer, served.space, ladder, model, served_model_name or Path(directory).resolve().name,
-                        served.context, key, max_queue)
+                        served.context, key, max_queue, getattr(served.tokenizer, "chat_template", None))
     bound = sock.getsockname()
     console.print(f"prism serve: {state.model_name} on http://{bound[0]}:{bound[1]} (policy {policy}"
                   f"{', API key required' if key else ''}); Ctrl-C or SIGTERM drains and stops", highlight=False)

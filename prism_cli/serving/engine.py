@@ -186,6 +186,13 @@ class Engine:
             self.step()
         self.finish()
 
+    def abort(self, reason: str) -> None:
+        """End every request not finished yet (the engine cannot go on)."""
+        now = self.now()
+        pending = [*self._inbox, *self._scheduled, *self.waiting, *(r for b in self.batches for r in b.rows)]
+        for r in pending:
+            r.finish(reason, now)
+
     def finish(self) -> None:
         """Move the requests that ended in the last step to ``finished``."""
         self._retire()

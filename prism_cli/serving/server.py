@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,7 @@ class EngineLoop:
                 self.engine.step()
         except BaseException as exc:  # noqa: BLE001 - reported by /health and re-raised on stop
             self.error = exc
+            self.engine.abort("error")  # no client waits forever on a dead engine
 
     def stop(self, timeout: float = 60.0) -> None:
         self._stop.set()
@@ -108,6 +109,7 @@ class ServerState:
     context: int
     api_key: str | None
     max_queue: int
+    chat_template: str | None = None  # the tokenizer's, if it has one: /v1/chat/completions exists only then
     loop: EngineLoop | None = None
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
@@ -293,6 +295,10 @@ def build_app(state: ServerState) -> Starlette:
                         if len(text) > sent:
                             yield f"data: {json.dumps(chunk(text[sent:], None))}\n\n"
                             sent = len(text)
+                        if reason == "error":
+                            yield f"data: {json.dumps({'error': {'message': 'the engine failed', 'type': 'internal_error'}})}\n\n"
+                            status = "500"
+                            return
                         if reason is not None:
                             yield f"data: {json.dumps(chunk('', _reason(reason)))}\n\n"
                             if include_usage:
@@ -303,7 +309,7 @@ def build_app(state: ServerState) -> Starlette:
                             status = "200"
                             return
                 finally:
-                    if status != "200":
+                    if status == "cancelled":
                         req.cancelled = True
                         state.engine.wake()
                     done(status)
@@ -326,6 +332,9 @@ def build_app(state: ServerState) -> Starlette:
                     break
         finally:
             disconnect.cancel()
+        if reason == "error":
+            done("500")
+            return error("the engine failed on an internal error", None, 500, "internal_error")
         done("200")
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _reason(reason)}
@@ -360,7 +369,7 @@ def build_app(state: ServerState) -> Starlette:
 
     routes = [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    if getattr(state.tokenizer, "chat_template", None):
+    if state.chat_template:
         routes.append(Route("/v1/chat/completions", chat_completions, methods=["POST"]))
     return Starlette(routes=routes, lifespan=lifespan)
 
@@ -400,12 +409,13 @@ def chat_prompt(state: ServerState, body: dict) -> list[int]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise BadRequest(f"messages[{i}]: expected {{role: string, content: string}}", "messages")
     try:
-        ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = state.tokenizer.apply_chat_template(messages, chat_template=state.chat_template, add_generation_prompt=True,
+                                                  tokenize=True)
     except Exception as exc:  # noqa: BLE001 - a template error is the client's input (or the template's) problem
         raise BadRequest(f"messages: the chat template failed: {exc}", "messages") from None
-    if isinstance(ids, dict):
+    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
-    return list(ids)
+    return [int(t) for t in ids]
 
 
 def prometheus_text(state: ServerState) -> str:
