@@ -173,7 +173,7 @@ class PrismPolicy(SchedulingPolicy):
                 elif ladder.meets(k, overdue.floor):
                     # A forced launch takes the overdue request with the requests that k is the own point of:
                     # filling it with cheaper floors would make them pay k's price for a launch they did not win.
-                    accepts = lambda f, k=k: f == overdue.floor or ladder.cheapest_meeting([f]) == k  # noqa: E731
+                    accepts = lambda f, k=k, own=overdue.floor: f == own or ladder.cheapest_meeting([f]) == k  # noqa: E731
                 else:
                     continue
                 members_all = engine.waiting.peek(accepts, free + len(taken))
