@@ -167,3 +167,36 @@ def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     cli("serve", tmp_path).assert_one_line_error("not a prism export")
     cli("serve", tiny_export, "--port", "70000").assert_one_line_error("--port")
     cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_export):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "serve", str(tiny_export), "--policy", "fifo", "--port", str(port),
+                             "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PRISM_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {"model": "tiny", "prompt": "The whale", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"  # the request in flight was served to its end
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import signal
 import socket
 import threading
 import time
@@ -467,8 +468,20 @@ def serve_forever(state: ServerState, sock: socket.socket, on_ready=None) -> Non
     """Run uvicorn on ``sock`` until SIGINT/SIGTERM; in-flight requests are drained first."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would end
+            # "killed by SIGTERM"; prism drains, then exits normally (status 0).
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     config = uvicorn.Config(build_app(state), log_level="warning", timeout_graceful_shutdown=120, lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(config)
     if on_ready is not None:
         on_ready()
     server.run(sockets=[sock])
