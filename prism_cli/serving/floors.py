@@ -147,10 +147,12 @@ class Ladder:
             self._cheapest[key] = min(candidates, key=lambda p: (self.rank(p), str(p)))
         return self._cheapest[key]
 
-    def step_cost(self, floors: list[OperatingPoint]) -> float:
-        """Planned milliseconds of one decode step of a batch with these floors (0 for an empty batch)."""
+    def step_cost(self, floors: list[OperatingPoint], size: int | None = None) -> float:
+        """Planned milliseconds of one decode step of a batch with these floors (0 for an empty batch);
+        with ``size``, its rows' share of a step of a batch of ``size`` rows."""
         if not floors:
             return 0.0
         point = self.cheapest_meeting(floors)
         assert self.cost_model is not None
-        return self.cost_model.decode(point, len(floors))
+        size = size or len(floors)
+        return self.cost_model.decode(point, size) * len(floors) / size

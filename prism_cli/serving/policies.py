@@ -154,7 +154,18 @@ class PrismPolicy(SchedulingPolicy):
         limits, ladder = engine.limits, engine.ladder
         # A plan of the batches after this iteration's launches: (batch or None, floors of its rows).
         plan: list[tuple[Batch | _NewBatch | None, list[OperatingPoint]]] = [(b, [r.floor for r in b.rows]) for b in engine.batches]
-        cost = [ladder.step_cost(floors) for _, floors in plan]
+        def planned(floors: list[OperatingPoint]) -> float:
+            # A batch is priced per row at the size its queue can fill it to (its rows plus the waiting
+            # requests its point meets, up to max_batch): SPEC's C(|Q_K|, K) over the whole queue. With
+            # nothing waiting that is today's size; under load a batch that the queue will fill is worth
+            # opening now, which pricing it at one row would never show.
+            if not floors:
+                return 0.0
+            point = ladder.cheapest_meeting(floors)
+            size = min(limits.max_batch, len(floors) + engine.waiting.count(lambda f: ladder.meets(point, f)))
+            return ladder.step_cost(floors, max(size, len(floors)))
+
+        cost = [planned(floors) for _, floors in plan]
         free = engine.free_slots()
         launched: list[Launch] = []
         taken: set[int] = set()
@@ -187,7 +198,7 @@ class PrismPolicy(SchedulingPolicy):
                         continue
                     members = members_all[:room]
                     new_floors = floors + [r.floor for r in members]
-                    new_cost = ladder.step_cost(new_floors)
+                    new_cost = planned(new_floors)
                     old_cost = cost[index] if index < len(plan) else 0.0
                     utility = (rows + len(members)) / (total - old_cost + new_cost)
                     full = len(new_floors) == limits.max_batch

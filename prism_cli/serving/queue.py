@@ -41,6 +41,10 @@ class WaitingQueue:
         queues = [q for f, q in self._by_floor.items() if q and accepts(f)]
         return list(itertools.islice(heapq.merge(*queues, key=lambda r: r.seq), n))
 
+    def count(self, accepts: Callable[[OperatingPoint], bool]) -> int:
+        """How many requests a virtual queue holds."""
+        return sum(len(q) for f, q in self._by_floor.items() if accepts(f))
+
     def remove(self, requests: list[Request]) -> None:
         gone = {id(r) for r in requests}
         for floor, q in self._by_floor.items():
