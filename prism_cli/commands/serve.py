@@ -22,7 +22,7 @@ def serve(
     max_batch: int = typer.Option(16, "--max-batch", help="Rows of one forward pass."),
     max_running: int = typer.Option(32, "--max-running", help="Requests holding a KV cache at once."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond those; more get 503 with Retry-After."),
-    t_max: float = typer.Option(2.0, "--t-max", help="Seconds a request may wait before it forces a launch."),
+    t_max: float = typer.Option(10.0, "--t-max", help="Seconds a request may wait before it forces a launch."),
     cost_model: Path = typer.Option(None, "--cost-model", help="Cost model JSON (default: DIR/prism/cost_model.json)."),
     seed: int = typer.Option(0, help="Seed of unseeded sampling."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),

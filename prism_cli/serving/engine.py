@@ -38,7 +38,7 @@ from prism_cli.serving.requests import Request
 class Limits:
     max_batch: int = 16  # rows of one forward
     max_running: int = 32  # requests holding a KV cache at once
-    t_max: float = 2.0  # seconds a request may wait before it forces a launch (prism, fullbatch)
+    t_max: float = 10.0  # seconds a request may wait before it forces a launch (prism, fullbatch)
 
     def validate(self) -> None:
         if self.max_batch < 1 or self.max_running < self.max_batch:
