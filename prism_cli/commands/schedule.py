@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -186,7 +188,11 @@ def sweep(
             f"({goal['gain']:+.1%}, target +20%); e2e p90 {goal['prism_e2e_p90_s']:.2f} s vs {goal['fifo_original_e2e_p90_s']:.2f} s"
             + (f"; mixed vs prism {goal['mixed_over_prism']:+.1%}" if "mixed_over_prism" in goal else ""))
     console.print(table.rich())
-    table.save(out, extra={"mode": mode, "capacity": capacity, "targets": goal,
+    load = os.getloadavg()
+    table.notes.append(f"machine load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                       f"on {os.cpu_count()} CPUs")
+    table.save(out, extra={"mode": mode, "capacity": capacity, "targets": goal, "load_average": load,
+                           "command": " ".join(sys.argv),
                            "runs": [{"load": n, "rate": r, "settings": res.settings, "model": res.model, "metrics": res.metrics}
                                     for n, r, res in runs]})
     plot_sweep(runs, out.with_suffix(".png"), f"{directory}: {floors} ({mode})")

@@ -55,7 +55,12 @@ def run_sweep(
             if on_run is not None:
                 on_run(f"{name} load, {label(policy, original)}")
             run = dataclasses.replace(settings, policy=policy, original=original, rate=rate)
-            out.append((name, rate, run_schedule(directory, run, cost_model, served=(served or {}).get(original))))
+            result = run_schedule(directory, run, cost_model, served=(served or {}).get(original))
+            if not settings.sim:  # the simulator at the same settings, to tell how far it can be trusted
+                sim = run_schedule(directory, dataclasses.replace(run, sim=True), cost_model).metrics
+                result.metrics["sim_requests_per_s"] = sim["requests_per_s"]
+                result.metrics["sim_over_real"] = sim["requests_per_s"] / result.metrics["requests_per_s"]
+            out.append((name, rate, result))
     return out, capacity
 
 
@@ -65,11 +70,14 @@ def sweep_table(runs: list[tuple[str, float, ScheduleResult]], mode: str, machin
         ["load", "offered req/s", "policy", "req/s", "output tok/s", "TTFT p50 s", "TTFT p90 s", "TPOT p50 ms",
          "e2e p50 s", "e2e p90 s", "e2e p99 s", "floor violations", "sched us/decision", "sched / decode step"],
     )
+    if mode == "real":
+        table.columns += ["sim req/s", "sim / real"]
     for name, rate, r in runs:
         m = r.metrics
         table.add(name, rate, label(r.settings["policy"], r.model == "original"), m["requests_per_s"], m["output_tokens_per_s"],
                   m["ttft_s"]["p50"], m["ttft_s"]["p90"], _ms(m["tpot_s"]["p50"]), m["e2e_s"]["p50"], m["e2e_s"]["p90"],
-                  m["e2e_s"]["p99"], m["floor_violations"], m["scheduler_us_per_decision"], m["scheduler_share_of_decode_step"])
+                  m["e2e_s"]["p99"], m["floor_violations"], m["scheduler_us_per_decision"], m["scheduler_share_of_decode_step"],
+                  *([m["sim_requests_per_s"], m["sim_over_real"]] if mode == "real" else []))
     table.notes.append(f"{'simulated on the cost model measured on' if mode == 'sim' else 'measured on'} {machine}; "
                        "req/s = requests served / (last completion - first arrival), every request served")
     return table
