@@ -153,8 +153,9 @@ def run_schedule(
         raise PrismError(f"{directory} is not a prism export (its config.json has no 'prism' section)")
     export_space = PointSpace(meta["gate"], int(meta["sub_experts"]), int(meta["source"]["top_k"]))
     space = PointSpace(None, export_space.n_sub, export_space.top_k) if settings.original else export_space
-    if settings.sim and cost_model is None:
-        raise PrismError("--sim needs a cost model: build one with `prism schedule cost-model` or pass --cost-model")
+    if (settings.sim or settings.policy == "prism") and cost_model is None:
+        raise PrismError(f"{'--sim' if settings.sim else 'the prism policy'} needs a cost model: build one with "
+                         "`prism schedule cost-model` or pass --cost-model")
     if served is None and not settings.sim:
         served = load_served_model(directory, original=settings.original)
     if served is not None:
