@@ -336,19 +336,20 @@ def test_schedule_sim_and_real_write_their_metrics(cli, tiny_export, tmp_path):
 
 @pytest.mark.parametrize("args, needles", [
     (["--rate", "0"], ["--rate", "positive"]),
-    (["--floors", "linear:9=1"], ["linear:9"]),
+    (["--policy", "fifo", "--floors", "linear:9=1"], ["linear:9"]),
+    (["--policy", "prism"], ["prism policy", "cost model"]),
     (["--policy", "lottery"], ["lottery", "prism"]),
     (["--sim"], ["cost model"]),
     (["--max-batch", "8", "--max-running", "4"], ["--max-running"]),
 ])
 def test_schedule_bad_input(cli, tiny_export, args, needles):
-    cli("schedule", tiny_export, "--duration", "1", *args).assert_one_line_error(*needles)
+    cli("schedule", tiny_export, "--duration", "1", *args).assert_one_line_error(*needles)  # (no cost model saved)
 
 
 def test_schedule_unreadable_trace_names_the_line(cli, tiny_export, tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"arrival": 0, "prompt": "a b", "max_tokens": 4}\n\n{"arrival": 1, "prompt": "x"}\n')
-    cli("schedule", tiny_export, "--trace", trace).assert_one_line_error("line 3", "max_tokens")
+    cli("schedule", tiny_export, "--policy", "fifo", "--trace", trace).assert_one_line_error("line 3", "max_tokens")
     trace.write_text('{"arrival": 0, "prompt": "a b", "max_tokens": 4, "floor": "linear:12"}\n')
-    cli("schedule", tiny_export, "--trace", trace).assert_one_line_error("line 1", "linear:12")
-    cli("schedule", tiny_export, "--trace", tmp_path / "none.jsonl").assert_one_line_error("does not exist")
+    cli("schedule", tiny_export, "--policy", "fifo", "--trace", trace).assert_one_line_error("line 1", "linear:12")
+    cli("schedule", tiny_export, "--policy", "fifo", "--trace", tmp_path / "none.jsonl").assert_one_line_error("does not exist")
