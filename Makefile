@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition compare-solvers gate-ablation model gpu-check lint clean
+.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -69,6 +69,25 @@ compare-solvers: $(STAMP)
 # prism_cli/data/builtin-model/README.md.
 model: $(STAMP)
 	$(BIN)/python scripts/train_builtin_model.py --out prism_cli/data/builtin-model --steps 2600 --stop-step 1622 --minutes 1000
+
+# The online half (issue 16) on the built-in model: export, cost model, policy sweeps, load test.
+SERVE := runs/serving
+serving-export: $(STAMP)
+	test -f $(SERVE)/export/config.json || $(BIN)/prism export builtin tables/builtin/partition.h5 --gate neurons --out $(SERVE)/export --force
+
+POINTS := linear:2;linear:4;linear:6;linear:8;topk:4
+cost-model: serving-export
+	$(BIN)/prism bench $(SERVE)/export --mode decode --batch 1,8,16,32 --seq-len 128 --tokens 4096 --repeats 8 --warmup 2 --points '$(POINTS)' --out $(SERVE)/bench-decode
+	$(BIN)/prism bench $(SERVE)/export --mode prefill --batch 1,4,16 --seq-len 64 --tokens 2048 --repeats 5 --warmup 1 --points '$(POINTS)' --out $(SERVE)/bench-prefill
+	$(BIN)/prism schedule cost-model $(SERVE)/export --decode $(SERVE)/bench-decode --prefill $(SERVE)/bench-prefill --out results/serving_cost_model.json
+
+schedule-sweep: serving-export
+	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --sim --duration 300 --out results/schedule_sweep_sim
+	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --loads high --duration 60 --out results/schedule_sweep_real
+
+load-test: serving-export
+	cp results/serving_cost_model.json $(SERVE)/export/prism/cost_model.json
+	$(BIN)/python -m prism_cli.serving.loadtest $(SERVE)/export --duration 60 --out results/load_test
 
 gpu-check:
 	bash scripts/gpu_check.sh results/gpu

@@ -28,6 +28,22 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model_dir, tmp_path_factory):
+    """A neurons-gate export of the tiny OLMoE model (random partition): the serving tests' model."""
+    from test_export import random_neurons_export
+
+    return random_neurons_export(tiny_model_dir("olmoe"), tmp_path_factory.mktemp("serving"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def served(tiny_export):
+    """``tiny_export`` loaded for serving (``prism_cli.serving.executor.ServedModel``)."""
+    from prism_cli.serving.executor import load_served_model
+
+    return load_served_model(str(tiny_export))
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

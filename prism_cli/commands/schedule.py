@@ -1,0 +1,222 @@
+"""``prism schedule``: run a workload under a scheduling policy (real engine or ``--sim``);
+``prism schedule sweep``: every policy at three loads; ``prism schedule cost-model``: build the cost model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress
+from prism_cli.console import console
+from prism_cli.errors import PrismError
+from prism_cli.report import ResultTable
+
+app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
+                  help="Serve a workload with quality floors under a scheduling policy (SPEC 4.1-4.2).")
+
+Directory = typer.Argument(..., help="A prism export folder.")
+CostModelOption = typer.Option(None, "--cost-model", help="Cost model JSON (default: DIR/prism/cost_model.json).")
+
+
+def _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
+              max_prompt, min_output, max_output):
+    from prism_cli.serving.engine import Limits
+    from prism_cli.serving.runner import ScheduleSettings
+    from prism_cli.serving.workload import LengthSettings
+
+    settings = ScheduleSettings(policy=policy, rate=rate, duration=duration, floors=floors, sim=sim, original=original, point=point,
+                                trace=str(trace) if trace else None, data=data, seed=seed,
+                                limits=Limits(max_batch, max_running, t_max), lengths=LengthSettings(max_prompt, min_output, max_output))
+    settings.validate()
+    return settings
+
+
+def _check_dir(directory: str) -> None:
+    from prism_cli.runtime.elastic import export_meta
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise PrismError(f"export folder {directory} does not exist")
+    if export_meta(path) is None:
+        raise PrismError(f"{directory} is not a prism export (its config.json has no 'prism' section)")
+
+
+@app.command("run")
+def run(
+    directory: str = Directory,
+    policy: str = typer.Option("prism", help="prism, fifo, fullbatch, static or mixed."),
+    rate: float = typer.Option(4.0, help="Poisson arrival rate, requests per second."),
+    duration: float = typer.Option(60.0, help="Seconds of arrivals (every request is then served to the end)."),
+    floors: str = typer.Option("linear:2=0.5,linear:6=0.3,linear:8=0.2", help="Floor mix POINT=SHARE,... (or ppl:CEILING=SHARE)."),
+    sim: bool = typer.Option(False, "--sim", help="Simulate on the cost model instead of running the model."),
+    original: bool = typer.Option(False, "--original", help="Serve the export's source model (points original:1..k)."),
+    point: str = typer.Option(None, help="The static policy's point (default: the cheapest meeting every floor)."),
+    trace: Path = typer.Option(None, help="JSON Lines trace (arrival, prompt, max_tokens, floor) instead of Poisson arrivals."),
+    data: str = typer.Option(None, help="Text the prompt/output lengths come from (default builtin:eval)."),
+    seed: int = typer.Option(0, help="Seed of arrivals, lengths and floors."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Rows of one forward pass."),
+    max_running: int = typer.Option(32, "--max-running", help="Requests holding a KV cache at once."),
+    t_max: float = typer.Option(10.0, "--t-max", help="Seconds a request may wait before it forces a launch."),
+    max_prompt: int = typer.Option(128, "--max-prompt", help="Prompt tokens at most."),
+    min_output: int = typer.Option(4, "--min-output", help="Output tokens at least."),
+    max_output: int = typer.Option(128, "--max-output", help="Output tokens at most."),
+    cost_model: Path = CostModelOption,
+    out: Path = typer.Option(None, help="Write the metrics and per-request records to OUT.json / OUT.md / OUT.csv."),
+    config: str = ConfigOption,
+) -> None:
+    """Run one workload and report throughput, latency percentiles, floor violations and scheduler time."""
+    from prism_cli.serving.costmodel import find_cost_model
+    from prism_cli.serving.runner import run_schedule
+
+    _check_dir(directory)
+    settings = _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
+                         max_prompt, min_output, max_output)
+    model = find_cost_model(directory, cost_model)
+    with deferred_progress("requests served", "requests") as (start, advance):
+        done = [-1]
+
+        def progress(finished: int, total: int) -> None:
+            if done[0] < 0:  # the first call: the input has been checked, the run begins
+                start(total)
+                done[0] = 0
+            advance(finished - done[0])
+            done[0] = finished
+
+        result = run_schedule(directory, settings, model, on_progress=progress)
+    table = metrics_table(result)
+    console.print(table.rich())
+    if out is not None:
+        table.save(out, extra={"settings": result.settings, "metrics": result.metrics, "requests": result.requests})
+        console.print(f"written {out.with_suffix('')}.md, .csv, .json")
+
+
+def metrics_table(result) -> ResultTable:
+    m = result.metrics
+    s = result.settings
+    table = ResultTable(f"{s['policy']} on the {result.model} model ({result.mode}), {m['requests']} requests", ["metric", "value"])
+    rows = [
+        ("requests/s", m["requests_per_s"]), ("output tokens/s", m["output_tokens_per_s"]),
+        ("TTFT p50 / p90 / p99 s", _trio(m["ttft_s"])), ("TPOT p50 / p90 / p99 ms", _trio(m["tpot_s"], 1e3)),
+        ("end-to-end p50 / p90 / p99 s", _trio(m["e2e_s"])), ("floor violations (requests)", m["floor_violations"]),
+        ("scheduler us per decision (mean / p99)", f"{m['scheduler_us_per_decision']:.1f} / {m['scheduler_us_per_decision_p99']:.1f}"),
+        ("scheduler / median decode step", m["scheduler_share_of_decode_step"]),
+        ("decode steps, mean rows", f"{m['decode_steps']}, {m['mean_decode_batch']:.2f}"),
+        ("decode rows by point", ", ".join(f"{k} {v}" for k, v in m["decode_rows_by_point"].items())),
+    ]
+    if "engine_time_s" in m:
+        t = m["engine_time_s"]
+        rows.append(("engine s: forward / KV copies / sampling / scheduler",
+                     f"{t['forward']:.2f} / {t['kv_cache_copies']:.3f} / {t['sampling']:.3f} / {t['scheduler']:.3f}"))
+    for name, value in rows:
+        table.add(name, value)
+    table.notes.append(f"rate {s['rate']} req/s for {s['duration']} s, floors {s['floors']}, seed {s['seed']}, "
+                       f"max batch {s['max_batch']}, max running {s['max_running']}, t_max {s['t_max']} s")
+    return table
+
+
+def _trio(p: dict, scale: float = 1.0) -> str:
+    if p["p50"] is None:
+        return "-"
+    return " / ".join(f"{p[k] * scale:.3g}" for k in ("p50", "p90", "p99"))
+
+
+@app.command("sweep")
+def sweep(
+    directory: str = Directory,
+    floors: str = typer.Option("linear:2=0.5,linear:6=0.3,linear:8=0.2", help="Floor mix POINT=SHARE,..."),
+    duration: float = typer.Option(60.0, help="Seconds of arrivals per run."),
+    loads: str = typer.Option("low,medium,high", help="Loads to run (fractions 0.3 / 0.7 / 1.3 of the baseline's capacity)."),
+    rates: str = typer.Option(None, help="Explicit arrival rates (comma-separated) instead of --loads."),
+    sim: bool = typer.Option(False, "--sim", help="Simulate on the cost model instead of running the model."),
+    seed: int = typer.Option(0, help="Seed of arrivals, lengths and floors."),
+    max_batch: int = typer.Option(16, "--max-batch"),
+    max_running: int = typer.Option(32, "--max-running"),
+    t_max: float = typer.Option(10.0, "--t-max"),
+    max_prompt: int = typer.Option(128, "--max-prompt"),
+    min_output: int = typer.Option(4, "--min-output"),
+    max_output: int = typer.Option(128, "--max-output"),
+    cost_model: Path = CostModelOption,
+    out: Path = typer.Option(Path("results/schedule_sweep"), help="Output stem: .md, .csv, .json and .png."),
+    config: str = ConfigOption,
+) -> None:
+    """Every policy at low, medium and high load (and FIFO on the original model): tables and a plot."""
+    from prism_cli.io import check_writable, write_json
+    from prism_cli.serving.costmodel import find_cost_model
+    from prism_cli.serving.executor import load_served_model
+    from prism_cli.serving.sweep import plot_sweep, run_sweep, sweep_table, targets
+
+    _check_dir(directory)
+    settings = _settings("prism", 1.0, duration, floors, sim, False, None, None, None, seed, max_batch, max_running, t_max,
+                         max_prompt, min_output, max_output)
+    model = find_cost_model(directory, cost_model)
+    if model is None:
+        raise PrismError(f"{directory} has no cost model: build one with `prism schedule cost-model` or pass --cost-model")
+    rate_list = None
+    if rates:
+        try:
+            rate_list = [float(r) for r in rates.split(",") if r.strip()]
+        except ValueError:
+            raise PrismError(f"--rates must be comma-separated numbers, got {rates!r}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out.with_suffix(".json"))
+    served = None if sim else {False: load_served_model(directory), True: load_served_model(directory, original=True)}
+    names = [n.strip() for n in loads.split(",") if n.strip()]
+    total = (len(rate_list) if rate_list else len(names)) * 6
+    with deferred_progress("sweep runs", "runs") as (start, advance):
+        started = [False]
+
+        def on_run(_what: str) -> None:
+            if started[0]:
+                advance(1)
+            else:
+                start(total)
+                started[0] = True
+
+        runs, capacity = run_sweep(directory, settings, model, names, rate_list, served, on_run)
+        advance(1)
+    mode = "sim" if sim else "real"
+    table = sweep_table(runs, mode, model.machine)
+    goal = targets(runs)
+    if capacity is not None:
+        table.notes.append(f"baseline capacity (FIFO on the original, simulated burst): {capacity:.3f} req/s; loads 0.3x / 0.7x / 1.3x")
+    if goal:
+        table.notes.append(
+            f"high load: prism {goal['prism_requests_per_s']:.3f} req/s vs FIFO on the original {goal['fifo_original_requests_per_s']:.3f} "
+            f"({goal['gain']:+.1%}, target +20%); e2e p90 {goal['prism_e2e_p90_s']:.2f} s vs {goal['fifo_original_e2e_p90_s']:.2f} s"
+            + (f"; mixed vs prism {goal['mixed_over_prism']:+.1%}" if "mixed_over_prism" in goal else ""))
+    console.print(table.rich())
+    load = os.getloadavg()
+    table.notes.append(f"machine load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                       f"on {os.cpu_count()} CPUs")
+    table.save(out, extra={"mode": mode, "capacity": capacity, "targets": goal, "load_average": load,
+                           "command": " ".join(sys.argv),
+                           "runs": [{"load": n, "rate": r, "settings": res.settings, "model": res.model, "metrics": res.metrics}
+                                    for n, r, res in runs]})
+    plot_sweep(runs, out.with_suffix(".png"), f"{directory}: {floors} ({mode})")
+    write_json(out.parent / (out.name + "_targets.json"), goal)
+    console.print(f"written {out}.md, .csv, .json, .png")
+
+
+@app.command("cost-model")
+def cost_model_cmd(
+    directory: str = Directory,
+    decode: Path = typer.Option(..., help="bench.json (or its folder) of `prism bench DIR --mode decode`."),
+    prefill: Path = typer.Option(..., help="bench.json (or its folder) of `prism bench DIR --mode prefill`."),
+    out: Path = typer.Option(None, help="Where to write it (default: DIR/prism/cost_model.json, saved with the export)."),
+) -> None:
+    """Build the cost model C(mode, batch, point) from a decode and a prefill bench of the export."""
+    from prism_cli.serving.costmodel import COST_MODEL_FILE, CostModel
+
+    _check_dir(directory)
+    model = CostModel.from_bench(decode, prefill)
+    target = out or Path(directory) / COST_MODEL_FILE
+    model.save(target)
+    table = ResultTable(f"cost model ({model.machine})", ["point", "kind", "perplexity", "decode ms by batch", "prefill ms by tokens"])
+    for p in model.points.values():
+        table.add(p.point, p.kind, p.perplexity, ", ".join(f"{b}: {v:.3g}" for b, v in sorted(p.decode_ms.items())),
+                  ", ".join(f"{t}: {v:.3g}" for t, v in sorted(p.prefill_ms.items())))
+    console.print(table.rich())
+    console.print(f"written {target}")

@@ -1,0 +1,64 @@
+"""``prism serve``: an OpenAI-compatible HTTP server over an export, with per-request quality floors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from prism_cli.console import console
+from prism_cli.errors import PrismError
+
+
+def serve(
+    directory: str = typer.Argument(..., help="A prism export folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes the server)."),
+    port: int = typer.Option(8000, help="TCP port (0: any free port, printed at start)."),
+    policy: str = typer.Option("prism", help="Scheduling policy: prism, fifo, fullbatch, static or mixed."),
+    point: str = typer.Option(None, help="The static policy's point (default: the full model)."),
+    api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 (or set PRISM_API_KEY)."),
+    served_model_name: str = typer.Option(None, "--served-model-name", help="Model name clients send (default: the folder name)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Rows of one forward pass."),
+    max_running: int = typer.Option(32, "--max-running", help="Requests holding a KV cache at once."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond those; more get 503 with Retry-After."),
+    t_max: float = typer.Option(10.0, "--t-max", help="Seconds a request may wait before it forces a launch."),
+    cost_model: Path = typer.Option(None, "--cost-model", help="Cost model JSON (default: DIR/prism/cost_model.json)."),
+    seed: int = typer.Option(0, help="Seed of unseeded sampling."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+) -> None:
+    """Serve the export over HTTP (OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health, /metrics)."""
+    from prism_cli.runtime.elastic import export_meta
+    from prism_cli.serving.costmodel import find_cost_model
+    from prism_cli.serving.engine import Engine, Limits
+    from prism_cli.serving.executor import ModelExecutor, load_served_model
+    from prism_cli.serving.floors import Ladder
+    from prism_cli.serving.policies import SCHEDULING_POLICIES
+    from prism_cli.serving.server import API_KEY_ENV, ServerState, bind, serve_forever
+
+    if not Path(directory).is_dir() or export_meta(directory) is None:
+        raise PrismError(f"{directory} is not a prism export folder (a config.json with a 'prism' section)")
+    if not 0 <= port <= 65535:
+        raise PrismError(f"--port must be between 0 and 65535, got {port}")
+    if max_queue < 0:
+        raise PrismError(f"--max-queue must be >= 0, got {max_queue}")
+    limits = Limits(max_batch, max_running, t_max)
+    limits.validate()
+    cls = SCHEDULING_POLICIES.get(policy)
+    model = find_cost_model(directory, cost_model)
+    if policy == "prism" and model is None:
+        raise PrismError(f"the prism policy plans with a cost model and {directory} has none: build it with "
+                         "`prism schedule cost-model`, pass --cost-model, or serve with --policy fifo")
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    sock = bind(host, port)  # before loading the model: a port in use fails at once
+    served = load_served_model(directory, dtype=dtype, device=device)
+    ladder = Ladder(served.space, model, max_batch)
+    instance = cls(served.space.parse(point) if point else served.space.full()) if policy == "static" else cls()
+    engine = Engine(ModelExecutor(served, seed=seed), instance, ladder, limits, model)
+    state = ServerState(engine, served.tokenizer, served.space, ladder, model, served_model_name or Path(directory).resolve().name,
+                        served.context, key, max_queue, getattr(served.tokenizer, "chat_template", None))
+    bound = sock.getsockname()
+    console.print(f"prism serve: {state.model_name} on http://{bound[0]}:{bound[1]} (policy {policy}"
+                  f"{', API key required' if key else ''}); Ctrl-C or SIGTERM drains and stops", highlight=False)
+    serve_forever(state, sock)

@@ -1,0 +1,151 @@
+"""Per-row operating points: the tokens of one forward pass, each at its own point.
+
+The ``mixed`` scheduling policy serves every request at its own quality floor inside one shared batch,
+so the runtime must take an operating point per token. Two pieces, both additive:
+
+* ``PerRowTopKPolicy`` (registered as ``per_row_topk``): the training-free gate's top-K with a K per
+  token (``value`` is a ``[T]`` tensor): one top-K at the largest K, then every slot past a token's own
+  K gets the sentinel id (which prism's experts implementation skips), so token t gets exactly what
+  ``topk:K_t`` gives it.
+* ``RowPointRouter``: wraps a MoE block's router. While row points are set it groups the tokens by
+  point and runs the wrapped router once per group on that group's tokens, configured as
+  ``set_operating_point`` would configure it (all ``topk`` tokens in one call through
+  ``PerRowTopKPolicy``), and packs the picks into one ``[T, P]`` index tensor padded with sentinels.
+  Routing is per token, so each token gets exactly what the whole model at its point would give it.
+
+``set_row_points(model, points, tokens_per_row)`` installs the wrappers on first use (a module swap
+of ``block.gate``, reverted by ``remove_row_points``) and sets the points of the next forward;
+``clear_row_points(model)`` goes back to the model's own point. Router logits are not returned while
+row points are set (an empty tensor): nothing at inference reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from prism_cli.runtime.elastic import ElasticState, attach_elastic_state
+from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.runtime.policies import POLICIES, AllocationPolicy, register_policy
+
+
+@register_policy
+class PerRowTopKPolicy(AllocationPolicy):
+    """``topk`` with a K per token: ``value`` is an integer tensor ``[T]`` (each in 1..k*N)."""
+
+    name = "per_row_topk"
+
+    def allocate(self, expert_idx, expert_w, scores, value):
+        ids, weights, contribution = self._pairs(expert_idx, expert_w, scores)
+        k = value.to(ids.device).long()
+        top = torch.topk(contribution, int(k.max()), dim=-1, sorted=True).indices
+        keep = torch.arange(top.shape[1], device=ids.device).unsqueeze(0) < k.unsqueeze(1)
+        ids = torch.where(keep, ids.gather(1, top), torch.full_like(top, self.sentinel))
+        return ids, torch.where(keep, weights.gather(1, top), torch.zeros_like(weights[:, : top.shape[1]]))
+
+
+class RowPointRouter(nn.Module):
+    """One MoE block's router with per-token points (see the module docstring)."""
+
+    def __init__(self, inner: nn.Module, layer: int, state: ElasticState) -> None:
+        super().__init__()
+        self.inner = inner
+        self.layer = layer
+        self.state = state
+        self.groups: list[tuple[OperatingPoint | str, torch.Tensor, Any]] | None = None
+
+    @property
+    def sentinel(self) -> int:
+        return self.state.num_experts * self.state.n_sub
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.groups is None:
+            return self.inner(hidden_states)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        picks = []
+        for point, tokens, value in self.groups:
+            restore = self._configure(point, value)
+            try:
+                _, weights, ids = self.inner(x.index_select(0, tokens))
+            finally:
+                restore()
+            picks.append((tokens, ids, weights))
+        width = max(ids.shape[1] for _, ids, _ in picks)
+        all_ids = torch.full((x.shape[0], width), self.sentinel, dtype=picks[0][1].dtype, device=x.device)
+        all_w = torch.zeros((x.shape[0], width), dtype=picks[0][2].dtype, device=x.device)
+        for tokens, ids, weights in picks:
+            all_ids[tokens, : ids.shape[1]] = ids
+            all_w[tokens, : weights.shape[1]] = weights.to(all_w.dtype)
+        return x.new_empty(x.shape[0], 0), all_w, all_ids
+
+    def _configure(self, point: OperatingPoint | str, value: Any):
+        """Put this layer's router at ``point`` (as ``set_operating_point`` would); returns the undo."""
+        s, i = self.state, self.layer
+        if point == "per_row_topk" or point.policy not in ("linear", "original"):
+            gate, elastic = s.gate_routers[i], s.elastic_routers[i]
+            saved = (gate.policy, gate.value, elastic.use_neurons)
+            name = point if isinstance(point, str) else point.policy
+            gate.policy, gate.value, elastic.use_neurons = POLICIES.get(name)(s.n_sub, s.top_k, s.num_experts), value, True
+
+            def undo() -> None:
+                gate.policy, gate.value, elastic.use_neurons = saved
+
+            return undo
+        flat = s.flat_routers[i]
+        saved_k = flat.top_k
+        saved_neurons = s.elastic_routers[i].use_neurons if s.elastic_routers else None
+        flat.top_k = int(point.value)
+        if s.elastic_routers:
+            s.elastic_routers[i].use_neurons = False
+
+        def undo_flat() -> None:
+            flat.top_k = saved_k
+            if s.elastic_routers:
+                s.elastic_routers[i].use_neurons = saved_neurons
+
+        return undo_flat
+
+
+def _routers(model: Any) -> list[RowPointRouter]:
+    state: ElasticState = getattr(model, "prism_state", None) or attach_elastic_state(model, None)
+    routers = []
+    for i, layer in enumerate(state.layers):
+        if not isinstance(layer.block.gate, RowPointRouter):
+            layer.block.gate = RowPointRouter(layer.block.gate, i, state)
+        routers.append(layer.block.gate)
+    return routers
+
+
+def set_row_points(model: Any, points: list[OperatingPoint], tokens_per_row: int) -> None:
+    """The next forwards run row r (``tokens_per_row`` consecutive tokens) at ``points[r]``."""
+    routers = _routers(model)
+    device = next(model.parameters()).device
+    per_token = [p for p in points for _ in range(tokens_per_row)]
+    groups: list[tuple[OperatingPoint | str, torch.Tensor, Any]] = []
+    topk = [t for t, p in enumerate(per_token) if p.policy == "topk"]
+    if topk:
+        groups.append(("per_row_topk", torch.tensor(topk, device=device),
+                       torch.tensor([int(per_token[t].value) for t in topk], device=device)))
+    for point in dict.fromkeys(p for p in per_token if p.policy != "topk"):
+        tokens = [t for t, p in enumerate(per_token) if p == point]
+        groups.append((point, torch.tensor(tokens, device=device), point.value))
+    for router in routers:
+        router.groups = groups
+
+
+def clear_row_points(model: Any) -> None:
+    """Back to the model's own operating point for every token."""
+    state = getattr(model, "prism_state", None)
+    for layer in state.layers if state is not None else []:
+        if isinstance(layer.block.gate, RowPointRouter):
+            layer.block.gate.groups = None
+
+
+def remove_row_points(model: Any) -> None:
+    """Undo the module swap of ``set_row_points`` (the blocks get their own routers back)."""
+    state = getattr(model, "prism_state", None)
+    for layer in state.layers if state is not None else []:
+        if isinstance(layer.block.gate, RowPointRouter):
+            layer.block.gate = layer.block.gate.inner

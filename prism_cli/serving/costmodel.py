@@ -1,0 +1,176 @@
+"""The cost model of SPEC 4.1: the latency of a forward step by operating point and batch size.
+
+It is read from two ``prism bench`` runs on one export (``--mode decode``: one new token per sequence
+over a KV cache of ``--seq-len``; ``--mode prefill``: whole prompts of ``--seq-len`` tokens), and keeps,
+per operating point, the median step time at every measured batch and the point's held-out perplexity.
+Between measured batches the time is interpolated linearly; beyond them it is extrapolated along the
+last measured segment (a step has a fixed part and a part that grows with the batch). Prefill is
+indexed by prompt tokens (batch x seq-len), so a batch of prompts of any lengths is priced by its total.
+
+Saved as JSON, with the export (``DIR/prism/cost_model.json``) or anywhere (``--cost-model FILE``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prism_cli.errors import PrismError
+from prism_cli.io import write_json
+from prism_cli.runtime.operating_points import OperatingPoint
+
+#: Where a cost model is saved inside an export (next to the gate neurons).
+COST_MODEL_FILE = "prism/cost_model.json"
+FORMAT = "prism-cost-model"
+FORMAT_VERSION = 1
+
+
+def interpolate(table: dict[int, float], x: float) -> float:
+    """Piecewise-linear ``table[x]`` over the measured keys, extended along the first/last segment."""
+    keys = sorted(table)
+    if len(keys) == 1:
+        return table[keys[0]] * x / keys[0]  # one measurement: proportional (all cost grows with x)
+    i = min(max(bisect.bisect_left(keys, x), 1), len(keys) - 1)
+    x0, x1 = keys[i - 1], keys[i]
+    y0, y1 = table[x0], table[x1]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+
+
+@dataclass
+class PointCost:
+    point: str
+    kind: str  # "elastic" or "original"
+    perplexity: float | None
+    decode_ms: dict[int, float]  # batch -> median ms of a decode step
+    prefill_ms: dict[int, float]  # prompt tokens -> median ms of a prefill
+
+
+@dataclass
+class CostModel:
+    points: dict[str, PointCost]
+    decode_seq_len: int
+    prefill_seq_len: int
+    machine: str
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def has(self, point: OperatingPoint | str) -> bool:
+        return str(point) in self.points
+
+    def _get(self, point: OperatingPoint | str) -> PointCost:
+        try:
+            return self.points[str(point)]
+        except KeyError:
+            raise PrismError(f"the cost model has no timing of {point}; bench it (prism bench --points ...) and rebuild "
+                             "the cost model") from None
+
+    def decode(self, point: OperatingPoint | str, batch: int) -> float:
+        """Milliseconds of one decode step of ``batch`` sequences at ``point``."""
+        return interpolate(self._get(point).decode_ms, batch) if batch > 0 else 0.0
+
+    def prefill(self, point: OperatingPoint | str, tokens: int) -> float:
+        """Milliseconds of prefilling prompts of ``tokens`` tokens in all at ``point``."""
+        return interpolate(self._get(point).prefill_ms, tokens) if tokens > 0 else 0.0
+
+    def decode_mixed(self, points: list[OperatingPoint | str]) -> float:
+        """A batch whose rows run at their own points: each row pays its point's share of a batch of that size.
+
+        An approximation (no bench times a mixed batch): the mean of the uniform-batch costs over the rows.
+        """
+        n = len(points)
+        return sum(self.decode(p, n) for p in points) / n if n else 0.0
+
+    def prefill_mixed(self, points: list[OperatingPoint | str], tokens: list[int]) -> float:
+        total = sum(tokens)
+        return sum(self.prefill(p, total) * t for p, t in zip(points, tokens, strict=True)) / total if total else 0.0
+
+    def perplexity(self, point: OperatingPoint | str) -> float | None:
+        return self._get(point).perplexity
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+
+    def save(self, path: Path) -> None:
+        write_json(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PrismError(f"cost model {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PrismError(f"cannot read cost model {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise PrismError(f"{path} is not a prism cost model (build one with `prism schedule cost-model`)")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise PrismError(f"{path} has cost-model version {data.get('format_version')}; this prism reads {FORMAT_VERSION}")
+        try:
+            points = {
+                name: PointCost(p["point"], p["kind"], p["perplexity"], {int(b): float(v) for b, v in p["decode_ms"].items()},
+                                {int(t): float(v) for t, v in p["prefill_ms"].items()})
+                for name, p in data["points"].items()
+            }
+            return cls(points, int(data["decode_seq_len"]), int(data["prefill_seq_len"]), str(data["machine"]),
+                       dict(data.get("sources", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrismError(f"cost model {path} is malformed ({type(exc).__name__}: {exc}); rebuild it") from None
+
+    @classmethod
+    def from_bench(cls, decode_json: Path, prefill_json: Path) -> CostModel:
+        """Build from the ``bench.json`` of a ``--mode decode`` and of a ``--mode prefill`` run of one export."""
+        decode, prefill = _read_bench(decode_json, "decode"), _read_bench(prefill_json, "prefill")
+        if decode.get("target") != prefill.get("target"):
+            raise PrismError(f"{decode_json} benchmarks {decode.get('target')} but {prefill_json} benchmarks "
+                             f"{prefill.get('target')}: bench one export in both modes")
+        prefill_points = {p["point"]: p for p in prefill["points"]}
+        seq_len = int(prefill["settings"]["seq_len"])
+        points: dict[str, PointCost] = {}
+        for p in decode["points"]:
+            if p["point"] not in prefill_points:
+                continue
+            q = prefill_points[p["point"]]
+            points[p["point"]] = PointCost(
+                p["point"], p["kind"], p.get("perplexity"),
+                {int(b): float(lat["median_ms"]) for b, lat in p["latency"].items()},
+                {int(b) * seq_len: float(lat["median_ms"]) for b, lat in q["latency"].items()},
+            )
+        if not points:
+            raise PrismError(f"{decode_json} and {prefill_json} share no operating point")
+        from prism_cli.evaluation.bench import machine_label
+
+        env = decode.get("environment") or {}
+        machine = machine_label(env) if "gpu" in env or "processor" in env else "unknown machine"
+        return cls(points, int(decode["settings"]["seq_len"]), seq_len, machine,
+                   {"decode": str(decode_json), "prefill": str(prefill_json)})
+
+
+def _read_bench(path: Path, mode: str) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "bench.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PrismError(f"{path} does not exist (give the bench.json of `prism bench --mode {mode}`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrismError(f"cannot read {path}: {exc}") from None
+    try:
+        got = data["settings"]["mode"]
+        data["points"][0]["latency"]
+    except (KeyError, IndexError, TypeError):
+        raise PrismError(f"{path} is not the bench.json of a `prism bench` run with latency") from None
+    if got != mode:
+        raise PrismError(f"{path} was measured with --mode {got}; the {mode} costs need a `prism bench --mode {mode}` run")
+    return data
+
+
+def find_cost_model(directory: str | Path, explicit: str | Path | None) -> CostModel | None:
+    """``explicit`` if given, else the one saved with the export, else None."""
+    if explicit is not None:
+        return CostModel.load(Path(explicit))
+    saved = Path(directory) / COST_MODEL_FILE
+    return CostModel.load(saved) if saved.exists() else None

@@ -1,0 +1,158 @@
+"""Quality floors: what a request accepts, and which operating points meet it.
+
+A floor is written as an operating point of the export (``linear:4``, ``topk:6``, ``threshold:0.9``)
+or as a perplexity ceiling (``ppl:45``), which the cost model maps to the cheapest point within it
+(SPEC 4.2 calls the floor ``k_min``, the fewest active sub-experts a request accepts).
+
+Point ``P`` *meets* floor ``F`` when
+
+* ``P`` is the full model (``linear:N*k``, ``topk:N*k``, ``original:k``): it meets every floor;
+* ``P`` and ``F`` share a policy and ``P`` computes at least as much (``linear:6`` meets ``linear:4``;
+  ``threshold:0.95`` meets ``threshold:0.9``);
+* ``P = original:k`` and ``F = linear:K`` with ``N*k >= K``, or the other way round: the export's
+  ``linear:N*k`` is exactly the source model at top-``k`` (every sub-expert of its top-``k`` experts).
+
+Anything else is not comparable (a ``topk`` floor is not met by a ``linear`` point of the same K: the
+two choose different sub-experts). A floor mix is ``linear:2=0.5,linear:6=0.3,linear:8=0.2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prism_cli.errors import PrismError
+from prism_cli.runtime.operating_points import OperatingPoint, parse_operating_point
+
+CEILING = "ppl"
+
+
+@dataclass(frozen=True)
+class PointSpace:
+    """The operating points of one model: its gate (None for a plain model), N and top-k."""
+
+    gate: str | None
+    n_sub: int
+    top_k: int
+
+    def parse(self, spec: str | OperatingPoint) -> OperatingPoint:
+        op = parse_operating_point(spec, self.gate, self.n_sub, self.top_k)
+        if op.policy == "pattern":
+            raise PrismError(f"{op} cannot be a quality floor: use linear, topk or threshold points, or ppl:CEILING")
+        return op
+
+    def is_full(self, p: OperatingPoint) -> bool:
+        """The full model: every sub-expert of the source's top-k experts."""
+        full = self.n_sub * self.top_k
+        return (p.policy == "original" and p.value == self.top_k) or (p.policy in ("linear", "topk") and p.value == full)
+
+    def full(self) -> OperatingPoint:
+        """The point a request without a floor is served at (the full model)."""
+        return OperatingPoint("original", self.top_k) if self.gate is None else OperatingPoint("linear", self.n_sub * self.top_k)
+
+    def meets(self, point: OperatingPoint, floor: OperatingPoint) -> bool:
+        """Whether serving at ``point`` keeps the promise of ``floor`` (see the module docstring)."""
+        if self.is_full(point):
+            return True
+        if point.policy == floor.policy:
+            return point.value >= floor.value  # type: ignore[operator]
+        as_linear = {"original": self.n_sub, "linear": 1}
+        if point.policy in as_linear and floor.policy in as_linear:
+            return point.value * as_linear[point.policy] >= floor.value * as_linear[floor.policy]  # type: ignore[operator]
+        return False
+
+
+@dataclass(frozen=True)
+class FloorSpec:
+    """A floor as the user wrote it: an operating point, or a perplexity ceiling (``ppl:45``)."""
+
+    text: str
+    point: OperatingPoint | None = None
+    ceiling: float | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_floor(text: str, space: PointSpace) -> FloorSpec:
+    """``linear:4`` / ``topk:6`` / ``ppl:45``; the point is checked against the export's points."""
+    text = str(text).strip()
+    policy, sep, raw = text.partition(":")
+    if sep and policy == CEILING:
+        try:
+            ceiling = float(raw)
+        except ValueError:
+            raise PrismError(f"floor {text!r}: {raw!r} is not a perplexity") from None
+        if not ceiling > 0:
+            raise PrismError(f"floor {text!r}: the perplexity ceiling must be positive")
+        return FloorSpec(text, ceiling=ceiling)
+    try:
+        return FloorSpec(text, point=space.parse(text))
+    except PrismError as exc:
+        raise PrismError(f"floor {text!r} is not a point of this export: {exc}") from None
+
+
+def parse_mix(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
+    """``linear:2=0.5,linear:6=0.3,linear:8=0.2`` -> floors with probabilities (normalised to sum 1)."""
+    mix: list[tuple[FloorSpec, float]] = []
+    for part in [p for p in str(text).split(",") if p.strip()]:
+        floor, sep, weight = part.rpartition("=")
+        if not sep:
+            floor, weight = part, "1"
+        try:
+            w = float(weight)
+        except ValueError:
+            raise PrismError(f"--floors: {weight!r} in {part!r} is not a share (write POINT=SHARE, e.g. linear:2=0.5)") from None
+        if w < 0:
+            raise PrismError(f"--floors: share {w} of {floor} is negative")
+        mix.append((parse_floor(floor, space), w))
+    total = sum(w for _, w in mix)
+    if not mix or total <= 0:
+        raise PrismError(f"--floors {text!r} names no floor with a positive share (e.g. linear:2=0.5,linear:8=0.5)")
+    return [(f, w / total) for f, w in mix]
+
+
+class Ladder:
+    """The points one engine can run, ordered by cost, with the floor arithmetic the policies need.
+
+    The point that serves a set of floors is the cheapest that meets all of them: one of the floors or
+    the full model (within a family the highest floor meets the others; across families only the full
+    model does). Costs come from the cost model at ``max_batch`` when it has the point, else from the
+    compute of the point (its sub-experts per token), which orders a family the same way.
+    """
+
+    def __init__(self, space: PointSpace, cost_model=None, max_batch: int = 16) -> None:
+        self.space = space
+        self.cost_model = cost_model
+        self.max_batch = max_batch
+        self._cheapest: dict[frozenset[OperatingPoint], OperatingPoint] = {}
+
+    def meets(self, point: OperatingPoint, floor: OperatingPoint) -> bool:
+        return self.space.meets(point, floor)
+
+    def rank(self, p: OperatingPoint) -> float:
+        if self.cost_model is not None and self.cost_model.has(p):
+            return self.cost_model.decode(p, self.max_batch)
+        scale = {"original": self.space.n_sub, "threshold": self.space.n_sub * self.space.top_k}.get(p.policy, 1)
+        return float(p.value) * scale  # type: ignore[arg-type]
+
+    def queue_points(self, floors: list[OperatingPoint]) -> list[OperatingPoint]:
+        """The virtual queues worth keeping: every floor waiting, and the full model (any other point has
+        the members of the highest floor below it in its family, at a higher cost)."""
+        return sorted({*floors, self.space.full()}, key=self.rank)
+
+    def cheapest_meeting(self, floors: list[OperatingPoint]) -> OperatingPoint:
+        key = frozenset(floors)
+        if key not in self._cheapest:
+            candidates = [p for p in {*key, self.space.full()} if all(self.meets(p, f) for f in key)]
+            self._cheapest[key] = min(candidates, key=lambda p: (self.rank(p), str(p)))
+        return self._cheapest[key]
+
+    def step_cost(self, floors: list[OperatingPoint], size: int | None = None) -> float:
+        """Planned milliseconds of one decode step of a batch with these floors (0 for an empty batch);
+        with ``size``, its rows' share of a step of a batch of ``size`` rows."""
+        if not floors:
+            return 0.0
+        point = self.cheapest_meeting(floors)
+        assert self.cost_model is not None
+        size = size or len(floors)
+        return self.cost_model.decode(point, size) * len(floors) / size

@@ -1,0 +1,246 @@
+"""Scheduling policies (SPEC 4.2), one small class each in a registry.
+
+Every engine iteration asks the policy two things: which waiting requests to admit into which batch
+(``admit``: a list of ``Launch``), and at which operating point(s) a batch's next step runs
+(``points``: one per row). The engine enforces the limits (``max_batch`` rows per forward,
+``max_running`` requests holding a KV cache) and checks every row of every step against its floor,
+independently of the policy.
+
+* ``prism``: the paper's virtual queues. One queue per candidate point K (every floor in the waiting
+  set, and the full model); a request is in every queue whose point meets its floor. Launching queue K
+  into a batch (a running one, or a new one) is scored by SPEC's utility, generalised to a running
+  engine: the tokens per millisecond of a round of decode steps over all batches afterwards (with
+  nothing running it is SPEC's ``U_K = tokens(Q_K) / C(|Q_K|, K)``). While there is room the best launch
+  goes (the engine never idles with requests waiting); a launch that fills a batch beats one that does
+  not, and a request older than ``t_max`` forces a launch that includes it (with the requests whose own
+  point is the launch's, not cheaper floors that would pay for the higher point). ``t_max`` bounds how
+  long utility may pass a request over; under sustained overload every request passes it and the
+  order of launches becomes FIFO's (the batch each joins is still chosen by utility).
+* ``fifo``: oldest first into the first batch with room; a batch runs at the cheapest point that
+  meets every floor in it (the highest floor, the paper's baseline).
+* ``fullbatch``: launches only whole new batches of ``max_batch`` requests (or what has waited
+  ``t_max``); no request joins a running batch.
+* ``static``: FIFO admission, every step at one fixed point, whatever the floors (violations counted).
+* ``mixed``: FIFO admission, every row at its own floor inside the shared batch (per-row points).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from prism_cli.errors import PrismError
+from prism_cli.registry import Registry
+from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.serving.requests import Request
+
+if TYPE_CHECKING:
+    from prism_cli.serving.engine import Batch, Engine
+
+
+@dataclass
+class Launch:
+    """Admit ``requests`` (oldest first) into ``batch``, or into a new batch when it is None."""
+
+    batch: Batch | None
+    requests: list[Request]
+
+
+class SchedulingPolicy(ABC):
+    name: ClassVar[str]
+    #: Whether ``points`` may give the rows of one step different points (needs the per-row runtime).
+    per_row: ClassVar[bool] = False
+
+    def __init__(self, fixed_point: OperatingPoint | None = None) -> None:
+        self.fixed_point = fixed_point
+
+    @abstractmethod
+    def admit(self, engine: Engine) -> list[Launch]:
+        """The launches of this iteration (may be empty: nothing admitted now)."""
+
+    def points(self, engine: Engine, rows: list[Request]) -> list[OperatingPoint]:
+        """The point of every row of the next step; by default one point, the cheapest meeting every floor."""
+        point = engine.ladder.cheapest_meeting([r.floor for r in rows])
+        return [point] * len(rows)
+
+
+SCHEDULING_POLICIES: Registry[type[SchedulingPolicy]] = Registry("scheduling policy")
+
+
+def register(cls: type[SchedulingPolicy]) -> type[SchedulingPolicy]:
+    return SCHEDULING_POLICIES.register(cls.name)(cls)
+
+
+def fifo_launches(engine: Engine, join_running: bool = True) -> list[Launch]:
+    """Oldest first: fill the running batches that have room (oldest batch first), then new batches."""
+    free = engine.free_slots()
+    take = engine.waiting.peek(lambda _f: True, free)
+    launches: list[Launch] = []
+    targets = [b for b in engine.batches if len(b.rows) < engine.limits.max_batch] if join_running else []
+    for batch in targets:
+        room = engine.limits.max_batch - len(batch.rows)
+        if take and room > 0:
+            launches.append(Launch(batch, take[:room]))
+            take = take[room:]
+    while take:
+        launches.append(Launch(None, take[: engine.limits.max_batch]))
+        take = take[engine.limits.max_batch :]
+    return launches
+
+
+@register
+class FifoPolicy(SchedulingPolicy):
+    name = "fifo"
+
+    def admit(self, engine: Engine) -> list[Launch]:
+        return fifo_launches(engine)
+
+
+@register
+class FullBatchPolicy(SchedulingPolicy):
+    name = "fullbatch"
+
+    def admit(self, engine: Engine) -> list[Launch]:
+        size = engine.limits.max_batch
+        launches: list[Launch] = []
+        free = engine.free_slots()
+        waiting = engine.waiting.peek(lambda _f: True, free)
+        while len(waiting) >= size and free >= size:
+            launches.append(Launch(None, waiting[:size]))
+            waiting, free = waiting[size:], free - size
+        oldest = waiting[0] if waiting else None
+        if oldest is not None and engine.now() - oldest.arrival > engine.limits.t_max:
+            launches.append(Launch(None, waiting[: min(size, free)]))
+        return launches
+
+
+@register
+class StaticPolicy(SchedulingPolicy):
+    name = "static"
+
+    def __init__(self, fixed_point: OperatingPoint | None = None) -> None:
+        if fixed_point is None:
+            raise PrismError("the static policy needs a point (--point, e.g. linear:8)")
+        super().__init__(fixed_point)
+
+    def admit(self, engine: Engine) -> list[Launch]:
+        return fifo_launches(engine)
+
+    def points(self, engine: Engine, rows: list[Request]) -> list[OperatingPoint]:
+        return [self.fixed_point] * len(rows)  # type: ignore[list-item]
+
+
+@register
+class MixedPolicy(SchedulingPolicy):
+    name = "mixed"
+    per_row = True
+
+    def admit(self, engine: Engine) -> list[Launch]:
+        return fifo_launches(engine)
+
+    def points(self, engine: Engine, rows: list[Request]) -> list[OperatingPoint]:
+        return [engine.ladder.cheapest_meeting([r.floor]) for r in rows]
+
+
+@register
+class PrismPolicy(SchedulingPolicy):
+    name = "prism"
+
+    def admit(self, engine: Engine) -> list[Launch]:
+        if engine.cost_model is None:
+            raise PrismError("the prism policy plans with a cost model: build one with `prism schedule cost-model` "
+                             "or pass --cost-model")
+        limits, ladder = engine.limits, engine.ladder
+        # A plan of the batches after this iteration's launches: (batch or None, floors of its rows).
+        plan: list[tuple[Batch | _NewBatch | None, list[OperatingPoint]]] = [(b, [r.floor for r in b.rows]) for b in engine.batches]
+        def planned(floors: list[OperatingPoint]) -> float:
+            # A batch is priced per row at the size its queue can fill it to (its rows plus the waiting
+            # requests its point meets, up to max_batch): SPEC's C(|Q_K|, K) over the whole queue. With
+            # nothing waiting that is today's size; under load a batch that the queue will fill is worth
+            # opening now, which pricing it at one row would never show.
+            if not floors:
+                return 0.0
+            point = ladder.cheapest_meeting(floors)
+            size = min(limits.max_batch, len(floors) + engine.waiting.count(lambda f: ladder.meets(point, f)))
+            return ladder.step_cost(floors, max(size, len(floors)))
+
+        cost = [planned(floors) for _, floors in plan]
+        free = engine.free_slots()
+        launched: list[Launch] = []
+        taken: set[int] = set()
+        now = engine.now()
+        while free > 0:
+            oldest = next((r for r in engine.waiting if id(r) not in taken), None)
+            if oldest is None:
+                break
+            overdue = oldest if now - oldest.arrival > limits.t_max else None
+            rows = sum(len(f) for _, f in plan)
+            total = sum(cost)
+            best = None  # ((forced, full, utility, -overpay), target index, members, new floors, new cost)
+            for k in ladder.queue_points(engine.waiting.floors()):
+                if overdue is None:
+                    accepts = lambda f, k=k: ladder.meets(k, f)  # noqa: E731 - the virtual queue of point k
+                elif ladder.meets(k, overdue.floor):
+                    # A forced launch takes the overdue request with the requests that k is the own point of:
+                    # filling it with cheaper floors would make them pay k's price for a launch they did not win.
+                    accepts = lambda f, k=k, own=overdue.floor: f == own or ladder.cheapest_meeting([f]) == k  # noqa: E731
+                else:
+                    continue
+                members_all = engine.waiting.peek(accepts, free + len(taken))
+                members_all = [r for r in members_all if id(r) not in taken]
+                if not members_all:
+                    continue
+                for index in range(len(plan) + 1):
+                    floors = plan[index][1] if index < len(plan) else []
+                    room = min(free, limits.max_batch - len(floors))
+                    if room <= 0:
+                        continue
+                    members = members_all[:room]
+                    new_floors = floors + [r.floor for r in members]
+                    new_cost = planned(new_floors)
+                    old_cost = cost[index] if index < len(plan) else 0.0
+                    utility = (rows + len(members)) / (total - old_cost + new_cost)
+                    full = len(new_floors) == limits.max_batch
+                    forced = overdue is not None and any(m is overdue for m in members)
+                    # Among equal utilities (a join that leaves the batch's point as it is), prefer the
+                    # members whose own point the batch runs at: cheaper floors are kept for cheaper batches.
+                    point = ladder.rank(ladder.cheapest_meeting(new_floors))
+                    overpay = sum(point - ladder.rank(ladder.cheapest_meeting([m.floor])) for m in members)
+                    key = (forced, full, round(utility, 12), -overpay)
+                    if best is None or key > best[0]:
+                        best = (key, index, members, new_floors, new_cost)
+            if best is None:
+                break
+            (forced, *_), index, members, new_floors, new_cost = best
+            if overdue is not None and not forced:
+                break  # the overdue request fits nowhere yet: keep the room for it
+            if index < len(plan):
+                plan[index] = (plan[index][0], new_floors)
+                cost[index] = new_cost
+            else:
+                plan.append((None, new_floors))
+                cost.append(new_cost)
+            target = plan[index][0]
+            if isinstance(target, _NewBatch):  # a batch created by an earlier launch of this iteration
+                launched[target.launch].requests.extend(members)
+            elif target is None:
+                launched.append(Launch(None, list(members)))
+                plan[index] = (_NewBatch(len(launched) - 1), new_floors)
+            else:
+                existing = next((lt for lt in launched if lt.batch is target), None)
+                if existing is not None:
+                    existing.requests.extend(members)
+                else:
+                    launched.append(Launch(target, list(members)))
+            taken.update(id(m) for m in members)
+            free -= len(members)
+        return launched
+
+
+@dataclass(eq=False)
+class _NewBatch:
+    """A batch that a launch of this iteration creates (others of the same iteration may join it)."""
+
+    launch: int
+

@@ -1,0 +1,59 @@
+"""The waiting requests of an engine, one FIFO per floor, so that a virtual queue (every request whose
+floor a point meets, oldest first) is a merge of a few FIFOs, not a scan of every waiting request."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.serving.requests import Request
+
+
+class WaitingQueue:
+    def __init__(self) -> None:
+        self._by_floor: dict[OperatingPoint, deque[Request]] = {}
+        self._count = 0
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Request]:
+        return heapq.merge(*self._by_floor.values(), key=lambda r: r.seq)
+
+    def floors(self) -> list[OperatingPoint]:
+        return [f for f, q in self._by_floor.items() if q]
+
+    def push(self, request: Request) -> None:
+        request.seq = next(self._order)  # the queue's order is the order of entry
+        self._by_floor.setdefault(request.floor, deque()).append(request)
+        self._count += 1
+
+    def oldest(self) -> Request | None:
+        heads = [q[0] for q in self._by_floor.values() if q]
+        return min(heads, key=lambda r: r.seq) if heads else None
+
+    def peek(self, accepts: Callable[[OperatingPoint], bool], n: int) -> list[Request]:
+        """The ``n`` oldest requests whose floor ``accepts`` admits (a virtual queue), without removing them."""
+        queues = [q for f, q in self._by_floor.items() if q and accepts(f)]
+        return list(itertools.islice(heapq.merge(*queues, key=lambda r: r.seq), n))
+
+    def count(self, accepts: Callable[[OperatingPoint], bool]) -> int:
+        """How many requests a virtual queue holds."""
+        return sum(len(q) for f, q in self._by_floor.items() if accepts(f))
+
+    def remove(self, requests: list[Request]) -> None:
+        gone = {id(r) for r in requests}
+        for floor, q in self._by_floor.items():
+            if any(id(r) in gone for r in q):
+                self._by_floor[floor] = deque(r for r in q if id(r) not in gone)
+        self._count -= len(gone)
+
+    def drop_cancelled(self) -> list[Request]:
+        dropped = [r for q in self._by_floor.values() for r in q if r.cancelled]
+        if dropped:
+            self.remove(dropped)
+        return dropped

@@ -1,0 +1,489 @@
+"""``prism serve``: an OpenAI-compatible HTTP server over the engine (Starlette + uvicorn).
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (when the tokenizer has a chat
+template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Streaming answers
+are server-sent events (``data: {...}`` chunks, then ``data: [DONE]``). A request may carry
+``quality_floor``: an operating point of the export (``"linear:4"``) or a perplexity ceiling (a number
+or ``"ppl:45"``); without it the request gets the full model.
+
+The engine runs in its own thread; the event loop hands it requests and receives tokens through
+thread-safe callbacks. Admission is bounded: at most ``max_running + max_queue`` requests in flight,
+beyond that 503 with ``Retry-After``. A client that disconnects cancels its request (its KV rows are
+freed at the engine's next iteration). On SIGTERM uvicorn stops accepting connections and lets the
+in-flight requests finish; then the engine thread stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from prism_cli.errors import PrismError
+from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.serving.engine import Engine
+from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, parse_floor
+from prism_cli.serving.requests import Request, SamplingParams
+
+API_KEY_ENV = "PRISM_API_KEY"
+_UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+                "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "top_logprobs": (None, 0),
+                "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0)}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None, status: int = 400, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.param, self.status, self.kind = param, status, kind
+
+
+def error(message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error",
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
+                        headers=headers)
+
+
+@dataclass
+class Counters:
+    """What /metrics reports (updated on the event loop only)."""
+
+    by_status: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    e2e_sum: float = 0.0
+    e2e_count: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    def count(self, status: str) -> None:
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+
+
+class EngineLoop:
+    """The engine's thread: iterate while running; on stop, finish what is in flight first."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prism-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not (self._stop.is_set() and not self.engine.pending()):
+                self.engine.step()
+        except BaseException as exc:  # noqa: BLE001 - reported by /health and re-raised on stop
+            self.error = exc
+            self.engine.abort("error")  # no client waits forever on a dead engine
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self.engine.wake()
+        self._thread.join(timeout)
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    tokenizer: Any
+    space: PointSpace
+    ladder: Ladder
+    cost_model: Any
+    model_name: str
+    context: int
+    api_key: str | None
+    max_queue: int
+    chat_template: str | None = None  # the tokenizer's, if it has one: /v1/chat/completions exists only then
+    loop: EngineLoop | None = None
+    counters: Counters = field(default_factory=Counters)
+    in_flight: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.limits.max_running + self.max_queue
+
+
+# --- request parsing -----------------------------------------------------------------------------
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise BadRequest(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}", name)
+    return value
+
+
+def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> SamplingParams:
+    for name, allowed in _UNSUPPORTED.items():
+        if name in body and body[name] not in allowed:
+            raise BadRequest(f"{name}: not supported by prism serve", name)
+    if _field(body, "n", (int,), 1) != 1:
+        raise BadRequest("n: only n = 1 is supported", "n")
+    stop = body.get("stop")
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else None
+    if stops is None:
+        raise BadRequest("stop: expected a string or a list of strings", "stop")
+    max_tokens = _field(body, max_tokens_field, (int,), None)
+    if max_tokens is None and max_tokens_field == "max_tokens":
+        max_tokens = 16
+    params = SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else 256,
+        temperature=float(_field(body, "temperature", (int, float), 1.0)),
+        top_p=float(_field(body, "top_p", (int, float), 1.0)),
+        stop=stops,
+        seed=_field(body, "seed", (int,), None),
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        name = str(exc).split(":")[0]
+        raise BadRequest(str(exc), max_tokens_field if name == "max_tokens" else name) from None
+    return params
+
+
+def parse_quality_floor(state: ServerState, body: dict) -> OperatingPoint:
+    from prism_cli.serving.runner import resolve_floor
+
+    value = body.get("quality_floor")
+    if value is None:
+        return state.space.full()
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            spec = FloorSpec(f"ppl:{value}", ceiling=float(value))
+            if not value > 0:
+                raise PrismError("a perplexity ceiling must be positive")
+        elif isinstance(value, str):
+            spec = parse_floor(value, state.space)
+        else:
+            raise PrismError("expected an operating point (\"linear:4\") or a perplexity ceiling (a number)")
+        return resolve_floor(spec, state.space, state.ladder, state.cost_model)
+    except PrismError as exc:
+        raise BadRequest(f"quality_floor: {exc}", "quality_floor") from None
+
+
+async def read_body(http: HttpRequest) -> dict:
+    raw = await http.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", None) from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", None)
+    return body
+
+
+def check_model(state: ServerState, body: dict) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model: required (see GET /v1/models)", "model")
+    if model != state.model_name:
+        raise BadRequest(f"The model '{model}' does not exist; this server serves '{state.model_name}'", "model", 404,
+                         "not_found_error")
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+def build_app(state: ServerState) -> Starlette:
+    def authorized(http: HttpRequest) -> bool:
+        if state.api_key is None:
+            return True
+        header = http.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), state.api_key.encode())
+
+    async def completions(http: HttpRequest) -> Response:
+        return await generate(http, chat=False)
+
+    async def chat_completions(http: HttpRequest) -> Response:
+        return await generate(http, chat=True)
+
+    async def generate(http: HttpRequest, chat: bool) -> Response:
+        if not authorized(http):
+            state.counters.count("401")
+            return error("invalid API key", None, 401, "authentication_error")
+        try:
+            body = await read_body(http)
+            check_model(state, body)
+            if chat:
+                prompt_ids = chat_prompt(state, body)
+                params = parse_sampling(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
+            else:
+                prompt_ids = completion_prompt(state, body)
+                params = parse_sampling(body)
+            floor = parse_quality_floor(state, body)
+            stream = _field(body, "stream", (bool,), False)
+            options = _field(body, "stream_options", (dict,), {})
+            if len(prompt_ids) + params.max_tokens > state.context:
+                raise BadRequest(f"prompt: {len(prompt_ids)} prompt tokens plus max_tokens {params.max_tokens} exceed the "
+                                 f"context of {state.context} tokens", "prompt" if not chat else "messages")
+        except BadRequest as exc:
+            state.counters.count(str(exc.status))
+            return error(str(exc), exc.param, exc.status, exc.kind)
+        if state.in_flight >= state.capacity:
+            state.counters.count("503")
+            return error("the server is at capacity; retry later", None, 503, "server_overloaded", headers={"Retry-After": "1"})
+        if state.loop is not None and state.loop.error is not None:
+            return error("the engine stopped on an internal error", None, 500, "internal_error")
+        return await run_request(http, prompt_ids, params, floor, stream, bool(options.get("include_usage")), chat)
+
+    async def run_request(http, prompt_ids, params, floor, stream, include_usage, chat) -> Response:
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[tuple[str, str | None, int]] = asyncio.Queue()
+
+        def on_update(r: Request) -> None:  # engine thread
+            loop.call_soon_threadsafe(updates.put_nowait, (r.stream_text(), r.finish_reason, len(r.output_ids)))
+
+        req = Request(list(prompt_ids), params, floor, state.engine.now(), on_update=on_update)
+        state.in_flight += 1
+        state.engine.submit(req)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        started = time.perf_counter()
+
+        def done(status: str) -> None:
+            state.in_flight -= 1
+            state.counters.count(status)
+            if req.finish_reason in ("length", "stop"):
+                state.counters.prompt_tokens += req.prompt_len
+                state.counters.generation_tokens += len(req.output_ids)
+                state.counters.e2e_sum += time.perf_counter() - started
+                state.counters.e2e_count += 1
+                if req.first_token_at is not None:
+                    state.counters.ttft_sum += req.first_token_at - req.arrival
+                    state.counters.ttft_count += 1
+
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+
+        def chunk(delta: str, reason: str | None) -> dict:
+            if chat:
+                choice = {"index": 0, "delta": {"content": delta} if delta or reason is None else {}, "finish_reason": reason}
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                        "choices": [choice]}
+            return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                    "choices": [{"index": 0, "text": delta, "finish_reason": reason, "logprobs": None}]}
+
+        if stream:
+            async def events() -> AsyncIterator[str]:
+                sent = 0
+                status = "cancelled"
+                try:
+                    if chat:
+                        first = chunk("", None)
+                        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                        yield f"data: {json.dumps(first)}\n\n"
+                    while True:
+                        text, reason, n = await updates.get()
+                        if len(text) > sent:
+                            yield f"data: {json.dumps(chunk(text[sent:], None))}\n\n"
+                            sent = len(text)
+                        if reason == "error":
+                            yield f"data: {json.dumps({'error': {'message': 'the engine failed', 'type': 'internal_error'}})}\n\n"
+                            status = "500"
+                            return
+                        if reason is not None:
+                            yield f"data: {json.dumps(chunk('', _reason(reason)))}\n\n"
+                            if include_usage:
+                                last = chunk("", None)
+                                last["choices"], last["usage"] = [], usage(n)
+                                yield f"data: {json.dumps(last)}\n\n"
+                            yield "data: [DONE]\n\n"
+                            status = "200"
+                            return
+                finally:
+                    if status == "cancelled":
+                        req.cancelled = True
+                        state.engine.wake()
+                    done(status)
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        disconnect = asyncio.ensure_future(_wait_disconnect(http))
+        try:
+            while True:
+                getter = asyncio.ensure_future(updates.get())
+                finished, _ = await asyncio.wait({getter, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in finished:
+                    getter.cancel()
+                    req.cancelled = True
+                    state.engine.wake()
+                    done("cancelled")
+                    return Response(status_code=499)
+                text, reason, n = getter.result()
+                if reason is not None:
+                    break
+        finally:
+            disconnect.cancel()
+        if reason == "error":
+            done("500")
+            return error("the engine failed on an internal error", None, 500, "internal_error")
+        done("200")
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _reason(reason)}
+            body = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name, "choices": [choice]}
+        else:
+            body = chunk(text, _reason(reason))
+        body["usage"] = usage(n)
+        return JSONResponse(body)
+
+    async def models(http: HttpRequest) -> Response:
+        if not authorized(http):
+            return error("invalid API key", None, 401, "authentication_error")
+        return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                                         "owned_by": "prism", "max_model_len": state.context}]})
+
+    async def health(_http: HttpRequest) -> Response:
+        if state.loop is not None and state.loop.error is not None:
+            return PlainTextResponse(f"engine failed: {state.loop.error}", status_code=500)
+        return PlainTextResponse("ok")
+
+    async def metrics(_http: HttpRequest) -> Response:
+        return PlainTextResponse(prometheus_text(state), media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        state.loop = EngineLoop(state.engine)
+        state.loop.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, state.loop.stop)
+
+    routes = [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+    if state.chat_template:
+        routes.append(Route("/v1/chat/completions", chat_completions, methods=["POST"]))
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+async def _wait_disconnect(http: HttpRequest) -> None:
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def completion_prompt(state: ServerState, body: dict) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(not 0 <= t < len(state.tokenizer) for t in prompt):
+            raise BadRequest("prompt: a token id is outside the vocabulary", "prompt")
+        return list(prompt)
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("prompt: required, a non-empty string (or one list of token ids)", "prompt")
+    ids = state.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise BadRequest("prompt: has no tokens", "prompt")
+    return list(ids)
+
+
+def chat_prompt(state: ServerState, body: dict) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: required, a non-empty list of {role, content}", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRequest(f"messages[{i}]: expected {{role: string, content: string}}", "messages")
+    try:
+        ids = state.tokenizer.apply_chat_template(messages, chat_template=state.chat_template, add_generation_prompt=True,
+                                                  tokenize=True)
+    except Exception as exc:  # noqa: BLE001 - a template error is the client's input (or the template's) problem
+        raise BadRequest(f"messages: the chat template failed: {exc}", "messages") from None
+    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def prometheus_text(state: ServerState) -> str:
+    c, e = state.counters, state.engine
+    lines = [
+        "# HELP prism_requests_total HTTP generation requests by outcome.", "# TYPE prism_requests_total counter",
+        *[f'prism_requests_total{{status="{s}"}} {n}' for s, n in sorted(c.by_status.items())],
+        "# HELP prism_prompt_tokens_total Prompt tokens of completed requests.", "# TYPE prism_prompt_tokens_total counter",
+        f"prism_prompt_tokens_total {c.prompt_tokens}",
+        "# HELP prism_generation_tokens_total Tokens generated for completed requests.",
+        "# TYPE prism_generation_tokens_total counter", f"prism_generation_tokens_total {c.generation_tokens}",
+        "# HELP prism_requests_running Requests holding a KV cache.", "# TYPE prism_requests_running gauge",
+        f"prism_requests_running {e.running()}",
+        "# HELP prism_requests_waiting Requests waiting for a launch.", "# TYPE prism_requests_waiting gauge",
+        f"prism_requests_waiting {len(e.waiting)}",
+        "# HELP prism_floor_violations_total Rows served below their quality floor (must stay 0).",
+        "# TYPE prism_floor_violations_total counter", f"prism_floor_violations_total {e.stats.violations}",
+        "# HELP prism_e2e_seconds End-to-end latency of completed requests.", "# TYPE prism_e2e_seconds summary",
+        f"prism_e2e_seconds_sum {c.e2e_sum}", f"prism_e2e_seconds_count {c.e2e_count}",
+        "# HELP prism_ttft_seconds Time to first token of completed requests.", "# TYPE prism_ttft_seconds summary",
+        f"prism_ttft_seconds_sum {c.ttft_sum}", f"prism_ttft_seconds_count {c.ttft_count}",
+        "# HELP prism_scheduler_seconds_total Time spent in scheduling decisions.", "# TYPE prism_scheduler_seconds_total counter",
+        f"prism_scheduler_seconds_total {e.stats.decision_s}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket first, so that a port in use is one clear error, not a uvicorn log."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise PrismError(f"cannot resolve --host {host}: {exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "is in use" if exc.errno in (98, 48) else f"cannot be bound ({exc.strerror})"
+        raise PrismError(f"port {port} on {host} {reason}; choose another with --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_forever(state: ServerState, sock: socket.socket, on_ready=None) -> None:
+    """Run uvicorn on ``sock`` until SIGINT/SIGTERM; in-flight requests are drained first."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would end
+            # "killed by SIGTERM"; prism drains, then exits normally (status 0).
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(build_app(state), log_level="warning", timeout_graceful_shutdown=120, lifespan="on")
+    server = Server(config)
+    if on_ready is not None:
+        on_ready()
+    server.run(sockets=[sock])
+    if state.loop is not None and state.loop.error is not None:
+        raise state.loop.error

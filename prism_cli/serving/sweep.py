@@ -1,0 +1,143 @@
+"""``prism schedule sweep``: every policy at low, medium and high load, and the targets of issue 16.
+
+Loads are fractions of the capacity of the baseline (FIFO on the original model), which the
+simulator measures from a burst of requests on the cost model: ``low`` 0.3x, ``medium`` 0.7x,
+``high`` 1.3x (the baseline saturates there; a policy serving more requests/s shows it). Every policy
+runs on the export, and FIFO also on the export's source model, at the same floor mix and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prism_cli.errors import PrismError
+from prism_cli.report import ResultTable
+from prism_cli.serving.costmodel import CostModel
+from prism_cli.serving.runner import ScheduleResult, ScheduleSettings, run_schedule
+
+LOADS = {"low": 0.3, "medium": 0.7, "high": 1.3}
+#: (policy, on the original model) pairs of a sweep; the last is the baseline of the targets.
+RUNS = [("prism", False), ("mixed", False), ("fifo", False), ("fullbatch", False), ("static", False), ("fifo", True)]
+
+
+def baseline_capacity(directory: str, settings: ScheduleSettings, cost_model: CostModel, burst: int = 200) -> float:
+    """Requests/s that FIFO on the original model serves from a backlog (simulated on the cost model)."""
+    probe = dataclasses.replace(settings, policy="fifo", original=True, sim=True, rate=1000.0, duration=burst / 1000.0)
+    return run_schedule(directory, probe, cost_model).metrics["requests_per_s"]
+
+
+def label(policy: str, original: bool) -> str:
+    return f"{policy} (original)" if original else policy
+
+
+def run_sweep(
+    directory: str, settings: ScheduleSettings, cost_model: CostModel, loads: list[str], rates: list[float] | None = None,
+    served: dict[bool, Any] | None = None, on_run: Callable[[str], None] | None = None,
+) -> tuple[list[tuple[str, float, ScheduleResult]], float | None]:
+    """Every run of the sweep: ``(load, rate, result)``; and the baseline capacity (None with explicit rates)."""
+    unknown = [name for name in loads if name not in LOADS]
+    if unknown:
+        raise PrismError(f"--loads: unknown load {', '.join(unknown)}; choose among {', '.join(LOADS)}")
+    capacity = None
+    if rates is None:
+        capacity = baseline_capacity(directory, settings, cost_model)
+        pairs = [(name, LOADS[name] * capacity) for name in loads]
+    else:
+        if any(not r > 0 for r in rates):
+            raise PrismError(f"--rates must be positive, got {rates}")
+        pairs = [(f"{r:g}/s", r) for r in rates]
+    out = []
+    for name, rate in pairs:
+        for policy, original in RUNS:
+            if on_run is not None:
+                on_run(f"{name} load, {label(policy, original)}")
+            run = dataclasses.replace(settings, policy=policy, original=original, rate=rate)
+            result = run_schedule(directory, run, cost_model, served=(served or {}).get(original))
+            if not settings.sim:  # the simulator at the same settings, to tell how far it can be trusted
+                sim = run_schedule(directory, dataclasses.replace(run, sim=True), cost_model).metrics
+                result.metrics["sim_requests_per_s"] = sim["requests_per_s"]
+                result.metrics["sim_over_real"] = sim["requests_per_s"] / result.metrics["requests_per_s"]
+            out.append((name, rate, result))
+    return out, capacity
+
+
+def sweep_table(runs: list[tuple[str, float, ScheduleResult]], mode: str, machine: str) -> ResultTable:
+    table = ResultTable(
+        f"scheduling policies against load ({mode})",
+        ["load", "offered req/s", "policy", "req/s", "output tok/s", "TTFT p50 s", "TTFT p90 s", "TPOT p50 ms",
+         "e2e p50 s", "e2e p90 s", "e2e p99 s", "floor violations", "sched us/decision", "sched / decode step"],
+    )
+    if mode == "real":
+        table.columns += ["sim req/s", "sim / real"]
+    for name, rate, r in runs:
+        m = r.metrics
+        table.add(name, rate, label(r.settings["policy"], r.model == "original"), m["requests_per_s"], m["output_tokens_per_s"],
+                  m["ttft_s"]["p50"], m["ttft_s"]["p90"], _ms(m["tpot_s"]["p50"]), m["e2e_s"]["p50"], m["e2e_s"]["p90"],
+                  m["e2e_s"]["p99"], m["floor_violations"], m["scheduler_us_per_decision"], m["scheduler_share_of_decode_step"],
+                  *([m["sim_requests_per_s"], m["sim_over_real"]] if mode == "real" else []))
+    table.notes.append(f"{'simulated on the cost model measured on' if mode == 'sim' else 'measured on'} {machine}; "
+                       "req/s = requests served / (last completion - first arrival), every request served")
+    return table
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def targets(runs: list[tuple[str, float, ScheduleResult]], load: str = "high") -> dict[str, Any]:
+    """Issue 16's targets at ``load``: prism on the export against FIFO on the original model."""
+    at = {(r.settings["policy"], r.model == "original"): r.metrics for name, _, r in runs if name == load}
+    if ("prism", False) not in at or ("fifo", True) not in at:
+        return {}
+    prism, base = at[("prism", False)], at[("fifo", True)]
+    out = {
+        "load": load,
+        "prism_requests_per_s": prism["requests_per_s"],
+        "fifo_original_requests_per_s": base["requests_per_s"],
+        "gain": prism["requests_per_s"] / base["requests_per_s"] - 1.0,
+        "gain_target": 0.20,
+        "prism_e2e_p90_s": prism["e2e_s"]["p90"],
+        "fifo_original_e2e_p90_s": base["e2e_s"]["p90"],
+        "p90_no_worse": prism["e2e_s"]["p90"] <= base["e2e_s"]["p90"],
+        "floor_violations": {label(p, o): m["floor_violations"] for (p, o), m in at.items()},
+        "scheduler_share_of_decode_step": prism["scheduler_share_of_decode_step"],
+    }
+    if ("mixed", False) in at:
+        out["mixed_over_prism"] = at[("mixed", False)]["requests_per_s"] / prism["requests_per_s"] - 1.0
+    out["met"] = out["gain"] >= 0.20 and out["p90_no_worse"] and all(v == 0 for k, v in out["floor_violations"].items()
+                                                                        if not k.startswith("static"))
+    return out
+
+
+def plot_sweep(runs: list[tuple[str, float, ScheduleResult]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prism_cli.io import atomic_path
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for _, rate, r in runs:
+        key = label(r.settings["policy"], r.model == "original")
+        series.setdefault(key, []).append((rate, r.metrics["requests_per_s"], r.metrics["e2e_s"]["p90"] or 0.0))
+    for key, pts in series.items():
+        pts.sort()
+        style = "--" if "original" in key else "-"
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=key)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=key)
+    ax1.set_xlabel("offered load (requests/s)")
+    ax1.set_ylabel("served (requests/s)")
+    ax2.set_xlabel("offered load (requests/s)")
+    ax2.set_ylabel("end-to-end latency p90 (s)")
+    ax2.set_yscale("log")
+    ax1.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

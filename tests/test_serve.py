@@ -1,0 +1,202 @@
+"""``prism serve`` through real HTTP clients (the official ``openai`` client and httpx) on an ephemeral
+loopback port: completions streaming and not, quality floors, chat, models, health, metrics, API key,
+bad input, a full queue (503), a client that disconnects, a port in use."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from test_serving import synthetic_cost_model
+
+from prism_cli.errors import PrismError
+
+openai = pytest.importorskip("openai")
+
+KEY = "s3cret-key"
+
+
+def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=None, api_key=KEY):
+    import uvicorn
+
+    from prism_cli.serving.engine import Engine, Limits
+    from prism_cli.serving.executor import ModelExecutor
+    from prism_cli.serving.floors import Ladder
+    from prism_cli.serving.policies import SCHEDULING_POLICIES
+    from prism_cli.serving.server import ServerState, bind, build_app
+
+    cost = synthetic_cost_model()
+    limits = Limits(min(2, max_running), max_running, 1.0)
+    engine = Engine(ModelExecutor(served), SCHEDULING_POLICIES.get(policy)(), Ladder(served.space, cost, 2), limits, cost)
+    state = ServerState(engine, served.tokenizer, served.space, Ladder(served.space, cost, 2), cost, "tiny", served.context,
+                        api_key, max_queue, chat_template)
+    app = build_app(state)
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.02)
+    port = sock.getsockname()[1]
+    return server, thread, state, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    srv, thread, state, url = _start(served, chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    yield state, url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_openai_client_completions_streaming_and_not(server):
+    state, url = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    out = client.completions.create(model="tiny", prompt="The whale", max_tokens=6, temperature=0, extra_body={"quality_floor": "linear:2"})
+    assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens <= 6
+    text = out.choices[0].text
+    stream = client.completions.create(model="tiny", prompt="The whale", max_tokens=6, temperature=0, stream=True,
+                                       extra_body={"quality_floor": "linear:2"})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == text  # same greedy text, streamed
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert state.engine.stats.violations == 0
+
+
+def test_chat_completions_with_a_template(server):
+    _, url = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0)
+    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 4
+    parts = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+                                                temperature=0, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == out.choices[0].message.content
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ("{not json", 400, None),
+    ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "temperature": 7}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "quality_floor": "linear:9"}, 400, "quality_floor"),
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "word " * 200, "max_tokens": 4}, 400, "prompt"),
+    ({"model": "gpt-9", "prompt": "x"}, 404, "model"),
+])
+def test_bad_requests_name_the_field(server, body, status, param):
+    _, url = server
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(url + "/v1/completions", content=content, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_api_key_health_and_metrics(server):
+    _, url = server
+    assert httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
+    assert httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(url + "/health").text == "ok"
+    metrics = httpx.get(url + "/metrics").text
+    assert 'prism_requests_total{status="401"}' in metrics and "prism_floor_violations_total 0" in metrics
+
+
+def test_no_chat_route_without_a_template(served):
+    srv, thread, _, url = _start(served, api_key=None)
+    try:
+        assert httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []}).status_code == 404
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_full_queue_answers_503_and_a_disconnect_frees_the_slot(served):
+    srv, thread, state, url = _start(served, policy="fifo", max_running=1, max_queue=0, api_key=None)
+    decode = state.engine.executor.decode
+
+    def slow_decode(*args):  # 100 tokens take seconds: the first request surely holds its slot meanwhile
+        time.sleep(0.03)
+        return decode(*args)
+
+    state.engine.executor.decode = slow_decode
+    try:
+        body = {"model": "tiny", "prompt": "The whale", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=30) as client, client.stream("POST", url + "/v1/completions", json=body) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator would close the response
+            next(lines)  # the first request holds the only slot
+            busy = httpx.post(url + "/v1/completions", json={**body, "stream": False})
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        # the client went away mid-stream: its request is cancelled and its slot freed
+        for _ in range(200):
+            if state.in_flight == 0 and state.engine.running() == 0:
+                break
+            time.sleep(0.02)
+        assert state.in_flight == 0 and state.engine.running() == 0
+        cancelled = [r for r in state.engine.finished if r.finish_reason == "cancelled"]
+        assert len(cancelled) == 1 and len(cancelled[0].output_ids) < 100
+        ok = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_port_in_use_is_one_clear_error():
+    from prism_cli.serving.server import bind
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(PrismError, match=f"port {port} on 127.0.0.1 is in use"):
+            bind("127.0.0.1", port)
+    finally:
+        taken.close()
+
+
+def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
+    cli("serve", tmp_path).assert_one_line_error("not a prism export")
+    cli("serve", tiny_export, "--port", "70000").assert_one_line_error("--port")
+    cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_export):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "serve", str(tiny_export), "--policy", "fifo", "--port", str(port),
+                             "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PRISM_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {"model": "tiny", "prompt": "The whale", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"  # the request in flight was served to its end
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

@@ -1,0 +1,355 @@
+"""The online half: cost model, floors, scheduling policies (on the simulator, against hand-computed
+cases), the continuous-batching engine (against ``generate()`` of each request alone), per-row points,
+sampling, ``prism schedule`` and its bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prism_cli.errors import PrismError
+from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.runtime.per_row import PerRowTopKPolicy, clear_row_points, set_row_points
+from prism_cli.runtime.policies import POLICIES, TopKPolicy
+from prism_cli.serving.costmodel import CostModel, PointCost, interpolate
+from prism_cli.serving.engine import Engine, Limits
+from prism_cli.serving.floors import Ladder, PointSpace, parse_floor, parse_mix
+from prism_cli.serving.policies import SCHEDULING_POLICIES
+from prism_cli.serving.requests import Request, SamplingParams
+from prism_cli.serving.simulate import SimExecutor
+
+SPACE = PointSpace("neurons", 4, 2)
+ORIGINAL = PointSpace(None, 4, 2)
+
+
+def P(text: str) -> OperatingPoint:
+    return SPACE.parse(text) if not text.startswith("original") else ORIGINAL.parse(text)
+
+
+def synthetic_cost_model(fixed: float = 10.0, per_row_per_k: float = 1.0) -> CostModel:
+    """Decode ``C(b, K) = fixed + b * K * per_row_per_k`` ms (K = active sub-experts), prefill 0.01 ms a token x K."""
+    points = {}
+    for name, kind, k in [*[(f"linear:{k}", "elastic", k) for k in range(1, 9)], *[(f"topk:{k}", "elastic", k) for k in range(1, 9)],
+                          ("original:1", "original", 4), ("original:2", "original", 8)]:
+        points[name] = PointCost(name, kind, 100.0 / k, {b: fixed + b * k * per_row_per_k for b in (1, 8, 32)},
+                                 {t: 0.01 * t * k for t in (64, 512)})
+    return CostModel(points, 128, 64, "test machine")
+
+
+def sim_engine(policy: str, space: PointSpace = SPACE, cost: CostModel | None = None, **limits) -> Engine:
+    cost = cost or synthetic_cost_model()
+    lim = Limits(**{"max_batch": 8, "max_running": 16, "t_max": 1.0, **limits})
+    cls = SCHEDULING_POLICIES.get(policy)
+    instance = cls(space.full()) if policy == "static" else cls()
+    return Engine(SimExecutor(cost), instance, Ladder(space, cost, lim.max_batch), lim, cost)
+
+
+def request(floor: str, arrival: float = 0.0, out: int = 8, prompt: int = 16, space: PointSpace = SPACE) -> Request:
+    return Request(list(range(prompt)), SamplingParams(max_tokens=out, temperature=0.0), space.parse(floor), arrival)
+
+
+# --- cost model ------------------------------------------------------------------------------------
+
+def test_interpolation_is_linear_between_and_extends_the_end_segments():
+    table = {1: 10.0, 8: 24.0, 32: 72.0}
+    assert interpolate(table, 1) == 10.0 and interpolate(table, 8) == 24.0
+    assert interpolate(table, 4) == pytest.approx(10.0 + 14.0 * 3 / 7)
+    assert interpolate(table, 16) == pytest.approx(24.0 + 48.0 * 8 / 24)
+    assert interpolate(table, 64) == pytest.approx(72.0 + 2.0 * 32)  # the last segment's slope (2 ms a row)
+    assert interpolate({8: 40.0}, 4) == pytest.approx(20.0)  # one measurement: proportional
+
+
+def _bench_json(path: Path, mode: str, seq_len: int, latency: dict[str, dict[int, float]]) -> Path:
+    points = [{"point": p, "kind": "original" if p.startswith("original") else "elastic", "perplexity": 40.0 + i,
+               "latency": {str(b): {"median_ms": ms, "p90_ms": ms} for b, ms in lat.items()}}
+              for i, (p, lat) in enumerate(latency.items())]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "bench.json").write_text(json.dumps({"target": "x", "settings": {"mode": mode, "seq_len": seq_len},
+                                                 "points": points, "environment": {"processor": "cpu", "torch_threads": 2}}))
+    return path / "bench.json"
+
+
+def test_cost_model_from_bench_keys_prefill_by_prompt_tokens(tmp_path):
+    dec = _bench_json(tmp_path / "d", "decode", 128, {"linear:2": {1: 5.0, 8: 9.0}, "original:1": {1: 6.0, 8: 11.0}})
+    pre = _bench_json(tmp_path / "p", "prefill", 64, {"linear:2": {1: 20.0, 4: 50.0}, "original:1": {1: 22.0, 4: 60.0}})
+    model = CostModel.from_bench(dec, pre)
+    assert model.decode("linear:2", 8) == 9.0 and model.prefill("original:1", 256) == 60.0  # 4 prompts x 64 tokens
+    assert model.prefill("linear:2", 160) == pytest.approx(20.0 + 30.0 * (160 - 64) / 192)
+    model.save(tmp_path / "cm.json")
+    again = CostModel.load(tmp_path / "cm.json")
+    assert again.decode("original:1", 4) == model.decode("original:1", 4) and again.perplexity("original:1") == 41.0
+    with pytest.raises(PrismError, match="--mode prefill"):
+        CostModel.from_bench(dec, dec)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(PrismError, match="cannot read cost model"):
+        CostModel.load(tmp_path / "bad.json")
+
+
+# --- floors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("point, floor, ok", [
+    ("linear:6", "linear:4", True), ("linear:3", "linear:4", False), ("linear:8", "topk:7", True),  # full meets all
+    ("topk:4", "linear:4", False), ("original:1", "linear:4", True), ("original:1", "linear:5", False),
+    ("linear:4", "original:1", True), ("original:2", "topk:6", True), ("threshold:0.9", "threshold:0.8", True),
+    ("threshold:0.8", "threshold:0.9", False), ("topk:6", "threshold:0.5", False),
+])
+def test_meets(point, floor, ok):
+    assert SPACE.meets(P(point), P(floor)) is ok
+
+
+def test_floor_mix_and_bad_floors():
+    mix = parse_mix("linear:2=1,linear:6=2,topk:8=1", SPACE)
+    assert [(str(f), w) for f, w in mix] == [("linear:2", 0.25), ("linear:6", 0.5), ("topk:8", 0.25)]
+    assert parse_floor("ppl:45", SPACE).ceiling == 45.0
+    with pytest.raises(PrismError, match="linear:9"):
+        parse_floor("linear:9", SPACE)
+    with pytest.raises(PrismError, match="pattern"):
+        parse_floor("pattern:4,1", SPACE)
+    with pytest.raises(PrismError, match="share"):
+        parse_mix("linear:2=half", SPACE)
+
+
+def test_cheapest_point_meeting_a_set_of_floors():
+    ladder = Ladder(SPACE, synthetic_cost_model(), 8)
+    assert ladder.cheapest_meeting([P("linear:2"), P("linear:6")]) == P("linear:6")
+    assert ladder.cheapest_meeting([P("linear:2"), P("topk:3")]) == P("linear:8")  # only the full model meets both
+    orig = Ladder(ORIGINAL, synthetic_cost_model(), 8)
+    assert orig.cheapest_meeting([P("original:1")]) == P("original:1")
+
+
+# --- policies on the simulator ---------------------------------------------------------------------
+
+def _poisson(n: int, rate: float, floors: list[str], seed: int = 0, space: PointSpace = SPACE) -> list[Request]:
+    gen = torch.Generator().manual_seed(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += float(torch.empty(1).exponential_(rate, generator=gen))
+        out.append(request(floors[i % len(floors)], t, out=4 + i % 13, prompt=8 + i % 20, space=space))
+    return out
+
+
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES.names())
+def test_every_policy_serves_everything_within_limits_and_floors(policy):
+    engine = sim_engine(policy, max_batch=4, max_running=8)
+    reqs = _poisson(60, 40.0, ["linear:2", "linear:6", "linear:8", "topk:3"])
+    engine.schedule(reqs)
+    engine.run()
+    assert all(r.finish_reason == "length" and len(r.output_ids) == r.params.max_tokens for r in reqs)
+    assert max(s.rows for s in engine.stats.steps) <= 4
+    for r in reqs:  # independent of the engine's own count: every point a request saw meets its floor
+        assert all(SPACE.meets(SPACE.parse(p), r.floor) for p in r.served_at), (policy, r.floor, r.served_at)
+    assert engine.stats.violations == 0
+    if policy == "mixed":
+        assert any(len(set(s.points)) > 1 for s in engine.stats.steps)  # rows at their own points in one step
+
+
+def test_static_below_a_floor_is_counted_as_a_violation():
+    cost = synthetic_cost_model()
+    lim = Limits(4, 8, 1.0)
+    engine = Engine(SimExecutor(cost), SCHEDULING_POLICIES.get("static")(P("linear:2")), Ladder(SPACE, cost, 4), lim, cost)
+    reqs = [request("linear:2"), request("linear:6")]
+    engine.schedule(reqs)
+    engine.run()
+    assert reqs[0].below_floor_steps == 0 and reqs[1].below_floor_steps == 8 and engine.stats.violations == 8
+
+
+def test_prism_launches_the_queue_of_highest_utility():
+    # C(b, K) = 10 + b*K. Three linear:2 requests and one linear:8 arrive together (max batch 8, none full):
+    # U(Q_2) = 3 / (10 + 3*2) = 0.1875 beats U(Q_8) = 4 / (10 + 4*8) = 0.095, so Q_2 launches alone. For the
+    # linear:8 request, a batch of its own gives the round (3+1) / (16 + 18) = 0.118 tokens/ms, joining the
+    # linear:2 batch (and raising it to linear:8) 4 / 42 = 0.095: it gets its own batch, at once.
+    engine = sim_engine("prism", max_batch=8, max_running=16, t_max=0.5)
+    low = [request("linear:2", out=20) for _ in range(3)]
+    high = request("linear:8", out=20)
+    engine.schedule([*low, high])
+    engine.run()
+    assert all(r.served_at == {"linear:2"} for r in low) and high.served_at == {"linear:8"}
+    assert [s.rows for s in engine.stats.steps[:2]] == [3, 1] and high.first_token_at < 0.1
+
+
+def test_t_max_forces_a_launch_that_utility_passes_over():
+    # One running slot left, held by a long linear:2 batch: a linear:8 request arriving later could only
+    # raise that batch to linear:8, which lowers the round's utility; once it is t_max old it goes in anyway.
+    engine = sim_engine("prism", max_batch=4, max_running=4, t_max=0.5)
+    low = [request("linear:2", out=400) for _ in range(3)]
+    late_low = [request("linear:2", arrival=0.001 * i, out=4) for i in range(1, 40)]
+    high = request("linear:8", arrival=0.0005, out=4)
+    engine.schedule([*low, high, *late_low])
+    engine.run()
+    assert 0.5 <= high.first_token_at < 0.7
+    assert engine.stats.violations == 0
+
+
+def test_fullbatch_waits_for_a_full_batch_or_t_max():
+    engine = sim_engine("fullbatch", max_batch=4, max_running=8, t_max=0.3)
+    reqs = [request("linear:2", arrival=0.0), request("linear:2", arrival=0.01)]
+    engine.schedule(reqs)
+    engine.run()
+    assert all(0.3 <= r.first_token_at < 0.35 for r in reqs)
+
+
+def test_prism_beats_fifo_on_the_original_when_cheap_points_are_cheap():
+    # overload (arrivals far above capacity): throughput is what each policy can serve. A large t_max: under
+    # sustained overload every request would pass a small one, and launches would go in FIFO order.
+    floors = ["linear:2", "linear:2", "linear:6", "linear:8"]
+    rates = {}
+    for policy, space in [("prism", SPACE), ("fifo", ORIGINAL)]:
+        engine = sim_engine(policy, space=space, cost=synthetic_cost_model(fixed=2.0), max_batch=8, max_running=16, t_max=100.0)
+        reqs = _poisson(200, 500.0, ["original:1" if f == "linear:2" else "original:2" for f in floors] if space is ORIGINAL
+                        else floors, space=space)
+        engine.schedule(reqs)
+        engine.run()
+        rates[policy] = len(reqs) / max(r.finished_at for r in reqs)
+        assert engine.stats.violations == 0
+    assert rates["prism"] > 1.2 * rates["fifo"]
+
+
+# --- per-row points --------------------------------------------------------------------------------
+
+def test_per_row_topk_equals_topk_at_each_tokens_k():
+    gen = torch.Generator().manual_seed(0)
+    tokens, experts, n_sub, top_k = 12, 8, 4, 2
+    idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    w = torch.rand(tokens, top_k, generator=gen)
+    scores = torch.rand(tokens, top_k, n_sub, generator=gen)
+    ks = torch.randint(1, n_sub * top_k + 1, (tokens,), generator=gen)
+    ids, weights = PerRowTopKPolicy(n_sub, top_k, experts).allocate(idx, w, scores, ks)
+    assert "per_row_topk" in POLICIES
+    for t in range(tokens):
+        want_ids, want_w = TopKPolicy(n_sub, top_k, experts).allocate(idx[t : t + 1], w[t : t + 1], scores[t : t + 1], int(ks[t]))
+        kept = ids[t] != experts * n_sub
+        assert int(kept.sum()) == int(ks[t])
+        got = dict(zip(ids[t][kept].tolist(), weights[t][kept].tolist(), strict=True))
+        assert got == pytest.approx(dict(zip(want_ids[0].tolist(), want_w[0].tolist(), strict=True)))
+        assert weights[t][~kept].abs().sum() == 0
+
+
+def test_row_points_give_each_row_what_its_point_gives_it(served):
+    from prism_cli.runtime.elastic import set_operating_point
+
+    model = served.model
+    ids = torch.randint(0, 400, (3, 10), generator=torch.Generator().manual_seed(1))
+    points = [served.space.parse(p) for p in ("linear:3", "topk:5", "threshold:0.8")]
+    with torch.inference_mode():
+        want = []
+        for i, p in enumerate(points):
+            set_operating_point(model, p)
+            want.append(model(input_ids=ids[i : i + 1]).logits)
+        set_row_points(model, points, ids.shape[1])
+        got = model(input_ids=ids).logits
+        clear_row_points(model)
+    for i in range(3):
+        torch.testing.assert_close(got[i : i + 1], want[i], rtol=1e-4, atol=1e-4)
+
+
+# --- the real engine -------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def _greedy_alone(served, r: Request, point: OperatingPoint) -> list[int]:
+    """The oracle: the request alone, no KV cache, no padding, the whole sequence recomputed every token."""
+    from prism_cli.runtime.elastic import set_operating_point
+
+    set_operating_point(served.model, point)
+    ids = list(r.prompt_ids)
+    for _ in range(r.params.max_tokens):
+        ids.append(int(served.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[r.prompt_len :]
+
+
+@pytest.mark.parametrize("policy", ["mixed", "static"])
+def test_continuous_batching_matches_generating_each_request_alone(served, policy):
+    """Requests of different lengths join and leave batches (max 2 rows, 3 running): every greedy output is
+    what the request alone gives at the point it was served at (mixed: rows at their own points in one step)."""
+    from prism_cli.serving.executor import ModelExecutor
+
+    floors = ["linear:2", "linear:8", "topk:4", "linear:6", "linear:2"]
+    gen = torch.Generator().manual_seed(5)
+    reqs = [Request(torch.randint(0, 400, (5 + 3 * i,), generator=gen).tolist(),
+                    SamplingParams(max_tokens=4 + 2 * i, temperature=0.0, ignore_eos=True), served.space.parse(f), 0.0)
+            for i, f in enumerate(floors)]
+    executor = ModelExecutor(served)
+    policy_obj = SCHEDULING_POLICIES.get(policy)(served.space.full()) if policy == "static" else SCHEDULING_POLICIES.get(policy)()
+    engine = Engine(executor, policy_obj, Ladder(served.space, None, 2), Limits(2, 3, 0.05))
+    engine.schedule(reqs)
+    engine.run()
+    for r in reqs:
+        (point,) = r.served_at
+        assert r.output_ids == _greedy_alone(served, r, served.space.parse(point)), (r.floor, point)
+    assert engine.stats.violations == 0
+    assert max(s.rows for s in engine.stats.steps) == 2  # rows did share steps
+    if policy == "mixed":
+        assert {next(iter(r.served_at)) for r in reqs} == set(floors) and executor.times.per_row_steps > 0
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(served):
+    from prism_cli.serving.executor import ModelExecutor
+
+    def run(params: SamplingParams) -> list[int]:
+        r = Request([5, 6, 7, 8], params, served.space.full(), 0.0)
+        engine = Engine(ModelExecutor(served, seed=1), SCHEDULING_POLICIES.get("fifo")(), Ladder(served.space), Limits(2, 2, 1.0))
+        engine.schedule([r])
+        engine.run()
+        return r.output_ids
+
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    assert run(seeded) == run(seeded)
+    assert run(seeded) != run(SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True))
+    greedy = run(SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert run(SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, seed=3, ignore_eos=True)) == greedy
+
+
+def test_stop_string_ends_the_text_before_it(served):
+    from prism_cli.serving.executor import ModelExecutor
+
+    def run(stop: tuple[str, ...]) -> Request:
+        r = Request([5, 6, 7, 8], SamplingParams(max_tokens=16, temperature=0.0, stop=stop, ignore_eos=True), served.space.full(), 0.0)
+        engine = Engine(ModelExecutor(served), SCHEDULING_POLICIES.get("fifo")(), Ladder(served.space), Limits(2, 2, 1.0))
+        engine.schedule([r])
+        engine.run()
+        return r
+
+    full = run(())
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    cut = run((stop,))
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+
+
+# --- prism schedule ----------------------------------------------------------------------------------
+
+def test_schedule_sim_and_real_write_their_metrics(cli, tiny_export, tmp_path):
+    cost = tmp_path / "cm.json"
+    synthetic_cost_model().save(cost)
+    res = cli("schedule", tiny_export, "--sim", "--cost-model", cost, "--rate", "20", "--duration", "1", "--max-output", "8",
+              "--max-prompt", "32", "--out", tmp_path / "sim")
+    assert res.code == 0, res
+    data = json.loads((tmp_path / "sim.json").read_text())
+    assert data["metrics"]["floor_violations"] == 0 and data["metrics"]["completed"] == data["metrics"]["requests"] > 5
+    res = cli("schedule", tiny_export, "--policy", "mixed", "--rate", "20", "--duration", "0.3", "--max-output", "4",
+              "--max-prompt", "16", "--out", tmp_path / "real")
+    assert res.code == 0, res
+    real = json.loads((tmp_path / "real.json").read_text())["metrics"]
+    assert real["floor_violations"] == 0 and real["engine_time_s"]["forward"] > 0
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--rate", "0"], ["--rate", "positive"]),
+    (["--policy", "fifo", "--floors", "linear:9=1"], ["linear:9"]),
+    (["--policy", "prism"], ["prism policy", "cost model"]),
+    (["--policy", "lottery"], ["lottery", "prism"]),
+    (["--sim"], ["cost model"]),
+    (["--max-batch", "8", "--max-running", "4"], ["--max-running"]),
+])
+def test_schedule_bad_input(cli, tiny_export, args, needles):
+    cli("schedule", tiny_export, "--duration", "1", *args).assert_one_line_error(*needles)  # (no cost model saved)
+
+
+def test_schedule_unreadable_trace_names_the_line(cli, tiny_export, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival": 0, "prompt": "a b", "max_tokens": 4}\n\n{"arrival": 1, "prompt": "x"}\n')
+    cli("schedule", tiny_export, "--policy", "fifo", "--trace", trace).assert_one_line_error("line 3", "max_tokens")
+    trace.write_text('{"arrival": 0, "prompt": "a b", "max_tokens": 4, "floor": "linear:12"}\n')
+    cli("schedule", tiny_export, "--policy", "fifo", "--trace", trace).assert_one_line_error("line 1", "linear:12")
+    cli("schedule", tiny_export, "--policy", "fifo", "--trace", tmp_path / "none.jsonl").assert_one_line_error("does not exist")
