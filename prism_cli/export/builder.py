@@ -87,7 +87,8 @@ def check_partition(partition: Partition, config: Any, adapter: MoEAdapter, weig
         if str(meta.get(key)) != str(value):
             raise PrismError(
                 f"partition was made for another model: {key} is {meta.get(key)!r} in the partition "
-                f"(profiled from {meta.get('model')}) but {value!r} in {model}"
+                f"(profiled from {meta.get('model')}) but {value!r} in {model}: export the model it was made from, "
+                "or profile and partition this one"
             )
     if adapter.width % partition.n_sub:
         raise PrismError(f"partition has N = {partition.n_sub}, which does not divide this model's expert width {adapter.width}")
