@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test
+.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -51,6 +51,10 @@ bench-stability: $(STAMP)
 # Benchmarks that write their numbers to files under results/.
 bench-profile: $(STAMP)
 	$(BIN)/python -m prism_cli.profiling.benchmark --out results/bench_profile.json
+
+# Writes an 8 GB synthetic checkpoint to the temp folder (removed afterwards).
+bench-fingerprint: $(STAMP)
+	$(BIN)/python -m prism_cli.models.fingerprint_benchmark --size-gb 8 --out results/bench_fingerprint
 
 bench-partition: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m prism_cli.solvers.benchmark --out results/bench_partition.json

@@ -93,7 +93,8 @@ def main() -> None:
         # One line whatever the message: its first line, unwrapped, with any [brackets] printed as text.
         first = (str(exc).strip().splitlines() or [""])[0]
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} (set PRISM_DEBUG=1 for the traceback)",
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} "
+            "(a bug in prism: rerun with PRISM_DEBUG=1 for the traceback and report it)",
             highlight=False,
             soft_wrap=True,
         )

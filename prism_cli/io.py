@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,16 +16,77 @@ import numpy as np
 
 from prism_cli.errors import PrismError
 
+#: Errors of a write that are the user's environment, not a bug: reported in one line.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _probe(folder: Path, target: Path) -> None:
+    """Create and remove a file in ``folder``: the one test that a read-only mount, a full disk or a
+    permission fails as the real write will (``os.access`` says yes to root everywhere)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".prism-probe.", dir=folder)
+    except OSError as exc:
+        raise PrismError(f"cannot write {target}: folder {folder} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(name)
+
 
 def check_writable(path: Path) -> None:
-    """Fail early, before long work, if ``path`` cannot be created."""
+    """Fail early, before long work, if the file ``path`` cannot be written."""
+    path = Path(path)
     parent = path.resolve().parent
     if not parent.exists():
         raise PrismError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PrismError(f"cannot write {path}: folder {parent} is not writable")
+    if not parent.is_dir():
+        raise PrismError(f"cannot write {path}: {parent} is a file, not a folder")
     if path.is_dir():
-        raise PrismError(f"cannot write {path}: it is a folder")
+        raise PrismError(f"cannot write {path}: it is a folder; give a file name")
+    _probe(parent, path)
+
+
+def check_output_folder(path: Path) -> None:
+    """Fail early if the folder ``path`` (created with its parents when missing) cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PrismError(f"output {path} is a file, not a folder: give a folder")
+    existing = path.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PrismError(f"cannot create {path}: {existing} is a file, not a folder")
+    _probe(existing, path)
+
+
+def check_new_folder(path: Path, force: bool) -> None:
+    """Fail early if ``atomic_dir(path, force)`` would: ``path`` exists without ``force``, would take
+    the current folder with it, or its parent is missing or not writable."""
+    path = Path(path)
+    target = path.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise PrismError(f"output {path} is or holds the current folder; give a new folder to write into")
+    if path.exists() and not force:
+        raise PrismError(f"output {path} already exists; pass --force to replace it")
+    parent = target.parent
+    if not parent.exists():
+        raise PrismError(f"cannot write {path}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise PrismError(f"cannot write {path}: {parent} is a file, not a folder")
+    _probe(parent, path)
+
+
+def check_not_input(out: Path, inputs: dict[str, Path], *, inside: bool = False) -> None:
+    """Refuse an output that is or holds one of ``inputs`` (``{"partition": path}``), or with ``inside``
+    lies in one: writing it would replace what the run reads."""
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        source = Path(path).resolve()
+        if target == source:
+            raise PrismError(f"--out {out} is the {what}; writing there would destroy it: choose another --out")
+        if target in source.parents:
+            raise PrismError(f"--out {out} holds the {what} ({path}); replacing it would destroy it: choose another --out")
+        if inside and source in target.parents:
+            raise PrismError(f"--out {out} lies inside the {what} ({path}): choose an --out outside it")
 
 
 def _default_mode(mode: int) -> int:
@@ -32,6 +94,12 @@ def _default_mode(mode: int) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return mode & ~umask
+
+
+def _environment_error(path: Path, exc: OSError) -> PrismError | None:
+    if exc.errno in _ENVIRONMENT_ERRNOS:
+        return PrismError(f"cannot write {path}: {exc.strerror}")
+    return None
 
 
 @contextlib.contextmanager
@@ -42,7 +110,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     check_writable(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    except OSError as exc:
+        raise PrismError(f"cannot write {path}: {exc.strerror}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -50,6 +121,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         # mkstemp makes the file private (0600); the output should get the usual permissions.
         os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if (error := _environment_error(path, exc)) is not None:
+            raise error from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -59,28 +135,48 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; move it to ``path`` only if the block succeeds.
 
-    An existing ``path`` is an error unless ``force``; then it is replaced only after success.
+    An existing ``path`` is an error unless ``force``; then it is replaced only after success (and
+    put back if the final rename fails). No temporary outlives the block, whatever happens.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise PrismError(f"output {path} already exists; pass --force to replace it")
-    parent = path.resolve().parent
-    if not parent.exists():
-        raise PrismError(f"cannot write {path}: folder {parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    check_new_folder(path, force)
+    target = path.resolve()  # `--out .` and `--out dir/` name the folder itself
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise PrismError(f"cannot write {path}: {exc.strerror}") from None
     try:
         yield tmp
         os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes the folder private (0700)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _move_into_place(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (error := _environment_error(path, exc)) is not None:
+            raise error from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, replacing an old ``target`` only once the new one is in place."""
+    if not os.path.lexists(target):
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.replace(target, old / "x")
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / "x", target)  # the old output goes back where it was
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

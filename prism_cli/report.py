@@ -11,7 +11,8 @@ from typing import Any
 
 from rich.table import Table as RichTable
 
-from prism_cli.io import write_json, write_text
+from prism_cli.errors import PrismError
+from prism_cli.io import check_output_folder, write_json, write_text
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -66,13 +67,27 @@ class ResultTable:
         writer.writerows(self.rows)
         return buf.getvalue()
 
-    def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
-        """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``)."""
+    @staticmethod
+    def paths(stem: Path) -> list[Path]:
+        """The ``.md``, ``.csv`` and ``.json`` files ``save(stem)`` writes."""
         stem = Path(stem)
         if stem.suffix in (".md", ".csv", ".json"):  # `--out results/table.md` names the stem too
             stem = stem.with_suffix("")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = [stem.with_name(stem.name + ext) for ext in (".md", ".csv", ".json")]  # keep dots in the stem
+        return [stem.with_name(stem.name + ext) for ext in (".md", ".csv", ".json")]  # keep dots in the stem
+
+    @classmethod
+    def check_writable(cls, stem: Path) -> None:
+        """Fail before long work if ``save(stem)`` could not write its files."""
+        paths = cls.paths(stem)
+        check_output_folder(paths[0].parent)
+        for path in paths:
+            if path.is_dir():
+                raise PrismError(f"cannot write {path}: it is a folder")
+
+    def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
+        """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``)."""
+        paths = self.paths(stem)
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
         write_text(paths[0], self.markdown())
         write_text(paths[1], self.csv())
         write_json(paths[2], {"title": self.title, "notes": self.notes, "rows": self.records(), **(extra or {})})

@@ -7,13 +7,15 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer
 
 from prism_cli import __version__
 from prism_cli.app import app
-from prism_cli.config import defaults_for
+from prism_cli.config import defaults_for, load_run_config, schema
+from prism_cli.errors import PrismError
 from prism_cli.io import atomic_dir, atomic_path
 from prism_cli.profiling.format import ProfileFile
 from prism_cli.solvers.format import read_partition
@@ -132,28 +134,6 @@ def test_config_values_for_list_options() -> None:
     assert defaults == {"solver_option": ["generations=2"], "layers": "0,1", "keep": 2}
 
 
-@pytest.mark.parametrize(
-    "content, needles",
-    [
-        ("profile:\n  tokenz: 5\n", ["config section 'profile' has unknown option 'tokenz'", "tokens"]),
-        ("profile: [1, 2]\n", ["config section 'profile' must be a mapping"]),
-        ("- just\n- a list\n", ["must hold a mapping"]),
-        ("profile: {tokens: [unclosed\n", ["not valid YAML"]),
-    ],
-)
-def test_bad_config_is_one_line(cli, tmp_path, content: str, needles: list[str]) -> None:
-    config = tmp_path / "bad.yaml"
-    config.write_text(content)
-    result = cli("profile", "--config", config, "--out", tmp_path / "profile.h5")
-    result.assert_one_line_error(*needles)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
-
-
-def test_missing_config_is_one_line(cli, tmp_path) -> None:
-    result = cli("profile", "--config", tmp_path / "nope.yaml")
-    result.assert_one_line_error("config file", "does not exist")
-
-
 def test_unknown_shared_keys_are_ignored(cli, tmp_path) -> None:
     """Top-level keys are shared by all commands, so one that this command lacks is not an error."""
     config = tmp_path / "run.yaml"
@@ -212,3 +192,36 @@ def test_outputs_get_the_usual_permissions(tmp_path) -> None:
     assert stat.S_IMODE((tmp_path / "file.h5").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.h5", "folder"]
+
+
+def test_a_failed_last_rename_puts_the_old_output_back(tmp_path, monkeypatch) -> None:
+    """atomic_dir(force=True): if the new folder cannot be renamed into place, the old one is restored and
+    no temporary (``.out.*.tmp`` or ``.out.*.old``) is left behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):  # the new folder's rename into place
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PrismError, match="No space left"), atomic_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_configs_fit_the_schema(path: Path) -> None:
+    data = load_run_config(path)  # refuses unknown sections and keys
+    assert set(data) - set(schema()) <= {"name", "model", "seed", "device", "data"}
+
+
+def test_the_schema_has_a_section_per_command_with_a_config() -> None:
+    sections = schema()
+    assert set(sections) == {"profile", "partition", "compare", "export", "bench", "eval"}
+    assert {"solver", "sub_experts", "gate_neurons"} <= sections["partition"]
+    assert "solvers" in sections["compare"] and "config" not in sections["profile"]

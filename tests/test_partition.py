@@ -1,14 +1,12 @@
 """``prism partition``: solvers end to end on a tiny profile, the partition file, determinism, the compare
-table, evolutionary solvers and their operators on synthetic rows, and one-line errors for bad input."""
+table, evolutionary solvers and their operators on synthetic rows (bad input: tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -348,98 +346,7 @@ def test_alternating_step_and_improve_are_monotone(per_token: bool) -> None:
         assert best_value == pytest.approx(float(scalarised(group_loads(rows, best, n), weights, scale)), rel=1e-6)
 
 
-# --- bad input through the CLI ---------------------------------------------------------------------
-
-
-def _profile_without_rows(source: Path, target: Path) -> Path:
-    """A copy of ``source`` where layer 1 experts 3 (fit rows) and 5 (held-out rows) have no rows."""
-    shutil.copy(source, target)
-    with h5py.File(target, "r+") as h5:
-        for expert, kind in ((3, "fit"), (5, "heldout")):
-            group = h5[f"layers/1/experts/{expert}"]
-            for name, shape in ((f"{kind}_rows", (0, WIDTH)), (f"{kind}_token", (0,)), (f"{kind}_weight", (0,))):
-                dtype = group[name].dtype
-                del group[name]
-                group.create_dataset(name, shape=shape, dtype=dtype)
-    return target
-
-
-@pytest.mark.parametrize(
-    "case, needles",
-    [
-        ("n-not-divisor", ["--sub-experts 3", "width 32", "2, 4, 8, 16, 32"]),
-        ("n-below-2", ["--sub-experts", "at least 2"]),
-        ("keep-too-large", ["--keep", "4"]),
-        ("experts-without-rows", ["layer 1: experts 3, 5", "profile more tokens"]),
-        ("corrupt-hdf5", ["not a readable HDF5 file"]),
-        ("foreign-hdf5", ["not a prism profile"]),
-        ("incomplete-profile", ["is incomplete", "weights_hash"]),
-        ("missing-profile", ["does not exist"]),
-        ("unknown-solver", ["unknown solver 'magic'", "alternating", "nsga2", "random"]),
-        ("workers-0", ["--workers", "at least 1"]),
-        ("bad-solver-option", ["badoption", "alternating", "objective, restarts, max_steps"]),
-        ("bad-solver-value", ["objective must be"]),
-        ("bad-solver-type", ["option generations must be int", "'ten'"]),
-        ("layers-not-profiled", ["--layers [5]", "profiled layers: [0, 1]"]),
-        ("gate-neurons", ["--gate-neurons", "between 1 and 8"]),
-        ("bad-executor", ["unknown executor 'spark'", "local, ray"]),
-    ],
-)
-def test_bad_input_is_one_line_and_writes_nothing(cli, profile_path, tmp_path, case, needles) -> None:
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    profile: Path = profile_path
-    args: list = ["--solver", "alternating", "--workers", "1"]
-    if case == "n-not-divisor":
-        args += ["-N", "3"]
-    elif case == "n-below-2":
-        args += ["-N", "1"]
-    elif case == "keep-too-large":
-        args += ["-N", "4", "--keep", "4"]
-    elif case == "experts-without-rows":
-        profile = _profile_without_rows(profile_path, tmp_path / "holes.h5")
-    elif case == "corrupt-hdf5":
-        profile = tmp_path / "corrupt.h5"
-        profile.write_bytes(np.random.default_rng(0).bytes(4096))
-    elif case == "foreign-hdf5":
-        profile = tmp_path / "foreign.h5"
-        with h5py.File(profile, "w") as h5:
-            h5["data"] = np.arange(10)
-            h5.attrs["creator"] = "someone else"
-    elif case == "incomplete-profile":
-        profile = tmp_path / "incomplete.h5"
-        shutil.copy(profile_path, profile)
-        with h5py.File(profile, "r+") as h5:
-            del h5.attrs["weights_hash"]
-    elif case == "missing-profile":
-        profile = tmp_path / "nope.h5"
-    elif case == "unknown-solver":
-        args = ["--solver", "magic", "--workers", "1"]
-    elif case == "workers-0":
-        args = ["--solver", "alternating", "--workers", "0"]
-    elif case == "bad-solver-option":
-        args += ["-O", "badoption=1"]
-    elif case == "bad-solver-value":
-        args += ["-O", "objective=sideways"]
-    elif case == "bad-solver-type":
-        args = ["--solver", "nsga2", "--workers", "1", "-O", "generations=ten"]
-    elif case == "layers-not-profiled":
-        args += ["--layers", "1,5"]
-    elif case == "gate-neurons":
-        args += ["-N", "4", "--gate-neurons", "9"]
-    elif case == "bad-executor":
-        args += ["--executor", "spark"]
-    result = cli("partition", profile, *args, "--out", out_dir / "partition.h5")
-    result.assert_one_line_error(*needles)
-    assert list(out_dir.iterdir()) == []
-
-
-def test_compare_bad_input_is_one_line(cli, profile_path, tmp_path) -> None:
-    result = cli("partition", "compare", profile_path, "--solvers", "random,magic", "--out", tmp_path / "cmp")
-    result.assert_one_line_error("unknown solver 'magic'")
-    result = cli("partition", "compare", profile_path, "--solvers", "random", "-N", "5", "--out", tmp_path / "cmp")
-    result.assert_one_line_error("--sub-experts 5")
-    assert list(tmp_path.iterdir()) == []
+# --- the member kept from the front, gate neurons ---------------------------------------------------
 
 
 def test_near_best_rule_prefers_mean_retained_mass_within_the_cost_tolerance() -> None:

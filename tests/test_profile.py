@@ -1,5 +1,6 @@
 """``prism profile``: recorded rows against an independent recomputation, statistics, metadata, the held-out
-split, the row reservoirs and their memory bound, and one-line errors that leave nothing behind."""
+split, the row reservoirs and their memory bound, and Ctrl-C leaving nothing behind (bad input:
+tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from prism_cli import __version__
 from prism_cli.data import load_text, text_hash
@@ -297,16 +297,7 @@ def test_memory_bound_rows_do_not_grow_with_tokens(tiny_model_dir, tmp_path) -> 
     assert np.all(counts[4096][0] >= counts[2048][0])
 
 
-# --- bad input through the CLI ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dense_model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("dense")
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=32, vocab_size=128, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+# --- the short-data guard, Ctrl-C (the other bad input: tests/test_bad_input.py) ---------------------
 
 
 def _short_text(tmp_path: Path, repeats: int) -> Path:
@@ -316,70 +307,8 @@ def _short_text(tmp_path: Path, repeats: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "case, needles",
-    [
-        ("missing-model", ["does not exist"]),
-        ("not-a-checkpoint", ["not a transformers checkpoint", "config.json"]),
-        ("dense-model", ["not a Mixture-of-Experts model", "'llama'"]),
-        ("empty-data", ["is empty"]),
-        ("tiny-data", ["fewer than one window"]),
-        ("short-data", ["only 1 sequence", "at least 2"]),
-        ("tokens-0", ["--tokens", "positive"]),
-        ("negative-max-rows", ["--max-rows", "-5"]),
-        ("holdout-1.5", ["--holdout", "1.5"]),
-        ("out-in-missing-folder", ["does not exist"]),
-        ("out-is-folder", ["is a folder"]),
-        ("layers-not-moe", ["--layers [7]", "MoE layers: [0, 1]"]),
-        ("bad-dtype", ["unknown dtype 'float64'"]),
-        ("bad-row-dtype", ["--row-dtype", "int8"]),
-    ],
-)
-def test_bad_input_is_one_line_and_writes_nothing(cli, tiny_model_dir, dense_model_dir, tmp_path, case, needles) -> None:
-    model = tiny_model_dir("olmoe")
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    out = out_dir / "profile.h5"
-    args: list = [model, *CLI_SETTINGS]
-    if case == "missing-model":
-        args[0] = tmp_path / "no-such-model"
-    elif case == "not-a-checkpoint":
-        (tmp_path / "just-a-folder").mkdir()
-        (tmp_path / "just-a-folder" / "notes.txt").write_text("hello")
-        args[0] = tmp_path / "just-a-folder"
-    elif case == "dense-model":
-        args[0] = dense_model_dir
-    elif case == "empty-data":
-        (tmp_path / "empty.txt").write_text("")
-        args += ["--data", tmp_path / "empty.txt"]
-    elif case == "tiny-data":
-        args += ["--data", _short_text(tmp_path, 1)]
-    elif case == "short-data":
-        # About 45 tokens: one 32-token window, not the two that fit and held-out rows need.
-        args += ["--data", _short_text(tmp_path, 2)]
-    elif case == "tokens-0":
-        args += ["--tokens", "0"]
-    elif case == "negative-max-rows":
-        args += ["--max-rows", "-5"]
-    elif case == "holdout-1.5":
-        args += ["--holdout", "1.5"]
-    elif case == "out-in-missing-folder":
-        out = out_dir / "missing" / "profile.h5"
-    elif case == "out-is-folder":
-        out = out_dir
-    elif case == "layers-not-moe":
-        args += ["--layers", "0,7"]
-    elif case == "bad-dtype":
-        args += ["--dtype", "float64"]
-    elif case == "bad-row-dtype":
-        args += ["--row-dtype", "int8"]
-    result = cli("profile", *args, "--out", out)
-    result.assert_one_line_error(*needles)
-    assert list(out_dir.iterdir()) == []
-
-
 def test_short_data_really_gives_one_window(tiny_model_dir, tmp_path) -> None:
-    """Guard for the "short-data" case above: the text must give exactly one 32-token window."""
+    """Guard for the "profile-short-data" case of test_bad_input.py: the text must give exactly one 32-token window."""
     loaded = load_model(str(tiny_model_dir("olmoe")))
     text = _short_text(tmp_path, 2).read_text()
     assert token_windows(loaded.tokenizer, text, 32, 2048).shape[0] == 1

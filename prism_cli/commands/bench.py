@@ -41,8 +41,10 @@ def bench(
     """Benchmark every operating point: quality, latency, memory; Pareto frontiers; the point for a budget."""
     # Imported here, not at the top: torch and transformers would slow every `prism` call (--help too).
     from prism_cli.evaluation.bench import BenchSettings, parse_budget, run_bench
-    from prism_cli.models.loading import parse_device, resolve_model
+    from prism_cli.io import check_output_folder
+    from prism_cli.models.loading import check_context_length, load_config, parse_device, resolve_model
 
+    check_output_folder(out)  # before the sweep: a results folder that cannot be written fails now, not after it
     budget_ms = parse_budget(budget) if budget is not None else None
     if min_quality is not None and min_quality <= 0:
         raise PrismError(f"--min-quality must be a positive perplexity, got {min_quality}")
@@ -54,6 +56,7 @@ def bench(
         points=[p for p in points.split(";") if p.strip()] if points else None, experts_impl=experts_impl, seed=seed,
     )
     settings.validate()
+    check_context_length(load_config(model), seq_len)
     text, _ = load_text(data, "eval")
 
     with StageBars() as stages:

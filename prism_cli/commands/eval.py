@@ -30,9 +30,11 @@ def evaluate(
     if batch_size <= 0:
         raise PrismError(f"--batch-size must be positive, got {batch_size}")
     from prism_cli.evaluation.perplexity import perplexity, token_windows
+    from prism_cli.models.loading import check_context_length
 
     text, data_name = load_text(data, "eval")
     loaded = load_elastic_or_plain(model, dtype, device, operating_point)
+    check_context_length(loaded.model.config, seq_len)
     try:
         windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
     except ValueError as exc:

@@ -8,6 +8,7 @@ import typer
 
 from prism_cli.commands.common import ConfigOption, deferred_progress
 from prism_cli.console import console
+from prism_cli.errors import PrismError
 from prism_cli.runtime.operating_points import GATES
 
 
@@ -28,6 +29,8 @@ def export(
     """Export sub-expert checkpoints: the flat layout (linear gate) plus, for --gate neurons, gate neurons."""
     from prism_cli.export.builder import ExportSettings, export_model
 
+    if not max_shard_gb > 0:  # NaN too
+        raise PrismError(f"--max-shard-gb must be positive, got {max_shard_gb}")
     settings = ExportSettings(
         gate=gate, operating_point=operating_point, allow_inexact=allow_inexact, max_shard_bytes=int(max_shard_gb * 2**30)
     )
@@ -35,7 +38,8 @@ def export(
     # one-line error with no progress bar above it.
     with deferred_progress("exporting", unit="layers") as (start, advance):
         result = export_model(model, partition, out, settings, force=force,
-                              on_progress=lambda done, total: advance(1) if done else start(total))
+                              on_progress=lambda done, total: advance(1) if done else start(total),
+                              inputs={"config file": Path(config)} if config else None)
     console.print(
         f"exported [bold]{result.out}[/]: {result.num_experts} experts x {result.n_sub} sub-experts of width "
         f"{result.width // result.n_sub} ({result.num_experts * result.n_sub} experts, top-{result.top_k * result.n_sub} = full), "
@@ -50,6 +54,10 @@ def export(
     )
     if result.inexact_reason:
         console.print(f"[yellow]warning:[/] the linear gate is not exact for this model: {result.inexact_reason}")
+    if result.linear_gate_difference:
+        diff = result.linear_gate_difference
+        console.print(f"measured: the linear gate routes {diff['routing_mismatch']:.2%} of {diff['pairs']:,} (token, layer) "
+                      f"pairs differently from the source model (recorded as prism.linear_gate_difference)")
     console.print(
         "load it with prism_cli.load_elastic(DIR)"
         + ("" if result.gate == "neurons" else " or plain AutoModelForCausalLM.from_pretrained(DIR)")

@@ -12,7 +12,7 @@ import yaml
 from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress, parse_int_list
 from prism_cli.console import console
 from prism_cli.errors import PrismError
-from prism_cli.io import check_writable
+from prism_cli.io import check_not_input, check_writable
 from prism_cli.report import ResultTable
 from prism_cli.solvers import SOLVERS
 from prism_cli.solvers.format import Partition, write_partition
@@ -56,6 +56,7 @@ def run(
         solver=solver, sub_experts=sub_experts, keep=keep, gate_neurons=gate_neurons, gate_selection=gate_selection, seed=seed,
         solver_options=parse_solver_options(solver_option),
     )
+    check_not_input(out, {"profile": profile, **({"config file": Path(config)} if config else {})})
     check_writable(out)
     wanted = parse_int_list(layers, "--layers")
     with deferred_progress(f"partitioning ({solver})", unit="experts") as (start, advance):
@@ -100,6 +101,7 @@ def compare(
         raise PrismError("--solvers is empty")
     for name in names:
         SOLVERS.get(name)
+    ResultTable.check_writable(out)
     wanted = parse_int_list(layers, "--layers")
     table = ResultTable(
         f"partition solvers on {profile.name}: N = {sub_experts}, keep = {keep}, held-out rows",

@@ -10,7 +10,7 @@ import typer
 from prism_cli.commands.common import ConfigOption, deferred_progress, parse_int_list
 from prism_cli.console import console
 from prism_cli.data import load_text
-from prism_cli.io import check_writable
+from prism_cli.io import check_not_input, check_writable
 from prism_cli.report import ResultTable
 
 
@@ -33,7 +33,7 @@ def profile(
 ) -> None:
     """Profile neuron activations of every expert on calibration text (SPEC 3.1)."""
     # Imported here, not at the top: torch and transformers would slow every `prism` call (--help too).
-    from prism_cli.models.loading import load_model
+    from prism_cli.models.loading import check_context_length, load_config, load_model, resolve_model
     from prism_cli.profiling.profiler import ProfileSettings, profile_model
 
     settings = ProfileSettings(
@@ -47,7 +47,11 @@ def profile(
         row_dtype=row_dtype,
     )
     settings.validate()
+    name = resolve_model(model)
+    inputs = {"model folder": name, "data file": data, "config file": config}
+    check_not_input(out, {what: Path(p) for what, p in inputs.items() if p and Path(p).exists()}, inside=True)
     check_writable(out)
+    check_context_length(load_config(name), seq_len)
     text, data_name = load_text(data, "calibration")
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
     adapter = loaded.adapter

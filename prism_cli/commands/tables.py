@@ -9,6 +9,7 @@ import typer
 from prism_cli.commands.common import StageBars
 from prism_cli.console import console
 from prism_cli.errors import PrismError
+from prism_cli.io import check_output_folder
 
 
 def tables(
@@ -25,8 +26,11 @@ def tables(
     cfg = TableConfig.load(config)
     if partition is not None and not partition.exists():
         raise PrismError(f"partition {partition} does not exist")
+    work = work or Path("runs") / cfg.name
+    for folder in (out / cfg.name, work):
+        check_output_folder(folder)
     with StageBars() as stages:
-        table_dir, report = regenerate(cfg, out, work or Path("runs") / cfg.name, partition=partition,
+        table_dir, report = regenerate(cfg, out, work, partition=partition,
                                        quality_only=quality_only, on_stage=stages)
     console.print(quality_table(report).rich())
     if not quality_only:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from prism_cli.config import load_run_config
+from prism_cli.config import load_run_config, unknown_key
 from prism_cli.data import load_text
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
@@ -55,7 +55,7 @@ class TableConfig:
         known = {"name", "model", "seed", "device", "profile", "partition", "export", "bench", "data"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PrismError(f"table config {path} has unknown keys {unknown}; known: {sorted(known)}")
+            raise unknown_key(f"table config {path}", "key", unknown[0], known)
         data.pop("data", None)
         data.setdefault("name", Path(path).stem)
         return cls(**data)
@@ -64,7 +64,7 @@ class TableConfig:
 def _pick(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
     bad = sorted(set(section) - allowed)
     if bad:
-        raise PrismError(f"table config section {where!r} has unknown keys {bad}; known: {sorted(allowed)}")
+        raise unknown_key(f"table config section {where!r}", "key", bad[0], allowed)
     return section
 
 

@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 from prism_cli import __version__
 from prism_cli.errors import PrismError
 from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
+from prism_cli.export.inexact import linear_gate_difference
 from prism_cli.export.serving import serving_check
-from prism_cli.io import atomic_dir
+from prism_cli.io import atomic_dir, check_new_folder, check_not_input
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
 from prism_cli.runtime.elastic import EXPORT_FORMAT_VERSION, GATE_FILE
@@ -48,6 +49,12 @@ class ExportSettings:
     allow_inexact: bool = False
     max_shard_bytes: int = 4 * 2**30
 
+    def validate(self) -> None:
+        if self.gate not in GATES:
+            raise PrismError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        if self.max_shard_bytes < 1:
+            raise PrismError(f"--max-shard-gb must be positive, got {self.max_shard_bytes / 2**30:g}")
+
 
 @dataclass
 class ExportResult:
@@ -61,6 +68,7 @@ class ExportResult:
     files: list[str]
     inexact_reason: str | None
     serving: dict[str, Any]
+    linear_gate_difference: dict[str, Any] | None = None
 
 
 def check_partition(partition: Partition, config: Any, adapter: MoEAdapter, weights_hash: str, model: str) -> None:
@@ -79,7 +87,8 @@ def check_partition(partition: Partition, config: Any, adapter: MoEAdapter, weig
         if str(meta.get(key)) != str(value):
             raise PrismError(
                 f"partition was made for another model: {key} is {meta.get(key)!r} in the partition "
-                f"(profiled from {meta.get('model')}) but {value!r} in {model}"
+                f"(profiled from {meta.get('model')}) but {value!r} in {model}: export the model it was made from, "
+                "or profile and partition this one"
             )
     if adapter.width % partition.n_sub:
         raise PrismError(f"partition has N = {partition.n_sub}, which does not divide this model's expert width {adapter.width}")
@@ -93,19 +102,26 @@ def export_model(
     *,
     force: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    inputs: dict[str, Path] | None = None,
 ) -> ExportResult:
     """Export ``model`` split by the partition at ``partition_path`` into the folder ``out``.
 
-    ``on_progress(done, total)`` is called with ``done = 0`` once every check has passed and writing
-    starts (so a caller can show progress only for an export that will run), then as MoE layers are
-    written.
+    ``out`` may not be, hold or lie inside the source model, the partition or any of ``inputs``
+    (``{"config file": path}``): ``force`` replaces an old export, never an input. ``on_progress(done,
+    total)`` is called with ``done = 0`` once every check has passed and writing starts (so a caller
+    can show progress only for an export that will run), then as MoE layers are written.
     """
-    if settings.gate not in GATES:
-        raise PrismError(f"unknown gate {settings.gate!r}; choose one of {', '.join(GATES)}")
+    settings.validate()
+    out = Path(out)
     name = resolve_model(model)
+    protected = {"source model": Path(name)} if Path(name).is_dir() else {}
+    protected |= {"partition": Path(partition_path), **(inputs or {})}
+    check_not_input(out, protected, inside=True)
+    check_new_folder(out, force)
     config = load_config(name)
     adapter = adapter_for_config(config)
     source = checkpoint_dir(name)
+    check_not_input(out, {"source model": source}, inside=True)  # a hub snapshot, once downloaded
     partition = read_partition(partition_path)
     check_partition(partition, config, adapter, weights_fingerprint(source, adapter), name)
     n_sub = partition.n_sub
@@ -125,7 +141,9 @@ def export_model(
             f"partition covers layers {partition.layers} but the model has MoE layers {sorted(plan.moe_layers)}; "
             "profile and partition every MoE layer to export"
         )
-    with atomic_dir(Path(out), force=force) as tmp:
+    # Where the linear gate is inexact and exported anyway, measure how far it is (runs the source model).
+    difference = linear_gate_difference(name, n_sub) if settings.gate == "linear" and inexact else None
+    with atomic_dir(out, force=force) as tmp:
         writer = ShardWriter(tmp, settings.max_shard_bytes)
         total = len(plan.moe_layers)
         if on_progress is not None:
@@ -166,6 +184,7 @@ def export_model(
             "down_scale": adapter.flat_down_scale(n_sub),
             "linear_gate_exact": inexact is None,
             "linear_gate_note": inexact,
+            **({"linear_gate_difference": difference} if difference is not None else {}),
             "layers": partition.layers,
             "operating_points": [str(p) for p in default_operating_points(settings.gate, n_sub, adapter.top_k)],
             "default_operating_point": str(default_point),
@@ -183,8 +202,8 @@ def export_model(
             save_file(gates, str(tmp / GATE_FILE))
             files.append(GATE_FILE)
         _copy_side_files(source, tmp)
-    return ExportResult(Path(out), settings.gate, n_sub, adapter.num_experts, adapter.width, adapter.top_k,
-                        str(default_point), files, inexact, flat.prism["serving"])
+    return ExportResult(out, settings.gate, n_sub, adapter.num_experts, adapter.width, adapter.top_k,
+                        str(default_point), files, inexact, flat.prism["serving"], difference)
 
 
 @dataclass

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from prism_cli.errors import PrismError
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
+from prism_cli.models.checkpoint_files import check_checkpoint_files, checkpoint_tensors, tensors_fingerprint
 
 #: Name that selects the model shipped inside the package.
 BUILTIN = "builtin"
@@ -145,10 +147,12 @@ def load_model(
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     target = None if device_map else parse_device(device)
+    if Path(name).is_dir():
+        check_checkpoint_files(name)  # a truncated download: one line here, not a safetensors traceback
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise PrismError(_load_failure(name, exc)) from None
     if target is not None:
         model.to(target)
@@ -156,6 +160,17 @@ def load_model(
     if adapter is not None:
         adapter.moe_layers(model)  # fails early, with the reason, on an unsupported expert layout
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name)
+
+
+def check_context_length(config: Any, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse sequences longer than the model's positions: past them a model runs on without a word
+    and its outputs mean nothing."""
+    if seq_len < 1:
+        raise PrismError(f"{option} must be positive, got {seq_len}")
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise PrismError(f"{option} {seq_len} is longer than the model's {limit:,} positions "
+                         f"(max_position_embeddings); use {option} {limit} or less")
 
 
 def _maybe_adapter(config: Any) -> MoEAdapter | None:
@@ -186,16 +201,11 @@ def checkpoint_dir(name: str) -> Path:
 
 
 def weights_fingerprint(directory: Path, adapter: MoEAdapter) -> str:
-    """Hash of the first MoE layer's router weights as stored on disk: tells apart two checkpoints of one
-    architecture (a fine-tune, another seed) whatever dtype they are loaded in."""
-    from prism_cli.export.checkpoint import CheckpointReader
-
-    reader = CheckpointReader(directory)
+    """Fingerprint of a checkpoint's weights as stored on disk, every router whole and every other
+    tensor by a fixed sample (``prism_cli.models.checkpoint_files``): tells apart two checkpoints of one
+    architecture (a fine-tune, another seed, one layer's router edited) without loading the model."""
+    tensors = checkpoint_tensors(directory)
     routers = adapter.key_patterns().router
-    found = sorted(
-        (int(m.group("layer")), key) for key in reader.keys() if (m := routers.match(key)) and m.group("name") == "weight"
-    )
-    if not found:
+    if not any(routers.match(name) for name in tensors):
         raise PrismError(f"found no MoE router weights in {directory}")
-    data = reader.get(found[0][1]).float().contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    return tensors_fingerprint(tensors, lambda name: routers.match(name) is not None)

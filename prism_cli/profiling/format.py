@@ -34,7 +34,8 @@ from prism_cli.errors import PrismError
 from prism_cli.io import h5_attr
 
 FORMAT = "prism-profile"
-FORMAT_VERSION = 1
+#: 2: ``weights_hash`` fingerprints every tensor (``prism_cli.models.checkpoint_files``); 1 hashed one router.
+FORMAT_VERSION = 2
 #: Root attributes that readers rely on (the partition copies the model ones): a file without them is
 #: refused on open, in one line, instead of failing later with a bare KeyError.
 _REQUIRED_ATTRS = (
@@ -73,7 +74,8 @@ class ProfileFile:
                 raise PrismError(f"{path} is not a prism profile (format attribute is {self.meta.get('format')!r})")
             if int(self.meta.get("format_version", -1)) != FORMAT_VERSION:
                 raise PrismError(
-                    f"{path} has profile format version {self.meta.get('format_version')}; this prism reads {FORMAT_VERSION}"
+                    f"{path} has profile format version {self.meta.get('format_version')}; this prism reads {FORMAT_VERSION}: "
+                    "profile the model again (prism profile)"
                 )
             absent = [key for key in _REQUIRED_ATTRS if key not in self.meta]
             if absent:

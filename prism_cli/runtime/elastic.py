@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prism_cli.errors import PrismError
+from prism_cli.export.validate import validate_export
 from prism_cli.models.adapters import MoEAdapter, MoELayer, adapter_for_config
 from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
@@ -27,8 +28,9 @@ from prism_cli.runtime.operating_points import OperatingPoint, default_operating
 from prism_cli.runtime.policies import POLICIES
 from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter
 
-#: Version of the export layout this prism writes and reads (2: gate neurons in a subfolder, ``prism.serving``).
-EXPORT_FORMAT_VERSION = 2
+#: Version of the export layout this prism writes and reads (2: gate neurons in a subfolder, ``prism.serving``;
+#: 3: ``prism.source.weights_hash`` fingerprints every tensor).
+EXPORT_FORMAT_VERSION = 3
 #: The gate neurons of a neurons-gate export. In a subfolder: serving engines load every top-level
 #: ``*.safetensors`` file of an unsharded checkpoint as model weights.
 GATE_FILE = "prism/gate_neurons.safetensors"
@@ -160,6 +162,7 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     if meta.get("format_version") != EXPORT_FORMAT_VERSION:
         raise PrismError(f"{spec} has export format version {meta.get('format_version')}; this prism reads "
                          f"{EXPORT_FORMAT_VERSION}: export it again")
+    validate_export(resolve_model(spec), meta)  # an edited config.json: one line naming the field
     loaded = load_model(spec, dtype=dtype, device=device, experts_implementation=EXPERTS_IMPLEMENTATION)
     attach_elastic_state(loaded.model, Path(loaded.name))
     set_operating_point(loaded.model, operating_point or meta["default_operating_point"])

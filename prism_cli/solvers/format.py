@@ -37,7 +37,8 @@ from prism_cli.errors import PrismError
 from prism_cli.io import atomic_path, h5_attr
 
 FORMAT = "prism-partition"
-FORMAT_VERSION = 1
+#: 2: ``weights_hash`` fingerprints every tensor (``prism_cli.models.checkpoint_files``); 1 hashed one router.
+FORMAT_VERSION = 2
 
 #: Profile metadata copied into the partition so that export can check the model it is given.
 MODEL_KEYS = (
@@ -134,7 +135,8 @@ def read_partition(path: str | Path) -> Partition:
         if meta.get("format") != FORMAT:
             raise PrismError(f"{path} is not a prism partition (format attribute is {meta.get('format')!r})")
         if int(meta.get("format_version", -1)) != FORMAT_VERSION:
-            raise PrismError(f"{path} has partition format version {meta.get('format_version')}; this prism reads {FORMAT_VERSION}")
+            raise PrismError(f"{path} has partition format version {meta.get('format_version')}; this prism reads "
+                             f"{FORMAT_VERSION}: make it again with prism profile and prism partition")
         if isinstance(meta.get("solver_settings"), str):
             meta["solver_settings"] = json.loads(meta["solver_settings"])
         n_sub, width, n_experts = int(meta["sub_experts"]), int(meta["expert_width"]), int(meta["num_experts"])

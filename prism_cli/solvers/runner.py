@@ -55,8 +55,19 @@ class PartitionSettings:
             )
         if not 1 <= self.keep < self.sub_experts:
             raise PrismError(f"--keep must be between 1 and {self.sub_experts - 1} (fewer than --sub-experts), got {self.keep}")
-        if not 1 <= self.gate_neurons <= width // self.sub_experts:
-            raise PrismError(f"--gate-neurons must be between 1 and {width // self.sub_experts}, got {self.gate_neurons}")
+        size = width // self.sub_experts
+        if self.gate_neurons < 1:
+            raise PrismError(f"--gate-neurons must be at least 1, got {self.gate_neurons}")
+        if self.gate_neurons > size:
+            # The cause is the sub-expert size as much as the gate count: name both, and what fits.
+            fits = max((n for n in range(2, width + 1) if width % n == 0 and width // n >= self.gate_neurons), default=None)
+            fewer = f"--sub-experts {fits} or fewer, or " if fits else ""
+            raise PrismError(
+                f"--sub-experts {self.sub_experts} leaves {size} neuron{'s' if size > 1 else ''} per sub-expert "
+                f"(expert width {width}), fewer than the {self.gate_neurons} gate neurons each needs (--gate-neurons, "
+                f"chosen inside each sub-expert); use {fewer}--gate-neurons "
+                + (f"between 1 and {size}" if size > 1 else "1")
+            )
         if self.gate_selection not in GATE_SELECTIONS:
             raise PrismError(f"--gate-selection must be one of {', '.join(GATE_SELECTIONS)}, got {self.gate_selection!r}")
         SOLVERS.get(self.solver)  # unknown names fail here, listing the known ones

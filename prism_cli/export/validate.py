@@ -1,0 +1,122 @@
+"""An export checked against its own weights before it is loaded.
+
+An export's ``config.json`` (the family's fields and the ``prism`` section) must describe the tensors
+next to it; an edited or mismatched config otherwise fails deep inside transformers or the runtime
+(an ``IndexError``, a load report about mismatched shapes). The weights are the reference: every
+check reads only safetensors headers (and the small gate-neuron file) and names the config field
+that disagrees with them and the value the weights imply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from prism_cli.errors import PrismError
+from prism_cli.models.adapters import adapter_for_config
+from prism_cli.models.checkpoint_files import TensorEntry, checkpoint_tensors, read_header
+from prism_cli.models.loading import load_config
+from prism_cli.runtime.operating_points import GATES, parse_operating_point
+
+
+def _field(meta: dict[str, Any], dotted: str, kind: type, where: Path) -> Any:
+    value: Any = meta
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (kind is not int or value >= 1)
+    if not ok:
+        want = "a positive integer" if kind is int else kind.__name__
+        raise PrismError(f"export {where}: config.json prism.{dotted} is {value!r}, not {want}: export the model again")
+    return value
+
+
+def _weights_layout(tensors: dict[str, TensorEntry], adapter: Any, where: Path) -> tuple[int, int, list[int]]:
+    """(router rows, sub-expert width, MoE layers) as the weights hold them."""
+    patterns = adapter.key_patterns()
+    rows: dict[int, int] = {}
+    widths: set[int] = set()
+    experts: dict[int, int] = {}
+    for name, entry in tensors.items():
+        if (m := patterns.router.match(name)) and m["name"] == "weight":
+            rows[int(m["layer"])] = entry.shape[0]
+        elif (m := patterns.expert.match(name)) and m["proj"] == adapter.proj_names[0]:
+            widths.add(entry.shape[0])
+            experts[int(m["layer"])] = max(experts.get(int(m["layer"]), 0), int(m["expert"]) + 1)
+    if not rows or len(set(rows.values())) != 1 or len(widths) != 1:
+        raise PrismError(f"export {where}: its weights do not hold one flat MoE layout (router rows "
+                         f"{sorted(set(rows.values()))}, sub-expert widths {sorted(widths)}): export the model again")
+    (n_rows,) = set(rows.values())
+    short = {layer: count for layer, count in experts.items() if count != n_rows}
+    if short or set(experts) != set(rows):
+        raise PrismError(f"export {where}: its weights lack sub-experts (layers {sorted(short or set(rows) ^ set(experts))}): "
+                         "export the model again")
+    return n_rows, widths.pop(), sorted(rows)
+
+
+def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
+    """Refuse, in one line naming the field, an export whose config disagrees with its weights."""
+    from prism_cli.runtime.elastic import GATE_FILE
+
+    where = Path(directory)
+    gate = meta.get("gate")
+    if gate not in GATES:
+        raise PrismError(f"export {where}: config.json prism.gate is {gate!r}; it must be one of {', '.join(GATES)}")
+    n_sub = _field(meta, "sub_experts", int, where)
+    experts = _field(meta, "source.num_experts", int, where)
+    width = _field(meta, "source.expert_width", int, where)
+    top_k = _field(meta, "source.top_k", int, where)
+    layers = meta.get("layers")
+    config = load_config(str(where))
+    adapter = adapter_for_config(config)
+    rows, sub_width, moe_layers = _weights_layout(checkpoint_tensors(where), adapter, where)
+    if adapter.num_experts != rows:
+        raise PrismError(f"export {where}: config.json {adapter.experts_key} is {adapter.num_experts} but its weights hold "
+                         f"{rows} sub-experts per layer: set {adapter.experts_key} back to {rows}")
+    if adapter.width != sub_width:
+        raise PrismError(f"export {where}: config.json {adapter.width_key} is {adapter.width} but its sub-experts have "
+                         f"width {sub_width}: set {adapter.width_key} back to {sub_width}")
+    if rows % experts:
+        raise PrismError(f"export {where}: config.json prism.source.num_experts is {experts}, which does not divide the "
+                         f"{rows} sub-experts of its weights: export the model again")
+    if rows // experts != n_sub:
+        raise PrismError(f"export {where}: config.json prism.sub_experts is {n_sub} but its weights hold {rows // experts} "
+                         f"sub-experts per expert ({rows} for {experts} experts): set prism.sub_experts back to {rows // experts}")
+    if width != sub_width * n_sub:
+        raise PrismError(f"export {where}: config.json prism.source.expert_width is {width} but {n_sub} sub-experts of "
+                         f"width {sub_width} make {sub_width * n_sub}: set it back to {sub_width * n_sub}")
+    if not 1 <= top_k <= experts:
+        raise PrismError(f"export {where}: config.json prism.source.top_k is {top_k}, outside 1..{experts}: export the model again")
+    if not 1 <= adapter.top_k <= n_sub * top_k:
+        raise PrismError(f"export {where}: config.json {adapter.top_k_key} is {adapter.top_k}, outside the export's "
+                         f"operating points 1..{n_sub * top_k}")
+    if layers != moe_layers:
+        raise PrismError(f"export {where}: config.json prism.layers is {layers!r} but its weights have MoE layers "
+                         f"{moe_layers}: set it back to {moe_layers}")
+    scale = adapter.flat_down_scale(n_sub)
+    if not isinstance(meta.get("down_scale"), (int, float)) or abs(float(meta["down_scale"]) - scale) > 1e-6 * scale:
+        raise PrismError(f"export {where}: config.json prism.down_scale is {meta.get('down_scale')!r} but its weights "
+                         f"were scaled by {scale:g}: set it back to {scale:g}")
+    try:
+        parse_operating_point(str(meta.get("default_operating_point")), gate, n_sub, top_k)
+    except PrismError as exc:
+        raise PrismError(f"export {where}: config.json prism.default_operating_point: {exc}") from None
+    if gate == "neurons":
+        _check_gate_neurons(where / GATE_FILE, moe_layers, experts, n_sub, sub_width)
+
+
+def _check_gate_neurons(path: Path, layers: list[int], experts: int, n_sub: int, sub_width: int) -> None:
+    if not path.exists():
+        raise PrismError(f"{path.parent.parent} is a neurons-gate export but {path.name} is missing from {path.parent}: "
+                         "export the model again")
+    read_header(path)  # a truncated file: one line
+    positions = load_file(str(path))
+    for layer in layers:
+        key = f"layers.{layer}.gate_positions"
+        value = positions.get(key)
+        if value is None:
+            raise PrismError(f"{path} has no gate neurons for layer {layer}: export the model again")
+        if value.ndim != 3 or tuple(value.shape[:2]) != (experts, n_sub) or value.min() < 0 or value.max() >= sub_width:
+            raise PrismError(f"{path}: layer {layer} gate neurons have shape {tuple(value.shape)} or positions outside "
+                             f"0..{sub_width - 1}, not ({experts}, {n_sub}, s) for this export's config: export the model again")

@@ -1,0 +1,498 @@
+"""Bad input to every command: the expected exit code, one line on stderr naming the problem, and
+nothing written or deleted.
+
+Each case is a command line built from a small world of inputs (a tiny OLMoE checkpoint, its profile,
+a partition, a neurons-gate export), the exit code, phrases of the message, and the guarantee that the
+tree under the output's parent (every input lives there too) is the same after the run as before:
+no new file or folder, none deleted, none modified. The inputs are copied into each case's own folder,
+so a case that destroyed one could not hide it from the next. Where a case names a ``never``
+function (the solver, the profiler, the bench sweep), that function must not even start: the refusal
+comes before the work. New commands add their cases to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_export import random_neurons_export, random_partition, write_random_partition
+from tiny_models import build_tiny
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prism_cli.data import load_text
+from prism_cli.models.loading import load_model
+from prism_cli.profiling.profiler import ProfileSettings, profile_model
+from prism_cli.solvers.format import write_partition
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE_SETTINGS = ["--tokens", "2048", "--seq-len", "32", "--max-rows", "256", "--row-dtype", "float32"]
+WIDTH = 32  # the tiny OLMoE's expert width (8 experts, top-2, 2 MoE layers, 128 positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# The inputs: built once per module, copied into every case's folder on first use.
+
+
+@dataclass
+class Sources:
+    model: Path
+    profile: Path
+    partition: Path
+    export: Path
+    dense: Path
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_model_dir, tmp_path_factory) -> Sources:
+    model = tiny_model_dir("olmoe")
+    root = tmp_path_factory.mktemp("bad-input-sources")
+    loaded = load_model(str(model))
+    text, name = load_text(None, "calibration")
+    profile_model(loaded, text, name, ProfileSettings(tokens=2048, seq_len=32, max_rows=256, row_dtype="float32"),
+                  root / "profile.h5")
+    partition = write_random_partition(model, root / "partition.h5", seed=0)
+    (root / "exported").mkdir()
+    export = random_neurons_export(model, root / "exported", seed=1)
+    dense = root / "dense"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=32, vocab_size=128, max_position_embeddings=64)).save_pretrained(dense)
+    return Sources(model, root / "profile.h5", partition, export, dense)
+
+
+class World:
+    """One case's folder and its inputs (copied on first use); ``root`` is the output's parent."""
+
+    def __init__(self, root: Path, sources: Sources, tiny_model_dir: Callable[[str], Path]) -> None:
+        self.root = root
+        self.sources = sources
+        self.tiny_model_dir = tiny_model_dir
+
+    def _copy(self, source: Path, name: str) -> Path:
+        target = self.root / name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy(source, target)
+        return target
+
+    @cached_property
+    def model(self) -> Path:
+        return self._copy(self.sources.model, "model")
+
+    @cached_property
+    def profile(self) -> Path:
+        return self._copy(self.sources.profile, "profile.h5")
+
+    @cached_property
+    def partition(self) -> Path:
+        return self._copy(self.sources.partition, "partition.h5")
+
+    @cached_property
+    def export(self) -> Path:
+        return self._copy(self.sources.export, "export")
+
+    @property
+    def out(self) -> Path:
+        """A new output folder inside the world."""
+        return self.root / "out"
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def folder(self, name: str) -> Path:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        return self.root / name
+
+    # ---- variants of the inputs ---------------------------------------------------------------
+    def model_with(self, change: str) -> Path:
+        """A copy of the model with one change to its weights (the config untouched)."""
+        target = self._copy(self.sources.model, f"model-{change}")
+        tensors = load_file(str(target / "model.safetensors"))
+        if change == "truncated":
+            data = (target / "model.safetensors").read_bytes()
+            (target / "model.safetensors").write_bytes(data[: len(data) * 2 // 3])
+            return target
+        for key in tensors:
+            if change == "router-1" and key == "model.layers.1.mlp.gate.weight":
+                tensors[key] = tensors[key].clone()
+                tensors[key][3, 5] += 0.5  # one number of layer 1's router
+            elif change == "experts" and ".mlp.experts." in key:
+                tensors[key] = tensors[key] * 1.01  # a light fine-tune of the experts only
+        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+        return target
+
+    def export_with(self, **fields: Any) -> Path:
+        """A copy of the export with config.json fields set (``prism__sub_experts=3`` for prism.sub_experts)."""
+        target = self._copy(self.sources.export, "edited-export")
+        config = json.loads((target / "config.json").read_text())
+        for dotted, value in fields.items():
+            *parents, last = dotted.split("__")
+            node = config
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        (target / "config.json").write_text(json.dumps(config))
+        return target
+
+    def profile_with_version(self, version: int) -> Path:
+        target = self._copy(self.sources.profile, f"profile-v{version}.h5")
+        with h5py.File(target, "r+") as h5:
+            h5.attrs["format_version"] = version
+        return target
+
+    def partition_with_version(self, version: int) -> Path:
+        target = self._copy(self.sources.partition, f"partition-v{version}.h5")
+        with h5py.File(target, "r+") as h5:
+            h5.attrs["format_version"] = version
+        return target
+
+    def profile_without_rows(self) -> Path:
+        """The profile with no rows for layer 1 experts 3 (fit) and 5 (held-out)."""
+        target = self._copy(self.sources.profile, "holes.h5")
+        with h5py.File(target, "r+") as h5:
+            for expert, kind in ((3, "fit"), (5, "heldout")):
+                group = h5[f"layers/1/experts/{expert}"]
+                for name, shape in ((f"{kind}_rows", (0, WIDTH)), (f"{kind}_token", (0,)), (f"{kind}_weight", (0,))):
+                    dtype = group[name].dtype
+                    del group[name]
+                    group.create_dataset(name, shape=shape, dtype=dtype)
+        return target
+
+    def partition_of(self, model: Path, name: str, **kwargs: Any) -> Path:
+        return write_random_partition(model, self.root / name, **kwargs)
+
+    def partition_with_n3(self) -> Path:
+        partition = random_partition(self.sources.model, n_sub=4)
+        partition.meta["sub_experts"] = 3  # 32 neurons cannot split into 3 equal sub-experts
+        for experts in partition.experts.values():
+            for expert in experts:
+                expert.gate_positions = expert.gate_positions[:3]
+        write_partition(self.root / "n3.h5", partition)
+        return self.root / "n3.h5"
+
+    def broken_partition(self, kind: str) -> Path:
+        path = self.root / f"{kind}.h5"
+        if kind == "garbage":
+            path.write_bytes(b"\x89HDF\r\n" + bytes(range(256)) * 8)
+        elif kind == "truncated":
+            path.write_bytes(self.sources.partition.read_bytes()[:3000])
+        elif kind == "not-a-permutation":
+            path.write_bytes(self.sources.partition.read_bytes())
+            with h5py.File(path, "r+") as h5:
+                data = h5["layers/0/permutation"][()]
+                data[0, 0] = data[0, 1]
+                h5["layers/0/permutation"][...] = data
+        return path
+
+    def foreign_hdf5(self) -> Path:
+        path = self.root / "foreign.h5"
+        with h5py.File(path, "w") as h5:
+            h5["data"] = np.arange(10)
+            h5.attrs["creator"] = "someone else"
+        return path
+
+    def incomplete_profile(self) -> Path:
+        target = self._copy(self.sources.profile, "incomplete.h5")
+        with h5py.File(target, "r+") as h5:
+            del h5.attrs["weights_hash"]
+        return target
+
+    def short_text(self, repeats: int) -> Path:
+        """``repeats`` copies of a phrase of about 22 tokens of the tiny tokenizer."""
+        return self.write(f"short-{repeats}.txt", " ".join(["It is a truth universally acknowledged"] * repeats) + "\n")
+
+    def unwritable(self) -> Path:
+        """A folder nothing can be written in: a read-only folder, or (as root, whom modes do not stop)
+        a pseudo file system; the case is skipped where neither refuses writes."""
+        folder = self.folder("read-only")
+        folder.chmod(0o555)
+        for candidate in (folder, Path("/sys")):
+            try:
+                fd, name = tempfile.mkstemp(dir=candidate)
+            except OSError:
+                return candidate
+            os.close(fd)
+            os.unlink(name)
+        pytest.skip("no unwritable folder on this machine")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases.
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: Callable[[World], list[Any]]
+    phrases: tuple[str, ...]
+    code: int = 2
+    #: A function (module, attribute) that must not run: the refusal comes before the work.
+    never: tuple[str, str] | None = None
+    #: Run from this folder of the world (``--out .``).
+    cwd: str | None = None
+    marks: tuple[Any, ...] = field(default_factory=tuple)
+
+
+NEVER_PROFILE = ("prism_cli.profiling.profiler", "profile_model")
+NEVER_SOLVE = ("prism_cli.solvers.runner", "_run_local")
+NEVER_BENCH = ("prism_cli.evaluation.bench", "run_bench")
+NEVER_TABLES = ("prism_cli.evaluation.tables", "regenerate")
+
+
+def export_args(w: World, *extra: Any, model: Path | None = None, partition: Path | None = None) -> list[Any]:
+    return ["export", model or w.model, partition or w.partition, "--out", w.out, *extra]
+
+
+def profile_args(w: World, *extra: Any, model: Any = None, out: Path | None = None) -> list[Any]:
+    return ["profile", model or w.model, *PROFILE_SETTINGS, *extra, "--out", out or w.root / "profile-out.h5"]
+
+
+def partition_args(w: World, *extra: Any, profile: Path | None = None, out: Path | None = None) -> list[Any]:
+    return ["partition", profile or w.profile, "--solver", "alternating", "--workers", "1", *extra,
+            "--out", out or w.root / "partition-out.h5"]
+
+
+def bench_args(w: World, *extra: Any, model: Any = None, out: Path | None = None) -> list[Any]:
+    return ["bench", model or w.export, *extra, "--out", out or w.out]
+
+
+def config(w: World, text: str) -> Path:
+    return w.write("run.yaml", text)
+
+
+CASES = [
+    # --- export: inputs are never outputs (issue 13.1) ---------------------------------------------
+    Case("export-out-is-the-source", lambda w: ["export", w.model, w.partition, "--out", w.model, "--force"],
+         ("--out", "is the source model", "choose another --out")),
+    Case("export-out-holds-the-partition",
+         lambda w: ["export", w.model, w.write("held/p.h5", w.sources.partition.read_bytes()), "--out", w.root / "held", "--force"],
+         ("holds the partition", "choose another --out")),
+    Case("export-out-inside-the-source", lambda w: ["export", w.model, w.partition, "--out", w.model / "export"],
+         ("lies inside the source model",)),
+    Case("export-out-is-the-config",
+         lambda w: ["export", w.model, w.partition, "--config", config(w, "export:\n  gate: linear\n"), "--out", w.root / "run.yaml",
+                    "--force"], ("is the config file",)),
+    Case("export-out-dot-holding-inputs", lambda w: ["export", w.model, w.partition, "--out", ".", "--force"],
+         ("--out .", "holds the source model"), cwd="."),
+    Case("export-out-dot-empty-folder", lambda w: (w.folder("here"), ["export", w.model, w.partition, "--out", ".", "--force"])[1],
+         ("is or holds the current folder", "new folder"), cwd="here"),
+    Case("export-out-read-only", lambda w: ["export", w.model, w.partition, "--out", w.unwritable() / "export"], ("not writable",)),
+    Case("export-existing-output-needs-force", lambda w: (w.write("out/keep.txt", "mine"), export_args(w))[1],
+         ("already exists", "--force")),
+    # --- export: a partition of another checkpoint (issue 13.2) -------------------------------------
+    Case("export-layer-1-router-changed", lambda w: export_args(w, model=w.model_with("router-1")),
+         ("another model", "weights_hash")),
+    Case("export-expert-weights-changed", lambda w: export_args(w, model=w.model_with("experts")),
+         ("another model", "weights_hash")),
+    Case("export-another-seed", lambda w: export_args(w, model=build_tiny("olmoe", w.root / "seed1", seed=1)),
+         ("another model", "weights_hash")),
+    Case("export-another-family", lambda w: export_args(w, model=w.tiny_model_dir("qwen3_moe")),
+         ("another model", "model_type")),
+    Case("export-another-expert-width",
+         lambda w: export_args(w, partition=w.partition_of(build_tiny("olmoe", w.root / "wide", intermediate_size=64), "wide.h5")),
+         ("expert_width",)),
+    Case("export-old-partition-format", lambda w: export_args(w, partition=w.partition_with_version(1)),
+         ("partition format version 1", "prism profile and prism partition")),
+    Case("export-n-does-not-divide-the-width", lambda w: export_args(w, partition=w.partition_with_n3()), ("N = 3",)),
+    Case("export-partition-misses-a-layer", lambda w: export_args(w, partition=w.partition_of(w.model, "l0.h5", layers=[0])),
+         ("layers [0]", "[0, 1]")),
+    Case("export-garbage-partition", lambda w: export_args(w, partition=w.broken_partition("garbage")), ("not a readable HDF5",)),
+    Case("export-truncated-partition", lambda w: export_args(w, partition=w.broken_partition("truncated")), ()),
+    Case("export-partition-not-a-permutation", lambda w: export_args(w, partition=w.broken_partition("not-a-permutation")),
+         ("corrupt",)),
+    Case("export-missing-partition", lambda w: export_args(w, partition=w.root / "missing.h5"), ("does not exist",)),
+    # --- export: options ---------------------------------------------------------------------------
+    Case("export-max-shard-gb-0", lambda w: export_args(w, "--max-shard-gb", "0"), ("--max-shard-gb must be positive",)),
+    Case("export-max-shard-gb-nan", lambda w: export_args(w, "--max-shard-gb", "nan"), ("--max-shard-gb must be positive",)),
+    Case("export-unknown-gate", lambda w: export_args(w, "--gate", "magic"), ("unknown gate",)),
+    Case("export-truncated-weights", lambda w: export_args(w, model=w.model_with("truncated")), ("truncated", "download")),
+    Case("export-deepseek-v3-linear-without-allow-inexact",
+         lambda w: export_args(w, "--gate", "linear", model=w.tiny_model_dir("deepseek_v3"),
+                               partition=w.partition_of(w.tiny_model_dir("deepseek_v3"), "v3.h5")), ("--allow-inexact",)),
+    *[Case(f"export-operating-point-{gate}-{point}", lambda w, g=gate, p=point: export_args(w, "--gate", g, "-K", p), (needle,))
+      for gate, point, needle in [
+          ("neurons", "0", "outside 1..8"), ("neurons", "99", "outside 1..8"), ("neurons", "topk:99", "outside 1..8"),
+          ("linear", "linear:0", "outside 1..8"), ("neurons", "pattern:5,1", "pattern"), ("linear", "topk:4", "not available"),
+          ("neurons", "threshold:1.5", "(0, 1]"), ("neurons", "threshold:0", "(0, 1]"),
+          ("neurons", "threshold:high", "not a number"), ("neurons", "nonsense:3", "not available")]],
+    # --- an export validated against its own weights on load (issue 13.5) ----------------------------
+    Case("eval-export-sub-experts-edited", lambda w: ["eval", w.export_with(prism__sub_experts=3), "--tokens", "64", "--seq-len", "64"],
+         ("prism.sub_experts is 3", "set prism.sub_experts back to 4")),
+    Case("eval-export-num-experts-edited", lambda w: ["eval", w.export_with(num_experts=16), "--tokens", "64", "--seq-len", "64"],
+         ("num_experts is 16", "set num_experts back to 32")),
+    Case("eval-export-width-edited", lambda w: ["eval", w.export_with(intermediate_size=16), "--tokens", "64", "--seq-len", "64"],
+         ("intermediate_size is 16", "back to 8")),
+    Case("eval-export-source-experts-edited",
+         lambda w: ["eval", w.export_with(prism__source__num_experts=5), "--tokens", "64", "--seq-len", "64"],
+         ("prism.source.num_experts is 5",)),
+    Case("eval-export-layers-edited", lambda w: ["eval", w.export_with(prism__layers=[0]), "--tokens", "64", "--seq-len", "64"],
+         ("prism.layers", "[0, 1]")),
+    Case("eval-export-old-format", lambda w: ["eval", w.export_with(prism__format_version=2), "--tokens", "64", "--seq-len", "64"],
+         ("export format version 2", "export it again")),
+    Case("bench-export-num-experts-edited", lambda w: bench_args(w, "--seq-len", "16", model=w.export_with(num_experts=16)),
+         ("num_experts is 16",)),
+    # --- truncated weights, context length (issue 13.5, 13.6) ---------------------------------------
+    Case("profile-truncated-weights", lambda w: profile_args(w, model=w.model_with("truncated")), ("truncated", "download"),
+         never=NEVER_PROFILE),
+    Case("eval-truncated-weights", lambda w: ["eval", w.model_with("truncated"), "--tokens", "64", "--seq-len", "64"], ("truncated",)),
+    Case("eval-seq-len-past-the-positions", lambda w: ["eval", w.model, "--seq-len", "5000"],
+         ("--seq-len 5000", "128 positions", "--seq-len 128 or less")),
+    Case("profile-seq-len-past-the-positions", lambda w: profile_args(w, "--seq-len", "500"), ("128 positions",),
+         never=NEVER_PROFILE),
+    Case("bench-seq-len-past-the-positions", lambda w: bench_args(w, "--seq-len", "500"), ("128 positions",), never=NEVER_BENCH),
+    # --- outputs checked before any work (issue 13.3) ------------------------------------------------
+    Case("bench-out-is-a-file", lambda w: bench_args(w, out=w.write("results", "not a folder")), ("is a file, not a folder",),
+         never=NEVER_BENCH),
+    Case("bench-out-read-only", lambda w: bench_args(w, out=w.unwritable() / "results"), ("not writable",), never=NEVER_BENCH),
+    Case("partition-out-read-only", lambda w: partition_args(w, out=w.unwritable() / "p.h5"), ("not writable",),
+         never=NEVER_SOLVE),
+    Case("partition-out-is-the-profile", lambda w: partition_args(w, out=w.profile), ("is the profile",), never=NEVER_SOLVE),
+    Case("partition-out-is-a-folder", lambda w: partition_args(w, out=w.folder("a-folder")), ("is a folder",), never=NEVER_SOLVE),
+    Case("compare-out-read-only", lambda w: ["partition", "compare", w.profile, "--solvers", "random", "--out",
+                                             w.unwritable() / "cmp"], ("not writable",), never=NEVER_SOLVE),
+    Case("profile-out-read-only", lambda w: profile_args(w, out=w.unwritable() / "p.h5"), ("not writable",), never=NEVER_PROFILE),
+    Case("profile-out-in-the-model-folder", lambda w: profile_args(w, out=w.model / "profile.h5"),
+         ("lies inside the model folder",), never=NEVER_PROFILE),
+    Case("profile-out-in-missing-folder", lambda w: profile_args(w, out=w.root / "missing" / "profile.h5"), ("does not exist",)),
+    Case("profile-out-is-folder", lambda w: profile_args(w, out=w.folder("a-folder")), ("is a folder",)),
+    Case("tables-out-is-a-file",
+         lambda w: ["tables", "--config", ROOT / "configs" / "builtin.yaml", "--out", w.write("tables", "x"), "--work", w.out],
+         ("is a file, not a folder",), never=NEVER_TABLES),
+    Case("tables-work-read-only",
+         lambda w: ["tables", "--config", ROOT / "configs" / "builtin.yaml", "--out", w.out, "--work", w.unwritable() / "work"],
+         ("not writable",), never=NEVER_TABLES),
+    # --- run configurations (issue 13.4, 13.5) -------------------------------------------------------
+    Case("config-mistyped-section", lambda w: export_args(w, "--config", config(w, "partiton:\n  solver: random\n")),
+         ("unknown section 'partiton'", "did you mean 'partition'?")),
+    Case("config-mistyped-option", lambda w: profile_args(w, "--config", config(w, "profile:\n  tokenz: 5\n")),
+         ("section 'profile' has unknown option 'tokenz'", "did you mean 'tokens'?")),
+    Case("config-mistyped-shared-key", lambda w: profile_args(w, "--config", config(w, "sed: 1\n")),
+         ("unknown key 'sed'", "did you mean 'seed'?")),
+    Case("config-option-of-another-section", lambda w: profile_args(w, "--config", config(w, "partition:\n  tokens: 5\n")),
+         ("section 'partition' has unknown option 'tokens'",)),
+    Case("config-table-section", lambda w: ["tables", "--config", config(w, "name: t\nbench:\n  mdoe: decode\n"), "--out", w.out],
+         ("unknown option 'mdoe'", "did you mean 'mode'?"), never=NEVER_TABLES),
+    Case("config-is-a-folder", lambda w: profile_args(w, "--config", w.folder("configs")), ("is a folder", "YAML file")),
+    Case("config-section-not-a-mapping", lambda w: profile_args(w, "--config", config(w, "profile: [1, 2]\n")),
+         ("section 'profile' must be a mapping",)),
+    Case("config-not-a-mapping", lambda w: profile_args(w, "--config", config(w, "- just\n- a list\n")), ("must hold a mapping",)),
+    Case("config-invalid-yaml", lambda w: profile_args(w, "--config", config(w, "profile: {tokens: [unclosed\n")),
+         ("not valid YAML",)),
+    Case("config-missing", lambda w: profile_args(w, "--config", w.root / "nope.yaml"), ("config file", "does not exist")),
+    # --- profile ---------------------------------------------------------------------------------------
+    Case("profile-missing-model", lambda w: profile_args(w, model=w.root / "no-such-model"), ("does not exist",)),
+    Case("profile-not-a-checkpoint", lambda w: profile_args(w, model=w.write("just-a-folder/notes.txt", "hello").parent),
+         ("not a transformers checkpoint", "config.json")),
+    Case("profile-dense-model", lambda w: profile_args(w, model=w.sources.dense), ("not a Mixture-of-Experts model", "'llama'")),
+    Case("profile-empty-data", lambda w: profile_args(w, "--data", w.write("empty.txt", "")), ("is empty",)),
+    Case("profile-tiny-data", lambda w: profile_args(w, "--data", w.short_text(1)), ("fewer than one window",)),
+    # About 45 tokens: one 32-token window, not the two that fit and held-out rows need.
+    Case("profile-short-data", lambda w: profile_args(w, "--data", w.short_text(2)), ("only 1 sequence", "at least 2")),
+    Case("profile-tokens-0", lambda w: profile_args(w, "--tokens", "0"), ("--tokens", "positive")),
+    Case("profile-negative-max-rows", lambda w: profile_args(w, "--max-rows", "-5"), ("--max-rows", "-5")),
+    Case("profile-holdout-1.5", lambda w: profile_args(w, "--holdout", "1.5"), ("--holdout", "1.5")),
+    Case("profile-layers-not-moe", lambda w: profile_args(w, "--layers", "0,7"), ("--layers [7]", "MoE layers: [0, 1]")),
+    Case("profile-bad-dtype", lambda w: profile_args(w, "--dtype", "float64"), ("unknown dtype 'float64'",)),
+    Case("profile-bad-row-dtype", lambda w: profile_args(w, "--row-dtype", "int8"), ("--row-dtype", "int8")),
+    # --- partition -------------------------------------------------------------------------------------
+    Case("partition-one-neuron-per-sub-expert", lambda w: partition_args(w, "-N", "32"),
+         ("--sub-experts 32 leaves 1 neuron per sub-expert", "--sub-experts 8 or fewer"), never=NEVER_SOLVE),
+    Case("partition-gate-neurons-above-the-sub-expert", lambda w: partition_args(w, "-N", "4", "--gate-neurons", "9"),
+         ("--gate-neurons", "between 1 and 8"), never=NEVER_SOLVE),
+    Case("partition-gate-neurons-0", lambda w: partition_args(w, "--gate-neurons", "0"), ("--gate-neurons must be at least 1",)),
+    Case("partition-old-profile-format", lambda w: partition_args(w, profile=w.profile_with_version(1)),
+         ("profile format version 1", "prism profile")),
+    Case("partition-n-not-divisor", lambda w: partition_args(w, "-N", "3"), ("--sub-experts 3", "width 32", "2, 4, 8, 16, 32")),
+    Case("partition-n-below-2", lambda w: partition_args(w, "-N", "1"), ("--sub-experts", "at least 2")),
+    Case("partition-keep-too-large", lambda w: partition_args(w, "-N", "4", "--keep", "4"), ("--keep", "4")),
+    Case("partition-experts-without-rows", lambda w: partition_args(w, profile=w.profile_without_rows()),
+         ("layer 1: experts 3, 5", "profile more tokens")),
+    Case("partition-corrupt-hdf5", lambda w: partition_args(w, profile=w.write("corrupt.h5", np.random.default_rng(0).bytes(4096))),
+         ("not a readable HDF5 file",)),
+    Case("partition-foreign-hdf5", lambda w: partition_args(w, profile=w.foreign_hdf5()), ("not a prism profile",)),
+    Case("partition-incomplete-profile", lambda w: partition_args(w, profile=w.incomplete_profile()), ("is incomplete", "weights_hash")),
+    Case("partition-missing-profile", lambda w: partition_args(w, profile=w.root / "nope.h5"), ("does not exist",)),
+    Case("partition-unknown-solver", lambda w: partition_args(w, "--solver", "magic"), ("unknown solver 'magic'", "alternating", "nsga2")),
+    Case("partition-workers-0", lambda w: partition_args(w, "--workers", "0"), ("--workers", "at least 1")),
+    Case("partition-bad-solver-option", lambda w: partition_args(w, "-O", "badoption=1"),
+         ("badoption", "alternating", "objective, restarts, max_steps")),
+    Case("partition-bad-solver-value", lambda w: partition_args(w, "-O", "objective=sideways"), ("objective must be",)),
+    Case("partition-bad-solver-type", lambda w: partition_args(w, "--solver", "nsga2", "-O", "generations=ten"),
+         ("option generations must be int", "'ten'")),
+    Case("partition-layers-not-profiled", lambda w: partition_args(w, "--layers", "1,5"), ("--layers [5]", "profiled layers: [0, 1]")),
+    Case("partition-bad-executor", lambda w: partition_args(w, "--executor", "spark"), ("unknown executor 'spark'", "local, ray")),
+    Case("compare-unknown-solver", lambda w: ["partition", "compare", w.profile, "--solvers", "random,magic", "--out", w.out],
+         ("unknown solver 'magic'",)),
+    Case("compare-n-not-divisor", lambda w: ["partition", "compare", w.profile, "--solvers", "random", "-N", "5", "--out", w.out],
+         ("--sub-experts 5",)),
+    # --- bench -----------------------------------------------------------------------------------------
+    Case("bench-not-a-checkpoint", lambda w: bench_args(w, model=w.folder("empty")), ("config.json",)),
+    Case("bench-missing-model", lambda w: bench_args(w, model=w.root / "nowhere"), ("does not exist",)),
+    Case("bench-budget-not-a-time", lambda w: bench_args(w, "--budget", "fast"), ("budget",)),
+    Case("bench-negative-budget", lambda w: bench_args(w, "--budget", "-1"), ("budget",)),
+    Case("bench-min-quality-0", lambda w: bench_args(w, "--min-quality", "0"), ("--min-quality",)),
+    Case("bench-batch-0", lambda w: bench_args(w, "--batch", "0"), ("--batch",)),
+    Case("bench-unknown-mode", lambda w: bench_args(w, "--mode", "sideways"), ("--mode",)),
+    Case("bench-cuda-without-cuda", lambda w: bench_args(w, "--device", "cuda"), ("CUDA",),
+         marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),)),
+]
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every path under ``root``: a file's size and modification time, None for a folder (whose own
+    time a write probe may touch without writing anything)."""
+    tree: dict[str, tuple[int, int] | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            tree[str((Path(dirpath) / name).relative_to(root))] = None
+        for name in filenames:
+            st = (Path(dirpath) / name).lstat()
+            tree[str((Path(dirpath) / name).relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return tree
+
+
+def _output(argv: list[Any], cwd: Path) -> Path | None:
+    if "--out" not in argv:
+        return None
+    return (cwd / str(argv[argv.index("--out") + 1])).resolve()
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input(case: Case, cli, sources, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    world = World(tmp_path / "world", sources, tiny_model_dir)
+    world.root.mkdir()
+    argv = case.argv(world)
+    cwd = world.root / (case.cwd or ".")
+    monkeypatch.chdir(cwd)
+    out = _output(argv, cwd)
+    # The output (and so its parent, or with `--out .` the output itself) lies in the watched world,
+    # unless it is on a system file system that nothing can write.
+    assert out is None or out.is_relative_to(world.root.resolve()) or not out.is_relative_to(tmp_path), out
+    if case.never is not None:
+        def refuse(*_args: Any, **_kwargs: Any) -> None:
+            raise AssertionError(f"{case.never[1]} ran: the input should have been refused before any work")
+
+        monkeypatch.setattr(f"{case.never[0]}.{case.never[1]}", refuse)
+    before = _tree(world.root)
+    result = cli(*argv)
+    if (world.root / "read-only").exists():
+        (world.root / "read-only").chmod(0o755)  # so that pytest can clean up
+    assert result.code == case.code, result
+    result.assert_one_line_error(*case.phrases)
+    after = _tree(world.root)
+    assert after == before, "the run wrote, deleted or changed files"
