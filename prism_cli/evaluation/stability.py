@@ -17,8 +17,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from prism_cli.data import load_text
-from prism_cli.environment import environment
 from prism_cli.evaluation.bench import BenchReport, run_bench
 from prism_cli.evaluation.bench_tables import same_routing_table
 from prism_cli.evaluation.tables import TableConfig, bench_settings

@@ -24,14 +24,12 @@ import yaml
 
 from prism_cli.config import load_run_config, unknown_key
 from prism_cli.data import load_text
-from prism_cli.errors import PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.io import write_text
 from prism_cli.models.loading import load_model
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
-from prism_cli.report import ResultTable
 from prism_cli.solvers.format import write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile
 

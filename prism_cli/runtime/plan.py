@@ -173,8 +173,12 @@ def _plan_small(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_gr
                       np.array(row_w, dtype=np.float32).reshape(-1, n_sub), experts, n_sub, tokens)
 
 
-def _rows_large(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_groups: int) -> Rows | None:
-    """As ``_rows_small``, vectorised: pairs sorted by expert (a stable radix sort), rows where the token changes."""
+def _rows_large(indices: torch.Tensor, weights: torch.Tensor, n_sub: int,
+                num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(token, expert) rows grouped by expert in token order: token, expert, mask and weight per sub-expert.
+
+    Vectorised: pairs sorted by expert (a stable radix sort on small ints), a new row where the token or
+    the expert changes."""
     slots = indices.shape[1]
     idx = indices.detach().reshape(-1).cpu().numpy()
     w = weights.detach().reshape(-1).float().cpu().numpy()
