@@ -140,7 +140,7 @@ class CostModel:
             )
         if not points:
             raise PrismError(f"{decode_json} and {prefill_json} share no operating point")
-        from prism_cli.evaluation.bench import machine_label
+        from prism_cli.environment import machine_label
 
         env = decode.get("environment") or {}
         machine = machine_label(env) if "gpu" in env or "processor" in env else "unknown machine"
