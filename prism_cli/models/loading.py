@@ -192,10 +192,10 @@ def weights_fingerprint(directory: Path, adapter: MoEAdapter) -> str:
 
     reader = CheckpointReader(directory)
     routers = adapter.key_patterns().router
-    found = sorted(
-        (int(m.group("layer")), key) for key in reader.keys() if (m := routers.match(key)) and m.group("name") == "weight"
-    )
+    found = sorted((int(m.group("layer")), key) for key in reader.keys() if (m := routers.match(key)))
     if not found:
         raise PrismError(f"found no MoE router weights in {directory}")
-    data = reader.get(found[0][1]).float().contiguous().numpy().tobytes()
+    first = [key for layer, key in found if layer == found[0][0]]
+    key = next((k for k in first if k.endswith("weight")), first[0])
+    data = reader.get(key).float().contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
