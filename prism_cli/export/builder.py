@@ -229,6 +229,11 @@ def export_model(
 def _refuse_inexact(checks: dict[str, GateCheck], settings: ExportSettings, declared: str | None) -> None:
     """Refuse an export whose gate is measured inexact (the linear gate: unless ``--allow-inexact``)."""
     neurons = checks.get("neurons")
+    if neurons is not None and neurons.error is not None and not settings.allow_inexact:
+        raise PrismError(
+            f"prism's runtime cannot run this model's experts at {neurons.point} ({neurons.error}); this expert layout "
+            "needs runtime support: use --gate linear (checked exact), or --allow-inexact to export anyway"
+        )
     if neurons is not None and not neurons.exact and not settings.allow_inexact:
         raise PrismError(
             f"prism's runtime does not reproduce this model at {neurons.point}: measured max relative difference "

@@ -67,6 +67,7 @@ class Routing:
     when that is not ``scores`` (``"softmax"``, ``"sigmoid"`` or ``"logits"``).
     ``router_args``: block attributes the block passes to its router as extra arguments.
     ``inexact``: why repeated rows cannot reproduce the routing whatever the config.
+    ``groups``: the config fields holding the number of expert groups and of groups kept.
     """
 
     scores: str = "softmax"
@@ -76,6 +77,8 @@ class Routing:
     bias_on: str | None = None
     router_args: tuple[str, ...] = ()
     inexact: str | None = None
+    #: Config fields of the group count and of the groups kept.
+    groups: tuple[str, str] = ("n_group", "topk_group")
 
     def __post_init__(self) -> None:
         if self.scores not in ("softmax", "softmax_topk", "sigmoid"):
@@ -300,8 +303,9 @@ class MoEAdapter:
         if self.routing.inexact:
             return self.routing.inexact
         if self.routing.group_score == "top2_sum":
-            n_group = getattr(self.text_config, "n_group", 1) or 1
-            topk_group = getattr(self.text_config, "topk_group", n_group) or n_group
+            groups, kept = self.routing.groups
+            n_group = getattr(self.text_config, groups, 1) or 1
+            topk_group = getattr(self.text_config, kept, n_group) or n_group
             if n_group > 1 and topk_group < n_group:
                 return (
                     f"{self.model_type} routing keeps {topk_group} of {n_group} expert groups, scoring each group by the "
@@ -372,7 +376,7 @@ class MoEAdapter:
                 module._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
                 module._buffers[attr] = value
-        return router
+        return router.train(flat.training)  # a new module trains; Phi-MoE's router samples while it does
 
     def gate_neuron_rows(self, layer: MoELayer, positions: torch.Tensor, n_sub: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate-neuron rows ``[E, N*s, H]`` of W_gate and W_up (neuron rows, whatever the experts' layout),
@@ -428,6 +432,19 @@ def register_family(family: Family) -> Family:
 
 
 # ---- the families ----------------------------------------------------------------------------------
+
+
+class Cohere2MoeAdapter(MoEAdapter):
+    """Cohere2-MoE picks its router scores by config (``expert_selection_fn``): a softmax over the top-k
+    logits, or a sigmoid per expert renormalised when ``norm_topk_prob`` is set."""
+
+    @property
+    def routing(self) -> Routing:
+        if getattr(self.text_config, "expert_selection_fn", "softmax") == "sigmoid":
+            return Routing("sigmoid", normalize="norm_topk_prob")
+        return self.family.routing
+
+
 # Router semantics as read from each family's modeling file in transformers 5.x (the family matrix
 # measures every one of them: tests/test_families.py, `make families`).
 
@@ -465,10 +482,33 @@ for _family in (
     Family("exaone_moe", experts="num_experts", width="moe_intermediate_size", routing=_V3, coupled=("num_shared_experts",)),
     Family("solar_open", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",)),
     Family("mimo_v2_flash", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",)),
+    Family("deepseek_v32", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3,
+           coupled=("n_shared_experts",), latent_attention=True),
+    Family("glm_moe_dsa", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3,
+           coupled=("n_shared_experts",), latent_attention=True),
+    Family("sarvam_mla", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3,
+           coupled=("n_shared_experts",), latent_attention=True),
+    Family("sarvam_moe", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",)),
+    Family("axk1", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",),
+           latent_attention=True),
+    Family("axk2", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",),
+           latent_attention=True),
+    Family("kimi_linear", width="moe_intermediate_size", top_k="num_experts_per_token",
+           routing=Routing("sigmoid", normalize="norm_topk_prob", group_score="top2_sum",
+                           correction_bias="e_score_correction_bias", groups=("num_expert_group", "topk_group")),
+           coupled=("num_shared_experts",), latent_attention=True),
+    Family("bailing_hybrid", width="moe_intermediate_size", top_k="num_experts_per_token",
+           routing=Routing("sigmoid", normalize="norm_topk_prob", group_score="top2_sum",
+                           correction_bias="e_score_correction_bias", groups=("num_expert_group", "topk_group")),
+           coupled=("num_shared_experts",), latent_attention=True),
     Family("dots1", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",)),
     Family("ernie4_5_moe", width="moe_intermediate_size",
            routing=Routing("softmax", normalize=True, correction_bias="moe_statics.e_score_correction_bias"),
            coupled=("moe_num_shared_experts",)),
+    # Llama-4's experts are not dispatched through the experts interface (a dense bmm over all experts
+    # that scales their input by the router score): found and refused with that reason.
+    Family("llama4_text", experts="num_local_experts", routing=Routing("sigmoid")),
+    Family("llama4", experts="num_local_experts", routing=Routing("sigmoid")),
     Family("hunyuan_v1_moe", experts="num_experts", top_k="moe_topk", routing=Routing("softmax", normalize=True)),
     Family("gpt_oss", experts="num_local_experts", routing=Routing("softmax_topk")),
     Family("granitemoe", experts="num_local_experts", routing=Routing("softmax_topk")),
@@ -484,9 +524,14 @@ for _family in (
            routing=Routing("sigmoid", normalize="norm_topk_prob", correction_bias="e_score_correction_bias", bias_on="logits")),
     Family("minimax_m2", experts="num_local_experts",
            routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",)), neurons_unsupported=_BLOCK_BIAS),
-    Family("hy_v3", width="moe_intermediate_size",
+    Family("hy_v3", width="moe_intermediate_size", coupled=("num_shared_experts",),
            routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",)), neurons_unsupported=_BLOCK_BIAS),
-    Family("afmoe", width="moe_intermediate_size",
+    Family("lfm2_moe", width="moe_intermediate_size",
+           routing=Routing("sigmoid", normalize="norm_topk_prob", router_args=("expert_bias",)), neurons_unsupported=_BLOCK_BIAS),
+    Family("cohere2_moe", routing=Routing("softmax_topk"), coupled=("num_shared_experts",), adapter=Cohere2MoeAdapter),
+    # NemotronH's experts have no gate projection (relu^2 MLP experts): found and refused with that reason.
+    Family("nemotron_h", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3),
+    Family("afmoe", width="moe_intermediate_size", coupled=("num_shared_experts",),
            routing=Routing("sigmoid", normalize=True, router_args=("expert_bias",)), neurons_unsupported=_BLOCK_BIAS),
 ):
     register_family(_family)
@@ -527,6 +572,12 @@ def _declares_experts(config: Any) -> bool:
     return any(getattr(c, field, None) for c in (config, *nested) if c is not None for field in _EXPERT_COUNT_FIELDS)
 
 
+def _is_causal_lm(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
 def adapter_for_config(config: Any) -> MoEAdapter:
     """The adapter for ``config``, or a one-line error naming what was found."""
     model_type = getattr(config, "model_type", None) or "unknown"
@@ -536,6 +587,11 @@ def adapter_for_config(config: Any) -> MoEAdapter:
         return (family.adapter or MoEAdapter)(config, family)
     arch = ", ".join(getattr(config, "architectures", None) or []) or "no architecture listed"
     supported = ", ".join(FAMILIES.names())
+    if not _is_causal_lm(model_type):
+        text = getattr(config, "text_config", None)
+        hint = f"; export its text model (model type {text.model_type!r}) instead" if getattr(text, "model_type", None) else ""
+        raise PrismError(f"model type {model_type!r} ({arch}) has no causal LM class in transformers "
+                         f"(AutoModelForCausalLM): prism splits the experts of causal language models{hint}")
     if _declares_experts(config):
         raise PrismError(f"unsupported MoE family {model_type!r} ({arch}); supported: {supported}")
     raise PrismError(

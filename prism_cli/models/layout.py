@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.integrations.moe import _default_apply_gate
 
 from prism_cli.errors import PrismError
 
@@ -35,6 +36,8 @@ class ExpertLayout:
     transposed: bool = False
     interleaved: bool = False
     bias: bool = False
+    #: The experts class has its own ``_apply_gate`` (e.g. a clamped SwiGLU), not transformers' default.
+    custom_activation: bool = False
 
     @classmethod
     def of(cls, experts: nn.Module, name: str = "experts") -> ExpertLayout:
@@ -54,7 +57,8 @@ class ExpertLayout:
                 f"{name} ({type(experts).__name__}) normalises each expert's output (has_post_expert_norm): a norm of "
                 "the whole expert's output is not a sum over sub-experts, so no split can reproduce it"
             )
-        return cls(bool(experts.is_transposed), not bool(experts.is_concatenated), bool(experts.has_bias))
+        custom = getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+        return cls(bool(experts.is_transposed), not bool(experts.is_concatenated), bool(experts.has_bias), custom)
 
     # ---- names and shapes ----------------------------------------------------------------------
     def tensor_names(self) -> tuple[str, ...]:
