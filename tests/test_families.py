@@ -147,3 +147,31 @@ def test_whole_models_reproduce_the_source_at_the_full_point(matrix) -> None:
                 assert torch.isfinite(_logits(model, ids)).all(), (model_type, point)
             checked += 1
     assert checked >= 2 * len([t for t in TARGETS if TARGETS[t] == EXACT_BOTH])
+
+
+BENCH = ("--batch", "2", "--seq-len", "16", "--tokens", "256", "--repeats", "1", "--warmup", "0")
+
+
+@pytest.mark.slow
+def test_bench_runs_on_every_exported_family(matrix, cli):
+    """`prism bench` on every export the matrix wrote: the neurons export of each family where it is
+    exact, else its linear export (run through prism's runtime: families waiting for the new executor
+    are skipped, their linear export runs under stock transformers in the test above)."""
+    import json
+
+    rows, workdir = matrix
+    ran = []
+    for model_type, row in sorted(rows.items()):
+        if row.status in (EXACT_BOTH, EXACT_NEURONS):
+            gate, points = "neurons", "topk:1;linear:1;threshold:0.8"
+        elif row.status == EXACT_LINEAR and model_type not in NEEDS_NEW_EXECUTOR:
+            gate, points = "linear", "linear:1;linear:8"
+        else:
+            continue
+        out = workdir / model_type / "bench"
+        result = cli("bench", workdir / model_type / gate, "--points", points, *BENCH, "--out", out)
+        assert result.code == 0, (model_type, result)
+        data = json.loads((out / "bench.json").read_text())
+        assert all(p["perplexity"] > 0 for p in data["points"]), model_type
+        ran.append(model_type)
+    assert set(TARGETS) <= set(ran)

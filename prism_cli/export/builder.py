@@ -129,6 +129,7 @@ def export_model(
     if settings.gate == "neurons" and (why := adapter.neurons_unsupported_reason()):
         raise PrismError(f"the neurons gate is not available for {adapter.model_type}: {why}; use --gate linear")
     source = checkpoint_dir(name)
+    adapter.check_checkpoint(source)
     partition = read_partition(partition_path)
     check_partition(partition, config, adapter, weights_fingerprint(source, adapter), name)
     n_sub = partition.n_sub

@@ -262,6 +262,29 @@ class MoEAdapter:
         return KeyPatterns(experts=_layer_pattern(self.names.disk_keys(experts), layer.index),
                            router=_layer_pattern(self.names.disk_keys(routing), layer.index))
 
+    def check_checkpoint(self, directory: Any) -> None:
+        """Refuse a checkpoint whose MoE tensors disagree with its config, naming the first one, before
+        anything loads it (transformers would stop with a report, or silently re-initialise)."""
+        from prism_cli.export.checkpoint import CheckpointReader
+
+        reader = CheckpointReader(directory)
+        on_disk = set(reader.keys())
+        layers = self.moe_layers(self.skeleton)
+        module = self.skeleton.state_dict()
+        for layer in layers:
+            keys = [f"{layer.name}.experts.{k}" for k in layer.layout.tensor_names()]
+            keys += [f"{layer.name}.{k}" for k in layer.routing_tensors()]
+            for key, want in self.names.to_disk({k: module[k] for k in keys}).items():
+                if key not in on_disk:
+                    continue  # another naming (a fused save, a legacy format): checked when exported
+                shape = reader.shape(key)
+                if shape != tuple(want.shape):
+                    raise PrismError(
+                        f"{directory}: the config and the weights disagree: {key} is {shape} in the checkpoint but "
+                        f"{tuple(want.shape)} by config.json ({self.experts_key}={self.num_experts}, "
+                        f"{self.width_key}={self.width}, hidden_size={self.hidden_size})"
+                    )
+
     # ---- the flat (linear-gate) export ----------------------------------------------------------
     def flat_config_updates(self, n_sub: int) -> dict[str, Any]:
         """Config fields of the flat export with ``n_sub`` sub-experts per expert."""

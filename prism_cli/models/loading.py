@@ -145,6 +145,8 @@ def load_model(
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     target = None if device_map else parse_device(device)
+    if adapter is not None and Path(name).is_dir():
+        adapter.check_checkpoint(name)  # config and weights that disagree: one line, before transformers' report
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name)

@@ -108,9 +108,9 @@ def tiny_config(model_type: str, vocab_size: int = 512, special_id: int = 0, **o
         fields.pop("topk_group", None)
     layers = defaults.get("num_hidden_layers")
     for key, value in defaults.items():
-        # per-layer lists (attention types, dense/sparse MLPs): the first layer's and the last layer's
+        # per-layer lists: the first layers' attention types; the first and the last layer's MLP (dense, sparse)
         if isinstance(value, list) and len(value) == layers and layers > TINY["num_hidden_layers"]:
-            fields[key] = [value[0], value[-1]]
+            fields[key] = value[: TINY["num_hidden_layers"]] if key == "layer_types" else [value[0], value[-1]]
     if "qk_rope_head_dim" in defaults:  # latent attention: heads follow from the rope and nope parts, no GQA
         fields.pop("head_dim", None)
         fields["num_key_value_heads"] = TINY["num_attention_heads"]
