@@ -20,8 +20,12 @@ def export(
         None, "--operating-point", "-K",
         help="Default operating point: K (1..N*k), or topk:K, pattern:4,3,1, threshold:0.9, linear:K. Default: all sub-experts.",
     ),
-    allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Export even where a gate is not exact (the measured difference is recorded)."),
-    down_bias: str = typer.Option("first", "--down-bias", help="How sub-experts carry a down_proj bias: first (sub-expert 0) or uniform (1/N each)."),
+    allow_inexact: bool = typer.Option(
+        False, "--allow-inexact", help="Export even where a gate is not exact (the measured difference is recorded)."
+    ),
+    down_bias: str = typer.Option(
+        "first", "--down-bias", help="How sub-experts carry a down_proj bias: first (sub-expert 0) or uniform (1/N each)."
+    ),
     max_shard_gb: float = typer.Option(4.0, "--max-shard-gb", help="Largest output shard, in GiB."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     config: str = ConfigOption,
