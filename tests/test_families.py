@@ -45,6 +45,8 @@ TARGETS = {
     "phimoe": EXACT_NEURONS,  # sparsemixer routing
     "granitemoe": EXACT_BOTH,
     "ernie4_5_moe": EXACT_BOTH,
+    "lfm2_moe": EXACT_BOTH,  # its block passes the router a correction bias (bound by the adapter)
+    "minimax_m2": EXACT_BOTH,
 }
 #: Families whose neurons gate waits for prism's new experts executor (layouts and activations the
 #: current CPU path does not honour); their linear export is exact today.

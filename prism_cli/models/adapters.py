@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import re
+import types
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -218,8 +220,10 @@ class MoEAdapter:
             if router_name is None:
                 raise PrismError(f"{name} has fused experts but no router child ({' or '.join(_ROUTER_NAMES)})")
             layout = self._check_experts(experts, name)
-            layers.append(MoELayer(int(match.group(1)), name, module, getattr(module, router_name), experts,
-                                   router_name, layout))
+            router = getattr(module, router_name)
+            if self.routing.router_args:
+                bind_router_args(router, module, self.routing.router_args)
+            layers.append(MoELayer(int(match.group(1)), name, module, router, experts, router_name, layout))
         if not layers:
             raise PrismError(f"found no sparse MoE block with fused experts in this {self.model_type} model")
         return sorted(layers, key=lambda layer: layer.index)
@@ -399,6 +403,14 @@ class MoEAdapter:
                 module._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
                 module._buffers[attr] = value
+        if self.routing.router_args:
+            # the block's tensors this router is called with, unflattened to the source experts, held by the router
+            for arg in self.routing.router_args:
+                tensor = getattr(layer.block, arg, None)
+                if tensor is not None:
+                    router.register_buffer(arg, self.source_routing_tensor(arg, tensor.detach(), n_sub, source_experts).clone(),
+                                           persistent=False)
+            bind_router_args(router, None, self.routing.router_args)
         return router.train(flat.training)  # a new module trains; Phi-MoE's router samples while it does
 
     def gate_neuron_rows(self, layer: MoELayer, positions: torch.Tensor, n_sub: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,7 +425,11 @@ class MoEAdapter:
         return gate_w.contiguous(), up_w.contiguous()
 
     def install_router(self, layer: MoELayer, router: nn.Module) -> None:
-        """Put ``router`` where the block calls its router."""
+        """Put ``router`` where the block calls its router. Where the block passes its router extra
+        tensors (``Routing.router_args``), ``router`` is called with them and drops them: its own routers
+        are bound to theirs (``bind_router_args``)."""
+        if self.routing.router_args:
+            router.forward = types.MethodType(_drop_block_args, router)
         setattr(layer.block, layer.router_name, router)
 
     # ---- routing semantics, for a top-K below the router's own ------------------------------------
@@ -425,12 +441,42 @@ class MoEAdapter:
         """The scores the router ranks experts by (any monotone transform will do): the logits, or the
         scores plus the correction bias where the family has one."""
         path = self.routing.correction_bias
-        if path is None:
+        if self.routing.router_args:
+            bias = bound_router_args(router)[0]
+        elif path is not None:
+            owner, _, attr = path.rpartition(".")
+            bias = getattr(router.get_submodule(owner) if owner else router, attr)
+        else:
+            bias = None
+        if bias is None:
             return logits
-        owner, _, attr = path.rpartition(".")
-        bias = getattr(router.get_submodule(owner) if owner else router, attr)
         on = self.routing.bias_on or ("logits" if self.routing.scores == "softmax_topk" else self.routing.scores)
         return _SCORE_FUNCTIONS[on](logits) + bias.reshape(-1)
+
+
+def bind_router_args(router: nn.Module, block: nn.Module | None, names: tuple[str, ...]) -> None:
+    """Make ``router(x)`` work for a router its block calls as ``router(x, block.<name>, ...)``: called
+    without them, it takes them from ``block`` (or, with ``block`` None, from its own buffers). Called
+    with them, as its block does, it behaves as before. The router keeps its class's state-dict names."""
+    cls = type(router)
+    if not getattr(cls, "_prism_bound", False):
+        router.__class__ = type(cls.__name__, (cls,), {"_prism_bound": True, "forward": _bound_forward})
+    router._prism_args = (None if block is None else weakref.ref(block), names)
+
+
+def bound_router_args(router: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """The tensors a bound router is called with by default."""
+    block, names = router._prism_args
+    owner = router if block is None else block()
+    return tuple(getattr(owner, name, None) for name in names)
+
+
+def _drop_block_args(self: nn.Module, hidden_states: torch.Tensor, *_block_args: Any) -> Any:
+    return type(self).forward(self, hidden_states)
+
+
+def _bound_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any) -> Any:
+    return type(self).__mro__[1].forward(self, hidden_states, *(args or bound_router_args(self)))
 
 
 def _layer_pattern(keys: list[str], index: int) -> re.Pattern[str]:
@@ -474,7 +520,6 @@ class Cohere2MoeAdapter(MoEAdapter):
 _SOFTMAX_NORM = Routing("softmax", normalize="norm_topk_prob")
 _V3 = Routing("sigmoid", normalize="norm_topk_prob", group_score="top2_sum", correction_bias="e_score_correction_bias")
 _SIGMOID_BIAS = Routing("sigmoid", normalize=True, correction_bias="e_score_correction_bias")
-_BLOCK_BIAS = "its router takes the block's score-correction bias as an argument, which prism's runtime does not pass"
 
 for _family in (
     Family("olmoe", routing=_SOFTMAX_NORM),
@@ -546,16 +591,16 @@ for _family in (
     Family("kolibri1", width="moe_intermediate_size",
            routing=Routing("sigmoid", normalize="norm_topk_prob", correction_bias="e_score_correction_bias", bias_on="logits")),
     Family("minimax_m2", experts="num_local_experts",
-           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",)), neurons_unsupported=_BLOCK_BIAS),
+           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",))),
     Family("hy_v3", width="moe_intermediate_size", coupled=("num_shared_experts",),
-           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",)), neurons_unsupported=_BLOCK_BIAS),
+           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",))),
     Family("lfm2_moe", width="moe_intermediate_size",
-           routing=Routing("sigmoid", normalize="norm_topk_prob", router_args=("expert_bias",)), neurons_unsupported=_BLOCK_BIAS),
+           routing=Routing("sigmoid", normalize="norm_topk_prob", router_args=("expert_bias",))),
     Family("cohere2_moe", routing=Routing("softmax_topk"), coupled=("num_shared_experts",), adapter=Cohere2MoeAdapter),
     # NemotronH's experts have no gate projection (relu^2 MLP experts): found and refused with that reason.
     Family("nemotron_h", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3),
     Family("afmoe", width="moe_intermediate_size", coupled=("num_shared_experts",),
-           routing=Routing("sigmoid", normalize=True, router_args=("expert_bias",)), neurons_unsupported=_BLOCK_BIAS),
+           routing=Routing("sigmoid", normalize=True, router_args=("expert_bias",))),
 ):
     register_family(_family)
 

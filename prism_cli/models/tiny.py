@@ -149,7 +149,9 @@ def randomize(model: torch.nn.Module, scale: float = 0.2) -> None:
                 continue
             if name.endswith(("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")) or ".experts." in name:
                 tensor.normal_(0.0, scale)
-            elif "bias" in name and ("router" in name or "gate" in name or "correction" in name or name.endswith("expert_bias")):
+            elif "correction" in name or name.endswith("expert_bias"):
+                tensor.normal_(0.0, 0.1)  # large enough to change which experts are picked
+            elif "bias" in name and ("router" in name or "gate" in name):
                 tensor.normal_(0.0, 0.05)
 
 
