@@ -67,9 +67,11 @@ class Routing:
     ``correction_bias``: path, relative to the router, of a per-expert bias added to the selection
     scores only (DeepSeek-V3's ``e_score_correction_bias``); ``bias_on`` says what it is added to
     when that is not ``scores`` (``"softmax"``, ``"sigmoid"`` or ``"logits"``).
-    ``router_args``: block attributes the block passes to its router as extra arguments.
+    ``router_args``: block attributes the block passes to its router as extra arguments (bound to the
+    router by ``bind_router_args``, so that prism's runtime can call it with the hidden states alone).
     ``inexact``: why repeated rows cannot reproduce the routing whatever the config.
     ``groups``: the config fields holding the number of expert groups and of groups kept.
+    ``sorted``: the top-k comes out sorted by score (the runtime can then keep the first pairs).
     """
 
     scores: str = "softmax"
@@ -81,6 +83,8 @@ class Routing:
     inexact: str | None = None
     #: Config fields of the group count and of the groups kept.
     groups: tuple[str, str] = ("n_group", "topk_group")
+    #: The router returns its top-k sorted by score (``torch.topk``'s default); DeepSeek's do not.
+    sorted: bool = True
 
     def __post_init__(self) -> None:
         if self.scores not in ("softmax", "softmax_topk", "sigmoid"):
@@ -167,6 +171,11 @@ class MoEAdapter:
     @property
     def latent_attention(self) -> bool:
         return self.family.latent_attention
+
+    @property
+    def router_sorted(self) -> bool:
+        """The router returns its top-k sorted by score (``torch.topk``'s default); DeepSeek's do not."""
+        return self.routing.sorted
 
     # ---- shape -------------------------------------------------------------------------------
     def _int_field(self, key: str) -> int:
@@ -518,8 +527,10 @@ class Cohere2MoeAdapter(MoEAdapter):
 # measures every one of them: tests/test_families.py, `make families`).
 
 _SOFTMAX_NORM = Routing("softmax", normalize="norm_topk_prob")
-_V3 = Routing("sigmoid", normalize="norm_topk_prob", group_score="top2_sum", correction_bias="e_score_correction_bias")
+_V3 = Routing("sigmoid", normalize="norm_topk_prob", group_score="top2_sum", correction_bias="e_score_correction_bias",
+              sorted=False)
 _SIGMOID_BIAS = Routing("sigmoid", normalize=True, correction_bias="e_score_correction_bias")
+_SIGMOID_BIAS_UNSORTED = Routing("sigmoid", normalize=True, correction_bias="e_score_correction_bias", sorted=False)
 
 for _family in (
     Family("olmoe", routing=_SOFTMAX_NORM),
@@ -541,7 +552,7 @@ for _family in (
                 "copies of every router row the second pick is another copy of the first expert, so repeated router "
                 "rows cannot reproduce it")),
     Family("deepseek_v2", experts="n_routed_experts", width="moe_intermediate_size",
-           routing=Routing("softmax", group_score="max"), coupled=("n_shared_experts",), latent_attention=True),
+           routing=Routing("softmax", group_score="max", sorted=False), coupled=("n_shared_experts",), latent_attention=True),
     Family("deepseek_v3", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3,
            coupled=("n_shared_experts",), latent_attention=True),
     Family("glm4_moe", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",)),
@@ -563,11 +574,13 @@ for _family in (
            latent_attention=True),
     Family("kimi_linear", width="moe_intermediate_size", top_k="num_experts_per_token",
            routing=Routing("sigmoid", normalize="norm_topk_prob", group_score="top2_sum",
-                           correction_bias="e_score_correction_bias", groups=("num_expert_group", "topk_group")),
+                           correction_bias="e_score_correction_bias", groups=("num_expert_group", "topk_group"),
+                           sorted=False),
            coupled=("num_shared_experts",), latent_attention=True),
     Family("bailing_hybrid", width="moe_intermediate_size", top_k="num_experts_per_token",
            routing=Routing("sigmoid", normalize="norm_topk_prob", group_score="top2_sum",
-                           correction_bias="e_score_correction_bias", groups=("num_expert_group", "topk_group")),
+                           correction_bias="e_score_correction_bias", groups=("num_expert_group", "topk_group"),
+                           sorted=False),
            coupled=("num_shared_experts",), latent_attention=True),
     Family("dots1", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",)),
     Family("ernie4_5_moe", width="moe_intermediate_size",
@@ -587,13 +600,13 @@ for _family in (
            coupled=("moe_num_shared_experts",)),
     Family("flint", width="moe_intermediate_size", routing=Routing("sigmoid", normalize="norm_topk_prob")),
     Family("laguna", width="moe_intermediate_size", routing=_SIGMOID_BIAS),
-    Family("minimax_m3_vl_text", experts="num_local_experts", routing=_SIGMOID_BIAS),
+    Family("minimax_m3_vl_text", experts="num_local_experts", routing=_SIGMOID_BIAS_UNSORTED),
     Family("kolibri1", width="moe_intermediate_size",
            routing=Routing("sigmoid", normalize="norm_topk_prob", correction_bias="e_score_correction_bias", bias_on="logits")),
     Family("minimax_m2", experts="num_local_experts",
-           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",))),
+           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",), sorted=False)),
     Family("hy_v3", width="moe_intermediate_size", coupled=("num_shared_experts",),
-           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",))),
+           routing=Routing("sigmoid", normalize=True, router_args=("e_score_correction_bias",), sorted=False)),
     Family("lfm2_moe", width="moe_intermediate_size",
            routing=Routing("sigmoid", normalize="norm_topk_prob", router_args=("expert_bias",))),
     Family("cohere2_moe", routing=Routing("softmax_topk"), coupled=("num_shared_experts",), adapter=Cohere2MoeAdapter),
