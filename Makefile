@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test
+.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -58,6 +58,16 @@ bench-fingerprint: $(STAMP)
 
 bench-partition: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m prism_cli.solvers.benchmark --out results/bench_partition.json
+
+# Every MoE family of the installed transformers through profile -> partition -> export (both gates),
+# each export's exactness measured: results/families.{md,csv,json} (a few minutes on 2 cores).
+families: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m prism_cli.evaluation.families --out results/families
+
+# How sub-experts carry a down_proj bias (GPT-OSS): perplexity at small K -> results/down_bias.{md,csv,json}
+# (trains a small GPT-OSS first; about 15 min on 2 cores).
+down-bias: $(STAMP)
+	$(BIN)/python scripts/down_bias.py --out results/down_bias
 
 gate-ablation: $(STAMP)
 	mkdir -p $(RUN)

@@ -58,4 +58,9 @@ def progress_bar(description: str, total: int | None = None, unit: str = "tokens
             if n:
                 progress.advance(task, n)
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            # A run refused (or interrupted) after its bar opened ends with its one-line error alone.
+            progress.live.transient = True
+            raise

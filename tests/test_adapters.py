@@ -1,5 +1,6 @@
 """Architecture adapters: found per family, MoE blocks located, clear errors for dense and unknown MoE models,
-and checkpoint key patterns that classify exactly the expert and router tensors on disk."""
+checkpoint key patterns that classify exactly the expert and router tensors on disk, and the disk <-> module
+conversion against transformers' own loading and saving."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from tiny_models import CONFIGS, FAMILIES
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prism_cli.errors import PrismError
-from prism_cli.models.adapters import ADAPTERS, MoEAdapter, adapter_for_config
+from prism_cli.models.adapters import FAMILIES as REGISTRY
+from prism_cli.models.adapters import adapter_for_config
+from prism_cli.models.layout import ExpertLayout
 from prism_cli.models.loading import load_config, load_model
 
 #: Decoder layers of each tiny model that hold a sparse MoE block (DeepSeek's first layer is dense).
+ADAPTER_NAMES = REGISTRY.names()
 MOE_LAYERS = {family: [1] if family.startswith("deepseek") else [0, 1] for family in FAMILIES}
 _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
               vocab_size=128, max_position_embeddings=64)
@@ -34,13 +39,13 @@ def loaded(tiny_model_dir):
     return get
 
 
-def test_every_family_is_registered() -> None:
-    assert sorted(ADAPTERS.names()) == sorted(FAMILIES)
+def test_every_tiny_family_is_registered() -> None:
+    assert set(FAMILIES) <= set(ADAPTER_NAMES)
 
 
 def test_adapter_is_found_and_reads_the_config(tiny_model_dir, family: str) -> None:
     adapter = adapter_for_config(load_config(str(tiny_model_dir(family))))
-    assert isinstance(adapter, ADAPTERS.get(family)) and adapter.model_type == family
+    assert adapter.family is REGISTRY.get(family) and adapter.model_type == family
     assert (adapter.num_experts, adapter.width, adapter.top_k, adapter.hidden_size) == (8, 32, 2, 64)
     assert adapter.describe()["expert_width"] == 32
 
@@ -51,7 +56,8 @@ def test_moe_layers_finds_the_sparse_blocks(loaded, family: str) -> None:
     assert [layer.index for layer in layers] == MOE_LAYERS[family]
     for layer in layers:
         assert layer.block is lm.model.get_submodule(layer.name)
-        assert layer.experts is layer.block.experts and layer.router is layer.block.gate
+        assert layer.experts is layer.block.experts and layer.router is layer.block.gate and layer.router_name == "gate"
+        assert layer.layout == ExpertLayout()  # standard: [E, 2I, H], gate rows then up rows, no bias
         assert tuple(layer.experts.gate_up_proj.shape) == (8, 64, 64)
         assert tuple(layer.experts.down_proj.shape) == (8, 64, 32)
     if family.startswith("deepseek"):
@@ -64,7 +70,7 @@ def test_moe_layers_refuses_a_wrong_expert_layout(tiny_model_dir) -> None:
     config = load_config(str(tiny_model_dir("olmoe")))
     model = AutoModelForCausalLM.from_config(config)
     config.intermediate_size = 16
-    with pytest.raises(PrismError, match=r"not the fused SwiGLU layout.*gate_up_proj \(8, 64, 64\)"):
+    with pytest.raises(PrismError, match=r"config and the weights disagree.*gate_up_proj \(8, 64, 64\)"):
         adapter_for_config(config).moe_layers(model)
 
 
@@ -91,9 +97,7 @@ def test_dense_model_is_not_moe(tmp_path) -> None:
 @pytest.mark.parametrize(
     "model_type, extra, weights",
     [
-        ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2), True),
-        ("phimoe", dict(num_local_experts=4, num_experts_per_tok=2), True),
-        ("jamba", dict(num_experts=4, num_experts_per_tok=2), True),
+        ("jetmoe", dict(num_local_experts=4, num_experts_per_tok=2), True),
         # DBRX keeps its expert count in a nested ffn_config: still MoE, not "dense". (Its tiny model
         # does not build in this transformers version, so only the config is saved.)
         ("dbrx", dict(d_model=32, n_heads=4, n_layers=2, ffn_config=dict(moe_num_experts=4, moe_top_k=2)), False),
@@ -108,7 +112,7 @@ def test_unsupported_moe_family(tmp_path, model_type: str, extra: dict, weights:
         load_model(str(directory))
     message = str(exc.value)
     assert f"unsupported MoE family {model_type!r}" in message
-    assert "supported: " + ", ".join(ADAPTERS.names()) in message and "\n" not in message
+    assert "supported: " + ", ".join(ADAPTER_NAMES) in message and "\n" not in message
 
 
 def _checkpoint_keys(directory: Path) -> list[str]:
@@ -117,11 +121,6 @@ def _checkpoint_keys(directory: Path) -> list[str]:
         with safe_open(str(file), "pt") as fh:
             keys += list(fh.keys())
     return keys
-
-
-def _classify(adapter: MoEAdapter, key: str) -> list[str]:
-    patterns = adapter.key_patterns()
-    return [kind for kind in ("expert", "fused", "router") if getattr(patterns, kind).match(key)]
 
 
 def test_key_patterns_classify_the_saved_checkpoint(tiny_model_dir, family: str) -> None:
@@ -134,36 +133,38 @@ def test_key_patterns_classify_the_saved_checkpoint(tiny_model_dir, family: str)
     routers = [k for k in keys if k.endswith((".gate.weight", ".gate.e_score_correction_bias"))]
     assert routed and routers
     for key in keys:
-        kinds = _classify(adapter, key)
-        want = ["expert"] if key in routed else ["router"] if key in routers else []
+        kinds = [kind for kind in ("experts", "router") if getattr(patterns, kind).match(key)]
+        want = ["experts"] if key in routed else ["router"] if key in routers else []
         assert kinds == want, key
-    # Every (MoE layer, expert, projection) appears exactly once, with the family's projection names.
-    found = [patterns.expert.match(k) for k in routed]
-    triples = sorted((int(m["layer"]), int(m["expert"]), m["proj"]) for m in found)
+    # Every (MoE layer, expert, projection) appears exactly once, in the family's hub names.
+    found = sorted((int(patterns.experts.match(k)["layer"]), int(re.search(r"experts\.(\d+)\.", k)[1]), k.rsplit(".", 2)[-2])
+                   for k in routed)
+    projections = {"mixtral": ("w1", "w2", "w3")}.get(family, ("down_proj", "gate_proj", "up_proj"))
     want_triples = sorted(
-        (layer, e, p) for layer in MOE_LAYERS[family] for e in range(adapter.num_experts) for p in adapter.proj_names
+        (layer, e, p) for layer in MOE_LAYERS[family] for e in range(adapter.num_experts) for p in projections
     )
-    assert triples == want_triples
-    router_weights = sorted(int(m["layer"]) for k in routers if (m := patterns.router.match(k)) and m["name"] == "weight")
+    assert found == want_triples
+    router_weights = sorted(int(m["layer"]) for k in routers if (m := patterns.router.match(k)) and k.endswith(".weight"))
     assert router_weights == MOE_LAYERS[family]
-    # The prefix group is the module path up to the block, as the streaming export rebuilds names from it.
-    block = {"mixtral": "block_sparse_moe"}.get(family, "mlp")
-    assert {m["prefix"] for m in found} == {f"model.layers.{layer}.{block}" for layer in MOE_LAYERS[family]}
 
 
-def test_key_patterns_match_the_fused_in_memory_names(loaded, family: str) -> None:
-    lm = loaded(family)
-    keys = list(lm.model.state_dict())
-    fused = [k for k in keys if re.search(r"\.experts\.(gate_up_proj|down_proj)$", k) and "shared" not in k]
-    assert len(fused) == 2 * len(MOE_LAYERS[family])
-    for key in keys:
-        kinds = _classify(lm.adapter, key)
-        if key in fused:
-            assert kinds == ["fused"], key
-        elif key.endswith((".gate.weight", ".gate.e_score_correction_bias")):
-            assert kinds == ["router"], key
-        else:
-            assert kinds == [], key
+def test_checkpoint_conversion_matches_transformers(tiny_model_dir, family: str) -> None:
+    """to_module gives what from_pretrained loads, and to_disk what save_pretrained wrote, layer by layer."""
+    directory = tiny_model_dir(family)
+    adapter = adapter_for_config(load_config(str(directory)))
+    on_disk = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as fh:
+            on_disk |= {k: fh.get_tensor(k) for k in fh.keys()}
+    loaded = AutoModelForCausalLM.from_pretrained(str(directory)).state_dict()
+    for layer in MOE_LAYERS[family]:
+        disk = {k: v for k, v in on_disk.items() if f"layers.{layer}." in k}
+        module = adapter.names.to_module(disk)
+        assert module and set(module) == {k for k in loaded if f"layers.{layer}." in k}
+        for key, tensor in module.items():
+            assert torch.equal(tensor, loaded[key]), key
+        back = adapter.names.to_disk(module)
+        assert set(back) == set(disk) and all(torch.equal(back[k], disk[k]) for k in disk)
 
 
 def test_tiny_configs_cover_every_family() -> None:

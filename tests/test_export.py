@@ -45,7 +45,7 @@ def moe_layers_on_disk(model_dir: Path) -> list[int]:
     adapter = adapter_for_config(load_config(str(model_dir)))
     patterns = adapter.key_patterns()
     reader = CheckpointReader(checkpoint_dir(str(model_dir)))
-    return sorted({int(m["layer"]) for key in reader.keys() if (m := patterns.expert.match(key) or patterns.fused.match(key))})
+    return sorted({int(m["layer"]) for key in reader.keys() if (m := patterns.experts.match(key))})
 
 
 def random_partition(
@@ -365,50 +365,45 @@ def test_linear_export_loads_with_plain_transformers(exported, tiny_model_dir, t
 # Sub-experts are slices of their expert; their outputs add up to it.
 
 
-def _source_expert(reader: CheckpointReader, adapter: Any, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
-    patterns = adapter.key_patterns()
-    found = {}
-    for key in reader.keys():
-        m = patterns.expert.match(key)
-        if m and int(m["layer"]) == layer and int(m["expert"]) == expert:
-            found[m["proj"]] = reader.get(key)
-    return tuple(found[p] for p in adapter.proj_names)
-
-
 def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 def test_sub_experts_are_slices_that_add_up(family, exported, tiny_model_dir, partition_of):
+    """Both checkpoints as stock transformers loads them: every sub-expert is its expert's gate and up rows
+    and down columns at the partition's neurons (down scaled), and the sub-experts' outputs add up."""
+    from transformers import AutoModelForCausalLM
+
     from prism_cli.solvers.format import read_partition
 
     source = tiny_model_dir(family)
     adapter = adapter_for_config(load_config(str(source)))
-    gate_name, up_name, down_name = adapter.proj_names
     partition = read_partition(partition_of(family))
-    src, out = CheckpointReader(source), CheckpointReader(exported(family, "neurons"))
-    patterns = adapter.key_patterns()
-    prefix = next(m["prefix"] for k in out.keys() if (m := patterns.expert.match(k)))
-    prefix = prefix.rsplit(".layers.", 1)[0]
-    block = adapter.checkpoint_block
+    src = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).state_dict()
+    out = AutoModelForCausalLM.from_pretrained(str(exported(family, "neurons")), dtype=torch.float32).state_dict()
     scale = adapter.flat_down_scale(N_SUB)
-    size = adapter.width // N_SUB
+    width, size = adapter.width, adapter.width // N_SUB
     x = torch.randn(5, adapter.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    block = {layer: next(k.removesuffix(".experts.gate_up_proj") for k in src
+                         if k.endswith(".experts.gate_up_proj") and f"layers.{layer}." in k and "shared" not in k)
+             for layer in partition.layers}
     for layer in partition.layers:
+        gate_up, down = src[f"{block[layer]}.experts.gate_up_proj"], src[f"{block[layer]}.experts.down_proj"]
+        flat_gate_up, flat_down = out[f"{block[layer]}.experts.gate_up_proj"], out[f"{block[layer]}.experts.down_proj"]
         for e in (0, adapter.num_experts - 1):
-            gate, up, down = _source_expert(src, adapter, layer, e)
+            gate, up = gate_up[e, :width], gate_up[e, width:]
             total = torch.zeros(5, adapter.hidden_size, dtype=torch.float64)
             for n in range(N_SUB):
                 idx = torch.from_numpy(partition.experts[layer][e].permutation[n * size : (n + 1) * size].astype(np.int64))
-                sub = f"{prefix}.layers.{layer}.{block}.experts.{e * N_SUB + n}"
-                g, u, d = (out.get(f"{sub}.{name}.weight") for name in (gate_name, up_name, down_name))
+                g, u = flat_gate_up[e * N_SUB + n, :size], flat_gate_up[e * N_SUB + n, size:]
+                d = flat_down[e * N_SUB + n]
                 assert torch.equal(g, gate[idx]) and torch.equal(u, up[idx])
-                torch.testing.assert_close(d, down[:, idx] * scale, rtol=0, atol=0)
+                torch.testing.assert_close(d, down[e][:, idx] * scale, rtol=0, atol=0)
                 total += _swiglu(x, g.double(), u.double(), d.double() / scale)
-            torch.testing.assert_close(total, _swiglu(x, gate.double(), up.double(), down.double()), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(total, _swiglu(x, gate.double(), up.double(), down[e].double()), rtol=1e-10, atol=1e-12)
         # router rows are repeated N times, in order
-        router = next(k for k in src.keys() if (m := patterns.router.match(k)) and int(m["layer"]) == layer and m["name"] == "weight")
-        assert torch.equal(out.get(router), src.get(router).repeat_interleave(N_SUB, dim=0))
+        router = f"{block[layer]}.gate.weight"
+        assert torch.equal(out[router], src[router].repeat_interleave(N_SUB, dim=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,16 +510,16 @@ def test_existing_output_needs_force(cli, tiny_model_dir, partition_of, tmp_path
 def test_failure_mid_export_keeps_nothing_and_spares_the_old_output(error, tiny_model_dir, partition_of, tmp_path, monkeypatch):
     import prism_cli.export.builder as export_module
 
-    real = export_module._write_layer
+    real = export_module._split_layer
     calls: list[int] = []
 
-    def failing(*args: Any, **kwargs: Any) -> None:
+    def failing(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 2:
             raise error
-        real(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "_write_layer", failing)
+    monkeypatch.setattr(export_module, "_split_layer", failing)
     out = tmp_path / "out"
     with pytest.raises(type(error)):
         export_model(str(tiny_model_dir("olmoe")), partition_of("olmoe"), out, ExportSettings())

@@ -21,7 +21,12 @@ def export(
         None, "--operating-point", "-K",
         help="Default operating point: K (1..N*k), or topk:K, pattern:4,3,1, threshold:0.9, linear:K. Default: all sub-experts.",
     ),
-    allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Export a linear gate even where router copies cannot be exact."),
+    allow_inexact: bool = typer.Option(
+        False, "--allow-inexact", help="Export even where a gate is not exact (the measured difference is recorded)."
+    ),
+    down_bias: str = typer.Option(
+        "first", "--down-bias", help="How sub-experts carry a down_proj bias: first (sub-expert 0) or uniform (1/N each)."
+    ),
     max_shard_gb: float = typer.Option(4.0, "--max-shard-gb", help="Largest output shard, in GiB."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     config: str = ConfigOption,
@@ -32,7 +37,8 @@ def export(
     if not max_shard_gb > 0:  # NaN too
         raise PrismError(f"--max-shard-gb must be positive, got {max_shard_gb}")
     settings = ExportSettings(
-        gate=gate, operating_point=operating_point, allow_inexact=allow_inexact, max_shard_bytes=int(max_shard_gb * 2**30)
+        gate=gate, operating_point=operating_point, allow_inexact=allow_inexact, max_shard_bytes=int(max_shard_gb * 2**30),
+        down_bias=down_bias,
     )
     # export_model reports (0, total) only once its checks have passed: a refused export prints its
     # one-line error with no progress bar above it.
@@ -52,6 +58,10 @@ def export(
         f"{serving['expert_width']}): tensor-parallel {', '.join(map(str, serving['tensor_parallel']))}{refused}; "
         f"expert-parallel {', '.join(map(str, serving['expert_parallel']))}"
     )
+    for gate, check in (result.exactness or {}).items():
+        if gate in ("linear", "neurons"):
+            console.print(f"exactness, {gate} gate at {check['point']}: max relative difference {check['max_rel_diff']:.2g} "
+                          f"({'exact' if check['exact'] else 'NOT exact'}, tolerance {check['tolerance']:.0e})")
     if result.inexact_reason:
         console.print(f"[yellow]warning:[/] the linear gate is not exact for this model: {result.inexact_reason}")
     if result.linear_gate_difference:

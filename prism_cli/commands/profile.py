@@ -14,6 +14,15 @@ from prism_cli.io import check_not_input, check_writable
 from prism_cli.report import ResultTable
 
 
+def moe_layer_note(moe: list[int], total: int | None) -> str:
+    """Which decoder layers hold a sparse MoE block (a hybrid model's MoE layers are a subset)."""
+    if not total or len(moe) == total:
+        return f"MoE layers: all {len(moe)} decoder layers"
+    dense = [i for i in range(total) if i not in set(moe)]
+    return (f"MoE layers: {', '.join(map(str, moe))} of {total} decoder layers; the others "
+            f"({', '.join(map(str, dense))}) have no routed experts and are not profiled")
+
+
 def profile(
     model: str = typer.Argument("builtin", help="Checkpoint folder or hub id ('builtin': the shipped model)."),
     data: str = typer.Option(None, help="Calibration text file, or builtin:<split> (default builtin:calibration)."),
@@ -56,13 +65,15 @@ def profile(
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
     adapter = loaded.adapter
     assert adapter is not None
-    n_layers = len(settings.layers or adapter.moe_layers(loaded.model))
+    moe = [layer.index for layer in adapter.moe_layers(loaded.model)]
+    n_layers = len(settings.layers or moe)
     row_bytes = 2 if row_dtype == "float16" else 4
     console.print(
         f"profiling [bold]{loaded.name}[/] ({adapter.model_type}: {n_layers} MoE layers x {adapter.num_experts} experts, "
         f"width {adapter.width}, top-{adapter.top_k}); row reservoirs up to "
         f"{n_layers * adapter.num_experts * max_rows * adapter.width * row_bytes / 2**30:.2f} GiB"
     )
+    console.print(moe_layer_note(moe, getattr(loaded.model.config.get_text_config(), "num_hidden_layers", None)))
     with deferred_progress("profiling", unit="tokens") as (start, advance):
         summary = profile_model(loaded, text, data_name, settings, out, on_batch=advance, on_start=start)
     table = ResultTable(

@@ -12,6 +12,7 @@ the forward on CPU and CUDA events on GPU, after warm-up; median and p90 over th
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import statistics
@@ -106,6 +107,7 @@ class StepTimer:
         gen = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(self.device)
         self.cache = None
+        self._pristine: Any = None
         # transformers renamed `past_key_values` to `cache`; take whichever this version's forward has.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -113,8 +115,7 @@ class StepTimer:
         self._prefill_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         try:
             if mode == "decode":
-                with torch.inference_mode():
-                    self.cache = model(input_ids=self.ids[:, :seq_len], use_cache=True).past_key_values
+                self._prepare_decode()
         except BaseException as exc:  # re-raised unless it is an out-of-memory error
             if _is_oom(exc):
                 raise MemoryError(f"batch {batch} x seq-len {seq_len} does not fit in memory") from None
@@ -124,7 +125,6 @@ class StepTimer:
     def _step(self) -> None:
         if self.mode == "decode":
             self.model(input_ids=self.ids[:, self.seq_len :], use_cache=True, **{self._cache_kw: self.cache})
-            self.cache.crop(-1)
         else:
             self.model(input_ids=self.ids[:, : self.seq_len], use_cache=False, **self._prefill_kw)
 
@@ -152,7 +152,38 @@ class StepTimer:
                 raise MemoryError(f"batch {self.batch} x seq-len {self.seq_len} does not fit in memory") from None
             raise
         moe = None if cuda or not self.moe_blocks else self._clock.elapsed * 1e3
+        self._rewind()
         return ms, moe, memory / 2**20
+
+    def _prepare_decode(self) -> None:
+        """The prompt's KV cache and one untimed decode step: a model transformers cannot decode over a
+        cache fails here, in one line."""
+        try:
+            with torch.inference_mode():
+                self.cache = self.model(input_ids=self.ids[:, : self.seq_len], use_cache=True).past_key_values
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - re-raised as is when it is an out-of-memory error
+            if _is_oom(exc):
+                raise
+            raise PrismError(f"this model cannot decode over its KV cache in transformers ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); bench it with --mode prefill") from None
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Take the decoded token off the cache again (outside the timed region). A cache with recurrent
+        state (linear-attention layers) cannot crop: the prompt's cache is then computed again once and
+        each later step starts from a copy of it."""
+        if self.mode != "decode":
+            return
+        if self._pristine is None:
+            try:
+                self.cache.crop(-1)
+                return
+            except Exception:  # noqa: BLE001 - each cache class refuses in its own way
+                with torch.inference_mode():
+                    prompt = self.ids[:, : self.seq_len]
+                    self._pristine = self.model(input_ids=prompt, use_cache=True).past_key_values
+        self.cache = copy.deepcopy(self._pristine)
 
     def summarize(self, samples: list[tuple[float, float | None, float]]) -> Latency:
         """Median and p90 of the samples' step times, with throughput, peak memory and MoE time."""
@@ -168,6 +199,7 @@ class StepTimer:
         """``warmup`` untimed steps, then ``repeats`` timed ones."""
         for _ in range(warmup):
             self._step()
+            self._rewind()
         return self.summarize([self.sample() for _ in range(repeats)])
 
     def close(self) -> None:

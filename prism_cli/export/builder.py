@@ -2,20 +2,28 @@
 
 The export is always the *flat* layout (SPEC 3.4b): the same model type with ``E * N`` experts of
 width ``I / N`` (expert e's sub-expert n is expert ``e * N + n``; sub-expert 0 is the most important),
-router rows repeated N times, and ``down_proj`` rescaled (``MoEAdapter.flat_down_scale``) so that the
-top-(N*k) operating point equals the original model. Stock transformers loads it as is (the linear
-gate); vLLM and SGLang serve it as an ordinary fine-grained MoE.
+router rows (and every per-expert routing tensor) repeated N times, and ``down_proj`` rescaled
+(``MoEAdapter.flat_down_scale``) so that the top-(N*k) operating point equals the original model.
+Stock transformers loads it as is (the linear gate); vLLM and SGLang serve it as an ordinary
+fine-grained MoE.
+
+Sub-experts are cut neuron by neuron in the experts' own layout (``models/layout.py``: transposed,
+interleaved gate/up as in GPT-OSS, per-neuron up-projection biases). A ``down_proj_bias`` is added once
+per expert; sub-expert 0 carries it whole (``DOWN_BIAS``, measured in ``results/down_bias.md``).
 
 ``--gate neurons`` adds ``prism/gate_neurons.safetensors`` (each sub-expert's gate-neuron positions) and
 makes the prism runtime route with the *original* router and the training-free gate (SPEC 3.4a).
 
-Source weights are streamed tensor by tensor from safetensors and written in bounded shards, in the
-family's hub naming (``...experts.{i}.gate_proj.weight``), so models larger than memory export.
+Source weights are streamed one MoE layer at a time, converted to the module layout and back to the
+family's hub format with transformers' own conversion mapping (``models/conversion.py``), and written
+in bounded shards, so models larger than memory export. Before the output is renamed into place,
+every MoE block of the source and of the export runs on probe inputs at the full operating point of
+each gate (``export/exactness.py``); the measured differences go into the config (``prism.exactness``)
+and an export that is not exact is refused (the linear gate: unless ``--allow-inexact``).
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,10 +38,13 @@ from safetensors.torch import save_file
 from prism_cli import __version__
 from prism_cli.errors import PrismError
 from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
+from prism_cli.export.exactness import GateCheck, check_export, probe_description
 from prism_cli.export.inexact import linear_gate_difference
 from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir, check_new_folder, check_not_input
-from prism_cli.models.adapters import MoEAdapter, adapter_for_config
+from prism_cli.models.adapters import MoEAdapter, MoELayer, adapter_for_config
+from prism_cli.models.checkpoint_files import check_checkpoint_files
+from prism_cli.models.conversion import CheckpointNames, skeleton
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
 from prism_cli.runtime.elastic import EXPORT_FORMAT_VERSION, GATE_FILE
 from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
@@ -48,12 +59,15 @@ class ExportSettings:
     operating_point: str | None = None
     allow_inexact: bool = False
     max_shard_bytes: int = 4 * 2**30
+    down_bias: str = "first"
 
     def validate(self) -> None:
         if self.gate not in GATES:
             raise PrismError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.max_shard_bytes < 1:
             raise PrismError(f"--max-shard-gb must be positive, got {self.max_shard_bytes / 2**30:g}")
+        if self.down_bias not in DOWN_BIAS:
+            raise PrismError(f"unknown --down-bias {self.down_bias!r}; choose one of {', '.join(DOWN_BIAS)}")
 
 
 @dataclass
@@ -69,6 +83,7 @@ class ExportResult:
     inexact_reason: str | None
     serving: dict[str, Any]
     linear_gate_difference: dict[str, Any] | None = None
+    exactness: dict[str, Any] | None = None
 
 
 def check_partition(partition: Partition, config: Any, adapter: MoEAdapter, weights_hash: str, model: str) -> None:
@@ -92,6 +107,13 @@ def check_partition(partition: Partition, config: Any, adapter: MoEAdapter, weig
             )
     if adapter.width % partition.n_sub:
         raise PrismError(f"partition has N = {partition.n_sub}, which does not divide this model's expert width {adapter.width}")
+
+
+#: How a sub-expert carries its expert's ``down_proj_bias`` (added once per expert): ``first``, all of it
+#: on sub-expert 0 (the most important, taken first by ``linear:K`` and the ``pattern`` policies);
+#: ``uniform``, 1/N on each. At the full operating point both sum to the expert's bias. Measured at
+#: small K in ``results/down_bias.md`` (``make down-bias``).
+DOWN_BIAS = ("first", "uniform")
 
 
 def export_model(
@@ -120,8 +142,12 @@ def export_model(
     check_new_folder(out, force)
     config = load_config(name)
     adapter = adapter_for_config(config)
+    if settings.gate == "neurons" and (why := adapter.neurons_unsupported_reason()):
+        raise PrismError(f"the neurons gate is not available for {adapter.model_type}: {why}; use --gate linear")
     source = checkpoint_dir(name)
     check_not_input(out, {"source model": source}, inside=True)  # a hub snapshot, once downloaded
+    check_checkpoint_files(source)  # a truncated download: one line naming the file
+    adapter.check_checkpoint(source)
     partition = read_partition(partition_path)
     check_partition(partition, config, adapter, weights_fingerprint(source, adapter), name)
     n_sub = partition.n_sub
@@ -136,30 +162,34 @@ def export_model(
     )
     reader = CheckpointReader(source)
     plan = _plan(reader, adapter)
-    if sorted(plan.moe_layers) != partition.layers:
+    if sorted(plan.layers) != partition.layers:
         raise PrismError(
-            f"partition covers layers {partition.layers} but the model has MoE layers {sorted(plan.moe_layers)}; "
+            f"partition covers layers {partition.layers} but the model has MoE layers {sorted(plan.layers)}; "
             "profile and partition every MoE layer to export"
         )
     # Where the linear gate is inexact and exported anyway, measure how far it is (runs the source model).
     difference = linear_gate_difference(name, n_sub) if settings.gate == "linear" and inexact else None
+    flat = adapter.flat_config(n_sub)
+    flat_names = _check_flat_shapes(adapter, flat, n_sub)
+    scale = adapter.flat_down_scale(n_sub)
     with atomic_dir(out, force=force) as tmp:
         writer = ShardWriter(tmp, settings.max_shard_bytes)
-        total = len(plan.moe_layers)
+        total = len(plan.layers)
         if on_progress is not None:
             on_progress(0, total)
         for key in plan.plain:
             writer.add(key, reader.get(key))
-        for done, layer in enumerate(sorted(plan.moe_layers), start=1):
-            _write_layer(reader, writer, plan, layer, partition, adapter)
+        for done, index in enumerate(sorted(plan.layers), start=1):
+            layer = plan.layers[index]
+            tensors = _read_layer(reader, adapter, plan.moe_keys[index], layer)
+            flat_tensors = _split_layer(tensors, layer, partition.experts[index], adapter, n_sub, scale, settings.down_bias)
+            for key, tensor in flat_names.to_disk(flat_tensors).items():
+                writer.add(key, tensor.contiguous())
             if on_progress is not None:
                 on_progress(done, total)
         files = writer.finish()
-        flat = copy.deepcopy(config)
-        for key, value in adapter.flat_config_updates(n_sub).items():
-            setattr(flat, key, value)
         if settings.gate == "linear":
-            setattr(flat, adapter.top_k_key, default_point.value)
+            _text_config(flat).__setattr__(adapter.top_k_key, default_point.value)
         flat.prism = {
             "format_version": EXPORT_FORMAT_VERSION,
             "prism_version": __version__,
@@ -181,7 +211,8 @@ def export_model(
                 "keep": partition.meta["keep"],
                 "seed": partition.meta["seed"],
             },
-            "down_scale": adapter.flat_down_scale(n_sub),
+            "down_scale": scale,
+            "down_bias": settings.down_bias if plan.layers and next(iter(plan.layers.values())).layout.bias else None,
             "linear_gate_exact": inexact is None,
             "linear_gate_note": inexact,
             **({"linear_gate_difference": difference} if difference is not None else {}),
@@ -190,7 +221,6 @@ def export_model(
             "default_operating_point": str(default_point),
         }
         flat.prism["serving"] = serving_check(flat, adapter, n_sub)
-        flat.save_pretrained(tmp)
         if settings.gate == "neurons":
             gates = {
                 f"layers.{layer}.gate_positions": torch.from_numpy(
@@ -202,67 +232,146 @@ def export_model(
             save_file(gates, str(tmp / GATE_FILE))
             files.append(GATE_FILE)
         _copy_side_files(source, tmp)
+        flat.save_pretrained(tmp)
+        # Exactness, measured on what was written; a refusal here leaves nothing behind (atomic_dir).
+        gates_checked = ["linear"] if settings.gate == "linear" else ["linear", "neurons"]
+        checks = check_export(adapter, reader, tmp, flat, gates_checked)
+        _refuse_inexact(checks, settings, inexact)
+        linear = checks["linear"]
+        flat.prism["exactness"] = {"probe": probe_description(), **{g: c.record() for g, c in checks.items()}}
+        flat.prism["linear_gate_exact"] = inexact is None and linear.exact
+        if not linear.exact and inexact is None:
+            flat.prism["linear_gate_note"] = f"measured max relative difference {linear.max_rel_diff:.3g} at {linear.point}"
+            inexact = flat.prism["linear_gate_note"]
+        flat.save_pretrained(tmp)
     return ExportResult(out, settings.gate, n_sub, adapter.num_experts, adapter.width, adapter.top_k,
-                        str(default_point), files, inexact, flat.prism["serving"], difference)
+                        str(default_point), files, inexact, flat.prism["serving"], difference, flat.prism["exactness"])
+
+
+def _refuse_inexact(checks: dict[str, GateCheck], settings: ExportSettings, declared: str | None) -> None:
+    """Refuse an export whose gate is measured inexact (the linear gate: unless ``--allow-inexact``)."""
+    neurons = checks.get("neurons")
+    if neurons is not None and neurons.error is not None and not settings.allow_inexact:
+        raise PrismError(
+            f"prism's runtime cannot run this model's experts at {neurons.point} ({neurons.error}); this expert layout "
+            "needs runtime support: use --gate linear (checked exact), or --allow-inexact to export anyway"
+        )
+    if neurons is not None and not neurons.exact and not settings.allow_inexact:
+        raise PrismError(
+            f"prism's runtime does not reproduce this model at {neurons.point}: measured max relative difference "
+            f"{neurons.max_rel_diff:.3g} on probe inputs (tolerance {neurons.tolerance:.1g}); this expert layout needs "
+            "runtime support, or --allow-inexact to export anyway"
+        )
+    linear = checks["linear"]
+    if settings.gate == "linear" and not linear.exact and not settings.allow_inexact and declared is None:
+        raise PrismError(
+            f"the linear gate is not exact for this model: measured max relative difference {linear.max_rel_diff:.3g} "
+            f"at {linear.point} on probe inputs (tolerance {linear.tolerance:.1g}); use --gate neurons, "
+            "or --allow-inexact to export anyway"
+        )
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 @dataclass
 class _Plan:
     plain: list[str]
-    moe_layers: dict[int, str]
-    experts: dict[int, dict[tuple[int, str], str]]
-    fused: dict[int, dict[str, str]]
-    routers: dict[int, dict[str, str]]
+    layers: dict[int, MoELayer]
+    moe_keys: dict[int, list[str]]
 
 
 def _plan(reader: CheckpointReader, adapter: MoEAdapter) -> _Plan:
-    """Sort the checkpoint's tensors into plain ones (copied) and MoE ones (split or repeated)."""
-    patterns = adapter.key_patterns()
-    plan = _Plan(plain=[], moe_layers={}, experts=defaultdict(dict), fused=defaultdict(dict), routers=defaultdict(dict))
+    """Sort the checkpoint's tensors into plain ones (copied) and each MoE layer's experts and routing
+    tensors (split or repeated), by the module tensor each one loads into."""
+    layers = {layer.index: layer for layer in adapter.moe_layers(adapter.skeleton)}
+    owner: dict[str, int] = {}
+    for layer in layers.values():
+        for key in (*(f"experts.{k}" for k in layer.layout.tensor_names()), *layer.routing_tensors()):
+            owner[f"{layer.name}.{key}"] = layer.index
+    plan = _Plan(plain=[], layers=layers, moe_keys=defaultdict(list))
     for key in reader.keys():
-        if m := patterns.expert.match(key):
-            plan.experts[int(m["layer"])][int(m["expert"]), m["proj"]] = key
-            plan.moe_layers[int(m["layer"])] = m["prefix"]
-        elif m := patterns.fused.match(key):
-            plan.fused[int(m["layer"])][m["proj"]] = key
-            plan.moe_layers[int(m["layer"])] = m["prefix"]
-        elif m := patterns.router.match(key):
-            plan.routers[int(m["layer"])][m["name"]] = key
-        else:
+        index = owner.get(adapter.names.module_key(key) or "")
+        if index is None:
             plan.plain.append(key)
+        else:
+            plan.moe_keys[index].append(key)
+    missing = sorted(set(layers) - set(plan.moe_keys))
+    if missing:
+        raise PrismError(f"{reader.directory} has no expert tensors for MoE layers {missing}")
     return plan
 
 
-def _write_layer(
-    reader: CheckpointReader, writer: ShardWriter, plan: _Plan, layer: int, partition: Partition, adapter: MoEAdapter
-) -> None:
-    n_sub = partition.n_sub
-    prefix = plan.moe_layers[layer]
-    gate_name, up_name, down_name = adapter.proj_names
-    width, size = adapter.width, adapter.width // n_sub
-    scale = adapter.flat_down_scale(n_sub)
-    for key in plan.routers.get(layer, {}).values():
-        writer.add(key, reader.get(key).repeat_interleave(n_sub, dim=0))
-    if set(plan.routers.get(layer, {})) != {"weight", *adapter.router_per_expert}:
-        raise PrismError(f"layer {layer}: router tensors are missing from the checkpoint")
-    fused = plan.fused.get(layer)
-    gate_up = reader.get(fused["gate_up_proj"]) if fused else None
-    down_all = reader.get(fused["down_proj"]) if fused else None
-    for e, expert in enumerate(partition.experts[layer]):
-        if fused:
-            gate, up, down = gate_up[e, :width], gate_up[e, width:], down_all[e]
-        else:
-            keys = plan.experts[layer]
-            try:
-                gate, up, down = (reader.get(keys[e, p]) for p in adapter.proj_names)
-            except KeyError:
-                raise PrismError(f"layer {layer}: weights of expert {e} are missing from the checkpoint") from None
+def _check_flat_shapes(adapter: MoEAdapter, flat_config: Any, n_sub: int) -> CheckpointNames:
+    """The flat config must change the routed experts and routing tensors only: a config field that
+    also sizes another module (a shared expert, a dense MLP) would shrink it."""
+    flat_model = skeleton(flat_config)
+    moe = {layer.name for layer in adapter.moe_layers(adapter.skeleton)}
+    source_shapes = {k: tuple(v.shape) for k, v in adapter.skeleton.state_dict().items()}
+    routing = {f"{layer.name}.{k}" for layer in adapter.moe_layers(adapter.skeleton) for k in layer.routing_tensors()}
+    for key, tensor in flat_model.state_dict().items():
+        if any(key.startswith(f"{block}.experts.") for block in moe) or key in routing:
+            continue
+        if source_shapes.get(key) != tuple(tensor.shape):
+            changed = [k for k in adapter.flat_config_updates(n_sub) if k not in (adapter.experts_key, adapter.top_k_key)]
+            raise PrismError(
+                f"a flat {adapter.model_type} checkpoint cannot keep {key} at {source_shapes.get(key)}: the config field(s) "
+                f"{', '.join(changed)} that set the routed experts' width also size it (it would become "
+                f"{tuple(tensor.shape)}), and stock transformers has no separate field for it"
+            )
+    return CheckpointNames(flat_model)
+
+
+def _read_layer(reader: CheckpointReader, adapter: MoEAdapter, keys: list[str], layer: MoELayer) -> dict[str, torch.Tensor]:
+    """One MoE layer's experts and routing tensors in the module layout, by name relative to the block."""
+    tensors = adapter.names.to_module({k: reader.get(k) for k in keys})
+    prefix = layer.name + "."
+    out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    want = {f"experts.{k}": tuple(getattr(layer.experts, k).shape) for k in layer.layout.tensor_names()}
+    want |= {k: tuple(v.shape) for k, v in layer.routing_tensors().items()}
+    for key, shape in want.items():
+        if key not in out:
+            raise PrismError(f"layer {layer.index}: {layer.name}.{key} is missing from the checkpoint")
+        if tuple(out[key].shape) != shape:
+            raise PrismError(
+                f"layer {layer.index}: {layer.name}.{key} is {tuple(out[key].shape)} in the checkpoint but {shape} by the "
+                "config: the config and the weights disagree"
+            )
+        if not out[key].dtype.is_floating_point:
+            raise PrismError(f"layer {layer.index}: {layer.name}.{key} is stored as {out[key].dtype}: quantized weights; "
+                             "dequantize the checkpoint to bfloat16 first")
+    return out
+
+
+def _split_layer(
+    tensors: dict[str, torch.Tensor],
+    layer: MoELayer,
+    experts: list[Any],
+    adapter: MoEAdapter,
+    n_sub: int,
+    scale: float,
+    down_bias: str,
+) -> dict[str, torch.Tensor]:
+    """The flat layer: every expert cut into its partition's sub-experts, routing tensors repeated."""
+    layout = layer.layout
+    size = adapter.width // n_sub
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for e, expert in enumerate(experts):
+        one = {k: tensors[f"experts.{k}"][e] for k in layout.tensor_names()}
         for n in range(n_sub):
-            idx = torch.from_numpy(expert.permutation[n * size : (n + 1) * size].astype(np.int64))
-            sub = f"{prefix}.experts.{e * n_sub + n}"
-            writer.add(f"{sub}.{gate_name}.weight", gate[idx].clone())
-            writer.add(f"{sub}.{up_name}.weight", up[idx].clone())
-            writer.add(f"{sub}.{down_name}.weight", (down[:, idx].float() * scale).to(down.dtype))
+            neurons = torch.from_numpy(expert.permutation[n * size : (n + 1) * size].astype(np.int64))
+            sub = layout.split(one, neurons)
+            sub["down_proj"] = (sub["down_proj"].float() * scale).to(sub["down_proj"].dtype)
+            if layout.bias:
+                share = (1.0 if n == 0 else 0.0) if down_bias == "first" else 1.0 / n_sub
+                sub["down_proj_bias"] = (one["down_proj_bias"].float() * (scale * share)).to(one["down_proj_bias"].dtype)
+            for k, v in sub.items():
+                parts[k].append(v.clone())
+    flat = {f"{layer.name}.experts.{k}": torch.stack(v) for k, v in parts.items()}
+    for key in layer.routing_tensors():
+        flat[f"{layer.name}.{key}"] = adapter.flat_routing_tensor(key, tensors[key], n_sub)
+    return flat
 
 
 def _copy_side_files(source: Path, out: Path) -> None:

@@ -65,6 +65,13 @@ class CheckpointReader:
         except KeyError:
             raise PrismError(f"tensor {key} is missing from {self.directory}") from None
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header (nothing is read)."""
+        try:
+            return tuple(self._open(self._file_of[key]).get_slice(key).get_shape())
+        except KeyError:
+            raise PrismError(f"tensor {key} is missing from {self.directory}") from None
+
     def metadata(self) -> dict[str, str]:
         first = next(iter(self._file_of.values()))
         return self._open(first).metadata() or {}

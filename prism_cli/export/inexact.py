@@ -23,6 +23,7 @@ import torch
 from prism_cli.data import load_text
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.perplexity import token_windows
+from prism_cli.models.adapters import MoEAdapter
 from prism_cli.models.loading import load_model
 
 #: Calibration tokens the difference is measured on (in windows of ``SEQ_LEN``).
@@ -30,17 +31,15 @@ TOKENS = 2048
 SEQ_LEN = 128
 
 
-def _flat_router(router: torch.nn.Module, config: Any, updates: dict[str, Any], n_sub: int,
-                 per_expert: tuple[str, ...]) -> torch.nn.Module:
-    """The export's router for one block: the same class over ``E*N`` experts, rows repeated N times."""
+def _flat_router(router: torch.nn.Module, config: Any, adapter: MoEAdapter, n_sub: int) -> torch.nn.Module:
+    """The export's router for one block: the same class over ``E*N`` experts, every per-expert routing
+    tensor repeated N times as the export writes it."""
     flat_config = copy.deepcopy(config)
-    for key, value in updates.items():
+    for key, value in adapter.flat_config_updates(n_sub).items():
         setattr(flat_config, key, value)
     flat = type(router)(flat_config).to(device=router.weight.device)
-    with torch.no_grad():
-        flat.weight.copy_(router.weight.repeat_interleave(n_sub, dim=0))
-        for name in per_expert:
-            getattr(flat, name).copy_(getattr(router, name).repeat_interleave(n_sub, dim=0))
+    flat.load_state_dict({name: adapter.flat_routing_tensor(name, tensor, n_sub)
+                          for name, tensor in router.state_dict().items()})
     return flat
 
 
@@ -57,7 +56,6 @@ def linear_gate_difference(model: str, n_sub: int) -> dict[str, Any]:
     except ValueError as exc:
         raise PrismError(str(exc)) from None
     scale = adapter.flat_down_scale(n_sub)
-    updates = adapter.flat_config_updates(n_sub)
     totals = {"pairs": 0, "mismatched": 0, "weight_error": 0.0}
     handles = []
 
@@ -65,6 +63,10 @@ def linear_gate_difference(model: str, n_sub: int) -> dict[str, Any]:
         def hook(_module: torch.nn.Module, args: tuple, output: tuple) -> None:
             _, weights, picked = output
             _, flat_weights, flat_picked = flat(args[0])
+            if flat_picked.shape[-1] != picked.shape[-1] * n_sub:  # a router with a fixed pick count (Phi-MoE's 2)
+                totals["pairs"] += picked.shape[0]
+                totals["mismatched"] += picked.shape[0]
+                return
             experts = flat_picked // n_sub
             same = (experts.sort(dim=-1).values == picked.sort(dim=-1).values.repeat_interleave(n_sub, dim=-1)).all(-1)
             totals["pairs"] += same.numel()
@@ -78,7 +80,7 @@ def linear_gate_difference(model: str, n_sub: int) -> dict[str, Any]:
         return hook
 
     for layer in adapter.moe_layers(loaded.model):
-        flat = _flat_router(layer.router, loaded.model.config, updates, n_sub, adapter.router_per_expert)
+        flat = _flat_router(layer.router, loaded.model.config, adapter, n_sub)
         handles.append(layer.router.register_forward_hook(compare(flat)))
     try:
         for first in range(0, windows.shape[0], 8):

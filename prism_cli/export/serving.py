@@ -26,9 +26,10 @@ def _widths(config: Any, adapter: MoEAdapter) -> dict[str, int]:
     shared = getattr(config, "shared_expert_intermediate_size", None)
     if shared:
         widths["shared expert width"] = int(shared)
-    n_shared = getattr(config, "n_shared_experts", None)
-    if n_shared:
-        widths["shared experts width"] = int(n_shared) * int(getattr(config, adapter.width_key))
+    for key in adapter.family.coupled:  # shared experts sized in routed widths (DeepSeek's n_shared_experts)
+        count = getattr(config, key, None)
+        if count:
+            widths["shared experts width"] = int(count) * int(getattr(config, adapter.width_key))
     dense_layers = (getattr(config, "first_k_dense_replace", 0) or 0) > 0 or bool(getattr(config, "mlp_only_layers", None)) \
         or (getattr(config, "decoder_sparse_step", 1) or 1) > 1
     if dense_layers and adapter.width_key != "intermediate_size":

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 
 from prism_cli.errors import PrismError
@@ -33,17 +34,33 @@ def _field(meta: dict[str, Any], dotted: str, kind: type, where: Path) -> Any:
 
 
 def _weights_layout(tensors: dict[str, TensorEntry], adapter: Any, where: Path) -> tuple[int, int, list[int]]:
-    """(router rows, sub-expert width, MoE layers) as the weights hold them."""
+    """(router rows, sub-expert width, MoE layers) as the weights hold them.
+
+    The experts of each layer are converted to the module layout on meta tensors of the on-disk shapes
+    (the family's own conversion: per-expert files are stacked, fused ones kept), so the count and width
+    come from the weights whatever the family's checkpoint naming."""
     patterns = adapter.key_patterns()
+    first = adapter.moe_layers(adapter.skeleton)[0]
     rows: dict[int, int] = {}
+    on_disk: dict[int, dict[str, torch.Tensor]] = {}
+    for name, entry in tensors.items():
+        if (m := patterns.router.match(name)) and name.endswith("weight") and len(entry.shape) == 2:
+            rows[int(m["layer"])] = entry.shape[0]
+        elif m := patterns.experts.match(name):
+            # Every layer is read as the first one: the skeleton of an edited config may lack the others.
+            as_first = name.replace(f"layers.{m['layer']}.", f"layers.{first.index}.", 1)
+            on_disk.setdefault(int(m["layer"]), {})[as_first] = torch.empty(entry.shape, device="meta")
     widths: set[int] = set()
     experts: dict[int, int] = {}
-    for name, entry in tensors.items():
-        if (m := patterns.router.match(name)) and m["name"] == "weight":
-            rows[int(m["layer"])] = entry.shape[0]
-        elif (m := patterns.expert.match(name)) and m["proj"] == adapter.proj_names[0]:
-            widths.add(entry.shape[0])
-            experts[int(m["layer"])] = max(experts.get(int(m["layer"]), 0), int(m["expert"]) + 1)
+    gate_up = f"{first.name}.experts.gate_up_proj"
+    for layer, disk in on_disk.items():
+        try:
+            module = adapter.names.to_module(disk)[gate_up]
+        except Exception:  # noqa: BLE001 - any conversion failure means tensors that do not form the layout
+            raise PrismError(f"export {where}: the experts of layer {layer} do not form one fused experts tensor: "
+                             "export the model again") from None
+        widths.add(first.layout.width_of(module))
+        experts[layer] = int(module.shape[0])
     if not rows or len(set(rows.values())) != 1 or len(widths) != 1:
         raise PrismError(f"export {where}: its weights do not hold one flat MoE layout (router rows "
                          f"{sorted(set(rows.values()))}, sub-expert widths {sorted(widths)}): export the model again")

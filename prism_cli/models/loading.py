@@ -149,6 +149,8 @@ def load_model(
     target = None if device_map else parse_device(device)
     if Path(name).is_dir():
         check_checkpoint_files(name)  # a truncated download: one line here, not a safetensors traceback
+        if adapter is not None:
+            adapter.check_checkpoint(name)  # config and weights that disagree: one line, before transformers' report
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name)

@@ -2,8 +2,10 @@
 
 ``profiling_experts_forward`` is registered with transformers' ``ExpertsInterface`` as
 ``"prism_profile"``: it computes the experts exactly like the eager implementation (tokens sorted by
-expert, one matmul pair per expert) and hands each expert's intermediate activations
-``a(x) = silu(x W_gate^T) * (x W_up^T)`` to the ``ActivationRecorder`` attached to the module, so the
+expert, one matmul pair per expert, in the module's own layout, biases and activation) and hands each
+expert's intermediate activations ``a(x) = _apply_gate(x W_gate_up + b)`` (SwiGLU
+``silu(x W_gate^T) * (x W_up^T)`` for most families, GPT-OSS's clamped variant for GPT-OSS; neuron j
+in column j whatever the layout) to the ``ActivationRecorder`` attached to the module, so the
 activations are never computed twice.
 """
 
@@ -14,6 +16,8 @@ import math
 import numpy as np
 import torch
 from transformers.integrations.moe import ExpertsInterface
+
+from prism_cli.models.layout import ExpertLayout
 
 PROFILE_IMPLEMENTATION = "prism_profile"
 
@@ -132,6 +136,9 @@ def profiling_experts_forward(
     """Eager-equivalent experts forward that reports each expert's activations to ``self._prism_recorder``."""
     recorder: ActivationRecorder | None = getattr(self, "_prism_recorder", None)
     layer: int = getattr(self, "_prism_layer", -1)
+    layout = ExpertLayout.of(self)
+    gate_up_bias = self.gate_up_proj_bias if layout.bias else None
+    down_bias = self.down_proj_bias if layout.bias else None
     num_top_k = top_k_index.shape[-1]
     flat_experts = top_k_index.reshape(-1)
     flat_weights = top_k_weights.reshape(-1)
@@ -146,11 +153,13 @@ def profiling_experts_forward(
         start += count
         token_idx = pairs // num_top_k
         weights = flat_weights[pairs]
-        gate, up = torch.nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
-        act = self.act_fn(gate) * up
+        proj = layout.up(hidden_states[token_idx], self.gate_up_proj[expert],
+                         None if gate_up_bias is None else gate_up_bias[expert])
+        act = self._apply_gate(proj)
         if recorder is not None:
             recorder.record(layer, expert, act, token_idx, weights)
-        y = torch.nn.functional.linear(act, self.down_proj[expert]) * weights[:, None].to(act.dtype)
+        y = layout.down(act, self.down_proj[expert], None if down_bias is None else down_bias[expert])
+        y = y * weights[:, None].to(act.dtype)
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
 

@@ -9,19 +9,17 @@ then switches branches and policies without reloading: the weights never move.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from prism_cli.errors import PrismError
 from prism_cli.export.validate import validate_export
-from prism_cli.models.adapters import MoEAdapter, MoELayer, adapter_for_config
+from prism_cli.models.adapters import MoELayer, adapter_for_config
 from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
@@ -70,32 +68,6 @@ def is_prism_export(spec: str | Path | None) -> bool:
     return spec is not None and export_meta(spec) is not None
 
 
-def _source_router(flat: nn.Module, config: Any, adapter: MoEAdapter, meta: dict[str, Any]) -> nn.Module:
-    """The original router module, rebuilt: same class, original expert count and top-k, every N-th row."""
-    n_sub = meta["sub_experts"]
-    router_config = copy.deepcopy(config)
-    for key, value in adapter.source_router_config(config, n_sub).items():
-        setattr(router_config, key, value)
-    router = type(flat)(router_config).to(device=flat.weight.device)
-    with torch.no_grad():
-        router.weight = nn.Parameter(flat.weight[::n_sub].clone(), requires_grad=False)
-        for name in adapter.router_per_expert:
-            getattr(router, name).copy_(getattr(flat, name)[::n_sub])
-    return router
-
-
-def _gate_rows(layer: MoELayer, positions: torch.Tensor, n_sub: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate-neuron rows ``[E, N*s, H]`` of W_gate and W_up, taken from the flat sub-experts."""
-    gate_up = layer.experts.gate_up_proj.detach()
-    width = gate_up.shape[1] // 2
-    experts, _, s = positions.shape
-    sub = torch.arange(experts * n_sub, device=gate_up.device).view(experts, n_sub, 1).expand(-1, -1, s)
-    pos = positions.to(gate_up.device).long()
-    gate_w = gate_up[sub, pos].reshape(experts, n_sub * s, -1)
-    up_w = gate_up[sub, pos + width].reshape(experts, n_sub * s, -1)
-    return gate_w.contiguous(), up_w.contiguous()
-
-
 def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     """Prepare ``model`` (an export, or a plain model when ``directory`` is None) for operating points."""
     adapter = adapter_for_config(model.config)
@@ -106,7 +78,9 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     else:
         n_sub = int(meta["sub_experts"])
         top_k = int(meta["source"]["top_k"])
-        tied = "tuning" not in meta  # a tuned router's copies no longer tie
+        # An expert's N copies tie only in an untuned export whose linear gate is exact (a tuned router's
+        # copies differ; an inexact router, e.g. Phi-MoE's fixed two picks, does not return them all).
+        tied = "tuning" not in meta and bool(meta.get("linear_gate_exact", True))
         flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores, n_sub,
                                  sorted_blocks=tied and adapter.router_sorted) for layer in layers]
         state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta)
@@ -119,15 +93,15 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
                 key = f"layers.{layer.index}.gate_positions"
                 if key not in positions:
                     raise PrismError(f"{gate_file} has no gate neurons for layer {layer.index}")
-                gate_w, up_w = _gate_rows(layer, positions[key], n_sub)
+                gate_w, up_w = adapter.gate_neuron_rows(layer, positions[key], n_sub)
                 policy = POLICIES.get("topk")(n_sub, state.top_k, state.num_experts)
                 state.gate_routers.append(
-                    GateNeuronRouter(_source_router(layer.router, model.config, adapter, meta), gate_w, up_w, n_sub,
+                    GateNeuronRouter(adapter.source_router(layer, model.config, n_sub, top_k), gate_w, up_w, n_sub,
                                      float(meta["down_scale"]), policy, n_sub * state.top_k)
                 )
         for i, layer in enumerate(layers):
             router = ElasticRouter(flat[i], state.gate_routers[i] if state.gate_routers else None)
-            layer.block.gate = router
+            adapter.install_router(layer, router)
             state.elastic_routers.append(router)
     for layer in layers:
         layer.experts.prism_sub_experts = state.n_sub  # the grouped executor runs an expert's pieces together
