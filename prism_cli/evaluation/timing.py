@@ -162,7 +162,7 @@ class StepTimer:
             with torch.inference_mode():
                 self.cache = self.model(input_ids=self.ids[:, : self.seq_len], use_cache=True).past_key_values
             self._step()
-        except Exception as exc:  # noqa: BLE001 - re-raised as is when it is an out-of-memory error
+        except Exception as exc:
             if _is_oom(exc):
                 raise
             raise PrismError(f"this model cannot decode over its KV cache in transformers ({type(exc).__name__}: "
