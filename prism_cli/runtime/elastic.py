@@ -32,6 +32,10 @@ EXPORT_FORMAT_VERSION = 2
 #: The gate neurons of a neurons-gate export. In a subfolder: serving engines load every top-level
 #: ``*.safetensors`` file of an unsharded checkpoint as model weights.
 GATE_FILE = "prism/gate_neurons.safetensors"
+#: The source model's own router rows (``layers.{i}.weight``, plus per-expert router tensors), written by
+#: ``prism tune-gate``: once the flat router is tuned its copies differ, and every N-th row is no longer
+#: the original router. Where this file exists, the training-free gate routes with these rows.
+SOURCE_ROUTER_FILE = "prism/source_router.safetensors"
 
 
 @dataclass
@@ -68,17 +72,29 @@ def is_prism_export(spec: str | Path | None) -> bool:
     return spec is not None and export_meta(spec) is not None
 
 
-def _source_router(flat: nn.Module, config: Any, adapter: MoEAdapter, meta: dict[str, Any]) -> nn.Module:
-    """The original router module, rebuilt: same class, original expert count and top-k, every N-th row."""
+def _source_router(
+    flat: nn.Module, config: Any, adapter: MoEAdapter, meta: dict[str, Any], stored: dict[str, torch.Tensor] | None, layer: int
+) -> nn.Module:
+    """The original router module, rebuilt: same class, original expert count and top-k, and the rows of
+    ``stored`` (``SOURCE_ROUTER_FILE``) where the export has them, else every N-th row of the flat router."""
     n_sub = meta["sub_experts"]
     router_config = copy.deepcopy(config)
     for key, value in adapter.source_router_config(config, n_sub).items():
         setattr(router_config, key, value)
     router = type(flat)(router_config).to(device=flat.weight.device)
+
+    def rows(name: str) -> torch.Tensor:
+        if stored is None:
+            return getattr(flat, name)[::n_sub]
+        key = f"layers.{layer}.{name}"
+        if key not in stored:
+            raise PrismError(f"{SOURCE_ROUTER_FILE} has no {key}")
+        return stored[key].to(device=flat.weight.device)
+
     with torch.no_grad():
-        router.weight = nn.Parameter(flat.weight[::n_sub].clone(), requires_grad=False)
+        router.weight = nn.Parameter(rows("weight").to(flat.weight.dtype).clone(), requires_grad=False)
         for name in adapter.router_per_expert:
-            getattr(router, name).copy_(getattr(flat, name)[::n_sub])
+            getattr(router, name).copy_(rows(name))
     return router
 
 
@@ -112,16 +128,17 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
             if not gate_file.exists():
                 raise PrismError(f"{directory} is a neurons-gate export but {GATE_FILE} is missing")
             positions = load_file(str(gate_file))
+            stored = load_file(str(directory / SOURCE_ROUTER_FILE)) if (directory / SOURCE_ROUTER_FILE).exists() else None
             for layer in layers:
                 key = f"layers.{layer.index}.gate_positions"
                 if key not in positions:
                     raise PrismError(f"{gate_file} has no gate neurons for layer {layer.index}")
                 gate_w, up_w = _gate_rows(layer, positions[key], n_sub)
                 policy = POLICIES.get("topk")(n_sub, state.top_k, state.num_experts)
-                state.gate_routers.append(
-                    GateNeuronRouter(_source_router(layer.router, model.config, adapter, meta), gate_w, up_w, n_sub,
-                                     float(meta["down_scale"]), policy, n_sub * state.top_k)
-                )
+                gate_router = GateNeuronRouter(_source_router(layer.router, model.config, adapter, meta, stored, layer.index),
+                                               gate_w, up_w, n_sub, float(meta["down_scale"]), policy, n_sub * state.top_k)
+                gate_router.router_from_flat = stored is None
+                state.gate_routers.append(gate_router)
         for i, layer in enumerate(layers):
             router = ElasticRouter(flat[i], state.gate_routers[i] if state.gate_routers else None)
             layer.block.gate = router
