@@ -368,3 +368,102 @@ def test_existing_output_needs_force(cli, export, train_text, tmp_path):
     assert (out / "keep").read_text() == "x"
     result = cli("tune-gate", export, "--out", export, "--data", train_text, "--force")
     result.assert_one_line_error("new folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed table: joining two bench runs.
+
+
+def _bench(target: Path, points: dict[str, tuple[float, float]], full: float) -> dict:
+    """A bench.json with ``point -> (perplexity, latency ms)``, p90 5 % above the median."""
+    return {
+        "target": str(target), "full_perplexity": full, "settings": {"batches": [8]},
+        "points": [{"point": name, "kind": "original" if name.startswith("original") else "elastic", "perplexity": ppl,
+                    "tokens": 1000, "latency": {"8": {"median_ms": ms, "p90_ms": 1.05 * ms}}}
+                   for name, (ppl, ms) in points.items()],
+        "distinct_stable": {"8": {"elastic": ["linear:1"], "original": ["original:1", "original:2"]}},
+    }
+
+
+def test_table_joins_the_runs_and_checks_the_targets(export, tmp_path):
+    from prism_cli.tuning.benchmark import table
+
+    full = 40.0
+    tuned = {f"linear:{k}": (100.0 / k + 38.0, 10.0 * k) for k in range(1, FULL + 1)}  # 138, 88, 71.3, 63, ..., 50.5
+    tuned |= {f"topk:{k}": (90.0 / k + 39.0, 11.0 * k) for k in range(1, FULL + 1)}
+    tuned |= {"original:1": (62.0, 41.0), "original:2": (full, 81.0)}
+    untuned = {f"linear:{k}": (120.0 / k + 39.0, 10.0 * k) for k in range(1, FULL + 1)}
+    paths = []
+    for name, points in (("tuned", tuned), ("untuned", untuned)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_bench(export, points, full)))
+    result = table(paths[0], paths[1], tmp_path / "out")
+    rows = {row[0]: row for row in result.rows}
+    assert rows[4][2] == 62.0 and rows[8][2] == full and rows[3][2] is None  # original only at multiples of N
+    assert rows[4][5] == pytest.approx(63.0) and rows[4][6] == pytest.approx(1.0) and rows[2][7] == pytest.approx(-11.0)
+    notes = "\n".join(result.notes)
+    assert "linear:4 <= original:1: 63.00 vs 62.00 (NOT met)" in notes
+    assert "linear:8 <= original:2: 50.50 vs 40.00 (NOT met)" in notes
+    assert "linear:1 <= 1.5 x full (60.00): 138.00 (NOT met)" in notes
+    assert "falls with K: met" in notes
+    counts = json.loads((tmp_path / "out" / "tuned_operating_points.json").read_text())["distinct"]
+    # every set is on its own frontier (slower is always better here); <= 60 perplexity and >= 3 % apart
+    assert counts["tuned (linear)"]["8"] == [f"linear:{k}" for k in range(5, FULL + 1)]
+    assert counts["original"]["8"] == ["original:2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The mass-probe initialisation.
+
+
+@pytest.fixture(scope="module")
+def probed(export, train_text):
+    """The probe's rows at alpha 1 and 0, with the tokens it saw and the trainee it ran on."""
+    from prism_cli.tuning.init import probe_init
+
+    trainee = Trainee.load(export, "grouped_mm", "float32", "cpu")
+    ids = np.asarray(trainee.tokenizer(train_text.read_text(), add_special_tokens=False)["input_ids"])
+    windows = TrainBatches(ids, 2, 32, seed=0).probe_windows(2048)
+    source = read_source_router(export, trainee.adapter, N_SUB)
+    return trainee, windows, source, probe_init(trainee, windows, source, 1.0), probe_init(trainee, windows, source, 0.0)
+
+
+def test_probe_deviations_sum_to_zero_over_an_experts_copies(probed):
+    trainee, _, source, rows, untouched = probed
+    for layer, flat, zero in zip(trainee.layers, rows, untouched, strict=True):
+        src = source[f"layers.{layer.index}.weight"].float()
+        assert torch.equal(zero, src.repeat_interleave(N_SUB, dim=0))
+        copies = flat.view(-1, N_SUB, flat.shape[-1])
+        assert torch.allclose(copies.mean(dim=1), src, atol=1e-5)
+        assert (copies - src[:, None]).abs().max() > 1e-2  # the copies are told apart
+
+
+def test_probe_ranks_sub_experts_by_their_output(probed):
+    """Per routed token, the copy the probed router scores highest is the sub-expert with the largest output
+    (norm of what the stock experts module returns for that sub-expert alone) far more often than chance."""
+    trainee, windows, source, rows, _ = probed
+    inputs = {}
+
+    def keep(index: int):
+        def hook(_module, args, _output) -> None:
+            inputs[index] = args[0].reshape(-1, 64)
+
+        return hook
+
+    hooks = [layer.block.gate.register_forward_hook(keep(layer.index)) for layer in trainee.layers]
+    import prism_cli
+
+    prism_cli.set_operating_point(trainee.model, f"linear:{FULL}")
+    with torch.no_grad():
+        trainee.model(input_ids=windows, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for layer, flat in zip(trainee.layers, rows, strict=True):
+        x = inputs[layer.index].detach()
+        top = (x @ source[f"layers.{layer.index}.weight"].float().T).argmax(dim=-1)  # each token's top-1 expert
+        ids = top[:, None] * N_SUB + torch.arange(N_SUB)
+        with torch.no_grad():
+            norms = torch.stack([layer.experts(x, ids[:, n : n + 1], torch.ones(len(x), 1)).norm(dim=-1) for n in range(N_SUB)], -1)
+        scores = (x @ flat.T).gather(1, ids)
+        agree = float((scores.argmax(-1) == norms.argmax(-1)).float().mean())
+        assert agree > 0.5, agree  # chance is 1/4

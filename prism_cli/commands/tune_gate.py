@@ -21,6 +21,10 @@ def tune_gate(
     k_start: int = typer.Option(None, "--k-start", help="Sub-experts per token at the start (default 1)."),
     k_end: int = typer.Option(None, "--k-end", help="Sub-experts per token at the end (default N*k, all of the original top-k)."),
     schedule: str = typer.Option("uniform", help=f"How K moves from --k-start to --k-end: {', '.join(SCHEDULES.names())}."),
+    init: str = typer.Option("copies", help="Start from the export's tied router copies ('copies'), or from copies that "
+                             "rank each expert's sub-experts by a mass probe on the training text ('probe')."),
+    init_alpha: float = typer.Option(1.0, "--init-alpha", help="probe: weight of the predicted log-mass share in the copies' logits."),
+    init_tokens: int = typer.Option(32_768, "--init-tokens", help="probe: training tokens it fits on."),
     batch: int = typer.Option(8, help="Windows per step (split over processes under `accelerate launch`)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),
     distill: float = typer.Option(0.0, help="Weight of the KL divergence from the original model's next-token distribution (0: off)."),
@@ -42,8 +46,8 @@ def tune_gate(
     parse_dtype(dtype)
     settings = TuneSettings(
         data=data, steps=steps, lr=lr, warmup=warmup, k_start=k_start, k_end=k_end, batch=batch, seq_len=seq_len,
-        schedule=schedule, distill=distill, seed=seed, checkpoint_minutes=checkpoint_minutes, experts_impl=experts_impl,
-        device=device, dtype=dtype,
+        schedule=schedule, init=init, init_alpha=init_alpha, init_tokens=init_tokens, distill=distill, seed=seed,
+        checkpoint_minutes=checkpoint_minutes, experts_impl=experts_impl, device=device, dtype=dtype,
     )
     # The bar opens only once the library's checks have passed: refused input is one line, no bar above it.
     with deferred_progress("tuning the router", unit="tokens", status=True) as (start, advance):

@@ -46,6 +46,7 @@ from prism_cli.errors import Interrupted, PrismError
 from prism_cli.io import atomic_path
 from prism_cli.models.loading import load_model, weights_fingerprint
 from prism_cli.runtime.elastic import EXPORT_FORMAT_VERSION, attach_elastic_state, export_meta, set_operating_point
+from prism_cli.tuning.init import INITS
 from prism_cli.tuning.schedules import SCHEDULES
 from prism_cli.tuning.writer import read_source_router, write_tuned_export
 
@@ -55,6 +56,8 @@ TRAIN_IMPLEMENTATIONS = ("grouped_mm", "eager")
 HELD_OUT_SPLITS = ("calibration", "eval")
 #: Stream id of batch draws in ``np.random.default_rng([seed, step, stream])``.
 BATCH_STREAM = 0
+#: Stream id of the windows the initialisation probes, ``np.random.default_rng([seed, INIT_STREAM])``.
+INIT_STREAM = 2
 CHECKPOINT_VERSION = 1
 
 
@@ -71,6 +74,9 @@ class TuneSettings:
     batch: int = 8
     seq_len: int = 256
     schedule: str = "uniform"
+    init: str = "copies"
+    init_alpha: float = 1.0
+    init_tokens: int = 32_768
     distill: float = 0.0
     seed: int = 0
     checkpoint_minutes: float = 5.0
@@ -97,6 +103,9 @@ class TuneSettings:
             raise PrismError(f"--experts-impl must be one of {', '.join(TRAIN_IMPLEMENTATIONS)} (they support autograd), "
                              f"got {self.experts_impl!r}")
         SCHEDULES.get(self.schedule)
+        INITS.get(self.init)
+        if self.init_tokens < self.seq_len:
+            raise PrismError(f"--init-tokens must be at least one window of --seq-len {self.seq_len}, got {self.init_tokens}")
         if self.data and self.data.startswith(BUILTIN_PREFIX) and self.data[len(BUILTIN_PREFIX):] in HELD_OUT_SPLITS:
             raise PrismError(f"--data {self.data} is held-out text (calibration and evaluation are never trained on); "
                              f"use {BUILTIN_PREFIX}train or your own training text")
@@ -177,6 +186,12 @@ class TrainBatches:
                 f"the training text gives {len(ids):,} tokens, fewer than one batch of {batch} x {seq_len + 1} "
                 f"({batch * (seq_len + 1):,}); give more text, or a smaller --batch or --seq-len"
             )
+
+    def probe_windows(self, tokens: int) -> torch.Tensor:
+        """``tokens // seq_len`` windows of ``seq_len`` tokens for the initialisation (a stream of their own)."""
+        count = max(1, tokens // self.seq_len)
+        starts = np.random.default_rng([self.seed, INIT_STREAM]).integers(0, len(self.ids) - self.seq_len + 1, size=count)
+        return torch.from_numpy(np.stack([self.ids[s : s + self.seq_len] for s in starts]))
 
     def at(self, step: int) -> torch.Tensor:
         """The global batch of step ``step``: ``[batch, seq_len + 1]``, the same on every process."""
@@ -368,6 +383,16 @@ def tune_gate(
         optimizer.load_state_dict(state["optimizer"])
         step, curve = int(state["step"]), [StepRecord(**r) for r in state["curve"]]
         wall_before, cpu_before, resumed_at = float(state["wall_s"]), float(state["cpu_s"]), step
+    else:
+        c_init, w_init = time.process_time(), time.perf_counter()
+        rows = INITS.get(settings.init)(trainee, batches.probe_windows(settings.init_tokens), source_rows,
+                                        settings.init_alpha)
+        if rows is not None:
+            with torch.no_grad():
+                for p, row in zip(params, rows, strict=True):
+                    p.copy_(row)
+        # the probe's cost counts as training time
+        wall_before, cpu_before = time.perf_counter() - w_init, time.process_time() - c_init
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     schedule = SCHEDULES.get(settings.schedule)(k_start, k_end, settings.steps, settings.seed)
