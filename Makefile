@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias
+.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -78,6 +78,30 @@ compare-solvers: $(STAMP)
 	mkdir -p $(RUN)
 	test -f $(RUN)/profile.h5 || $(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
 	$(BIN)/prism partition compare $(RUN)/profile.h5 --out results/partition_compare
+
+# Router-only fine-tuning of the built-in export (SPEC 3.4b, `prism tune-gate`, settings in configs/builtin.yaml):
+# the two K schedules and distillation, each compared on validation text (results/tune_gate.*); the best run is
+# benchmarked with the untuned export's linear points into tables/tuned/. Finished runs are kept (delete
+# runs/tune/ to start over); an interrupted run continues from its checkpoint.
+TUNE := runs/tune
+TUNE_RUN = test -d $(TUNE)/$(1) || $(BIN)/prism tune-gate $(TUNE)/export --config configs/builtin.yaml --out $(TUNE)/$(1) $(2) \
+	$$(test -f $(TUNE)/$(1).tune-checkpoint.pt && echo --resume)
+LINEAR_POINTS := linear:1;linear:2;linear:3;linear:4;linear:5;linear:6;linear:7;linear:8
+tune-gate: $(STAMP)
+	mkdir -p $(TUNE)
+	test -d $(TUNE)/export || $(BIN)/prism export builtin tables/builtin/partition.h5 --config configs/builtin.yaml --out $(TUNE)/export
+	$(call TUNE_RUN,linear,--schedule linear)
+	$(call TUNE_RUN,uniform,--schedule uniform)
+	$(call TUNE_RUN,distill,--distill 1)
+	$(BIN)/python -m prism_cli.tuning.benchmark validate --run untuned=$(TUNE)/export --run linear=$(TUNE)/linear \
+		--run uniform=$(TUNE)/uniform --run distill=$(TUNE)/distill --out results/tune_gate --winner $(TUNE)/winner
+	$(BIN)/prism bench $(TUNE)/export --config configs/builtin.yaml --points "$(LINEAR_POINTS)" --out $(TUNE)/bench-untuned
+	$(BIN)/prism bench $$(cat $(TUNE)/winner) --config configs/builtin.yaml --out $(TUNE)/bench-tuned
+	$(BIN)/python -m prism_cli.tuning.benchmark table --tuned-bench $(TUNE)/bench-tuned/bench.json \
+		--untuned-bench $(TUNE)/bench-untuned/bench.json --out tables/tuned
+	cp $(TUNE)/bench-tuned/bench.json tables/tuned/bench_tuned.json
+	cp $(TUNE)/bench-untuned/bench.json tables/tuned/bench_untuned.json
+	cp $(TUNE)/bench-tuned/bench.png tables/tuned/frontier.png
 
 # Retrain the built-in model exactly as shipped (about 2 hours on 2 CPU cores); see its card,
 # prism_cli/data/builtin-model/README.md.

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from prism_cli import __version__
-from prism_cli.commands import bench, export, kernels, partition, profile, schedule, serve, tables
+from prism_cli.commands import bench, export, kernels, partition, profile, schedule, serve, tables, tune_gate
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
 from prism_cli.errors import PrismError
@@ -49,6 +49,7 @@ def _root(
 app.command("profile")(profile.profile)
 app.add_typer(partition.app, name="partition")
 app.command("export")(export.export)
+app.command("tune-gate")(tune_gate.tune_gate)
 app.command("bench")(bench.bench)
 app.command("eval")(eval_cmd.evaluate)
 app.command("tables")(tables.tables)

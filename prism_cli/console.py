@@ -37,12 +37,16 @@ class RateColumn(ProgressColumn):
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None = None, unit: str = "tokens") -> Iterator[Callable[..., None]]:
-    """A progress bar; yields ``advance(n=1, total=None)`` (``total`` may be set once it is known)."""
+def progress_bar(
+    description: str, total: int | None = None, unit: str = "tokens", status: bool = False
+) -> Iterator[Callable[..., None]]:
+    """A progress bar; yields ``advance(n=1, total=None, status=None)`` (``total`` may be set once it is
+    known; with ``status=True`` the bar shows a text that each ``advance`` may replace, e.g. a loss)."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if status:
+        columns.append(TextColumn("{task.fields[status]}"))
     progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
+        *columns,
         RateColumn(unit),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
@@ -50,11 +54,13 @@ def progress_bar(description: str, total: int | None = None, unit: str = "tokens
         transient=False,
     )
     with progress:
-        task = progress.add_task(description, total=total)
+        task = progress.add_task(description, total=total, status="")
 
-        def advance(n: int = 1, total: int | None = None) -> None:
+        def advance(n: int = 1, total: int | None = None, status: str | None = None) -> None:
             if total is not None:
                 progress.update(task, total=total)
+            if status is not None:
+                progress.update(task, status=status)
             if n:
                 progress.advance(task, n)
 

@@ -23,21 +23,24 @@ ConfigOption = typer.Option(
 
 
 @contextlib.contextmanager
-def deferred_progress(description: str, unit: str) -> Iterator[tuple[Callable[[int], None], Callable[..., None]]]:
+def deferred_progress(
+    description: str, unit: str, status: bool = False
+) -> Iterator[tuple[Callable[[int], None], Callable[..., None]]]:
     """``(start, advance)`` for a progress bar that opens only at ``start(total)``.
 
     Library calls check their input before they call ``start``: an input they refuse is then reported
     as one line, with no half-drawn bar above it (``export`` does the same with its own callback).
+    ``advance`` takes what ``console.progress_bar``'s does (``status=`` where ``status`` is set).
     """
     with contextlib.ExitStack() as stack:
         bar: list[Callable[..., None]] = []
 
         def start(total: int) -> None:
-            bar.append(stack.enter_context(progress_bar(description, total=total, unit=unit)))
+            bar.append(stack.enter_context(progress_bar(description, total=total, unit=unit, status=status)))
 
-        def advance(n: int = 1) -> None:
+        def advance(n: int = 1, **kwargs: object) -> None:
             if bar:
-                bar[-1](n)
+                bar[-1](n, **kwargs)
 
         yield start, advance
 

@@ -50,10 +50,11 @@ def _tp_problem(config: Any, adapter: MoEAdapter, tp: int) -> str | None:
     return None
 
 
-def serving_check(config: Any, adapter: MoEAdapter, n_sub: int) -> dict[str, Any]:
+def serving_check(config: Any, adapter: MoEAdapter, n_sub: int, router_tuned: bool = False) -> dict[str, Any]:
     """The flat export's parallel sizes and the engine behaviours a user should know about.
 
-    ``config`` is the flat export's config; ``adapter`` the source model's adapter.
+    ``config`` is the flat export's config; ``adapter`` the source model's adapter; ``router_tuned``
+    for an export whose router was fine-tuned (``prism tune-gate``), whose copies are no longer tied.
     """
     experts = int(getattr(config, adapter.experts_key))
     tensor_parallel, refused = [], {}
@@ -63,12 +64,20 @@ def serving_check(config: Any, adapter: MoEAdapter, n_sub: int) -> dict[str, Any
             tensor_parallel.append(tp)
         else:
             refused[str(tp)] = f"{problem} not divisible by {tp}"
-    notes = [
-        f"num_experts_per_tok = K not a multiple of {n_sub} splits an expert's {n_sub} tied copies: prism's linear:K and "
-        "vLLM's fused top-k softmax kernel take them lowest index first (sub-expert 0 holds the most activation "
-        "mass); other top-k implementations (torch.topk in plain transformers, some SGLang and grouped top-k "
-        "paths) may take any copy, which changes quality at such K but not at multiples of N",
-    ]
+    if router_tuned:
+        notes = [
+            "the router was fine-tuned (prism tune-gate): an expert's sub-experts have their own router rows, so "
+            "num_experts_per_tok = K selects the router's own top-K of all sub-experts in every engine (vLLM's fused "
+            "top-k softmax, SGLang, torch.topk), which is prism's linear:K; the training-free gate keeps the "
+            "original router (prism/source_router.safetensors)",
+        ]
+    else:
+        notes = [
+            f"num_experts_per_tok = K not a multiple of {n_sub} splits an expert's {n_sub} tied copies: prism's linear:K "
+            "and vLLM's fused top-k softmax kernel take them lowest index first (sub-expert 0 holds the most activation "
+            "mass); other top-k implementations (torch.topk in plain transformers, some SGLang and grouped top-k "
+            "paths) may take any copy, which changes quality at such K but not at multiples of N",
+        ]
     if adapter.model_type == "olmoe" and getattr(config, "norm_topk_prob", False):
         notes.append("vLLM's OLMoE never renormalises top-k weights, but this config sets norm_topk_prob: "
                      "vLLM will not match transformers (for the source model as well)")

@@ -32,6 +32,10 @@ EXPORT_FORMAT_VERSION = 3
 #: The gate neurons of a neurons-gate export. In a subfolder: serving engines load every top-level
 #: ``*.safetensors`` file of an unsharded checkpoint as model weights.
 GATE_FILE = "prism/gate_neurons.safetensors"
+#: The source model's own router rows (``layers.{i}.weight``, plus per-expert router tensors), written by
+#: ``prism tune-gate``: once the flat router is tuned its copies differ, and every N-th row is no longer
+#: the original router. Where this file exists, the training-free gate routes with these rows.
+SOURCE_ROUTER_FILE = "prism/source_router.safetensors"
 
 
 @dataclass
@@ -89,16 +93,23 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
             if not gate_file.exists():
                 raise PrismError(f"{directory} is a neurons-gate export but {GATE_FILE} is missing")
             positions = load_file(str(gate_file))
+            stored = load_file(str(directory / SOURCE_ROUTER_FILE)) if (directory / SOURCE_ROUTER_FILE).exists() else None
             for layer in layers:
                 key = f"layers.{layer.index}.gate_positions"
                 if key not in positions:
                     raise PrismError(f"{gate_file} has no gate neurons for layer {layer.index}")
                 gate_w, up_w = adapter.gate_neuron_rows(layer, positions[key], n_sub)
                 policy = POLICIES.get("topk")(n_sub, state.top_k, state.num_experts)
-                state.gate_routers.append(
-                    GateNeuronRouter(adapter.source_router(layer, model.config, n_sub, top_k), gate_w, up_w, n_sub,
-                                     float(meta["down_scale"]), policy, n_sub * state.top_k)
-                )
+                router = adapter.source_router(layer, model.config, n_sub, top_k)
+                if stored is not None:  # a tuned export: the original router rows are stored apart
+                    key = f"layers.{layer.index}.weight"
+                    if key not in stored:
+                        raise PrismError(f"{SOURCE_ROUTER_FILE} has no {key}")
+                    router.weight = nn.Parameter(stored[key].to(router.weight), requires_grad=False)
+                gate_router = GateNeuronRouter(router, gate_w, up_w, n_sub, float(meta["down_scale"]), policy,
+                                               n_sub * state.top_k)
+                gate_router.router_from_flat = stored is None
+                state.gate_routers.append(gate_router)
         for i, layer in enumerate(layers):
             router = ElasticRouter(flat[i], state.gate_routers[i] if state.gate_routers else None)
             adapter.install_router(layer, router)

@@ -23,6 +23,10 @@ from prism_cli.runtime.scoring import gate_scores, gate_up_rows
 class GateNeuronRouter(nn.Module):
     """Original top-k routing, then gate-neuron scores, then an allocation policy."""
 
+    #: Whether ``router`` is every N-th row of the flat router (so loading flat router weights updates it),
+    #: or the source router stored apart from a tuned flat router (``prism tune-gate``), which must not follow it.
+    router_from_flat: bool = True
+
     def __init__(
         self,
         router: nn.Module,
@@ -135,11 +139,13 @@ def _save_as_flat_router(module: ElasticRouter, state_dict: dict, prefix: str, _
 
 
 def _load_as_flat_router(module: ElasticRouter, state_dict: dict, prefix: str, *_args: object) -> None:
-    """Stock keys go to the flat router, and every N-th expert's rows to the gate neurons' source router."""
+    """Stock keys go to the flat router, and every N-th expert's rows to the gate neurons' source router
+    (unless that router is stored apart, for a tuned export: it keeps its own rows)."""
     for name in module.linear.router.state_dict():
         if prefix + name not in state_dict:
             continue
         value = state_dict.pop(prefix + name)
         state_dict[f"{prefix}linear.router.{name}"] = value
         if module.neurons is not None:
-            state_dict[f"{prefix}neurons.router.{name}"] = value[:: module.neurons.n_sub]
+            gate = module.neurons
+            state_dict[f"{prefix}neurons.router.{name}"] = value[:: gate.n_sub] if gate.router_from_flat else gate.router.state_dict()[name]
