@@ -13,7 +13,7 @@ from prism_cli import __version__
 from prism_cli.commands import bench, export, kernels, partition, profile, tables
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
-from prism_cli.errors import PrismError
+from prism_cli.errors import Interrupted, PrismError
 
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT_CODE = 130
@@ -72,6 +72,9 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         result = command.main(prog_name="prism", standalone_mode=False)
+    except Interrupted as exc:  # an interruption the command kept resumable state for
+        err_console.print(f"[bold red]interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except PrismError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
