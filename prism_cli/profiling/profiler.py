@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from prism_cli import __version__
 from prism_cli.data import text_hash
 from prism_cli.errors import Interrupted, PrismError
 from prism_cli.evaluation.perplexity import token_windows
-from prism_cli.io import atomic_path, check_writable, write_json
+from prism_cli.io import atomic_path, check_writable, open_work_dir
 from prism_cli.models.adapters import MoELayer
 from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint
 from prism_cli.profiling.budget import MemoryPlan, ProfileGeometry, format_size, plan_memory
@@ -211,37 +210,10 @@ def recording(model: torch.nn.Module, layers: list[MoELayer], recorder: Activati
 
 def _identity(meta: dict[str, Any], settings: ProfileSettings, loaded: LoadedModel) -> dict[str, Any]:
     """What must match for a run to continue another's work folder."""
-    keys = ("model", "model_type", "config_hash", "weights_hash", "data", "data_hash", "tokens", "seq_len", "seed",
+    keys = ("prism_version", "model", "model_type", "config_hash", "weights_hash", "data", "data_hash", "tokens", "seq_len", "seed",
             "max_rows", "holdout_fraction", "row_dtype", "layers")
     return {**{k: meta[k] for k in keys}, "batch_size": settings.batch_size,
             "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": loaded.device.type}
-
-
-def _open_work_dir(work: Path, identity: dict[str, Any], resume: bool) -> bool:
-    """Create the work folder, or check the one left by an earlier run; True when resuming one."""
-    manifest = work / "manifest.json"
-    if work.exists():
-        if not resume:
-            raise PrismError(
-                f"{work} holds an interrupted profiling run: pass --resume to continue it, or delete the folder to start over"
-            )
-        try:
-            saved = json.loads(manifest.read_text())
-            if saved.get("format") != _PARTIAL_FORMAT:
-                raise ValueError
-            old = saved["identity"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise PrismError(f"{work} is not a prism profiling work folder (or is damaged); delete it to start over") from None
-        for key, value in identity.items():
-            if old.get(key) != value:
-                raise PrismError(
-                    f"--resume: {work} was started with {key} = {old.get(key)!r}, this run has {value!r}; "
-                    "rerun with the same model and settings, or delete the folder to start over"
-                )
-        return True
-    work.mkdir()
-    write_json(manifest, {"format": _PARTIAL_FORMAT, "prism_version": __version__, "identity": identity})
-    return False
 
 
 def default_budget() -> tuple[int, str]:
@@ -378,7 +350,7 @@ def profile_model(
     budget, source = (settings.max_memory, "given") if settings.max_memory else default_budget()
     memory = plan_memory(geometry, budget)
     work = work_dir_for(out_path)
-    resumed = _open_work_dir(work, _identity(meta, settings, loaded), resume)
+    resumed = open_work_dir(work, _PARTIAL_FORMAT, _identity(meta, settings, loaded), resume=resume, what="profiling")
     passes = [layers[i : i + memory.layers_per_pass] for i in range(0, len(layers), memory.layers_per_pass)]
     n_batches = -(-windows.shape[0] // settings.batch_size)
     plan = ProfilePlan(
