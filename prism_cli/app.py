@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from prism_cli import __version__
-from prism_cli.commands import bench, export, kernels, partition, profile, tables
+from prism_cli.commands import bench, export, kernels, partition, plan, profile, tables
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
 from prism_cli.errors import Interrupted, PrismError
@@ -48,6 +48,7 @@ def _root(
 
 app.command("profile")(profile.profile)
 app.add_typer(partition.app, name="partition")
+app.add_typer(plan.app, name="plan")
 app.command("export")(export.export)
 app.command("bench")(bench.bench)
 app.command("eval")(eval_cmd.evaluate)

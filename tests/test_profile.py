@@ -658,3 +658,13 @@ def test_memory_plan_by_hand() -> None:
                                           ("2000", 2000), ("64k", 65536)])
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
+
+
+def test_bounded_memory_loading_gives_the_same_model(tiny_model_dir, family: str) -> None:
+    """`prism profile` loads through lazily read tensors (a lower peak): the very weights the default loader gives."""
+    default = load_model(str(tiny_model_dir(family)))
+    bounded = load_model(str(tiny_model_dir(family)), bounded_memory=True)
+    a, b = default.model.state_dict(), bounded.model.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert bounded.model.config._name_or_path == default.model.config._name_or_path

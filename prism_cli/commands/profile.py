@@ -58,7 +58,7 @@ def profile(
     settings.validate()
     check_writable(out)
     text, data_name = load_text(data, "calibration")
-    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, bounded_memory=True)
     adapter = loaded.adapter
     assert adapter is not None
 
