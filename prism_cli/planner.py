@@ -11,9 +11,9 @@ per-unit costs measured on this machine:
   expert calls of the recording experts path (``profiling_experts_forward`` with a real recorder),
   measured now at the model's expert shape and tokens per expert; plus loading the checkpoint and
   writing the rows (the work folder, then the profile) at the calibrated load and disk rates.
-  Memory: the model at ``--dtype``, the profiler's budget (``--max-memory``, default half the memory
-  left after the model, capped at what the run can use), the process's runtime and the forward
-  pass's activations (an estimate from the batch shape). Disk: ``budget.ProfileGeometry``.
+  Memory: the model at ``--dtype``, the process's runtime and the profiler's budget (``--max-memory``,
+  default half the memory left after the model, capped at what the run can use: activations, counters
+  and every row). Disk: ``budget.ProfileGeometry``.
 * **partition**: seconds per expert by solver and expert width, measured by ``prism plan calibrate``
   (one expert per width on synthetic rows, one core, the way ``prism partition`` runs each expert),
   interpolated in log-log between widths (extrapolated beyond them, and said so) and scaled linearly
@@ -45,7 +45,7 @@ import psutil
 import torch
 
 from prism_cli.errors import PrismError
-from prism_cli.profiling.budget import ProfileGeometry, format_size, plan_memory, reservoir_caps
+from prism_cli.profiling.budget import ProfileGeometry, format_size, forward_bytes, plan_memory, reservoir_caps
 
 COSTS_FORMAT = "prism-plan-costs"
 #: Bytes per parameter of a checkpoint by its stored dtype (FP8-quantized checkpoints: one).
@@ -416,20 +416,6 @@ class Plan:
         return next(s for s in self.stages if s.name == name)
 
 
-def activation_bytes(shape: ModelShape, settings: PlanSettings) -> int:
-    """Transient memory of one forward pass while profiling (an estimate from the batch shape).
-
-    About a dozen float32 copies of the batch's hidden states (residual, norms, projections), three of
-    the routed activations (``act``, ``|act|`` and the held-out selection), and two of the attention
-    scores (eager softmax in float32).
-    """
-    tokens = settings.batch_size * settings.seq_len
-    hidden = 12 * tokens * shape.hidden_size * 4
-    routed = 3 * tokens * shape.top_k * shape.width * 4
-    scores = 2 * settings.batch_size * shape.attention_heads * settings.seq_len**2 * 4
-    return hidden + routed + scores
-
-
 def check_plan(shape: ModelShape, settings: PlanSettings, machine: MachineCosts) -> None:
     """Refuse what cannot be planned before anything is measured."""
     missing = sorted(set(settings.layers or []) - set(shape.moe_layers))
@@ -451,14 +437,17 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
     disk_free = disk_free if disk_free is not None else _disk_free(Path.cwd())
     layers = settings.layers or shape.moe_layers
     row_bytes = 2 if settings.row_dtype == "float16" else 4
+    dtype_bytes = torch.empty(0, dtype=_DTYPES[settings.dtype]).element_size()
     geometry = ProfileGeometry(num_experts=shape.num_experts, width=shape.width, top_k=shape.top_k, n_layers=len(layers),
-                               max_rows=settings.max_rows, holdout_fraction=settings.holdout_fraction, row_bytes=row_bytes)
+                               max_rows=settings.max_rows, holdout_fraction=settings.holdout_fraction, row_bytes=row_bytes,
+                               forward_bytes=forward_bytes(settings.batch_size, settings.seq_len, shape.hidden_size,
+                                                           shape.attention_heads, dtype_bytes))
     tokens = settings.tokens - settings.tokens % settings.seq_len
-    model_bytes = shape.params * torch.empty(0, dtype=_DTYPES[settings.dtype]).element_size()
+    model_bytes = shape.params * dtype_bytes
 
     # profile: the budget, then the passes over the layers it allows
     rows_bytes = len(layers) * shape.num_experts * sum(geometry.expected_rows(tokens)) * geometry.row_size
-    need = len(layers) * geometry.layer_state_bytes + int(rows_bytes) + geometry.reservoir_bytes
+    need = geometry.forward_bytes + len(layers) * geometry.layer_state_bytes + int(rows_bytes) + geometry.reservoir_bytes
     if settings.max_memory:
         budget, budget_note = settings.max_memory, f"--max-memory {format_size(settings.max_memory)}"
     else:
@@ -477,7 +466,7 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
     load = shape.checkpoint_bytes / machine.load_bytes_per_s
     profile = StagePlan(
         "profile", seconds=load + forward.wall + io, cpu_seconds=load + forward.cpu + io,
-        memory_bytes=model_bytes + used + machine.runtime_bytes + activation_bytes(shape, settings),
+        memory_bytes=model_bytes + machine.runtime_bytes + used,
         disk_bytes=profile_bytes + work_bytes,
         notes=[f"{tokens:,} tokens, {len(layers)} MoE layers, {'one pass' if len(passes) == 1 else f'{len(passes)} passes'}",
                f"forward {format_duration(forward.wall)} + loading {format_duration(load)} + writing rows {format_duration(io)}",

@@ -19,7 +19,6 @@ from prism_cli.planner import (
     ProfileUnitCosts,
     Timed,
     _loglog,
-    activation_bytes,
     make_plan,
     measure_profile_costs,
     model_shape,
@@ -85,7 +84,10 @@ def test_plan_arithmetic_by_hand(tiny_model_dir) -> None:
     tokens = 4096  # whole windows of 32
     # Per token: 2 layers outside the experts + 2 layers x top-2 expert calls of 64 tokens.
     forward = tokens * (2 * 2e-4 + 2 * 2 * 0.01 / 64)
-    geometry = ProfileGeometry(num_experts=8, width=32, top_k=2, n_layers=2, max_rows=256, holdout_fraction=0.2, row_bytes=2)
+    # Activations: 16 float32 copies of 8 x 32 tokens x hidden 64, attention scores 2 x 8 x 4 heads x 32^2 x 4 bytes.
+    activations = 16 * 256 * 64 * 4 + 2 * 8 * 4 * 32 * 32 * 4
+    geometry = ProfileGeometry(num_experts=8, width=32, top_k=2, n_layers=2, max_rows=256, holdout_fraction=0.2, row_bytes=2,
+                               forward_bytes=activations)
     fit, held = geometry.expected_rows(tokens)  # 1024 routed per expert: capped at 205 and 51
     assert (fit, held) == (205, 51)
     rows = 2 * 8 * (fit + held) * 32 * 2
@@ -94,9 +96,9 @@ def test_plan_arithmetic_by_hand(tiny_model_dir) -> None:
     profile = plan.stage("profile")
     assert profile.seconds == pytest.approx(load + forward + io)
     assert profile.cpu_seconds == pytest.approx(load + tokens * (2 * 1e-4 + 2 * 2 * 0.008 / 64) + io)
-    need = 2 * geometry.layer_state_bytes + rows + geometry.reservoir_bytes
+    need = activations + 2 * geometry.layer_state_bytes + rows + geometry.reservoir_bytes
     model_bytes = shape.params * 4  # float32
-    assert profile.memory_bytes == model_bytes + min(2**30, need) + 300 * 2**20 + activation_bytes(shape, settings)
+    assert profile.memory_bytes == model_bytes + 300 * 2**20 + min(2**30, need)
     assert profile.disk_bytes == geometry.profile_bytes(tokens) + geometry.work_bytes(tokens, plan_buffer(geometry, 2**30))
     # Partition: width 32 lies between the calibrated 16 and 64 (a power law of exponent 1 through them).
     per_expert = 32 / 16 * 1.0 * fit / 100

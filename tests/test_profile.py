@@ -23,7 +23,7 @@ from prism_cli.io import h5_attr
 from prism_cli.models.loading import LoadedModel, config_fingerprint, load_config, load_model
 from prism_cli.profiling import recorder as recorder_module
 from prism_cli.profiling import spill as spill_module
-from prism_cli.profiling.budget import ProfileGeometry, parse_size, plan_memory
+from prism_cli.profiling.budget import ProfileGeometry, forward_bytes, parse_size, plan_memory
 from prism_cli.profiling.format import FORMAT, FORMAT_VERSION, ProfileFile
 from prism_cli.profiling.profiler import ProfileSettings, holdout_mask, profile_model
 from prism_cli.profiling.recorder import Reservoir, rng_state, set_rng_state
@@ -371,7 +371,7 @@ def _short_text(tmp_path: Path, repeats: int) -> Path:
         ("layers-not-moe", ["--layers [7]", "MoE layers: [0, 1]"]),
         ("bad-dtype", ["unknown dtype 'float64'"]),
         ("bad-row-dtype", ["--row-dtype", "int8"]),
-        ("budget-below-minimum", ["--max-memory 1.00 KiB", "minimum", "raise --max-memory or lower --max-rows"]),
+        ("budget-below-minimum", ["--max-memory 1.00 KiB", "minimum", "activations", "raise --max-memory"]),
         ("bad-budget", ["--max-memory must be a size", "'lots'"]),
         ("checkpoint-every-0", ["--checkpoint-every", "positive"]),
     ],
@@ -530,8 +530,10 @@ def olmoe_run(tiny_model_dir, tmp_path_factory):
 
 def geometry_of(loaded: LoadedModel, **overrides) -> ProfileGeometry:
     a = loaded.adapter
+    # Activations of a batch of 8 x 32 tokens: 16 float32 copies of hidden 64, scores of 4 heads.
+    forward = 16 * 8 * 32 * 64 * 4 + 2 * 8 * 4 * 32 * 32 * 4
     values = dict(num_experts=a.num_experts, width=a.width, top_k=a.top_k, n_layers=2, max_rows=SETTINGS["max_rows"],
-                  holdout_fraction=0.2, row_bytes=4)
+                  holdout_fraction=0.2, row_bytes=4, forward_bytes=forward)
     return ProfileGeometry(**{**values, **overrides})
 
 
@@ -637,17 +639,19 @@ def test_layer_seeds_do_not_depend_on_the_layers_profiled(olmoe_run, tmp_path) -
 
 def test_memory_plan_by_hand() -> None:
     """Sizes of a hand-computed case: E = 4, I = 8, 10 rows (8 fit + 2 held-out), float16 rows."""
-    g = ProfileGeometry(num_experts=4, width=8, top_k=2, n_layers=6, max_rows=10, holdout_fraction=0.2, row_bytes=2)
+    g = ProfileGeometry(num_experts=4, width=8, top_k=2, n_layers=6, max_rows=10, holdout_fraction=0.2, row_bytes=2,
+                        forward_bytes=1000)
     assert g.caps == (8, 2)
     assert g.reservoir_bytes == 10 * 8 * 2
     assert g.layer_state_bytes == 4 * (16 + 16 * 8) + 4 * 10 * 12 + 8 * 1536
-    assert g.minimum_budget == g.layer_state_bytes + 320
+    assert g.minimum_budget == 1000 + g.layer_state_bytes + 320
+    assert forward_bytes(8, 32, 64, 4, 4) == 16 * 256 * 64 * 4 + 2 * 8 * 4 * 1024 * 4
     # 100 tokens x top-2 / 4 experts = 50 routed per expert: 40 fit, 10 held-out, capped at 8 and 2.
     assert g.expected_rows(100) == (8, 2)
     assert g.expected_rows(10) == pytest.approx((4.0, 1.0))
     big = plan_memory(g, 100 * g.layer_state_bytes)
     assert (big.passes, big.layers_per_pass) == (1, 6)
-    three = plan_memory(g, 5 * g.layer_state_bytes)  # 2 layers fit half the budget: 3 passes of 2
+    three = plan_memory(g, 1000 + 5 * g.layer_state_bytes)  # 2 layers fit half the rest: 3 passes of 2
     assert (three.passes, three.layers_per_pass) == (3, 2)
     assert three.buffer_bytes == 5 * g.layer_state_bytes - 2 * g.layer_state_bytes - 160
     with pytest.raises(PrismError, match="minimum"):

@@ -28,7 +28,8 @@ def profile(
     row_dtype: str = typer.Option("float16", "--row-dtype", help="Storage dtype of recorded rows."),
     seed: int = typer.Option(0, help="Seed for the held-out split and the reservoir samples."),
     max_memory: str = typer.Option(
-        None, "--max-memory", help="Host memory for the profiler besides the model, e.g. 8G or 512MiB (default: half the available RAM)."
+        None, "--max-memory", help="Host memory for profiling besides the model and the runtime (activations, counters, row buffer), "
+        "e.g. 8G or 512MiB (default: half the available RAM)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run an interruption left in OUT.partial/."),
     checkpoint_every: float = typer.Option(

@@ -33,7 +33,7 @@ from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.io import atomic_path, check_writable, open_work_dir
 from prism_cli.models.adapters import MoELayer
 from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint
-from prism_cli.profiling.budget import MemoryPlan, ProfileGeometry, format_size, plan_memory
+from prism_cli.profiling.budget import MemoryPlan, ProfileGeometry, format_size, forward_bytes, plan_memory
 from prism_cli.profiling.format import FORMAT, FORMAT_VERSION
 from prism_cli.profiling.recorder import (
     KINDS,
@@ -113,8 +113,9 @@ class ProfilePlan:
         m = self.memory
         passes = "one pass" if m.passes == 1 else f"{m.passes} passes of {m.layers_per_pass} layers"
         return [
-            f"memory (estimate): model {format_size(self.model_bytes)} + profiler at most {format_size(m.budget)} "
-            f"(--max-memory: {self.budget_source}; {passes}, row buffer {format_size(m.buffer_bytes)})",
+            f"memory (estimate): model {format_size(self.model_bytes)} + runtime + profiler at most {format_size(m.budget)} "
+            f"(--max-memory: {self.budget_source}; {passes}; forward pass {format_size(self.geometry.forward_bytes)}, "
+            f"row buffer {format_size(m.buffer_bytes)})",
             f"disk (estimate): profile {format_size(self.profile_bytes)}; work folder {self.work_dir} up to "
             f"{format_size(self.work_bytes)}, removed at the end",
         ]
@@ -346,6 +347,9 @@ def profile_model(
         num_experts=adapter.num_experts, width=adapter.width, top_k=adapter.top_k, n_layers=len(layers),
         max_rows=settings.max_rows, holdout_fraction=settings.holdout_fraction,
         row_bytes=torch.empty(0, dtype=ROW_DTYPES[settings.row_dtype]).element_size(),
+        forward_bytes=forward_bytes(settings.batch_size, settings.seq_len, adapter.hidden_size,
+                                    int(loaded.model.config.num_attention_heads),
+                                    next(loaded.model.parameters()).element_size()),
     )
     budget, source = (settings.max_memory, "given") if settings.max_memory else default_budget()
     memory = plan_memory(geometry, budget)
