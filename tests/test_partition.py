@@ -300,6 +300,12 @@ def test_interrupted_and_resumed_partition_is_the_uninterrupted_one(profile_path
         run_partition(profile_path, settings_for("nsga2"), out, workers=1)
     with pytest.raises(PrismError, match="seed = 0, this run has 1"):
         run_partition(profile_path, settings_for("nsga2", seed=1), out, workers=1, resume=True)
+    saved = sorted((tmp_path / "partition.h5.partial").glob("*.npz"))[0]
+    good = saved.read_bytes()
+    saved.write_bytes(b"torn")
+    with pytest.raises(PrismError, match=f"{saved.name} is damaged"):
+        run_partition(profile_path, settings_for("nsga2"), out, workers=1, resume=True)
+    saved.write_bytes(good)
     solved_now = []
     # Resumed on two workers: the other experts are solved in another order and other processes.
     run_partition(profile_path, settings_for("nsga2"), out, workers=2, resume=True,

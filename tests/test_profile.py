@@ -608,9 +608,12 @@ def test_interrupted_and_resumed_gives_the_same_profile(olmoe_run, tmp_path, mon
 def test_resume_refuses_other_settings_naming_the_difference(olmoe_run, tmp_path, monkeypatch) -> None:
     loaded, text, name, _ = olmoe_run
     settings = ProfileSettings(**SETTINGS, checkpoint_seconds=1e-9)
+    original = recorder_module.ActivationRecorder.record
 
     def record(self, *args):
-        raise KeyboardInterrupt
+        if self._batch == 2:  # after two checkpointed batches
+            raise KeyboardInterrupt
+        return original(self, *args)
 
     with monkeypatch.context() as patch:
         patch.setattr(recorder_module.ActivationRecorder, "record", record)
@@ -621,6 +624,11 @@ def test_resume_refuses_other_settings_naming_the_difference(olmoe_run, tmp_path
         profile_model(loaded, text, name, other, tmp_path / "p.h5", resume=True)
     with pytest.raises(PrismError, match=r"data_hash"):
         profile_model(loaded, text[:200_000], name, settings, tmp_path / "p.h5", resume=True)
+    # A damaged checkpoint is refused in one line.
+    state = tmp_path / "p.h5.partial" / "layer0.state.npz"
+    state.write_bytes(b"garbage")
+    with pytest.raises(PrismError, match="layer 0 is damaged"):
+        profile_model(loaded, text, name, settings, tmp_path / "p.h5", resume=True)
     # --resume with nothing to resume starts from the beginning.
     profile_model(loaded, text, name, settings, tmp_path / "fresh.h5", resume=True)
     assert (tmp_path / "fresh.h5").exists()

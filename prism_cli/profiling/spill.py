@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from prism_cli.errors import PrismError
 
 #: Journal rows replayed per read on resume (bounds the memory of a replay).
 _REPLAY_BLOCK_ROWS = 4096
@@ -159,18 +162,24 @@ class LayerSpill:
         """The last checkpointed state (its journal replayed into the row file), or None if there is none."""
         if not self.state_path.exists():
             return None
-        with np.load(self.state_path) as npz:
-            state = {key: npz[key] for key in npz.files}
-        serial, keys = int(state.pop("serial")), state.pop("journal_keys")
-        if keys.size:
-            with open(self.journal_path(serial), "rb") as journal:
-                for start in range(0, keys.size, _REPLAY_BLOCK_ROWS):
-                    block = keys[start : start + _REPLAY_BLOCK_ROWS]
-                    data = np.frombuffer(journal.read(block.size * self.row_bytes), dtype=self.np_dtype)
-                    if data.size != block.size * self.width:
-                        raise OSError(f"journal {self.journal_path(serial)} is truncated")
-                    write_runs(self._fd, block, data.reshape(block.size, self.width), self.row_bytes)
-            os.fsync(self._fd)
+        try:
+            with np.load(self.state_path) as npz:
+                state = {key: npz[key] for key in npz.files}
+            serial, keys = int(state.pop("serial")), state.pop("journal_keys")
+            if keys.size:
+                with open(self.journal_path(serial), "rb") as journal:
+                    for start in range(0, keys.size, _REPLAY_BLOCK_ROWS):
+                        block = keys[start : start + _REPLAY_BLOCK_ROWS]
+                        data = np.frombuffer(journal.read(block.size * self.row_bytes), dtype=self.np_dtype)
+                        if data.size != block.size * self.width:
+                            raise ValueError("truncated journal")
+                        write_runs(self._fd, block, data.reshape(block.size, self.width), self.row_bytes)
+                os.fsync(self._fd)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise PrismError(
+                f"cannot resume from {self.folder}: the checkpoint of layer {self.layer} is damaged ({exc}); "
+                "delete the folder to start over"
+            ) from None
         self._serial = serial
         self._saved_count = np.stack([state["fit_count"], state["heldout_count"]])
         return state
