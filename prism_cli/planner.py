@@ -243,7 +243,7 @@ def measure_profile_costs(shape: ModelShape, config: Any, *, dtype: str, device:
                           max_rows: int, holdout_fraction: float, min_seconds: float = 1.0) -> ProfileUnitCosts:
     """Time a MoE layer outside its experts and the recording experts path at the model's sizes (seconds)."""
     from prism_cli.profiling.recorder import ActivationRecorder, LayerRecord, Reservoir, profiling_experts_forward
-    from prism_cli.profiling.spill import LayerSpill
+    from prism_cli.profiling.spill import LayerSpill, RowBuffer
 
     dense = measure_dense_layer(config, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
                                 min_seconds=min_seconds)
@@ -271,7 +271,13 @@ def measure_profile_costs(shape: ModelShape, config: Any, *, dtype: str, device:
                             for k, cap in enumerate(caps)],
                 spill=spill,
             )
-            recorder = ActivationRecorder({0: record}, width, row_dtype=torch.float16, reserve=lambda _: None)
+            buffer = RowBuffer(max_rows, width, torch.float16)
+
+            def reserve(n_rows: int) -> None:  # the profiler writes the buffer at a checkpoint: here it is dropped
+                if n_rows > buffer.free_rows():
+                    buffer.release()
+
+            recorder = ActivationRecorder({0: record}, width, buffer=buffer, reserve=reserve)
             experts._prism_recorder, experts._prism_layer = recorder, 0
             batch = iter(range(1_000_000))
 

@@ -84,8 +84,8 @@ def test_plan_arithmetic_by_hand(tiny_model_dir) -> None:
     tokens = 4096  # whole windows of 32
     # Per token: 2 layers outside the experts + 2 layers x top-2 expert calls of 64 tokens.
     forward = tokens * (2 * 2e-4 + 2 * 2 * 0.01 / 64)
-    # Activations: 16 float32 copies of 8 x 32 tokens x hidden 64, attention scores 2 x 8 x 4 heads x 32^2 x 4 bytes.
-    activations = 16 * 256 * 64 * 4 + 2 * 8 * 4 * 32 * 32 * 4
+    # Activations: 24 float32 copies of 8 x 32 tokens x hidden 64, attention scores 3 x 8 x 4 heads x 32^2 x 4 bytes.
+    activations = 24 * 256 * 64 * 4 + 3 * 8 * 4 * 32 * 32 * 4
     geometry = ProfileGeometry(num_experts=8, width=32, top_k=2, n_layers=2, max_rows=256, holdout_fraction=0.2, row_bytes=2,
                                forward_bytes=activations)
     fit, held = geometry.expected_rows(tokens)  # 1024 routed per expert: capped at 205 and 51

@@ -530,8 +530,8 @@ def olmoe_run(tiny_model_dir, tmp_path_factory):
 
 def geometry_of(loaded: LoadedModel, **overrides) -> ProfileGeometry:
     a = loaded.adapter
-    # Activations of a batch of 8 x 32 tokens: 16 float32 copies of hidden 64, scores of 4 heads.
-    forward = 16 * 8 * 32 * 64 * 4 + 2 * 8 * 4 * 32 * 32 * 4
+    # Activations of a batch of 8 x 32 tokens: 24 float32 copies of hidden 64, 3 of the scores of 4 heads.
+    forward = 24 * 8 * 32 * 64 * 4 + 3 * 8 * 4 * 32 * 32 * 4
     values = dict(num_experts=a.num_experts, width=a.width, top_k=a.top_k, n_layers=2, max_rows=SETTINGS["max_rows"],
                   holdout_fraction=0.2, row_bytes=4, forward_bytes=forward)
     return ProfileGeometry(**{**values, **overrides})
@@ -543,20 +543,24 @@ def test_several_passes_and_a_small_buffer_give_the_same_profile(olmoe_run, tmp_
     budget = geometry.minimum_budget + geometry.layer_state_bytes // 2  # one layer per pass, a tiny buffer
     plan = plan_memory(geometry, budget)
     assert (plan.passes, plan.layers_per_pass) == (2, 1)
-    # The buffered rows never exceed the buffer, which forces many checkpoints.
-    seen = {"max": 0, "writes": 0}
+    # The buffered rows never exceed the buffer (one reservoir here), which forces many checkpoints.
+    seen = {"max": 0}
+    spills: list[LayerSpill] = []
     original = LayerSpill.write
 
     def write(self, *args):
         original(self, *args)
-        seen["max"], seen["writes"] = max(seen["max"], self.pending_bytes), seen["writes"] + 1
+        if self not in spills:
+            spills.append(self)
+        seen["max"] = max(seen["max"], sum(s.pending_rows for s in spills if s._fd >= 0))
 
     monkeypatch.setattr(LayerSpill, "write", write)
     starts = []
     summary = profile_model(loaded, text, name, ProfileSettings(**SETTINGS, max_memory=budget), tmp_path / "p.h5",
                             on_start=starts.append)
     assert starts[0].memory == plan and starts[0].total_tokens == 2 * 2048
-    assert 0 < seen["max"] <= plan.buffer_bytes and summary.checkpoints > 10
+    assert 0 < seen["max"] <= max(geometry.max_rows, plan.buffer_bytes // (geometry.row_size + 8))
+    assert summary.checkpoints > 10
     assert_same_profile(reference, tmp_path / "p.h5")
     assert [p.name for p in tmp_path.iterdir()] == ["p.h5"]  # the work folder is gone
 
@@ -653,7 +657,7 @@ def test_memory_plan_by_hand() -> None:
     assert g.reservoir_bytes == 10 * 8 * 2
     assert g.layer_state_bytes == 4 * (16 + 16 * 8) + 4 * 10 * 12 + 8 * 1536
     assert g.minimum_budget == 1000 + g.layer_state_bytes + 320
-    assert forward_bytes(8, 32, 64, 4, 4) == 16 * 256 * 64 * 4 + 2 * 8 * 4 * 1024 * 4
+    assert forward_bytes(8, 32, 64, 4, 4) == 24 * 256 * 64 * 4 + 3 * 8 * 4 * 1024 * 4
     # 100 tokens x top-2 / 4 experts = 50 routed per expert: 40 fit, 10 held-out, capped at 8 and 2.
     assert g.expected_rows(100) == (8, 2)
     assert g.expected_rows(10) == pytest.approx((4.0, 1.0))

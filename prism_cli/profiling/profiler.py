@@ -43,7 +43,7 @@ from prism_cli.profiling.recorder import (
     Reservoir,
     reservoir_rng,
 )
-from prism_cli.profiling.spill import LayerSpill
+from prism_cli.profiling.spill import LayerSpill, RowBuffer
 
 ROW_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Share of the available RAM (after the model is loaded) that the default budget takes.
@@ -228,9 +228,7 @@ class _Pass:
 
     def __init__(self, layers: list[MoELayer], positions: dict[int, int], geometry: ProfileGeometry,
                  settings: ProfileSettings, work: Path, device: torch.device, buffer_bytes: int) -> None:
-        self.layers = layers
         self.settings = settings
-        self.buffer_bytes = buffer_bytes
         self.work = work
         row_dtype = ROW_DTYPES[settings.row_dtype]
         e, width = geometry.num_experts, geometry.width
@@ -260,20 +258,24 @@ class _Pass:
         except BaseException:
             self.close()
             raise
-        self.recorder = ActivationRecorder(self.records, width, row_dtype=row_dtype, reserve=self.reserve)
+        # Each buffered row also keeps its slot index (8 bytes); room for a whole reservoir at least.
+        rows = max(geometry.max_rows, buffer_bytes // (geometry.row_size + 8))
+        self.buffer = RowBuffer(rows, width, row_dtype)
+        self.recorder = ActivationRecorder(self.records, width, buffer=self.buffer, reserve=self.reserve)
         self._last = time.monotonic()
 
     def batches_done(self) -> int:
         """Batches every layer of the pass has recorded."""
         return min(rec.batch for rec in self.records.values())
 
-    def reserve(self, nbytes: int) -> None:
-        if sum(r.spill.pending_bytes for r in self.records.values()) + nbytes > self.buffer_bytes:
+    def reserve(self, n_rows: int) -> None:
+        if n_rows > self.buffer.free_rows():
             self.checkpoint()
 
     def checkpoint(self) -> None:
         for rec in self.records.values():
             rec.spill.checkpoint(rec.state())
+        self.buffer.release()
         self.checkpoints += 1
         self.work_peak = max(self.work_peak, folder_bytes(self.work))
         self._last = time.monotonic()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
-from prism_cli.profiling.spill import LayerSpill
+from prism_cli.profiling.spill import LayerSpill, RowBuffer
 
 PROFILE_IMPLEMENTATION = "prism_profile"
 #: Reservoir kinds, in the order their streams are seeded and stored.
@@ -162,8 +162,9 @@ class LayerRecord:
 class ActivationRecorder:
     """Per-(layer, expert) counters and fit / held-out reservoirs for the layers of one profiling pass.
 
-    ``reserve(nbytes)`` is called before rows are handed to a spill; it may checkpoint every layer
-    first (the profiler decides when), which is why the cursor is moved before it is called.
+    Kept rows are copied into ``buffer``; ``reserve(n_rows)`` is called first, and checkpoints every
+    layer (which empties the buffer) when fewer rows are free, which is why the cursor is moved
+    before it is called.
     """
 
     def __init__(
@@ -171,12 +172,12 @@ class ActivationRecorder:
         records: dict[int, LayerRecord],
         width: int,
         *,
-        row_dtype: torch.dtype,
+        buffer: RowBuffer,
         reserve: Callable[[int], None],
     ) -> None:
         self.records = records
         self.width = width
-        self.row_dtype = row_dtype
+        self.buffer = buffer
         self._reserve = reserve
         self._batch = 0
         self._holdout: torch.Tensor | None = None
@@ -208,7 +209,7 @@ class ActivationRecorder:
         n_held = int(held.sum())
         fit_res, held_res = rec.reservoirs[0][expert], rec.reservoirs[1][expert]
         most = min(act.shape[0] - n_held, fit_res.capacity) + min(n_held, held_res.capacity)
-        self._reserve(rec.spill.buffered_bytes(most))
+        self._reserve(most)
 
         mag = act.detach().abs()
         if rec.l1_mass.device != act.device:
@@ -231,7 +232,8 @@ class ActivationRecorder:
             mask_np = mask.cpu().numpy()
             slots, src = rec.reservoirs[kind][expert].offer(global_tok[mask_np], weights_np[mask_np])
             if slots.size:
-                rows = act[mask][torch.from_numpy(src).to(act.device)].detach().to("cpu", self.row_dtype)
+                rows = self.buffer.take(slots.size)
+                rows.copy_(act[mask][torch.from_numpy(src).to(act.device)].detach())
                 rec.spill.write(kind, expert, slots, rows)
         rec.expert = expert + 1
 

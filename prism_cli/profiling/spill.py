@@ -2,9 +2,9 @@
 
 Each MoE layer gets a raw row file in the run's work folder (``<out>.partial/``) with a fixed region
 per reservoir (expert e: ``fit_cap`` fit rows, then ``heldout_cap`` held-out rows; the file is sparse,
-so regions that are never filled take no disk). Rows a reservoir keeps are buffered in memory and
-written at the next checkpoint, which the profiler calls when the buffer reaches its share of the
-budget, at a time interval, and at the end.
+so regions that are never filled take no disk). Rows a reservoir keeps are buffered in memory (one
+``RowBuffer`` block, the budget's share) and written at the next checkpoint, which the profiler
+calls when the buffer is full, at a time interval, and at the end.
 
 A checkpoint must never leave the rows on disk out of step with the saved state (a kill can come at
 any instruction). Rows for slots that were empty at the previous checkpoint are written in place at
@@ -60,6 +60,39 @@ def write_runs(fd: int, keys: np.ndarray, rows: np.ndarray, row_bytes: int) -> N
             view, offset = view[written:], offset + written
 
 
+class RowBuffer:
+    """Rows waiting for the next checkpoint, in one block allocated once.
+
+    Buffered rows are views into the block, handed out in order and all released at a checkpoint,
+    so the buffer takes exactly its size: thousands of small row tensors allocated and freed
+    between the forward pass's temporaries would leave the allocator's heap fragmented, and the
+    process well above the budget.
+    """
+
+    def __init__(self, rows: int, width: int, dtype: torch.dtype) -> None:
+        self.block = torch.empty(rows, width, dtype=dtype)
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.block.shape[0]
+
+    def free_rows(self) -> int:
+        return self.capacity - self.used
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next ``n`` rows of the block (the caller fills them)."""
+        if n > self.free_rows():
+            raise RuntimeError(f"row buffer overflow: {n} rows asked, {self.free_rows()} free")
+        view = self.block[self.used : self.used + n]
+        self.used += n
+        return view
+
+    def release(self) -> None:
+        """Every buffered row has been written: the block is free again."""
+        self.used = 0
+
+
 class LayerSpill:
     """One layer's reservoir rows: a sparse raw file, a buffer of pending writes, journaled checkpoints."""
 
@@ -80,7 +113,7 @@ class LayerSpill:
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)  # sparse: blocks are allocated as rows are written
         self._pending: list[tuple[int, int, np.ndarray, torch.Tensor]] = []
-        self.pending_bytes = 0
+        self.pending_rows = 0
         self._saved_count = np.zeros((2, num_experts), dtype=np.int64)
         self._serial = 0
 
@@ -93,14 +126,10 @@ class LayerSpill:
         return self.folder / f"layer{self.layer}.journal{serial}"
 
     # ---- recording -----------------------------------------------------------------------------
-    def buffered_bytes(self, n_rows: int) -> int:
-        """What ``n_rows`` buffered rows take (the row and its slot index)."""
-        return n_rows * (self.row_bytes + 8)
-
     def write(self, kind: int, expert: int, slots: np.ndarray, rows: torch.Tensor) -> None:
-        """Buffer rows for the given slots of a reservoir (written at the next checkpoint)."""
+        """Buffer rows (a view into the pass's ``RowBuffer``) for the given slots of a reservoir."""
         self._pending.append((kind, expert, slots.astype(np.int64, copy=False), rows))
-        self.pending_bytes += self.buffered_bytes(rows.shape[0])
+        self.pending_rows += rows.shape[0]
 
     def checkpoint(self, state: dict[str, np.ndarray]) -> None:
         """Write the buffered rows and ``state`` so that a kill at any point leaves a consistent pair."""
@@ -144,7 +173,7 @@ class LayerSpill:
         self._serial = serial
         self._saved_count = np.stack([state["fit_count"], state["heldout_count"]])
         self._pending.clear()
-        self.pending_bytes = 0
+        self.pending_rows = 0
 
     @staticmethod
     def _last_writers(keys: list[np.ndarray]) -> list[np.ndarray]:

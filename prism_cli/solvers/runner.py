@@ -329,8 +329,8 @@ def _run_ray(path: str, jobs: list[tuple[int, int]], settings: PartitionSettings
             except ray.exceptions.RayError as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise PrismError(
-                    f"the Ray task for layer {layer} expert {e} failed after {RAY_MAX_RETRIES} retries ({first}); "
-                    "finished experts are kept: rerun with --resume"
+                    f"the Ray task for layer {layer} expert {e} failed ({first}; a lost worker is retried "
+                    f"{RAY_MAX_RETRIES} times); finished experts are kept: rerun with --resume"
                 ) from None
             done(layer, e, result)
 
