@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate
+.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate bench-scale plan-costs
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -68,6 +68,18 @@ families: $(STAMP)
 # (trains a small GPT-OSS first; about 15 min on 2 cores).
 down-bias: $(STAMP)
 	$(BIN)/python scripts/down_bias.py --out results/down_bias
+
+# Per-unit costs of this machine for `prism plan` (partition by solver and width, export, loading,
+# disk), single-threaded like bench-scale; the committed file is what `prism plan` uses on machines
+# that have not run `prism plan calibrate` themselves.
+plan-costs: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/prism plan calibrate --out prism_cli/data/plan_costs.json
+
+# Synthetic checkpoints at OLMoE-1B-7B's expert shapes (2 and 4 layers, about 5 GB in runs/scale/):
+# profile memory, kill + resume, partition resume and merge, export, and `prism plan` against them
+# (about an hour on 2 shared cores). Steps already measured in runs/scale/measurements.json are skipped.
+bench-scale: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python scripts/bench_scale.py --work runs/scale --out results/scale
 
 gate-ablation: $(STAMP)
 	mkdir -p $(RUN)

@@ -10,10 +10,10 @@ import typer
 from rich.markup import escape
 
 from prism_cli import __version__
-from prism_cli.commands import bench, export, kernels, partition, profile, schedule, serve, tables, tune_gate
+from prism_cli.commands import bench, export, kernels, partition, plan, profile, schedule, serve, tables, tune_gate
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
-from prism_cli.errors import PrismError
+from prism_cli.errors import Interrupted, PrismError
 
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT_CODE = 130
@@ -48,6 +48,7 @@ def _root(
 
 app.command("profile")(profile.profile)
 app.add_typer(partition.app, name="partition")
+app.add_typer(plan.app, name="plan")
 app.command("export")(export.export)
 app.command("tune-gate")(tune_gate.tune_gate)
 app.command("bench")(bench.bench)
@@ -75,6 +76,9 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         result = command.main(prog_name="prism", standalone_mode=False)
+    except Interrupted as exc:  # an interruption the command kept resumable state for
+        err_console.print(f"[bold red]interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except PrismError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -197,3 +197,42 @@ def h5_attr(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def open_work_dir(folder: Path, kind: str, identity: dict[str, Any], *, resume: bool, what: str) -> bool:
+    """Create the work folder of a resumable run, or check the one an interrupted run left.
+
+    ``identity`` is what must match to continue (model, data, settings ...); with ``resume`` a
+    folder made with other values is refused naming the first difference, without it any existing
+    folder is refused (it holds work that a fresh run would throw away). Returns True when resuming.
+    """
+    manifest = folder / "manifest.json"
+    if not folder.exists():
+        folder.mkdir()
+        write_json(manifest, {"format": kind, "identity": identity})
+        return False
+    if not resume:
+        raise PrismError(f"{folder} holds an interrupted {what} run: pass --resume to continue it, or delete the folder to start over")
+    try:
+        saved = json.loads(manifest.read_text())
+        if saved.get("format") != kind:
+            raise ValueError
+        old = saved["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PrismError(f"{folder} is not a prism {what} work folder (or is damaged); delete it to start over") from None
+    for key, value in identity.items():
+        if old.get(key) != value:
+            raise PrismError(
+                f"--resume: {folder} was started with {key} = {old.get(key)!r}, this run has {value!r}; "
+                "rerun with the same input and settings, or delete the folder to start over"
+            )
+    return True

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from prism_cli.data import load_text
+from prism_cli.errors import Interrupted, PrismError
+from prism_cli.io import h5_attr
 from prism_cli.models.loading import load_model
 from prism_cli.profiling.format import ProfileFile
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
 from prism_cli.solvers import SOLVERS, PartitionProblem
+from prism_cli.solvers import runner as runner_module
 from prism_cli.solvers.alternating import (
     alternating_step,
     group_weights,
@@ -27,7 +32,7 @@ from prism_cli.solvers.evolutionary import BalanceRepair, PartitionObjectives, c
 from prism_cli.solvers.format import Partition, read_partition, write_partition
 from prism_cli.solvers.heuristics import equal_labels
 from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, rank_weights, retained_mass
-from prism_cli.solvers.runner import PartitionSettings, gate_positions, partition_profile
+from prism_cli.solvers.runner import PartitionSettings, gate_positions, partition_profile, run_partition
 from prism_cli.solvers.synthetic import planted_rows, realistic_rows
 
 N = 4
@@ -166,6 +171,29 @@ def test_ray_executor_gives_the_local_result(profile_path, solved) -> None:
     assert _same_results(solved("nsga2"), on_ray)
 
 
+def test_ray_retries_a_lost_task(profile_path, solved, tmp_path, monkeypatch) -> None:
+    """A worker that dies mid-task (once) is replaced and its task rerun: the run ends with the local result."""
+    ray = pytest.importorskip("ray")
+    marker = tmp_path / "died-once"
+    real = runner_module.solve_expert
+
+    def dies_once(rows, settings):
+        if (rows.layer, rows.expert) == (1, 3) and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker process is gone, as if its node had failed
+        return real(rows, settings)
+
+    monkeypatch.setattr(runner_module, "solve_expert", dies_once)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = tmp_path / "partition.h5"
+        on_ray = run_partition(profile_path, settings_for("nsga2"), out, executor="ray")
+    finally:
+        ray.shutdown()
+    assert marker.exists()  # the fault did happen
+    assert _same_results(solved("nsga2"), on_ray) and _same_results(solved("nsga2"), read_partition(out))
+
+
 def test_seed_changes_the_result(profile_path) -> None:
     a = partition_profile(profile_path, settings_for("random", seed=0), workers=1)
     b = partition_profile(profile_path, settings_for("random", seed=0), workers=1)
@@ -222,6 +250,137 @@ def test_compare_cli(cli, profile_path, tmp_path) -> None:
     assert all(len(v["heldout_cost"]) == 16 for v in data["per_expert"].values())
     markdown = files[".md"].read_text()
     assert all(f"| {name} |" in markdown for name in cost)
+
+
+# --- resumable and distributed runs -----------------------------------------------------------------
+
+
+def partition_data(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Root attributes and datasets of a partition file, less what only says when and how fast."""
+    data: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as h5:
+        attrs = {k: h5_attr(v) for k, v in h5.attrs.items() if k != "created"}
+        h5.visititems(lambda name, obj: data.__setitem__(name, obj[()])
+                      if isinstance(obj, h5py.Dataset) and not name.endswith("/seconds") else None)
+    return attrs, data
+
+
+def assert_same_partition_file(a: Path, b: Path) -> None:
+    attrs_a, data_a = partition_data(a)
+    attrs_b, data_b = partition_data(b)
+    assert attrs_a == attrs_b
+    assert sorted(data_a) == sorted(data_b)
+    for name, value in data_a.items():
+        np.testing.assert_array_equal(value, data_b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def whole_run(profile_path, tmp_path_factory) -> Path:
+    """An uninterrupted nsga2 run over every layer, written by ``run_partition``."""
+    out = tmp_path_factory.mktemp("whole") / "partition.h5"
+    run_partition(profile_path, settings_for("nsga2"), out, workers=1)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["partition.h5"]  # no work folder left
+    return out
+
+
+def test_interrupted_and_resumed_partition_is_the_uninterrupted_one(profile_path, whole_run, tmp_path) -> None:
+    out = tmp_path / "partition.h5"
+    finished = []
+
+    def stop_after_five(layer, expert, result):
+        finished.append((layer, expert))
+        if len(finished) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="5 finished experts are kept"):
+        run_partition(profile_path, settings_for("nsga2"), out, workers=1, on_done=stop_after_five)
+    assert not out.exists() and len(list((tmp_path / "partition.h5.partial").glob("*.npz"))) == 5
+    with pytest.raises(PrismError, match="--resume"):
+        run_partition(profile_path, settings_for("nsga2"), out, workers=1)
+    with pytest.raises(PrismError, match="seed = 0, this run has 1"):
+        run_partition(profile_path, settings_for("nsga2", seed=1), out, workers=1, resume=True)
+    saved = sorted((tmp_path / "partition.h5.partial").glob("*.npz"))[0]
+    good = saved.read_bytes()
+    saved.write_bytes(b"torn")
+    with pytest.raises(PrismError, match=f"{saved.name} is damaged"):
+        run_partition(profile_path, settings_for("nsga2"), out, workers=1, resume=True)
+    saved.write_bytes(good)
+    solved_now = []
+    # Resumed on two workers: the other experts are solved in another order and other processes.
+    run_partition(profile_path, settings_for("nsga2"), out, workers=2, resume=True,
+                  on_done=lambda layer, expert, result: solved_now.append((layer, expert)))
+    assert len(solved_now) == 16 and set(solved_now[:5]) == set(finished)  # 5 reloaded, 11 solved
+    assert_same_partition_file(whole_run, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partition.h5"]
+
+
+def test_layer_ranges_merged_are_one_run(cli, tiny_model_dir, profile_path, whole_run, tmp_path) -> None:
+    for layer in (1, 0):
+        result = cli("partition", profile_path, "--solver", "nsga2", "-O", "pop_size=8", "-O", "generations=3",
+                     "-N", "4", "--workers", "1", "--layers", str(layer), "--out", tmp_path / f"part{layer}.h5")
+        assert result.code == 0, result
+    result = cli("partition", "merge", tmp_path / "part1.h5", tmp_path / "part0.h5", "--out", tmp_path / "merged.h5")
+    assert result.code == 0, result
+    assert "layers 0, 1 from 2 parts" in " ".join(result.out.split())
+    assert_same_partition_file(whole_run, tmp_path / "merged.h5")
+    result = cli("export", tiny_model_dir("olmoe"), tmp_path / "merged.h5", "--gate", "linear", "--out", tmp_path / "export")
+    assert result.code == 0, result
+    # One part alone does not cover the model: export refuses it.
+    cli("export", tiny_model_dir("olmoe"), tmp_path / "part0.h5", "--out", tmp_path / "export0").assert_one_line_error(
+        "covers layers [0]", "every MoE layer")
+
+
+def test_layer_ranges_parse(profile_path, tmp_path) -> None:
+    from prism_cli.commands.common import parse_layers
+
+    assert parse_layers("0-3,7,9-10") == [0, 1, 2, 3, 7, 9, 10]
+    assert parse_layers(None) is None
+    with pytest.raises(PrismError, match="empty"):
+        parse_layers("5-2")
+    with pytest.raises(PrismError, match="ranges such as 0-7"):
+        parse_layers("0-x")
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("overlap", ["both hold layer 0", "disjoint --layers"]),
+        ("other-seed", ["does not belong with", "seed is 1 there and 0"]),
+        ("other-solver", ["does not belong with", "solver is 'random' there"]),
+        ("one-part", ["at least two"]),
+        ("missing-part", ["does not exist"]),
+        ("not-a-partition", ["not a readable HDF5 file"]),
+    ],
+)
+def test_merge_bad_input_is_one_line_and_writes_nothing(cli, profile_path, tmp_path, case, needles) -> None:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+
+    def part(name: str, layers: str, **kw) -> Path:
+        path = parts / name
+        run_partition(profile_path, settings_for(kw.pop("solver", "alternating"), **kw), path, workers=1,
+                      layers=[int(x) for x in layers.split(",")])
+        return path
+
+    a = part("a.h5", "0")
+    if case == "overlap":
+        args = [a, part("b.h5", "0,1")]
+    elif case == "other-seed":
+        args = [a, part("b.h5", "1", seed=1)]
+    elif case == "other-solver":
+        args = [a, part("b.h5", "1", solver="random")]
+    elif case == "one-part":
+        args = [a]
+    elif case == "missing-part":
+        args = [a, parts / "nope.h5"]
+    else:
+        (parts / "junk.h5").write_bytes(b"not hdf5")
+        args = [a, parts / "junk.h5"]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = cli("partition", "merge", *args, "--out", out_dir / "merged.h5")
+    result.assert_one_line_error(*needles)
+    assert list(out_dir.iterdir()) == []
 
 
 # --- evolutionary solvers and their operators on synthetic rows ------------------------------------

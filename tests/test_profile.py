@@ -17,13 +17,17 @@ import torch
 
 from prism_cli import __version__
 from prism_cli.data import load_text, text_hash
+from prism_cli.errors import Interrupted, PrismError
 from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.io import h5_attr
 from prism_cli.models.loading import LoadedModel, config_fingerprint, load_config, load_model
 from prism_cli.profiling import recorder as recorder_module
+from prism_cli.profiling import spill as spill_module
+from prism_cli.profiling.budget import ProfileGeometry, forward_bytes, parse_size, plan_memory
 from prism_cli.profiling.format import FORMAT, FORMAT_VERSION, ProfileFile
 from prism_cli.profiling.profiler import ProfileSettings, holdout_mask, profile_model
-from prism_cli.profiling.recorder import Reservoir
+from prism_cli.profiling.recorder import Reservoir, rng_state, set_rng_state
+from prism_cli.profiling.spill import LayerSpill
 from prism_cli.solvers.base import top_fraction_mask
 
 SETTINGS = dict(tokens=2048, seq_len=32, max_rows=256, row_dtype="float32")
@@ -215,42 +219,60 @@ def test_fit_and_heldout_are_disjoint(profiled, family: str) -> None:
 # --- the reservoirs -------------------------------------------------------------------------------
 
 
-def offer_stream(res: Reservoir, n: int, batches: list[int]) -> None:
-    """Offer stream elements 0..n-1 in the given batch sizes; row i is [i, i, i], weight i / 10."""
+class Stored:
+    """A reservoir plus the rows the caller stores for it: what ``offer``'s (slots, src) say to write."""
+
+    def __init__(self, capacity: int, seed) -> None:
+        self.res = Reservoir(capacity, np.random.default_rng(seed))
+        self.rows = np.full((capacity, 3), -1.0)
+
+    def offer(self, idx: np.ndarray) -> None:
+        """Offer elements ``idx``: row i is [i, i, i], token i, weight i / 10."""
+        slots, src = self.res.offer(idx, idx.astype(np.float32) / 10)
+        assert np.all(np.diff(slots) > 0)  # distinct and ascending
+        self.rows[slots] = idx[src][:, None]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.res.tokens[: self.res.count]
+
+
+def offer_stream(stored: Stored, n: int, batches: list[int]) -> None:
+    """Offer stream elements 0..n-1 in the given batch sizes."""
     start = 0
     for size in batches:
-        idx = torch.arange(start, min(start + size, n))
-        res.offer(idx[:, None].repeat(1, 3).float(), idx, idx.float() / 10)
-        start += idx.numel()
+        idx = np.arange(start, min(start + size, n))
+        stored.offer(idx)
+        start += idx.size
     assert start == n
 
 
 def test_reservoir_respects_capacity_and_keeps_rows_aligned() -> None:
-    res = Reservoir(10, 3, torch.float32, np.random.default_rng(0))
+    stored = Stored(10, 0)
     seen = 0
     for size in [3, 0, 5, 1, 20, 7, 64]:
-        idx = torch.arange(seen, seen + size)
-        res.offer(idx[:, None].repeat(1, 3).float(), idx, idx.float() / 10)
+        stored.offer(np.arange(seen, seen + size))
         seen += size
-        assert res.seen == seen
-        assert res.rows.shape == (min(10, seen), 3)
-        tokens = res.tokens.tolist()
+        res = stored.res
+        assert res.seen == seen and res.count == min(10, seen)
+        tokens = stored.tokens.tolist()
         assert len(set(tokens)) == len(tokens) and all(0 <= t < seen for t in tokens)
-        torch.testing.assert_close(res.rows, res.tokens[:, None].repeat(1, 3).float())
-        torch.testing.assert_close(res.weights, res.tokens.float() / 10)
+        np.testing.assert_array_equal(stored.rows[: res.count], stored.tokens[:, None].repeat(3, axis=1))
+        np.testing.assert_allclose(res.weights[: res.count], stored.tokens / 10, rtol=1e-6)
 
 
 def test_reservoir_zero_capacity_counts_but_keeps_nothing() -> None:
-    res = Reservoir(0, 3, torch.float32, np.random.default_rng(0))
-    offer_stream(res, 50, [20, 30])
-    assert res.seen == 50 and res.rows.shape == (0, 3)
+    stored = Stored(0, 0)
+    offer_stream(stored, 50, [20, 30])
+    assert stored.res.seen == 50 and stored.res.count == 0
 
 
 def test_reservoir_is_deterministic_and_batch_invariant() -> None:
     def sample(seed: int, batches: list[int]) -> list[int]:
-        res = Reservoir(8, 3, torch.float32, np.random.default_rng(seed))
-        offer_stream(res, 100, batches)
-        return res.tokens.tolist()
+        stored = Stored(8, seed)
+        offer_stream(stored, 100, batches)
+        np.testing.assert_array_equal(stored.rows[:, 0], stored.tokens)
+        return stored.tokens.tolist()
 
     one_batch = sample(7, [100])
     assert sample(7, [100]) == one_batch
@@ -260,16 +282,32 @@ def test_reservoir_is_deterministic_and_batch_invariant() -> None:
     assert sample(8, [100]) != one_batch
 
 
+def test_reservoir_resumes_from_its_saved_state() -> None:
+    """Saving the state mid-stream and continuing in a fresh reservoir draws exactly what one reservoir would."""
+    whole = Stored(8, 5)
+    offer_stream(whole, 100, [30, 70])
+    first = Stored(8, 5)
+    offer_stream(first, 30, [30])
+    saved = (first.res.tokens.copy(), first.res.weights.copy(), first.res.count, first.res.seen, rng_state(first.res.rng))
+    second = Stored(8, 999)  # another seed: everything must come from the saved state
+    second.res.tokens[:], second.res.weights[:], second.res.count, second.res.seen = saved[:4]
+    set_rng_state(second.res.rng, saved[4])
+    second.rows = first.rows.copy()
+    second.offer(np.arange(30, 100))
+    np.testing.assert_array_equal(second.tokens, whole.tokens)
+    np.testing.assert_array_equal(second.rows, whole.rows)
+
+
 def test_reservoir_is_uniform() -> None:
     """Every stream element is kept with probability capacity / n, wherever it sits in the stream."""
     n, capacity, trials = 40, 8, 1000
     counts = np.zeros(n)
     batch_rng = np.random.default_rng(123)
     for seed in np.random.SeedSequence(99).spawn(trials):
-        res = Reservoir(capacity, 3, torch.float32, np.random.default_rng(seed))
+        stored = Stored(capacity, seed)
         cuts = np.sort(batch_rng.choice(np.arange(1, n), size=4, replace=False))
-        offer_stream(res, n, np.diff(np.concatenate([[0], cuts, [n]])).tolist())
-        counts[res.tokens.numpy()] += 1
+        offer_stream(stored, n, np.diff(np.concatenate([[0], cuts, [n]])).tolist())
+        counts[stored.tokens] += 1
     assert counts.sum() == trials * capacity
     expected = trials * capacity / n  # 200; binomial sd about 12.6
     assert np.abs(counts - expected).max() < 0.25 * expected, counts
@@ -307,6 +345,27 @@ def _short_text(tmp_path: Path, repeats: int) -> Path:
     return path
 
 
+def test_resume_through_the_cli(cli, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A leftover work folder: refused without --resume, refused with other settings (naming the
+    difference), continued with the same ones; the estimate and the measured numbers are printed."""
+    model, out = tiny_model_dir("olmoe"), tmp_path / "profile.h5"
+    with monkeypatch.context() as patch:
+        def record(self, *args):
+            raise KeyboardInterrupt
+
+        patch.setattr(recorder_module.ActivationRecorder, "record", record)
+        assert cli("profile", model, *CLI_SETTINGS, "--out", out).code == 130
+    cli("profile", model, *CLI_SETTINGS, "--out", out).assert_one_line_error("profile.h5.partial", "--resume")
+    cli("profile", model, *CLI_SETTINGS, "--seed", "3", "--resume", "--out", out).assert_one_line_error(
+        "--resume", "seed = 0, this run has 3")
+    result = cli("profile", model, *CLI_SETTINGS, "--resume", "--out", out)
+    assert result.code == 0, result
+    text = " ".join(result.out.split())
+    assert text.startswith("resuming") and "memory (estimate)" in text and "disk (estimate)" in text
+    assert "measured: peak RSS" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.h5"]
+
+
 def test_short_data_really_gives_one_window(tiny_model_dir, tmp_path) -> None:
     """Guard for the "profile-short-data" case of test_bad_input.py: the text must give exactly one 32-token window."""
     loaded = load_model(str(tiny_model_dir("olmoe")))
@@ -314,7 +373,8 @@ def test_short_data_really_gives_one_window(tiny_model_dir, tmp_path) -> None:
     assert token_windows(loaded.tokenizer, text, 32, 2048).shape[0] == 1
 
 
-def test_ctrl_c_mid_run_leaves_nothing(cli, tiny_model_dir, tmp_path, monkeypatch) -> None:
+def test_ctrl_c_mid_run_keeps_resumable_progress_only(cli, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """Ctrl-C: no profile, the work folder kept, one line naming it and --resume (exit 130)."""
     calls = {"record": 0}
     original = recorder_module.ActivationRecorder.record
 
@@ -333,8 +393,8 @@ def test_ctrl_c_mid_run_leaves_nothing(cli, tiny_model_dir, tmp_path, monkeypatc
     assert "Traceback" not in result.err
     # The progress bar may leave its last state; besides it, one line says what happened.
     lines = [line for line in result.err.splitlines() if line.strip() and not line.startswith("profiling")]
-    assert len(lines) == 1 and lines[0].startswith("interrupted:"), result.err
-    assert list(out_dir.iterdir()) == []
+    assert len(lines) == 1 and lines[0].startswith("interrupted:") and "--resume" in lines[0], result.err
+    assert [p.name for p in out_dir.iterdir()] == ["profile.h5.partial"]
 
 
 def test_interrupt_restores_the_model(tiny_model_dir, tmp_path, monkeypatch) -> None:
@@ -347,10 +407,200 @@ def test_interrupt_restores_the_model(tiny_model_dir, tmp_path, monkeypatch) -> 
 
     monkeypatch.setattr(recorder_module.ActivationRecorder, "record", record)
     text, name = load_text(None, "calibration")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="--resume"):
         profile_model(loaded, text, name, ProfileSettings(**SETTINGS), tmp_path / "profile.h5")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.h5.partial"]
     assert loaded.model.config._experts_implementation == before
     layer = loaded.adapter.moe_layers(loaded.model)[0]
     assert not hasattr(layer.experts, "_prism_recorder")
+    assert not layer.block._forward_hooks  # the hook that stops the forward pass is gone too
 
+
+# --- bounded memory, passes and resume ---------------------------------------------------------------
+
+
+def profile_data(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Root attributes (less the timestamp) and every dataset of a profile."""
+    data: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as h5:
+        attrs = {k: h5_attr(v) for k, v in h5.attrs.items() if k != "created"}
+        h5.visititems(lambda name, obj: data.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return attrs, data
+
+
+def assert_same_profile(a: Path, b: Path) -> None:
+    attrs_a, data_a = profile_data(a)
+    attrs_b, data_b = profile_data(b)
+    assert attrs_a == attrs_b
+    assert sorted(data_a) == sorted(data_b)
+    for name, value in data_a.items():
+        assert value.dtype == data_b[name].dtype, name
+        np.testing.assert_array_equal(value, data_b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def olmoe_run(tiny_model_dir, tmp_path_factory):
+    """The tiny OLMoE, its calibration text, and an uninterrupted profile with the default budget."""
+    loaded = load_model(str(tiny_model_dir("olmoe")))
+    text, name = load_text(None, "calibration")
+    path = tmp_path_factory.mktemp("reference") / "profile.h5"
+    profile_model(loaded, text, name, ProfileSettings(**SETTINGS), path)
+    return loaded, text, name, path
+
+
+def geometry_of(loaded: LoadedModel, **overrides) -> ProfileGeometry:
+    a = loaded.adapter
+    # Activations of a batch of 8 x 32 tokens: 24 float32 copies of hidden 64, 3 of the scores of 4 heads.
+    forward = 24 * 8 * 32 * 64 * 4 + 3 * 8 * 4 * 32 * 32 * 4
+    values = dict(num_experts=a.num_experts, width=a.width, top_k=a.top_k, n_layers=2, max_rows=SETTINGS["max_rows"],
+                  holdout_fraction=0.2, row_bytes=4, forward_bytes=forward)
+    return ProfileGeometry(**{**values, **overrides})
+
+
+def test_several_passes_and_a_small_buffer_give_the_same_profile(olmoe_run, tmp_path, monkeypatch) -> None:
+    loaded, text, name, reference = olmoe_run
+    geometry = geometry_of(loaded)
+    budget = geometry.minimum_budget + geometry.layer_state_bytes // 2  # one layer per pass, a tiny buffer
+    plan = plan_memory(geometry, budget)
+    assert (plan.passes, plan.layers_per_pass) == (2, 1)
+    # The buffered rows never exceed the buffer (one reservoir here), which forces many checkpoints.
+    seen = {"max": 0}
+    spills: list[LayerSpill] = []
+    original = LayerSpill.write
+
+    def write(self, *args):
+        original(self, *args)
+        if self not in spills:
+            spills.append(self)
+        seen["max"] = max(seen["max"], sum(s.pending_rows for s in spills if s._fd >= 0))
+
+    monkeypatch.setattr(LayerSpill, "write", write)
+    starts = []
+    summary = profile_model(loaded, text, name, ProfileSettings(**SETTINGS, max_memory=budget), tmp_path / "p.h5",
+                            on_start=starts.append)
+    assert starts[0].memory == plan and starts[0].total_tokens == 2 * 2048
+    assert 0 < seen["max"] <= max(geometry.max_rows, plan.buffer_bytes // (geometry.row_size + 8))
+    assert summary.checkpoints > 10
+    assert_same_profile(reference, tmp_path / "p.h5")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.h5"]  # the work folder is gone
+
+
+@pytest.mark.parametrize("where", ["mid-layer", "between-batches", "before-journal-applied"])
+def test_interrupted_and_resumed_gives_the_same_profile(olmoe_run, tmp_path, monkeypatch, where: str) -> None:
+    """Interrupt a run (after some checkpoints), resume it: the very file an uninterrupted run writes."""
+    loaded, text, name, reference = olmoe_run
+    geometry = geometry_of(loaded)
+    settings = ProfileSettings(**SETTINGS, max_memory=geometry.minimum_budget * 3, checkpoint_seconds=1e-9)
+    out = tmp_path / "p.h5"
+    with monkeypatch.context() as patch:
+        if where == "before-journal-applied":
+            # Die right after a state is renamed into place, before its journal reaches the row file.
+            calls = {"n": 0}
+            original = spill_module.fsync_dir
+
+            def fsync_dir(folder):
+                original(folder)
+                calls["n"] += 1
+                if calls["n"] == 9:
+                    raise KeyboardInterrupt
+
+            patch.setattr(spill_module, "fsync_dir", fsync_dir)
+        else:
+            original = recorder_module.ActivationRecorder.record
+
+            def record(self, layer, expert, *args):
+                if self._batch == 4 and (layer == 1 and expert >= 3 if where == "mid-layer" else layer == 0):
+                    raise KeyboardInterrupt
+                return original(self, layer, expert, *args)
+
+            patch.setattr(recorder_module.ActivationRecorder, "record", record)
+        with pytest.raises(Interrupted):
+            profile_model(loaded, text, name, settings, out)
+    work = tmp_path / "p.h5.partial"
+    assert not out.exists() and any(work.glob("layer1.state.npz"))
+    if where == "before-journal-applied":
+        assert any(work.glob("layer*.journal*"))
+    with pytest.raises(PrismError, match="--resume"):  # a fresh run does not discard the work
+        profile_model(loaded, text, name, settings, out)
+    resumed = []
+    profile_model(loaded, text, name, settings, out, resume=True, on_start=resumed.append)
+    assert resumed[0].resumed
+    assert_same_profile(reference, out)
+    assert not work.exists()
+
+
+def test_resume_refuses_other_settings_naming_the_difference(olmoe_run, tmp_path, monkeypatch) -> None:
+    loaded, text, name, _ = olmoe_run
+    settings = ProfileSettings(**SETTINGS, checkpoint_seconds=1e-9)
+    original = recorder_module.ActivationRecorder.record
+
+    def record(self, *args):
+        if self._batch == 2:  # after two checkpointed batches
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recorder_module.ActivationRecorder, "record", record)
+        with pytest.raises(Interrupted):
+            profile_model(loaded, text, name, settings, tmp_path / "p.h5")
+    other = ProfileSettings(**{**SETTINGS, "max_rows": 128})
+    with pytest.raises(PrismError, match=r"max_rows = 256, this run has 128"):
+        profile_model(loaded, text, name, other, tmp_path / "p.h5", resume=True)
+    with pytest.raises(PrismError, match=r"data_hash"):
+        profile_model(loaded, text[:200_000], name, settings, tmp_path / "p.h5", resume=True)
+    # A damaged checkpoint is refused in one line.
+    state = tmp_path / "p.h5.partial" / "layer0.state.npz"
+    state.write_bytes(b"garbage")
+    with pytest.raises(PrismError, match="layer 0 is damaged"):
+        profile_model(loaded, text, name, settings, tmp_path / "p.h5", resume=True)
+    # --resume with nothing to resume starts from the beginning.
+    profile_model(loaded, text, name, settings, tmp_path / "fresh.h5", resume=True)
+    assert (tmp_path / "fresh.h5").exists()
+
+
+def test_layer_seeds_do_not_depend_on_the_layers_profiled(olmoe_run, tmp_path) -> None:
+    """Profiling layer 1 alone samples exactly the rows it samples when every layer is profiled."""
+    loaded, text, name, reference = olmoe_run
+    profile_model(loaded, text, name, ProfileSettings(**{**SETTINGS, "layers": [1]}), tmp_path / "one.h5")
+    _, whole = profile_data(reference)
+    _, one = profile_data(tmp_path / "one.h5")
+    assert sorted(one) == sorted(k for k in whole if k.startswith("layers/1/"))
+    for key, value in one.items():
+        np.testing.assert_array_equal(value, whole[key], err_msg=key)
+
+
+def test_memory_plan_by_hand() -> None:
+    """Sizes of a hand-computed case: E = 4, I = 8, 10 rows (8 fit + 2 held-out), float16 rows."""
+    g = ProfileGeometry(num_experts=4, width=8, top_k=2, n_layers=6, max_rows=10, holdout_fraction=0.2, row_bytes=2,
+                        forward_bytes=1000)
+    assert g.caps == (8, 2)
+    assert g.reservoir_bytes == 10 * 8 * 2
+    assert g.layer_state_bytes == 4 * (16 + 16 * 8) + 4 * 10 * 12 + 8 * 1536
+    assert g.minimum_budget == 1000 + g.layer_state_bytes + 320
+    assert forward_bytes(8, 32, 64, 4, 4) == 24 * 256 * 64 * 4 + 3 * 8 * 4 * 1024 * 4
+    # 100 tokens x top-2 / 4 experts = 50 routed per expert: 40 fit, 10 held-out, capped at 8 and 2.
+    assert g.expected_rows(100) == (8, 2)
+    assert g.expected_rows(10) == pytest.approx((4.0, 1.0))
+    big = plan_memory(g, 100 * g.layer_state_bytes)
+    assert (big.passes, big.layers_per_pass) == (1, 6)
+    three = plan_memory(g, 1000 + 5 * g.layer_state_bytes)  # 2 layers fit half the rest: 3 passes of 2
+    assert (three.passes, three.layers_per_pass) == (3, 2)
+    assert three.buffer_bytes == 5 * g.layer_state_bytes - 2 * g.layer_state_bytes - 160
+    with pytest.raises(PrismError, match="minimum"):
+        plan_memory(g, g.minimum_budget - 1)
+
+
+@pytest.mark.parametrize("text, value", [("8G", 8 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
+                                          ("2000", 2000), ("64k", 65536)])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+def test_bounded_memory_loading_gives_the_same_model(tiny_model_dir, family: str) -> None:
+    """`prism profile` loads through lazily read tensors (a lower peak): the very weights the default loader gives."""
+    default = load_model(str(tiny_model_dir(family)))
+    bounded = load_model(str(tiny_model_dir(family)), bounded_memory=True)
+    a, b = default.model.state_dict(), bounded.model.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert bounded.model.config._name_or_path == default.model.config._name_or_path

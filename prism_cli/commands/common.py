@@ -55,6 +55,25 @@ def parse_int_list(value: str | None, option: str) -> list[int] | None:
         raise PrismError(f"{option} must be a comma-separated list of integers, got {value!r}") from None
 
 
+def parse_layers(value: str | None, option: str = "--layers") -> list[int] | None:
+    """``"0-7,12"`` -> ``[0, 1, ..., 7, 12]`` (ranges include both ends); None stays None."""
+    if value is None or str(value).strip() == "":
+        return None
+    out: list[int] = []
+    for part in (p.strip() for p in str(value).split(",")):
+        if not part:
+            continue
+        first, sep, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last) if sep else int(first)
+        except ValueError:
+            raise PrismError(f"{option} must list layers and ranges such as 0-7,12, got {value!r}") from None
+        if hi < lo:
+            raise PrismError(f"{option} range {part} is empty (the end comes before the start)")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
 class DefaultCommandGroup(TyperGroup):
     """A group that runs its ``run`` subcommand when the first argument is not a subcommand name.
 

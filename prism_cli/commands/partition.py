@@ -9,14 +9,14 @@ import numpy as np
 import typer
 import yaml
 
-from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress, parse_int_list
+from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress, parse_layers
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.io import check_not_input, check_writable
 from prism_cli.report import ResultTable
 from prism_cli.solvers import SOLVERS
-from prism_cli.solvers.format import Partition, write_partition
-from prism_cli.solvers.runner import PartitionSettings, partition_profile
+from prism_cli.solvers.format import Partition, merge_partitions, write_partition
+from prism_cli.solvers.runner import PartitionSettings, partition_profile, run_partition
 
 app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True, help="Split experts into sub-experts (SPEC 3.2-3.4).")
 
@@ -46,26 +46,42 @@ def run(
     seed: int = typer.Option(0, help="Seed; each expert derives its own from (seed, layer, expert)."),
     workers: int = typer.Option(None, help="Parallel worker processes (default: all cores)."),
     executor: str = typer.Option("local", help="local (processes on this machine) or ray (a Ray cluster; RAY_ADDRESS)."),
-    layers: str = typer.Option(None, help="Comma-separated layers to partition (default: all profiled)."),
+    layers: str = typer.Option(None, help="Layers to partition, e.g. 0-7 (default: all profiled); join parts with `merge`."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run an interruption left in OUT.partial/."),
     solver_option: list[str] = SolverOptions,
     out: Path = typer.Option(Path("partition.h5"), help="Output HDF5 file."),
     config: str = ConfigOption,
 ) -> None:
-    """Partition every profiled expert into N equal sub-experts and write partition.h5."""
+    """Partition every profiled expert into N equal sub-experts and write partition.h5.
+
+    Each expert is saved as it finishes (OUT.partial/): after a kill or Ctrl-C, --resume solves only
+    the rest. Split a large model over machines with --layers and join the files with `merge`.
+    """
     settings = PartitionSettings(
         solver=solver, sub_experts=sub_experts, keep=keep, gate_neurons=gate_neurons, gate_selection=gate_selection, seed=seed,
         solver_options=parse_solver_options(solver_option),
     )
     check_not_input(out, {"profile": profile, **({"config file": Path(config)} if config else {})})
     check_writable(out)
-    wanted = parse_int_list(layers, "--layers")
     with deferred_progress(f"partitioning ({solver})", unit="experts") as (start, advance):
-        result = partition_profile(
-            profile, settings, layers=wanted, workers=workers, executor=executor, on_start=start, on_done=lambda *_: advance()
-        )
-    write_partition(out, result)
+        result = run_partition(profile, settings, out, resume=resume, layers=parse_layers(layers), workers=workers,
+                               executor=executor, on_start=start, on_done=lambda *_: advance())
     console.print(summary_table(result).rich())
     console.print(f"written {out}")
+
+
+@app.command("merge")
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Partition files of disjoint layer ranges of one run (same profile and settings)."),
+    out: Path = typer.Option(..., help="Output HDF5 file."),
+    config: str = ConfigOption,
+) -> None:
+    """Join partitions made by layer range (`prism partition PROFILE --layers A-B`) into one file."""
+    check_writable(out)
+    result = merge_partitions(parts)
+    write_partition(out, result)
+    console.print(summary_table(result).rich())
+    console.print(f"written {out}: layers {', '.join(map(str, result.layers))} from {len(parts)} parts")
 
 
 def summary_table(partition: Partition) -> ResultTable:
@@ -91,7 +107,7 @@ def compare(
     keep: int = typer.Option(1, help="Sub-experts kept per token in the paper cost."),
     seed: int = typer.Option(0, help="Seed (the same for every solver)."),
     workers: int = typer.Option(None, help="Parallel worker processes (default: all cores)."),
-    layers: str = typer.Option(None, help="Comma-separated layers (default: all profiled)."),
+    layers: str = typer.Option(None, help="Layers, e.g. 0-3 (default: all profiled)."),
     out: Path = typer.Option(Path("partition_compare"), help="Output stem: writes .md, .csv and .json."),
     config: str = ConfigOption,
 ) -> None:
@@ -102,7 +118,7 @@ def compare(
     for name in names:
         SOLVERS.get(name)
     ResultTable.check_writable(out)
-    wanted = parse_int_list(layers, "--layers")
+    wanted = parse_layers(layers)
     table = ResultTable(
         f"partition solvers on {profile.name}: N = {sub_experts}, keep = {keep}, held-out rows",
         ["solver", "held-out cost", *[f"R_{m}" for m in range(1, sub_experts)], "mean R", "fit cost", "s / expert", "experts"],

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
 import typer
 
-from prism_cli.commands.common import ConfigOption, deferred_progress, parse_int_list
+from prism_cli.commands.common import ConfigOption, deferred_progress, parse_layers
 from prism_cli.console import console
 from prism_cli.data import load_text
-from prism_cli.io import check_not_input, check_writable
+from prism_cli.io import check_not_input, check_writable, peak_rss_bytes
 from prism_cli.report import ResultTable
 
 
@@ -31,19 +30,28 @@ def profile(
     holdout: float = typer.Option(0.2, help="Share of calibration sequences kept apart for validating partitions."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration sequence."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
-    layers: str = typer.Option(None, help="Comma-separated MoE layer indices to profile (default: all)."),
+    layers: str = typer.Option(None, help="MoE layers to profile, e.g. 0-7,12 (default: all)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device_map: str = typer.Option(None, "--device-map", help="accelerate device map (e.g. 'auto') for models larger than one device."),
     row_dtype: str = typer.Option("float16", "--row-dtype", help="Storage dtype of recorded rows."),
     seed: int = typer.Option(0, help="Seed for the held-out split and the reservoir samples."),
+    max_memory: str = typer.Option(
+        None, "--max-memory", help="Host memory for profiling besides the model and the runtime (activations, counters, row buffer), "
+        "e.g. 8G or 512MiB (default: half the available RAM)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run an interruption left in OUT.partial/."),
+    checkpoint_every: float = typer.Option(
+        120.0, "--checkpoint-every", help="Seconds between checkpoints of OUT.partial/ (what a kill can lose)."
+    ),
     out: Path = typer.Option(Path("profile.h5"), help="Output HDF5 file."),
     config: str = ConfigOption,
 ) -> None:
     """Profile neuron activations of every expert on calibration text (SPEC 3.1)."""
     # Imported here, not at the top: torch and transformers would slow every `prism` call (--help too).
     from prism_cli.models.loading import check_context_length, load_config, load_model, resolve_model
-    from prism_cli.profiling.profiler import ProfileSettings, profile_model
+    from prism_cli.profiling.budget import format_size, parse_size
+    from prism_cli.profiling.profiler import ProfilePlan, ProfileSettings, profile_model
 
     settings = ProfileSettings(
         tokens=tokens,
@@ -52,8 +60,10 @@ def profile(
         max_rows=max_rows,
         holdout_fraction=holdout,
         seed=seed,
-        layers=parse_int_list(layers, "--layers"),
+        layers=parse_layers(layers),
         row_dtype=row_dtype,
+        max_memory=parse_size(max_memory) if max_memory is not None else None,
+        checkpoint_seconds=checkpoint_every,
     )
     settings.validate()
     name = resolve_model(model)
@@ -62,20 +72,25 @@ def profile(
     check_writable(out)
     check_context_length(load_config(name), seq_len)
     text, data_name = load_text(data, "calibration")
-    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, bounded_memory=True)
     adapter = loaded.adapter
     assert adapter is not None
     moe = [layer.index for layer in adapter.moe_layers(loaded.model)]
-    n_layers = len(settings.layers or moe)
-    row_bytes = 2 if row_dtype == "float16" else 4
-    console.print(
-        f"profiling [bold]{loaded.name}[/] ({adapter.model_type}: {n_layers} MoE layers x {adapter.num_experts} experts, "
-        f"width {adapter.width}, top-{adapter.top_k}); row reservoirs up to "
-        f"{n_layers * adapter.num_experts * max_rows * adapter.width * row_bytes / 2**30:.2f} GiB"
-    )
-    console.print(moe_layer_note(moe, getattr(loaded.model.config.get_text_config(), "num_hidden_layers", None)))
+    note = moe_layer_note(moe, getattr(loaded.model.config.get_text_config(), "num_hidden_layers", None))
     with deferred_progress("profiling", unit="tokens") as (start, advance):
-        summary = profile_model(loaded, text, data_name, settings, out, on_batch=advance, on_start=start)
+
+        def started(plan: ProfilePlan) -> None:
+            verb = "resuming" if plan.resumed else "profiling"
+            console.print(
+                f"{verb} [bold]{loaded.name}[/] ({adapter.model_type}: {len(plan.layers)} MoE layers x "
+                f"{adapter.num_experts} experts, width {adapter.width}, top-{adapter.top_k}; {plan.tokens:,} tokens)"
+            )
+            console.print(note)
+            for line in plan.describe():
+                console.print(line, highlight=False)
+            start(plan.total_tokens)
+
+        summary = profile_model(loaded, text, data_name, settings, out, resume=resume, on_batch=advance, on_start=started)
     table = ResultTable(
         f"profile: {summary.tokens:,} tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:,.0f} tokens/s)",
         ["layer", "tokens routed (min / max per expert)", "fit rows (min)", "held-out rows (min)", "experts with no rows"],
@@ -85,5 +100,9 @@ def profile(
         fit, held = summary.fit_rows[layer], summary.heldout_rows[layer]
         empty = [e for e, (f, h) in enumerate(zip(fit, held, strict=True)) if f == 0 or h == 0]
         table.add(layer, f"{min(routed):,} / {max(routed):,}", min(fit), min(held), ",".join(map(str, empty)) or "-")
-    table.notes.append(f"peak RSS {psutil.Process().memory_info().rss / 2**30:.2f} GiB; written {out}")
+    table.notes.append(
+        f"measured: peak RSS {format_size(peak_rss_bytes())} (model {format_size(summary.plan.model_bytes)}), "
+        f"profile {format_size(summary.profile_bytes)}, work folder peak {format_size(summary.work_peak_bytes)}, "
+        f"{summary.checkpoints} checkpoints; written {out}"
+    )
     console.print(table.rich())

@@ -106,7 +106,7 @@ def regenerate(
         loaded = load_model(config.model, device=config.device)
         advance = on_stage("profile", 0) if on_stage else None
         profile_model(loaded, text, data_name, ProfileSettings(seed=seed, **prof), work / "profile.h5",
-                      on_batch=advance, on_start=(lambda total: advance(0, total=total)) if advance else None)
+                      on_batch=advance, on_start=(lambda plan: advance(0, total=plan.total_tokens)) if advance else None)
         del loaded
         part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
         workers = part.pop("workers", None)

@@ -659,11 +659,13 @@ def _is_causal_lm(model_type: str) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def adapter_for_config(config: Any) -> MoEAdapter:
-    """The adapter for ``config``, or a one-line error naming what was found."""
+def adapter_for_config(config: Any, *, quantized: bool = False) -> MoEAdapter:
+    """The adapter for ``config``, or a one-line error naming what was found. A quantized checkpoint is
+    refused (naming the step that dequantizes it) unless ``quantized`` (planning reads shapes only)."""
     model_type = getattr(config, "model_type", None) or "unknown"
     if model_type in FAMILIES:
-        _check_not_quantized(config)
+        if not quantized:
+            _check_not_quantized(config)
         family = FAMILIES.get(model_type)
         return (family.adapter or MoEAdapter)(config, family)
     arch = ", ".join(getattr(config, "architectures", None) or []) or "no architecture listed"

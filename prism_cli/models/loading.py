@@ -134,8 +134,13 @@ def load_model(
     device_map: str | None = None,
     experts_implementation: str | None = None,
     require_moe: bool = True,
+    bounded_memory: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM for inference; ``require_moe`` also checks that prism supports its MoE family."""
+    """Load a causal LM for inference; ``require_moe`` also checks that prism supports its MoE family.
+
+    ``bounded_memory`` loads a safetensors checkpoint with a peak of about the model's size plus one
+    layer (``_load_bounded``) instead of transformers' default, which can reach twice the model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = resolve_model(spec)
@@ -152,7 +157,9 @@ def load_model(
         if adapter is not None:
             adapter.check_checkpoint(name)  # config and weights that disagree: one line, before transformers' report
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = _load_bounded(name, config, kwargs) if bounded_memory and not device_map else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise PrismError(_load_failure(name, exc)) from None
@@ -173,6 +180,52 @@ def check_context_length(config: Any, seq_len: int, option: str = "--seq-len") -
     if isinstance(limit, int) and seq_len > limit:
         raise PrismError(f"{option} {seq_len} is longer than the model's {limit:,} positions "
                          f"(max_position_embeddings); use {option} {limit} or less")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a safetensors checkpoint (from its index when sharded), or [] for another format."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.exists() else []
+
+
+def _load_bounded(name: str, config: Any, kwargs: dict[str, Any]) -> Any:
+    """Load through transformers from lazily read (``pread``) tensors, one conversion at a time.
+
+    transformers' default path memory-maps the shards, and every page it reads stays mapped (and
+    counted in the resident memory) while a few mapped tensors live; with the experts fused into one
+    tensor per layer on load, and worker threads reading ahead, peak memory reaches about twice the
+    model. Handing it tensors read with ``pread`` on demand, with its asynchronous loading off, keeps
+    the peak near the model's size. Returns None where this does not apply (not safetensors, or a
+    safetensors without the ``pread`` backend): the caller loads the usual way.
+    """
+    from safetensors import safe_open
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    files = _safetensors_files(checkpoint_dir(name))
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if not files or cls is None:
+        return None
+    try:
+        handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    except TypeError:  # safetensors before the backend argument
+        return None
+    saved = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        state = {key: h.get_slice(key) for h in handles for key in h.keys()}
+        model = cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = saved
+        for h in handles:
+            h.__exit__(None, None, None)
+    model.config._name_or_path = name
+    return model
 
 
 def _maybe_adapter(config: Any) -> MoEAdapter | None:

@@ -168,3 +168,37 @@ def read_partition(path: str | Path) -> Partition:
             raise PrismError(f"{path} is corrupt: missing {exc.args[0] if exc.args else 'data'}") from None
     return partition
 
+
+
+#: Metadata that may differ between parts of one partition run split by layers (each part's own
+#: creation time and layers; the profile's path, which differs between machines: its hash must not).
+_PART_KEYS = {"created", "layers", "profile"}
+
+
+def merge_partitions(paths: list[str | Path]) -> Partition:
+    """Join partitions of disjoint layer ranges made from one profile with the same settings.
+
+    Refuses parts whose metadata differ (naming the field) or whose layers overlap; the result is the
+    partition one run over all their layers gives.
+    """
+    if len(paths) < 2:
+        raise PrismError("merge needs at least two partition files")
+    parts = [read_partition(path) for path in paths]
+    first = parts[0]
+    merged = Partition(meta={k: v for k, v in first.meta.items() if k != "created"})  # the merge gets its own time
+    owner: dict[int, Path] = {}
+    for path, part in zip(paths, parts, strict=True):
+        for key in sorted((set(first.meta) | set(part.meta)) - _PART_KEYS):
+            if first.meta.get(key) != part.meta.get(key):
+                raise PrismError(
+                    f"{path} does not belong with {paths[0]}: {key} is {part.meta.get(key)!r} there and "
+                    f"{first.meta.get(key)!r} in {paths[0]}; merge parts of one run (same profile and settings)"
+                )
+        for layer, experts in part.experts.items():
+            if layer in owner:
+                raise PrismError(f"{path} and {owner[layer]} both hold layer {layer}: merge parts with disjoint --layers")
+            owner[layer] = Path(path)
+            merged.experts[layer] = experts
+    merged.experts = dict(sorted(merged.experts.items()))
+    merged.meta["layers"] = merged.layers
+    return merged

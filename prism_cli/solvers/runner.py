@@ -3,17 +3,23 @@
 Per expert: solve on the fit rows, number the groups by importance (sub-expert 0 carries the most
 fit mass), choose each sub-expert's gate neurons (SPEC 3.4a) and score the partition on the fit and
 the held-out rows with the shared objectives. Every expert gets its own generator seeded by
-``(seed, layer, expert)``, so results do not depend on the number of workers or their scheduling.
+``(seed, layer, expert)``, so results do not depend on the number of workers, their scheduling, the
+layers run together, or whether a run was interrupted and resumed (``run_partition`` writes each
+expert as it finishes, ``checkpoint.py``). Layer ranges run on different machines are joined by
+``format.merge_partitions``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +27,18 @@ from typing import Any
 
 import numpy as np
 
-from prism_cli.errors import PrismError
+from prism_cli import __version__
+from prism_cli.errors import Interrupted, PrismError
+from prism_cli.io import check_writable
 from prism_cli.profiling.format import ExpertRows, ProfileFile
 from prism_cli.solvers.base import SOLVERS, PartitionProblem
-from prism_cli.solvers.format import MODEL_KEYS, ExpertPartition, Partition, file_hash
+from prism_cli.solvers.checkpoint import ResultStore, work_dir_for
+from prism_cli.solvers.format import MODEL_KEYS, ExpertPartition, Partition, file_hash, write_partition
 from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, retained_mass
 
 EXECUTORS = ("local", "ray")
+#: Times Ray reruns a task whose worker or node died before it returned (application errors are not retried).
+RAY_MAX_RETRIES = 3
 GATE_SELECTIONS = ("coact", "mass")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -202,6 +213,26 @@ def check_rows(profile: ProfileFile, layers: list[int], settings: PartitionSetti
         )
 
 
+def check_run(
+    profile_path: str | Path, settings: PartitionSettings, layers: list[int] | None, workers: int | None, executor: str
+) -> tuple[list[int], dict[str, Any], int]:
+    """Every check a run makes before its first expert: (layers to run, the profile's model metadata, experts per layer)."""
+    if workers is not None and workers < 1:
+        raise PrismError(f"--workers must be at least 1, got {workers}")
+    if executor not in EXECUTORS:
+        raise PrismError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise PrismError("--executor ray needs Ray: pip install 'prism-cli[ray]'")
+    with ProfileFile(profile_path) as profile:
+        settings.validate(profile.width)
+        chosen = layers or profile.layers
+        missing = sorted(set(chosen) - set(profile.layers))
+        if missing:
+            raise PrismError(f"--layers {missing} are not in the profile (profiled layers: {profile.layers})")
+        check_rows(profile, chosen, settings)
+        return list(chosen), {k: profile.meta[k] for k in MODEL_KEYS}, profile.num_experts
+
+
 def partition_profile(
     profile_path: str | Path,
     settings: PartitionSettings,
@@ -211,34 +242,36 @@ def partition_profile(
     executor: str = "local",
     on_done: Callable[[int, int, ExpertPartition], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    store: ResultStore | None = None,
+    profile_hash: str | None = None,
 ) -> Partition:
     """Partition every expert of the profiled ``layers`` (default: all) with ``settings``.
 
     ``on_start(n_experts)`` is called once the profile and the settings have passed every check, just
-    before the first expert is solved; ``on_done(layer, expert, result)`` after each expert.
+    before the first expert is solved; ``on_done(layer, expert, result)`` after each expert (at once
+    for those a ``store`` already holds). Each result is saved to ``store`` as it finishes.
     """
-    if workers is not None and workers < 1:
-        raise PrismError(f"--workers must be at least 1, got {workers}")
-    if executor not in EXECUTORS:
-        raise PrismError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    with ProfileFile(profile_path) as profile:
-        settings.validate(profile.width)
-        chosen = layers or profile.layers
-        missing = sorted(set(chosen) - set(profile.layers))
-        if missing:
-            raise PrismError(f"--layers {missing} are not in the profile (profiled layers: {profile.layers})")
-        check_rows(profile, chosen, settings)
-        meta = {k: profile.meta[k] for k in MODEL_KEYS}
-        n_experts = profile.num_experts
+    chosen, meta, n_experts = check_run(profile_path, settings, layers, workers, executor)
     jobs = [(layer, e) for layer in chosen for e in range(n_experts)]
     if on_start is not None:
         on_start(len(jobs))
     results: dict[tuple[int, int], ExpertPartition] = {}
 
     def done(layer: int, expert: int, result: ExpertPartition) -> None:
+        if store is not None:
+            store.save(layer, expert, result)
         results[layer, expert] = result
         if on_done is not None:
             on_done(layer, expert, result)
+
+    if store is not None:
+        wanted = set(jobs)
+        for (layer, e), result in store.finished().items():
+            if (layer, e) in wanted:
+                results[layer, e] = result
+                if on_done is not None:
+                    on_done(layer, e, result)
+        jobs = [job for job in jobs if job not in results]
 
     if executor == "ray":
         _run_ray(str(profile_path), jobs, settings, done)
@@ -254,7 +287,7 @@ def partition_profile(
         gate_selection=settings.gate_selection,
         seed=settings.seed,
         profile=str(profile_path),
-        profile_hash=file_hash(profile_path),
+        profile_hash=profile_hash or file_hash(profile_path),
     )
     partition = Partition(meta=meta)
     for layer in chosen:
@@ -281,17 +314,78 @@ def _run_local(path: str, jobs: list[tuple[int, int]], settings: PartitionSettin
 
 
 def _run_ray(path: str, jobs: list[tuple[int, int]], settings: PartitionSettings, done: Callable) -> None:
-    """Same jobs as Ray tasks; rows travel through Ray's object store, so workers need no shared disk."""
-    try:
-        import ray
-    except ImportError:
-        raise PrismError("--executor ray needs Ray: pip install 'prism-cli[ray]'") from None
+    """Same jobs as Ray tasks; rows travel through Ray's object store, so workers need no shared disk.
+
+    At most two tasks per cluster CPU are in flight, so the driver never holds more than that many
+    experts' rows. A task whose worker or node dies is rerun by Ray (``RAY_MAX_RETRIES``); one that
+    still fails stops the run, with every expert finished so far kept by the caller's store.
+    """
+    import ray
+
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(solve_expert)
+    remote = ray.remote(num_cpus=1, max_retries=RAY_MAX_RETRIES, retry_exceptions=False)(solve_expert)
+    limit = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    queue = list(reversed(jobs))
+    pending: dict[Any, tuple[int, int]] = {}
     with ProfileFile(path) as profile:
-        pending = {remote.remote(profile.expert(layer, e), settings): (layer, e) for layer, e in jobs}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        layer, e = pending.pop(ready[0])
-        done(layer, e, ray.get(ready[0]))
+        while queue or pending:
+            while queue and len(pending) < limit:
+                layer, e = queue.pop()
+                pending[remote.remote(profile.expert(layer, e), settings)] = (layer, e)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            layer, e = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise PrismError(
+                    f"the Ray task for layer {layer} expert {e} failed ({first}; a lost worker is retried "
+                    f"{RAY_MAX_RETRIES} times); finished experts are kept: rerun with --resume"
+                ) from None
+            done(layer, e, result)
+
+
+def run_partition(
+    profile_path: str | Path,
+    settings: PartitionSettings,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    layers: list[int] | None = None,
+    workers: int | None = None,
+    executor: str = "local",
+    on_done: Callable[[int, int, ExpertPartition], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Partition:
+    """``partition_profile`` that writes each expert as it finishes, then the partition file at ``out``.
+
+    Finished experts live in ``<out>.partial/`` until the file is written; after a kill, Ctrl-C or a
+    failure, ``resume=True`` solves only the experts that are missing there. The result is the one an
+    uninterrupted run gives (the solver times aside).
+    """
+    out = Path(out)
+    check_writable(out)
+    chosen = sorted(set(check_run(profile_path, settings, layers, workers, executor)[0]))
+    profile_hash = file_hash(profile_path)
+    identity = {
+        "prism_version": __version__, "profile_hash": profile_hash, "layers": chosen, "solver": settings.solver,
+        "solver_settings": settings.make_solver().settings(), "sub_experts": settings.sub_experts, "keep": settings.keep,
+        "gate_neurons": settings.gate_neurons, "gate_selection": settings.gate_selection, "seed": settings.seed,
+    }
+    store = ResultStore(work_dir_for(out), json.loads(json.dumps(identity)), resume=resume)
+    try:
+        partition = partition_profile(profile_path, settings, layers=chosen, workers=workers, executor=executor,
+                                      on_done=on_done, on_start=on_start, store=store, profile_hash=profile_hash)
+        write_partition(out, partition)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"{len(store.finished())} finished experts are kept in {store.folder}; rerun the same command with --resume to continue"
+        ) from None
+    except BrokenProcessPool:
+        raise PrismError(
+            f"a partition worker process died (out of memory?); {len(store.finished())} finished experts are kept in "
+            f"{store.folder}: rerun with --resume, with fewer --workers if memory is short"
+        ) from None
+    store.remove()
+    return partition

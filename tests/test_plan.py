@@ -1,0 +1,247 @@
+"""``prism plan``: model shapes from published configs against their model cards, the plan's arithmetic
+against a hand computation, the cost tables, the command and its bad input; the synthetic checkpoint
+writer that the scale benchmarks use."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import CONFIGS
+
+from prism_cli.models.adapters import adapter_for_config
+from prism_cli.planner import (
+    MachineCosts,
+    PlanSettings,
+    ProfileUnitCosts,
+    Timed,
+    _loglog,
+    make_plan,
+    measure_profile_costs,
+    model_shape,
+    read_config,
+    shrunk_config,
+)
+from prism_cli.profiling.budget import ProfileGeometry
+
+DATA = Path(__file__).parent / "data"
+
+# Total parameters as the model cards state them (DeepSeek-V3: 671B main model, its 14B multi-token
+# prediction module aside; Mixtral-8x7B: 46.7B; Qwen3-30B-A3B: 30.5B; OLMoE-1B-7B: 6.9B).
+CARDS = {
+    "olmoe-1b-7b": dict(params=6.92e9, moe_layers=16, experts=64, width=1024, top_k=8),
+    "qwen3-30b-a3b": dict(params=30.5e9, moe_layers=48, experts=128, width=768, top_k=8),
+    "mixtral-8x7b": dict(params=46.7e9, moe_layers=32, experts=8, width=14336, top_k=2),
+    "deepseek-v3": dict(params=671e9, moe_layers=58, experts=256, width=2048, top_k=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_shapes_of_published_configs_match_their_model_cards(name: str) -> None:
+    shape = model_shape(*read_config(str(DATA / f"{name}.json")))
+    card = CARDS[name]
+    assert shape.params == pytest.approx(card["params"], rel=0.005)
+    assert (len(shape.moe_layers), shape.num_experts, shape.width, shape.top_k) == (
+        card["moe_layers"], card["experts"], card["width"], card["top_k"])
+    # Decoder layers (outside and inside the routed experts) + embeddings, head and final norm: every parameter.
+    config = json.loads((DATA / f"{name}.json").read_text())
+    outer = 2 * config["vocab_size"] * config["hidden_size"] + config["hidden_size"]
+    routed = len(shape.moe_layers) * shape.num_experts * 3 * config["hidden_size"] * card["width"]
+    assert sum(shape.dense_params) + routed + outer == shape.params
+    if name == "deepseek-v3":
+        assert shape.moe_layers[0] == 3 and shape.checkpoint_bytes_per_param == 1  # 3 dense layers; FP8 weights
+    else:
+        assert shape.checkpoint_bytes_per_param == 2
+
+
+def test_loglog_interpolation_recovers_a_power_law() -> None:
+    points = [(256, 2.0 * 256**1.5), (1024, 2.0 * 1024**1.5)]
+    assert _loglog(points, 512) == pytest.approx(2.0 * 512**1.5)
+    assert _loglog(points, 4096) == pytest.approx(2.0 * 4096**1.5)  # extrapolated along the end segment
+    assert _loglog([(100, 3.0)], 300) == pytest.approx(9.0)  # one point: proportional
+
+
+def _machine(**kw) -> MachineCosts:
+    values = dict(machine={"processor": "test", "cores": 4, "memory_bytes": 2**34},
+                  partition={"alternating": [(16, 1.0, 0.8), (64, 4.0, 3.2)]}, partition_rows=100,
+                  partition_worker_bytes=[(16, 100 * 2**20), (64, 200 * 2**20)], export_bytes_per_s=100e6,
+                  load_bytes_per_s=50e6, disk_write_bytes_per_s=200e6, runtime_bytes=300 * 2**20, source="test")
+    return MachineCosts(**{**values, **kw})
+
+
+def test_plan_arithmetic_by_hand(tiny_model_dir) -> None:
+    """A tiny OLMoE (2 MoE layers x 8 experts of width 32, top-2) with hand-set unit costs."""
+    config, name = read_config(str(tiny_model_dir("olmoe")))
+    shape = model_shape(config, name)
+    assert shape.moe_layers == [0, 1] and shape.dense_params[0] == shape.dense_params[1]
+    unit = ProfileUnitCosts(dense_token=Timed(2e-4, 1e-4), expert_call=Timed(0.01, 0.008), tokens_per_call=64)
+    settings = PlanSettings(tokens=4096 + 10, seq_len=32, batch_size=8, max_rows=256, solver="alternating", workers=2,
+                            max_memory=2**30)
+    plan = make_plan(shape, settings, unit, _machine(), available_memory=2**33, cores=4, disk_free=2**40)
+    tokens = 4096  # whole windows of 32
+    # Per token: 2 layers outside the experts + 2 layers x top-2 expert calls of 64 tokens.
+    forward = tokens * (2 * 2e-4 + 2 * 2 * 0.01 / 64)
+    # Activations: 24 float32 copies of 8 x 32 tokens x hidden 64, attention scores 3 x 8 x 4 heads x 32^2 x 4 bytes.
+    activations = 24 * 256 * 64 * 4 + 3 * 8 * 4 * 32 * 32 * 4
+    geometry = ProfileGeometry(num_experts=8, width=32, top_k=2, n_layers=2, max_rows=256, holdout_fraction=0.2, row_bytes=2,
+                               forward_bytes=activations)
+    fit, held = geometry.expected_rows(tokens)  # 1024 routed per expert: capped at 205 and 51
+    assert (fit, held) == (205, 51)
+    rows = 2 * 8 * (fit + held) * 32 * 2
+    io = (rows + geometry.profile_bytes(tokens)) / 200e6
+    load = shape.params * 4 / 50e6  # the tiny checkpoint is stored in float32
+    profile = plan.stage("profile")
+    assert profile.seconds == pytest.approx(load + forward + io)
+    assert profile.cpu_seconds == pytest.approx(load + tokens * (2 * 1e-4 + 2 * 2 * 0.008 / 64) + io)
+    need = activations + 2 * geometry.layer_state_bytes + rows + geometry.reservoir_bytes
+    model_bytes = shape.params * 4  # float32
+    assert profile.memory_bytes == model_bytes + 300 * 2**20 + min(2**30, need)
+    assert profile.disk_bytes == geometry.profile_bytes(tokens) + geometry.work_bytes(tokens, plan_buffer(geometry, 2**30))
+    # Partition: width 32 lies between the calibrated 16 and 64 (a power law of exponent 1 through them).
+    per_expert = 32 / 16 * 1.0 * fit / 100
+    partition = plan.stage("partition")
+    assert partition.seconds == pytest.approx(16 * per_expert / 2)
+    assert plan.partition_core_seconds == pytest.approx(16 * per_expert)
+    assert plan.cores_for_an_hour == 1
+    # Export: the checkpoint (float32 here) read and written.
+    assert plan.stage("export").seconds == pytest.approx(2 * shape.params * 4 / 100e6)
+
+
+def plan_buffer(geometry: ProfileGeometry, budget: int) -> int:
+    from prism_cli.profiling.budget import plan_memory
+
+    return plan_memory(geometry, budget).buffer_bytes
+
+
+def test_cores_for_an_hour_is_the_work_over_an_hour() -> None:
+    config, name = read_config(str(DATA / "olmoe-1b-7b.json"))
+    shape = model_shape(config, name)
+    unit = ProfileUnitCosts(dense_token=Timed(1e-3, 1e-3), expert_call=Timed(0.1, 0.1), tokens_per_call=256)
+    machine = _machine(partition={"nsga2": [(512, 6.0, 6.0), (2048, 24.0, 24.0)]}, partition_rows=4096)
+    plan = make_plan(shape, PlanSettings(dtype="bfloat16"), unit, machine, available_memory=2**36, cores=2, disk_free=2**42)
+    # 16 x 64 experts x 12 s (width 1024, 4,096 fit rows) = 12,288 s: 4 cores for an hour.
+    assert plan.partition_core_seconds == pytest.approx(16 * 64 * 12.0)
+    assert plan.cores_for_an_hour == math.ceil(16 * 64 * 12.0 / 3600) == 4
+    assert plan.stage("partition").seconds == pytest.approx(16 * 64 * 12.0 / 2)
+
+
+def test_unit_costs_are_measured_at_the_models_shapes(tiny_model_dir) -> None:
+    config, name = read_config(str(tiny_model_dir("qwen3_moe")))
+    shape = model_shape(config, name)
+    unit = measure_profile_costs(shape, config, dtype="float32", device="cpu", batch_size=2, seq_len=16, max_rows=64,
+                                 holdout_fraction=0.2, min_seconds=0.05)
+    assert unit.tokens_per_call == round(2 * 16 * 2 / 8)
+    assert unit.dense_token.wall > 0 and unit.expert_call.wall > 0 and unit.expert_call.cpu > 0
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_shrunk_config_keeps_one_moe_layer(tiny_model_dir, family: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config, _ = read_config(str(tiny_model_dir(family)))
+    small = shrunk_config(config, adapter_for_config(config))
+    model = AutoModelForCausalLM.from_config(small)
+    layers = adapter_for_config(small).moe_layers(model)
+    assert [layer.index for layer in layers] == [0] and len(model.model.layers) == 1
+    # Attention keeps its shapes.
+    original = AutoModelForCausalLM.from_config(config)
+    attn = lambda m: sum(p.numel() for p in m.model.layers[-1].self_attn.parameters())  # noqa: E731
+    assert attn(model) == attn(original)
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def costs_file(tmp_path) -> Path:
+    path = tmp_path / "costs.json"
+    _machine(partition={"nsga2": [(16, 1.0, 1.0), (64, 4.0, 4.0)]}).save(path)
+    return path
+
+
+def test_plan_cli(cli, tiny_model_dir, costs_file, tmp_path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text((tiny_model_dir("olmoe") / "config.json").read_text())
+    result = cli("plan", config, "--costs", costs_file, "--tokens", "4096", "--seq-len", "32", "--max-rows", "256",
+                 "--out", tmp_path / "plan")
+    assert result.code == 0, result
+    text = " ".join(result.out.split())
+    for needle in ("profile", "partition", "export", "partitioning within an hour", "fits here"):
+        assert needle in text
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert [row["stage"] for row in data["rows"]] == ["profile", "partition", "export"]
+    assert data["cores_for_an_hour"] >= 1
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("missing", ["does not exist"]),
+        ("not-json", ["not a model config.json"]),
+        ("dense", ["not a Mixture-of-Experts model"]),
+        ("bad-costs", ["not a prism plan costs file", "prism plan calibrate"]),
+        ("missing-costs", ["does not exist", "prism plan calibrate"]),
+        ("uncalibrated-solver", ["no calibrated partition cost for solver 'anneal'"]),
+        ("n-not-divisor", ["--sub-experts 5", "width 32"]),
+        ("bad-memory", ["--max-memory must be a size"]),
+        ("bad-layers", ["--layers [7]", "MoE layers: [0, 1]"]),
+    ],
+)
+def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, case, needles) -> None:
+    config = tmp_path / "config.json"
+    config.write_text((tiny_model_dir("olmoe") / "config.json").read_text())
+    args: list = [config, "--costs", costs_file, "--tokens", "2048", "--seq-len", "32", "--max-rows", "64"]
+    if case == "missing":
+        args[0] = tmp_path / "nope" / "config.json"
+    elif case == "not-json":
+        (tmp_path / "x.json").write_text("{not json")
+        args[0] = tmp_path / "x.json"
+    elif case == "dense":
+        (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+        args[0] = tmp_path / "llama.json"
+    elif case == "bad-costs":
+        (tmp_path / "bad.json").write_text("{}")
+        args[2] = tmp_path / "bad.json"
+    elif case == "missing-costs":
+        args[2] = tmp_path / "none.json"
+    elif case == "uncalibrated-solver":
+        args += ["--solver", "anneal"]
+    elif case == "n-not-divisor":
+        args += ["-N", "5"]
+    elif case == "bad-memory":
+        args += ["--max-memory", "plenty"]
+    elif case == "bad-layers":
+        args += ["--layers", "7"]
+    cli("plan", *args).assert_one_line_error(*needles)
+
+
+def test_calibrate_bad_input_is_one_line(cli, tmp_path) -> None:
+    cli("plan", "calibrate", "--solvers", "magic", "--out", tmp_path / "c.json").assert_one_line_error("unknown solver 'magic'")
+    cli("plan", "calibrate", "--widths", "4", "--out", tmp_path / "c.json").assert_one_line_error("widths of at least 8")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the synthetic checkpoint writer -------------------------------------------------------------------
+
+
+def test_synthetic_olmoe_loads_as_a_stock_checkpoint(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from prism_cli.models.synthetic import write_synthetic_olmoe
+
+    base = json.loads((DATA / "olmoe-1b-7b.json").read_text())
+    base.update(hidden_size=64, intermediate_size=32, num_experts=8, num_attention_heads=4, num_key_value_heads=4)
+    a = write_synthetic_olmoe(tmp_path / "a", base, 2, seed=1)
+    b = write_synthetic_olmoe(tmp_path / "b", base, 2, seed=1)
+    model, info = AutoModelForCausalLM.from_pretrained(a, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2 and model.config.num_experts == 8
+    other = AutoModelForCausalLM.from_pretrained(b)
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
+    shards = sorted(p.name for p in a.glob("*.safetensors"))
+    assert len(shards) == 3  # embeddings and head, then one shard per layer
+    experts = model.model.layers[1].mlp.experts.gate_up_proj.float()
+    assert experts.std().item() == pytest.approx(64**-0.5, rel=0.05)  # 1/sqrt(fan_in)
