@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from prism_cli import __version__
-from prism_cli.commands import bench, export, kernels, partition, profile, tables
+from prism_cli.commands import bench, export, kernels, offload_bench, partition, profile, tables
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
 from prism_cli.errors import PrismError
@@ -52,6 +52,7 @@ app.command("export")(export.export)
 app.command("bench")(bench.bench)
 app.command("eval")(eval_cmd.evaluate)
 app.command("tables")(tables.tables)
+app.command("offload-bench")(offload_bench.offload_bench)
 app.add_typer(kernels.app, name="kernels")
 app.command("doctor")(kernels.doctor)
 

@@ -16,7 +16,7 @@ import yaml
 
 from prism_cli.errors import PrismError
 
-COMMAND_SECTIONS = ("profile", "partition", "export", "bench", "eval", "tables", "compare", "run")
+COMMAND_SECTIONS = ("profile", "partition", "export", "bench", "eval", "tables", "compare", "run", "offload-bench")
 
 
 def load_run_config(path: str | Path) -> dict[str, Any]:
