@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,15 @@ class OffloadBenchSettings:
             raise PrismError("--trace drives a replay: give --shape too")
         if self.shape is None and self.routing != "trace":
             raise PrismError("--routing balanced is for replays at a real shape (--shape)")
+        if self.shape is not None:
+            from prism_cli.offload.replay import COMPUTE_MODELS
+            from prism_cli.offload.shapes import SHAPES
+
+            if self.shape != "source":
+                SHAPES.get(self.shape)
+            COMPUTE_MODELS.get(self.compute)
+            if self.trace is not None and not Path(self.trace).is_file():
+                raise PrismError(f"trace file {self.trace} does not exist")
         if self.trace_tokens <= self.replay_warmup:
             raise PrismError(f"--trace-tokens ({self.trace_tokens}) must exceed the replay warm-up ({self.replay_warmup})")
 
@@ -228,7 +238,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     total = 2 * len(candidates) * settings.quality_tokens
     advance = on_stage("quality", total) if on_stage else None
     for split in ("calibration", "eval"):
-        windows = token_windows(elastic.tokenizer, split_text(split), 256, settings.quality_tokens)
+        windows = token_windows(elastic.tokenizer, split_text(split), min(256, settings.quality_tokens), settings.quality_tokens)
         for p in candidates:
             model = source.model if p.policy == "original" else elastic.model
             set_operating_point(model, p)
@@ -432,7 +442,7 @@ def _replay_bench(target: str, settings: OffloadBenchSettings,
         for policy in settings.policies:
             for pin in settings.pins:
                 for name in wanted:
-                    op = parse_operating_point(name, "neurons", n_sub, shape.top_k)
+                    op = parse_operating_point(name, None if name.startswith("original") else "neurons", n_sub, shape.top_k)
                     whole = op.policy == "original"
                     res = replay(mapping, geometry, compute, settings.link, budget, policy, op, whole, pin,
                                  reserve_fraction, settings.replay_warmup, settings.trace_tokens - settings.replay_warmup)
@@ -464,7 +474,7 @@ def _trace_for(target: str, settings: OffloadBenchSettings,
     from prism_cli.runtime.elastic import load_elastic_model
 
     loaded = load_elastic_model(target, dtype="float32", device="cpu")
-    windows = token_windows(loaded.tokenizer, split_text("eval"), 256, settings.trace_tokens)
+    windows = token_windows(loaded.tokenizer, split_text("eval"), 256, 256 * math.ceil(settings.trace_tokens / 256))
     if windows.numel() < settings.trace_tokens:
         raise PrismError(f"the evaluation text gives {windows.numel()} tokens, fewer than --trace-tokens {settings.trace_tokens}")
     advance = on_stage("trace", windows.numel()) if on_stage else None

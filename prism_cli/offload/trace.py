@@ -225,7 +225,7 @@ def balanced_trace(like: RoutingTrace, num_experts: int, top_k: int, layers: int
     """A synthetic routing of a load-balanced router at the target's shape, calibrated on ``like``.
 
     Per layer, each token keeps each expert of the previous token with probability ``p`` and fills its other slots uniformly
-    from the experts it does not use yet, so every expert is equally popular in the long run. Router
+    from the experts the previous token did not use, so every expert is equally popular in the long run. Router
     weights and sub-expert score vectors are drawn from the recorded ones (a weight per expert slot, a
     whole score vector per (token, expert), so the sub-experts' relative masses are real). The
     prediction of layer ``l + 1`` keeps each true expert with the recorded prediction's hit rate and
@@ -248,7 +248,8 @@ def balanced_trace(like: RoutingTrace, num_experts: int, top_k: int, layers: int
         current = rng.choice(num_experts, size=top_k, replace=False)
         for t in range(tokens):
             keep = current[rng.random(top_k) < p]
-            free = np.setdiff1d(np.arange(num_experts), keep, assume_unique=True)
+            # new experts come from outside the previous token's set, so that the reuse rate is p itself
+            free = np.setdiff1d(np.arange(num_experts), current if num_experts >= 2 * top_k else keep)
             current = np.concatenate([keep, rng.choice(free, size=top_k - keep.size, replace=False)])
             experts[layer, t] = current
     weights = rng.choice(pool_w, size=(layers, tokens, top_k)).astype(np.float32)
