@@ -180,7 +180,7 @@ class OffloadConfig:
     reserve: str | int = DEFAULT_RESERVE
     pin: float = 0.0
     link: str | LinkSpec | None = None
-    device: str = "cpu"
+    device: str | None = None  # None: the device the model is loaded for (``load_elastic(device=...)``), else cpu
     materialize: bool = False
     budget: Budget = field(init=False)
     reserve_spec: Reserve = field(init=False)
@@ -198,7 +198,7 @@ class OffloadConfig:
 
     @property
     def simulated(self) -> bool:
-        return not self.device.startswith("cuda")
+        return not (self.device or "cpu").startswith("cuda")
 
     def describe(self) -> str:
         link = f"simulated link {self.link_spec}" if self.simulated else "CUDA host-to-device copies"

@@ -163,7 +163,7 @@ class OffloadController:
         from prism_cli.runtime.elastic import attach_elastic_state
 
         self.config = config
-        self.device = parse_device(config.device)
+        self.device = parse_device(config.device or "cpu")
         state = getattr(model, "prism_state", None) or attach_elastic_state(model, None)
         self.state = state
         self.model = model
@@ -412,12 +412,16 @@ def attach_offload(model: Any, config: OffloadConfig) -> OffloadController:
     return controller
 
 
-def detach_offload(model: Any) -> None:
-    """Run ``model``'s experts from their own weights again (on a simulated device nothing moved)."""
+def detach_offload(model: Any, keep_placement: bool = False) -> None:
+    """Run ``model``'s experts from their own weights again (on a simulated device nothing moved).
+
+    On CUDA the experts stay in host memory and the rest on the device: only ``keep_placement=True``
+    (free this cache's slots before attaching another configuration) is allowed there.
+    """
     controller: OffloadController | None = getattr(model, "prism_offload", None)
     if controller is None:
         return
-    if controller.device.type == "cuda":
+    if controller.device.type == "cuda" and not keep_placement:
         raise PrismError("an offloaded CUDA model cannot be detached in place: load it again")
     for layer in controller.layers:
         del layer.module.prism_offload

@@ -157,7 +157,7 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     """Load a prism export with its tokenizer; the model is at ``operating_point`` or the export's default.
 
     ``offload`` (a ``prism_cli.offload.OffloadConfig``) keeps the routed experts in host memory behind a
-    device cache; the model is then placed on ``offload.device`` by the offloading, not on ``device``.
+    device cache; the model is then placed by the offloading, on ``offload.device`` (default ``device``).
     """
     meta = export_meta(resolve_model(spec))
     if meta is None:
@@ -172,6 +172,9 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     if offload is not None:
         from prism_cli.offload.executor import attach_offload  # a later stage, imported only when asked for
 
+        if offload.device is None:
+            offload = copy.copy(offload)
+            offload.device = device
         attach_offload(loaded.model, offload)
     return loaded
 
