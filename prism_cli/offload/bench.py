@@ -383,7 +383,7 @@ def _time_sequential(runs: list[_Live], ids: torch.Tensor, settings: OffloadBenc
                 progress(1)
         out.append(_live_result(run, controller, int(torch.cuda.max_memory_allocated(controller.device)), True))
         run.cache = None
-        detach_offload(run.model)
+        detach_offload(run.model, keep_placement=True)
     return out
 
 
@@ -520,12 +520,14 @@ def paired_gain(elastic: RunResult, baseline: RunResult) -> tuple[float, float, 
 def pairs_table(report: OffloadReport) -> ResultTable:
     cols = ["device memory", "policy", "pin", "pair", "elastic", "baseline", "ppl eval elastic", "ppl eval baseline",
             "ms/token elastic", "ms/token baseline", "gain", "gain 95% CI", "MB/token elastic", "MB/token baseline",
-            "hit rate elastic", "hit rate baseline", "from pieces (same routing)", "from fewer bytes", "meets 15%"]
+            "hit rate elastic", "hit rate baseline", "saved by pieces (same routing)", "saved by fewer bytes", "meets 15%"]
     table = ResultTable("sub-experts against whole experts at the same budget and quality", cols,
                         notes=[*report.notes,
-                               "gain = 1 - median over tokens of (elastic / baseline latency); split through linear:N*k "
-                               "(the baseline's routing cached as sub-experts): 'from pieces' = baseline -> linear:N*k, "
-                               "'from fewer bytes' = linear:N*k -> elastic, as shares of the latency difference"])
+                               "gain = 1 - median over tokens of (elastic / baseline latency), paired by token; split "
+                               "through linear:N*k (the baseline's routing, cached as sub-experts): 'saved by pieces' = "
+                               "baseline -> linear:N*k (packing, and the cost of more, smaller copies and computations), "
+                               "'saved by fewer bytes' = linear:N*k -> elastic (median ms per token; in brackets the "
+                               "share of the whole saving, when that is at least 2 % of the baseline)"])
     budgets = dict.fromkeys(r.key.budget for r in report.runs)
     combos = dict.fromkeys((r.key.policy, r.key.pin) for r in report.runs)
     for budget in budgets:
@@ -537,16 +539,24 @@ def pairs_table(report: OffloadReport) -> ResultTable:
                 if e is None or b is None:
                     continue
                 gain, lo, hi = paired_gain(e, b)
-                diff = b.median - e.median
-                pieces = (b.median - m.median) / diff if m is not None and diff else None
-                fewer = (m.median - e.median) / diff if m is not None and diff else None
+                pieces = _step(b.median, m.median if m else None, b.median - e.median, b.median)
+                fewer = _step(m.median if m else None, e.median, b.median - e.median, b.median)
                 qe, qb = report.quality.get(pair.elastic, {}), report.quality.get(pair.baseline, {})
                 table.add(budget, policy, f"{pin:.0%}", pair.kind, pair.elastic, pair.baseline, qe.get("eval"), qb.get("eval"),
                           _ms(e.median), _ms(b.median), f"{100 * gain:.1f}%", f"{100 * lo:.1f}% .. {100 * hi:.1f}%",
-                          e.bytes_per_token / 1e6, b.bytes_per_token / 1e6, e.hit_rate, b.hit_rate,
-                          None if pieces is None else f"{100 * pieces:.0f}%", None if fewer is None else f"{100 * fewer:.0f}%",
+                          e.bytes_per_token / 1e6, b.bytes_per_token / 1e6, e.hit_rate, b.hit_rate, pieces, fewer,
                           gain >= 0.15)
     return table
+
+
+def _step(before: float | None, after: float | None, total: float, baseline: float) -> str | None:
+    """A step of the decomposition: milliseconds saved, and its share of the whole saving when that is
+    at least 2 % of the baseline (a share of a difference within the noise means nothing)."""
+    if before is None or after is None:
+        return None
+    saved = before - after
+    share = f" ({100 * saved / total:.0f}%)" if abs(total) >= 0.02 * baseline else ""
+    return f"{_ms(saved):+.3g} ms{share}"
 
 
 def report_json(report: OffloadReport) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -188,7 +188,10 @@ class CacheStats:
 class PieceCache:
     """``capacity`` slots of equal size; keys are pieces (see the module docstring)."""
 
-    def __init__(self, capacity: int, policy: str = "lru", pinned: Iterable[int] = ()) -> None:
+    def __init__(self, capacity: int, policy: str = "lru", pinned: Iterable[int] = (),
+                 timer: Callable[[], float] = time.perf_counter) -> None:
+        """``timer`` times the bookkeeping: wall clock for a live model (its steps are wall clock too); a
+        replay passes ``time.thread_time``, so that other processes on a shared machine do not count."""
         pinned = list(dict.fromkeys(pinned))
         if capacity < 1:
             raise PrismError("the expert cache needs at least one slot")
@@ -203,6 +206,7 @@ class PieceCache:
         self._fresh: set[int] = set()  # prefetched and not yet asked for
         self.pinned = frozenset(pinned)
         self.stats = CacheStats()
+        self._timer = timer
         for key in pinned:
             self.slot_of[key] = self._free.pop()
 
@@ -215,7 +219,7 @@ class PieceCache:
 
         At most ``evictable_capacity`` unpinned keys at once (the executor splits larger demands).
         """
-        t0 = time.perf_counter()
+        t0 = self._timer()
         slots = [self.slot_of.get(k) for k in keys]  # batched: a decode step is a few dozen keys
         misses = [i for i, s in enumerate(slots) if s is None]
         if misses:
@@ -236,20 +240,20 @@ class PieceCache:
         stats.requests += len(keys)
         stats.misses += len(misses)
         stats.hits += len(keys) - len(misses)
-        stats.bookkeeping_s += time.perf_counter() - t0
+        stats.bookkeeping_s += self._timer() - t0
         return slots, misses
 
     def release(self, keys: Iterable[int]) -> None:
-        t0 = time.perf_counter()
+        t0 = self._timer()
         self._locked.difference_update(keys)
-        self.stats.bookkeeping_s += time.perf_counter() - t0
+        self.stats.bookkeeping_s += self._timer() - t0
 
     def prefetch(self, keys: Iterable[int]) -> list[tuple[int, int]]:
         """Insert the non-resident ``keys`` without locking them: ``[(key, slot)]`` to copy in.
 
         Stops early rather than evict a locked key (a full cache of the current step's pieces).
         """
-        t0 = time.perf_counter()
+        t0 = self._timer()
         out: list[tuple[int, int]] = []
         for key in keys:
             if key in self.slot_of:
@@ -259,7 +263,7 @@ class PieceCache:
             out.append((key, self._allocate(key)))
             self._fresh.add(key)
         self.stats.prefetched += len(out)
-        self.stats.bookkeeping_s += time.perf_counter() - t0
+        self.stats.bookkeeping_s += self._timer() - t0
         return out
 
     def _allocate(self, key: int) -> int:

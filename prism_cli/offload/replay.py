@@ -256,7 +256,7 @@ def replay(mapping: TraceMapping, geometry: ReplayGeometry, compute: ComputeMode
     layers = shape.moe_layers
     capacity = int(min(cache_bytes // unit_bytes, layers * groups))
     pinned = pinned_keys(layers, groups, unit_sub, min(int(capacity * pin), capacity - 1)) if pin else []
-    cache = PieceCache(capacity, policy, pinned)
+    cache = PieceCache(capacity, policy, pinned, timer=time.thread_time)  # CPU time: the machine may be shared
     clock = VirtualClock()
     sim = SimulatedLink(link, clock)
     prefetching = CACHE_POLICIES.get(policy).prefetch
@@ -303,7 +303,7 @@ def replay(mapping: TraceMapping, geometry: ReplayGeometry, compute: ComputeMode
 
             run_pieces(cache, sim, keys, copy_in, run_group, prefetch, batch_misses=compute.batched)
         clock.advance(fixed)
-        clock.advance(cache.stats.bookkeeping_s - book)  # host time on the critical path, measured
+        clock.advance(cache.stats.bookkeeping_s - book)  # host time on the critical path, measured (CPU time)
         if t >= warmup:
             latencies.append(clock.now() - start)
     measured_stats = cache.stats

@@ -22,6 +22,11 @@ positions), expert popularity is the recorded one, and the choice among streams 
 confidences. The prediction of target layer ``l`` (trace layer ``m = l mod L``) is read the same way
 from the trace's prediction of layer ``m``; for ``m = 0`` there is none (no prefetch into that layer).
 This is a model of a bigger router's behaviour, not a recording of it: say so wherever it is used.
+It inherits the recorded model's popularity skew: the built-in model, trained briefly without much
+load balancing, leaves some experts nearly unused, so the mapped routing is far more concentrated
+than a load-balanced production router's (the caches see optimistic hit rates).
+``balanced_trace`` is the other model offered: every expert equally popular, the recorded reuse of
+consecutive tokens (above chance) and the recorded sub-expert scores and prediction hit rate.
 """
 
 from __future__ import annotations
