@@ -565,7 +565,7 @@ def report_json(report: OffloadReport) -> dict[str, Any]:
     settings["link"] = str(report.settings.link)
     return {"mode": report.mode, "settings": settings, "quality": report.quality,
             "pairs": [asdict(p) for p in report.pairs],
-            "runs": [{**asdict(r.key), "median_ms": _ms(r.median), "latencies_ms": [_ms(x) for x in r.latencies],
+            "runs": [{**asdict(r.key), "median_ms": _ms(r.median), "latencies_ms": [round(_ms(x), 4) for x in r.latencies],
                       "hit_rate": _nan(r.hit_rate), "bytes_per_token": r.bytes_per_token,
                       "stall_ms_per_token": _ms(r.stall_per_token), "bookkeeping_fraction": r.bookkeeping_fraction,
                       "prediction_precision": _nan(r.prediction_precision), "prediction_recall": _nan(r.prediction_recall),
