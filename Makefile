@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables bench-profile bench-partition compare-solvers gate-ablation offload-builtin offload-deepseek offload-shapes offload model gpu-check lint clean
+.PHONY: install demo test test-all test-slow tables bench-profile bench-partition compare-solvers gate-ablation offload-builtin offload-deepseek offload model gpu-check lint clean
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
