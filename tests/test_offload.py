@@ -227,6 +227,15 @@ def test_offloaded_export_equals_the_export(elastic, point):
         assert torch.equal(got, outputs[0])  # whatever the cache held: pieces are summed in one fixed order
 
 
+def test_load_elastic_offloads_on_the_device_it_loads_for(export_dir):
+    import prism_cli
+
+    config = OffloadConfig("30%")  # no device: the one load_elastic is given (cpu here)
+    model = prism_cli.load_elastic(str(export_dir), operating_point="topk:5", offload=config)
+    assert model.prism_offload.device == torch.device("cpu") and model.prism_offload.config.simulated
+    assert config.device is None  # the caller's config is left as it was
+
+
 def test_offloaded_whole_experts_equal_the_plain_model_bitwise(tiny_model_dir):
     from prism_cli.models.loading import load_model
     from prism_cli.runtime.elastic import attach_elastic_state
