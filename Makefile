@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate bench-scale plan-costs
+.PHONY: install demo test test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate bench-scale plan-costs offload-builtin offload-deepseek offload
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -114,6 +114,38 @@ tune-gate: $(STAMP)
 	cp $(TUNE)/bench-tuned/bench.json tables/tuned/bench_tuned.json
 	cp $(TUNE)/bench-untuned/bench.json tables/tuned/bench_untuned.json
 	cp $(TUNE)/bench-tuned/bench.png tables/tuned/frontier.png
+
+# Offloading (SPEC 4.3): sub-experts against whole experts at the same budget and quality -> results/offload/.
+OFFLOAD_EXPORT := runs/offload/export
+OFFLOAD_POLICIES := lru,lfu,prefetch
+$(OFFLOAD_EXPORT): $(STAMP)
+	mkdir -p runs/offload
+	$(BIN)/prism export builtin tables/builtin/partition.h5 --gate neurons --out $(OFFLOAD_EXPORT) --force
+
+# The built-in model at the cached share of DeepSeek-V2-Lite's 16 GB and 24 GB: live (compute measured on
+# this CPU, simulated link) and replayed with a modelled GPU's compute (its own recorded routing).
+offload-builtin: $(OFFLOAD_EXPORT)
+	$(BIN)/prism offload-bench $(OFFLOAD_EXPORT) --device-memory 16GB@deepseek-v2-lite,24GB@deepseek-v2-lite \
+		--points topk:4,linear:4,topk:5,topk:6,threshold:0.9 --policy $(OFFLOAD_POLICIES) --reserve 8% \
+		--out results/offload/builtin-live
+	$(BIN)/prism offload-bench $(OFFLOAD_EXPORT) --shape source --compute gpu \
+		--device-memory 16GB@deepseek-v2-lite,24GB@deepseek-v2-lite --points topk:4,linear:4,topk:5,topk:6 \
+		--policy $(OFFLOAD_POLICIES) --pin 0,0.25 --trace-tokens 8192 --out results/offload/builtin-gpu-model
+
+# DeepSeek-V2-Lite's shapes, 16 GB and 24 GB: routing recorded from the built-in model (mapped) or a
+# load-balanced routing calibrated on it; compute modelled (gpu) or measured on this CPU.
+DSV2_POINTS := topk:24,topk:20,topk:17,topk:13,linear:17
+offload-deepseek: $(OFFLOAD_EXPORT)
+	for routing in trace balanced; do \
+		$(BIN)/prism offload-bench $(OFFLOAD_EXPORT) --shape deepseek-v2-lite --routing $$routing --compute gpu \
+			--device-memory 16GB,24GB --points $(DSV2_POINTS) --policy $(OFFLOAD_POLICIES) --pin 0,0.25 \
+			--trace-tokens 1536 --out results/offload/deepseek-v2-lite-$$routing || exit $$?; \
+	done
+	$(BIN)/prism offload-bench $(OFFLOAD_EXPORT) --shape deepseek-v2-lite --routing balanced --compute cpu \
+		--device-memory 16GB,24GB --points $(DSV2_POINTS) --policy lru --trace-tokens 1536 \
+		--out results/offload/deepseek-v2-lite-balanced-cpu
+
+offload: offload-builtin offload-deepseek
 
 # Retrain the built-in model exactly as shipped (about 2 hours on 2 CPU cores); see its card,
 # prism_cli/data/builtin-model/README.md.

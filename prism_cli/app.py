@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from prism_cli import __version__
-from prism_cli.commands import bench, export, kernels, partition, plan, profile, schedule, serve, tables, tune_gate
+from prism_cli.commands import bench, export, kernels, offload_bench, partition, plan, profile, schedule, serve, tables, tune_gate
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
 from prism_cli.errors import Interrupted, PrismError
@@ -56,6 +56,7 @@ app.command("eval")(eval_cmd.evaluate)
 app.command("tables")(tables.tables)
 app.add_typer(schedule.app, name="schedule")
 app.command("serve")(serve.serve)
+app.command("offload-bench")(offload_bench.offload_bench)
 app.add_typer(kernels.app, name="kernels")
 app.command("doctor")(kernels.doctor)
 

@@ -103,10 +103,15 @@ def test_neuron_accessors_follow_the_layout_definition() -> None:
             assert torch.equal(layout.down_columns(sub["down_proj"].unsqueeze(0))[0], down[0][:, neurons])
 
 
-def test_profiling_records_the_familys_own_activation() -> None:
-    """GPT-OSS: the recorded rows are its clamped SwiGLU of x W + b (by hand, in its documented layout) and
-    the recording forward equals the family's eager forward."""
-    from prism_cli.profiling.recorder import ActivationRecorder, profiling_experts_forward
+def test_profiling_records_the_familys_own_activation(tmp_path) -> None:
+    """GPT-OSS: what the profiler records is its clamped SwiGLU of x W + b (by hand, in its documented
+    layout: each expert's summed |activation| per neuron and its routed count), and the recording
+    forward equals the family's eager forward."""
+    import numpy as np
+
+    from prism_cli.profiling.budget import reservoir_caps
+    from prism_cli.profiling.recorder import ActivationRecorder, LayerRecord, Reservoir, profiling_experts_forward
+    from prism_cli.profiling.spill import LayerSpill, RowBuffer
 
     torch.manual_seed(1)
     experts = _experts("gpt_oss")
@@ -114,20 +119,30 @@ def test_profiling_records_the_familys_own_activation() -> None:
         for tensor in experts.parameters():
             tensor.normal_(0.0, 1.5)
     num, width = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2] // 2
-    recorder = ActivationRecorder([0], num, width, max_rows=64, holdout_fraction=0.5, row_dtype=torch.float32, seed=0,
-                                  device=torch.device("cpu"))
+    caps = reservoir_caps(64, 0.5)
+    spill = LayerSpill(tmp_path, 0, num, caps, width, torch.float32)
+    rngs = np.random.SeedSequence(0).spawn(2 * num)
+    record = LayerRecord(
+        layer=0, routed=torch.zeros(num, dtype=torch.long), weight_sum=torch.zeros(num, dtype=torch.float64),
+        l1_mass=torch.zeros(num, width, dtype=torch.float64), hot_count=torch.zeros(num, width, dtype=torch.long),
+        reservoirs=[[Reservoir(cap, np.random.default_rng(rngs[k * num + e])) for e in range(num)] for k, cap in enumerate(caps)],
+        spill=spill,
+    )
+    recorder = ActivationRecorder({0: record}, width, buffer=RowBuffer(1024, width, torch.float32), reserve=lambda _n: None)
     x = torch.randn(24, experts.gate_up_proj.shape[1])
     idx = torch.stack([torch.randperm(num)[:2] for _ in range(24)])
     weights = torch.rand(24, 2)
-    recorder.begin_batch(0, torch.zeros(24, dtype=torch.bool))
+    recorder.begin_batch(0, 0, torch.zeros(24, dtype=torch.bool))
     experts._prism_recorder, experts._prism_layer = recorder, 0
     with torch.no_grad():
         out = profiling_experts_forward(experts, x, idx, weights)
         torch.testing.assert_close(out, experts(x, idx, weights), rtol=1e-5, atol=1e-4)
         for e in range(num):
-            reservoir = recorder.fit[0, e]
-            pre = x[reservoir.tokens] @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+            tokens = (idx == e).any(dim=1)
+            pre = x[tokens].double() @ experts.gate_up_proj[e].double() + experts.gate_up_proj_bias[e].double()
             gate, up = pre[:, 0::2].clamp(max=experts.limit), pre[:, 1::2].clamp(-experts.limit, experts.limit)
             want = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
-            torch.testing.assert_close(reservoir.rows, want, rtol=1e-5, atol=1e-4)
-            assert reservoir.rows.shape[0] == int((idx == e).sum())
+            torch.testing.assert_close(record.l1_mass[e], want.abs().sum(dim=0), rtol=1e-4, atol=1e-4)
+            assert int(record.routed[e]) == int(tokens.sum())
+    spill.close()
+

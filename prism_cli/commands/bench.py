@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.panel import Panel
 
-from prism_cli.commands.common import ConfigOption, StageBars, parse_int_list
+from prism_cli.commands.common import CachePolicyOption, ConfigOption, DeviceMemoryOption, StageBars, parse_int_list
 from prism_cli.console import console
 from prism_cli.data import load_text
 from prism_cli.errors import BudgetNotMet, PrismError
@@ -36,6 +36,8 @@ def bench(
     experts_impl: str = typer.Option("prism", "--experts-impl", help="Experts implementation of the export: prism, grouped_mm or eager."),
     seed: int = typer.Option(0, help="Seed for the timing inputs."),
     out: Path = typer.Option(Path("results"), help="Output folder: bench.md, bench.csv, bench.json, bench.png."),
+    device_memory: str = DeviceMemoryOption,
+    cache_policy: str = CachePolicyOption,
     config: str = ConfigOption,
 ) -> None:
     """Benchmark every operating point: quality, latency, memory; Pareto frontiers; the point for a budget."""
@@ -48,12 +50,16 @@ def bench(
     budget_ms = parse_budget(budget) if budget is not None else None
     if min_quality is not None and min_quality <= 0:
         raise PrismError(f"--min-quality must be a positive perplexity, got {min_quality}")
+    from prism_cli.offload.config import offload_config
+
     parse_device(device)
     resolve_model(model)
+    offload = offload_config(device_memory, cache_policy, device=device)
     settings = BenchSettings(
         device=device, dtype=dtype, batches=parse_int_list(batch, "--batch") or [], seq_len=seq_len, mode=mode,
         tokens=tokens, repeats=repeats, max_repeats=max_repeats, precision=precision, warmup=warmup,
         points=[p for p in points.split(";") if p.strip()] if points else None, experts_impl=experts_impl, seed=seed,
+        offload=offload,
     )
     settings.validate()
     check_context_length(load_config(model), seq_len)

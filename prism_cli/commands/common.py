@@ -22,6 +22,17 @@ ConfigOption = typer.Option(
 )
 
 
+#: Offloading (prism_cli.offload) on every command that runs a model; ``offload_config`` turns the two
+#: values into an ``OffloadConfig`` (None without a budget).
+DeviceMemoryOption = typer.Option(
+    None, "--device-memory",
+    help="Offload the routed experts to host memory behind a device cache of this size: 4GB, 4GiB, 45% (of the experts "
+         "cached), 16GB@deepseek-v2-lite. Without CUDA the device and its link (25 GB/s PCIe 4.0 x16) are simulated.",
+)
+CachePolicyOption = typer.Option(None, "--cache-policy", help="Expert cache policy with --device-memory: lru (default), "
+                                 "lfu, prefetch.")
+
+
 @contextlib.contextmanager
 def deferred_progress(
     description: str, unit: str, status: bool = False

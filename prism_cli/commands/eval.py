@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from prism_cli.commands.common import ConfigOption
+from prism_cli.commands.common import CachePolicyOption, ConfigOption, DeviceMemoryOption
 from prism_cli.console import console, progress_bar
 from prism_cli.data import load_text
 from prism_cli.errors import PrismError
@@ -22,6 +22,8 @@ def evaluate(
         None, "--operating-point", "-K",
         help="For a prism export: the point to evaluate (topk:4, threshold:0.9, ...; default: the export's).",
     ),
+    device_memory: str = DeviceMemoryOption,
+    cache_policy: str = CachePolicyOption,
     config: str = ConfigOption,
 ) -> None:
     """Held-out perplexity and tokens/s of a causal LM (the evaluator every other command reuses)."""
@@ -31,10 +33,14 @@ def evaluate(
         raise PrismError(f"--batch-size must be positive, got {batch_size}")
     from prism_cli.evaluation.perplexity import perplexity, token_windows
     from prism_cli.models.loading import check_context_length
+    from prism_cli.offload.config import offload_config
 
+    offload = offload_config(device_memory, cache_policy, device=device)
     text, data_name = load_text(data, "eval")
-    loaded = load_elastic_or_plain(model, dtype, device, operating_point)
+    loaded = load_elastic_or_plain(model, dtype, device, operating_point, offload)
     check_context_length(loaded.model.config, seq_len)
+    if offload is not None:
+        console.print(f"offloaded: {offload.describe()}")
     try:
         windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
     except ValueError as exc:
@@ -48,13 +54,21 @@ def evaluate(
     )
 
 
-def load_elastic_or_plain(model: str, dtype: str, device: str, operating_point: str | None = None):
-    """A prism export loads through the elastic runtime (so its gate is used); anything else plainly."""
+def load_elastic_or_plain(model: str, dtype: str, device: str, operating_point: str | None = None, offload=None):
+    """A prism export loads through the elastic runtime (so its gate is used); anything else plainly.
+    With ``offload`` (an ``OffloadConfig``) the routed experts are offloaded (whole experts for a plain model)."""
     from prism_cli.models.loading import load_model
     from prism_cli.runtime.elastic import is_prism_export, load_elastic_model
+    from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 
     if is_prism_export(model):
-        return load_elastic_model(model, dtype=dtype, device=device, operating_point=operating_point)
+        return load_elastic_model(model, dtype=dtype, device=device, operating_point=operating_point, offload=offload)
     if operating_point is not None:
         raise PrismError(f"--operating-point needs a prism export; {model} is a plain model")
-    return load_model(model, dtype=dtype, device=device, require_moe=False)
+    if offload is None:
+        return load_model(model, dtype=dtype, device=device, require_moe=False)
+    from prism_cli.offload.executor import attach_offload
+
+    loaded = load_model(model, dtype=dtype, device="cpu", experts_implementation=EXPERTS_IMPLEMENTATION)
+    attach_offload(loaded.model, offload)
+    return loaded

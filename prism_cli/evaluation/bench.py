@@ -73,6 +73,9 @@ class BenchSettings:
     experts_impl: str = EXPERTS_IMPLEMENTATION
     seed: int = 0
     quality_only: bool = False
+    #: A ``prism_cli.offload.OffloadConfig``: the export and its source model both run with their experts
+    #: offloaded (sub-experts and whole experts) in the same budget.
+    offload: Any = None
 
     def validate(self) -> None:
         if self.quality_only:
@@ -91,6 +94,8 @@ class BenchSettings:
             raise PrismError(f"--precision must be a fraction in (0, 1), e.g. 0.02, got {self.precision}")
         if self.experts_impl not in IMPLEMENTATIONS:
             raise PrismError(f"--experts-impl must be one of {', '.join(IMPLEMENTATIONS)}, got {self.experts_impl!r}")
+        if self.offload is not None and self.experts_impl != EXPERTS_IMPLEMENTATION:
+            raise PrismError(f"--device-memory runs the experts through prism's offloading: use --experts-impl {EXPERTS_IMPLEMENTATION}")
         kind = torch.device(self.device).type
         allowed = DEVICE_DTYPES.get(kind, ("float32",))
         self.dtype = self.dtype or allowed[0]
@@ -221,7 +226,8 @@ def run_bench(
 def _load(target: str, settings: BenchSettings) -> _Models:
     meta = export_meta(target) if Path(target).is_dir() else None
     elastic = None
-    kw = {"device": settings.device, "dtype": settings.dtype}
+    # An offloaded model is loaded in host memory and placed by the offloading (experts stay on the host).
+    kw = {"device": "cpu" if settings.offload is not None else settings.device, "dtype": settings.dtype}
     if meta is not None:
         elastic = load_elastic_model(target, **kw)
         elastic.model.set_experts_implementation(settings.experts_impl)
@@ -239,6 +245,21 @@ def _load(target: str, settings: BenchSettings) -> _Models:
     if meta is None:
         models.note = (f"{target} is a plain MoE model, not a prism export: "
                        f"only its original top-1..top-{models.source_state.top_k} range is benchmarked")
+    if settings.offload is not None:
+        from dataclasses import replace
+
+        from prism_cli.offload.executor import absolute_budget, attach_offload  # a later stage, only when asked for
+
+        # A relative budget (45%) is resolved for the source model: both models get the same bytes.
+        offload = replace(settings.offload, device_memory=absolute_budget(source.model, settings.offload.budget,
+                                                                          settings.offload.reserve))
+        for loaded in (elastic, source):
+            if loaded is not None:
+                attach_offload(loaded.model, offload)
+        # Transformers' own implementations would read the experts where they are: only prism's offloads.
+        models.default_impl = EXPERTS_IMPLEMENTATION
+        offloaded = f"experts offloaded: {settings.offload.describe()}"
+        models.note = f"{models.note}; {offloaded}" if models.note else offloaded
     return models
 
 

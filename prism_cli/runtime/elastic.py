@@ -9,6 +9,7 @@ then switches branches and policies without reloading: the weights never move.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,13 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
     return op
 
 
-def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu", operating_point: str | None = None) -> LoadedModel:
-    """Load a prism export with its tokenizer; the model is at ``operating_point`` or the export's default."""
+def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu", operating_point: str | None = None,
+                       offload: Any = None) -> LoadedModel:
+    """Load a prism export with its tokenizer; the model is at ``operating_point`` or the export's default.
+
+    ``offload`` (a ``prism_cli.offload.OffloadConfig``) keeps the routed experts in host memory behind a
+    device cache; the model is then placed by the offloading, on ``offload.device`` (default ``device``).
+    """
     meta = export_meta(resolve_model(spec))
     if meta is None:
         raise PrismError(f"{spec} is not a prism export (its config.json has no 'prism' section)")
@@ -148,17 +154,27 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
         raise PrismError(f"{spec} has export format version {meta.get('format_version')}; this prism reads "
                          f"{EXPORT_FORMAT_VERSION}: export it again")
     validate_export(resolve_model(spec), meta)  # an edited config.json: one line naming the field
-    loaded = load_model(spec, dtype=dtype, device=device, experts_implementation=EXPERTS_IMPLEMENTATION)
+    loaded = load_model(spec, dtype=dtype, device="cpu" if offload is not None else device,
+                        experts_implementation=EXPERTS_IMPLEMENTATION)
     attach_elastic_state(loaded.model, Path(loaded.name))
     set_operating_point(loaded.model, operating_point or meta["default_operating_point"])
+    if offload is not None:
+        from prism_cli.offload.executor import attach_offload  # a later stage, imported only when asked for
+
+        if offload.device is None:
+            offload = copy.copy(offload)
+            offload.device = device
+        attach_offload(loaded.model, offload)
     return loaded
 
 
-def load_elastic(directory: str, operating_point: str | int | None = None, *, dtype: str = "float32", device: str = "cpu") -> Any:
+def load_elastic(directory: str, operating_point: str | int | None = None, *, dtype: str = "float32", device: str = "cpu",
+                 offload: Any = None) -> Any:
     """Python API: a transformers model loaded from a prism export, at ``operating_point``.
 
     >>> model = load_elastic("export/", operating_point="topk:4")
     >>> set_operating_point(model, "threshold:0.9")
+    >>> small = load_elastic("export/", offload=OffloadConfig(device_memory="4GB", policy="lru", device="cuda"))
     """
-    return load_elastic_model(directory, dtype=dtype, device=device,
+    return load_elastic_model(directory, dtype=dtype, device=device, offload=offload,
                               operating_point=None if operating_point is None else str(operating_point)).model

@@ -7,6 +7,8 @@ dtype, from a registry:
 
 * ``grouped`` (:mod:`prism_cli.runtime.grouped`): tokens grouped once per expert, sub-experts run over
   contiguous weight slices; any device, any layout transformers' own implementations accept;
+* ``offload`` (:mod:`prism_cli.offload.executor`, registered there): a module whose experts live in host
+  memory behind a device cache (``attach_offload`` sets ``module.prism_offload``);
 * ``cuda-kernels``: prism's compiled kernels (``prism_cli.cuda``), on a CUDA device of sm_80+ with the
   kernels built, bf16/fp16 weights and the standard layout (gate/up concatenated, not transposed, no
   biases, SwiGLU).
@@ -66,6 +68,8 @@ def _standard_layout(module: torch.nn.Module) -> bool:
 
 def resolve_executor(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     """The executor for ``module`` on ``device`` with activations of ``dtype`` (see the module docstring)."""
+    if getattr(module, "prism_offload", None) is not None:  # experts in host memory (prism_cli.offload)
+        return "offload"
     if device.type == "cuda" and dtype in cuda.KERNEL_DTYPES and _standard_layout(module) and cuda.available():
         return "cuda-kernels"
     return "grouped"

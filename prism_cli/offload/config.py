@@ -1,0 +1,215 @@
+"""What an offloaded model is given: a device-memory budget, a cache policy, a link (SPEC 4.3).
+
+Sizes are written with a unit: ``4GB`` (10^9 bytes, as the unit says), ``4GiB`` (2^30), ``512MB``,
+``512MiB``, ``64kB``... A budget may also be relative to the model:
+
+* ``45%``: the non-expert weights, the reserve and 45 % of the routed experts' bytes;
+* ``16GB@deepseek-v2-lite``: the budget that caches the same fraction of the experts as 16 GB does for
+  DeepSeek-V2-Lite (``shapes.py``), so that a small model can be studied at a real model's budget.
+
+The **reserve** is device memory kept out of the expert cache for everything that is neither a weight
+nor a cached expert (KV cache, activations, logits): ``5%`` of the budget unless given (an absolute size
+works too). The link is ``BANDWIDTH[,LATENCY]`` (``25GB/s,2us``): the default is PCIe 4.0 x16 as
+measured for pinned host-to-device copies (about 25 GB/s) and 2 microseconds per copy call: the copy
+engine's setup between back-to-back copies queued on one stream (the host's launch of each copy, a
+few microseconds more, overlaps the transfers queued before it). A sub-expert is two copies (its
+gate/up rows and its down columns), as is a whole expert.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from prism_cli.errors import PrismError
+
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?b|b)\s*", re.IGNORECASE)
+_TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+DEFAULT_RESERVE = "5%"
+DEFAULT_LINK = "25GB/s,2us"
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes from ``4GB`` / ``4GiB`` / ``512MB`` (an int is bytes already)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise PrismError(f"{what} must not be negative, got {text}")
+        return text
+    m = _SIZE.fullmatch(str(text))
+    if not m:
+        raise PrismError(f"cannot read the {what} {text!r}: give a size with a unit, e.g. 4GB, 4GiB or 512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    """``1.5e9`` -> ``1.5 GB`` (SI, three significant digits)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A device-memory budget: absolute bytes, or a fraction of the routed experts to cache."""
+
+    text: str
+    nbytes: int | None = None
+    expert_fraction: float | None = None  # "45%" or "16GB@shape": the cache holds this share of the experts
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Device memory kept for the KV cache and activations: absolute, or a fraction of the budget."""
+
+    nbytes: int | None = None
+    fraction: float | None = None
+
+    def of(self, budget_bytes: int) -> int:
+        return self.nbytes if self.nbytes is not None else int(math.ceil(budget_bytes * (self.fraction or 0.0)))
+
+
+def parse_reserve(text: str | int) -> Reserve:
+    if isinstance(text, str) and text.strip().endswith("%"):
+        frac = _percent(text, "--reserve")
+        if frac >= 1:
+            raise PrismError(f"--reserve {text} leaves nothing for the weights; give less than 100%")
+        return Reserve(fraction=frac)
+    return Reserve(nbytes=parse_size(text, "reserve"))
+
+
+def _percent(text: str, what: str) -> float:
+    try:
+        value = float(text.strip()[:-1])
+    except ValueError:
+        raise PrismError(f"cannot read {what} {text!r}: give a percentage like 45%") from None
+    if not 0 <= value <= 100:
+        raise PrismError(f"{what} {text!r} must be between 0% and 100%")
+    return value / 100
+
+
+def parse_budget(text: str | int) -> Budget:
+    """``4GB`` / ``45%`` / ``16GB@deepseek-v2-lite`` (see the module docstring)."""
+    if isinstance(text, int):
+        return Budget(str(text), nbytes=parse_size(text, "device memory"))
+    spec = str(text).strip()
+    if spec.endswith("%"):
+        return Budget(spec, expert_fraction=_percent(spec, "--device-memory"))
+    if "@" in spec:
+        size, _, shape_name = spec.partition("@")
+        from prism_cli.offload.shapes import SHAPES
+
+        shape = SHAPES.get(shape_name.strip())
+        fraction = shape.cache_fraction(parse_size(size, "device memory"))
+        if fraction <= 0:
+            need = shape.non_expert_bytes()
+            raise PrismError(f"{size} leaves no room for experts at {shape.name}'s shapes (its non-expert weights alone are "
+                             f"{format_size(need)})")
+        return Budget(spec, expert_fraction=min(fraction, 1.0))
+    nbytes = parse_size(spec, "device memory")
+    if nbytes <= 0:
+        raise PrismError(f"--device-memory must be positive, got {text!r}")
+    return Budget(spec, nbytes=nbytes)
+
+
+def parse_budgets(text: str) -> list[Budget]:
+    """A comma-separated list of budgets (``16GB,24GB`` or ``30%,60%``)."""
+    items = [b for b in str(text).split(",") if b.strip()]
+    if not items:
+        raise PrismError("--device-memory needs at least one budget, e.g. 4GB")
+    return [parse_budget(b) for b in items]
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """The host-to-device link a simulated transfer is charged at: bytes/s and seconds per copy call."""
+
+    bandwidth: float = 25e9
+    latency: float = 2e-6
+
+    def __str__(self) -> str:
+        return f"{self.bandwidth / 1e9:g} GB/s, {self.latency * 1e6:g} us per copy"
+
+    def seconds(self, nbytes: int, copies: int = 1) -> float:
+        return copies * self.latency + nbytes / self.bandwidth
+
+
+def parse_link(text: str | None) -> LinkSpec:
+    """``25GB/s,2us`` -> LinkSpec; the latency part is optional (default 2 us)."""
+    if text is None:
+        return LinkSpec()
+    bw_text, _, lat_text = str(text).partition(",")
+    m = re.fullmatch(r"\s*(.+?)\s*/\s*s\s*", bw_text)
+    if not m:
+        raise PrismError(f"cannot read the link {text!r}: give BANDWIDTH[,LATENCY], e.g. 25GB/s,5us")
+    bandwidth = parse_size(m.group(1), "link bandwidth")
+    latency = LinkSpec.latency
+    if lat_text.strip():
+        t = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|ms|us|µs|ns)\s*", lat_text)
+        if not t:
+            raise PrismError(f"cannot read the link latency {lat_text.strip()!r}: give a time like 5us")
+        latency = float(t.group(1)) * _TIME[t.group(2)]
+    if bandwidth <= 0:
+        raise PrismError(f"the link bandwidth must be positive, got {text!r}")
+    return LinkSpec(float(bandwidth), latency)
+
+
+@dataclass
+class OffloadConfig:
+    """How to run a model whose routed experts live in host memory (``load_elastic(..., offload=...)``).
+
+    ``device`` is where the non-expert weights and the cache live: ``cuda`` (real asynchronous copies
+    from pinned host memory) or ``cpu`` (a *simulated* device: the same cache code, each copy charged
+    at ``link``). ``pin`` is the share of the cache held by the sub-experts with the most activation
+    mass (sub-expert 0 of every expert first: the partition orders them), never evicted.
+    ``materialize`` (simulated device only) copies weights into a separate slot pool, as on a GPU;
+    off by default, when cached sub-experts are read from their host copies in place (same results,
+    no memcpy on the CPU, whose time would otherwise count as compute).
+    """
+
+    device_memory: str | int | Budget
+    policy: str = "lru"
+    reserve: str | int = DEFAULT_RESERVE
+    pin: float = 0.0
+    link: str | LinkSpec | None = None
+    device: str | None = None  # None: the device the model is loaded for (``load_elastic(device=...)``), else cpu
+    materialize: bool = False
+    budget: Budget = field(init=False)
+    reserve_spec: Reserve = field(init=False)
+    link_spec: LinkSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        from prism_cli.offload.cache import CACHE_POLICIES
+
+        self.budget = self.device_memory if isinstance(self.device_memory, Budget) else parse_budget(self.device_memory)
+        self.reserve_spec = parse_reserve(self.reserve)
+        self.link_spec = self.link if isinstance(self.link, LinkSpec) else parse_link(self.link)
+        CACHE_POLICIES.get(self.policy)  # an unknown policy fails here, listing the known ones
+        if not 0.0 <= self.pin < 1.0:
+            raise PrismError(f"pin must be a fraction of the cache in [0, 1), got {self.pin}")
+
+    @property
+    def simulated(self) -> bool:
+        return not (self.device or "cpu").startswith("cuda")
+
+    def describe(self) -> str:
+        link = f"simulated link {self.link_spec}" if self.simulated else "CUDA host-to-device copies"
+        pin = f", {self.pin:.0%} pinned" if self.pin else ""
+        return f"device memory {self.budget}, {self.policy} cache{pin}, {link}"
+
+
+def offload_config(device_memory: str | None, cache_policy: str | None = None, **kwargs: object) -> OffloadConfig | None:
+    """The config behind ``--device-memory`` / ``--cache-policy`` (None when no budget was given)."""
+    if device_memory is None or str(device_memory).strip() == "":
+        if cache_policy not in (None, "lru"):
+            raise PrismError("--cache-policy needs --device-memory (the budget the cache lives in)")
+        return None
+    return OffloadConfig(device_memory, policy=cache_policy or "lru", **kwargs)

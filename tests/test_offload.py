@@ -1,0 +1,456 @@
+"""Offloading (prism_cli.offload): budgets, cache policies, links, the offload executor, traces and replays.
+
+Oracles: hand-computed sizes and arrival times, brute-force reference caches, the model run without
+offloading (the grouped executor: another code path), and the published DeepSeek-V2-Lite dimensions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_export import FULL, N_SUB, random_neurons_export, token_batch
+
+from prism_cli.errors import PrismError
+from prism_cli.offload.cache import CACHE_POLICIES, PieceCache
+from prism_cli.offload.config import LinkSpec, OffloadConfig, parse_budget, parse_link, parse_size
+from prism_cli.offload.executor import attach_offload, detach_offload, pinned_keys, run_pieces
+from prism_cli.offload.link import SimulatedLink, VirtualClock
+from prism_cli.runtime.elastic import set_operating_point
+from prism_cli.runtime.experts import reset_dispatch_counts
+
+# ---------------------------------------------------------------------------------------------
+# Budgets and links.
+
+
+@pytest.mark.parametrize(("text", "want"), [("4GB", 4 * 10**9), ("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20),
+                                            ("1.5GB", 1_500_000_000), ("64kB", 64_000), ("100B", 100), ("2 gb", 2 * 10**9)])
+def test_sizes_are_read_with_their_units(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["4", "GB", "-1GB", "4 parsecs", ""])
+def test_sizes_without_a_unit_are_refused(text):
+    with pytest.raises(PrismError, match="unit"):
+        parse_size(text)
+
+
+def test_relative_budgets():
+    assert parse_budget("45%").expert_fraction == pytest.approx(0.45)
+    assert parse_budget("4GB").nbytes == 4 * 10**9
+    with pytest.raises(PrismError):
+        parse_budget("120%")
+    with pytest.raises(PrismError, match="unknown model shape"):
+        parse_budget("16GB@no-such-model")
+
+
+def test_deepseek_v2_lite_shape_matches_its_published_dimensions():
+    """27 layers (the first dense), 64 routed experts of width 1408 at hidden 2048: 15.7 B parameters."""
+    from prism_cli.offload.shapes import SHAPES
+
+    shape = SHAPES.get("deepseek-v2-lite")
+    assert shape.expert_bytes() == 2 * 26 * 64 * 3 * 2048 * 1408
+    total = (shape.expert_bytes() + shape.non_expert_bytes()) / 2
+    assert 15.6e9 < total < 15.8e9
+    frac = parse_budget("16GB@deepseek-v2-lite").expert_fraction
+    assert frac == pytest.approx((16e9 * 0.95 - shape.non_expert_bytes()) / shape.expert_bytes())
+    assert shape.expert_unit_bytes(4) * 4 == shape.expert_unit_bytes(1)
+
+
+def test_links_are_read_and_charged():
+    link = parse_link("25GB/s,5us")
+    assert link.bandwidth == 25e9 and link.latency == pytest.approx(5e-6)
+    assert parse_link("1GiB/s") == LinkSpec(float(2**30), LinkSpec.latency)
+    for bad in ("fast", "25GB,5us", "25GB/s,5 fortnights"):
+        with pytest.raises(PrismError):
+            parse_link(bad)
+    assert LinkSpec(1e9, 1e-3).seconds(10**6, copies=2) == pytest.approx(2e-3 + 1e-3)
+
+
+def test_offload_config_refuses_unknown_policies_listing_the_known():
+    with pytest.raises(PrismError, match="known: lru, lfu, prefetch"):
+        OffloadConfig("4GB", policy="fifo")
+    with pytest.raises(PrismError):
+        OffloadConfig("4GB", pin=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache policies against brute-force references.
+
+
+def _reference(policy: str, capacity: int, requests: list[int]) -> list[bool]:
+    """Hit (True) / miss per request of a plain-list cache: LRU by last use; LFU by uses since insertion,
+    then last use."""
+    resident: dict[int, list[int]] = {}  # key -> [uses, last use]
+    hits = []
+    for t, key in enumerate(requests):
+        if key in resident:
+            resident[key][0] += 1
+            resident[key][1] = t
+            hits.append(True)
+            continue
+        hits.append(False)
+        if len(resident) == capacity:
+            rank = (lambda k: resident[k][1]) if policy == "lru" else (lambda k: (resident[k][0], resident[k][1]))
+            del resident[min(resident, key=rank)]
+        resident[key] = [1, t]
+    return hits
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_policies_match_a_brute_force_cache(policy):
+    rng = random.Random(3)
+    requests = [min(int(rng.expovariate(0.15)), 40) for _ in range(3000)]
+    cache = PieceCache(7, policy)
+    got = []
+    for key in requests:
+        _, misses = cache.acquire([key])
+        cache.release([key])
+        got.append(not misses)
+    assert got == _reference(policy, 7, requests)
+    assert cache.stats.hits == sum(got) and cache.stats.requests == len(requests)
+
+
+def test_locked_and_pinned_pieces_are_never_evicted():
+    cache = PieceCache(4, "lru", pinned=[100])
+    slots, misses = cache.acquire([1, 2, 3])  # fills the three free slots, all locked
+    assert misses == [0, 1, 2] and len(set(slots)) == 3 and cache.slot_of[100] not in slots
+    with pytest.raises(PrismError):
+        cache.acquire([4])  # every evictable slot is locked by the step in flight
+    cache.release([1, 2, 3])
+    cache.acquire([1])  # 1 becomes most recent; 2 is the LRU victim
+    cache.release([1])
+    _, misses = cache.acquire([4])
+    assert misses == [0] and 2 not in cache.slot_of and 100 in cache.slot_of
+    _, misses = cache.acquire([100])
+    assert misses == [] and cache.stats.hits == 2
+
+
+def test_prefetch_inserts_without_locking_and_is_scored():
+    cache = PieceCache(3, "prefetch")
+    assert CACHE_POLICIES.get("prefetch").prefetch
+    assert [k for k, _ in cache.prefetch([5, 6])] == [5, 6]
+    cache.note_prediction([5, 6], [5, 7])
+    _, misses = cache.acquire([5, 7])
+    assert misses == [1]
+    assert cache.stats.prefetch_used == 1 and cache.stats.prefetched == 2
+    assert cache.stats.prediction_precision == 0.5 and cache.stats.prediction_recall == 0.5
+
+
+def test_pinned_pieces_follow_the_partitions_mass_order():
+    # sub-expert 0 of every expert of every layer first, then sub-expert 1 ...
+    # two layers of two experts (groups = 8 pieces per layer): keys layer * 8 + e * 4 + n
+    assert pinned_keys(layers=2, groups=8, n_sub=4, count=5) == [0, 4, 8, 12, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated link and the schedule of a step.
+
+
+def test_simulated_link_charges_copies_serially_and_waits():
+    clock = VirtualClock()
+    link = SimulatedLink(LinkSpec(1e9, 1e-3), clock)  # 1 MB takes 1 ms, plus 1 ms per copy
+    assert link.charge(slot=0, nbytes=10**6, copies=1) == pytest.approx(2e-3)
+    assert link.charge(slot=1, nbytes=10**6, copies=2) == pytest.approx(2e-3 + 3e-3)  # queued behind the first
+    clock.advance(1e-3)
+    link.wait(0)
+    assert clock.now() == pytest.approx(2e-3) and link.stats.stall_s == pytest.approx(1e-3)
+    clock.advance(10e-3)
+    link.wait(1)  # landed long ago: no stall
+    assert link.stats.stall_s == pytest.approx(1e-3) and link.stats.bytes == 2 * 10**6 and link.stats.copies == 3
+
+
+def test_a_paused_link_keeps_its_transfers_in_flight():
+    clock = VirtualClock()
+    link = SimulatedLink(LinkSpec(1e9, 0.0), clock)
+    link.charge(0, 10**6)  # lands at 1 ms
+    clock.advance(0.5e-3)
+    link.pause()
+    clock.advance(100e-3)  # another model runs
+    link.resume()
+    link.wait(0)
+    assert link.stats.stall_s == pytest.approx(0.5e-3)
+
+
+def test_run_pieces_computes_hits_first_then_misses_and_splits_big_demands():
+    cache = PieceCache(3, "lru")
+    link = SimulatedLink(LinkSpec(1e9, 0.0), VirtualClock())
+    cache.acquire([2])
+    cache.release([2])
+    copied, order = [], []
+    run_pieces(cache, link, [1, 2, 3], lambda k, s: copied.append(k), lambda g, s: order.extend(g))
+    assert copied == [1, 3] and order == [1, 0, 2]  # piece 1 (key 2) was resident
+    order.clear()
+    run_pieces(cache, link, [4, 5, 6, 7, 8], lambda k, s: None, lambda g, s: order.extend(g))
+    assert sorted(order) == [0, 1, 2, 3, 4] and order == [0, 1, 2, 3, 4]  # more than 3 slots: in chunks, in order
+
+
+# ---------------------------------------------------------------------------------------------
+# The offload executor on a tiny export: the same outputs as without offloading.
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return random_neurons_export(tiny_model_dir("olmoe"), tmp_path_factory.mktemp("offload"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def elastic(export_dir):
+    import prism_cli
+
+    return prism_cli.load_elastic(str(export_dir), operating_point=f"topk:{FULL}")
+
+
+@torch.inference_mode()
+def _logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("point", ["topk:3", "linear:5", "pattern:4,1", "threshold:0.8", f"topk:{FULL}"])
+def test_offloaded_export_equals_the_export(elastic, point):
+    ids = token_batch(seed=1)
+    set_operating_point(elastic, point)
+    want = _logits(elastic, ids)
+    outputs = []
+    for policy, budget, materialize in [("lru", "20%", True), ("lfu", "35%", False), ("prefetch", "20%", False)]:
+        attach_offload(elastic, OffloadConfig(budget, policy=policy, materialize=materialize, pin=0.1))
+        reset_dispatch_counts()
+        outputs.append(_logits(elastic, ids))
+        assert reset_dispatch_counts()["offload"] > 0
+        detach_offload(elastic)
+    for got in outputs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, outputs[0])  # whatever the cache held: pieces are summed in one fixed order
+
+
+def test_load_elastic_offloads_on_the_device_it_loads_for(export_dir):
+    import prism_cli
+
+    config = OffloadConfig("30%")  # no device: the one load_elastic is given (cpu here)
+    model = prism_cli.load_elastic(str(export_dir), operating_point="topk:5", offload=config)
+    assert model.prism_offload.device == torch.device("cpu") and model.prism_offload.config.simulated
+    assert config.device is None  # the caller's config is left as it was
+
+
+def test_offloaded_whole_experts_equal_the_plain_model_bitwise(tiny_model_dir):
+    from prism_cli.models.loading import load_model
+    from prism_cli.runtime.elastic import attach_elastic_state
+
+    model = load_model(str(tiny_model_dir("olmoe")), experts_implementation="prism").model
+    attach_elastic_state(model, None)
+    ids = token_batch(seed=2)
+    want = _logits(model, ids)
+    controller = attach_offload(model, OffloadConfig("30%", policy="lru", materialize=True))
+    got = _logits(model, ids)
+    assert controller.n_sub == 1 and controller.cache.stats.misses > 0
+    assert torch.equal(got, want)
+
+
+@torch.inference_mode()
+def test_offloaded_decoding_generates_the_same_tokens(elastic):
+    set_operating_point(elastic, "topk:5")
+    prompt = token_batch(seed=4, batch=1, length=12)
+    want = elastic.generate(prompt, max_new_tokens=8, do_sample=False)
+    controller = attach_offload(elastic, OffloadConfig("25%", policy="prefetch"))
+    got = elastic.generate(prompt, max_new_tokens=8, do_sample=False)
+    stats = controller.cache.stats
+    detach_offload(elastic)
+    assert torch.equal(got, want)
+    assert stats.prefetched > 0 and 0 <= stats.prediction_precision <= 1 and stats.needed_after_prediction > 0
+
+
+def test_the_cache_fills_the_budget_left_by_the_rest(elastic):
+    budget = 10**6 * 40
+    controller = attach_offload(elastic, OffloadConfig(budget, reserve="1MB"))
+    detach_offload(elastic)
+    free = budget - controller.non_expert_bytes - 10**6
+    assert controller.capacity == min(free // controller.piece_bytes, len(controller.layers) * controller.groups)
+    assert controller.device_bytes <= budget - 10**6
+    assert controller.piece_bytes * N_SUB * controller.groups // N_SUB * len(controller.layers) == controller.expert_bytes
+
+
+def test_a_budget_below_the_non_expert_weights_names_what_is_needed(elastic):
+    with pytest.raises(PrismError, match="give at least") as exc:
+        attach_offload(elastic, OffloadConfig(10_000))
+    assert "non-expert weights take" in str(exc.value)
+    with pytest.raises(PrismError, match="more than this machine's memory"):
+        attach_offload(elastic, OffloadConfig("100TB"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces, their mapping to other shapes, and replays.
+
+
+@pytest.fixture(scope="module")
+def trace(elastic):
+    from prism_cli.offload.trace import record_trace
+
+    return record_trace(elastic, token_batch(seed=7, batch=8, length=40), batch_size=4)
+
+
+def test_a_trace_records_the_routers_choices(elastic, trace, tmp_path):
+    from prism_cli.offload.trace import RoutingTrace
+
+    state = elastic.prism_state
+    chosen: list[torch.Tensor] = []
+    hook = state.gate_routers[1].router.register_forward_hook(lambda _m, _i, out: chosen.append(out[2]))
+    set_operating_point(elastic, f"topk:{FULL}")
+    _logits(elastic, token_batch(seed=7, batch=8, length=40)[:4])
+    hook.remove()
+    assert np.array_equal(trace.experts[1][: 4 * 40], chosen[0].numpy())
+    assert trace.scores.shape == (2, 320, 2, N_SUB) and trace.pred_experts.shape == (1, 320, 2)
+    trace.save(tmp_path / "t.npz")
+    again = RoutingTrace.load(tmp_path / "t.npz")
+    assert np.array_equal(again.pred_scores, trace.pred_scores) and again.meta == trace.meta
+    (tmp_path / "bad.npz").write_bytes(b"not a trace")
+    with pytest.raises(PrismError, match="not a prism routing trace"):
+        RoutingTrace.load(tmp_path / "bad.npz")
+
+
+def test_trace_mapping_replays_its_own_shape_as_recorded_and_scales(trace):
+    from prism_cli.offload.trace import TraceMapping
+
+    same = TraceMapping(trace, trace.num_experts, trace.top_k, trace.layers)
+    assert np.array_equal(same.routing(1).experts.numpy(), trace.experts[1])
+    big = TraceMapping(trace, 4 * trace.num_experts, 3, 5, seed=1)
+    r = big.routing(3)
+    assert r.experts.shape == (trace.tokens, 3) and int(r.experts.max()) < 4 * trace.num_experts
+    # the three largest router weights among the four streams' candidates, per token (brute force)
+    tr, t = trace, 17
+    cands = []
+    for j in range(4):
+        pos = (t + big.offsets[3, j]) % tr.tokens
+        cands += [(float(w), int(e) + j * tr.num_experts) for e, w in zip(tr.experts[3 % 2][pos], tr.weights[3 % 2][pos],
+                                                                          strict=True)]
+    want = [e for _, e in sorted(cands, key=lambda c: -c[0])[:3]]
+    assert r.experts[t].tolist() == want
+    assert big.prediction(2) is None and big.prediction(3) is not None  # layer 3 reads trace layer 1
+    with pytest.raises(PrismError):
+        TraceMapping(trace, trace.num_experts + 1, 2, 2)
+
+
+def test_balanced_routing_spreads_evenly_and_keeps_reuse(trace):
+    from prism_cli.offload.trace import balanced_trace, reuse_rate
+
+    b = balanced_trace(trace, 32, 4, 2, 4000, seed=0)
+    counts = np.bincount(b.experts[0].ravel(), minlength=32)
+    assert counts.min() > 0.7 * counts.mean() and counts.max() < 1.3 * counts.mean()
+    assert all(len(set(row)) == 4 for row in b.experts[1].tolist()[:200])
+    assert reuse_rate(b.experts[1]) == pytest.approx(b.meta["synthetic"]["reuse"], abs=0.03)
+
+
+class _ConstantCompute:
+    """A compute model of fixed times, so that a replay's latency can be computed by hand."""
+
+    batched = False
+
+    def __init__(self, fixed: float, layer: float, piece: float) -> None:
+        self.f, self.l, self.p = fixed, layer, piece
+
+    def token_fixed(self):
+        return self.f
+
+    def layer_fixed(self):
+        return self.l
+
+    def pieces(self, count, n_sub):
+        return count * self.p
+
+    def predictor(self):
+        return 0.0
+
+
+def test_a_replay_charges_what_a_hand_count_gives(trace, elastic):
+    from prism_cli.offload.config import Budget
+    from prism_cli.offload.replay import ReplayGeometry, replay, shape_from_model
+    from prism_cli.offload.trace import TraceMapping
+    from prism_cli.runtime.operating_points import OperatingPoint
+
+    shape = shape_from_model("tiny", elastic.config)
+    mapping = TraceMapping(trace, shape.num_experts, shape.top_k, shape.moe_layers)
+    geo = ReplayGeometry(shape, N_SUB)
+    compute = _ConstantCompute(1e-3, 2e-3, 1e-4)
+    everything = Budget("all", expert_fraction=1.0)
+    res = replay(mapping, geo, compute, LinkSpec(1e9, 0.0), everything, "lru", OperatingPoint("topk", 3), False,
+                 warmup=300)
+    # the whole model fits: after the warm-up no copies; per token 1 ms + 2 layers x (2 ms + 3 pieces x 0.1 ms),
+    # plus the measured bookkeeping
+    assert res.bytes_per_token == 0 and res.hit_rate == 1.0
+    assert min(res.latencies) >= 1e-3 + 2 * (2e-3 + 3e-4)
+    assert np.median(res.latencies) < 1e-3 + 2 * (2e-3 + 3e-4) + 1e-3
+    one = Budget("one", nbytes=int((shape.non_expert_bytes() + shape.expert_unit_bytes(1)) / 0.95) + 1)
+    whole = replay(mapping, geo, compute, LinkSpec(1e9, 0.0), one, "lru", OperatingPoint("original", 1), True, warmup=300)
+    assert whole.slots == 1 and 0 < whole.bytes_per_token <= 2 * shape.expert_unit_bytes(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands.
+
+
+def test_eval_with_device_memory_matches_without(cli, export_dir):
+    plain = cli("eval", export_dir, "--tokens", "256", "--seq-len", "32", "-K", "topk:3")
+    off = cli("eval", export_dir, "--tokens", "256", "--seq-len", "32", "-K", "topk:3", "--device-memory", "30%",
+              "--cache-policy", "lfu")
+    assert plain.code == 0 and off.code == 0, off
+    ppl = [line.split("perplexity at topk:3 ")[1].split()[0] for line in (plain.out, off.out)]
+    assert ppl[0] == ppl[1] and "simulated link" in off.out
+
+
+def test_bad_offload_input_is_one_line(cli, export_dir):
+    cli("eval", export_dir, "--tokens", "64", "--device-memory", "10kB").assert_one_line_error("too small", "give at least")
+    cli("eval", export_dir, "--tokens", "64", "--device-memory", "100TB").assert_one_line_error("more than")
+    cli("eval", export_dir, "--device-memory", "30%", "--cache-policy", "mru").assert_one_line_error("lru, lfu, prefetch")
+    cli("eval", export_dir, "--device-memory", "30").assert_one_line_error("unit")
+    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", f"topk:{FULL + 1}").assert_one_line_error(
+        f"outside 1..{FULL}")
+    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "topk:2",
+        "--routing", "balanced").assert_one_line_error("--shape")
+    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "topk:2", "--shape", "gpt-9").assert_one_line_error(
+        "unknown model shape")
+
+
+def test_offload_bench_live_writes_its_tables(cli, export_dir, tmp_path):
+    out = tmp_path / "live"
+    r = cli("offload-bench", export_dir, "--device-memory", "70%", "--points", "topk:4,linear:3", "--policy", "lru",
+            "--tokens", "3", "--warmup", "1", "--context", "8", "--quality-tokens", "64", "--out", out)
+    assert r.code == 0, r
+    data = json.loads((out / "offload.json").read_text())
+    names = {(run["point"], run["cache"]) for run in data["runs"]}
+    assert ("original:1", "whole experts") in names and ("topk:4", "sub-experts") in names
+    assert all(run["device_bytes"] <= run["budget_bytes"] for run in data["runs"])
+    assert len({run["budget_bytes"] for run in data["runs"]}) == 1  # one budget in bytes for both models
+    pairs = json.loads((out / "offload_pairs.json").read_text())["rows"]
+    assert {p["pair"] for p in pairs} >= {"equal compute"}
+    assert (out / "offload.png").stat().st_size > 0 and "simulated link" in (out / "offload.md").read_text()
+
+
+def test_offload_bench_replay_at_the_source_shape(cli, export_dir, tmp_path):
+    out = tmp_path / "replay"
+    r = cli("offload-bench", export_dir, "--device-memory", "40%,70%", "--points", "topk:5", "--policy", "lru,prefetch",
+            "--shape", "source", "--trace-tokens", "640", "--out", out)
+    assert r.code == 0, r
+    data = json.loads((out / "offload.json").read_text())
+    assert data["mode"] == "replay" and {run["point"] for run in data["runs"]} == {"topk:5", "original:2", "linear:8"}
+    prefetch = [run for run in data["runs"] if run["policy"] == "prefetch"]
+    assert all(run["prediction_precision"] is not None for run in prefetch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_offloading_equals_the_device_model(export_dir):
+    import prism_cli
+
+    ids = token_batch(seed=3).cuda()
+    on_device = prism_cli.load_elastic(str(export_dir), operating_point="topk:5", dtype="bfloat16", device="cuda")
+    want = _logits(on_device, ids).float()
+    del on_device
+    model = prism_cli.load_elastic(str(export_dir), operating_point="topk:5", dtype="bfloat16",
+                                   offload=OffloadConfig("30%", device="cuda"))
+    got = _logits(model, ids).float()
+    assert model.prism_offload.link.stats.copies > 0
+    assert next(model.model.layers[0].mlp.experts.parameters()).is_pinned()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
