@@ -46,7 +46,7 @@ tables-n8: $(STAMP)
 
 # The built-in table's timing three times from its committed partition: the count of each run.
 bench-stability: $(STAMP)
-	$(BIN)/python -m prism_cli.evaluation.stability --config configs/builtin.yaml --runs 3 --out results/bench_stability
+	$(BIN)/python -m prism_cli.pipeline.stability --config configs/builtin.yaml --runs 3 --out results/bench_stability
 
 # Benchmarks that write their numbers to files under results/.
 bench-profile: $(STAMP)

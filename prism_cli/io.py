@@ -236,3 +236,29 @@ def open_work_dir(folder: Path, kind: str, identity: dict[str, Any], *, resume: 
                 "rerun with the same input and settings, or delete the folder to start over"
             )
     return True
+
+
+def open_prism_h5(path: Path, kind: str, fmt: str, version: int, remake: str) -> tuple[Any, dict[str, Any]]:
+    """Open a prism HDF5 file (``kind``: "profile", "partition") and check what every reader checks
+    first: that it exists, is HDF5, has the ``format`` attribute ``fmt`` and this prism's ``version``
+    (else one line naming ``remake``, the command that makes it again). Returns the open file, which
+    the caller closes, and its attributes as plain values."""
+    import h5py  # here: most commands never read HDF5
+
+    if not path.exists():
+        raise PrismError(f"{kind} {path} does not exist")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError:
+        raise PrismError(f"{path} is not a readable HDF5 file (corrupt, truncated or another format)") from None
+    meta = {k: h5_attr(v) for k, v in h5.attrs.items()}
+    problem = None
+    if meta.get("format") != fmt:
+        problem = f"{path} is not a prism {kind} (format attribute is {meta.get('format')!r})"
+    elif int(meta.get("format_version", -1)) != version:
+        problem = f"{path} has {kind} format version {meta.get('format_version')}; this prism reads {version}: {remake}"
+    if problem is not None:
+        h5.close()
+        raise PrismError(problem)
+    return h5, meta
+

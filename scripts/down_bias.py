@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from prism_cli.data import load_text, split_text
-from prism_cli.evaluation.perplexity import perplexity, token_windows
+from prism_cli.data.windows import token_windows
+from prism_cli.evaluation.perplexity import perplexity
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.models.loading import builtin_model_dir
 from prism_cli.profiling.format import ProfileFile

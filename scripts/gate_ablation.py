@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from prism_cli.data import split_text
-from prism_cli.evaluation.perplexity import perplexity, token_windows
+from prism_cli.data.windows import token_windows
+from prism_cli.evaluation.perplexity import perplexity
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.profiling.format import ProfileFile
 from prism_cli.report import ResultTable

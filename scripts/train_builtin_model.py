@@ -30,7 +30,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
 from prism_cli.data import split_text
-from prism_cli.evaluation.perplexity import perplexity, token_windows
+from prism_cli.data.windows import token_windows
+from prism_cli.evaluation.perplexity import perplexity
 
 SPECIAL = "<|endoftext|>"
 

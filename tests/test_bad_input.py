@@ -26,8 +26,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import random_neurons_export, random_partition, write_random_partition
 from safetensors.torch import load_file, save_file
-from test_export import random_neurons_export, random_partition, write_random_partition
 from tiny_models import build_tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -251,7 +251,7 @@ class Case:
 NEVER_PROFILE = ("prism_cli.profiling.profiler", "profile_model")
 NEVER_SOLVE = ("prism_cli.solvers.runner", "_run_local")
 NEVER_BENCH = ("prism_cli.evaluation.bench", "run_bench")
-NEVER_TABLES = ("prism_cli.evaluation.tables", "regenerate")
+NEVER_TABLES = ("prism_cli.pipeline.tables", "regenerate")
 
 
 def export_args(w: World, *extra: Any, model: Path | None = None, partition: Path | None = None) -> list[Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_export import FULL, N_SUB, assert_one_line_failure, random_neurons_export
+from conftest import FULL, N_SUB, assert_one_line_failure, random_neurons_export
 
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, PointResult, best_under_budget, count_points, parse_budget
@@ -283,9 +283,19 @@ def test_bench_budget_not_met_exits_3(cli, bench_runs, bench_export):
     assert data["selection"] == {"budget": None, "fastest": fastest["point"], "quality": None, "best_quality": best["point"]}
 
 
-def test_bench_quality_is_deterministic(cli, bench_runs, bench_export):
+def test_bench_quality_is_deterministic(cli, bench_runs, bench_export, tmp_path):
+    """The same quality columns from a second, separate process (no cache, seed or state shared)."""
+    import os
+    import subprocess
+    import sys
+
     _, first, _, _ = _budget_run(cli, bench_runs, bench_export)
-    _, second, _, _ = _tight_run(cli, bench_runs, bench_export)
+    out = tmp_path / "again"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "prism_cli", "bench", str(bench_export), *TINY, "--points", POINTS,
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    second = json.loads((out / "bench.json").read_text())
     assert first["full_perplexity"] == second["full_perplexity"]
     for a, b in zip(first["points"], second["points"], strict=True):
         assert a["point"] == b["point"]

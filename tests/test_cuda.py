@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_cli import cuda
-from prism_cli.cuda import reference
+from prism_cli.cuda import checks, reference
 
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -157,11 +157,34 @@ def test_random_routing_keeps_the_best_sub_experts_of_distinct_experts() -> None
         cuda.random_routing(2, 5, 4, 3, 13, gen)
 
 
-def test_check_case_is_zero_for_the_reference_and_inf_for_nan() -> None:
+class _Skewed:
+    """The reference ops with every output scaled by ``1 + eps`` and ``sort_pairs``' order reversed: a
+    kernel set whose errors are known by hand."""
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+
+    def __getattr__(self, name: str):
+        op = getattr(reference, name)
+
+        def call(*args, **kwargs):
+            out = op(*args, **kwargs)
+            if name == "sort_pairs":
+                order, offsets = out
+                return order.flip(0), offsets
+            return out * (1 + self.eps)
+
+        return call
+
+
+def test_check_case_measures_known_errors() -> None:
     case = cuda.random_case(32, 8, 4, 4, 2, 6, 5, torch.float32, "cpu", unused_slots=0.2)
-    assert cuda.check_case(reference, case) == dict.fromkeys(cuda.OPS, 0.0)
-    assert cuda._rel_err(torch.full((2, 2), float("nan")), torch.ones(2, 2)) == float("inf")
-    assert cuda._rel_err(torch.ones(2, 2) * 1.01, torch.ones(2, 2)) == pytest.approx(0.01)
+    errors = cuda.check_case(_Skewed(0.03), case)
+    assert errors["sort_pairs"] == float("inf")  # a different pair order is wrong, not a little off
+    for op in set(cuda.OPS) - {"sort_pairs"}:
+        assert errors[op] == pytest.approx(0.03, rel=1e-4), op  # max |ref * 1.03 - ref| / max |ref|
+    assert checks.relative_error(torch.full((2, 2), float("nan")), torch.ones(2, 2)) == float("inf")
+    assert checks.relative_error(torch.ones(2, 2) * 1.01, torch.ones(2, 2)) == pytest.approx(0.01)
 
 
 def test_without_cuda_every_device_gets_the_reference() -> None:

@@ -20,123 +20,29 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    FULL,
+    N_SUB,
+    TOP_K,
+    assert_nothing_written,
+    assert_one_line_failure,
+    logits_of,
+    original_logits,
+    relative_error,
+    token_batch,
+    write_random_partition,
+)
 from tiny_models import build_tiny, tiny_tokenizer
 
 from prism_cli.errors import PrismError
-from prism_cli.export.builder import GATE_FILE, ExportSettings, export_model
-from prism_cli.export.checkpoint import INDEX, CheckpointReader
+from prism_cli.export.builder import ExportSettings, export_model
+from prism_cli.export.format import GATE_FILE
 from prism_cli.models.adapters import adapter_for_config
-from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, weights_fingerprint
-from prism_cli.solvers.format import ExpertPartition, Partition, write_partition
+from prism_cli.models.checkpoint import INDEX
+from prism_cli.models.loading import load_config
 
-N_SUB = 4
-TOP_K = 2  # every tiny model routes to 2 of 8 experts
-FULL = N_SUB * TOP_K
 TOLERANCE = 1e-4  # max |difference| relative to max |logit|
 INEXACT_FAMILIES = ("deepseek_v3",)  # group-limited routing scored by the sum of two experts
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers shared with test_runtime.py and test_bench.py.
-
-
-def moe_layers_on_disk(model_dir: Path) -> list[int]:
-    """The MoE layers of a checkpoint, from its tensor names (what export compares the partition with)."""
-    adapter = adapter_for_config(load_config(str(model_dir)))
-    patterns = adapter.key_patterns()
-    reader = CheckpointReader(checkpoint_dir(str(model_dir)))
-    return sorted({int(m["layer"]) for key in reader.keys() if (m := patterns.experts.match(key))})
-
-
-def random_partition(
-    model_dir: Path, *, n_sub: int = N_SUB, seed: int = 0, gate_neurons: int = 2, layers: list[int] | None = None
-) -> Partition:
-    """A valid partition of ``model_dir`` with a random permutation per expert and random gate neurons,
-    carrying the metadata export checks (config and weights fingerprints, shapes)."""
-    config = load_config(str(model_dir))
-    adapter = adapter_for_config(config)
-    experts, width = adapter.num_experts, adapter.width
-    size = width // n_sub
-    rng = np.random.default_rng(seed)
-    layers = moe_layers_on_disk(model_dir) if layers is None else layers
-    parts: dict[int, list[ExpertPartition]] = {}
-    for layer in layers:
-        parts[layer] = []
-        for _ in range(experts):
-            perm = rng.permutation(width)
-            # sub-expert slices are stored ascending (the file format's convention)
-            perm = np.concatenate([np.sort(perm[n * size : (n + 1) * size]) for n in range(n_sub)])
-            gates = np.stack([rng.choice(size, gate_neurons, replace=False) for _ in range(n_sub)])
-            parts[layer].append(ExpertPartition(
-                permutation=perm.astype(np.int32), gate_positions=gates.astype(np.int32), fit_cost=0.0,
-                heldout_cost=0.0, fit_retained=np.zeros(n_sub - 1), heldout_retained=np.zeros(n_sub - 1), seconds=0.0,
-            ))
-    meta: dict[str, Any] = {
-        "model": str(model_dir),
-        "model_type": adapter.model_type,
-        "num_experts": experts,
-        "expert_width": width,
-        "hidden_size": adapter.hidden_size,
-        "top_k": adapter.top_k,
-        "sub_experts": n_sub,
-        "keep": n_sub - 1,
-        "gate_neurons": gate_neurons,
-        "seed": seed,
-        "solver": "random-test",
-        "solver_settings": {},
-        "data_hash": "none",
-        "tokens": 0,
-        "profile": "none",
-        "profile_hash": "none",
-        "config_hash": config_fingerprint(config),
-        "weights_hash": weights_fingerprint(checkpoint_dir(str(model_dir)), adapter),
-    }
-    return Partition(meta=meta, experts=parts)
-
-
-def write_random_partition(model_dir: Path, path: Path, **kwargs: Any) -> Path:
-    write_partition(path, random_partition(model_dir, **kwargs))
-    return path
-
-
-def random_neurons_export(model_dir: Path, root: Path, seed: int) -> Path:
-    """A neurons-gate export of ``model_dir`` from a random partition, in ``root / "export"``."""
-    part = write_random_partition(model_dir, root / "p.h5", seed=seed)
-    export_model(str(model_dir), part, root / "export", ExportSettings(gate="neurons"))
-    return root / "export"
-
-
-def token_batch(seed: int = 0, batch: int = 3, length: int = 24) -> torch.Tensor:
-    """A few token windows over the tiny tokenizer's whole vocabulary."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, len(tiny_tokenizer()), (batch, length), generator=gen)
-
-
-@torch.inference_mode()
-def logits_of(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits.float()
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def original_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    return logits_of(model, ids)
-
-
-def assert_one_line_failure(result: Any, *needles: str) -> str:
-    """A non-zero exit with exactly one line on stderr, no traceback; returns that line."""
-    return result.assert_one_line_error(*needles)
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists(), f"{out} was written"
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    assert not leftovers, leftovers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +354,7 @@ def _linear_gate_mismatch_oracle(source_dir: Path, export_dir: Path, n_sub: int)
     from transformers import AutoModelForCausalLM
 
     from prism_cli.data import split_text
-    from prism_cli.evaluation.perplexity import token_windows
+    from prism_cli.data.windows import token_windows
     from prism_cli.export import inexact
 
     source = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32).eval()

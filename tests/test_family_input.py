@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_export import assert_nothing_written, write_random_partition
+from conftest import assert_nothing_written, write_random_partition
 
 from prism_cli.models.tiny import build_tiny_model, tiny_config
 

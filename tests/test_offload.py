@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export import FULL, N_SUB, random_neurons_export, token_batch
+from conftest import FULL, N_SUB, random_neurons_export, token_batch
 
 from prism_cli.errors import PrismError
 from prism_cli.offload.cache import CACHE_POLICIES, PieceCache
@@ -368,7 +368,7 @@ def test_a_replay_charges_what_a_hand_count_gives(trace, elastic):
     from prism_cli.offload.config import Budget
     from prism_cli.offload.replay import ReplayGeometry, replay, shape_from_model
     from prism_cli.offload.trace import TraceMapping
-    from prism_cli.runtime.operating_points import OperatingPoint
+    from prism_cli.operating_points import OperatingPoint
 
     shape = shape_from_model("tiny", elastic.config)
     mapping = TraceMapping(trace, shape.num_experts, shape.top_k, shape.moe_layers)

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import same_partition
 
 from prism_cli.data import load_text
 from prism_cli.errors import Interrupted, PrismError
@@ -66,12 +67,6 @@ def solved(profile_path):
         return cache[solver]
 
     return get
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to renaming the groups: the (a, b) label pairs form a bijection."""
-    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
-    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
 def labels_of(permutation: np.ndarray, n: int) -> np.ndarray:

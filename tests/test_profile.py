@@ -17,8 +17,8 @@ import torch
 
 from prism_cli import __version__
 from prism_cli.data import load_text, text_hash
+from prism_cli.data.windows import token_windows
 from prism_cli.errors import Interrupted, PrismError
-from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.io import h5_attr
 from prism_cli.models.loading import LoadedModel, config_fingerprint, load_config, load_model
 from prism_cli.profiling import recorder as recorder_module

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import FULL, N_SUB, TOP_K, logits_of, random_neurons_export, token_batch
+from conftest import FULL, N_SUB, TOP_K, logits_of, random_neurons_export, token_batch
 
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.quality import ActiveCounter
-from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
+from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.policies import POLICIES, PatternPolicy, ThresholdPolicy, TopKPolicy
 
 EXPERTS = 8
@@ -241,10 +241,23 @@ def neurons_export(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def elastic(neurons_export):
+def loaded_elastic(neurons_export):
     import prism_cli
 
     return prism_cli.load_elastic(str(neurons_export), operating_point=f"topk:{FULL}")
+
+
+@pytest.fixture
+def elastic(loaded_elastic):
+    """The module's elastic model at the full point, put back there after each test even when it fails
+    (else a failed test's point would carry into the next)."""
+    import prism_cli
+
+    prism_cli.set_operating_point(loaded_elastic, f"topk:{FULL}")
+    try:
+        yield loaded_elastic
+    finally:
+        prism_cli.set_operating_point(loaded_elastic, f"topk:{FULL}")
 
 
 def test_python_api_and_in_place_switching(elastic):
@@ -336,7 +349,7 @@ def test_cached_decoding_matches_a_full_forward(elastic, point):
 def test_gate_neuron_rows_come_from_the_partition(elastic, neurons_export, tiny_model_dir):
     """The training-free gate reads the rows of each sub-expert's gate neurons: row
     ``permutation[n * I/N + position]`` of the source expert's W_gate and W_up."""
-    from prism_cli.export.checkpoint import CheckpointReader
+    from prism_cli.models.checkpoint import CheckpointReader
     from prism_cli.solvers.format import read_partition
 
     partition = read_partition(neurons_export.parent / "p.h5")

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from test_serving import synthetic_cost_model
+from conftest import synthetic_cost_model
 
 from prism_cli.errors import PrismError
 

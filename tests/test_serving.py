@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_cost_model
 
 from prism_cli.errors import PrismError
-from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.per_row import PerRowTopKPolicy, clear_row_points, set_row_points
 from prism_cli.runtime.policies import POLICIES, TopKPolicy
-from prism_cli.serving.costmodel import CostModel, PointCost, interpolate
+from prism_cli.serving.costmodel import CostModel, interpolate
 from prism_cli.serving.engine import Engine, Limits
 from prism_cli.serving.floors import Ladder, PointSpace, parse_floor, parse_mix
 from prism_cli.serving.policies import SCHEDULING_POLICIES
@@ -27,16 +28,6 @@ ORIGINAL = PointSpace(None, 4, 2)
 
 def P(text: str) -> OperatingPoint:
     return SPACE.parse(text) if not text.startswith("original") else ORIGINAL.parse(text)
-
-
-def synthetic_cost_model(fixed: float = 10.0, per_row_per_k: float = 1.0) -> CostModel:
-    """Decode ``C(b, K) = fixed + b * K * per_row_per_k`` ms (K = active sub-experts), prefill 0.01 ms a token x K."""
-    points = {}
-    for name, kind, k in [*[(f"linear:{k}", "elastic", k) for k in range(1, 9)], *[(f"topk:{k}", "elastic", k) for k in range(1, 9)],
-                          ("original:1", "original", 4), ("original:2", "original", 8)]:
-        points[name] = PointCost(name, kind, 100.0 / k, {b: fixed + b * k * per_row_per_k for b in (1, 8, 32)},
-                                 {t: 0.01 * t * k for t in (64, 512)})
-    return CostModel(points, 128, 64, "test machine")
 
 
 def sim_engine(policy: str, space: PointSpace = SPACE, cost: CostModel | None = None, **limits) -> Engine:

@@ -6,6 +6,7 @@ from itertools import product
 
 import numpy as np
 import pytest
+from conftest import same_partition
 
 from prism_cli.solvers import SOLVERS, PartitionProblem, Solver
 from prism_cli.solvers.anneal import AnnealSolver, lost_mass_function, temperature
@@ -21,12 +22,6 @@ FAST = {"anneal": {"proposals": 5_000}}
 
 def make(name: str, **overrides: object) -> Solver:
     return SOLVERS.get(name)(**{**FAST.get(name, {}), **overrides})
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to renaming the groups: the (a, b) label pairs form a bijection."""
-    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
-    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
 def cost(problem: PartitionProblem, labels: np.ndarray) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli.evaluation.tables import QUALITY_COLUMNS, TableConfig, quality_table, regenerate
+from prism_cli.pipeline.tables import QUALITY_COLUMNS, TableConfig, quality_table, regenerate
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "tables" / "builtin"

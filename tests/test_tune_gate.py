@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FULL, N_SUB, logits_of, random_neurons_export, token_batch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_export import FULL, N_SUB, logits_of, random_neurons_export, token_batch
 from transformers import AutoModelForCausalLM
 
 from prism_cli.data import split_text
 from prism_cli.errors import Interrupted, PrismError
-from prism_cli.runtime.elastic import GATE_FILE, SOURCE_ROUTER_FILE
+from prism_cli.export.format import GATE_FILE, SOURCE_ROUTER_FILE
 from prism_cli.tuning.schedules import SCHEDULES, LinearSchedule, UniformSchedule
 from prism_cli.tuning.trainer import TrainBatches, Trainee, TuneSettings, checkpoint_path, step_loss, tune_gate
 from prism_cli.tuning.writer import CURVE_FILE, read_source_router, write_tuned_export

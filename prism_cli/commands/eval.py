@@ -31,7 +31,8 @@ def evaluate(
         raise PrismError(f"--tokens must be positive, got {tokens}")
     if batch_size <= 0:
         raise PrismError(f"--batch-size must be positive, got {batch_size}")
-    from prism_cli.evaluation.perplexity import perplexity, token_windows
+    from prism_cli.data.windows import token_windows
+    from prism_cli.evaluation.perplexity import perplexity
     from prism_cli.models.loading import check_context_length
     from prism_cli.offload.config import offload_config
 

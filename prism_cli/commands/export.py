@@ -9,7 +9,7 @@ import typer
 from prism_cli.commands.common import ConfigOption, deferred_progress
 from prism_cli.console import console
 from prism_cli.errors import PrismError
-from prism_cli.runtime.operating_points import GATES
+from prism_cli.operating_points import GATES
 
 
 def export(

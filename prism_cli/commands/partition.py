@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 import yaml
 
@@ -15,7 +14,7 @@ from prism_cli.errors import PrismError
 from prism_cli.io import check_not_input, check_writable
 from prism_cli.report import ResultTable
 from prism_cli.solvers import SOLVERS
-from prism_cli.solvers.format import Partition, merge_partitions, write_partition
+from prism_cli.solvers.format import Partition, mean_scores, merge_partitions, write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile, run_partition
 
 app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True, help="Split experts into sub-experts (SPEC 3.2-3.4).")
@@ -91,9 +90,8 @@ def summary_table(partition: Partition) -> ResultTable:
         ["layer", "fit cost", "held-out cost", *[f"held-out R_{m}" for m in range(1, n)], "s / expert"],
     )
     for layer, experts in sorted(partition.experts.items()):
-        held_r = np.mean([x.heldout_retained for x in experts], axis=0)
-        table.add(layer, float(np.mean([x.fit_cost for x in experts])), float(np.mean([x.heldout_cost for x in experts])),
-                  *map(float, held_r), float(np.mean([x.seconds for x in experts])))
+        m = mean_scores(experts)
+        table.add(layer, m.fit_cost, m.heldout_cost, *map(float, m.heldout_retained), m.seconds)
     table.notes.append("cost: normalised paper cost (SPEC 3.2), lower is better; "
                        "R_m: retained-mass fraction with m sub-experts, higher is better")
     return table
@@ -131,9 +129,9 @@ def compare(
                 profile, settings, layers=wanted, workers=workers, on_start=start, on_done=lambda *_: advance()
             )
         experts = [x for layer in result.layers for x in result.experts[layer]]
-        held_r = np.mean([x.heldout_retained for x in experts], axis=0)
-        row = [name, float(np.mean([x.heldout_cost for x in experts])), *map(float, held_r), float(held_r.mean()),
-               float(np.mean([x.fit_cost for x in experts])), float(np.mean([x.seconds for x in experts])), len(experts)]
+        m = mean_scores(experts)
+        row = [name, m.heldout_cost, *map(float, m.heldout_retained), float(m.heldout_retained.mean()), m.fit_cost,
+               m.seconds, len(experts)]
         table.add(*row)
         per_solver[name] = {"heldout_cost": [x.heldout_cost for x in experts], "seconds": [x.seconds for x in experts]}
     table.notes += [

@@ -21,7 +21,7 @@ def tables(
 ) -> None:
     """Run profile -> partition -> export -> bench for a config and write its operating-point tables."""
     from prism_cli.evaluation.bench_tables import summary_tables
-    from prism_cli.evaluation.tables import TableConfig, quality_table, regenerate
+    from prism_cli.pipeline.tables import TableConfig, quality_table, regenerate
 
     cfg = TableConfig.load(config)
     if partition is not None and not partition.exists():

@@ -28,16 +28,16 @@ from typing import Any
 
 import torch
 
+from prism_cli.data.windows import token_windows
 from prism_cli.environment import environment
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.pareto import COUNT_RULE, CostQuality, distinct_stable, pareto_front, usable
-from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.evaluation.quality import ActiveCounter, PointQuality, evaluate_points
 from prism_cli.evaluation.timing import Latency, StepTimer, largest_fitting_batch
 from prism_cli.models.loading import LoadedModel, load_model
+from prism_cli.operating_points import OperatingPoint, parse_operating_point
 from prism_cli.runtime.elastic import ElasticState, attach_elastic_state, export_meta, load_elastic_model, set_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION, reset_dispatch_counts
-from prism_cli.runtime.operating_points import OperatingPoint, parse_operating_point
 
 IMPLEMENTATIONS = (EXPERTS_IMPLEMENTATION, "grouped_mm", "eager")
 #: What a device can run the model in; the first is the default (the dtype prism's kernels take on CUDA).
@@ -189,7 +189,7 @@ def active_parameters(model: Any, state: ElasticState, policy: str, active: floa
     per_layer = active * unit
     if policy in ("topk", "pattern", "threshold"):
         router = state.gate_routers[0]
-        per_layer += state.top_k * (router.gate_w.numel() + router.up_w.numel()) / state.num_experts
+        per_layer += state.source_top_k * (router.gate_w.numel() + router.up_w.numel()) / state.source_experts
     return float(dense + per_layer * len(state.layers))
 
 
@@ -210,7 +210,7 @@ def run_bench(
     runners = _runners(models, settings)
     if quality is None:
         quality = _quality(models, runners, text, settings, on_stage)
-    top_k = models.source_state.top_k
+    top_k = models.source_state.source_top_k
     full_ppl = quality[f"original:{top_k}"].perplexity
     timed: dict[int, dict[int, tuple[Latency, str]]] = {}
     for batch in settings.batches:
@@ -244,7 +244,7 @@ def _load(target: str, settings: BenchSettings) -> _Models:
     models = _Models(elastic, source, attach_elastic_state(source.model, None), source_name, meta, default_impl)
     if meta is None:
         models.note = (f"{target} is a plain MoE model, not a prism export: "
-                       f"only its original top-1..top-{models.source_state.top_k} range is benchmarked")
+                       f"only its original top-1..top-{models.source_state.source_top_k} range is benchmarked")
     if settings.offload is not None:
         from dataclasses import replace
 
@@ -269,7 +269,7 @@ def _runners(models: _Models, settings: BenchSettings) -> list[_Runner]:
         state: ElasticState = models.elastic.model.prism_state
         skipped: list[str] = []
         for spec in settings.points or [str(p) for p in state.points()]:
-            op = parse_operating_point(spec, state.gate, state.n_sub, state.top_k)
+            op = parse_operating_point(spec, state.gate, state.n_sub, state.source_top_k)
             if any(r.name == str(op) for r in runners):
                 continue  # "8" and "topk:8" are one point: measure it once
             if op.policy == "threshold" and settings.experts_impl != EXPERTS_IMPLEMENTATION:
@@ -285,8 +285,8 @@ def _runners(models: _Models, settings: BenchSettings) -> list[_Runner]:
             models.note = f"threshold points ({', '.join(skipped)}) need --experts-impl {EXPERTS_IMPLEMENTATION} and were skipped"
     # The original as a user runs it: with transformers' default and with prism's experts (the faster counts).
     impls = list(dict.fromkeys([settings.experts_impl, models.default_impl]))
-    for k in range(1, models.source_state.top_k + 1):
-        op = parse_operating_point(f"original:{k}", None, 1, models.source_state.top_k)
+    for k in range(1, models.source_state.source_top_k + 1):
+        op = parse_operating_point(f"original:{k}", None, 1, models.source_state.source_top_k)
         runners += [_Runner(str(op), "original", models.source.model, models.source_state, op, impl) for impl in impls]
     return runners
 
@@ -304,7 +304,7 @@ def _quality(models: _Models, runners: list[_Runner], text: str, settings: Bench
             windows = token_windows(models.source.tokenizer, text, settings.quality_seq_len, settings.tokens)
         except ValueError as exc:
             raise PrismError(str(exc)) from None
-        top_k = models.source_state.top_k
+        top_k = models.source_state.source_top_k
         reference = _Runner(f"original:{top_k}", "original", models.source.model, models.source_state,
                             parse_operating_point(f"original:{top_k}", None, 1, top_k), EXPERTS_IMPLEMENTATION)
         progress = on_stage("quality", windows.numel()) if on_stage else None
@@ -414,7 +414,7 @@ def _hook_routers(counter: ActiveCounter, elastic: LoadedModel | None, source_st
     if elastic is not None:
         state: ElasticState = elastic.model.prism_state
         handles += [r.register_forward_hook(counter.hook()) for r in state.flat_routers]
-        sentinel = state.num_experts * state.n_sub
+        sentinel = state.source_experts * state.n_sub
         handles += [r.register_forward_hook(counter.hook(sentinel=sentinel)) for r in state.gate_routers]
     return handles
 

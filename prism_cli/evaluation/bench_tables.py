@@ -12,8 +12,8 @@ from __future__ import annotations
 from prism_cli.environment import machine_label
 from prism_cli.evaluation.bench import BenchReport, PointResult
 from prism_cli.evaluation.pareto import COUNT_RULE
+from prism_cli.operating_points import parse_operating_point
 from prism_cli.report import ResultTable
-from prism_cli.runtime.operating_points import parse_operating_point
 
 QUALITY_COLUMNS = ("point", "kind", "active sub-experts", "perplexity", "KL", "top-1 agree")
 

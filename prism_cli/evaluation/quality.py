@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prism_cli.evaluation.perplexity import batched, next_token_nll
+from prism_cli.data.windows import batched
+from prism_cli.evaluation.perplexity import next_token_nll
 
 
 @dataclass

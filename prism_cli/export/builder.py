@@ -37,17 +37,18 @@ from safetensors.torch import save_file
 
 from prism_cli import __version__
 from prism_cli.errors import PrismError
-from prism_cli.export.checkpoint import INDEX, SINGLE, CheckpointReader, ShardWriter
+from prism_cli.export.checkpoint import ShardWriter
 from prism_cli.export.exactness import GateCheck, check_export, probe_description
+from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE
 from prism_cli.export.inexact import linear_gate_difference
 from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir, check_new_folder, check_not_input
 from prism_cli.models.adapters import MoEAdapter, MoELayer, adapter_for_config
+from prism_cli.models.checkpoint import INDEX, SINGLE, CheckpointReader
 from prism_cli.models.checkpoint_files import check_checkpoint_files
 from prism_cli.models.conversion import CheckpointNames, skeleton
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
-from prism_cli.runtime.elastic import EXPORT_FORMAT_VERSION, GATE_FILE
-from prism_cli.runtime.operating_points import GATES, default_operating_points, parse_operating_point
+from prism_cli.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
@@ -116,6 +117,26 @@ def check_partition(partition: Partition, config: Any, adapter: MoEAdapter, weig
 DOWN_BIAS = ("first", "uniform")
 
 
+@dataclass
+class _Job:
+    """Everything an export reads, checked before anything is written."""
+
+    name: str
+    config: Any
+    adapter: MoEAdapter
+    source: Path
+    partition: Partition
+    reader: CheckpointReader
+    plan: Any
+    default_point: Any
+    #: Why the linear gate cannot be exact for this family (declared), or None.
+    inexact: str | None
+
+    @property
+    def n_sub(self) -> int:
+        return self.partition.n_sub
+
+
 def export_model(
     model: str | None,
     partition_path: str | Path,
@@ -135,6 +156,33 @@ def export_model(
     """
     settings.validate()
     out = Path(out)
+    job = _check_inputs(model, partition_path, out, settings, force, inputs)
+    # Where the linear gate is inexact and exported anyway, measure how far it is (runs the source model).
+    difference = linear_gate_difference(job.name, job.n_sub) if settings.gate == "linear" and job.inexact else None
+    flat = job.adapter.flat_config(job.n_sub)
+    flat_names = _check_flat_shapes(job.adapter, flat, job.n_sub)
+    scale = job.adapter.flat_down_scale(job.n_sub)
+    with atomic_dir(out, force=force) as tmp:
+        files = _write_weights(job, tmp, flat_names, scale, settings, on_progress)
+        if settings.gate == "linear":
+            _text_config(flat).__setattr__(job.adapter.top_k_key, job.default_point.value)
+        flat.prism = _prism_section(job, partition_path, settings, scale, difference)
+        flat.prism["serving"] = serving_check(flat, job.adapter, job.n_sub)
+        if settings.gate == "neurons":
+            files.append(_write_gate_neurons(job.partition, tmp))
+        _copy_side_files(job.source, tmp)
+        flat.save_pretrained(tmp)
+        inexact = _measure_exactness(job, tmp, flat, settings)
+        flat.save_pretrained(tmp)
+    adapter = job.adapter
+    return ExportResult(out, settings.gate, job.n_sub, adapter.num_experts, adapter.width, adapter.top_k,
+                        str(job.default_point), files, inexact, flat.prism["serving"], difference, flat.prism["exactness"])
+
+
+def _check_inputs(model: str | None, partition_path: str | Path, out: Path, settings: ExportSettings, force: bool,
+                  inputs: dict[str, Path] | None) -> _Job:
+    """Every refusal an export can make before writing: the output's place, the source checkpoint, the
+    partition against it, the gate against the family."""
     name = resolve_model(model)
     protected = {"source model": Path(name)} if Path(name).is_dir() else {}
     protected |= {"partition": Path(partition_path), **(inputs or {})}
@@ -150,13 +198,13 @@ def export_model(
     adapter.check_checkpoint(source)
     partition = read_partition(partition_path)
     check_partition(partition, config, adapter, weights_fingerprint(source, adapter), name)
-    n_sub = partition.n_sub
     inexact = adapter.linear_gate_inexact_reason()
     if settings.gate == "linear" and inexact and not settings.allow_inexact:
         raise PrismError(
             f"the linear gate cannot be exact for this model: {inexact}; use --gate neurons (exact), "
             "or --allow-inexact to export anyway"
         )
+    n_sub = partition.n_sub
     default_point = parse_operating_point(
         settings.operating_point or str(n_sub * adapter.top_k), settings.gate, n_sub, adapter.top_k
     )
@@ -167,85 +215,94 @@ def export_model(
             f"partition covers layers {partition.layers} but the model has MoE layers {sorted(plan.layers)}; "
             "profile and partition every MoE layer to export"
         )
-    # Where the linear gate is inexact and exported anyway, measure how far it is (runs the source model).
-    difference = linear_gate_difference(name, n_sub) if settings.gate == "linear" and inexact else None
-    flat = adapter.flat_config(n_sub)
-    flat_names = _check_flat_shapes(adapter, flat, n_sub)
-    scale = adapter.flat_down_scale(n_sub)
-    with atomic_dir(out, force=force) as tmp:
-        writer = ShardWriter(tmp, settings.max_shard_bytes)
-        total = len(plan.layers)
+    return _Job(name, config, adapter, source, partition, reader, plan, default_point, inexact)
+
+
+def _write_weights(job: _Job, tmp: Path, flat_names: CheckpointNames, scale: float, settings: ExportSettings,
+                   on_progress: Callable[[int, int], None] | None) -> list[str]:
+    """Every tensor of the flat checkpoint, in bounded shards: non-MoE tensors as they are, each MoE
+    layer split by the partition. Returns the weight files written."""
+    writer = ShardWriter(tmp, settings.max_shard_bytes)
+    plan, reader = job.plan, job.reader
+    total = len(plan.layers)
+    if on_progress is not None:
+        on_progress(0, total)
+    for key in plan.plain:
+        writer.add(key, reader.get(key))
+    for done, index in enumerate(sorted(plan.layers), start=1):
+        layer = plan.layers[index]
+        tensors = _read_layer(reader, job.adapter, plan.moe_keys[index], layer)
+        flat_tensors = _split_layer(tensors, layer, job.partition.experts[index], job.adapter, job.n_sub, scale,
+                                    settings.down_bias)
+        for key, tensor in flat_names.to_disk(flat_tensors).items():
+            writer.add(key, tensor.contiguous())
         if on_progress is not None:
-            on_progress(0, total)
-        for key in plan.plain:
-            writer.add(key, reader.get(key))
-        for done, index in enumerate(sorted(plan.layers), start=1):
-            layer = plan.layers[index]
-            tensors = _read_layer(reader, adapter, plan.moe_keys[index], layer)
-            flat_tensors = _split_layer(tensors, layer, partition.experts[index], adapter, n_sub, scale, settings.down_bias)
-            for key, tensor in flat_names.to_disk(flat_tensors).items():
-                writer.add(key, tensor.contiguous())
-            if on_progress is not None:
-                on_progress(done, total)
-        files = writer.finish()
-        if settings.gate == "linear":
-            _text_config(flat).__setattr__(adapter.top_k_key, default_point.value)
-        flat.prism = {
-            "format_version": EXPORT_FORMAT_VERSION,
-            "prism_version": __version__,
-            "gate": settings.gate,
-            "sub_experts": n_sub,
-            "source": {
-                "model": model_label(name),
-                "model_type": adapter.model_type,
-                "num_experts": adapter.num_experts,
-                "expert_width": adapter.width,
-                "top_k": adapter.top_k,
-                "config_hash": partition.meta["config_hash"],
-                "weights_hash": partition.meta["weights_hash"],
-            },
-            "partition": {
-                "path": str(partition_path),
-                "hash": file_hash(partition_path),
-                "solver": partition.meta["solver"],
-                "keep": partition.meta["keep"],
-                "seed": partition.meta["seed"],
-            },
-            "down_scale": scale,
-            "down_bias": settings.down_bias if plan.layers and next(iter(plan.layers.values())).layout.bias else None,
-            "linear_gate_exact": inexact is None,
-            "linear_gate_note": inexact,
-            **({"linear_gate_difference": difference} if difference is not None else {}),
-            "layers": partition.layers,
-            "operating_points": [str(p) for p in default_operating_points(settings.gate, n_sub, adapter.top_k)],
-            "default_operating_point": str(default_point),
-        }
-        flat.prism["serving"] = serving_check(flat, adapter, n_sub)
-        if settings.gate == "neurons":
-            gates = {
-                f"layers.{layer}.gate_positions": torch.from_numpy(
-                    np.stack([x.gate_positions for x in partition.experts[layer]]).astype(np.int32)
-                )
-                for layer in partition.layers
-            }
-            (tmp / GATE_FILE).parent.mkdir()
-            save_file(gates, str(tmp / GATE_FILE))
-            files.append(GATE_FILE)
-        _copy_side_files(source, tmp)
-        flat.save_pretrained(tmp)
-        # Exactness, measured on what was written; a refusal here leaves nothing behind (atomic_dir).
-        gates_checked = ["linear"] if settings.gate == "linear" else ["linear", "neurons"]
-        checks = check_export(adapter, reader, tmp, flat, gates_checked)
-        _refuse_inexact(checks, settings, inexact)
-        linear = checks["linear"]
-        flat.prism["exactness"] = {"probe": probe_description(), **{g: c.record() for g, c in checks.items()}}
-        flat.prism["linear_gate_exact"] = inexact is None and linear.exact
-        if not linear.exact and inexact is None:
-            flat.prism["linear_gate_note"] = f"measured max relative difference {linear.max_rel_diff:.3g} at {linear.point}"
-            inexact = flat.prism["linear_gate_note"]
-        flat.save_pretrained(tmp)
-    return ExportResult(out, settings.gate, n_sub, adapter.num_experts, adapter.width, adapter.top_k,
-                        str(default_point), files, inexact, flat.prism["serving"], difference, flat.prism["exactness"])
+            on_progress(done, total)
+    return writer.finish()
+
+
+def _prism_section(job: _Job, partition_path: str | Path, settings: ExportSettings, scale: float,
+                   difference: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``prism`` section of the export's config (``export/format.py`` for the files beside it)."""
+    adapter, partition, n_sub = job.adapter, job.partition, job.n_sub
+    has_bias = bool(job.plan.layers) and next(iter(job.plan.layers.values())).layout.bias
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "prism_version": __version__,
+        "gate": settings.gate,
+        "sub_experts": n_sub,
+        "source": {
+            "model": model_label(job.name),
+            "model_type": adapter.model_type,
+            "num_experts": adapter.num_experts,
+            "expert_width": adapter.width,
+            "top_k": adapter.top_k,
+            "config_hash": partition.meta["config_hash"],
+            "weights_hash": partition.meta["weights_hash"],
+        },
+        "partition": {
+            "path": str(Path(partition_path).resolve()),
+            "hash": file_hash(partition_path),
+            "solver": partition.meta["solver"],
+            "keep": partition.meta["keep"],
+            "seed": partition.meta["seed"],
+        },
+        "down_scale": scale,
+        "down_bias": settings.down_bias if has_bias else None,
+        "linear_gate_exact": job.inexact is None,
+        "linear_gate_note": job.inexact,
+        **({"linear_gate_difference": difference} if difference is not None else {}),
+        "layers": partition.layers,
+        "operating_points": [str(p) for p in default_operating_points(settings.gate, n_sub, adapter.top_k)],
+        "default_operating_point": str(job.default_point),
+    }
+
+
+def _write_gate_neurons(partition: Partition, tmp: Path) -> str:
+    """The gate neurons' positions within each sub-expert, per layer (``GATE_FILE``)."""
+    gates = {
+        f"layers.{layer}.gate_positions": torch.from_numpy(
+            np.stack([x.gate_positions for x in partition.experts[layer]]).astype(np.int32)
+        )
+        for layer in partition.layers
+    }
+    (tmp / GATE_FILE).parent.mkdir()
+    save_file(gates, str(tmp / GATE_FILE))
+    return GATE_FILE
+
+
+def _measure_exactness(job: _Job, tmp: Path, flat: Any, settings: ExportSettings) -> str | None:
+    """Exactness of each gate, measured on what was written and recorded in ``flat.prism``; a refusal
+    here leaves nothing behind (``atomic_dir``). Returns the linear gate's inexactness note, or None."""
+    gates_checked = ["linear"] if settings.gate == "linear" else ["linear", "neurons"]
+    checks = check_export(job.adapter, job.reader, tmp, flat, gates_checked)
+    _refuse_inexact(checks, settings, job.inexact)
+    linear = checks["linear"]
+    flat.prism["exactness"] = {"probe": probe_description(), **{g: c.record() for g, c in checks.items()}}
+    flat.prism["linear_gate_exact"] = job.inexact is None and linear.exact
+    if not linear.exact and job.inexact is None:
+        flat.prism["linear_gate_note"] = f"measured max relative difference {linear.max_rel_diff:.3g} at {linear.point}"
+    return flat.prism["linear_gate_note"]
 
 
 def _refuse_inexact(checks: dict[str, GateCheck], settings: ExportSettings, declared: str | None) -> None:

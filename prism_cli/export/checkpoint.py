@@ -1,4 +1,4 @@
-"""Streaming safetensors checkpoints: read one tensor at a time, write bounded shards.
+"""Bounded safetensors shards for the export (the reader is ``prism_cli.models.checkpoint``).
 
 Export never holds a whole model: it reads source tensors lazily (memory-mapped by safetensors) and
 flushes output shards once they reach ``max_shard_bytes``, so peak memory is about one shard plus
@@ -12,69 +12,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from prism_cli.errors import PrismError
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-
-
-class CheckpointReader:
-    """Lazy access to the tensors of a safetensors checkpoint folder (single file or sharded)."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self._handles: dict[Path, object] = {}
-        index = self.directory / INDEX
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise PrismError(f"{index} is not a valid safetensors index") from None
-            self._file_of = {k: self.directory / f for k, f in weight_map.items()}
-        else:
-            files = sorted(self.directory.glob("*.safetensors"))
-            if not files:
-                raise PrismError(
-                    f"{self.directory} has no safetensors weights; re-save the model with save_pretrained() to export it"
-                )
-            self._file_of = {}
-            for f in files:
-                for key in self._open(f).keys():
-                    self._file_of[key] = f
-
-    def _open(self, path: Path):
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type on corrupt files
-                raise PrismError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
-        return self._handles[path]
-
-    def keys(self) -> list[str]:
-        return list(self._file_of)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._file_of
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._open(self._file_of[key]).get_tensor(key)
-        except KeyError:
-            raise PrismError(f"tensor {key} is missing from {self.directory}") from None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """A tensor's shape, from the file header (nothing is read)."""
-        try:
-            return tuple(self._open(self._file_of[key]).get_slice(key).get_shape())
-        except KeyError:
-            raise PrismError(f"tensor {key} is missing from {self.directory}") from None
-
-    def metadata(self) -> dict[str, str]:
-        first = next(iter(self._file_of.values()))
-        return self._open(first).metadata() or {}
+from prism_cli.models.checkpoint import INDEX, SINGLE
 
 
 class ShardWriter:

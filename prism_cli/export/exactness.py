@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from prism_cli.errors import PrismError
-from prism_cli.export.checkpoint import CheckpointReader
 from prism_cli.models.adapters import MoEAdapter
+from prism_cli.models.checkpoint import CheckpointReader
 from prism_cli.models.conversion import CheckpointNames, skeleton
 
 #: Probe tokens per MoE block, and their seed.

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from prism_cli.data import load_text
+from prism_cli.data.windows import token_windows
 from prism_cli.errors import PrismError
-from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.models.adapters import MoEAdapter
 from prism_cli.models.loading import load_model
 

@@ -7,7 +7,8 @@ ranks (``intermediate_size // tp``, without checking the remainder) and split ex
 expert-parallel ranks, so the narrower experts decide which parallel sizes still work. The rules here
 are the ones those model classes apply (attention heads divisible by the TP size, KV heads divisible
 by it or dividing it, every MLP width divisible by it); the result is recorded in the export's config
-and printed by ``prism export``.
+and printed by ``prism export``. What is particular to a family (its MLP width fields, its engines'
+quirks) comes from its adapter.
 """
 
 from __future__ import annotations
@@ -20,23 +21,6 @@ from prism_cli.models.adapters import MoEAdapter
 PARALLEL_SIZES = (1, 2, 4, 8)
 
 
-def _widths(config: Any, adapter: MoEAdapter) -> dict[str, int]:
-    """Every MLP width the engines shard over tensor-parallel ranks: routed, shared and dense."""
-    widths = {"sub-expert width": int(getattr(config, adapter.width_key))}
-    shared = getattr(config, "shared_expert_intermediate_size", None)
-    if shared:
-        widths["shared expert width"] = int(shared)
-    for key in adapter.family.coupled:  # shared experts sized in routed widths (DeepSeek's n_shared_experts)
-        count = getattr(config, key, None)
-        if count:
-            widths["shared experts width"] = int(count) * int(getattr(config, adapter.width_key))
-    dense_layers = (getattr(config, "first_k_dense_replace", 0) or 0) > 0 or bool(getattr(config, "mlp_only_layers", None)) \
-        or (getattr(config, "decoder_sparse_step", 1) or 1) > 1
-    if dense_layers and adapter.width_key != "intermediate_size":
-        widths["dense MLP width"] = int(config.intermediate_size)
-    return widths
-
-
 def _tp_problem(config: Any, adapter: MoEAdapter, tp: int) -> str | None:
     heads = int(config.num_attention_heads)
     if heads % tp:
@@ -44,7 +28,7 @@ def _tp_problem(config: Any, adapter: MoEAdapter, tp: int) -> str | None:
     kv = getattr(config, "num_key_value_heads", None)
     if kv and not adapter.latent_attention and int(kv) % tp and tp % int(kv):
         return f"{kv} KV heads"
-    for name, width in _widths(config, adapter).items():
+    for name, width in adapter.mlp_widths(config).items():
         if width % tp:
             return f"{name} {width}"
     return None
@@ -78,9 +62,7 @@ def serving_check(config: Any, adapter: MoEAdapter, n_sub: int, router_tuned: bo
             "mass); other top-k implementations (torch.topk in plain transformers, some SGLang and grouped top-k "
             "paths) may take any copy, which changes quality at such K but not at multiples of N",
         ]
-    if adapter.model_type == "olmoe" and getattr(config, "norm_topk_prob", False):
-        notes.append("vLLM's OLMoE never renormalises top-k weights, but this config sets norm_topk_prob: "
-                     "vLLM will not match transformers (for the source model as well)")
+    notes += adapter.engine_notes(config)
     return {
         "architecture": (getattr(config, "architectures", None) or [None])[0],
         "experts": experts,

@@ -19,7 +19,7 @@ from prism_cli.errors import PrismError
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.checkpoint_files import TensorEntry, checkpoint_tensors, read_header
 from prism_cli.models.loading import load_config
-from prism_cli.runtime.operating_points import GATES, parse_operating_point
+from prism_cli.operating_points import GATES, parse_operating_point
 
 
 def _field(meta: dict[str, Any], dotted: str, kind: type, where: Path) -> Any:
@@ -74,7 +74,7 @@ def _weights_layout(tensors: dict[str, TensorEntry], adapter: Any, where: Path) 
 
 def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
     """Refuse, in one line naming the field, an export whose config disagrees with its weights."""
-    from prism_cli.runtime.elastic import GATE_FILE
+    from prism_cli.export.format import GATE_FILE
 
     where = Path(directory)
     gate = meta.get("gate")

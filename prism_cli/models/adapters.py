@@ -108,6 +108,9 @@ class Family:
     latent_attention: bool = False
     #: Why the prism runtime cannot run this family's neurons gate (the linear export is unaffected).
     neurons_unsupported: str | None = None
+    #: How serving engines' own model class for this family differs from transformers', as (config flag
+    #: that triggers it, note): the export's serving check records the note where the flag is set.
+    engine_quirks: tuple[tuple[str, str], ...] = ()
     adapter: type[MoEAdapter] | None = None
 
 
@@ -278,7 +281,7 @@ class MoEAdapter:
     def check_checkpoint(self, directory: Any) -> None:
         """Refuse a checkpoint whose MoE tensors disagree with its config, naming the first one, before
         anything loads it (transformers would stop with a report, or silently re-initialise)."""
-        from prism_cli.export.checkpoint import CheckpointReader
+        from prism_cli.models.checkpoint import CheckpointReader
 
         reader = CheckpointReader(directory)
         on_disk = set(reader.keys())
@@ -319,6 +322,31 @@ class MoEAdapter:
         for key, value in self.flat_config_updates(n_sub).items():
             setattr(target, key, value)
         return flat
+
+    def mlp_widths(self, config: Any) -> dict[str, int]:
+        """Every MLP width of ``config`` (a flat export's) that serving engines shard over tensor-parallel
+        ranks: the routed sub-experts, shared experts (their own width field, or a count in routed widths:
+        ``Family.coupled``) and the dense layers' MLP where the model has some."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        routed = int(getattr(text, self.width_key))
+        widths = {"sub-expert width": routed}
+        shared = getattr(text, "shared_expert_intermediate_size", None)
+        if shared:
+            widths["shared expert width"] = int(shared)
+        for key in self.family.coupled:
+            count = getattr(text, key, None)
+            if count:
+                widths["shared experts width"] = int(count) * routed
+        dense_layers = (getattr(text, "first_k_dense_replace", 0) or 0) > 0 or bool(getattr(text, "mlp_only_layers", None)) \
+            or (getattr(text, "decoder_sparse_step", 1) or 1) > 1
+        if dense_layers and self.width_key != "intermediate_size":
+            widths["dense MLP width"] = int(text.intermediate_size)
+        return widths
+
+    def engine_notes(self, config: Any) -> list[str]:
+        """What serving engines do differently from transformers for this family, given ``config``."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return [note for flag, note in self.family.engine_quirks if getattr(text, flag, False)]
 
     def normalized(self) -> bool:
         """Whether the router divides its top-k weights by their sum."""
@@ -533,7 +561,9 @@ _SIGMOID_BIAS = Routing("sigmoid", normalize=True, correction_bias="e_score_corr
 _SIGMOID_BIAS_UNSORTED = Routing("sigmoid", normalize=True, correction_bias="e_score_correction_bias", sorted=False)
 
 for _family in (
-    Family("olmoe", routing=_SOFTMAX_NORM),
+    Family("olmoe", routing=_SOFTMAX_NORM, engine_quirks=(
+        ("norm_topk_prob", "vLLM's OLMoE never renormalises top-k weights, but this config sets norm_topk_prob: "
+                           "vLLM will not match transformers (for the source model as well)"),)),
     Family("flex_olmo", routing=_SOFTMAX_NORM),
     Family("qwen2_moe", width="moe_intermediate_size", routing=_SOFTMAX_NORM),
     Family("qwen3_moe", width="moe_intermediate_size", routing=_SOFTMAX_NORM),

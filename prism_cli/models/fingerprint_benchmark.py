@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_cli.evaluation.bench import environment
+from prism_cli.environment import environment
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.checkpoint_files import CHUNK_BYTES, INDEX, SAMPLE_CHUNKS, checkpoint_tensors
 from prism_cli.models.loading import weights_fingerprint

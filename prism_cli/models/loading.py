@@ -66,7 +66,7 @@ def resolve_model(spec: str | None) -> str:
             raise PrismError(f"{spec} is not a transformers checkpoint: it has no config.json")
         if not os.access(path / "config.json", os.R_OK):
             raise PrismError(f"cannot read {path / 'config.json'}: permission denied")
-        return str(path)
+        return str(path.resolve())  # recorded in profiles and exports: found again from any working folder
     # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
     if spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1:
         raise PrismError(f"model path {spec} does not exist")

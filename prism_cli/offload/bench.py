@@ -42,8 +42,8 @@ from prism_cli.errors import BudgetNotMet, PrismError
 from prism_cli.evaluation.timing import median_ci
 from prism_cli.offload.cache import CACHE_POLICIES
 from prism_cli.offload.config import Budget, LinkSpec, OffloadConfig, format_size
+from prism_cli.operating_points import OperatingPoint, parse_operating_point
 from prism_cli.report import ResultTable
-from prism_cli.runtime.operating_points import OperatingPoint, parse_operating_point
 
 ROUTINGS = ("trace", "balanced")
 
@@ -209,7 +209,8 @@ class _Live:
 def _live_bench(target: str, settings: OffloadBenchSettings,
                 on_stage: Callable[[str, int], Callable[[float], None]] | None) -> OffloadReport:
     from prism_cli.data import split_text
-    from prism_cli.evaluation.perplexity import perplexity, token_windows
+    from prism_cli.data.windows import token_windows
+    from prism_cli.evaluation.perplexity import perplexity
     from prism_cli.models.loading import load_model
     from prism_cli.offload.executor import absolute_budget, attach_offload
     from prism_cli.runtime.elastic import attach_elastic_state, export_meta, load_elastic_model, set_operating_point
@@ -221,7 +222,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
                          "source model's whole experts")
     elastic = load_elastic_model(target, dtype=settings.dtype, device="cpu")
     state = elastic.model.prism_state
-    n_sub, top_k = state.n_sub, state.top_k
+    n_sub, top_k = state.n_sub, state.source_top_k
     asked = [parse_operating_point(p, state.gate, n_sub, top_k) for p in settings.points]
     try:
         source = load_model(meta["source"]["model"], dtype=settings.dtype, device="cpu",
@@ -470,7 +471,7 @@ def _trace_for(target: str, settings: OffloadBenchSettings,
         trace = RoutingTrace.load(settings.trace)
         return trace, f"trace file {settings.trace} ({trace.tokens} tokens of {trace.meta.get('source')})"
     from prism_cli.data import split_text
-    from prism_cli.evaluation.perplexity import token_windows
+    from prism_cli.data.windows import token_windows
     from prism_cli.runtime.elastic import load_elastic_model
 
     loaded = load_elastic_model(target, dtype="float32", device="cpu")

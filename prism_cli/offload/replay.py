@@ -41,8 +41,8 @@ from prism_cli.offload.executor import pinned_keys, run_pieces
 from prism_cli.offload.link import SimulatedLink, VirtualClock
 from prism_cli.offload.shapes import ModelShape
 from prism_cli.offload.trace import TraceMapping, allocate
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.registry import Registry
-from prism_cli.runtime.operating_points import OperatingPoint
 
 
 class ComputeModel(ABC):

@@ -115,7 +115,7 @@ def record_trace(model: Any, windows: torch.Tensor, batch_size: int = 8, text: s
     if state.gate != "neurons":
         raise PrismError("a routing trace needs a neurons-gate export (its gate-neuron scores allocate every operating "
                          "point); export with --gate neurons")
-    set_operating_point(model, f"topk:{state.n_sub * state.top_k}")
+    set_operating_point(model, f"topk:{state.n_sub * state.source_top_k}")
     inputs: dict[int, torch.Tensor] = {}
     handles = [router.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0]))
                for i, router in enumerate(state.elastic_routers)]
@@ -149,7 +149,7 @@ def record_trace(model: Any, windows: torch.Tensor, batch_size: int = 8, text: s
         layers = rows[name] if not name.startswith("pred") else rows[name][:-1]
         arrays[name] = np.stack([np.concatenate(parts) for parts in layers]) if layers else np.zeros((0,))
     meta = {"format_version": TRACE_FORMAT_VERSION, "source": state.meta.get("source", {}).get("model"),
-            "sub_experts": state.n_sub, "num_experts": state.num_experts, "top_k": state.top_k,
+            "sub_experts": state.n_sub, "num_experts": state.source_experts, "top_k": state.source_top_k,
             "tokens": int(windows.numel()), "seq_len": int(windows.shape[1]), "text": text}
     return RoutingTrace(**arrays, meta=meta)
 

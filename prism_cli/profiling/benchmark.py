@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from prism_cli.data import split_text
+from prism_cli.data.windows import batched, token_windows
 from prism_cli.environment import environment
-from prism_cli.evaluation.perplexity import batched, token_windows
 from prism_cli.io import write_json
 from prism_cli.models.loading import load_model, model_label
 from prism_cli.profiling.profiler import ProfileSettings, profile_model

@@ -27,11 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from prism_cli.errors import PrismError
-from prism_cli.io import h5_attr
+from prism_cli.io import open_prism_h5
 
 FORMAT = "prism-profile"
 #: 2: ``weights_hash`` fingerprints every tensor (``prism_cli.models.checkpoint_files``); 1 hashed one router.
@@ -62,21 +61,8 @@ class ProfileFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise PrismError(f"profile {path} does not exist")
+        self._h5, self.meta = open_prism_h5(self.path, "profile", FORMAT, FORMAT_VERSION, "profile the model again (prism profile)")
         try:
-            self._h5 = h5py.File(self.path, "r")
-        except OSError:
-            raise PrismError(f"{path} is not a readable HDF5 file (corrupt, truncated or another format)") from None
-        try:
-            self.meta = {k: h5_attr(v) for k, v in self._h5.attrs.items()}
-            if self.meta.get("format") != FORMAT:
-                raise PrismError(f"{path} is not a prism profile (format attribute is {self.meta.get('format')!r})")
-            if int(self.meta.get("format_version", -1)) != FORMAT_VERSION:
-                raise PrismError(
-                    f"{path} has profile format version {self.meta.get('format_version')}; this prism reads {FORMAT_VERSION}: "
-                    "profile the model again (prism profile)"
-                )
             absent = [key for key in _REQUIRED_ATTRS if key not in self.meta]
             if absent:
                 raise PrismError(f"{path} is incomplete: attributes {', '.join(absent)} are missing")

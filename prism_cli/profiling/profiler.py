@@ -28,8 +28,8 @@ import torch
 
 from prism_cli import __version__
 from prism_cli.data import text_hash
+from prism_cli.data.windows import token_windows
 from prism_cli.errors import Interrupted, PrismError
-from prism_cli.evaluation.perplexity import token_windows
 from prism_cli.io import atomic_path, check_writable, open_work_dir
 from prism_cli.models.adapters import MoELayer
 from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint

@@ -19,24 +19,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prism_cli.errors import PrismError
+from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, SOURCE_ROUTER_FILE
 from prism_cli.export.validate import validate_export
 from prism_cli.models.adapters import MoELayer, adapter_for_config
 from prism_cli.models.loading import LoadedModel, load_model, resolve_model
+from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
-from prism_cli.runtime.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.policies import POLICIES
 from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter
-
-#: Version of the export layout this prism writes and reads (2: gate neurons in a subfolder, ``prism.serving``;
-#: 3: ``prism.source.weights_hash`` fingerprints every tensor).
-EXPORT_FORMAT_VERSION = 3
-#: The gate neurons of a neurons-gate export. In a subfolder: serving engines load every top-level
-#: ``*.safetensors`` file of an unsharded checkpoint as model weights.
-GATE_FILE = "prism/gate_neurons.safetensors"
-#: The source model's own router rows (``layers.{i}.weight``, plus per-expert router tensors), written by
-#: ``prism tune-gate``: once the flat router is tuned its copies differ, and every N-th row is no longer
-#: the original router. Where this file exists, the training-free gate routes with these rows.
-SOURCE_ROUTER_FILE = "prism/source_router.safetensors"
 
 
 @dataclass
@@ -45,8 +35,9 @@ class ElasticState:
 
     gate: str | None
     n_sub: int
-    top_k: int
-    num_experts: int
+    #: The source model's top-k and expert count (the flat export has ``N`` times each).
+    source_top_k: int
+    source_experts: int
     layers: list[MoELayer]
     flat_routers: list[nn.Module]
     gate_routers: list[GateNeuronRouter] = field(default_factory=list)
@@ -55,7 +46,7 @@ class ElasticState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def points(self) -> list[OperatingPoint]:
-        return default_operating_points(self.gate, self.n_sub, self.top_k)
+        return default_operating_points(self.gate, self.n_sub, self.source_top_k)
 
 
 def export_meta(spec: str | Path) -> dict[str, Any] | None:
@@ -100,7 +91,7 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
                 if key not in positions:
                     raise PrismError(f"{gate_file} has no gate neurons for layer {layer.index}")
                 gate_w, up_w = adapter.gate_neuron_rows(layer, positions[key], n_sub)
-                policy = POLICIES.get("topk")(n_sub, state.top_k, state.num_experts)
+                policy = POLICIES.get("topk")(n_sub, state.source_top_k, state.source_experts)
                 router = adapter.source_router(layer, model.config, n_sub, top_k)
                 if stored is not None:  # a tuned export: the original router rows are stored apart
                     key = f"layers.{layer.index}.weight"
@@ -108,7 +99,7 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
                         raise PrismError(f"{SOURCE_ROUTER_FILE} has no {key}")
                     router.weight = nn.Parameter(stored[key].to(router.weight), requires_grad=False)
                 gate_router = GateNeuronRouter(router, gate_w, up_w, n_sub, float(meta["down_scale"]), policy,
-                                               n_sub * state.top_k)
+                                               n_sub * state.source_top_k)
                 gate_router.router_from_flat = stored is None
                 state.gate_routers.append(gate_router)
         for i, layer in enumerate(layers):
@@ -126,9 +117,9 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
     state: ElasticState | None = getattr(model, "prism_state", None)
     if state is None:
         state = attach_elastic_state(model, None)
-    op = parse_operating_point(point, state.gate, state.n_sub, state.top_k)
+    op = parse_operating_point(point, state.gate, state.n_sub, state.source_top_k)
     neurons = op.policy not in ("linear", "original")
-    policy = POLICIES.get(op.policy)(state.n_sub, state.top_k, state.num_experts) if neurons else None
+    policy = POLICIES.get(op.policy)(state.n_sub, state.source_top_k, state.source_experts) if neurons else None
     for i in range(len(state.layers)):
         if neurons:
             state.gate_routers[i].policy, state.gate_routers[i].value = policy, op.value

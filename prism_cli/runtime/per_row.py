@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.elastic import ElasticState, attach_elastic_state
-from prism_cli.runtime.operating_points import OperatingPoint
 from prism_cli.runtime.policies import POLICIES, AllocationPolicy, register_policy
 
 
@@ -58,7 +58,7 @@ class RowPointRouter(nn.Module):
 
     @property
     def sentinel(self) -> int:
-        return self.state.num_experts * self.state.n_sub
+        return self.state.source_experts * self.state.n_sub
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.groups is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from prism_cli.errors import PrismError
 from prism_cli.io import write_json
-from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.operating_points import OperatingPoint
 
 #: Where a cost model is saved inside an export (next to the gate neurons).
 COST_MODEL_FILE = "prism/cost_model.json"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prism_cli.errors import PrismError
-from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.floors import Ladder
 from prism_cli.serving.policies import SchedulingPolicy
 from prism_cli.serving.queue import WaitingQueue

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from prism_cli.errors import PrismError
-from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.per_row import clear_row_points, set_row_points
 from prism_cli.serving.engine import Batch, Executor
 from prism_cli.serving.floors import PointSpace

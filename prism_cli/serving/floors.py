@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prism_cli.errors import PrismError
-from prism_cli.runtime.operating_points import OperatingPoint, parse_operating_point
+from prism_cli.operating_points import OperatingPoint, parse_operating_point
 
 CEILING = "ppl"
 

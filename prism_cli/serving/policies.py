@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from prism_cli.errors import PrismError
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.registry import Registry
-from prism_cli.runtime.operating_points import OperatingPoint
 from prism_cli.serving.requests import Request
 
 if TYPE_CHECKING:

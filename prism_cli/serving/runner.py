@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from prism_cli.errors import PrismError
-from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.costmodel import CostModel
 from prism_cli.serving.engine import Engine, Limits
 from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, parse_floor, parse_mix

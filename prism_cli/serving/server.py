@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from prism_cli.errors import PrismError
-from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.engine import Engine
 from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, parse_floor
 from prism_cli.serving.requests import Request, SamplingParams

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prism_cli.runtime.operating_points import OperatingPoint
+from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.costmodel import CostModel
 from prism_cli.serving.engine import Batch, Executor
 from prism_cli.serving.requests import Request

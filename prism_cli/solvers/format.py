@@ -34,7 +34,7 @@ import numpy as np
 
 from prism_cli import __version__
 from prism_cli.errors import PrismError
-from prism_cli.io import atomic_path, h5_attr
+from prism_cli.io import atomic_path, open_prism_h5
 
 FORMAT = "prism-partition"
 #: 2: ``weights_hash`` fingerprints every tensor (``prism_cli.models.checkpoint_files``); 1 hashed one router.
@@ -85,6 +85,25 @@ class Partition:
         return sorted(self.experts)
 
 
+@dataclass(frozen=True)
+class MeanScores:
+    """The mean scores of a group of solved experts (a layer, a whole run)."""
+
+    fit_cost: float
+    heldout_cost: float
+    heldout_retained: np.ndarray  # R_1..R_{N-1}
+    seconds: float
+
+
+def mean_scores(experts: list[ExpertPartition]) -> MeanScores:
+    return MeanScores(
+        float(np.mean([x.fit_cost for x in experts])),
+        float(np.mean([x.heldout_cost for x in experts])),
+        np.mean([x.heldout_retained for x in experts], axis=0),
+        float(np.mean([x.seconds for x in experts])),
+    )
+
+
 def file_hash(path: str | Path) -> str:
     """Content hash of a file (recorded so later steps can tell which partition or profile they got)."""
     digest = hashlib.sha256()
@@ -124,19 +143,8 @@ def write_partition(path: str | Path, partition: Partition) -> None:
 def read_partition(path: str | Path) -> Partition:
     """Read and validate a partition file; every problem is a one-line ``PrismError``."""
     path = Path(path)
-    if not path.exists():
-        raise PrismError(f"partition {path} does not exist")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError:
-        raise PrismError(f"{path} is not a readable HDF5 file (corrupt, truncated or another format)") from None
+    h5, meta = open_prism_h5(path, "partition", FORMAT, FORMAT_VERSION, "make it again with prism profile and prism partition")
     with h5:
-        meta = {k: h5_attr(v) for k, v in h5.attrs.items()}
-        if meta.get("format") != FORMAT:
-            raise PrismError(f"{path} is not a prism partition (format attribute is {meta.get('format')!r})")
-        if int(meta.get("format_version", -1)) != FORMAT_VERSION:
-            raise PrismError(f"{path} has partition format version {meta.get('format_version')}; this prism reads "
-                             f"{FORMAT_VERSION}: make it again with prism profile and prism partition")
         if isinstance(meta.get("solver_settings"), str):
             meta["solver_settings"] = json.loads(meta["solver_settings"])
         n_sub, width, n_experts = int(meta["sub_experts"]), int(meta["expert_width"]), int(meta["num_experts"])

@@ -28,8 +28,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from prism_cli.data import load_text
+from prism_cli.data.windows import token_windows
 from prism_cli.evaluation.pareto import CostQuality, distinct_stable
-from prism_cli.evaluation.perplexity import perplexity, token_windows
+from prism_cli.evaluation.perplexity import perplexity
 from prism_cli.io import atomic_path, write_text
 from prism_cli.report import ResultTable
 from prism_cli.runtime.elastic import export_meta, load_elastic_model, set_operating_point
@@ -41,7 +42,7 @@ def per_k_perplexity(directory: Path, text: str, tokens: int, seq_len: int = 256
     state = loaded.model.prism_state
     windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
     result = {}
-    for k in range(1, state.n_sub * state.top_k + 1):
+    for k in range(1, state.n_sub * state.source_top_k + 1):
         set_operating_point(loaded.model, f"linear:{k}")
         result[k] = perplexity(loaded.model, windows, batch).perplexity
     return result

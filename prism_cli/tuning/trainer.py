@@ -43,9 +43,10 @@ import torch.nn.functional as F
 
 from prism_cli.data import BUILTIN_PREFIX, load_text, text_hash
 from prism_cli.errors import Interrupted, PrismError
+from prism_cli.export.format import EXPORT_FORMAT_VERSION
 from prism_cli.io import atomic_path
 from prism_cli.models.loading import load_model, weights_fingerprint
-from prism_cli.runtime.elastic import EXPORT_FORMAT_VERSION, attach_elastic_state, export_meta, set_operating_point
+from prism_cli.runtime.elastic import attach_elastic_state, export_meta, set_operating_point
 from prism_cli.tuning.init import INITS
 from prism_cli.tuning.schedules import SCHEDULES
 from prism_cli.tuning.writer import read_source_router, write_tuned_export
@@ -237,7 +238,7 @@ class Trainee:
         total = sum(p.numel() for p in model.parameters())
         state = attach_elastic_state(model, export_dir)
         _freeze_all_but(model, params)
-        return cls(model, loaded.tokenizer, adapter, layers, params, state.n_sub, state.n_sub * state.top_k, total)
+        return cls(model, loaded.tokenizer, adapter, layers, params, state.n_sub, state.n_sub * state.source_top_k, total)
 
     def teacher_rows(self, source_rows: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Flat router weights of the original model: each source row repeated N times."""
@@ -259,7 +260,7 @@ def step_loss(
     target = None
     if teacher is not None:
         with torch.no_grad(), _swapped(params, teacher):
-            set_operating_point(inner, f"linear:{inner.prism_state.n_sub * inner.prism_state.top_k}")
+            set_operating_point(inner, f"linear:{inner.prism_state.n_sub * inner.prism_state.source_top_k}")
             target = F.log_softmax(_at_least_float32(model(input_ids=inputs, use_cache=False).logits), dim=-1)
     set_operating_point(inner, f"linear:{k}")
     logits = _at_least_float32(model(input_ids=inputs, use_cache=False).logits)

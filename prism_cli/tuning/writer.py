@@ -26,11 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from prism_cli.errors import PrismError
+from prism_cli.export.format import SOURCE_ROUTER_FILE
 from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter
 from prism_cli.models.loading import load_config
-from prism_cli.runtime.elastic import SOURCE_ROUTER_FILE
 
 CURVE_FILE = "prism/tuning_curve.json"
 
@@ -38,7 +38,7 @@ CURVE_FILE = "prism/tuning_curve.json"
 def _router_keys(directory: Path, adapter: MoEAdapter) -> dict[str, tuple[int, str]]:
     """Checkpoint key -> (layer, ``"weight"``) of every MoE layer's router weight in the export (the
     tensor tuning changes; the other routing tensors are copied as they are)."""
-    from prism_cli.export.checkpoint import CheckpointReader
+    from prism_cli.models.checkpoint import CheckpointReader
 
     on_disk = set(CheckpointReader(directory).keys())
     found = {}
@@ -62,7 +62,7 @@ def read_source_router(directory: Path, adapter: MoEAdapter, n_sub: int) -> dict
     stored = directory / SOURCE_ROUTER_FILE
     if stored.exists():
         return load_file(str(stored))
-    from prism_cli.export.checkpoint import CheckpointReader
+    from prism_cli.models.checkpoint import CheckpointReader
 
     reader = CheckpointReader(directory)
     rows = {}

@@ -1,6 +1,6 @@
 """Benchmark: is the distinct-stable count a property of the model or of one lucky timing run?
 
-    python -m prism_cli.evaluation.stability --config configs/builtin.yaml --runs 3 --out results/bench_stability
+    python -m prism_cli.pipeline.stability --config configs/builtin.yaml --runs 3 --out results/bench_stability
 
 Exports the table's committed partition (``tables/<name>/partition.h5``) once, measures quality once,
 then times every operating point ``--runs`` times with the table's bench settings (each run is a
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from prism_cli.evaluation.bench import BenchReport, run_bench
 from prism_cli.evaluation.bench_tables import same_routing_table
-from prism_cli.evaluation.tables import TableConfig, bench_settings
 from prism_cli.export.builder import ExportSettings, export_model
+from prism_cli.pipeline.tables import TableConfig, bench_settings
 from prism_cli.report import ResultTable
 
 
@@ -61,7 +61,7 @@ def main() -> None:
             for b in settings.batches:
                 values = [t.records()[i][f"ratio b={b}"] for t in per_run]
                 ratios.add(row["point"], row["reference"], b, *values, statistics.median(values))
-    env = reports[0].environment | {"command": f"python -m prism_cli.evaluation.stability --config {args.config} --runs {args.runs}"}
+    env = reports[0].environment | {"command": f"python -m prism_cli.pipeline.stability --config {args.config} --runs {args.runs}"}
     counts.notes.append(f"{settings.mode} step, seq-len {settings.seq_len}, measured on {env['processor']}, "
                         f"{env['torch_threads']} threads; quality measured once, timing {args.runs} times")
     counts.save(args.out, extra={"environment": env, "side_by_side": ratios.records()})

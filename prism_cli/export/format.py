@@ -1,0 +1,19 @@
+"""The export's on-disk layout, shared by its writers (``export``, ``tune-gate``) and its reader (the runtime).
+
+A flat export is a stock transformers checkpoint of the same model type with ``E*N`` experts of width
+``I/N`` (see ``builder.py``); prism adds the ``prism`` section of ``config.json`` and the files below,
+under ``prism/`` so that engines loading every top-level ``*.safetensors`` file see model weights only.
+"""
+
+from __future__ import annotations
+
+#: Version of the export layout this prism writes and reads (2: gate neurons in a subfolder, ``prism.serving``;
+#: 3: ``prism.source.weights_hash`` fingerprints every tensor).
+EXPORT_FORMAT_VERSION = 3
+#: The gate neurons of a neurons-gate export. In a subfolder: serving engines load every top-level
+#: ``*.safetensors`` file of an unsharded checkpoint as model weights.
+GATE_FILE = "prism/gate_neurons.safetensors"
+#: The source model's own router rows (``layers.{i}.weight``, plus per-expert router tensors), written by
+#: ``prism tune-gate``: once the flat router is tuned its copies differ, and every N-th row is no longer
+#: the original router. Where this file exists, the training-free gate routes with these rows.
+SOURCE_ROUTER_FILE = "prism/source_router.safetensors"
