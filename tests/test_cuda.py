@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_cli import cuda
-from prism_cli.cuda import checks, reference
+from prism_cli.cuda import checks, reference, toolchain
 
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -46,7 +46,7 @@ def test_cu_source_compiles_for_hopper_without_spills(source: Path, tmp_path: Pa
     from torch.utils import cpp_extension
 
     obj = tmp_path / (source.stem + ".o")
-    cmd = [NVCC, "-arch=sm_90", *cuda.CUDA_FLAGS, *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC"]
+    cmd = [NVCC, "-arch=sm_90", *toolchain.CUDA_FLAGS, *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC"]
     cmd += ["-Xptxas", "-v", *DEFINES, *torch_includes(tmp_path), "-c", str(source), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -58,7 +58,7 @@ def test_cu_source_compiles_for_hopper_without_spills(source: Path, tmp_path: Pa
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 def test_binding_compiles(tmp_path: Path) -> None:
     binding = next(p for p in cuda.SOURCES if p.suffix == ".cpp")
-    cmd = [CXX, "-fsyntax-only", *cuda.HOST_FLAGS, "-fPIC", *DEFINES, *torch_includes(tmp_path), str(binding)]
+    cmd = [CXX, "-fsyntax-only", *toolchain.HOST_FLAGS, "-fPIC", *DEFINES, *torch_includes(tmp_path), str(binding)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from prism_cli.cuda import reference
-from prism_cli.cuda.build import SOURCES, available_toolchain, build, cache_dir, is_built, supported_device, toolkit_info
+from prism_cli.cuda.toolchain import SOURCES, available_toolchain, build, cache_dir, is_built, supported_device, toolkit_info
 
 OPS: tuple[str, ...] = ("sort_pairs", "grouped_swiglu", "grouped_down", "experts_forward", "gate_scores")
 KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)

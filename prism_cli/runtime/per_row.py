@@ -87,7 +87,7 @@ class RowPointRouter(nn.Module):
             gate, elastic = s.gate_routers[i], s.elastic_routers[i]
             saved = (gate.policy, gate.value, elastic.use_neurons)
             name = point if isinstance(point, str) else point.policy
-            gate.policy, gate.value, elastic.use_neurons = POLICIES.get(name)(s.n_sub, s.top_k, s.num_experts), value, True
+            gate.policy, gate.value, elastic.use_neurons = POLICIES.get(name)(s.n_sub, s.source_top_k, s.source_experts), value, True
 
             def undo() -> None:
                 gate.policy, gate.value, elastic.use_neurons = saved
