@@ -103,7 +103,7 @@ class ModelExecutor(Executor):
         self._t0 = time.perf_counter()
 
     # --- points ------------------------------------------------------------------------------
-    def _at(self, points: list[OperatingPoint], tokens_per_row: int) -> None:
+    def _set_points(self, points: list[OperatingPoint], tokens_per_row: int) -> None:
         from prism_cli.runtime.elastic import set_operating_point
 
         if len(set(points)) == 1:
@@ -127,7 +127,7 @@ class ModelExecutor(Executor):
             ids[i, width - r.prompt_len :] = torch.tensor(r.prompt_ids)
             mask[i, width - r.prompt_len :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        self._at(points, width)
+        self._set_points(points, width)
         t0 = time.perf_counter()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), use_cache=True, **self._logits_kw)
@@ -141,7 +141,7 @@ class ModelExecutor(Executor):
     def decode(self, batch: Batch, points: list[OperatingPoint]) -> tuple[list[int], float]:
         kv: KVRows = batch.kv
         mask = torch.cat([kv.mask, torch.ones((kv.mask.shape[0], 1), dtype=kv.mask.dtype, device=kv.mask.device)], dim=1)
-        self._at(points, 1)
+        self._set_points(points, 1)
         t0 = time.perf_counter()
         out = self.model(input_ids=kv.last.unsqueeze(1).to(self.device), attention_mask=mask,
                          position_ids=kv.seen.unsqueeze(1).to(self.device), use_cache=True, **{self._cache_kw: kv.cache})

@@ -141,7 +141,7 @@ def gate_positions(problem: PartitionProblem, members: np.ndarray, count: int, s
     return out
 
 
-def finish(
+def score_solution(
     problem: PartitionProblem, labels: np.ndarray, heldout: np.ndarray, settings: PartitionSettings
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Importance numbering, gate neurons and fit / held-out scores for a solver's labels."""
@@ -173,7 +173,7 @@ def solve_expert(rows: ExpertRows, settings: PartitionSettings) -> ExpertPartiti
     start = time.perf_counter()
     solution = settings.make_solver().solve(problem, rng)
     seconds = time.perf_counter() - start
-    permutation, gates, scores = finish(problem, solution.labels, rows.heldout_rows, settings)
+    permutation, gates, scores = score_solution(problem, solution.labels, rows.heldout_rows, settings)
     return ExpertPartition(permutation=permutation, gate_positions=gates, seconds=seconds, front=solution.front, **scores)
 
 
