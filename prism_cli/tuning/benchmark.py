@@ -167,9 +167,11 @@ def table(tuned_bench: Path, untuned_bench: Path, out: Path) -> ResultTable:
             distinct[name][b] = [points[i]["point"] for i in distinct_stable(cq, full)]
         counts.add(name, *(len(distinct[name][b]) for b in batches),
                    "; ".join(f"b={b}: {', '.join(distinct[name][b]) or '-'}" for b in batches))
-    bench_counts = {b: {kind: len(v) for kind, v in tuned["distinct_stable"][str(b)].items()} for b in batches}
-    counts.notes.append("as prism bench counts the tuned export (all its points together) against the original: "
-                        + "; ".join(f"batch {b}: {c['elastic']} vs {c['original']}" for b, c in bench_counts.items()))
+    bench_counts = {b: {"counted": len(c["counted"]), "elastic": c["elastic"], "original": len(c["original_alone"])}
+                    for b, c in ((b, tuned["counts"][str(b)]) for b in batches)}
+    counts.notes.append("as prism bench counts the tuned export on one frontier with the original: "
+                        + "; ".join(f"batch {b}: {c['counted']} points, {c['elastic']} elastic, the original alone "
+                                    f"{c['original']}" for b, c in bench_counts.items()))
     counts.notes.append("latency of 'linear untuned' from its own bench run (same settings, another time on the shared "
                         "machine); every other set from the tuned export's run")
     checks = _targets(tp, full, n_sub, top_k)
