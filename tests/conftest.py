@@ -227,3 +227,19 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to renaming the groups: the (a, b) label pairs form a bijection."""
     pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def h5_contents(path: Path, skip_suffixes: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
+    """Root attributes (less the ``created`` timestamp) and every dataset of a prism HDF5 file, less the
+    datasets whose name ends with one of ``skip_suffixes`` (timings)."""
+    import h5py
+
+    from prism_cli.io import h5_attr
+
+    data: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as h5:
+        attrs = {k: h5_attr(v) for k, v in h5.attrs.items() if k != "created"}
+        h5.visititems(lambda name, obj: data.__setitem__(name, obj[()])
+                      if isinstance(obj, h5py.Dataset) and not name.endswith(skip_suffixes) else None)
+    return attrs, data
+

@@ -8,14 +8,12 @@ import json
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from conftest import same_partition
+from conftest import h5_contents, same_partition
 
 from prism_cli.data import load_text
 from prism_cli.errors import Interrupted, PrismError
-from prism_cli.io import h5_attr
 from prism_cli.models.loading import load_model
 from prism_cli.profiling.format import ProfileFile
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
@@ -252,12 +250,7 @@ def test_compare_cli(cli, profile_path, tmp_path) -> None:
 
 def partition_data(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """Root attributes and datasets of a partition file, less what only says when and how fast."""
-    data: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as h5:
-        attrs = {k: h5_attr(v) for k, v in h5.attrs.items() if k != "created"}
-        h5.visititems(lambda name, obj: data.__setitem__(name, obj[()])
-                      if isinstance(obj, h5py.Dataset) and not name.endswith("/seconds") else None)
-    return attrs, data
+    return h5_contents(path, skip_suffixes=("/seconds",))
 
 
 def assert_same_partition_file(a: Path, b: Path) -> None:

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import h5_contents
 
 from prism_cli import __version__
 from prism_cli.data import load_text, text_hash
@@ -421,11 +422,7 @@ def test_interrupt_restores_the_model(tiny_model_dir, tmp_path, monkeypatch) -> 
 
 def profile_data(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """Root attributes (less the timestamp) and every dataset of a profile."""
-    data: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as h5:
-        attrs = {k: h5_attr(v) for k, v in h5.attrs.items() if k != "created"}
-        h5.visititems(lambda name, obj: data.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return attrs, data
+    return h5_contents(path)
 
 
 def assert_same_profile(a: Path, b: Path) -> None:
