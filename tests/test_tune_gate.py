@@ -381,7 +381,8 @@ def _bench(target: Path, points: dict[str, tuple[float, float]], full: float) ->
         "points": [{"point": name, "kind": "original" if name.startswith("original") else "elastic", "perplexity": ppl,
                     "tokens": 1000, "latency": {"8": {"median_ms": ms, "p90_ms": 1.05 * ms}}}
                    for name, (ppl, ms) in points.items()],
-        "distinct_stable": {"8": {"elastic": ["linear:1"], "original": ["original:1", "original:2"]}},
+        "counts": {"8": {"frontier": ["linear:1", "original:2"], "counted": ["linear:1", "original:2"], "elastic": 1,
+                         "original_alone": ["original:1", "original:2"], "ratio": 1.0}},
     }
 
 
