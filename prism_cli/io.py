@@ -188,6 +188,16 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: Path, what: str, missing: str) -> Any:
+    """A JSON file as data, or one line: ``missing`` when it does not exist, else why it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PrismError(missing) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrismError(f"cannot read {what} {path}: {exc}") from None
+
+
 def h5_attr(value: Any) -> Any:
     """An HDF5 attribute as a plain Python value (bytes -> str, numpy -> lists and scalars)."""
     if isinstance(value, bytes):

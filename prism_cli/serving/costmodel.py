@@ -13,13 +13,12 @@ Saved as JSON, with the export (``DIR/prism/cost_model.json``) or anywhere (``--
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prism_cli.errors import PrismError
-from prism_cli.io import write_json
+from prism_cli.io import read_json, write_json
 from prism_cli.operating_points import OperatingPoint
 
 #: Where a cost model is saved inside an export (next to the gate neurons).
@@ -98,12 +97,7 @@ class CostModel:
     @classmethod
     def load(cls, path: Path) -> CostModel:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PrismError(f"cost model {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PrismError(f"cannot read cost model {path}: {exc}") from None
+        data = read_json(path, "cost model", f"cost model {path} does not exist")
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise PrismError(f"{path} is not a prism cost model (build one with `prism schedule cost-model`)")
         if data.get("format_version") != FORMAT_VERSION:
@@ -152,12 +146,7 @@ def _read_bench(path: Path, mode: str) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "bench.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PrismError(f"{path} does not exist (give the bench.json of `prism bench --mode {mode}`)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrismError(f"cannot read {path}: {exc}") from None
+    data = read_json(path, "bench results", f"{path} does not exist (give the bench.json of `prism bench --mode {mode}`)")
     try:
         got = data["settings"]["mode"]
         data["points"][0]["latency"]
