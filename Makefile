@@ -157,6 +157,7 @@ model: $(STAMP)
 # The online half (issue 16) on the built-in model: export, cost model, policy sweeps, load test.
 SERVE := runs/serving
 serving-export: $(STAMP)
+	mkdir -p $(SERVE)
 	test -f $(SERVE)/export/config.json || $(BIN)/prism export builtin tables/builtin/partition.h5 --gate neurons --out $(SERVE)/export --force
 
 POINTS := linear:2;linear:4;linear:6;linear:8;topk:4
