@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from prism_cli.runtime import grouped_mm
 from prism_cli.runtime.grouped import grouped_experts_forward
 from prism_cli.runtime.plan import SMALL_BATCH_PAIRS, plan_experts
 
@@ -116,6 +117,59 @@ def test_grouped_matches_the_brute_force(layout, n_sub, tokens, kind):
     want = brute_force(module, x, idx, w)
     assert got.dtype == x.dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def linear_routing(tokens: int, experts: int, n_sub: int, k: int, gen: torch.Generator):
+    """The linear gate's shape at ``linear:k``: per token ``k // N`` whole experts, then the first
+    ``k % N`` sub-experts of the next, each block in sub-expert order (what its router emits)."""
+    chosen = torch.rand(tokens, experts, generator=gen).argsort(dim=1)
+    ids = [[int(chosen[t, r]) * n_sub + n for r in range(-(-k // n_sub)) for n in range(min(n_sub, k - r * n_sub))]
+           for t in range(tokens)]
+    w = torch.rand(tokens, len(ids[0]), generator=gen) + 0.1
+    return torch.tensor(ids), w
+
+
+@pytest.mark.parametrize("n_sub", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [1, 5, 90])
+@pytest.mark.parametrize("kind", ["linear", "prefix", "subsets", "sentinels", "duplicates"])
+def test_grouped_mm_matches_the_brute_force(n_sub, tokens, kind):
+    """Both paths of the grouped-products executor: ``prefix-mm`` exactly for the linear gate's shape
+    (the prefix length of each block may differ from the others), ``flat-mm`` for everything else."""
+    experts = 6
+    gen = torch.Generator().manual_seed(hash((n_sub, tokens, kind, "mm")) % 2**31)
+    module = _olmoe_experts(experts * n_sub)
+    assert grouped_mm.takes(module)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    if kind == "linear":
+        idx, w = linear_routing(tokens, experts, n_sub, int(torch.randint(1, 3 * n_sub + 1, (1,), generator=gen)), gen)
+    else:
+        idx, w = routing(kind, tokens, experts, n_sub, 2, gen)
+    with torch.no_grad():
+        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub)
+    if kind == "linear":
+        assert path == "prefix-mm"
+    elif n_sub > 1 and kind != "prefix":  # random order or subsets: not the linear gate's shape
+        assert path == "flat-mm"
+    want = brute_force(module, x, idx, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_grouped_mm_leaves_other_layouts_and_float64_to_the_plan_executor():
+    assert not grouped_mm.takes(_gpt_oss_experts(8))  # transposed, biases
+    assert not grouped_mm.takes(_olmoe_experts(8).double())
+
+
+def test_prefix_segments_need_the_same_ranges_in_every_token():
+    gen = torch.Generator().manual_seed(3)
+    idx, _ = linear_routing(4, 6, 4, 6, gen)
+    expert, segments = grouped_mm.prefix_segments(idx, 4, 24)
+    assert segments == [(0, 4), (4, 6)] and torch.equal(expert, idx // 4)
+    swapped = idx.clone()
+    swapped[2, [4, 5]] = swapped[2, [5, 4]]  # one token lists its partial block out of order
+    assert grouped_mm.prefix_segments(swapped, 4, 24) is None
+    unused = idx.clone()
+    unused[1, 5] = 24
+    assert grouped_mm.prefix_segments(unused, 4, 24) is None
 
 
 def test_all_slots_unused_gives_zeros():

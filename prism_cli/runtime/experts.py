@@ -5,6 +5,9 @@ experts or flat sub-experts) and accepts sentinel slots (``idx == num_experts``,
 threshold policy's variable compute). Which executor runs is resolved once per module, device and
 dtype, from a registry:
 
+* ``grouped-mm`` (:mod:`prism_cli.runtime.grouped_mm`): two grouped matrix products per call (one
+  per projection and prefix length), whatever the number of experts; for the standard layouts, where
+  a call has enough tokens for it to pay (``grouped_mm.pays``), else it hands the call to ``grouped``;
 * ``grouped`` (:mod:`prism_cli.runtime.grouped`): tokens grouped once per expert, sub-experts run over
   contiguous weight slices; any device, any layout transformers' own implementations accept;
 * ``offload`` (:mod:`prism_cli.offload.executor`, registered there): a module whose experts live in host
@@ -27,6 +30,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 
 from prism_cli import cuda
 from prism_cli.registry import Registry
+from prism_cli.runtime import grouped_mm
 from prism_cli.runtime.grouped import grouped_experts_forward
 
 EXPERTS_IMPLEMENTATION = "prism"
@@ -42,6 +46,16 @@ def _grouped(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, we
     return grouped_experts_forward(module, x, indices, weights, sub_experts_of(module))
 
 
+@EXECUTORS.register("grouped-mm")
+def _grouped_products(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if not grouped_mm.pays(indices):
+        DISPATCH_COUNTS["grouped"] += 1
+        return _grouped(module, x, indices, weights)
+    out, path = grouped_mm.grouped_mm_forward(module, x, indices, weights, sub_experts_of(module))
+    DISPATCH_COUNTS[path] += 1
+    return out
+
+
 @EXECUTORS.register("cuda-kernels")
 def _kernels(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     ops = cuda.get_ops(x.device)
@@ -50,6 +64,10 @@ def _kernels(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, we
         return _grouped(module, x, indices, weights)
     DISPATCH_COUNTS["cuda-kernels"] += 1
     return ops.experts_forward(x, module.gate_up_proj, module.down_proj, indices, weights)
+
+
+#: Executors that count what actually ran themselves (they may hand a call to ``grouped``).
+SELF_COUNTING = frozenset({"cuda-kernels", "grouped-mm"})
 
 
 def sub_experts_of(module: torch.nn.Module) -> int:
@@ -72,6 +90,8 @@ def resolve_executor(module: torch.nn.Module, device: torch.device, dtype: torch
         return "offload"
     if device.type == "cuda" and dtype in cuda.KERNEL_DTYPES and _standard_layout(module) and cuda.available():
         return "cuda-kernels"
+    if grouped_mm.takes(module):
+        return "grouped-mm"
     return "grouped"
 
 
@@ -84,7 +104,7 @@ def prism_experts_forward(
         cached = (key, resolve_executor(self, *key))
         self._prism_executor = cached
     name = cached[1]
-    if name != "cuda-kernels":  # the kernels' wrapper counts itself (it may hand a call to grouped)
+    if name not in SELF_COUNTING:
         DISPATCH_COUNTS[name] += 1
     return EXECUTORS.get(name)(self, hidden_states, top_k_index, top_k_weights)
 

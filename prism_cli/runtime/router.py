@@ -91,19 +91,19 @@ class LinearGateRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, weights, indices = self.router(hidden_states)
-        if self.top_k >= self.full_k:
-            return logits, weights, indices
-        if self.sorted_blocks:
+        if self.sorted_blocks:  # also at the full K: blocks in sub-expert order are what grouped_mm reads fastest
             tokens = indices.shape[0]
             kept_idx = indices.view(tokens, -1, self.n_sub).sort(dim=-1).values.view(tokens, -1)[:, : self.top_k]
             kept_w = weights[:, : self.top_k]  # the copies of an expert carry the same weight
+        elif self.top_k >= self.full_k:
+            return logits, weights, indices
         else:
             by_index, perm = torch.sort(indices, dim=-1, stable=True)
             score = self.selection_scores(self.router, logits).gather(1, by_index)
             order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, : self.top_k]
             keep = perm.gather(1, order)
             kept_w, kept_idx = weights.gather(1, keep), indices.gather(1, keep)
-        if self.renormalize:
+        if self.renormalize and self.top_k < self.full_k:
             kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
         return logits, kept_w, kept_idx
 

@@ -1,0 +1,160 @@
+"""Executing a routed batch with grouped matrix products: a fixed number of calls, whatever the experts.
+
+The plan executor (:mod:`prism_cli.runtime.grouped`) issues a gather, two matmuls and a scatter per
+active expert; for a decode step of a few dozen tokens spread over every expert those per-call costs,
+not the arithmetic, set the step time. ``torch.nn.functional.grouped_mm`` runs one product per group
+of rows (rows sorted by group, ``offs`` = cumulative group sizes) in a single call, as transformers'
+own ``grouped_mm`` implementation does for whole experts. Two shapes of routing are served here:
+
+* **prefix** (``linear:K``, the original model, the threshold policy on linear points): every token
+  computes the first ``m`` sub-experts of each expert it visits. Sub-expert ``n`` of expert ``e`` is
+  flat expert ``e*N + n`` and the flat experts of one expert are adjacent, so the first ``m`` of them
+  are one contiguous block: ``gate_up_proj [E*N, 2w, H]`` viewed as ``[E, N*2w, H]`` and sliced to
+  ``[:, :m*2w]`` is exactly the weights of those ``m`` sub-experts, per expert. Rows are grouped by
+  their ``m`` (at most N distinct values, one for ``linear:N*j``), and each group is one grouped
+  product per projection over the E experts, the same products the source model runs with whole
+  experts when ``m = N``. The activation is applied per sub-expert (``_apply_gate`` on each ``2w``
+  slice), then scaled by the sub-expert's routing weight before the down projection.
+* **flat** (the training-free gate's arbitrary subsets): rows are (token, sub-expert) pairs grouped by
+  flat sub-expert, one grouped product per projection over the E*N sub-experts.
+
+Only the standard layouts are taken (not transposed, no biases); anything else, and calls where
+grouped products do not pay (``pays``), stay with the plan executor. Outputs are reduced per
+token with ``index_add_`` in a fixed order (serial on the CPU), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from prism_cli.runtime.grouped import _down_transposed
+
+#: Calls of fewer tokens go to the plan executor: with one to three tokens a couple of plain matmuls
+#: cost less than sorting, counting and two grouped products.
+MIN_TOKENS = 4
+#: Calls of more (token, slot) pairs also go to the plan executor: on the CPU, grouped products slow
+#: down past a few thousand rows (pairs) per call, where per-expert matmuls do not.
+#: Both bounds come from ``make bench-executors`` (results/executors.md).
+MAX_PAIRS = 4_096
+
+
+def pays(indices: torch.Tensor) -> bool:
+    """Whether a call routed as ``indices [T, P]`` is one where grouped products beat the plan executor."""
+    return indices.shape[0] >= MIN_TOKENS and (indices.device.type != "cpu" or indices.numel() <= MAX_PAIRS)
+
+
+#: What ``grouped_mm`` computes in (float64 models, e.g. reference checks, stay with the plan executor).
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm() -> Callable[..., torch.Tensor] | None:
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def takes(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s layout is one this executor computes (else the plan executor must)."""
+    return (
+        _grouped_mm() is not None
+        and module.gate_up_proj.dtype in GROUPED_MM_DTYPES
+        and not getattr(module, "is_transposed", False)
+        and getattr(module, "is_concatenated", True)
+        and not getattr(module, "has_bias", False)
+    )
+
+
+def grouped_mm_forward(
+    module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int
+) -> tuple[torch.Tensor, str]:
+    """``out[t] = sum_p weights[t, p] * SubExpert_{indices[t, p]}(x[t])`` and which path ran
+    (``"prefix-mm"`` or ``"flat-mm"``); ``indices == E*N`` marks an unused slot."""
+    out = torch.zeros(indices.shape[0], module.down_proj.shape[1], dtype=torch.float32, device=x.device)
+    found = prefix_segments(indices, n_sub, module.gate_up_proj.shape[0])
+    if found is not None:
+        _prefix_segments(module, x, out, *found, weights.float(), n_sub)
+        return out.to(x.dtype), "prefix-mm"
+    _flat_pairs(module, x, out, indices, weights.float())
+    return out.to(x.dtype), "flat-mm"
+
+
+def prefix_segments(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[torch.Tensor, list[tuple[int, int]]] | None:
+    """``(expert of each slot, [(c0, c1), ...])`` when, in every token, slots ``c0 .. c1-1`` are
+    sub-experts ``0 .. c1-c0-1`` of one expert, in that order, with the same ranges for every token;
+    None when the routing is not of that shape (arbitrary subsets, unused slots, another order).
+
+    The linear gate's router emits this shape (``K // N`` whole experts, best first, then the first
+    ``K % N`` sub-experts of the next); checking it costs a few elementwise operations."""
+    if int(indices.max()) >= groups:
+        return None
+    expert = torch.div(indices, n_sub, rounding_mode="floor")
+    sub = indices - expert * n_sub
+    first_sub, first_expert = sub[0].tolist(), expert[0].tolist()
+    starts: list[int] = []
+    for c, (n, e) in enumerate(zip(first_sub, first_expert, strict=True)):
+        if n == 0:
+            starts.append(c)
+        elif c == 0 or first_expert[c - 1] != e or first_sub[c - 1] != n - 1:
+            return None
+    if indices.shape[0] > 1:
+        start_of_slot = torch.tensor([max(c0 for c0 in starts if c0 <= c) for c in range(len(first_sub))],
+                                     device=indices.device)
+        if not bool((sub == sub[:1]).all()) or not bool((expert == expert[:, start_of_slot]).all()):
+            return None
+    return expert, list(zip(starts, [*starts[1:], indices.shape[1]], strict=True))
+
+
+def _prefix_segments(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, expert: torch.Tensor,
+                     segments: list[tuple[int, int]], weights: torch.Tensor, n_sub: int) -> None:
+    """Segments of equal length ``m`` are one grouped product per projection over the experts' first
+    ``m`` sub-experts (a strided view of the weights, no copy)."""
+    gate_up = module.gate_up_proj
+    groups, two_w, hidden = gate_up.shape
+    experts, width, tokens = groups // n_sub, two_w // 2, expert.shape[0]
+    up_all = gate_up.view(experts, n_sub * two_w, hidden)
+    down_all = _down_transposed(module).view(experts, n_sub * width, hidden)
+    for m in sorted({c1 - c0 for c0, c1 in segments}):
+        starts = [c0 for c0, c1 in segments if c1 - c0 == m]
+        if len(starts) == 1:
+            row_expert, row_w = expert[:, starts[0]], weights[:, starts[0] : starts[0] + m]
+        else:  # row i is token i % T of segment i // T
+            row_expert = expert[:, starts].t().reshape(-1)
+            row_w = torch.cat([weights[:, c0 : c0 + m] for c0 in starts])
+        order = torch.argsort(row_expert, stable=True)
+        tok = order % tokens
+        offs = _offsets(row_expert, experts)
+        h = _mm(x.index_select(0, tok), up_all[:, : m * two_w].transpose(-2, -1), offs)
+        rows = h.shape[0]
+        act = module._apply_gate(h.view(rows * m, two_w)).view(rows, m, width) * row_w[order][:, :, None]
+        y = _mm(act.reshape(rows, m * width), down_all[:, : m * width], offs)
+        out.index_add_(0, tok, y.float())
+
+
+def _flat_pairs(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, indices: torch.Tensor,
+                weights: torch.Tensor) -> None:
+    """Rows are (token, sub-expert) pairs, one group per flat sub-expert; unused slots are dropped."""
+    groups = module.gate_up_proj.shape[0]
+    flat, w = indices.reshape(-1), weights.reshape(-1)
+    tok = torch.arange(indices.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+    valid = flat < groups
+    if not bool(valid.all()):
+        flat, w, tok = flat[valid], w[valid], tok[valid]
+    order = torch.argsort(flat, stable=True)
+    flat, tok, w = flat[order], tok[order], w[order]
+    offs = _offsets(flat, groups)
+    h = _mm(x.index_select(0, tok), module.gate_up_proj.transpose(-2, -1), offs)
+    act = module._apply_gate(h) * w[:, None]
+    y = _mm(act, _down_transposed(module), offs)
+    out.index_add_(0, tok, y.float())
+
+
+def _offsets(group_of_row: torch.Tensor, groups: int) -> torch.Tensor:
+    """Cumulative row counts per group (rows sorted by group): the ``offs`` of a grouped product."""
+    return torch.bincount(group_of_row, minlength=groups).cumsum(0).to(torch.int32)
+
+
+def _mm(rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped product ``rows [S, in] x weight [G, in, out]`` in the weight's dtype (float32 on the CPU)."""
+    fn = _grouped_mm()
+    assert fn is not None  # takes() checked it
+    return fn(rows.to(weight.dtype), weight, offs=offs)

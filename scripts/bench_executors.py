@@ -1,0 +1,120 @@
+"""Which experts executor is faster for a call of T tokens: the plan executor or grouped products.
+
+    python scripts/bench_executors.py --export runs/serving/export --out results/executors
+    (make bench-executors)
+
+Times one MoE layer's experts call of the export (layer 0) with ``grouped`` (the plan executor,
+``runtime/grouped.py``) and with ``grouped-mm`` (``runtime/grouped_mm.py``) at the routing shapes the
+runtime produces: ``linear:K`` (whole experts, then the first sub-experts of the next, in order: the
+prefix path) and the training-free gate's arbitrary subsets of K sub-experts (the flat path); and, as
+the reference both must be compared with, the source model's experts at the same routing (``linear:4j``
+is ``original:j``) under transformers' own ``grouped_mm``. Calls alternate round-robin, so drift on a
+shared machine hits all alike; each cell is the median of ``--repeats`` calls. The executor's bounds
+(``grouped_mm.MIN_TOKENS``, ``MAX_PAIRS``) are read from this table. Writes <out>.md/.csv/.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers.integrations.moe import ExpertsInterface
+
+from prism_cli.environment import environment, machine_label
+from prism_cli.models.loading import load_model
+from prism_cli.report import ResultTable
+from prism_cli.runtime import grouped_mm
+from prism_cli.runtime.elastic import export_meta, load_elastic_model
+from prism_cli.runtime.grouped import grouped_experts_forward
+
+TOKENS = [1, 2, 4, 8, 16, 32, 256, 2048, 8192]
+
+
+def experts_module(model: torch.nn.Module) -> torch.nn.Module:
+    return next(m for m in model.modules() if hasattr(m, "gate_up_proj"))
+
+
+def shapes(tokens: int, experts: int, n_sub: int, top_k: int, k: int, gen: torch.Generator) -> dict[str, tuple]:
+    """Routing of ``tokens`` at linear:k and at k random sub-experts of the top experts (topk-like)."""
+    chosen = torch.rand(tokens, experts, generator=gen).argsort(dim=1)[:, :top_k]
+    blocks = [(r, min(n_sub, k - r * n_sub)) for r in range(-(-k // n_sub))]
+    linear = torch.cat([chosen[:, r : r + 1] * n_sub + torch.arange(m) for r, m in blocks], dim=1)
+    pairs = (chosen[:, :, None] * n_sub + torch.arange(n_sub)).reshape(tokens, -1)
+    pick = torch.rand(pairs.shape, generator=gen).argsort(dim=1)[:, :k]
+    subsets = pairs.gather(1, pick)
+    w = torch.rand(tokens, k, generator=gen) + 0.1
+    whole = chosen[:, : k // n_sub] if k % n_sub == 0 else None
+    return {"linear": (linear, w, whole), "subsets": (subsets, w, None)}
+
+
+def median_ms(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export", type=Path, default=Path("runs/serving/export"))
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--points", default="2,4,6,8", help="K of linear:K and of the K-sub-expert subsets.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("results/executors"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    meta = export_meta(str(args.export))
+    n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
+    elastic = experts_module(load_elastic_model(str(args.export)).model)
+    source = experts_module(load_model(meta["source"]["model"]).model)
+    reference = ExpertsInterface._global_mapping["grouped_mm"]
+    experts = source.gate_up_proj.shape[0]
+    gen = torch.Generator().manual_seed(args.seed)
+    table = ResultTable(
+        f"experts executors: one MoE layer's experts call (ms, median of {args.repeats})",
+        ["tokens", "routing", "plan (grouped)", "grouped products", "path", "grouped products / plan",
+         "original, transformers grouped_mm", "taken by the runtime"],
+    )
+    with torch.no_grad():
+        for tokens in TOKENS:
+            x = torch.randn(tokens, source.gate_up_proj.shape[-1], generator=gen)
+            for k in (int(v) for v in args.points.split(",")):
+                for kind, (idx, w, whole) in shapes(tokens, experts, n_sub, top_k, k, gen).items():
+                    calls = {
+                        "plan": lambda x=x, idx=idx, w=w: grouped_experts_forward(elastic, x, idx, w, n_sub),
+                        "mm": lambda x=x, idx=idx, w=w: grouped_mm.grouped_mm_forward(elastic, x, idx, w, n_sub),
+                    }
+                    if whole is not None and kind == "linear":
+                        ww = torch.rand(whole.shape, generator=gen)
+                        calls["original"] = lambda x=x, whole=whole, ww=ww: reference(source, x, whole, ww)
+                    ms = median_ms(calls, args.repeats)
+                    path = grouped_mm.grouped_mm_forward(elastic, x, idx, w, n_sub)[1]
+                    taken = "grouped-mm" if grouped_mm.pays(idx) else "grouped"
+                    table.add(tokens, f"linear:{k}" if kind == "linear" else f"{k} of {n_sub * top_k} subsets",
+                              ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("original"), taken)
+    table.notes += [
+        f"Export {args.export} (layer 0: {elastic.gate_up_proj.shape[0]} sub-experts of width "
+        f"{elastic.gate_up_proj.shape[1] // 2}, hidden {elastic.gate_up_proj.shape[2]}), float32, "
+        f"measured on {machine_label(environment())}.",
+        "original: the source model's experts at the same routing (linear:4j = original:j), transformers' own "
+        "grouped_mm; the elastic model's calls should cost what it costs.",
+        f"The runtime takes grouped products for calls of >= {grouped_mm.MIN_TOKENS} tokens and (on the CPU) "
+        f"<= {grouped_mm.MAX_PAIRS:,} (token, slot) pairs, the plan executor otherwise.",
+        "Command: python scripts/bench_executors.py --out results/executors (make bench-executors).",
+    ]
+    table.save(args.out)
+    print(table.markdown())
+
+
+if __name__ == "__main__":
+    main()
