@@ -111,8 +111,10 @@ tune-gate: $(STAMP)
 	$(call TUNE_RUN,linear,--schedule linear)
 	$(call TUNE_RUN,uniform,--schedule uniform)
 	$(call TUNE_RUN,distill,--distill 1)
+	$(call TUNE_RUN,probe,--init probe --lr 3e-4)
 	$(BIN)/python -m prism_cli.tuning.benchmark validate --run untuned=$(TUNE)/export --run linear=$(TUNE)/linear \
-		--run uniform=$(TUNE)/uniform --run distill=$(TUNE)/distill --out results/tune_gate --winner $(TUNE)/winner
+		--run uniform=$(TUNE)/uniform --run distill=$(TUNE)/distill --run probe=$(TUNE)/probe --out results/tune_gate \
+		--winner $(TUNE)/winner
 	$(BIN)/prism bench $(TUNE)/export --config configs/builtin.yaml $(TUNE_BENCH) --points "$(LINEAR_POINTS)" --out $(TUNE)/bench-untuned
 	$(BIN)/prism bench $$(cat $(TUNE)/winner) --config configs/builtin.yaml $(TUNE_BENCH) --out $(TUNE)/bench-tuned
 	$(BIN)/python -m prism_cli.tuning.benchmark table --tuned-bench $(TUNE)/bench-tuned/bench.json \
@@ -169,6 +171,8 @@ cost-model: serving-export
 	$(BIN)/prism bench $(SERVE)/export --mode decode --batch 1,8,16,32 --seq-len 128 --tokens 4096 --repeats 8 --warmup 2 --points '$(POINTS)' --out $(SERVE)/bench-decode
 	$(BIN)/prism bench $(SERVE)/export --mode prefill --batch 1,4,16 --seq-len 64 --tokens 2048 --repeats 5 --warmup 1 --points '$(POINTS)' --out $(SERVE)/bench-prefill
 	$(BIN)/prism schedule cost-model $(SERVE)/export --decode $(SERVE)/bench-decode --prefill $(SERVE)/bench-prefill --out results/serving_cost_model.json
+	cp $(SERVE)/bench-decode/bench.json results/serving_bench_decode.json
+	cp $(SERVE)/bench-prefill/bench.json results/serving_bench_prefill.json
 
 schedule-sweep: serving-export
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --sim --duration 300 --out results/schedule_sweep_sim
