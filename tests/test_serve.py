@@ -167,6 +167,8 @@ def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     cli("serve", tmp_path).assert_one_line_error("not a prism export")
     cli("serve", tiny_export, "--port", "70000").assert_one_line_error("--port")
     cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")
+    cli("serve", tiny_export, "--policy", "fifo", "--device-memory", "4XB").assert_one_line_error("4XB")
+    cli("serve", tiny_export, "--policy", "fifo", "--cache-policy", "mru", "--device-memory", "50%").assert_one_line_error("mru")
 
 
 @pytest.mark.slow

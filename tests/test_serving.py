@@ -275,6 +275,34 @@ def test_continuous_batching_matches_generating_each_request_alone(served, polic
         assert {next(iter(r.served_at)) for r in reqs} == set(floors) and executor.times.per_row_steps > 0
 
 
+@pytest.mark.parametrize("original", [False, True])
+def test_offloaded_experts_serve_what_the_model_alone_gives(served, tiny_export, original):
+    """--device-memory on the engine: the experts live behind a cache holding a third of them (simulated
+    device), rows at their own points share steps, and every greedy output is still what the request
+    alone gives on the model without offloading (the export, or its source model)."""
+    from prism_cli.offload.config import OffloadConfig
+    from prism_cli.serving.executor import ModelExecutor, load_served_model
+
+    offloaded = load_served_model(str(tiny_export), original=original, offload=OffloadConfig("34%"))
+    assert offloaded.model.prism_offload is not None
+    reference = load_served_model(str(tiny_export), original=True) if original else served
+    floors = ["linear:2", "linear:8", "linear:6"]
+    gen = torch.Generator().manual_seed(11)
+    reqs = [Request(torch.randint(0, 400, (6 + 2 * i,), generator=gen).tolist(),
+                    SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+                    reference.space.parse(f) if not original else reference.space.full(), 0.0)
+            for i, f in enumerate(floors)]
+    policy = SCHEDULING_POLICIES.get("fifo" if original else "mixed")()
+    engine = Engine(ModelExecutor(offloaded), policy, Ladder(offloaded.space, None, 3), Limits(3, 3, 0.05))
+    engine.schedule(reqs)
+    engine.run()
+    for r in reqs:
+        (point,) = r.served_at
+        assert r.output_ids == _greedy_alone(reference, r, reference.space.parse(point)), (r.floor, point)
+    assert engine.stats.violations == 0
+    assert offloaded.model.prism_offload.cache.stats.misses > 0  # the cache did work
+
+
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(served):
     from prism_cli.serving.executor import ModelExecutor
 
@@ -332,6 +360,9 @@ def test_schedule_sim_and_real_write_their_metrics(cli, tiny_export, tmp_path):
     (["--policy", "lottery"], ["lottery", "prism"]),
     (["--sim"], ["cost model"]),
     (["--max-batch", "8", "--max-running", "4"], ["--max-running"]),
+    (["--sim", "--device-memory", "1GB"], ["--device-memory", "cost model"]),
+    (["--policy", "fifo", "--cache-policy", "lfu"], ["--cache-policy", "--device-memory"]),
+    (["--policy", "fifo", "--device-memory", "4XB"], ["4XB"]),
 ])
 def test_schedule_bad_input(cli, tiny_export, args, needles):
     cli("schedule", tiny_export, "--duration", "1", *args).assert_one_line_error(*needles)  # (no cost model saved)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress
+from prism_cli.commands.common import CachePolicyOption, ConfigOption, DefaultCommandGroup, DeviceMemoryOption, deferred_progress
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.report import ResultTable
@@ -22,13 +22,14 @@ CostModelOption = typer.Option(None, "--cost-model", help="Cost model JSON (defa
 
 
 def _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
-              max_prompt, min_output, max_output):
+              max_prompt, min_output, max_output, device_memory=None, cache_policy=None):
     from prism_cli.serving.engine import Limits
     from prism_cli.serving.runner import ScheduleSettings
     from prism_cli.serving.workload import LengthSettings
 
     settings = ScheduleSettings(policy=policy, rate=rate, duration=duration, floors=floors, sim=sim, original=original, point=point,
                                 trace=str(trace) if trace else None, data=data, seed=seed,
+                                device_memory=device_memory, cache_policy=cache_policy,
                                 limits=Limits(max_batch, max_running, t_max), lengths=LengthSettings(max_prompt, min_output, max_output))
     settings.validate()
     return settings
@@ -63,6 +64,8 @@ def run(
     max_prompt: int = typer.Option(128, "--max-prompt", help="Prompt tokens at most."),
     min_output: int = typer.Option(4, "--min-output", help="Output tokens at least."),
     max_output: int = typer.Option(128, "--max-output", help="Output tokens at most."),
+    device_memory: str = DeviceMemoryOption,
+    cache_policy: str = CachePolicyOption,
     cost_model: Path = CostModelOption,
     out: Path = typer.Option(None, help="Write the metrics and per-request records to OUT.json / OUT.md / OUT.csv."),
     config: str = ConfigOption,
@@ -73,7 +76,7 @@ def run(
 
     _check_dir(directory)
     settings = _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
-                         max_prompt, min_output, max_output)
+                         max_prompt, min_output, max_output, device_memory, cache_policy)
     model = find_cost_model(directory, cost_model)
     with deferred_progress("requests served", "requests") as (start, advance):
         done = [-1]
@@ -138,6 +141,8 @@ def sweep(
     max_prompt: int = typer.Option(128, "--max-prompt"),
     min_output: int = typer.Option(4, "--min-output"),
     max_output: int = typer.Option(128, "--max-output"),
+    device_memory: str = DeviceMemoryOption,
+    cache_policy: str = CachePolicyOption,
     cost_model: Path = CostModelOption,
     out: Path = typer.Option(Path("results/schedule_sweep"), help="Output stem: .md, .csv, .json and .png."),
     config: str = ConfigOption,
@@ -150,7 +155,7 @@ def sweep(
 
     _check_dir(directory)
     settings = _settings("prism", 1.0, duration, floors, sim, False, None, None, None, seed, max_batch, max_running, t_max,
-                         max_prompt, min_output, max_output)
+                         max_prompt, min_output, max_output, device_memory, cache_policy)
     model = find_cost_model(directory, cost_model)
     if model is None:
         raise PrismError(f"{directory} has no cost model: build one with `prism schedule cost-model` or pass --cost-model")
@@ -162,7 +167,9 @@ def sweep(
             raise PrismError(f"--rates must be comma-separated numbers, got {rates!r}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out.with_suffix(".json"))
-    served = None if sim else {False: load_served_model(directory), True: load_served_model(directory, original=True)}
+    offload = settings.offload()
+    served = None if sim else {False: load_served_model(directory, offload=offload),
+                               True: load_served_model(directory, original=True, offload=offload)}
     names = [n.strip() for n in loads.split(",") if n.strip()]
     total = (len(rate_list) if rate_list else len(names)) * 6
     with deferred_progress("sweep runs", "runs") as (start, advance):

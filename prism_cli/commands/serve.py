@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from prism_cli.commands.common import CachePolicyOption, DeviceMemoryOption
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 
@@ -27,8 +28,11 @@ def serve(
     seed: int = typer.Option(0, help="Seed of unseeded sampling."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device_memory: str = DeviceMemoryOption,
+    cache_policy: str = CachePolicyOption,
 ) -> None:
     """Serve the export over HTTP (OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health, /metrics)."""
+    from prism_cli.offload.config import offload_config
     from prism_cli.runtime.elastic import export_meta
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.engine import Engine, Limits
@@ -45,6 +49,7 @@ def serve(
         raise PrismError(f"--max-queue must be >= 0, got {max_queue}")
     limits = Limits(max_batch, max_running, t_max)
     limits.validate()
+    offload = offload_config(device_memory, cache_policy, device=device)
     cls = SCHEDULING_POLICIES.get(policy)
     model = find_cost_model(directory, cost_model)
     if policy == "prism" and model is None:
@@ -52,7 +57,7 @@ def serve(
                          "`prism schedule cost-model`, pass --cost-model, or serve with --policy fifo")
     key = api_key or os.environ.get(API_KEY_ENV) or None
     sock = bind(host, port)  # before loading the model: a port in use fails at once
-    served = load_served_model(directory, dtype=dtype, device=device)
+    served = load_served_model(directory, dtype=dtype, device=device, offload=offload)
     ladder = Ladder(served.space, model, max_batch)
     instance = cls(served.space.parse(point) if point else served.space.full()) if policy == "static" else cls()
     engine = Engine(ModelExecutor(served, seed=seed), instance, ladder, limits, model)

@@ -11,6 +11,7 @@ say what continuous batching costs on top of the model.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import time
@@ -45,8 +46,12 @@ class ServedModel:
     context: int
 
 
-def load_served_model(directory: str, original: bool = False, dtype: str = "float32", device: str = "cpu") -> ServedModel:
-    """The export at ``directory`` on the elastic runtime, or (``original``) its source model at top-1..k."""
+def load_served_model(directory: str, original: bool = False, dtype: str = "float32", device: str = "cpu",
+                      offload: Any = None) -> ServedModel:
+    """The export at ``directory`` on the elastic runtime, or (``original``) its source model at top-1..k.
+
+    ``offload`` (a ``prism_cli.offload.OffloadConfig``, from ``--device-memory``) keeps the routed experts
+    in host memory behind a device cache: sub-experts for the export, whole experts for the original."""
     from prism_cli.models.loading import load_model
     from prism_cli.runtime.elastic import attach_elastic_state, export_meta, load_elastic_model
     from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
@@ -57,11 +62,16 @@ def load_served_model(directory: str, original: bool = False, dtype: str = "floa
                          "export a model with `prism export` first")
     n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
     if original:
-        loaded = load_model(meta["source"]["model"], dtype=dtype, device=device, experts_implementation=EXPERTS_IMPLEMENTATION)
+        loaded = load_model(meta["source"]["model"], dtype=dtype, device="cpu" if offload is not None else device,
+                            experts_implementation=EXPERTS_IMPLEMENTATION)
         attach_elastic_state(loaded.model, None)
+        if offload is not None:
+            from prism_cli.offload.executor import attach_offload
+
+            attach_offload(loaded.model, dataclasses.replace(offload, device=offload.device or device))
         space = PointSpace(None, n_sub, top_k)
     else:
-        loaded = load_elastic_model(directory, dtype=dtype, device=device)
+        loaded = load_elastic_model(directory, dtype=dtype, device=device, offload=offload)
         space = PointSpace(meta["gate"], n_sub, top_k)
     context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 2048)
     return ServedModel(loaded.model, loaded.tokenizer, space, Path(directory).name if not original else "original", context)

@@ -37,6 +37,8 @@ class ScheduleSettings:
     trace: str | None = None
     data: str | None = None  # text the lengths come from (default the evaluation split)
     seed: int = 0
+    device_memory: str | None = None  # offload the routed experts behind a device cache of this size (real engine)
+    cache_policy: str | None = None
     limits: Limits = field(default_factory=Limits)
     lengths: LengthSettings = field(default_factory=LengthSettings)
 
@@ -49,6 +51,16 @@ class ScheduleSettings:
                 raise PrismError(f"--duration must be positive (seconds), got {self.duration}")
         self.limits.validate()
         self.lengths.validate()
+        if self.sim and self.device_memory is not None:
+            raise PrismError("--device-memory runs the real engine with offloaded experts; the simulator's costs come "
+                             "from the cost model: build it from `prism bench --device-memory ...` instead")
+        self.offload()  # an unreadable budget or unknown cache policy fails before any work
+
+    def offload(self) -> Any:
+        """The ``OffloadConfig`` behind ``device_memory`` / ``cache_policy`` (None without a budget)."""
+        from prism_cli.offload.config import offload_config
+
+        return offload_config(self.device_memory, self.cache_policy)
 
 
 def resolve_floor(spec: FloorSpec | None, space: PointSpace, ladder: Ladder, cost_model: CostModel | None) -> OperatingPoint:
@@ -157,7 +169,7 @@ def run_schedule(
         raise PrismError(f"{'--sim' if settings.sim else 'the prism policy'} needs a cost model: build one with "
                          "`prism schedule cost-model` or pass --cost-model")
     if served is None and not settings.sim:
-        served = load_served_model(directory, original=settings.original)
+        served = load_served_model(directory, original=settings.original, offload=settings.offload())
     if served is not None:
         tokenizer, context = served.tokenizer, served.context
     else:
