@@ -250,6 +250,19 @@ def _greedy_alone(served, r: Request, point: OperatingPoint) -> list[int]:
     return ids[r.prompt_len :]
 
 
+def _run_and_check_each_alone(executor, policy, served, reference, reqs: list[Request], limits: Limits) -> Engine:
+    """Serve ``reqs`` on ``served``; every greedy output must be what the request alone gives on ``reference``
+    at the point it was served at, with no floor violated."""
+    engine = Engine(executor, policy, Ladder(served.space, None, limits.max_batch), limits)
+    engine.schedule(reqs)
+    engine.run()
+    for r in reqs:
+        (point,) = r.served_at
+        assert r.output_ids == _greedy_alone(reference, r, reference.space.parse(point)), (r.floor, point)
+    assert engine.stats.violations == 0
+    return engine
+
+
 @pytest.mark.parametrize("policy", ["mixed", "static"])
 def test_continuous_batching_matches_generating_each_request_alone(served, policy):
     """Requests of different lengths join and leave batches (max 2 rows, 3 running): every greedy output is
@@ -263,13 +276,7 @@ def test_continuous_batching_matches_generating_each_request_alone(served, polic
             for i, f in enumerate(floors)]
     executor = ModelExecutor(served)
     policy_obj = SCHEDULING_POLICIES.get(policy)(served.space.full()) if policy == "static" else SCHEDULING_POLICIES.get(policy)()
-    engine = Engine(executor, policy_obj, Ladder(served.space, None, 2), Limits(2, 3, 0.05))
-    engine.schedule(reqs)
-    engine.run()
-    for r in reqs:
-        (point,) = r.served_at
-        assert r.output_ids == _greedy_alone(served, r, served.space.parse(point)), (r.floor, point)
-    assert engine.stats.violations == 0
+    engine = _run_and_check_each_alone(executor, policy_obj, served, served, reqs, Limits(2, 3, 0.05))
     assert max(s.rows for s in engine.stats.steps) == 2  # rows did share steps
     if policy == "mixed":
         assert {next(iter(r.served_at)) for r in reqs} == set(floors) and executor.times.per_row_steps > 0
@@ -293,13 +300,7 @@ def test_offloaded_experts_serve_what_the_model_alone_gives(served, tiny_export,
                     reference.space.parse(f) if not original else reference.space.full(), 0.0)
             for i, f in enumerate(floors)]
     policy = SCHEDULING_POLICIES.get("fifo" if original else "mixed")()
-    engine = Engine(ModelExecutor(offloaded), policy, Ladder(offloaded.space, None, 3), Limits(3, 3, 0.05))
-    engine.schedule(reqs)
-    engine.run()
-    for r in reqs:
-        (point,) = r.served_at
-        assert r.output_ids == _greedy_alone(reference, r, reference.space.parse(point)), (r.floor, point)
-    assert engine.stats.violations == 0
+    _run_and_check_each_alone(ModelExecutor(offloaded), policy, offloaded, reference, reqs, Limits(3, 3, 0.05))
     assert offloaded.model.prism_offload.cache.stats.misses > 0  # the cache did work
 
 
