@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from prism_cli.data import split_text
+from prism_cli.models.tiny import tiny_tokenizer
 
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 
@@ -29,19 +27,6 @@ CONFIGS: dict[str, dict] = {
                         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
                         routed_scaling_factor=2.5, **_MLA),
 }
-
-
-@lru_cache(maxsize=1)
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A 512-token byte-level BPE trained on a slice of the calibration split (deterministic, < 1 s)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(split_text("calibration")[:60_000].split("\n"), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
 def build_tiny(family: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
