@@ -181,7 +181,8 @@ def shrunk_config(config: Any, adapter: Any) -> Any:
     """
     small = copy.deepcopy(config)
     groups = int(getattr(config, "n_group", None) or 1)
-    overrides = {"num_hidden_layers": 1, "vocab_size": 256, adapter.experts_key: max(2, groups), adapter.top_k_key: 1,
+    # Group-limited routers score a group by the sum of its top-2 experts (DeepSeek-V3): two per group.
+    overrides = {"num_hidden_layers": 1, "vocab_size": 256, adapter.experts_key: 2 * groups, adapter.top_k_key: 1,
                  "first_k_dense_replace": 0, "topk_group": 1, "decoder_sparse_step": 1, "mlp_only_layers": [],
                  "moe_layer_freq": 1, "num_nextn_predict_layers": 0}
     for key, value in overrides.items():

@@ -146,6 +146,8 @@ def test_shrunk_config_keeps_one_moe_layer(tiny_model_dir, family: str) -> None:
     model = AutoModelForCausalLM.from_config(small)
     layers = adapter_for_config(small).moe_layers(model)
     assert [layer.index for layer in layers] == [0] and len(model.model.layers) == 1
+    with torch.no_grad():  # it runs (the planner times its forward pass): a group-limited router still routes
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
     # Attention keeps its shapes.
     original = AutoModelForCausalLM.from_config(config)
     attn = lambda m: sum(p.numel() for p in m.model.layers[-1].self_attn.parameters())  # noqa: E731
