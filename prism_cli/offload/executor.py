@@ -22,6 +22,7 @@ fit. Each piece is computed on its own slot (slots of one expert need not be adj
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -398,13 +399,17 @@ def offload_experts_forward(module: torch.nn.Module, x: torch.Tensor, indices: t
 
 
 # ---- attaching ------------------------------------------------------------------------------------
-def attach_offload(model: Any, config: OffloadConfig) -> OffloadController:
+def attach_offload(model: Any, config: OffloadConfig, default_device: str | None = None) -> OffloadController:
     """Offload ``model``'s routed experts (see the module docstring); returns the controller, also
     kept as ``model.prism_offload``. The model must run prism's experts implementation (``load_elastic``
     does this; for a plain model ``load_model(..., experts_implementation="prism")``). Place the model
-    with ``attach_offload`` (``config.device``), not with ``model.to()`` afterwards."""
+    with ``attach_offload`` (``config.device``, else ``default_device``: where the caller would have
+    loaded it), not with ``model.to()`` afterwards."""
     from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 
+    if config.device is None and default_device is not None:
+        config = copy.copy(config)
+        config.device = default_device
     if getattr(model.config, "_experts_implementation", None) != EXPERTS_IMPLEMENTATION:
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     controller = OffloadController(model, config)

@@ -9,7 +9,6 @@ then switches branches and policies without reloading: the weights never move.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,10 +151,7 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     if offload is not None:
         from prism_cli.offload.executor import attach_offload  # a later stage, imported only when asked for
 
-        if offload.device is None:
-            offload = copy.copy(offload)
-            offload.device = device
-        attach_offload(loaded.model, offload)
+        attach_offload(loaded.model, offload, default_device=device)
     return loaded
 
 

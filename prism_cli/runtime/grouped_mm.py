@@ -90,17 +90,16 @@ def prefix_segments(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[tor
     expert = torch.div(indices, n_sub, rounding_mode="floor")
     sub = indices - expert * n_sub
     first_sub, first_expert = sub[0].tolist(), expert[0].tolist()
-    starts: list[int] = []
+    start_of_slot: list[int] = []  # the first slot of each slot's segment
     for c, (n, e) in enumerate(zip(first_sub, first_expert, strict=True)):
-        if n == 0:
-            starts.append(c)
-        elif c == 0 or first_expert[c - 1] != e or first_sub[c - 1] != n - 1:
+        if n != 0 and (c == 0 or first_expert[c - 1] != e or first_sub[c - 1] != n - 1):
             return None
+        start_of_slot.append(c if n == 0 else start_of_slot[-1])
     if indices.shape[0] > 1:
-        start_of_slot = torch.tensor([max(c0 for c0 in starts if c0 <= c) for c in range(len(first_sub))],
-                                     device=indices.device)
-        if not bool((sub == sub[:1]).all()) or not bool((expert == expert[:, start_of_slot]).all()):
+        starts_t = torch.tensor(start_of_slot, device=indices.device)
+        if not bool((sub == sub[:1]).all()) or not bool((expert == expert[:, starts_t]).all()):
             return None
+    starts = sorted(set(start_of_slot))
     return expert, list(zip(starts, [*starts[1:], indices.shape[1]], strict=True))
 
 
@@ -121,13 +120,8 @@ def _prefix_segments(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor
             row_expert = expert[:, starts].t().reshape(-1)
             row_w = torch.cat([weights[:, c0 : c0 + m] for c0 in starts])
         order = torch.argsort(row_expert, stable=True)
-        tok = order % tokens
-        offs = _offsets(row_expert, experts)
-        h = _mm(x.index_select(0, tok), up_all[:, : m * two_w].transpose(-2, -1), offs)
-        rows = h.shape[0]
-        act = module._apply_gate(h.view(rows * m, two_w)).view(rows, m, width) * row_w[order][:, :, None]
-        y = _mm(act.reshape(rows, m * width), down_all[:, : m * width], offs)
-        out.index_add_(0, tok, y.float())
+        _rows_into(module, x, out, order % tokens, _offsets(row_expert, experts), up_all[:, : m * two_w],
+                   down_all[:, : m * width], row_w[order])
 
 
 def _flat_pairs(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, indices: torch.Tensor,
@@ -140,11 +134,19 @@ def _flat_pairs(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, ind
     if not bool(valid.all()):
         flat, w, tok = flat[valid], w[valid], tok[valid]
     order = torch.argsort(flat, stable=True)
-    flat, tok, w = flat[order], tok[order], w[order]
-    offs = _offsets(flat, groups)
-    h = _mm(x.index_select(0, tok), module.gate_up_proj.transpose(-2, -1), offs)
-    act = module._apply_gate(h) * w[:, None]
-    y = _mm(act, _down_transposed(module), offs)
+    _rows_into(module, x, out, tok[order], _offsets(flat, groups), module.gate_up_proj, _down_transposed(module),
+               w[order, None])
+
+
+def _rows_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, offs: torch.Tensor,
+               up: torch.Tensor, down: torch.Tensor, row_w: torch.Tensor) -> None:
+    """``out[tok[i]] += sum_j row_w[i, j] * piece_j(x[tok[i]])`` for rows sorted by group: each row computes
+    ``m = row_w.shape[1]`` adjacent pieces of its group, ``up [G, m*2w, H]`` and ``down [G, m*w, H]``."""
+    rows, m = row_w.shape
+    two_w = up.shape[1] // m
+    h = _mm(x.index_select(0, tok), up.transpose(-2, -1), offs)
+    act = module._apply_gate(h.view(rows * m, two_w)).view(rows, m, two_w // 2) * row_w[:, :, None]
+    y = _mm(act.reshape(rows, -1), down, offs)
     out.index_add_(0, tok, y.float())
 
 

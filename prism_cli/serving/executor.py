@@ -11,7 +11,6 @@ say what continuous batching costs on top of the model.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import threading
 import time
@@ -68,7 +67,7 @@ def load_served_model(directory: str, original: bool = False, dtype: str = "floa
         if offload is not None:
             from prism_cli.offload.executor import attach_offload
 
-            attach_offload(loaded.model, dataclasses.replace(offload, device=offload.device or device))
+            attach_offload(loaded.model, offload, default_device=device)
         space = PointSpace(None, n_sub, top_k)
     else:
         loaded = load_elastic_model(directory, dtype=dtype, device=device, offload=offload)
