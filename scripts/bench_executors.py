@@ -73,7 +73,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/executors"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    meta = export_meta(str(args.export))
+    meta = export_meta(str(args.export)) if args.export.is_dir() else None
+    if meta is None:
+        raise SystemExit(f"error: {args.export} is not a prism export folder (make serving-export builds the default one)")
     n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
     elastic = experts_module(load_elastic_model(str(args.export)).model)
     source = experts_module(load_model(meta["source"]["model"]).model)
