@@ -504,13 +504,20 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
 
     # export: read the checkpoint, write it again (same dtype, E*N narrower experts)
     gate_bytes = n_experts * settings.sub_experts * settings.gate_neurons * 8
+    shard = min(4 * 2**30, shape.checkpoint_bytes)
+    layer_bytes = shape.num_experts * shape.expert_params * shape.checkpoint_bytes_per_param
+    # Writing: the pending shard, the same bytes again as pages of the file safetensors writes through a
+    # memory map, and one source layer being split. Checking exactness: one block in float32, plus its
+    # tensors as stored and their mapped pages while it is built.
+    writing = 2 * shard + layer_bytes
+    checking = shape.num_experts * shape.expert_params * 4 + 2 * layer_bytes
     export = StagePlan(
         "export", seconds=2 * shape.checkpoint_bytes / machine.export_bytes_per_s,
         cpu_seconds=2 * shape.checkpoint_bytes / machine.export_bytes_per_s,
-        memory_bytes=machine.runtime_bytes + min(4 * 2**30, shape.checkpoint_bytes)
-        + shape.num_experts * shape.expert_params * int(shape.checkpoint_bytes_per_param),
+        memory_bytes=machine.runtime_bytes + int(max(writing, checking)),
         disk_bytes=shape.checkpoint_bytes + gate_bytes,
-        notes=[f"reads and writes {format_size(shape.checkpoint_bytes)}; one shard (at most 4 GiB) and one MoE layer in memory"],
+        notes=[f"reads and writes {format_size(shape.checkpoint_bytes)}; in memory one output shard (at most 4 GiB, "
+               "twice while it is written) and one MoE layer (in float32 while it is checked)"],
     )
     return Plan(shape=shape, settings=settings, stages=[profile, partition, export], partition_core_seconds=core_seconds,
                 cores_for_an_hour=max(1, math.ceil(core_seconds / 3600)), cores_here=cores,

@@ -307,6 +307,9 @@ def write_results(data: dict[str, Any], args, sizes: list[int]) -> None:
     planned_export = plan.stage("export")
     scale.add(f"export, {small} layers: time", f"{planned_export.seconds:,.0f} s", f"{ex['wall_s']:,.0f} s",
               f"{ex['wall_s'] / planned_export.seconds:.2f}", "yes" if abs(ex["wall_s"] / planned_export.seconds - 1) <= 0.25 else "no")
+    scale.add(f"export, {small} layers: peak memory", format_size(planned_export.memory_bytes), format_size(ex["peak_rss_bytes"]),
+              f"{ex['peak_rss_bytes'] / planned_export.memory_bytes:.2f}",
+              "yes" if abs(ex["peak_rss_bytes"] / planned_export.memory_bytes - 1) <= 0.25 else "no")
     scale.add(f"export, {small} layers: disk", format_size(planned_export.disk_bytes), format_size(ex["written_bytes"]),
               f"{ex['written_bytes'] / planned_export.disk_bytes:.2f}",
               "yes" if abs(ex["written_bytes"] / planned_export.disk_bytes - 1) <= 0.25 else "no")

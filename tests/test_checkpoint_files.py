@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from prism_cli.errors import PrismError
 from prism_cli.models.adapters import adapter_for_config
+from prism_cli.models.checkpoint import CheckpointReader
 from prism_cli.models.checkpoint_files import CHUNK_BYTES, SAMPLE_CHUNKS, check_checkpoint_files, read_header, tensors_fingerprint
 from prism_cli.models.loading import load_config, weights_fingerprint
 
@@ -113,3 +114,17 @@ def test_an_index_naming_a_missing_shard_is_refused(olmoe, tmp_path):
     (tmp_path / "sharded" / missing).unlink()
     with pytest.raises(PrismError, match=f"{missing} named in .* is missing"):
         check_checkpoint_files(tmp_path / "sharded")
+
+
+def test_the_reader_reads_again_after_release_and_names_dtypes_from_the_header(tmp_path):
+    tensors = {"a": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "b": torch.ones(4, dtype=torch.float32),
+               "c": torch.arange(3, dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    first = reader.get("a")
+    reader.release()
+    assert reader._handles == {}
+    assert torch.equal(reader.get("a"), first) and torch.equal(reader.get("b"), tensors["b"])
+    assert (reader.dtype("a"), reader.dtype("b"), reader.dtype("c")) == (torch.bfloat16, torch.float32, None)
+    with pytest.raises(PrismError, match="missing"):
+        reader.dtype("d")

@@ -236,6 +236,8 @@ def _write_weights(job: _Job, tmp: Path, flat_names: CheckpointNames, scale: flo
                                     settings.down_bias)
         for key, tensor in flat_names.to_disk(flat_tensors).items():
             writer.add(key, tensor.contiguous())
+        del tensors, flat_tensors
+        reader.release()
         if on_progress is not None:
             on_progress(done, total)
     return writer.finish()
@@ -413,7 +415,9 @@ def _split_layer(
     """The flat layer: every expert cut into its partition's sub-experts, routing tensors repeated."""
     layout = layer.layout
     size = adapter.width // n_sub
-    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    # Each sub-expert is written straight into its row of the flat tensors (allocated at the first one):
+    # the layer is held once in the source layout and once split, never a third time as a list of pieces.
+    flat: dict[str, torch.Tensor] = {}
     for e, expert in enumerate(experts):
         one = {k: tensors[f"experts.{k}"][e] for k in layout.tensor_names()}
         for n in range(n_sub):
@@ -424,8 +428,10 @@ def _split_layer(
                 share = (1.0 if n == 0 else 0.0) if down_bias == "first" else 1.0 / n_sub
                 sub["down_proj_bias"] = (one["down_proj_bias"].float() * (scale * share)).to(one["down_proj_bias"].dtype)
             for k, v in sub.items():
-                parts[k].append(v.clone())
-    flat = {f"{layer.name}.experts.{k}": torch.stack(v) for k, v in parts.items()}
+                name = f"{layer.name}.experts.{k}"
+                if name not in flat:
+                    flat[name] = torch.empty((len(experts) * n_sub, *v.shape), dtype=v.dtype)
+                flat[name][e * n_sub + n].copy_(v)
     for key in layer.routing_tensors():
         flat[f"{layer.name}.{key}"] = adapter.flat_routing_tensor(key, tensors[key], n_sub)
     return flat

@@ -65,10 +65,11 @@ class GateCheck:
         return out
 
 
-def tolerance(scale: float, dtype: torch.dtype) -> float:
-    """Exact up to float32 summation order, plus the rounding of a scale that is not a power of two."""
+def tolerance(scale: float, dtype: torch.dtype | None) -> float:
+    """Exact up to float32 summation order, plus the rounding of a scale that is not a power of two
+    (``dtype`` None: not a floating-point checkpoint, nothing rounded)."""
     power_of_two = scale > 0 and math.log2(scale).is_integer()
-    if power_of_two or not dtype.is_floating_point:
+    if power_of_two or dtype is None:
         return BASE_TOLERANCE
     return max(BASE_TOLERANCE, 2 * torch.finfo(dtype).eps)
 
@@ -80,7 +81,7 @@ def _block_keys(names: CheckpointNames, reader: CheckpointReader, block: str) ->
 
 def materialize(model: nn.Module, names: CheckpointNames, reader: CheckpointReader, block: str) -> nn.Module:
     """The block ``block`` of the meta skeleton ``model``, on the CPU in float32, with its weights read
-    from ``reader`` through the family's conversion mapping."""
+    from ``reader`` through the family's conversion mapping (the reader's files are released after)."""
     module = copy.deepcopy(model.get_submodule(block)).to_empty(device="cpu")
     prefix = block + "."
     tensors = names.to_module({k: reader.get(k) for k in _block_keys(names, reader, block)})
@@ -98,6 +99,8 @@ def materialize(model: nn.Module, names: CheckpointNames, reader: CheckpointRead
         raise PrismError(f"{block} has buffers that are not saved ({', '.join(unset[:3])}); prism cannot rebuild the "
                          "block alone to check the export")
     module.load_state_dict(state, strict=False)
+    del tensors, state
+    reader.release()  # the block is copied out: its pages of the checkpoint need not stay mapped
     return module.float().eval()
 
 
@@ -141,9 +144,6 @@ def check_export(
 ) -> dict[str, GateCheck]:
     """Run every MoE block of the source and of the export (``export_dir``, written) on the same probes;
     ``flat_config`` is the export's config (with its ``prism`` section)."""
-    from prism_cli.runtime.elastic import attach_elastic_state, set_operating_point
-    from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
-
     meta = flat_config.prism
     n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
     exported = CheckpointReader(export_dir)
@@ -158,7 +158,7 @@ def check_export(
     generator = torch.Generator().manual_seed(seed)
     for layer in adapter.moe_layers(adapter.skeleton):
         original = materialize(adapter.skeleton, adapter.names, source, layer.name)
-        dtype = source.get(_block_keys(adapter.names, source, f"{layer.name}.experts")[0]).dtype
+        dtype = source.dtype(_block_keys(adapter.names, source, f"{layer.name}.experts")[0])
         x = torch.randn(1, tokens, adapter.hidden_size, generator=generator)
         _set_experts_implementation(original, "eager")
         want = _output(original, x)
@@ -167,22 +167,13 @@ def check_export(
             check = checks[gate]
             if check.error is not None:
                 continue
-            flat = materialize(flat_model, flat_names, exported, layer.name)
-            if gate == "linear":
-                _set_experts_implementation(flat, "eager")
-                got = _output(flat, x)
-            else:
-                _set_experts_implementation(flat, EXPERTS_IMPLEMENTATION)
-                holder = _holder(layer.name, flat, flat_config)
-                attach_elastic_state(holder, export_dir)
-                set_operating_point(holder, points[gate])
-                try:
-                    got = _output(flat, x)
-                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-                    # The runtime's experts execution cannot run this layout: recorded, and refused by the caller.
-                    check.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                    check.max_rel_diff = check.max_abs_diff = math.inf
-                    continue
+            got = _flat_output(flat_model, flat_names, exported, layer.name, gate, points[gate], flat_config,
+                               export_dir, x)
+            if isinstance(got, str):
+                # The runtime's experts execution cannot run this layout: recorded, and refused by the caller.
+                check.error = got
+                check.max_rel_diff = check.max_abs_diff = math.inf
+                continue
             diff = float((got - want).abs().max())
             rel = diff / max(float(want.abs().max()), 1e-30)
             check.per_layer[layer.index] = rel
@@ -190,6 +181,28 @@ def check_export(
             check.max_rel_diff = max(check.max_rel_diff, rel)
             check.tolerance = max(check.tolerance, tolerance(scale, dtype))
     return checks
+
+
+def _flat_output(flat_model: nn.Module, flat_names: CheckpointNames, exported: CheckpointReader, name: str, gate: str,
+                 point: str, flat_config: Any, export_dir: Path, x: torch.Tensor) -> torch.Tensor | str:
+    """The exported block ``name``'s output on ``x`` under ``gate`` at ``point``, or why the runtime refused
+    to run it. The block lives only inside this call, so one exported block is in memory at a time."""
+    from prism_cli.runtime.elastic import attach_elastic_state, set_operating_point
+    from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
+
+    flat = materialize(flat_model, flat_names, exported, name)
+    if gate == "linear":
+        _set_experts_implementation(flat, "eager")
+        return _output(flat, x)
+    _set_experts_implementation(flat, EXPERTS_IMPLEMENTATION)
+    holder = _holder(name, flat, flat_config)
+    attach_elastic_state(holder, export_dir)
+    set_operating_point(holder, point)
+    try:
+        return _output(flat, x)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        message = str(exc).strip()
+        return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
 
 
 def probe_description(tokens: int = PROBE_TOKENS, seed: int = PROBE_SEED) -> dict[str, Any]:

@@ -15,6 +15,10 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+#: safetensors' names of the floating-point dtypes.
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint folder (single file or sharded)."""
 
@@ -49,6 +53,21 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self._file_of)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """A floating-point tensor's dtype, from the file header (nothing is read); None for other types."""
+        try:
+            name = self._open(self._file_of[key]).get_slice(key).get_dtype()
+        except KeyError:
+            raise PrismError(f"tensor {key} is missing from {self.directory}") from None
+        return _FLOAT_DTYPES.get(name)
+
+    def release(self) -> None:
+        """Close the open files. safetensors memory-maps each file and every page read stays mapped (and
+        counted in the process's resident memory) while its handle lives: a caller that walks a large
+        checkpoint layer by layer releases after each layer so that only one layer's pages stay mapped.
+        The next ``get`` reopens the file."""
+        self._handles.clear()
 
     def __contains__(self, key: str) -> bool:
         return key in self._file_of
