@@ -100,7 +100,7 @@ def main() -> None:
                         ww = torch.rand(whole.shape, generator=gen)
                         calls["original"] = lambda x=x, whole=whole, ww=ww: reference(source, x, whole, ww)
                     ms = median_ms(calls, args.repeats)
-                    prefix = grouped_mm.prefix_segments(idx, n_sub, elastic.gate_up_proj.shape[0]) is not None
+                    prefix = grouped_mm.prefix_routing(idx, n_sub, elastic.gate_up_proj.shape[0]) is not None
                     path = "prefix-mm" if prefix else "flat-mm"
                     taken = "grouped-mm" if grouped_mm.pays(idx) else "grouped"
                     table.add(tokens, f"linear:{k}" if kind == "linear" else f"{k} of {n_sub * top_k} subsets",

@@ -178,6 +178,7 @@ def test_linear_gate_below_full_takes_sub_experts_in_order(family, exported):
     index (sub-expert 0 holds the most mass), as vLLM's fused top-k kernel does; weights are the
     family's (renormalised over the K kept pairs where the family renormalises)."""
     from prism_cli import load_elastic, set_operating_point
+    from prism_cli.runtime.grouped_mm import PREFIX_ATTR, prefix_routing
 
     out = exported(family, "neurons")  # its flat routers serve the linear points too (exact or not)
     model = load_elastic(str(out), operating_point=f"linear:{FULL}")
@@ -204,6 +205,13 @@ def test_linear_gate_below_full_takes_sub_experts_in_order(family, exported):
                 if RENORMALISING[family]:
                     want = want * (w_full[t].sum() / want.sum())
                 torch.testing.assert_close(w[t], want.to(w.dtype))
+            attached = getattr(idx, PREFIX_ATTR, None)
+            assert (attached is not None) == model.prism_state.flat_routers[0].sorted_blocks
+            if attached is not None:  # the shape the router hands the experts is the shape its indices have
+                checked = prefix_routing(idx.clone(), N_SUB, model.prism_state.source_experts * N_SUB)
+                handed = prefix_routing(idx, N_SUB, model.prism_state.source_experts * N_SUB)
+                assert checked is not None and attached == handed.lengths == checked.lengths
+                assert torch.equal(handed.expert, checked.expert)
 
 
 def test_default_operating_point_is_recorded(exported, tiny_model_dir, partition_of, tmp_path):

@@ -174,17 +174,17 @@ def test_grouped_mm_leaves_other_layouts_and_float64_to_the_plan_executor():
     assert not grouped_mm.takes(_olmoe_experts(8).double())
 
 
-def test_prefix_segments_need_the_same_ranges_in_every_token():
+def test_prefix_routing_needs_the_same_ranges_in_every_token():
     gen = torch.Generator().manual_seed(3)
     idx, _ = linear_routing(4, 6, 4, 6, gen)
-    expert, segments = grouped_mm.prefix_segments(idx, 4, 24)
-    assert segments == [(0, 4), (4, 6)] and torch.equal(expert, idx // 4)
+    found = grouped_mm.prefix_routing(idx, 4, 24)
+    assert found.lengths == (4, 2) and torch.equal(found.expert, idx[:, [0, 4]] // 4)
     swapped = idx.clone()
     swapped[2, [4, 5]] = swapped[2, [5, 4]]  # one token lists its partial block out of order
-    assert grouped_mm.prefix_segments(swapped, 4, 24) is None
+    assert grouped_mm.prefix_routing(swapped, 4, 24) is None
     unused = idx.clone()
     unused[1, 5] = 24
-    assert grouped_mm.prefix_segments(unused, 4, 24) is None
+    assert grouped_mm.prefix_routing(unused, 4, 24) is None
 
 
 def test_all_slots_unused_gives_zeros():

@@ -26,6 +26,7 @@ token with ``index_add_`` in a fixed order (serial on the CPU), so results are d
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -64,33 +65,51 @@ def takes(module: torch.nn.Module) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class PrefixRouting:
+    """Routing where every token's slots are blocks: block ``j`` is sub-experts ``0 .. lengths[j]-1`` of
+    expert ``expert[:, j]`` (in that order, in slots ``sum(lengths[:j]) ..``), the same lengths in every token."""
+
+    expert: torch.Tensor  # [T, B]
+    lengths: tuple[int, ...]
+
+
+#: The attribute under which a router hands the experts the block lengths of its routing, known by
+#: construction, on the indices they describe (``LinearGateRouter``). Indices without it are checked.
+PREFIX_ATTR = "prism_prefix"
+
+
 def grouped_mm_forward(
     module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int
 ) -> tuple[torch.Tensor, str]:
     """``out[t] = sum_p weights[t, p] * SubExpert_{indices[t, p]}(x[t])`` and which path ran
     (``"prefix-mm"`` or ``"flat-mm"``); ``indices == E*N`` marks an unused slot."""
     out = torch.zeros(indices.shape[0], module.down_proj.shape[1], dtype=torch.float32, device=x.device)
-    found = prefix_segments(indices, n_sub, module.gate_up_proj.shape[0])
+    found = prefix_routing(indices, n_sub, module.gate_up_proj.shape[0])
     if found is not None:
-        _prefix_segments(module, x, out, *found, weights.float(), n_sub)
+        _prefix_blocks(module, x, out, found, weights.float(), n_sub)
         return out.to(x.dtype), "prefix-mm"
     _flat_pairs(module, x, out, indices, weights.float())
     return out.to(x.dtype), "flat-mm"
 
 
-def prefix_segments(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[torch.Tensor, list[tuple[int, int]]] | None:
-    """``(expert of each slot, [(c0, c1), ...])`` when, in every token, slots ``c0 .. c1-1`` are
-    sub-experts ``0 .. c1-c0-1`` of one expert, in that order, with the same ranges for every token;
-    None when the routing is not of that shape (arbitrary subsets, unused slots, another order).
+def prefix_routing(indices: torch.Tensor, n_sub: int, groups: int) -> PrefixRouting | None:
+    """The prefix shape of ``indices`` (see ``PrefixRouting``): from the block lengths its router attached
+    (``PREFIX_ATTR``), else checked here in a few elementwise operations; None when the routing is not of
+    that shape (arbitrary subsets, unused slots, another order, per-token different ranges).
 
     The linear gate's router emits this shape (``K // N`` whole experts, best first, then the first
-    ``K % N`` sub-experts of the next); checking it costs a few elementwise operations."""
+    ``K % N`` sub-experts of the next)."""
+    lengths: tuple[int, ...] | None = getattr(indices, PREFIX_ATTR, None)
+    if lengths is not None:
+        starts = [sum(lengths[:j]) for j in range(len(lengths))]
+        return PrefixRouting(torch.div(indices[:, starts], n_sub, rounding_mode="floor"), lengths)
     if int(indices.max()) >= groups:
         return None
     expert = torch.div(indices, n_sub, rounding_mode="floor")
     sub = indices - expert * n_sub
     first_sub, first_expert = sub[0].tolist(), expert[0].tolist()
-    start_of_slot: list[int] = []  # the first slot of each slot's segment
+    start_of_slot: list[int] = []  # the first slot of each slot's block
     for c, (n, e) in enumerate(zip(first_sub, first_expert, strict=True)):
         if n != 0 and (c == 0 or first_expert[c - 1] != e or first_sub[c - 1] != n - 1):
             return None
@@ -100,25 +119,27 @@ def prefix_segments(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[tor
         if not bool((sub == sub[:1]).all()) or not bool((expert == expert[:, starts_t]).all()):
             return None
     starts = sorted(set(start_of_slot))
-    return expert, list(zip(starts, [*starts[1:], indices.shape[1]], strict=True))
+    lengths = tuple(b - a for a, b in zip(starts, [*starts[1:], indices.shape[1]], strict=True))
+    return PrefixRouting(expert[:, starts], lengths)
 
 
-def _prefix_segments(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, expert: torch.Tensor,
-                     segments: list[tuple[int, int]], weights: torch.Tensor, n_sub: int) -> None:
-    """Segments of equal length ``m`` are one grouped product per projection over the experts' first
+def _prefix_blocks(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, routing: PrefixRouting,
+                   weights: torch.Tensor, n_sub: int) -> None:
+    """Blocks of equal length ``m`` are one grouped product per projection over the experts' first
     ``m`` sub-experts (a strided view of the weights, no copy)."""
     gate_up = module.gate_up_proj
     groups, two_w, hidden = gate_up.shape
-    experts, width, tokens = groups // n_sub, two_w // 2, expert.shape[0]
+    experts, width, tokens = groups // n_sub, two_w // 2, routing.expert.shape[0]
     up_all = gate_up.view(experts, n_sub * two_w, hidden)
     down_all = _down_transposed(module).view(experts, n_sub * width, hidden)
-    for m in sorted({c1 - c0 for c0, c1 in segments}):
-        starts = [c0 for c0, c1 in segments if c1 - c0 == m]
-        if len(starts) == 1:
-            row_expert, row_w = expert[:, starts[0]], weights[:, starts[0] : starts[0] + m]
-        else:  # row i is token i % T of segment i // T
-            row_expert = expert[:, starts].t().reshape(-1)
-            row_w = torch.cat([weights[:, c0 : c0 + m] for c0 in starts])
+    slot = [sum(routing.lengths[:j]) for j in range(len(routing.lengths))]
+    for m in sorted(set(routing.lengths)):
+        blocks = [j for j, length in enumerate(routing.lengths) if length == m]
+        if len(blocks) == 1:
+            row_expert, row_w = routing.expert[:, blocks[0]], weights[:, slot[blocks[0]] : slot[blocks[0]] + m]
+        else:  # row i is token i % T of block i // T
+            row_expert = routing.expert[:, blocks].t().reshape(-1)
+            row_w = torch.cat([weights[:, slot[j] : slot[j] + m] for j in blocks])
         order = torch.argsort(row_expert, stable=True)
         _rows_into(module, x, out, order % tokens, _offsets(row_expert, experts), up_all[:, : m * two_w],
                    down_all[:, : m * width], row_w[order])

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prism_cli import cuda
+from prism_cli.runtime.grouped_mm import PREFIX_ATTR
 from prism_cli.runtime.policies import AllocationPolicy
 from prism_cli.runtime.scoring import gate_scores, gate_up_rows
 
@@ -92,9 +93,11 @@ class LinearGateRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, weights, indices = self.router(hidden_states)
         if self.sorted_blocks:  # also at the full K: blocks in sub-expert order are what grouped_mm reads fastest
-            tokens = indices.shape[0]
-            kept_idx = indices.view(tokens, -1, self.n_sub).sort(dim=-1).values.view(tokens, -1)[:, : self.top_k]
+            tokens, n = indices.shape[0], self.n_sub
+            kept_idx = indices.view(tokens, -1, n).sort(dim=-1).values.view(tokens, -1)[:, : self.top_k]
             kept_w = weights[:, : self.top_k]  # the copies of an expert carry the same weight
+            # The blocks' lengths are known by construction: the experts need not check them (runtime/grouped_mm.py).
+            setattr(kept_idx, PREFIX_ATTR, (n,) * (self.top_k // n) + ((self.top_k % n,) if self.top_k % n else ()))
         elif self.top_k >= self.full_k:
             return logits, weights, indices
         else:
