@@ -15,8 +15,8 @@ from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.per_row import PerRowTopKPolicy, clear_row_points, set_row_points
 from prism_cli.runtime.policies import POLICIES, TopKPolicy
-from prism_cli.serving.costmodel import CostModel, interpolate
-from prism_cli.serving.engine import Engine, Limits
+from prism_cli.serving.costmodel import CostModel, EngineCosts, interpolate
+from prism_cli.serving.engine import Batch, Engine, Limits
 from prism_cli.serving.floors import Ladder, PointSpace, parse_floor, parse_mix
 from prism_cli.serving.policies import SCHEDULING_POLICIES
 from prism_cli.serving.requests import Request, SamplingParams
@@ -77,6 +77,61 @@ def test_cost_model_from_bench_keys_prefill_by_prompt_tokens(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(PrismError, match="cannot read cost model"):
         CostModel.load(tmp_path / "bad.json")
+
+
+def _engine_costs() -> EngineCosts:
+    """Decode ``2 + rows + width / 32`` ms and prefill ``rows * width / 100`` ms at linear:8; a join costs
+    ``rows * width / 1000`` ms and a trim half that (tables at two widths, linear in both, by hand)."""
+    def table(f):
+        return {w: {r: f(r, w) for r in (2, 8)} for w in (64, 256)}
+
+    return EngineCosts({"linear:8": table(lambda r, w: 2 + r + w / 32)}, {"linear:8": table(lambda r, w: r * w / 100)},
+                       table(lambda r, w: r * w / 1000), table(lambda r, w: r * w / 2000))
+
+
+def test_engine_costs_interpolate_in_rows_and_width_and_round_trip(tmp_path):
+    costs = _engine_costs()
+    assert costs.decode("linear:8", 8, 64) == pytest.approx(12.0)
+    assert costs.decode("linear:8", 5, 160) == pytest.approx(2 + 5 + 160 / 32)  # between both measured axes
+    assert costs.decode("linear:8", 16, 512) == pytest.approx(2 + 16 + 512 / 32)  # beyond both: the end segments
+    assert costs.decode("topk:4", 8, 64) is None  # not measured: the simulator falls back to the bench
+    assert costs.join(4, 100) == pytest.approx(0.4) and costs.keep(4, 100) == pytest.approx(0.2)
+    model = synthetic_cost_model()
+    model.engine = costs
+    model.save(tmp_path / "cm.json")
+    again = CostModel.load(tmp_path / "cm.json").engine
+    assert again is not None and again.decode("linear:8", 5, 160) == costs.decode("linear:8", 5, 160)
+    assert again.prefill("linear:8", 3, 100) == pytest.approx(3.0) and again.keep(8, 256) == costs.keep(8, 256)
+
+
+def test_the_simulator_tracks_cache_width_as_the_engine_pads_and_trims():
+    """Hand-computed: prompts of 10 and 30 tokens (width 30), one decode step, a row of 50 joins (width 50),
+    one step, the 50-token row leaves: the width falls to the longest row left (31 + 1 tokens)."""
+    model = synthetic_cost_model()
+    model.engine = _engine_costs()
+    sim = SimExecutor(model)
+    point = P("linear:8")
+    a, b, c = request("linear:2", prompt=10), request("linear:2", prompt=30), request("linear:2", prompt=50)
+    batch = Batch([])
+    kv, _, ms = sim.prefill([a, b], [point, point])
+    assert ms == pytest.approx(2 * 30 / 100) and (kv.width, kv.seen) == (30, [10, 30])
+    sim.join(batch, kv)
+    batch.rows = [a, b]
+    _, ms = sim.decode(batch, [point, point])
+    assert ms == pytest.approx(2 + 2 + 30 / 32) and batch.kv.width == 31
+    kv, _, _ = sim.prefill([c], [point])
+    clock = sim.clock
+    sim.join(batch, kv)
+    batch.rows = [a, b, c]
+    assert (batch.kv.width, batch.kv.seen) == (50, [11, 31, 50])
+    assert sim.clock - clock == pytest.approx(3 * 50 / 1000 / 1e3)  # the join's copy, charged
+    _, ms = sim.decode(batch, [point] * 3)
+    assert ms == pytest.approx(2 + 3 + 50 / 32)
+    clock = sim.clock
+    sim.keep(batch, [0, 1])
+    assert (batch.kv.width, batch.kv.seen) == (32, [12, 32])
+    assert sim.clock - clock == pytest.approx(3 * 51 / 2000 / 1e3)
+    assert sim.times.kv_s == pytest.approx((3 * 50 / 1000 + 3 * 51 / 2000) / 1e3)
 
 
 # --- floors ----------------------------------------------------------------------------------------
@@ -367,6 +422,26 @@ def test_schedule_sim_and_real_write_their_metrics(cli, tiny_export, tmp_path):
 ])
 def test_schedule_bad_input(cli, tiny_export, args, needles):
     cli("schedule", tiny_export, "--duration", "1", *args).assert_one_line_error(*needles)  # (no cost model saved)
+
+
+def test_cost_model_times_the_engine_itself(cli, tiny_export, tmp_path):
+    dec = _bench_json(tmp_path / "d", "decode", 128, {"linear:8": {1: 5.0, 8: 9.0}, "original:2": {1: 6.0, 8: 11.0}})
+    pre = _bench_json(tmp_path / "p", "prefill", 64, {"linear:8": {1: 20.0, 4: 50.0}, "original:2": {1: 22.0, 4: 60.0}})
+    res = cli("schedule", "cost-model", tiny_export, "--decode", dec, "--prefill", pre, "--rows", "1,3", "--widths", "8,24",
+              "--repeats", "2", "--out", tmp_path / "cm.json")
+    assert res.code == 0, res
+    engine = CostModel.load(tmp_path / "cm.json").engine
+    assert engine is not None and set(engine.decode_ms) == {"linear:8", "original:2"}
+    for table in (*engine.decode_ms.values(), *engine.prefill_ms.values()):
+        assert {w: sorted(by) for w, by in table.items()} == {8: [1, 3], 24: [1, 3]}
+        assert all(v > 0 for by in table.values() for v in by.values())
+    assert {w: sorted(by) for w, by in engine.join_ms.items()} == {8: [3], 24: [3]}  # copies need two rows
+    res = cli("schedule", "cost-model", tiny_export, "--decode", dec, "--prefill", pre, "--no-engine", "--out", tmp_path / "b.json")
+    assert res.code == 0 and CostModel.load(tmp_path / "b.json").engine is None
+    for args, needles in ((["--widths", "1"], ["widths", ">= 2"]), (["--repeats", "0"], ["--repeats"]),
+                          (["--rows", "a"], ["--rows"]), (["--widths", "5000"], ["context"])):
+        cli("schedule", "cost-model", tiny_export, "--decode", dec, "--prefill", pre, *args,
+            "--out", tmp_path / "x.json").assert_one_line_error(*needles)
 
 
 def test_schedule_unreadable_trace_names_the_line(cli, tiny_export, tmp_path):

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import CachePolicyOption, ConfigOption, DefaultCommandGroup, DeviceMemoryOption, deferred_progress
+from prism_cli.commands.common import (
+    CachePolicyOption,
+    ConfigOption,
+    DefaultCommandGroup,
+    DeviceMemoryOption,
+    deferred_progress,
+    parse_int_list,
+)
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.report import ResultTable
@@ -213,17 +220,39 @@ def cost_model_cmd(
     decode: Path = typer.Option(..., help="bench.json (or its folder) of `prism bench DIR --mode decode`."),
     prefill: Path = typer.Option(..., help="bench.json (or its folder) of `prism bench DIR --mode prefill`."),
     out: Path = typer.Option(None, help="Where to write it (default: DIR/prism/cost_model.json, saved with the export)."),
+    engine: bool = typer.Option(True, "--engine/--no-engine",
+                                help="Also time the serving executor itself (padded decode steps by cache width, KV "
+                                     "copies), which the simulator then charges."),
+    rows: str = typer.Option("1,8,16,32", help="Engine calibration: decode batch sizes."),
+    widths: str = typer.Option("64,256", help="Engine calibration: KV cache widths (columns, padding included)."),
+    repeats: int = typer.Option(6, help="Engine calibration: timed decode steps (and copies) per measurement."),
 ) -> None:
     """Build the cost model C(mode, batch, point) from a decode and a prefill bench of the export."""
+    from prism_cli.serving.calibrate import calibrate_engine
     from prism_cli.serving.costmodel import COST_MODEL_FILE, CostModel
 
     _check_dir(directory)
+    if repeats < 1:
+        raise PrismError(f"--repeats must be at least 1, got {repeats}")
     model = CostModel.from_bench(decode, prefill)
+    if engine:
+        with deferred_progress("engine calibration", unit="measurements") as (start, advance):
+            model.engine = calibrate_engine(directory, {p.point: p.kind for p in model.points.values()},
+                                            parse_int_list(rows, "--rows") or [], parse_int_list(widths, "--widths") or [],
+                                            repeats=repeats, on_start=start, on_step=advance)
     target = out or Path(directory) / COST_MODEL_FILE
     model.save(target)
-    table = ResultTable(f"cost model ({model.machine})", ["point", "kind", "perplexity", "decode ms by batch", "prefill ms by tokens"])
+    table = ResultTable(f"cost model ({model.machine})", ["point", "kind", "perplexity", "decode ms by batch",
+                                                          "prefill ms by tokens", "engine decode ms by width: batch"])
     for p in model.points.values():
+        by_width = model.engine.decode_ms.get(p.point, {}) if model.engine else {}
         table.add(p.point, p.kind, p.perplexity, ", ".join(f"{b}: {v:.3g}" for b, v in sorted(p.decode_ms.items())),
-                  ", ".join(f"{t}: {v:.3g}" for t, v in sorted(p.prefill_ms.items())))
+                  ", ".join(f"{t}: {v:.3g}" for t, v in sorted(p.prefill_ms.items())),
+                  "; ".join(f"{w}: " + ", ".join(f"{v:.3g}" for _, v in sorted(by.items())) for w, by in sorted(by_width.items()))
+                  or "-")
     console.print(table.rich())
+    if model.engine:
+        for name, t in (("KV join (one new row)", model.engine.join_ms), ("KV trim (one row leaves)", model.engine.keep_ms)):
+            console.print(f"{name}, ms by width: " + "; ".join(
+                f"{w}: " + ", ".join(f"{r} rows {v:.3g}" for r, v in sorted(by.items())) for w, by in sorted(t.items())))
     console.print(f"written {target}")

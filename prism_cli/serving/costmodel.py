@@ -7,6 +7,10 @@ Between measured batches the time is interpolated linearly; beyond them it is ex
 last measured segment (a step has a fixed part and a part that grows with the batch). Prefill is
 indexed by prompt tokens (batch x seq-len), so a batch of prompts of any lengths is priced by its total.
 
+Optionally (``engine``) it also holds what the serving executor itself costs by cache width: decode
+steps over padded, growing caches and the KV copies as rows join and leave (``calibrate.py``); the
+simulator charges those where they are present.
+
 Saved as JSON, with the export (``DIR/prism/cost_model.json``) or anywhere (``--cost-model FILE``).
 """
 
@@ -38,6 +42,52 @@ def interpolate(table: dict[int, float], x: float) -> float:
     return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 
 
+def _bilinear(table: dict[int, dict[int, float]], width: float, rows: float) -> float:
+    """``table[width][rows]``: linear in rows at each measured width, then linear in width."""
+    return interpolate({w: interpolate(by_rows, rows) for w, by_rows in table.items()}, width)
+
+
+@dataclass
+class EngineCosts:
+    """Milliseconds by cache width (columns, padding included) and rows, as the serving executor ran them
+    (measured by ``prism_cli.serving.calibrate``)."""
+
+    decode_ms: dict[str, dict[int, dict[int, float]]]  # point -> width -> rows -> one decode step
+    prefill_ms: dict[str, dict[int, dict[int, float]]]  # point -> width -> rows -> prefilling prompts padded to width
+    join_ms: dict[int, dict[int, float]]  # width -> rows after the join -> joining one new row
+    keep_ms: dict[int, dict[int, float]]  # width -> rows before -> dropping one row (and trimming padding)
+
+    def decode(self, point: OperatingPoint | str, rows: int, width: int) -> float | None:
+        table = self.decode_ms.get(str(point))
+        return None if table is None else _bilinear(table, width, rows)
+
+    def prefill(self, point: OperatingPoint | str, rows: int, width: int) -> float | None:
+        table = self.prefill_ms.get(str(point))
+        return None if table is None else _bilinear(table, width, rows)
+
+    def join(self, rows: int, width: int) -> float:
+        return _bilinear(self.join_ms, width, rows)
+
+    def keep(self, rows: int, width: int) -> float:
+        return _bilinear(self.keep_ms, width, rows)
+
+    def to_json(self) -> dict[str, Any]:
+        def nested(t: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
+            return {str(w): {str(r): v for r, v in by.items()} for w, by in t.items()}
+
+        return {"decode_ms": {p: nested(t) for p, t in self.decode_ms.items()},
+                "prefill_ms": {p: nested(t) for p, t in self.prefill_ms.items()},
+                "join_ms": nested(self.join_ms), "keep_ms": nested(self.keep_ms)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EngineCosts:
+        def nested(t: dict[str, dict[str, float]]) -> dict[int, dict[int, float]]:
+            return {int(w): {int(r): float(v) for r, v in by.items()} for w, by in t.items()}
+
+        return cls({p: nested(t) for p, t in data["decode_ms"].items()}, {p: nested(t) for p, t in data["prefill_ms"].items()},
+                   nested(data["join_ms"]), nested(data["keep_ms"]))
+
+
 @dataclass
 class PointCost:
     point: str
@@ -54,6 +104,8 @@ class CostModel:
     prefill_seq_len: int
     machine: str
     sources: dict[str, str] = field(default_factory=dict)
+    #: The serving executor's own decode and KV-copy costs by cache width (``EngineCosts``), when measured.
+    engine: EngineCosts | None = None
 
     def has(self, point: OperatingPoint | str) -> bool:
         return str(point) in self.points
@@ -89,7 +141,9 @@ class CostModel:
         return self._get(point).perplexity
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+        data = asdict(self)
+        data["engine"] = self.engine.to_json() if self.engine is not None else None
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def save(self, path: Path) -> None:
         write_json(Path(path), self.to_json())
@@ -108,8 +162,9 @@ class CostModel:
                                 {int(t): float(v) for t, v in p["prefill_ms"].items()})
                 for name, p in data["points"].items()
             }
+            engine = EngineCosts.from_json(data["engine"]) if data.get("engine") else None
             return cls(points, int(data["decode_seq_len"]), int(data["prefill_seq_len"]), str(data["machine"]),
-                       dict(data.get("sources", {})))
+                       dict(data.get("sources", {})), engine)
         except (KeyError, TypeError, ValueError) as exc:
             raise PrismError(f"cost model {path} is malformed ({type(exc).__name__}: {exc}); rebuild it") from None
 

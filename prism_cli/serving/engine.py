@@ -50,7 +50,7 @@ class Limits:
 @dataclass(eq=False)
 class Batch:
     rows: list[Request]
-    kv: Any = None  # the executor's state of these rows (a KV cache); None in the simulator
+    kv: Any = None  # the executor's state of these rows: a KV cache (the simulator: its width, ``SimKV``)
     turn: int = 0  # iteration of its last decode step (batches take turns)
 
 
@@ -63,6 +63,16 @@ class StepRecord:
     tokens: int
     points: tuple[str, ...]
     ms: float
+
+
+@dataclass
+class ExecutorTimes:
+    """Where an executor's time went (the simulator's: what it charged)."""
+
+    forward_s: float = 0.0
+    kv_s: float = 0.0  # joining, selecting and trimming caches
+    sample_s: float = 0.0
+    per_row_steps: int = 0
 
 
 class Executor(ABC):

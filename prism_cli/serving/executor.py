@@ -23,7 +23,7 @@ import torch
 from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.per_row import clear_row_points, set_row_points
-from prism_cli.serving.engine import Batch, Executor
+from prism_cli.serving.engine import Batch, Executor, ExecutorTimes
 from prism_cli.serving.floors import PointSpace
 from prism_cli.serving.requests import Request
 
@@ -74,14 +74,6 @@ def load_served_model(directory: str, original: bool = False, dtype: str = "floa
         space = PointSpace(meta["gate"], n_sub, top_k)
     context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 2048)
     return ServedModel(loaded.model, loaded.tokenizer, space, Path(directory).name if not original else "original", context)
-
-
-@dataclass
-class ExecutorTimes:
-    forward_s: float = 0.0
-    kv_s: float = 0.0  # joining, selecting and trimming caches
-    sample_s: float = 0.0
-    per_row_steps: int = 0
 
 
 class ModelExecutor(Executor):

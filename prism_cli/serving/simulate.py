@@ -3,52 +3,93 @@ replaced by the cost model's latencies on a virtual clock.
 
 Everything but the forward passes is the code that serves (the same ``Engine``, queues, policies and
 floor checks), so the simulator differs from the real engine only where the cost model differs from
-the machine: context-length effects (the model is timed at one cache length), the price of a batch
-whose rows run at different points (estimated, see ``CostModel.decode_mixed``), and the engine's own
-work between forwards (KV joins and trims, sampling, scheduling), which the simulator leaves out.
+the machine. With the engine's own costs in the cost model (``CostModel.engine``), it tracks each
+batch's cache width as the real executor does (left-padded, trimmed when rows leave) and charges
+prefills, decode steps and KV joins and trims by width; without them, decode steps cost what ``prism bench``
+measured at one cache length and the copies are free. Left out either way: the price of a batch whose
+rows run at different points (estimated, see ``CostModel.decode_mixed``), sampling and scheduling.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.costmodel import CostModel
-from prism_cli.serving.engine import Batch, Executor
+from prism_cli.serving.engine import Batch, Executor, ExecutorTimes
 from prism_cli.serving.requests import Request
+
+
+@dataclass
+class SimKV:
+    """What the simulator tracks of a batch's KV cache: its width (columns, padding included) and each
+    row's real tokens, which decide the width after rows leave (the real executor trims padding)."""
+
+    width: int
+    seen: list[int]
 
 
 class SimExecutor(Executor):
     def __init__(self, cost_model: CostModel) -> None:
         self.cost_model = cost_model
+        self.engine = cost_model.engine
         self.clock = 0.0
+        self.times = ExecutorTimes()
+
+    def _charge(self, ms: float, kind: str) -> None:
+        self.clock += ms / 1e3
+        if kind == "kv":
+            self.times.kv_s += ms / 1e3
+        else:
+            self.times.forward_s += ms / 1e3
 
     def now(self) -> float:
         return self.clock
 
     def prefill(self, requests: list[Request], points: list[OperatingPoint]) -> tuple[Any, list[int], float]:
         tokens = [r.prompt_len for r in requests]
-        if len(set(points)) == 1:
+        width = max(tokens)
+        # The engine left-pads the prompts to the longest and runs them as one batch.
+        per_point = {p: self.engine.prefill(p, len(points), width) for p in set(points)} if self.engine else {}
+        if per_point and all(v is not None for v in per_point.values()):
+            ms = sum(per_point[p] for p in points) / len(points)
+        elif len(set(points)) == 1:
             ms = self.cost_model.prefill(points[0], sum(tokens))
         else:
             ms = self.cost_model.prefill_mixed(points, tokens)  # type: ignore[arg-type]
-        self.clock += ms / 1e3
-        return None, [0] * len(requests), ms
+        self._charge(ms, "forward")
+        return SimKV(width, [r.prompt_len for r in requests]), [0] * len(requests), ms
 
     def join(self, batch: Batch, kv: Any) -> None:
-        pass
+        if batch.kv is None:
+            batch.kv = kv
+            return
+        merged = SimKV(max(batch.kv.width, kv.width), batch.kv.seen + kv.seen)
+        if self.engine is not None:
+            self._charge(self.engine.join(len(merged.seen), merged.width), "kv")
+        batch.kv = merged
 
     def decode(self, batch: Batch, points: list[OperatingPoint]) -> tuple[list[int], float]:
-        if len(set(points)) == 1:
+        kv: SimKV = batch.kv
+        per_point = {p: self.engine.decode(p, len(points), kv.width) for p in set(points)} if self.engine else {}
+        if per_point and all(v is not None for v in per_point.values()):
+            ms = sum(per_point[p] for p in points) / len(points)  # a mixed batch: as CostModel.decode_mixed
+        elif len(set(points)) == 1:
             ms = self.cost_model.decode(points[0], len(points))
         else:
             ms = self.cost_model.decode_mixed(points)  # type: ignore[arg-type]
-        self.clock += ms / 1e3
+        self._charge(ms, "forward")
+        batch.kv = SimKV(kv.width + 1, [n + 1 for n in kv.seen])
         return [0] * len(batch.rows), ms
 
     def keep(self, batch: Batch, rows: list[int]) -> None:
-        pass
+        kv: SimKV = batch.kv
+        if self.engine is not None:
+            self._charge(self.engine.keep(len(kv.seen), kv.width), "kv")
+        seen = [kv.seen[i] for i in rows]
+        batch.kv = SimKV(max(seen), seen)
 
     def idle(self, until: float | None, wake: threading.Event) -> None:
         if until is not None:
