@@ -4,7 +4,8 @@
     (make bench-executors)
 
 Times one MoE layer's experts call of the export (layer 0) with ``grouped`` (the plan executor,
-``runtime/grouped.py``) and with ``grouped-mm`` (``runtime/grouped_mm.py``) at the routing shapes the
+``runtime/grouped.py``), with grouped products (``runtime/grouped_mm.py``) and, for arbitrary subsets,
+with one product per sub-expert (``flat-loop``) at the routing shapes the
 runtime produces: ``linear:K`` (whole experts, then the first sub-experts of the next, in order: the
 prefix path) and the training-free gate's arbitrary subsets of K sub-experts (the flat path); and, as
 the reference both must be compared with, the source model's experts at the same routing (``linear:4j``
@@ -45,7 +46,7 @@ def shapes(tokens: int, experts: int, n_sub: int, top_k: int, k: int, gen: torch
     linear = torch.cat([chosen[:, r : r + 1] * n_sub + torch.arange(m) for r, m in blocks], dim=1)
     pairs = (chosen[:, :, None] * n_sub + torch.arange(n_sub)).reshape(tokens, -1)
     pick = torch.rand(pairs.shape, generator=gen).argsort(dim=1)[:, :k]
-    subsets = pairs.gather(1, pick)
+    subsets = pairs.gather(1, pick.sort(dim=1).values)  # in candidate order, as the topk policy lists them
     w = torch.rand(tokens, k, generator=gen) + 0.1
     whole = chosen[:, : k // n_sub] if k % n_sub == 0 else None
     return {"linear": (linear, w, whole), "subsets": (subsets, w, None)}
@@ -85,7 +86,7 @@ def main() -> None:
     table = ResultTable(
         f"experts executors: one MoE layer's experts call (ms, median of {args.repeats})",
         ["tokens", "routing", "plan (grouped)", "grouped products", "path", "grouped products / plan",
-         "original, transformers grouped_mm", "taken by the runtime"],
+         "one product per sub-expert (flat-loop)", "original, transformers grouped_mm", "taken by the runtime"],
     )
     with torch.no_grad():
         for tokens in TOKENS:
@@ -94,17 +95,21 @@ def main() -> None:
                 for kind, (idx, w, whole) in shapes(tokens, experts, n_sub, top_k, k, gen).items():
                     calls = {
                         "plan": lambda x=x, idx=idx, w=w: grouped_experts_forward(elastic, x, idx, w, n_sub),
-                        "mm": lambda x=x, idx=idx, w=w: grouped_mm.grouped_mm_forward(elastic, x, idx, w, n_sub),
+                        "mm": lambda x=x, idx=idx, w=w: grouped_mm.grouped_mm_forward(elastic, x, idx, w, n_sub, "mm"),
                     }
+                    if kind == "subsets":
+                        calls["loop"] = lambda x=x, idx=idx, w=w: grouped_mm.grouped_mm_forward(
+                            elastic, x, idx, w, n_sub, "flat-loop")
                     if whole is not None and kind == "linear":
                         ww = torch.rand(whole.shape, generator=gen)
                         calls["original"] = lambda x=x, whole=whole, ww=ww: reference(source, x, whole, ww)
                     ms = median_ms(calls, args.repeats)
                     prefix = grouped_mm.prefix_routing(idx, n_sub, elastic.gate_up_proj.shape[0]) is not None
                     path = "prefix-mm" if prefix else "flat-mm"
-                    taken = "grouped-mm" if grouped_mm.pays(idx) else "grouped"
+                    taken, _ = grouped_mm.choose_path(idx, n_sub, elastic.gate_up_proj.shape[0])
                     table.add(tokens, f"linear:{k}" if kind == "linear" else f"{k} of {n_sub * top_k} subsets",
-                              ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("original"), taken)
+                              ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("loop"),
+                              ms.get("original"), taken)
     table.notes += [
         f"Export {args.export} (layer 0: {elastic.gate_up_proj.shape[0]} sub-experts of width "
         f"{elastic.gate_up_proj.shape[1] // 2}, hidden {elastic.gate_up_proj.shape[2]}), float32, "
@@ -112,7 +117,9 @@ def main() -> None:
         "original: the source model's experts at the same routing (linear:4j = original:j), transformers' own "
         "grouped_mm; the elastic model's calls should cost what it costs.",
         f"The runtime takes grouped products for calls of >= {grouped_mm.MIN_TOKENS} tokens and (on the CPU) "
-        f"<= {grouped_mm.MAX_PAIRS:,} (token, slot) pairs, the plan executor otherwise.",
+        f"<= {grouped_mm.MAX_PAIRS:,} (token, slot) pairs; beyond that the plan executor for prefix routing "
+        "and one product per sub-expert (flat-loop) for arbitrary subsets; the plan executor below "
+        f"{grouped_mm.MIN_TOKENS} tokens.",
         "Command: python scripts/bench_executors.py --out results/executors (make bench-executors).",
     ]
     table.save(args.out)

@@ -146,7 +146,7 @@ def test_grouped_mm_matches_the_brute_force(n_sub, tokens, kind):
     else:
         idx, w = routing(kind, tokens, experts, n_sub, 2, gen)
     with torch.no_grad():
-        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub)
+        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub, "mm")
     if kind == "linear":
         assert path == "prefix-mm"
     want = brute_force(module, x, idx, w)
@@ -159,9 +159,47 @@ def test_grouped_mm_takes_the_flat_path_for_subsets_that_are_not_prefixes():
     idx = torch.tensor([[1, 2], [5, 4], [9, 10]])  # sub-experts 1-2 of expert 0, 1 then 0 of expert 1, 1-2 of expert 2
     w = torch.rand(3, 2)
     with torch.no_grad():
-        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, 4)
+        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, 4, "mm")
     assert path == "flat-mm"
     torch.testing.assert_close(got.double(), brute_force(module, x, idx, w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_sub", [1, 4])
+@pytest.mark.parametrize("kind", ["subsets", "sentinels", "duplicates"])
+def test_flat_loop_matches_the_brute_force(n_sub, kind):
+    """One product per sub-expert, the path for arbitrary subsets past ``MAX_PAIRS`` on the CPU."""
+    gen = torch.Generator().manual_seed(_seed("loop", n_sub, kind))
+    module = _olmoe_experts(6 * n_sub)
+    x = torch.randn(40, HIDDEN, generator=gen)
+    idx, w = routing(kind, 40, 6, n_sub, 2, gen)
+    with torch.no_grad():
+        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub, "flat-loop")
+    assert path == "flat-loop"
+    want = brute_force(module, x, idx, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch):
+    """Below MIN_TOKENS tokens the plan executor; up to MAX_PAIRS pairs grouped products; beyond, the
+    plan executor for prefix routing and the per-sub-expert loop for subsets; same output on every path."""
+    monkeypatch.setattr(grouped_mm, "MAX_PAIRS", 64)
+    module = _olmoe_experts(6 * 4)
+    gen = torch.Generator().manual_seed(5)
+    cases = [(3, "linear", "grouped"), (3, "subsets", "grouped"), (8, "linear", "prefix-mm"),
+             (8, "subsets", "flat-mm"), (40, "linear", "grouped"), (40, "subsets", "flat-loop")]
+    for tokens, kind, want_path in cases:
+        x = torch.randn(tokens, HIDDEN, generator=gen)
+        if kind == "linear":
+            idx, w = linear_routing(tokens, 6, 4, 6, gen)  # 6 slots: 8 tokens = 48 pairs, 40 = 240
+        else:
+            idx, w = routing("subsets", tokens, 6, 4, 2, gen)
+            idx, w = idx[:, :6], w[:, :6]  # at most 8 slots; keep the pair counts on either side of 64
+        assert (idx.numel() > 64) == (tokens == 40)
+        with torch.no_grad():
+            got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, 4)
+        assert path == want_path, (tokens, kind)
+        want = brute_force(module, x, idx, w)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def _seed(*key: object) -> int:

@@ -15,6 +15,7 @@ from conftest import FULL, N_SUB, TOP_K, logits_of, random_neurons_export, token
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.quality import ActiveCounter
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
+from prism_cli.runtime.grouped_mm import prefix_routing
 from prism_cli.runtime.policies import POLICIES, PatternPolicy, ThresholdPolicy, TopKPolicy
 
 EXPERTS = 8
@@ -58,6 +59,21 @@ def test_topk_keeps_the_k_largest_weight_times_score_pairs(k):
         assert set(ids[t].tolist()) == {p[0] for p in pairs[:k]}
         weight_of = {p[0]: p[1] for p in pairs}
         assert weights[t].tolist() == pytest.approx([weight_of[i] for i in ids[t].tolist()])
+
+
+def test_topk_lists_its_pairs_in_candidate_order():
+    """Router slot by slot, sub-experts ascending: at K = N*k every token's routing is whole experts in
+    sub-expert order, the prefix shape the executors run as whole-expert products."""
+    idx = torch.tensor([[3, 0], [1, 2]])
+    w = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    scores = torch.tensor([[[0.1, 0.9, 0.2, 0.8], [0.5, 0.4, 0.3, 0.6]], [[0.9, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.9]]])
+    ids, _ = TopKPolicy(N_SUB, TOP_K, EXPERTS).allocate(idx, w, scores, 2)
+    # token 0: 0.7*0.9 (3, 1) and 0.7*0.8 (3, 3); token 1: 0.6*0.9 (1, 0) and 0.4*0.9 (2, 3)
+    assert ids.tolist() == [[3 * N_SUB + 1, 3 * N_SUB + 3], [1 * N_SUB + 0, 2 * N_SUB + 3]]
+    full, _ = TopKPolicy(N_SUB, TOP_K, EXPERTS).allocate(idx, w, scores, N_SUB * TOP_K)
+    want = [[e * N_SUB + n for e in row for n in range(N_SUB)] for row in idx.tolist()]
+    assert full.tolist() == want
+    assert prefix_routing(full, N_SUB, EXPERTS * N_SUB) is not None
 
 
 def test_topk_prefers_a_strong_sub_expert_of_a_weak_expert():

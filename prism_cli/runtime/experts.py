@@ -6,8 +6,9 @@ threshold policy's variable compute). Which executor runs is resolved once per m
 dtype, from a registry:
 
 * ``grouped-mm`` (:mod:`prism_cli.runtime.grouped_mm`): two grouped matrix products per call (one
-  per projection and prefix length), whatever the number of experts; for the standard layouts, where
-  a call has enough tokens for it to pay (``grouped_mm.pays``), else it hands the call to ``grouped``;
+  per projection and prefix length), whatever the number of experts; for the standard layouts, on the
+  calls where that pays (``grouped_mm.choose_path``), else one product per sub-expert (``flat-loop``) or
+  the ``grouped`` executor;
 * ``grouped`` (:mod:`prism_cli.runtime.grouped`): tokens grouped once per expert, sub-experts run over
   contiguous weight slices; any device, any layout transformers' own implementations accept;
 * ``offload`` (:mod:`prism_cli.offload.executor`, registered there): a module whose experts live in host
@@ -48,9 +49,6 @@ def _grouped(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, we
 
 @EXECUTORS.register("grouped-mm")
 def _grouped_products(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    if not grouped_mm.pays(indices):
-        DISPATCH_COUNTS["grouped"] += 1
-        return _grouped(module, x, indices, weights)
     out, path = grouped_mm.grouped_mm_forward(module, x, indices, weights, sub_experts_of(module))
     DISPATCH_COUNTS[path] += 1
     return out

@@ -16,10 +16,12 @@ own ``grouped_mm`` implementation does for whole experts. Two shapes of routing 
   experts when ``m = N``. The activation is applied per sub-expert (``_apply_gate`` on each ``2w``
   slice), then scaled by the sub-expert's routing weight before the down projection.
 * **flat** (the training-free gate's arbitrary subsets): rows are (token, sub-expert) pairs grouped by
-  flat sub-expert, one grouped product per projection over the E*N sub-experts.
+  flat sub-expert, one grouped product per projection over the E*N sub-experts (``flat-mm``); on the
+  CPU, past ``MAX_PAIRS`` pairs, one plain product per sub-expert over its own gathered rows
+  (``flat-loop``), which keeps each product's rows in cache where one call over every pair does not.
 
-Only the standard layouts are taken (not transposed, no biases); anything else, and calls where
-grouped products do not pay (``pays``), stay with the plan executor. Outputs are reduced per
+Only the standard layouts are taken (not transposed, no biases); anything else stays with the plan
+executor, and so do calls where grouped products do not pay (``choose_path``). Outputs are reduced per
 token with ``index_add_`` in a fixed order (serial on the CPU), so results are deterministic.
 """
 
@@ -30,20 +32,16 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_cli.runtime.grouped import _down_transposed
+from prism_cli.runtime.grouped import _down_transposed, grouped_experts_forward
 
 #: Calls of fewer tokens go to the plan executor: with one to three tokens a couple of plain matmuls
 #: cost less than sorting, counting and two grouped products.
 MIN_TOKENS = 4
-#: Calls of more (token, slot) pairs also go to the plan executor: on the CPU, grouped products slow
-#: down past a few thousand rows (pairs) per call, where per-expert matmuls do not.
+#: Past this many (token, slot) pairs, on the CPU, grouped products slow down (one call's rows no longer
+#: stay in cache): prefix routing goes to the plan executor (per-expert matmuls), arbitrary subsets to
+#: one product per sub-expert (``flat-loop``), which beats the plan's scattered pieces there.
 #: Both bounds come from ``make bench-executors`` (results/executors.md).
 MAX_PAIRS = 4_096
-
-
-def pays(indices: torch.Tensor) -> bool:
-    """Whether a call routed as ``indices [T, P]`` is one where grouped products beat the plan executor."""
-    return indices.shape[0] >= MIN_TOKENS and (indices.device.type != "cpu" or indices.numel() <= MAX_PAIRS)
 
 
 #: What ``grouped_mm`` computes in (float64 models, e.g. reference checks, stay with the plan executor).
@@ -79,18 +77,45 @@ class PrefixRouting:
 PREFIX_ATTR = "prism_prefix"
 
 
-def grouped_mm_forward(
-    module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int
-) -> tuple[torch.Tensor, str]:
-    """``out[t] = sum_p weights[t, p] * SubExpert_{indices[t, p]}(x[t])`` and which path ran
-    (``"prefix-mm"`` or ``"flat-mm"``); ``indices == E*N`` marks an unused slot."""
-    out = torch.zeros(indices.shape[0], module.down_proj.shape[1], dtype=torch.float32, device=x.device)
-    found = prefix_routing(indices, n_sub, module.gate_up_proj.shape[0])
+def choose_path(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[str, PrefixRouting | None]:
+    """The path the runtime takes for a call routed as ``indices [T, P]``, with its prefix routing if it
+    has one: ``"grouped"`` (the plan executor) for fewer than ``MIN_TOKENS`` tokens and for prefix routing
+    of more than ``MAX_PAIRS`` pairs on the CPU, else ``"prefix-mm"``; arbitrary subsets take
+    ``"flat-mm"``, or ``"flat-loop"`` past ``MAX_PAIRS`` pairs on the CPU."""
+    if indices.shape[0] < MIN_TOKENS:
+        return "grouped", None
+    big = indices.device.type == "cpu" and indices.numel() > MAX_PAIRS
+    found = prefix_routing(indices, n_sub, groups)
     if found is not None:
+        return ("grouped" if big else "prefix-mm"), found
+    return ("flat-loop" if big else "flat-mm"), None
+
+
+def grouped_mm_forward(
+    module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int,
+    path: str | None = None,
+) -> tuple[torch.Tensor, str]:
+    """``out[t] = sum_p weights[t, p] * SubExpert_{indices[t, p]}(x[t])`` and which path ran;
+    ``indices == E*N`` marks an unused slot. ``path=None`` takes the runtime's (``choose_path``);
+    ``"mm"`` forces grouped products (``prefix-mm`` or ``flat-mm``), ``"flat-loop"`` the per-sub-expert
+    loop, which takes any routing (benchmarks and tests)."""
+    groups = module.gate_up_proj.shape[0]
+    found = None
+    if path is None:
+        path, found = choose_path(indices, n_sub, groups)
+        if path == "grouped":
+            return grouped_experts_forward(module, x, indices, weights, n_sub), path
+    elif path == "mm":
+        found = prefix_routing(indices, n_sub, groups)
+        path = "prefix-mm" if found is not None else "flat-mm"
+    out = torch.zeros(indices.shape[0], module.down_proj.shape[1], dtype=torch.float32, device=x.device)
+    if path == "prefix-mm":
         _prefix_blocks(module, x, out, found, weights.float(), n_sub)
-        return out.to(x.dtype), "prefix-mm"
-    _flat_pairs(module, x, out, indices, weights.float())
-    return out.to(x.dtype), "flat-mm"
+    elif path == "flat-mm":
+        _flat_pairs(module, x, out, indices, weights.float())
+    else:
+        _flat_loop(module, x, out, indices, weights.float())
+    return out.to(x.dtype), path
 
 
 def prefix_routing(indices: torch.Tensor, n_sub: int, groups: int) -> PrefixRouting | None:
@@ -157,6 +182,28 @@ def _flat_pairs(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, ind
     order = torch.argsort(flat, stable=True)
     _rows_into(module, x, out, tok[order], _offsets(flat, groups), module.gate_up_proj, _down_transposed(module),
                w[order, None])
+
+
+def _flat_loop(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, indices: torch.Tensor,
+               weights: torch.Tensor) -> None:
+    """Pairs sorted by flat sub-expert as in ``_flat_pairs``, then per sub-expert: gather its rows, one
+    product per projection, add into the output."""
+    gate_up, down = module.gate_up_proj, _down_transposed(module)
+    groups = gate_up.shape[0]
+    flat, w = indices.reshape(-1), weights.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=groups + 1)[:groups].tolist()  # the sentinel's pairs sort last
+    tok = torch.div(order, indices.shape[1], rounding_mode="floor")
+    w = w[order]
+    start = 0
+    for g, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = tok[start : start + count]
+        h = torch.nn.functional.linear(x.index_select(0, rows).to(gate_up.dtype), gate_up[g])
+        act = module._apply_gate(h) * w[start : start + count, None].to(h.dtype)
+        out.index_add_(0, rows, (act @ down[g]).float())
+        start += count
 
 
 def _rows_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, offs: torch.Tensor,

@@ -56,13 +56,17 @@ def register_policy(cls: type[AllocationPolicy]) -> type[AllocationPolicy]:
 
 @register_policy
 class TopKPolicy(AllocationPolicy):
-    """The K pairs with the largest router weight x gate score, over all the token's chosen experts."""
+    """The K pairs with the largest router weight x gate score, over all the token's chosen experts.
+
+    They are listed in candidate order (the router's experts in its order, each expert's sub-experts
+    ascending), so that where every token keeps whole experts (K = N*k) the routing has the prefix shape
+    the executors run fastest (``runtime/grouped_mm.py``)."""
 
     name = "topk"
 
     def allocate(self, expert_idx, expert_w, scores, value):
         ids, weights, contribution = self._pairs(expert_idx, expert_w, scores)
-        keep = torch.topk(contribution, int(value), dim=-1, sorted=False).indices
+        keep = torch.topk(contribution, int(value), dim=-1, sorted=False).indices.sort(dim=-1).values
         return ids.gather(1, keep), weights.gather(1, keep)
 
 
