@@ -89,6 +89,7 @@ gate-ablation: $(STAMP)
 	mkdir -p $(RUN)
 	test -f $(RUN)/profile.h5 || $(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
 	$(BIN)/python scripts/gate_ablation.py --profile $(RUN)/profile.h5 --partition tables/builtin/partition.h5 --out results/gate_ablation
+	$(BIN)/python scripts/gate_ablation.py --profile $(RUN)/profile.h5 --partition tables/builtin-n8/partition.h5 --settings 1:mass,2:coact,2:mass,4:mass,8:mass --points 2,4,8 --out results/gate_ablation_n8
 
 compare-solvers: $(STAMP)
 	mkdir -p $(RUN)

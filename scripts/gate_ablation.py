@@ -10,8 +10,9 @@ original model at top-1 (equal compute to K = N).
 
 The setting is CHOSEN on the calibration split (the text the profile was taken from): the lowest mean
 log-perplexity over the K points among the settings whose gate scoring costs at most ``--max-cost`` of
-one sub-expert per token (scoring reads 2*s rows per sub-expert of each of the k chosen experts; a
-sub-expert computes 3*I/N rows). The evaluation split is measured too and only reported.
+one sub-expert per token: scoring reads 2*s rows for each of the N sub-experts of each of the k
+chosen experts, 2*k*N*s rows per token, and one sub-expert computes 3*I/N rows. The evaluation split is
+measured too and only reported.
 Writes <out>.md/.csv/.json.
 """
 
@@ -35,7 +36,24 @@ from prism_cli.solvers.base import PartitionProblem
 from prism_cli.solvers.format import read_partition, write_partition
 from prism_cli.solvers.runner import gate_positions
 
-SETTINGS = [(4, "coact"), (4, "mass"), (8, "coact"), (8, "mass"), (16, "mass")]
+SETTINGS = "4:coact,4:mass,8:coact,8:mass,16:mass"
+
+
+def parse_settings(text: str) -> list[tuple[int, str]]:
+    """``"4:coact,8:mass"`` -> [(4, "coact"), (8, "mass")]."""
+    out = []
+    for item in text.split(","):
+        s, _, rule = item.partition(":")
+        if not s.strip().isdigit() or int(s) < 1 or rule not in ("coact", "mass"):
+            raise SystemExit(f"error: --settings item {item!r} is not COUNT:coact or COUNT:mass")
+        out.append((int(s), rule))
+    return out
+
+
+def scoring_cost(top_k: int, n_sub: int, s: int, width: int) -> float:
+    """Gate scoring per token in sub-experts: 2*s rows for each of the N sub-experts of the k chosen
+    experts, against 3*width rows for one sub-expert."""
+    return top_k * n_sub * 2 * s / (3 * width)
 
 
 def main() -> None:
@@ -46,6 +64,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32_768)
     ap.add_argument("--points", default="1,2,4")
     ap.add_argument("--max-cost", type=float, default=1 / 3, help="Most gate-scoring compute per token, in sub-experts.")
+    ap.add_argument("--settings", default=SETTINGS, help="Gate-neuron settings to try, COUNT:RULE (coact or mass).")
     ap.add_argument("--out", type=Path, default=Path("results/gate_ablation"))
     args = ap.parse_args()
     ks = [int(k) for k in args.points.split(",")]
@@ -63,7 +82,7 @@ def main() -> None:
     with ProfileFile(args.profile) as profile, tempfile.TemporaryDirectory() as tmp:
         problems = {(layer, e): PartitionProblem(rows=profile.expert(layer, e).fit_rows, n_groups=n_sub)
                     for layer in base.layers for e in range(profile.num_experts)}
-        for s, rule in SETTINGS:
+        for s, rule in parse_settings(args.settings):
             for layer in base.layers:
                 for e, expert in enumerate(base.experts[layer]):
                     members = expert.permutation.reshape(n_sub, -1)
@@ -84,7 +103,7 @@ def main() -> None:
                     set_operating_point(loaded.model, f"topk:{k}")
                     ppl[split, k] = perplexity(loaded.model, windows[split]).perplexity
             width = loaded.model.prism_state.layers[0].experts.down_proj.shape[-1]  # I / N
-            cost = int(base.meta["top_k"]) * 2 * s / (3 * width)
+            cost = scoring_cost(int(base.meta["top_k"]), n_sub, s, width)
             mean_log = sum(math.log(ppl["calibration", k]) for k in ks) / len(ks)
             rows.append([s, rule, cost, *[ppl["calibration", k] for k in ks], mean_log, *[ppl["eval", k] for k in ks]])
             print(f"s={s} {rule}: calibration {np.round([ppl['calibration', k] for k in ks], 2).tolist()}", flush=True)
