@@ -117,7 +117,8 @@ def main() -> None:
         "original: the source model's experts at the same routing (linear:4j = original:j), transformers' own "
         "grouped_mm; the elastic model's calls should cost what it costs.",
         f"The runtime takes grouped products for calls of >= {grouped_mm.MIN_TOKENS} tokens and (on the CPU) "
-        f"<= {grouped_mm.MAX_PAIRS:,} (token, slot) pairs; beyond that the plan executor for prefix routing "
+        f"<= {grouped_mm.MAX_PAIRS:,} rows (a token's block for prefix routing, so linear:4j has the rows of "
+        "original:j; a (token, sub-expert) pair otherwise); beyond that the plan executor for prefix routing "
         "and one product per sub-expert (flat-loop) for arbitrary subsets; the plan executor below "
         f"{grouped_mm.MIN_TOKENS} tokens.",
         "Command: python scripts/bench_executors.py --out results/executors (make bench-executors).",

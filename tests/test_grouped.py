@@ -180,21 +180,22 @@ def test_flat_loop_matches_the_brute_force(n_sub, kind):
 
 
 def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch):
-    """Below MIN_TOKENS tokens the plan executor; up to MAX_PAIRS pairs grouped products; beyond, the
-    plan executor for prefix routing and the per-sub-expert loop for subsets; same output on every path."""
+    """Below MIN_TOKENS tokens the plan executor; up to MAX_PAIRS rows grouped products (a row: a token's
+    block for prefix routing, a pair otherwise); beyond, the plan executor for prefix routing and the
+    per-sub-expert loop for subsets; same output on every path."""
     monkeypatch.setattr(grouped_mm, "MAX_PAIRS", 64)
     module = _olmoe_experts(6 * 4)
     gen = torch.Generator().manual_seed(5)
-    cases = [(3, "linear", "grouped"), (3, "subsets", "grouped"), (8, "linear", "prefix-mm"),
+    # linear:6 at N = 4 is two blocks per token: 20 tokens = 40 rows (120 pairs), 40 tokens = 80 rows
+    cases = [(3, "linear", "grouped"), (3, "subsets", "grouped"), (20, "linear", "prefix-mm"),
              (8, "subsets", "flat-mm"), (40, "linear", "grouped"), (40, "subsets", "flat-loop")]
     for tokens, kind, want_path in cases:
         x = torch.randn(tokens, HIDDEN, generator=gen)
         if kind == "linear":
-            idx, w = linear_routing(tokens, 6, 4, 6, gen)  # 6 slots: 8 tokens = 48 pairs, 40 = 240
+            idx, w = linear_routing(tokens, 6, 4, 6, gen)
         else:
             idx, w = routing("subsets", tokens, 6, 4, 2, gen)
-            idx, w = idx[:, :6], w[:, :6]  # at most 8 slots; keep the pair counts on either side of 64
-        assert (idx.numel() > 64) == (tokens == 40)
+            idx, w = idx[:, :6], w[:, :6]  # 6 slots: 8 tokens = 48 pairs, 40 = 240
         with torch.no_grad():
             got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, 4)
         assert path == want_path, (tokens, kind)
