@@ -11,7 +11,7 @@ prefix path) and the training-free gate's arbitrary subsets of K sub-experts (th
 the reference both must be compared with, the source model's experts at the same routing (``linear:4j``
 is ``original:j``) under transformers' own ``grouped_mm``. Calls alternate round-robin, so drift on a
 shared machine hits all alike; each cell is the median of ``--repeats`` calls. The executor's bounds
-(``grouped_mm.MIN_TOKENS``, ``MAX_PAIRS``) are read from this table. Writes <out>.md/.csv/.json.
+(``grouped_mm.MIN_TOKENS``, ``MAX_PAIRS``, ``MAX_PREFIX_ROWS``) are read from this table. Writes <out>.md/.csv/.json.
 """
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ def main() -> None:
         "original: the source model's experts at the same routing (linear:4j = original:j), transformers' own "
         "grouped_mm; the elastic model's calls should cost what it costs.",
         f"The runtime takes grouped products for calls of >= {grouped_mm.MIN_TOKENS} tokens and (on the CPU) "
-        f"<= {grouped_mm.MAX_PAIRS:,} rows (a token's block for prefix routing, so linear:4j has the rows of "
-        "original:j; a (token, sub-expert) pair otherwise); beyond that the plan executor for prefix routing "
-        "and one product per sub-expert (flat-loop) for arbitrary subsets; the plan executor below "
-        f"{grouped_mm.MIN_TOKENS} tokens.",
+        f"<= {grouped_mm.MAX_PREFIX_ROWS:,} rows of prefix routing (a row: a token's block, so linear:4j has "
+        f"the rows of original:j) or <= {grouped_mm.MAX_PAIRS:,} (token, sub-expert) pairs of arbitrary subsets; "
+        "beyond that the plan executor for prefix routing and one product per sub-expert (flat-loop) for "
+        f"subsets; the plan executor below {grouped_mm.MIN_TOKENS} tokens.",
         "Command: python scripts/bench_executors.py --out results/executors (make bench-executors).",
     ]
     table.save(args.out)

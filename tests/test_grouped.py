@@ -180,10 +180,11 @@ def test_flat_loop_matches_the_brute_force(n_sub, kind):
 
 
 def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch):
-    """Below MIN_TOKENS tokens the plan executor; up to MAX_PAIRS rows grouped products (a row: a token's
-    block for prefix routing, a pair otherwise); beyond, the plan executor for prefix routing and the
-    per-sub-expert loop for subsets; same output on every path."""
+    """Below MIN_TOKENS tokens the plan executor; up to MAX_PREFIX_ROWS rows (a token's block) for prefix
+    routing and MAX_PAIRS pairs for subsets grouped products; beyond, the plan executor for prefix routing
+    and the per-sub-expert loop for subsets; same output on every path."""
     monkeypatch.setattr(grouped_mm, "MAX_PAIRS", 64)
+    monkeypatch.setattr(grouped_mm, "MAX_PREFIX_ROWS", 64)
     module = _olmoe_experts(6 * 4)
     gen = torch.Generator().manual_seed(5)
     # linear:6 at N = 4 is two blocks per token: 20 tokens = 40 rows (120 pairs), 40 tokens = 80 rows

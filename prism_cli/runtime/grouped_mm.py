@@ -37,12 +37,16 @@ from prism_cli.runtime.grouped import _down_transposed, grouped_experts_forward
 #: Calls of fewer tokens go to the plan executor: with one to three tokens a couple of plain matmuls
 #: cost less than sorting, counting and two grouped products.
 MIN_TOKENS = 4
-#: Past this many rows per call (a row: a token's block for prefix routing, a (token, sub-expert) pair
-#: otherwise), on the CPU, grouped products slow down (one call's rows no longer stay in cache): prefix
-#: routing goes to the plan executor (per-expert matmuls), arbitrary subsets to one product per
-#: sub-expert (``flat-loop``), which beats the plan's scattered pieces there.
-#: Both bounds come from ``make bench-executors`` (results/executors.md).
+#: Past this many (token, sub-expert) pairs per call of arbitrary subsets, on the CPU, grouped products
+#: slow down (one call's rows no longer stay in cache): one product per sub-expert (``flat-loop``) takes
+#: over, which beats the plan executor's scattered pieces there.
 MAX_PAIRS = 4_096
+#: The same bound for prefix routing, counted in rows of its products (a token's block of sub-experts is
+#: one row, so ``linear:N*k`` has the rows of the original at top-k and takes the same path): beyond it,
+#: the plan executor (per-expert matmuls over contiguous slices). Its blocks are wider than one
+#: sub-expert, so its products leave the cache sooner. All three bounds come from ``make bench-executors``
+#: (results/executors.md).
+MAX_PREFIX_ROWS = 2_048
 
 
 #: What ``grouped_mm`` computes in (float64 models, e.g. reference checks, stay with the plan executor).
@@ -81,17 +85,15 @@ PREFIX_ATTR = "prism_prefix"
 def choose_path(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[str, PrefixRouting | None]:
     """The path the runtime takes for a call routed as ``indices [T, P]``, with its prefix routing if it
     has one: ``"grouped"`` (the plan executor) for fewer than ``MIN_TOKENS`` tokens. Prefix routing takes
-    ``"prefix-mm"``, on the CPU up to ``MAX_PAIRS`` rows of its products (a token's block of sub-experts
-    is one row, so ``linear:N*k`` has the rows of the original at top-k and takes the same path), the
-    plan executor beyond; arbitrary subsets (one row per pair) take ``"flat-mm"``, or ``"flat-loop"``
-    past ``MAX_PAIRS`` pairs on the CPU."""
+    ``"prefix-mm"``, on the CPU up to ``MAX_PREFIX_ROWS`` rows of its products, the plan executor beyond;
+    arbitrary subsets take ``"flat-mm"``, or ``"flat-loop"`` past ``MAX_PAIRS`` pairs on the CPU."""
     tokens = indices.shape[0]
     if tokens < MIN_TOKENS:
         return "grouped", None
     cpu = indices.device.type == "cpu"
     found = prefix_routing(indices, n_sub, groups)
     if found is not None:
-        return ("grouped" if cpu and tokens * len(found.lengths) > MAX_PAIRS else "prefix-mm"), found
+        return ("grouped" if cpu and tokens * len(found.lengths) > MAX_PREFIX_ROWS else "prefix-mm"), found
     return ("flat-loop" if cpu and indices.numel() > MAX_PAIRS else "flat-mm"), None
 
 
