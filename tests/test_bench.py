@@ -174,6 +174,11 @@ def test_summary_tables_by_hand():
     report.points = [p for p in points if p.point not in ("topk:4", "pattern:4,0", "linear:4")]
     cells = next(t for t in summary_tables(report) if t.title.startswith("equal compute")).records()
     assert cells[0]["best elastic wins"] is None
+    # the same routing as the original, equal but for the last digits: a tie, not a win
+    report.points = [p for p in points if p.point not in ("topk:4", "pattern:4,0", "linear:4")]
+    report.points.append(_point("linear:4", "elastic", 11.0 * (1 - 1e-11), 1.4, 4))
+    cells = next(t for t in summary_tables(report) if t.title.startswith("equal compute")).records()
+    assert cells[0]["best elastic wins"] is False
 
 
 def test_best_under_budget_by_hand():
