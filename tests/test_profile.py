@@ -26,6 +26,7 @@ from prism_cli.profiling import recorder as recorder_module
 from prism_cli.profiling import spill as spill_module
 from prism_cli.profiling.budget import ProfileGeometry, forward_bytes, parse_size, plan_memory
 from prism_cli.profiling.format import FORMAT, FORMAT_VERSION, ProfileFile
+from prism_cli.profiling.heap import limit_kernel_cache, release_free_heap
 from prism_cli.profiling.profiler import ProfileSettings, holdout_mask, profile_model
 from prism_cli.profiling.recorder import Reservoir, rng_state, set_rng_state
 from prism_cli.profiling.spill import LayerSpill
@@ -316,7 +317,40 @@ def test_reservoir_is_uniform() -> None:
     assert abs(counts[: n // 4].mean() - counts[-n // 4 :].mean()) < 0.08 * expected
 
 
-def test_memory_bound_rows_do_not_grow_with_tokens(tiny_model_dir, tmp_path) -> None:
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or os.uname().sysname != "Linux", reason="glibc / procfs only")
+def test_release_free_heap_returns_freed_fragments_to_the_system() -> None:
+    # 3,000 blocks of 64 KiB (below glibc's mmap threshold: they come from the heap) pinned apart by
+    # small live blocks, so freeing them leaves holes that glibc does not give back by itself.
+    big, pins = [], []
+    for _ in range(3000):
+        big.append(bytearray(64 * 1024))
+        pins.append(bytearray(1024))
+    del big
+    held = _rss_bytes()
+    if not release_free_heap():
+        pytest.skip("this C library has no malloc_trim")
+    assert held - _rss_bytes() > 100 * 2**20  # about 190 MiB were freed; most of it must leave the process
+    assert len(pins) == 3000
+
+
+def test_limit_kernel_cache_keeps_a_value_the_user_set(monkeypatch) -> None:
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    limit_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    limit_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+
+
+def test_memory_bound_rows_do_not_grow_with_tokens(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     loaded = load_model(str(tiny_model_dir("olmoe")))
     text, name = load_text(None, "calibration")
     counts = {}
@@ -334,6 +368,7 @@ def test_memory_bound_rows_do_not_grow_with_tokens(tiny_model_dir, tmp_path) -> 
     assert counts[4096][2] == 2 * counts[2048][2]
     assert np.all(counts[4096][0] == 24) and np.all(counts[4096][1] == 8)
     assert np.all(counts[4096][0] >= counts[2048][0])
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"  # a kernel per expert shape is not cached
 
 
 # --- the short-data guard, Ctrl-C (the other bad input: tests/test_bad_input.py) ---------------------

@@ -35,6 +35,7 @@ from prism_cli.models.adapters import MoELayer
 from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint
 from prism_cli.profiling.budget import MemoryPlan, ProfileGeometry, format_size, forward_bytes, plan_memory
 from prism_cli.profiling.format import FORMAT, FORMAT_VERSION
+from prism_cli.profiling.heap import limit_kernel_cache, release_free_heap
 from prism_cli.profiling.recorder import (
     KINDS,
     PROFILE_IMPLEMENTATION,
@@ -307,6 +308,7 @@ def profile_model(
     batch of each pass. ``resume`` continues the work folder an interrupted run left.
     """
     settings.validate()
+    limit_kernel_cache()
     out_path = Path(out_path)
     check_writable(out_path)
     adapter = loaded.adapter
@@ -409,6 +411,7 @@ def _run_pass(loaded: LoadedModel, windows: torch.Tensor, held_windows: np.ndarr
                     loaded.model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
                     pass
+                release_free_heap()
                 if on_batch is not None:
                     on_batch(batch.numel())
                 run.maybe_checkpoint()
