@@ -21,6 +21,8 @@ per-unit costs measured on this machine:
   bring it under an hour follow.
 * **export**: bytes read plus bytes written at the rate a calibration export measured.
 
+Profile and export each add the seconds a fresh process takes to import torch, transformers and prism.
+
 Every unit cost is measured both as wall-clock time and as the process's CPU time: the first is what
 this machine takes at its current load; the second is the work itself, which on a shared machine is
 the steadier of the two (and, for single-threaded work, what an idle machine takes).
@@ -313,6 +315,9 @@ class MachineCosts:
     load_bytes_per_s: float  # checkpoint bytes per second loaded for profiling
     disk_write_bytes_per_s: float
     runtime_bytes: int  # resident memory of a process that imported torch, transformers and prism
+    #: Wall seconds a fresh process takes to import them: every stage is a new `prism` process.
+    #: (0 in costs files calibrated before it was measured.)
+    startup_seconds: float = 0.0
     source: str = ""
 
     def partition_seconds(self, solver: str, width: int, rows: float) -> tuple[Timed, bool]:
@@ -475,13 +480,13 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
     profile_bytes = geometry.profile_bytes(tokens)
     work_bytes = geometry.work_bytes(tokens, memory.buffer_bytes)
     io = (rows_bytes + profile_bytes) / machine.disk_write_bytes_per_s
-    load = shape.checkpoint_bytes / machine.load_bytes_per_s
+    load = machine.startup_seconds + shape.checkpoint_bytes / machine.load_bytes_per_s
     profile = StagePlan(
         "profile", seconds=load + forward.wall + io, cpu_seconds=load + forward.cpu + io,
         memory_bytes=model_bytes + machine.runtime_bytes + used,
         disk_bytes=profile_bytes + work_bytes,
         notes=[f"{tokens:,} tokens, {len(layers)} MoE layers, {'one pass' if len(passes) == 1 else f'{len(passes)} passes'}",
-               f"forward {format_duration(forward.wall)} + loading {format_duration(load)} + writing rows {format_duration(io)}",
+               f"forward {format_duration(forward.wall)} + start and loading {format_duration(load)} + writing rows {format_duration(io)}",
                f"model {format_size(model_bytes)} ({settings.dtype}) + profiler {format_size(used)} ({budget_note})",
                f"profile {format_size(profile_bytes)}, work folder up to {format_size(work_bytes)} until the end"],
     )
@@ -511,9 +516,9 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
     # tensors as stored and their mapped pages while it is built.
     writing = 2 * shard + layer_bytes
     checking = shape.num_experts * shape.expert_params * 4 + 2 * layer_bytes
+    export_seconds = machine.startup_seconds + 2 * shape.checkpoint_bytes / machine.export_bytes_per_s
     export = StagePlan(
-        "export", seconds=2 * shape.checkpoint_bytes / machine.export_bytes_per_s,
-        cpu_seconds=2 * shape.checkpoint_bytes / machine.export_bytes_per_s,
+        "export", seconds=export_seconds, cpu_seconds=export_seconds,
         memory_bytes=machine.runtime_bytes + int(max(writing, checking)),
         disk_bytes=shape.checkpoint_bytes + gate_bytes,
         notes=[f"reads and writes {format_size(shape.checkpoint_bytes)}; in memory one output shard (at most 4 GiB, "
@@ -603,15 +608,21 @@ def _partition_costs(solvers: list[str], widths: list[int], rows: int, on_step: 
     return table, sorted(peak.items())
 
 
-def _runtime_bytes() -> int:
-    """Resident memory of a fresh process once torch, transformers and the profiler are imported."""
+def _runtime_cost() -> tuple[int, float]:
+    """Resident memory and wall seconds of a fresh process once torch, transformers and the stages are
+    imported (the best of three starts: the first may read the libraries from disk)."""
     import subprocess
     import sys
 
-    code = ("import resource, torch, transformers, prism_cli.profiling.profiler, prism_cli.models.loading; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.strip().splitlines()[-1]) * 1024
+    code = ("import resource, torch, transformers, prism_cli.profiling.profiler, prism_cli.models.loading, "
+            "prism_cli.export.builder; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    best, rss = math.inf, 0
+    for _ in range(3):
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        best = min(best, time.perf_counter() - start)
+        rss = int(out.strip().splitlines()[-1]) * 1024
+    return rss, best
 
 
 def _disk_write_rate(folder: Path, nbytes: int = 256 * 2**20) -> float:
@@ -662,7 +673,7 @@ def calibrate(*, solvers: list[str], widths: list[int], rows: int = 4096, work: 
     """Measure the per-unit costs that take minutes (partition by solver and width, export, loading, disk)."""
     step = on_step or (lambda _: None)
     step("runtime memory")
-    runtime = _runtime_bytes()
+    runtime, startup = _runtime_cost()
     table, worker = _partition_costs(solvers, sorted(widths), rows, step)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         step("disk writes")
@@ -671,4 +682,4 @@ def calibrate(*, solvers: list[str], widths: list[int], rows: int = 4096, work: 
         export_rate, load_rate = _export_and_load_rates(Path(tmp))
     return MachineCosts(machine=machine_info(), partition=table, partition_rows=rows, partition_worker_bytes=worker,
                         export_bytes_per_s=export_rate, load_bytes_per_s=load_rate, disk_write_bytes_per_s=disk,
-                        runtime_bytes=runtime)
+                        runtime_bytes=runtime, startup_seconds=startup)

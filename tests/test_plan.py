@@ -68,7 +68,8 @@ def _machine(**kw) -> MachineCosts:
     values = dict(machine={"processor": "test", "cores": 4, "memory_bytes": 2**34},
                   partition={"alternating": [(16, 1.0, 0.8), (64, 4.0, 3.2)]}, partition_rows=100,
                   partition_worker_bytes=[(16, 100 * 2**20), (64, 200 * 2**20)], export_bytes_per_s=100e6,
-                  load_bytes_per_s=50e6, disk_write_bytes_per_s=200e6, runtime_bytes=300 * 2**20, source="test")
+                  load_bytes_per_s=50e6, disk_write_bytes_per_s=200e6, runtime_bytes=300 * 2**20, startup_seconds=3.0,
+                  source="test")
     return MachineCosts(**{**values, **kw})
 
 
@@ -92,7 +93,7 @@ def test_plan_arithmetic_by_hand(tiny_model_dir) -> None:
     assert (fit, held) == (205, 51)
     rows = 2 * 8 * (fit + held) * 32 * 2
     io = (rows + geometry.profile_bytes(tokens)) / 200e6
-    load = shape.params * 4 / 50e6  # the tiny checkpoint is stored in float32
+    load = 3.0 + shape.params * 4 / 50e6  # a new process starts, then reads the checkpoint (stored in float32)
     profile = plan.stage("profile")
     assert profile.seconds == pytest.approx(load + forward + io)
     assert profile.cpu_seconds == pytest.approx(load + tokens * (2 * 1e-4 + 2 * 2 * 0.008 / 64) + io)
@@ -106,8 +107,8 @@ def test_plan_arithmetic_by_hand(tiny_model_dir) -> None:
     assert partition.seconds == pytest.approx(16 * per_expert / 2)
     assert plan.partition_core_seconds == pytest.approx(16 * per_expert)
     assert plan.cores_for_an_hour == 1
-    # Export: the checkpoint (float32 here) read and written.
-    assert plan.stage("export").seconds == pytest.approx(2 * shape.params * 4 / 100e6)
+    # Export: a new process, and the checkpoint (float32 here) read and written.
+    assert plan.stage("export").seconds == pytest.approx(3.0 + 2 * shape.params * 4 / 100e6)
 
 
 def plan_buffer(geometry: ProfileGeometry, budget: int) -> int:

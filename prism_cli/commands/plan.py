@@ -145,5 +145,6 @@ def calibrate(
     table.add("loading for profiling: checkpoint bytes per second", f"{costs.load_bytes_per_s / 2**20:.0f} MiB/s")
     table.add("disk writes per second", f"{costs.disk_write_bytes_per_s / 2**20:.0f} MiB/s")
     table.add("runtime memory of a prism process", f"{costs.runtime_bytes / 2**20:.0f} MiB")
+    table.add("start of a prism process (imports)", f"{costs.startup_seconds:.1f} s")
     console.print(table.rich())
     console.print(f"written {out}")
