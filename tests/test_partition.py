@@ -154,7 +154,7 @@ def test_results_do_not_depend_on_workers(profile_path, solved) -> None:
 
 
 def test_ray_executor_gives_the_local_result(profile_path, solved) -> None:
-    """The same jobs on a local Ray instance (skipped where Ray is not installed: it is an optional extra)."""
+    """The same jobs on a local Ray instance (the test extra installs Ray; skipped where it is missing)."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
