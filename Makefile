@@ -97,7 +97,8 @@ compare-solvers: $(STAMP)
 	$(BIN)/prism partition compare $(RUN)/profile.h5 --out results/partition_compare
 
 # Router-only fine-tuning of the built-in export (SPEC 3.4b, `prism tune-gate`, settings in configs/builtin.yaml):
-# the two K schedules and distillation, each compared on validation text (results/tune_gate.*); the best run is
+# the two K schedules, distillation, and the mass-probe initialisation at three learning rates, each compared on
+# validation text (results/tune_gate.*); the best run is
 # benchmarked with the untuned export's linear points into tables/tuned/. Finished runs are kept (delete
 # runs/tune/ to start over); an interrupted run continues from its checkpoint.
 TUNE := runs/tune
@@ -113,8 +114,11 @@ tune-gate: $(STAMP)
 	$(call TUNE_RUN,uniform,--schedule uniform)
 	$(call TUNE_RUN,distill,--distill 1)
 	$(call TUNE_RUN,probe,--init probe --lr 3e-4)
+	$(call TUNE_RUN,probe-1e-4,--init probe --lr 1e-4)
+	$(call TUNE_RUN,probe-3e-5,--init probe --lr 3e-5)
 	$(BIN)/python -m prism_cli.tuning.benchmark validate --run untuned=$(TUNE)/export --run linear=$(TUNE)/linear \
-		--run uniform=$(TUNE)/uniform --run distill=$(TUNE)/distill --run probe=$(TUNE)/probe --out results/tune_gate \
+		--run uniform=$(TUNE)/uniform --run distill=$(TUNE)/distill --run probe=$(TUNE)/probe \
+		--run probe-1e-4=$(TUNE)/probe-1e-4 --run probe-3e-5=$(TUNE)/probe-3e-5 --out results/tune_gate \
 		--winner $(TUNE)/winner
 	$(BIN)/prism bench $(TUNE)/export --config configs/builtin.yaml $(TUNE_BENCH) --points "$(LINEAR_POINTS)" --out $(TUNE)/bench-untuned
 	$(BIN)/prism bench $$(cat $(TUNE)/winner) --config configs/builtin.yaml $(TUNE_BENCH) --out $(TUNE)/bench-tuned
