@@ -98,7 +98,7 @@ compare-solvers: $(STAMP)
 
 # Router-only fine-tuning of the built-in export (SPEC 3.4b, `prism tune-gate`, settings in configs/builtin.yaml):
 # the two K schedules, distillation, and the mass-probe initialisation at three learning rates, each compared on
-# validation text (results/tune_gate.*); the best run is
+# validation text (results/tune_gate.*; the winner's settings are prism tune-gate's defaults); the best run is
 # benchmarked with the untuned export's linear points into tables/tuned/. Finished runs are kept (delete
 # runs/tune/ to start over); an interrupted run continues from its checkpoint.
 TUNE := runs/tune
@@ -110,9 +110,9 @@ TUNE_BENCH := --batch 8 --max-repeats 30
 tune-gate: $(STAMP)
 	mkdir -p $(TUNE)
 	test -d $(TUNE)/export || $(BIN)/prism export builtin tables/builtin/partition.h5 --config configs/builtin.yaml --out $(TUNE)/export
-	$(call TUNE_RUN,linear,--schedule linear)
-	$(call TUNE_RUN,uniform,--schedule uniform)
-	$(call TUNE_RUN,distill,--distill 1)
+	$(call TUNE_RUN,linear,--schedule linear --init copies --lr 1e-3)
+	$(call TUNE_RUN,uniform,--schedule uniform --init copies --lr 1e-3)
+	$(call TUNE_RUN,distill,--distill 1 --init copies --lr 1e-3)
 	$(call TUNE_RUN,probe,--init probe --lr 3e-4)
 	$(call TUNE_RUN,probe-1e-4,--init probe --lr 1e-4)
 	$(call TUNE_RUN,probe-3e-5,--init probe --lr 3e-5)

@@ -44,7 +44,7 @@ def train_text(tmp_path_factory) -> Path:
 
 
 def settings(text: Path, **overrides) -> TuneSettings:
-    base = dict(data=str(text), steps=3, lr=3e-2, warmup=1, batch=2, seq_len=32, seed=0)
+    base = dict(data=str(text), steps=3, lr=3e-2, warmup=1, batch=2, seq_len=32, seed=0, init="copies")
     return TuneSettings(**{**base, **overrides})
 
 
