@@ -1,10 +1,11 @@
-"""Give freed heap memory back to the system between profiling batches.
+"""Keeping a profiling process's resident memory to what it actually holds (``--max-memory``).
 
-Each forward pass allocates and frees hundreds of megabytes of temporaries of many sizes; glibc keeps
-what is freed in its arenas, raises its mmap threshold as big blocks are freed (so later big blocks
-come from the heap too), and the resident memory of a long run creeps hundreds of megabytes above
-what it holds. ``malloc_trim(0)`` returns the free pages of every arena to the system: one call per
-batch costs milliseconds against a forward pass of seconds, and keeps ``--max-memory`` an honest bound.
+Two things grow it without bound otherwise. Each forward pass allocates and frees hundreds of
+megabytes of temporaries of many sizes; glibc keeps what is freed in its arenas and raises its mmap
+threshold as big blocks are freed (so later big blocks come from the heap too): ``release_free_heap``
+(``malloc_trim(0)``, once per batch: milliseconds against a forward pass of seconds) returns those
+pages. And oneDNN caches a compiled kernel per matmul shape, which profiling changes on every expert
+call: ``limit_kernel_cache`` turns that cache off for the process.
 """
 
 from __future__ import annotations
