@@ -97,13 +97,16 @@ compare-solvers: $(STAMP)
 	$(BIN)/prism partition compare $(RUN)/profile.h5 --out results/partition_compare
 
 # Router-only fine-tuning of the built-in export (SPEC 3.4b, `prism tune-gate`, settings in configs/builtin.yaml):
-# the two K schedules, distillation, and the mass-probe initialisation at three learning rates, each compared on
-# validation text (results/tune_gate.*; the winner's settings are prism tune-gate's defaults); the best run is
-# benchmarked with the untuned export's linear points into tables/tuned/. Finished runs are kept (delete
-# runs/tune/ to start over); an interrupted run continues from its checkpoint.
+# the two K schedules, distillation, and the mass-probe initialisation at three learning rates and three weights,
+# each compared on validation text (results/tune_gate.*; the lowest geometric mean over K gives prism tune-gate's
+# defaults). No run wins at every K, so `prism select-routers` keeps, at each K, the router of lowest validation
+# perplexity among all of them (results/tune_gate_bank.*), and that export is benchmarked with the untuned export's
+# linear points into tables/tuned/. Finished runs are kept (delete runs/tune/ to start over); an interrupted run
+# continues from its checkpoint.
 TUNE := runs/tune
 TUNE_RUN = test -d $(TUNE)/$(1) || $(BIN)/prism tune-gate $(TUNE)/export --config configs/builtin.yaml --out $(TUNE)/$(1) $(2) \
 	$$(test -f $(TUNE)/$(1).tune-checkpoint.pt && echo --resume)
+TUNE_RUNS := linear uniform distill probe probe-1e-4 probe-3e-5 probe-a05 probe-a025
 LINEAR_POINTS := linear:1;linear:2;linear:3;linear:4;linear:5;linear:6;linear:7;linear:8
 # The tuned table is about quality at each K; its timing (for the counts) at batch 8 only, 30 repeats at most.
 TUNE_BENCH := --batch 8 --max-repeats 30
@@ -113,20 +116,22 @@ tune-gate: $(STAMP)
 	$(call TUNE_RUN,linear,--schedule linear --init copies --lr 1e-3)
 	$(call TUNE_RUN,uniform,--schedule uniform --init copies --lr 1e-3)
 	$(call TUNE_RUN,distill,--distill 1 --init copies --lr 1e-3)
-	$(call TUNE_RUN,probe,--init probe --lr 3e-4)
-	$(call TUNE_RUN,probe-1e-4,--init probe --lr 1e-4)
-	$(call TUNE_RUN,probe-3e-5,--init probe --lr 3e-5)
-	$(BIN)/python -m prism_cli.tuning.benchmark validate --run untuned=$(TUNE)/export --run linear=$(TUNE)/linear \
-		--run uniform=$(TUNE)/uniform --run distill=$(TUNE)/distill --run probe=$(TUNE)/probe \
-		--run probe-1e-4=$(TUNE)/probe-1e-4 --run probe-3e-5=$(TUNE)/probe-3e-5 --out results/tune_gate \
-		--winner $(TUNE)/winner
+	$(call TUNE_RUN,probe,--init probe --init-alpha 1 --lr 3e-4)
+	$(call TUNE_RUN,probe-1e-4,--init probe --init-alpha 1 --lr 1e-4)
+	$(call TUNE_RUN,probe-3e-5,--init probe --init-alpha 1 --lr 3e-5)
+	$(call TUNE_RUN,probe-a05,--init probe --init-alpha 0.5 --lr 3e-5)
+	$(call TUNE_RUN,probe-a025,--init probe --init-alpha 0.25 --lr 3e-5)
+	$(BIN)/python -m prism_cli.tuning.benchmark validate --run untuned=$(TUNE)/export \
+		$(foreach r,$(TUNE_RUNS),--run $(r)=$(TUNE)/$(r)) --out results/tune_gate --winner $(TUNE)/winner
+	$(BIN)/prism select-routers untuned=$(TUNE)/export $(foreach r,$(TUNE_RUNS),$(TUNE)/$(r)) --out $(TUNE)/bank --force
+	for ext in md csv json; do cp $(TUNE)/bank/prism/router_bank.$$ext results/tune_gate_bank.$$ext; done
 	$(BIN)/prism bench $(TUNE)/export --config configs/builtin.yaml $(TUNE_BENCH) --points "$(LINEAR_POINTS)" --out $(TUNE)/bench-untuned
-	$(BIN)/prism bench $$(cat $(TUNE)/winner) --config configs/builtin.yaml $(TUNE_BENCH) --out $(TUNE)/bench-tuned
-	$(BIN)/python -m prism_cli.tuning.benchmark table --tuned-bench $(TUNE)/bench-tuned/bench.json \
+	$(BIN)/prism bench $(TUNE)/bank --config configs/builtin.yaml $(TUNE_BENCH) --out $(TUNE)/bench-bank
+	$(BIN)/python -m prism_cli.tuning.benchmark table --tuned-bench $(TUNE)/bench-bank/bench.json \
 		--untuned-bench $(TUNE)/bench-untuned/bench.json --out tables/tuned
-	cp $(TUNE)/bench-tuned/bench.json tables/tuned/bench_tuned.json
+	cp $(TUNE)/bench-bank/bench.json tables/tuned/bench_tuned.json
 	cp $(TUNE)/bench-untuned/bench.json tables/tuned/bench_untuned.json
-	cp $(TUNE)/bench-tuned/bench.png tables/tuned/frontier.png
+	cp $(TUNE)/bench-bank/bench.png tables/tuned/frontier.png
 
 # Offloading (SPEC 4.3): sub-experts against whole experts at the same budget and quality -> results/offload/.
 OFFLOAD_EXPORT := runs/offload/export

@@ -10,7 +10,20 @@ import typer
 from rich.markup import escape
 
 from prism_cli import __version__
-from prism_cli.commands import bench, export, kernels, offload_bench, partition, plan, profile, schedule, serve, tables, tune_gate
+from prism_cli.commands import (
+    bench,
+    export,
+    kernels,
+    offload_bench,
+    partition,
+    plan,
+    profile,
+    schedule,
+    select_routers,
+    serve,
+    tables,
+    tune_gate,
+)
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
 from prism_cli.errors import Interrupted, PrismError
@@ -51,6 +64,7 @@ app.add_typer(partition.app, name="partition")
 app.add_typer(plan.app, name="plan")
 app.command("export")(export.export)
 app.command("tune-gate")(tune_gate.tune_gate)
+app.command("select-routers")(select_routers.select_routers)
 app.command("bench")(bench.bench)
 app.command("eval")(eval_cmd.evaluate)
 app.command("tables")(tables.tables)

@@ -403,7 +403,7 @@ def test_table_joins_the_runs_and_checks_the_targets(export, tmp_path):
     assert rows[4][2] == 62.0 and rows[8][2] == full and rows[3][2] is None  # original only at multiples of N
     assert rows[4][5] == pytest.approx(63.0) and rows[4][6] == pytest.approx(1.0) and rows[2][7] == pytest.approx(-11.0)
     notes = "\n".join(result.notes)
-    assert "linear:4 <= original:1: 63.00 vs 62.00 (NOT met)" in notes
+    assert "linear:4 < original:1: 63.00 vs 62.00 (NOT met)" in notes
     assert "linear:8 <= original:2: 50.50 vs 40.00 (NOT met)" in notes
     assert "linear:1 <= 1.5 x full (60.00): 138.00 (NOT met)" in notes
     assert "falls with K: met" in notes

@@ -16,15 +16,16 @@ def tune_gate(
     out: Path = typer.Option(..., help="Output folder for the tuned export (must not exist unless --force)."),
     data: str = typer.Option(None, help="Training text file or builtin:train (the default); never calibration or eval text."),
     steps: int = typer.Option(300, help="Optimizer steps."),
-    lr: float = typer.Option(3e-5, help="Peak learning rate (AdamW; linear warm-up, cosine decay to a tenth). The default "
-                             "and --init probe are make tune-gate's winner on validation text (results/tune_gate.md)."),
+    lr: float = typer.Option(3e-5, help="Peak learning rate (AdamW; linear warm-up, cosine decay to a tenth). The default, "
+                             "--init probe and --init-alpha 0.5 are make tune-gate's winner on validation text "
+                             "(results/tune_gate.md)."),
     warmup: int = typer.Option(10, help="Warm-up steps."),
     k_start: int = typer.Option(None, "--k-start", help="Sub-experts per token at the start (default 1)."),
     k_end: int = typer.Option(None, "--k-end", help="Sub-experts per token at the end (default N*k, all of the original top-k)."),
     schedule: str = typer.Option("uniform", help=f"How K moves from --k-start to --k-end: {', '.join(SCHEDULES.names())}."),
     init: str = typer.Option("probe", help="Start from the export's tied router copies ('copies'), or from copies that "
                              "rank each expert's sub-experts by a mass probe on the training text ('probe')."),
-    init_alpha: float = typer.Option(1.0, "--init-alpha", help="probe: weight of the predicted log-mass share in the copies' logits."),
+    init_alpha: float = typer.Option(0.5, "--init-alpha", help="probe: weight of the predicted log-mass share in the copies' logits."),
     init_tokens: int = typer.Option(32_768, "--init-tokens", help="probe: training tokens it fits on."),
     batch: int = typer.Option(8, help="Windows per step (split over processes under `accelerate launch`)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),

@@ -17,3 +17,6 @@ GATE_FILE = "prism/gate_neurons.safetensors"
 #: ``prism tune-gate``: once the flat router is tuned its copies differ, and every N-th row is no longer
 #: the original router. Where this file exists, the training-free gate routes with these rows.
 SOURCE_ROUTER_FILE = "prism/source_router.safetensors"
+#: Several flat routers of one export, one per operating point chosen on validation text (``prism select-routers``):
+#: ``{name}.layers.{i}.weight``; the config's ``prism.router_bank.by_k`` says which one each ``linear:K`` uses.
+ROUTER_BANK_FILE = "prism/router_bank.safetensors"

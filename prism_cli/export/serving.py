@@ -34,7 +34,8 @@ def _tp_problem(config: Any, adapter: MoEAdapter, tp: int) -> str | None:
     return None
 
 
-def serving_check(config: Any, adapter: MoEAdapter, n_sub: int, router_tuned: bool = False) -> dict[str, Any]:
+def serving_check(config: Any, adapter: MoEAdapter, n_sub: int, router_tuned: bool = False,
+                  bank: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flat export's parallel sizes and the engine behaviours a user should know about.
 
     ``config`` is the flat export's config; ``adapter`` the source model's adapter; ``router_tuned``
@@ -48,7 +49,15 @@ def serving_check(config: Any, adapter: MoEAdapter, n_sub: int, router_tuned: bo
             tensor_parallel.append(tp)
         else:
             refused[str(tp)] = f"{problem} not divisible by {tp}"
-    if router_tuned:
+    if bank is not None:
+        serve = int(bank["serve_k"])
+        notes = [
+            f"the router switches with K in prism's runtime (prism select-routers: a router per K, chosen on validation "
+            f"text); the checkpoint holds the one chosen for K = {serve}, so an engine serving num_experts_per_tok = {serve} "
+            f"(vLLM's fused top-k softmax, SGLang, torch.topk) runs prism's linear:{serve}; to serve another K, write the "
+            "bank again with --serve-k K",
+        ]
+    elif router_tuned:
         notes = [
             "the router was fine-tuned (prism tune-gate): an expert's sub-experts have their own router rows, so "
             "num_experts_per_tok = K selects the router's own top-K of all sub-experts in every engine (vLLM's fused "

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prism_cli.errors import PrismError
-from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, SOURCE_ROUTER_FILE
+from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BANK_FILE, SOURCE_ROUTER_FILE
 from prism_cli.export.validate import validate_export
 from prism_cli.models.adapters import MoELayer, adapter_for_config
 from prism_cli.models.loading import LoadedModel, load_model, resolve_model
@@ -26,6 +26,17 @@ from prism_cli.operating_points import OperatingPoint, default_operating_points,
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 from prism_cli.runtime.policies import POLICIES
 from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter
+
+
+@dataclass(frozen=True)
+class RouterBank:
+    """Which flat router each ``linear:K`` uses (``prism select-routers``): ``by_k[K]`` indexes ``names``;
+    router j's rows are the buffer ``bank_{j}`` of every layer's ``LinearGateRouter``."""
+
+    names: list[str]
+    by_k: dict[int, int]
+    #: Router j may take the sorted-blocks fast path (its copies tie: the untuned router of an exact export).
+    sorted_blocks: list[bool]
 
 
 @dataclass
@@ -43,6 +54,7 @@ class ElasticState:
     elastic_routers: list[ElasticRouter] = field(default_factory=list)
     point: OperatingPoint | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    bank: RouterBank | None = None
 
     def points(self) -> list[OperatingPoint]:
         return default_operating_points(self.gate, self.n_sub, self.source_top_k)
@@ -75,10 +87,13 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
         top_k = int(meta["source"]["top_k"])
         # An expert's N copies tie only in an untuned export whose linear gate is exact (a tuned router's
         # copies differ; an inexact router, e.g. Phi-MoE's fixed two picks, does not return them all).
-        tied = "tuning" not in meta and bool(meta.get("linear_gate_exact", True))
+        exact = bool(meta.get("linear_gate_exact", True))
+        tied = "tuning" not in meta and "router_bank" not in meta and exact
         flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores, n_sub,
                                  sorted_blocks=tied and adapter.router_sorted) for layer in layers]
         state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta)
+        if "router_bank" in meta:
+            state.bank = _load_bank(directory, meta["router_bank"], layers, flat, exact and adapter.router_sorted)
         if meta["gate"] == "neurons":
             gate_file = directory / GATE_FILE
             if not gate_file.exists():
@@ -111,6 +126,27 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     return state
 
 
+def _load_bank(directory: Path, bank: dict[str, Any], layers: list[MoELayer], flat: list[LinearGateRouter],
+               sorted_ok: bool) -> RouterBank:
+    """Attach the routers of a bank export to each layer's linear gate (as buffers: they move with the model)."""
+    path = directory / bank.get("file", ROUTER_BANK_FILE)
+    if not path.exists():
+        raise PrismError(f"{directory} is a router-bank export but {path.name} is missing")
+    rows = load_file(str(path))
+    names = sorted(set(bank["by_k"].values()))
+    for j, name in enumerate(names):
+        for layer, router in zip(layers, flat, strict=True):
+            key = f"{name}.layers.{layer.index}.weight"
+            if key not in rows:
+                raise PrismError(f"{path} has no {key}")
+            weight = router.router.weight
+            if rows[key].shape != weight.shape:
+                raise PrismError(f"{path}: {key} is {tuple(rows[key].shape)}, the router {tuple(weight.shape)}")
+            router.register_buffer(f"bank_{j}", rows[key].to(weight), persistent=False)
+    untuned = [(bank.get("routers", {}).get(name) or {}).get("tuning") is None for name in names]
+    return RouterBank(names, {int(k): names.index(v) for k, v in bank["by_k"].items()}, [t and sorted_ok for t in untuned])
+
+
 def set_operating_point(model: Any, point: str | int | OperatingPoint) -> OperatingPoint:
     """Move ``model`` to ``point`` in place (see ``operating_points`` for the syntax); returns it parsed."""
     state: ElasticState | None = getattr(model, "prism_state", None)
@@ -124,6 +160,9 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
             state.gate_routers[i].policy, state.gate_routers[i].value = policy, op.value
         else:
             state.flat_routers[i].top_k = int(op.value)
+            if state.bank is not None:
+                j = state.bank.by_k[int(op.value)]
+                state.flat_routers[i].use_bank_rows(j, state.bank.sorted_blocks[j])
         if state.elastic_routers:
             state.elastic_routers[i].use_neurons = neurons
     state.point = op

@@ -90,6 +90,11 @@ class LinearGateRouter(nn.Module):
         #: the rule is one sort inside each block (a decode step pays for every op it runs).
         self.sorted_blocks = sorted_blocks
 
+    def use_bank_rows(self, index: int, sorted_blocks: bool) -> None:
+        """Route with router ``index`` of a router bank (its rows are the buffer ``bank_{index}``)."""
+        self.router.weight.data = getattr(self, f"bank_{index}")
+        self.sorted_blocks = sorted_blocks
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, weights, indices = self.router(hidden_states)
         if self.sorted_blocks:  # also at the full K: blocks in sub-expert order are what grouped_mm reads fastest

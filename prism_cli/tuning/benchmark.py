@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,10 @@ from prism_cli.report import ResultTable
 from prism_cli.runtime.elastic import export_meta, load_elastic_model, set_operating_point
 
 
-def per_k_perplexity(directory: Path, text: str, tokens: int, seq_len: int = 256, batch: int = 8) -> dict[int, float]:
-    """Perplexity of ``linear:K`` for every K of an export, on the first ``tokens`` tokens of ``text``."""
+def per_k_perplexity(directory: Path, text: str, tokens: int, seq_len: int = 256, batch: int = 8,
+                     on_point: Callable[[int], None] | None = None) -> dict[int, float]:
+    """Perplexity of ``linear:K`` for every K of an export, on the first ``tokens`` tokens of ``text``
+    (``on_point(K)`` after each)."""
     loaded = load_elastic_model(str(directory))
     state = loaded.model.prism_state
     windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
@@ -45,6 +48,8 @@ def per_k_perplexity(directory: Path, text: str, tokens: int, seq_len: int = 256
     for k in range(1, state.n_sub * state.source_top_k + 1):
         set_operating_point(loaded.model, f"linear:{k}")
         result[k] = perplexity(loaded.model, windows, batch).perplexity
+        if on_point is not None:
+            on_point(k)
     return result
 
 
@@ -175,6 +180,10 @@ def table(tuned_bench: Path, untuned_bench: Path, out: Path) -> ResultTable:
     counts.notes.append("latency of 'linear untuned' from its own bench run (same settings, another time on the shared "
                         "machine); every other set from the tuned export's run")
     checks = _targets(tp, full, n_sub, top_k)
+    bank = (export_meta(tuned["target"]) or {}).get("router_bank")
+    if bank is not None:
+        result.notes.append("tuned = one router per K, the lowest validation perplexity among the runs (prism select-routers): "
+                            + ", ".join(f"K={k} {name}" for k, name in bank["by_k"].items()))
     result.notes += [f"full model perplexity {full:.2f} (original:{top_k}); evaluation split, "
                      f"{tuned['points'][0]['tokens']:,} tokens", *checks]
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +193,10 @@ def table(tuned_bench: Path, untuned_bench: Path, out: Path) -> ResultTable:
     counts.save(out / "distinct_points")
     write_text(out / "summary.md", result.markdown() + "\n" + counts.markdown())
     return result
+
+
+#: Relative perplexity difference read as equal (float summation order), for "at most the original".
+SAME_PERPLEXITY = 1e-6
 
 
 def _targets(tp: dict[str, Any], full: float, n_sub: int, top_k: int) -> list[str]:
@@ -196,9 +209,15 @@ def _targets(tp: dict[str, Any], full: float, n_sub: int, top_k: int) -> list[st
 
     lines = []
     for k_orig in range(1, top_k + 1):
-        k = n_sub * k_orig
-        lines.append(f"target linear:{k} <= original:{k_orig}: {ppl(f'linear:{k}'):.2f} vs {ppl(f'original:{k_orig}'):.2f} "
-                     f"({verdict(ppl(f'linear:{k}') <= ppl(f'original:{k_orig}'))})")
+        # At one expert's compute the tuned gate must beat top-1 (the untuned gate *is* top-1 there); at the
+        # larger points matching the original is the bar.
+        k, strict = n_sub * k_orig, k_orig == 1
+        tuned_k, orig = ppl(f"linear:{k}"), ppl(f"original:{k_orig}")
+        # "At most" allows float rounding: the untuned router at N*k' runs the original's routing, and the
+        # two models sum the same products in another order (perplexities a few 1e-10 apart).
+        ok = tuned_k < orig if strict else tuned_k <= orig * (1 + SAME_PERPLEXITY)
+        lines.append(f"target linear:{k} {'<' if strict else '<='} original:{k_orig}: {tuned_k:.2f} vs {orig:.2f} "
+                     f"({verdict(ok)})")
     for k in (1, 2):
         lines.append(f"target linear:{k} <= 1.5 x full ({1.5 * full:.2f}): {ppl(f'linear:{k}'):.2f} "
                      f"({verdict(ppl(f'linear:{k}') <= 1.5 * full)})")

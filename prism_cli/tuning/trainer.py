@@ -64,9 +64,9 @@ CHECKPOINT_VERSION = 1
 
 @dataclass
 class TuneSettings:
-    """Options of ``prism tune-gate``; ``k_start`` / ``k_end`` default to 1 and N*k. ``init`` and ``lr``
-    default to the best of ``make tune-gate`` on validation text (results/tune_gate.md): from the copies
-    at lr 1e-3, every schedule ended worse than the untuned router."""
+    """Options of ``prism tune-gate``; ``k_start`` / ``k_end`` default to 1 and N*k. ``init``, ``init_alpha``
+    and ``lr`` default to the best of ``make tune-gate`` on validation text (results/tune_gate.md): from the
+    copies at lr 1e-3, every schedule ended worse than the untuned router."""
 
     data: str | None = None
     steps: int = 300
@@ -78,7 +78,7 @@ class TuneSettings:
     seq_len: int = 256
     schedule: str = "uniform"
     init: str = "probe"
-    init_alpha: float = 1.0
+    init_alpha: float = 0.5
     init_tokens: int = 32_768
     distill: float = 0.0
     seed: int = 0
@@ -214,6 +214,8 @@ def check_export(directory: Path) -> dict[str, Any]:
     if meta.get("format_version") != EXPORT_FORMAT_VERSION:
         raise PrismError(f"{directory} has export format version {meta.get('format_version')}; this prism reads "
                          f"{EXPORT_FORMAT_VERSION}: export it again")
+    if "router_bank" in meta:
+        raise PrismError(f"{directory} switches routers with K (prism select-routers); tune one of the exports it was built from")
     return meta
 
 

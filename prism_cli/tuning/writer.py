@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from prism_cli.models.loading import load_config
 CURVE_FILE = "prism/tuning_curve.json"
 
 
-def _router_keys(directory: Path, adapter: MoEAdapter) -> dict[str, tuple[int, str]]:
+def router_keys(directory: Path, adapter: MoEAdapter) -> dict[str, tuple[int, str]]:
     """Checkpoint key -> (layer, ``"weight"``) of every MoE layer's router weight in the export (the
     tensor tuning changes; the other routing tensors are copied as they are)."""
     from prism_cli.models.checkpoint import CheckpointReader
@@ -66,7 +67,7 @@ def read_source_router(directory: Path, adapter: MoEAdapter, n_sub: int) -> dict
 
     reader = CheckpointReader(directory)
     rows = {}
-    for key, (layer, name) in _router_keys(directory, adapter).items():
+    for key, (layer, name) in router_keys(directory, adapter).items():
         flat = reader.get(key)
         copies = flat.view(-1, n_sub, *flat.shape[1:])
         if not torch.equal(copies, copies[:, :1].expand_as(copies)):
@@ -88,9 +89,29 @@ def write_tuned_export(
     force: bool = False,
 ) -> None:
     """Copy ``export_dir`` to ``out`` with the flat router weights of layer i replaced by ``tuned[i]``."""
-    keys = {key: layer for key, (layer, name) in _router_keys(export_dir, adapter).items() if name == "weight"}
-    if sorted(keys.values()) != sorted(tuned):
-        raise PrismError(f"{export_dir} has router weights for layers {sorted(keys.values())}, tuned: {sorted(tuned)}")
+    def record(config: dict[str, Any], tmp: Path) -> None:
+        (tmp / CURVE_FILE).write_text(json.dumps(curve, indent=1) + "\n")
+        config["prism"]["tuning"] = {**tuning, "curve": CURVE_FILE, "source_router": SOURCE_ROUTER_FILE}
+
+    write_router_export(export_dir, out, tuned, source_rows, adapter, record, force=force)
+
+
+def write_router_export(
+    export_dir: Path,
+    out: Path,
+    routers: dict[int, torch.Tensor],
+    source_rows: dict[str, torch.Tensor],
+    adapter: MoEAdapter,
+    record: Callable[[dict[str, Any], Path], None],
+    *,
+    force: bool = False,
+) -> None:
+    """Copy ``export_dir`` to ``out`` with the flat router weights of layer i replaced by ``routers[i]`` and
+    the source router stored apart; ``record(config, tmp)`` adds its files under ``tmp`` and its fields to
+    the config (a dict of ``config.json``) before the folder is renamed into place."""
+    keys = {key: layer for key, (layer, name) in router_keys(export_dir, adapter).items() if name == "weight"}
+    if sorted(keys.values()) != sorted(routers):
+        raise PrismError(f"{export_dir} has router weights for layers {sorted(keys.values())}, given: {sorted(routers)}")
     with atomic_dir(out, force=force) as tmp:
         for path in sorted(export_dir.rglob("*")):
             rel = path.relative_to(export_dir)
@@ -100,16 +121,16 @@ def write_tuned_export(
             elif rel.name == "config.json" and len(rel.parts) == 1:
                 continue
             elif path.suffix == ".safetensors" and len(rel.parts) == 1:
-                _rewrite_shard(path, target, keys, tuned)
+                _rewrite_shard(path, target, keys, routers)
             else:
                 shutil.copy2(path, target)
         (tmp / SOURCE_ROUTER_FILE).parent.mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in source_rows.items()}, str(tmp / SOURCE_ROUTER_FILE))
-        (tmp / CURVE_FILE).write_text(json.dumps(curve, indent=1) + "\n")
         config = json.loads((export_dir / "config.json").read_text())
+        record(config, tmp)
         prism = config["prism"]
-        prism["tuning"] = {**tuning, "curve": CURVE_FILE, "source_router": SOURCE_ROUTER_FILE}
-        prism["serving"] = serving_check(load_config(str(export_dir)), adapter, int(prism["sub_experts"]), router_tuned=True)
+        prism["serving"] = serving_check(load_config(str(export_dir)), adapter, int(prism["sub_experts"]), router_tuned=True,
+                                         bank=prism.get("router_bank"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
