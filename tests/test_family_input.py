@@ -79,12 +79,41 @@ def test_experts_prism_cannot_split_are_refused(cli, tmp_path, model_type, needl
     result.assert_one_line_error(needle)
 
 
-def test_a_flat_checkpoint_that_would_shrink_a_shared_expert_is_refused(cli, tmp_path):
+def test_a_shared_mlp_sized_by_the_experts_width_keeps_the_source_width(cli, tmp_path):
+    """Hunyuan's shared MLP is built from intermediate_size, the experts' width: the flat export rebuilds it at
+    the source width, and plain transformers (with the export's modeling file) reproduces the source model."""
+    import torch
+    from conftest import logits_of, original_logits, token_batch
+    from transformers import AutoModelForCausalLM
+
+    import prism_cli
+
+    model = build_tiny_model("hunyuan_v1_moe", tmp_path / "hunyuan")
+    partition = write_random_partition(model, tmp_path / "part.h5")
+    out = tmp_path / "export"
+    assert cli("export", model, partition, "--out", out, "--gate", "linear").code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["prism_source_sized"] == {"fields": {"intermediate_size": 32},
+                                            "modules": ["model.layers.0.mlp.shared_mlp", "model.layers.1.mlp.shared_mlp"]}
+    assert "trust_remote_code=True" in " ".join(config["prism"]["serving"]["notes"])
+    ids = token_batch(seed=3)
+    want = original_logits(model, ids)
+    stock = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32, moe_topk=8)
+    assert stock.model.layers[0].mlp.shared_mlp.gate_proj.weight.shape == (32, 64)
+    elastic = prism_cli.load_elastic(str(out), operating_point="linear:8")
+    for got in (logits_of(stock, ids), logits_of(elastic, ids)):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_a_module_that_cannot_be_rebuilt_from_the_config_is_refused(cli, tmp_path, monkeypatch):
+    from prism_cli.models import source_sized
+
+    monkeypatch.setattr(source_sized, "_built_from_config", lambda cls: False)
     model = build_tiny_model("hunyuan_v1_moe", tmp_path / "hunyuan")
     partition = write_random_partition(model, tmp_path / "part.h5")
     out = tmp_path / "export"
     result = cli("export", model, partition, "--out", out, "--gate", "neurons")
-    result.assert_one_line_error("shared_mlp", "intermediate_size")
+    result.assert_one_line_error("shared_mlp", "intermediate_size", "cannot be rebuilt from the config alone")
     assert_nothing_written(out)
 
 

@@ -24,6 +24,7 @@ and an export that is not exact is refused (the linear gate: unless ``--allow-in
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from prism_cli.models.checkpoint import INDEX, SINGLE, CheckpointReader
 from prism_cli.models.checkpoint_files import check_checkpoint_files
 from prism_cli.models.conversion import CheckpointNames, skeleton
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
+from prism_cli.models.source_sized import MODELING_FILE, SOURCE_SIZED, find_source_sized, modeling_file
 from prism_cli.operating_points import GATES, default_operating_points, parse_operating_point
 from prism_cli.solvers.format import Partition, file_hash, read_partition
 
@@ -171,6 +173,8 @@ def export_model(
         if settings.gate == "neurons":
             files.append(_write_gate_neurons(job.partition, tmp))
         _copy_side_files(job.source, tmp)
+        if getattr(flat, SOURCE_SIZED, None):
+            _write_modeling_file(job.adapter, flat, tmp)
         flat.save_pretrained(tmp)
         inexact = _measure_exactness(job, tmp, flat, settings)
         flat.save_pretrained(tmp)
@@ -363,22 +367,30 @@ def _plan(reader: CheckpointReader, adapter: MoEAdapter) -> _Plan:
 
 
 def _check_flat_shapes(adapter: MoEAdapter, flat_config: Any, n_sub: int) -> CheckpointNames:
-    """The flat config must change the routed experts and routing tensors only: a config field that
-    also sizes another module (a shared expert, a dense MLP) would shrink it."""
-    flat_model = skeleton(flat_config)
+    """The flat config must change the routed experts and routing tensors only. A config field that also
+    sizes another module (a shared expert, a dense MLP) would shrink it: such a module is rebuilt at the
+    source width (``prism_cli.models.source_sized``, recorded in the flat config) where it can be built
+    from the config alone; otherwise the export is refused, naming the tensor."""
     moe = {layer.name for layer in adapter.moe_layers(adapter.skeleton)}
-    source_shapes = {k: tuple(v.shape) for k, v in adapter.skeleton.state_dict().items()}
     routing = {f"{layer.name}.{k}" for layer in adapter.moe_layers(adapter.skeleton) for k in layer.routing_tensors()}
-    for key, tensor in flat_model.state_dict().items():
-        if any(key.startswith(f"{block}.experts.") for block in moe) or key in routing:
-            continue
-        if source_shapes.get(key) != tuple(tensor.shape):
-            changed = [k for k in adapter.flat_config_updates(n_sub) if k not in (adapter.experts_key, adapter.top_k_key)]
-            raise PrismError(
-                f"a flat {adapter.model_type} checkpoint cannot keep {key} at {source_shapes.get(key)}: the config field(s) "
-                f"{', '.join(changed)} that set the routed experts' width also size it (it would become "
-                f"{tuple(tensor.shape)}), and stock transformers has no separate field for it"
-            )
+    flat_model = skeleton(flat_config)
+    skip = {k for k in flat_model.state_dict() if any(k.startswith(f"{block}.experts.") for block in moe) or k in routing}
+    changed = [k for k in adapter.flat_config_updates(n_sub) if k not in (adapter.experts_key, adapter.top_k_key)]
+    source_fields = {k: getattr(adapter.text_config, k) for k in changed if k == adapter.width_key}
+    restored = copy.deepcopy(_text_config(flat_config))
+    for key, value in source_fields.items():
+        setattr(restored, key, value)
+    sized, stuck = find_source_sized(flat_model, adapter.skeleton, restored, source_fields, moe, skip)
+    if stuck is not None:
+        shapes = {k: tuple(v.shape) for k, v in adapter.skeleton.state_dict().items()}
+        raise PrismError(
+            f"a flat {adapter.model_type} checkpoint cannot keep {stuck} at {shapes.get(stuck)}: the config field(s) "
+            f"{', '.join(changed)} that set the routed experts' width also size it (it would become "
+            f"{tuple(flat_model.state_dict()[stuck].shape)}), and its module cannot be rebuilt from the config alone"
+        )
+    if sized is not None:
+        setattr(flat_config, SOURCE_SIZED, sized)
+        flat_model = skeleton(flat_config)
     return CheckpointNames(flat_model)
 
 
@@ -435,6 +447,13 @@ def _split_layer(
     for key in layer.routing_tensors():
         flat[f"{layer.name}.{key}"] = adapter.flat_routing_tensor(key, tensors[key], n_sub)
     return flat
+
+
+def _write_modeling_file(adapter: MoEAdapter, flat: Any, tmp: Path) -> None:
+    """The modeling file plain transformers loads a source-sized export with (``trust_remote_code=True``)."""
+    text, name = modeling_file(type(adapter.skeleton))
+    (tmp / MODELING_FILE).write_text(text)
+    flat.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE.removesuffix('.py')}.{name}"}
 
 
 def _copy_side_files(source: Path, out: Path) -> None:

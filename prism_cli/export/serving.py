@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from prism_cli.models.adapters import MoEAdapter
+from prism_cli.models.source_sized import MODELING_FILE, SOURCE_SIZED
 
 #: Parallel sizes reported (one node).
 PARALLEL_SIZES = (1, 2, 4, 8)
@@ -72,6 +73,16 @@ def serving_check(config: Any, adapter: MoEAdapter, n_sub: int, router_tuned: bo
             "paths) may take any copy, which changes quality at such K but not at multiples of N",
         ]
     notes += adapter.engine_notes(config)
+    sized = getattr(config, SOURCE_SIZED, None)
+    if sized:
+        modules = sorted({name.rpartition(".")[2] for name in sized["modules"]})
+        fields = ", ".join(f"{k} = {v}" for k, v in sized["fields"].items())
+        notes.append(
+            f"{' and '.join(modules)} keep the source width ({fields}) while that field is the sub-experts' width here: "
+            f"stock transformers loads this export with trust_remote_code=True ({MODELING_FILE}, which rebuilds them); "
+            "an engine's own model class that sizes them from the same field, as transformers' does, cannot load it: "
+            "serve it through transformers' modeling code"
+        )
     return {
         "architecture": (getattr(config, "architectures", None) or [None])[0],
         "experts": experts,

@@ -40,9 +40,13 @@ def skeleton(config: Any) -> nn.Module:
     """The causal LM of ``config`` on the meta device: its module tree and shapes, no weights."""
     from transformers import AutoModelForCausalLM
 
+    from prism_cli.models.source_sized import rebuild_source_sized
+
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+            rebuild_source_sized(model, config)
+            return model
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrismError(

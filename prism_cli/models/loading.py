@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from prism_cli.errors import PrismError
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.models.checkpoint_files import check_checkpoint_files, checkpoint_tensors, tensors_fingerprint
+from prism_cli.models.source_sized import SOURCE_SIZED, causal_lm_class
 
 #: Name that selects the model shipped inside the package.
 BUILTIN = "builtin"
@@ -159,7 +160,10 @@ def load_model(
     try:
         model = _load_bounded(name, config, kwargs) if bounded_memory and not device_map else None
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            if getattr(config, SOURCE_SIZED, None):  # prism's own class, not the export's modeling file
+                model = causal_lm_class(config).from_pretrained(name, config=config, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise PrismError(_load_failure(name, exc)) from None
@@ -202,10 +206,9 @@ def _load_bounded(name: str, config: Any, kwargs: dict[str, Any]) -> Any:
     safetensors without the ``pread`` backend): the caller loads the usual way.
     """
     from safetensors import safe_open
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     files = _safetensors_files(checkpoint_dir(name))
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    cls = causal_lm_class(config)
     if not files or cls is None:
         return None
     try:
