@@ -613,6 +613,8 @@ for _family in (
                            sorted=False),
            coupled=("num_shared_experts",), latent_attention=True),
     Family("dots1", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3, coupled=("n_shared_experts",)),
+    Family("minicpm5_moe", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3,
+           coupled=("n_shared_experts",)),
     Family("ernie4_5_moe", width="moe_intermediate_size",
            routing=Routing("softmax", normalize=True, correction_bias="moe_statics.e_score_correction_bias"),
            coupled=("moe_num_shared_experts",)),
@@ -640,8 +642,9 @@ for _family in (
     Family("lfm2_moe", width="moe_intermediate_size",
            routing=Routing("sigmoid", normalize="norm_topk_prob", router_args=("expert_bias",))),
     Family("cohere2_moe", routing=Routing("softmax_topk"), coupled=("num_shared_experts",), adapter=Cohere2MoeAdapter),
-    # NemotronH's experts have no gate projection (relu^2 MLP experts): found and refused with that reason.
+    # NemotronH's and Ergo's experts have no gate projection (plain MLP experts): found and refused with that reason.
     Family("nemotron_h", experts="n_routed_experts", width="moe_intermediate_size", routing=_V3),
+    Family("ergo", width="moe_intermediate_size", routing=_SIGMOID_BIAS_UNSORTED),
     Family("afmoe", width="moe_intermediate_size", coupled=("num_shared_experts",),
            routing=Routing("sigmoid", normalize=True, router_args=("expert_bias",))),
 ):
