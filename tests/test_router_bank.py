@@ -81,6 +81,26 @@ def test_switching_k_in_place_switches_routers(candidates, bank):
         assert torch.equal(logits_of(model, ids), want)
 
 
+def test_rows_of_one_batch_route_with_the_router_of_their_own_k(candidates, bank):
+    """The ``mixed`` serving policy: every row at its own point in one forward, each with its K's router."""
+    from prism_cli.operating_points import parse_operating_point
+    from prism_cli.runtime.per_row import clear_row_points, set_row_points
+
+    ids = token_batch(seed=11, batch=3)
+    model = prism_cli.load_elastic(str(bank), operating_point=f"linear:{FULL}")
+    points = [parse_operating_point(p, "neurons", N_SUB, 2) for p in ("linear:1", "linear:5", "topk:3")]
+    with torch.inference_mode():
+        set_row_points(model, points, ids.shape[1])
+        got = model(input_ids=ids, use_cache=False).logits
+        clear_row_points(model)
+    for row, (point, owner) in enumerate(zip(points, (BY_K[1], BY_K[5], "untuned"), strict=True)):
+        want = logits_of(prism_cli.load_elastic(str(candidates[owner]), operating_point=str(point)), ids[row : row + 1])
+        torch.testing.assert_close(got[row : row + 1].float(), want, rtol=1e-4, atol=1e-4)
+    # the model is back at its own point, with its own router
+    want = logits_of(prism_cli.load_elastic(str(candidates[BY_K[FULL]]), operating_point=f"linear:{FULL}"), ids)
+    assert torch.equal(logits_of(model, ids), want)
+
+
 def test_stock_transformers_serves_the_router_chosen_for_its_k(candidates, bank, tmp_path):
     ids = token_batch(seed=9)
     stock = AutoModelForCausalLM.from_pretrained(str(bank), dtype=torch.float32)

@@ -451,3 +451,31 @@ def test_schedule_unreadable_trace_names_the_line(cli, tiny_export, tmp_path):
     trace.write_text('{"arrival": 0, "prompt": "a b", "max_tokens": 4, "floor": "linear:12"}\n')
     cli("schedule", tiny_export, "--policy", "fifo", "--trace", trace).assert_one_line_error("line 1", "linear:12")
     cli("schedule", tiny_export, "--policy", "fifo", "--trace", tmp_path / "none.jsonl").assert_one_line_error("does not exist")
+
+
+def test_row_points_work_where_the_router_is_not_named_gate(tmp_path):
+    """Granite-MoE's block calls its router ``router``: per-row points wrap that child, not a ``gate``."""
+    from conftest import write_random_partition
+
+    from prism_cli import load_elastic
+    from prism_cli.export.builder import ExportSettings, export_model
+    from prism_cli.models.tiny import build_tiny_model
+    from prism_cli.operating_points import parse_operating_point
+    from prism_cli.runtime.elastic import set_operating_point
+
+    source = build_tiny_model("granitemoe", tmp_path / "granite")
+    export_model(str(source), write_random_partition(source, tmp_path / "p.h5"), tmp_path / "export",
+                 ExportSettings(gate="neurons"))
+    model = load_elastic(str(tmp_path / "export"))
+    ids = torch.randint(0, 400, (2, 8), generator=torch.Generator().manual_seed(2))
+    points = [parse_operating_point(p, "neurons", 4, 2) for p in ("linear:2", "topk:6")]
+    with torch.inference_mode():
+        want = []
+        for i, p in enumerate(points):
+            set_operating_point(model, p)
+            want.append(model(input_ids=ids[i : i + 1]).logits)
+        set_row_points(model, points, ids.shape[1])
+        got = model(input_ids=ids).logits
+        clear_row_points(model)
+    for i in range(2):
+        torch.testing.assert_close(got[i : i + 1], want[i], rtol=1e-4, atol=1e-4)

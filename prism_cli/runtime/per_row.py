@@ -14,7 +14,7 @@ so the runtime must take an operating point per token. Two pieces, both additive
   Routing is per token, so each token gets exactly what the whole model at its point would give it.
 
 ``set_row_points(model, points, tokens_per_row)`` installs the wrappers on first use (a module swap
-of ``block.gate``, reverted by ``remove_row_points``) and sets the points of the next forward;
+of the block's router, reverted by ``remove_row_points``) and sets the points of the next forward;
 ``clear_row_points(model)`` goes back to the model's own point. Router logits are not returned while
 row points are set (an empty tensor): nothing at inference reads them.
 """
@@ -94,14 +94,17 @@ class RowPointRouter(nn.Module):
 
             return undo
         flat = s.flat_routers[i]
-        saved_k = flat.top_k
+        saved_k, saved_rows, saved_sorted = flat.top_k, flat.router.weight.data, flat.sorted_blocks
         saved_neurons = s.elastic_routers[i].use_neurons if s.elastic_routers else None
         flat.top_k = int(point.value)
+        if s.bank is not None:  # a router-bank export routes each K with its own router
+            j = s.bank.by_k[int(point.value)]
+            flat.use_bank_rows(j, s.bank.sorted_blocks[j])
         if s.elastic_routers:
             s.elastic_routers[i].use_neurons = False
 
         def undo_flat() -> None:
-            flat.top_k = saved_k
+            flat.top_k, flat.router.weight.data, flat.sorted_blocks = saved_k, saved_rows, saved_sorted
             if s.elastic_routers:
                 s.elastic_routers[i].use_neurons = saved_neurons
 
@@ -112,9 +115,11 @@ def _routers(model: Any) -> list[RowPointRouter]:
     state: ElasticState = getattr(model, "prism_state", None) or attach_elastic_state(model, None)
     routers = []
     for i, layer in enumerate(state.layers):
-        if not isinstance(layer.block.gate, RowPointRouter):
-            layer.block.gate = RowPointRouter(layer.block.gate, i, state)
-        routers.append(layer.block.gate)
+        router = getattr(layer.block, layer.router_name)
+        if not isinstance(router, RowPointRouter):
+            router = RowPointRouter(router, i, state)
+            setattr(layer.block, layer.router_name, router)
+        routers.append(router)
     return routers
 
 
@@ -139,13 +144,15 @@ def clear_row_points(model: Any) -> None:
     """Back to the model's own operating point for every token."""
     state = getattr(model, "prism_state", None)
     for layer in state.layers if state is not None else []:
-        if isinstance(layer.block.gate, RowPointRouter):
-            layer.block.gate.groups = None
+        router = getattr(layer.block, layer.router_name)
+        if isinstance(router, RowPointRouter):
+            router.groups = None
 
 
 def remove_row_points(model: Any) -> None:
     """Undo the module swap of ``set_row_points`` (the blocks get their own routers back)."""
     state = getattr(model, "prism_state", None)
     for layer in state.layers if state is not None else []:
-        if isinstance(layer.block.gate, RowPointRouter):
-            layer.block.gate = layer.block.gate.inner
+        router = getattr(layer.block, layer.router_name)
+        if isinstance(router, RowPointRouter):
+            setattr(layer.block, layer.router_name, router.inner)
