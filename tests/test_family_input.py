@@ -70,7 +70,7 @@ def test_a_model_type_without_a_causal_lm_is_refused(cli, tmp_path):
 
 @pytest.mark.parametrize(
     ("model_type", "needle"),
-    [("llama4_text", "not dispatched through transformers' experts interface"), ("nemotron_h", "no gate projection")],
+    [("ergo", "no gate projection"), ("nemotron_h", "no gate projection")],
 )
 def test_experts_prism_cannot_split_are_refused(cli, tmp_path, model_type, needle):
     model = build_tiny_model(model_type, tmp_path / model_type)

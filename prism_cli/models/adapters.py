@@ -39,6 +39,7 @@ from torch import nn
 
 from prism_cli.errors import PrismError
 from prism_cli.models.layout import ExpertLayout
+from prism_cli.models.llama4 import allow_experts_implementation, convert_llama4
 from prism_cli.registry import Registry
 
 #: Config fields that mark a config as Mixture-of-Experts, whatever the family.
@@ -551,6 +552,20 @@ class Cohere2MoeAdapter(MoEAdapter):
         return self.family.routing
 
 
+class Llama4Adapter(MoEAdapter):
+    """Llama-4's blocks are put in transformers v5's protocol before prism looks at them
+    (``prism_cli.models.llama4``): a router returning ``(logits, weights, indices)``, experts through the
+    experts interface, each (token, expert) pair's input scaled by the expert's sigmoid score."""
+
+    def __init__(self, config: Any, family: Family) -> None:
+        super().__init__(config, family)
+        allow_experts_implementation()
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        convert_llama4(model)
+        return super().moe_layers(model)
+
+
 # Router semantics as read from each family's modeling file in transformers 5.x (the family matrix
 # measures every one of them: tests/test_families.py, `make families`).
 
@@ -618,10 +633,9 @@ for _family in (
     Family("ernie4_5_moe", width="moe_intermediate_size",
            routing=Routing("softmax", normalize=True, correction_bias="moe_statics.e_score_correction_bias"),
            coupled=("moe_num_shared_experts",)),
-    # Llama-4's experts are not dispatched through the experts interface (a dense bmm over all experts
-    # that scales their input by the router score): found and refused with that reason.
-    Family("llama4_text", experts="num_local_experts", routing=Routing("sigmoid")),
-    Family("llama4", experts="num_local_experts", routing=Routing("sigmoid")),
+    # Llama-4 scales each expert's input by its sigmoid score; its blocks are converted (Llama4Adapter).
+    Family("llama4_text", experts="num_local_experts", routing=Routing("sigmoid"), adapter=Llama4Adapter),
+    Family("llama4", experts="num_local_experts", routing=Routing("sigmoid"), adapter=Llama4Adapter),
     Family("hunyuan_v1_moe", experts="num_experts", top_k="moe_topk", routing=Routing("softmax", normalize=True)),
     Family("gpt_oss", experts="num_local_experts", routing=Routing("softmax_topk")),
     Family("granitemoe", experts="num_local_experts", routing=Routing("softmax_topk")),

@@ -28,6 +28,7 @@ import torch
 from transformers.integrations.moe import ExpertsInterface
 
 from prism_cli.models.layout import ExpertLayout
+from prism_cli.models.llama4 import pair_rows
 from prism_cli.profiling.spill import LayerSpill, RowBuffer
 
 PROFILE_IMPLEMENTATION = "prism_profile"
@@ -268,7 +269,11 @@ def profiling_experts_forward(
                          None if gate_up_bias is None else gate_up_bias[expert])
         act = self._apply_gate(proj)
         if recorder is not None:
-            recorder.record(layer, expert, act, token_idx, weights)
+            rows = pair_rows(self)  # Llama-4: one row per (token, expert) pair, its input already scaled
+            if rows is None:
+                recorder.record(layer, expert, act, token_idx, weights)
+            else:
+                recorder.record(layer, expert, act, rows[0][token_idx], rows[1][token_idx])
         y = layout.down(act, self.down_proj[expert], None if down_bias is None else down_bias[expert])
         y = y * weights[:, None].to(act.dtype)
         out.index_add_(0, token_idx, y.to(out.dtype))
