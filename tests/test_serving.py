@@ -273,12 +273,10 @@ def test_per_row_topk_equals_topk_at_each_tokens_k():
         assert weights[t][~kept].abs().sum() == 0
 
 
-def test_row_points_give_each_row_what_its_point_gives_it(served):
+def _assert_rows_get_their_points(model, ids: torch.Tensor, points: list) -> None:
+    """One forward with row i at ``points[i]`` gives each row what the whole model at that point gives it."""
     from prism_cli.runtime.elastic import set_operating_point
 
-    model = served.model
-    ids = torch.randint(0, 400, (3, 10), generator=torch.Generator().manual_seed(1))
-    points = [served.space.parse(p) for p in ("linear:3", "topk:5", "threshold:0.8")]
     with torch.inference_mode():
         want = []
         for i, p in enumerate(points):
@@ -287,8 +285,14 @@ def test_row_points_give_each_row_what_its_point_gives_it(served):
         set_row_points(model, points, ids.shape[1])
         got = model(input_ids=ids).logits
         clear_row_points(model)
-    for i in range(3):
+    for i in range(len(points)):
         torch.testing.assert_close(got[i : i + 1], want[i], rtol=1e-4, atol=1e-4)
+
+
+def test_row_points_give_each_row_what_its_point_gives_it(served):
+    ids = torch.randint(0, 400, (3, 10), generator=torch.Generator().manual_seed(1))
+    points = [served.space.parse(p) for p in ("linear:3", "topk:5", "threshold:0.8")]
+    _assert_rows_get_their_points(served.model, ids, points)
 
 
 # --- the real engine -------------------------------------------------------------------------------
@@ -461,21 +465,10 @@ def test_row_points_work_where_the_router_is_not_named_gate(tmp_path):
     from prism_cli.export.builder import ExportSettings, export_model
     from prism_cli.models.tiny import build_tiny_model
     from prism_cli.operating_points import parse_operating_point
-    from prism_cli.runtime.elastic import set_operating_point
 
     source = build_tiny_model("granitemoe", tmp_path / "granite")
     export_model(str(source), write_random_partition(source, tmp_path / "p.h5"), tmp_path / "export",
                  ExportSettings(gate="neurons"))
-    model = load_elastic(str(tmp_path / "export"))
     ids = torch.randint(0, 400, (2, 8), generator=torch.Generator().manual_seed(2))
     points = [parse_operating_point(p, "neurons", 4, 2) for p in ("linear:2", "topk:6")]
-    with torch.inference_mode():
-        want = []
-        for i, p in enumerate(points):
-            set_operating_point(model, p)
-            want.append(model(input_ids=ids[i : i + 1]).logits)
-        set_row_points(model, points, ids.shape[1])
-        got = model(input_ids=ids).logits
-        clear_row_points(model)
-    for i in range(2):
-        torch.testing.assert_close(got[i : i + 1], want[i], rtol=1e-4, atol=1e-4)
+    _assert_rows_get_their_points(load_elastic(str(tmp_path / "export")), ids, points)
