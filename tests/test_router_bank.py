@@ -185,3 +185,20 @@ def test_cli_refuses_in_one_line(cli, candidates, bank, tmp_path):
     result = cli("select-routers", str(candidates["untuned"]), str(candidates["a"]), "--out", str(tmp_path / "o"),
                  "--data", "builtin:eval")
     result.assert_one_line_error("evaluation split")
+
+
+def test_cli_writes_the_bank_and_prints_the_choice(cli, candidates, tmp_path):
+    text = tmp_path / "valid.txt"
+    text.write_text(split_text("calibration")[:4_000])
+    out = tmp_path / "bank"
+    args = ("select-routers", f"untuned={candidates['untuned']}", f"a={candidates['a']}", "--out", out, "--data", text)
+    cli(*args, "--tokens", "128").assert_one_line_error("--tokens must be at least 256")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    cli(*args[:-1], short, "--tokens", "256").assert_one_line_error("fewer than one window")
+    assert_nothing_written(out)
+    result = cli(*args, "--tokens", "256", "--serve-k", "4")
+    assert result.code == 0, result
+    assert "chosen" in result.out and "the checkpoint serves K = 4" in result.out
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["num_experts_per_tok"] == 4 and set(meta["prism"]["router_bank"]["by_k"]) == {str(k) for k in BY_K}

@@ -34,6 +34,8 @@ from prism_cli.report import ResultTable
 from prism_cli.runtime.elastic import export_meta
 from prism_cli.tuning.writer import CURVE_FILE, read_source_router, router_keys, write_router_export
 
+#: Tokens per validation window (the ``make tune-gate`` validation's).
+VALIDATION_SEQ_LEN = 256
 #: The choice table in the bank export (``.md``, ``.csv``, ``.json``).
 ROUTER_BANK_REPORT = "prism/router_bank"
 #: Fields of the ``prism`` section that two exports of the same experts share.
@@ -122,8 +124,8 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
     from prism_cli.tuning.benchmark import per_k_perplexity
 
     metas = check_candidates(candidates)
-    if tokens < 1:
-        raise PrismError(f"--tokens must be positive, got {tokens}")
+    if tokens < VALIDATION_SEQ_LEN:
+        raise PrismError(f"--tokens must be at least {VALIDATION_SEQ_LEN} (one window of validation text), got {tokens}")
     if data is not None and data.strip() == "builtin:eval":
         raise PrismError("the evaluation split only reports results: choose routers on builtin:calibration "
                          "(the default) or a validation file of your own")
@@ -136,9 +138,12 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
         raise PrismError(f"--serve-k must be within 1..{points} (the export's operating points), got {serve_k}")
     if on_start is not None:
         on_start(len(candidates) * points)
-    curves = {name: per_k_perplexity(directory, text, tokens, on_point=None if on_point is None else
-                                     (lambda k, name=name: on_point(name, k)))
-              for name, directory in candidates.items()}
+    try:
+        curves = {name: per_k_perplexity(directory, text, tokens, VALIDATION_SEQ_LEN, on_point=None if on_point is None
+                                         else (lambda k, name=name: on_point(name, k)))
+                  for name, directory in candidates.items()}
+    except ValueError as exc:  # the text is shorter than one window
+        raise PrismError(f"validation text {data_name}: {exc}") from None
     choice = choose(curves)
     served = write_bank(candidates, choice, out, serve_k=serve_k, force=force,
                         validation={"data": data_name, "tokens": tokens})
