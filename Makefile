@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate bench-scale plan-costs offload-builtin offload-deepseek offload
+.PHONY: install demo test bench-executors test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -104,8 +104,10 @@ compare-solvers: $(STAMP)
 # linear points into tables/tuned/. Finished runs are kept (delete runs/tune/ to start over); an interrupted run
 # continues from its checkpoint.
 TUNE := runs/tune
-TUNE_RUN = test -d $(TUNE)/$(1) || $(BIN)/prism tune-gate $(TUNE)/export --config configs/builtin.yaml --out $(TUNE)/$(1) $(2) \
-	$$(test -f $(TUNE)/$(1).tune-checkpoint.pt && echo --resume)
+# $(call TUNE_IN,folder,config,run,options): one tune-gate run of folder/export into folder/run (kept when done).
+TUNE_IN = test -d $(1)/$(3) || $(BIN)/prism tune-gate $(1)/export --config $(2) --out $(1)/$(3) $(4) \
+	$$(test -f $(1)/$(3).tune-checkpoint.pt && echo --resume)
+TUNE_RUN = $(call TUNE_IN,$(TUNE),configs/builtin.yaml,$(1),$(2))
 TUNE_RUNS := linear uniform distill probe probe-1e-4 probe-3e-5 probe-a05 probe-a025
 LINEAR_POINTS := linear:1;linear:2;linear:3;linear:4;linear:5;linear:6;linear:7;linear:8
 # The tuned table is about quality at each K; its timing (for the counts) at batch 8 only, 30 repeats at most.
@@ -132,6 +134,26 @@ tune-gate: $(STAMP)
 	cp $(TUNE)/bench-bank/bench.json tables/tuned/bench_tuned.json
 	cp $(TUNE)/bench-untuned/bench.json tables/tuned/bench_untuned.json
 	cp $(TUNE)/bench-bank/bench.png tables/tuned/frontier.png
+
+# The same at N = 8 (configs/builtin-n8.yaml), with the three runs the N = 4 bank chose from: is the gate's quality
+# at small K what limits the N = 8 count? -> results/tune_gate_bank_n8.*, tables/tuned-n8/ (about 25 minutes).
+TUNE8 := runs/tune-n8
+LINEAR_POINTS_N8 := linear:1;linear:2;linear:3;linear:4;linear:5;linear:6;linear:7;linear:8;linear:9;linear:10;linear:11;linear:12;linear:13;linear:14;linear:15;linear:16
+tune-gate-n8: $(STAMP)
+	mkdir -p $(TUNE8)
+	test -d $(TUNE8)/export || $(BIN)/prism export builtin tables/builtin-n8/partition.h5 --config configs/builtin-n8.yaml --out $(TUNE8)/export
+	$(call TUNE_IN,$(TUNE8),configs/builtin-n8.yaml,probe-3e-5,--init probe --init-alpha 1 --lr 3e-5)
+	$(call TUNE_IN,$(TUNE8),configs/builtin-n8.yaml,probe-a05,--init probe --init-alpha 0.5 --lr 3e-5)
+	$(call TUNE_IN,$(TUNE8),configs/builtin-n8.yaml,probe-a025,--init probe --init-alpha 0.25 --lr 3e-5)
+	$(BIN)/prism select-routers untuned=$(TUNE8)/export $(TUNE8)/probe-3e-5 $(TUNE8)/probe-a05 $(TUNE8)/probe-a025 --out $(TUNE8)/bank --force
+	for ext in md csv json; do cp $(TUNE8)/bank/prism/router_bank.$$ext results/tune_gate_bank_n8.$$ext; done
+	$(BIN)/prism bench $(TUNE8)/export --config configs/builtin-n8.yaml $(TUNE_BENCH) --points "$(LINEAR_POINTS_N8)" --out $(TUNE8)/bench-untuned
+	$(BIN)/prism bench $(TUNE8)/bank --config configs/builtin-n8.yaml $(TUNE_BENCH) --out $(TUNE8)/bench-bank
+	$(BIN)/python -m prism_cli.tuning.benchmark table --tuned-bench $(TUNE8)/bench-bank/bench.json \
+		--untuned-bench $(TUNE8)/bench-untuned/bench.json --out tables/tuned-n8
+	cp $(TUNE8)/bench-bank/bench.json tables/tuned-n8/bench_tuned.json
+	cp $(TUNE8)/bench-untuned/bench.json tables/tuned-n8/bench_untuned.json
+	cp $(TUNE8)/bench-bank/bench.png tables/tuned-n8/frontier.png
 
 # Offloading (SPEC 4.3): sub-experts against whole experts at the same budget and quality -> results/offload/.
 OFFLOAD_EXPORT := runs/offload/export

@@ -183,7 +183,7 @@ def table(tuned_bench: Path, untuned_bench: Path, out: Path) -> ResultTable:
     bank = (export_meta(tuned["target"]) or {}).get("router_bank")
     if bank is not None:
         result.notes.append("tuned = one router per K, the lowest validation perplexity among the runs (prism select-routers): "
-                            + ", ".join(f"K={k} {name}" for k, name in bank["by_k"].items()))
+                            + ", ".join(f"K={k} {name}" for k, name in sorted(bank["by_k"].items(), key=lambda kv: int(kv[0]))))
     result.notes += [f"full model perplexity {full:.2f} (original:{top_k}); evaluation split, "
                      f"{tuned['points'][0]['tokens']:,} tokens", *checks]
     out.mkdir(parents=True, exist_ok=True)
