@@ -59,6 +59,14 @@ class ElasticState:
     def points(self) -> list[OperatingPoint]:
         return default_operating_points(self.gate, self.n_sub, self.source_top_k)
 
+    def route_linear(self, layer: int, k: int) -> None:
+        """Put layer ``layer``'s linear gate at top-``k``, with the bank's router for ``k`` where there is one."""
+        router = self.flat_routers[layer]
+        router.top_k = k
+        if self.bank is not None:
+            j = self.bank.by_k[k]
+            router.use_bank_rows(j, self.bank.sorted_blocks[j])
+
 
 def export_meta(spec: str | Path) -> dict[str, Any] | None:
     """The ``prism`` section of a checkpoint's config, or None when it is not a prism export."""
@@ -69,6 +77,20 @@ def export_meta(spec: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text()).get("prism")
     except (json.JSONDecodeError, OSError):
         return None
+
+
+def read_export_meta(spec: str | Path, what: str | None = None) -> dict[str, Any]:
+    """The ``prism`` section of an export this prism reads, or a one-line error (``what`` names the
+    argument in it, e.g. ``candidate tuned``)."""
+    where = f"{what}: {spec}" if what else str(spec)
+    meta = export_meta(spec)
+    if meta is None:
+        raise PrismError(f"{where} is not a prism export (its config.json has no 'prism' section); "
+                         "make one with `prism export MODEL PARTITION --out DIR`")
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise PrismError(f"{where} has export format version {meta.get('format_version')}; this prism reads "
+                         f"{EXPORT_FORMAT_VERSION}: export it again")
+    return meta
 
 
 def is_prism_export(spec: str | Path | None) -> bool:
@@ -159,10 +181,7 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
         if neurons:
             state.gate_routers[i].policy, state.gate_routers[i].value = policy, op.value
         else:
-            state.flat_routers[i].top_k = int(op.value)
-            if state.bank is not None:
-                j = state.bank.by_k[int(op.value)]
-                state.flat_routers[i].use_bank_rows(j, state.bank.sorted_blocks[j])
+            state.route_linear(i, int(op.value))
         if state.elastic_routers:
             state.elastic_routers[i].use_neurons = neurons
     state.point = op
@@ -176,12 +195,7 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     ``offload`` (a ``prism_cli.offload.OffloadConfig``) keeps the routed experts in host memory behind a
     device cache; the model is then placed by the offloading, on ``offload.device`` (default ``device``).
     """
-    meta = export_meta(resolve_model(spec))
-    if meta is None:
-        raise PrismError(f"{spec} is not a prism export (its config.json has no 'prism' section)")
-    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise PrismError(f"{spec} has export format version {meta.get('format_version')}; this prism reads "
-                         f"{EXPORT_FORMAT_VERSION}: export it again")
+    meta = read_export_meta(resolve_model(spec))
     validate_export(resolve_model(spec), meta)  # an edited config.json: one line naming the field
     loaded = load_model(spec, dtype=dtype, device="cpu" if offload is not None else device,
                         experts_implementation=EXPERTS_IMPLEMENTATION)

@@ -96,10 +96,7 @@ class RowPointRouter(nn.Module):
         flat = s.flat_routers[i]
         saved_k, saved_rows, saved_sorted = flat.top_k, flat.router.weight.data, flat.sorted_blocks
         saved_neurons = s.elastic_routers[i].use_neurons if s.elastic_routers else None
-        flat.top_k = int(point.value)
-        if s.bank is not None:  # a router-bank export routes each K with its own router
-            j = s.bank.by_k[int(point.value)]
-            flat.use_bank_rows(j, s.bank.sorted_blocks[j])
+        s.route_linear(i, int(point.value))  # a router-bank export: with that K's router
         if s.elastic_routers:
             s.elastic_routers[i].use_neurons = False
 

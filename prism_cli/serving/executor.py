@@ -52,13 +52,10 @@ def load_served_model(directory: str, original: bool = False, dtype: str = "floa
     ``offload`` (a ``prism_cli.offload.OffloadConfig``, from ``--device-memory``) keeps the routed experts
     in host memory behind a device cache: sub-experts for the export, whole experts for the original."""
     from prism_cli.models.loading import load_model
-    from prism_cli.runtime.elastic import attach_elastic_state, export_meta, load_elastic_model
+    from prism_cli.runtime.elastic import attach_elastic_state, load_elastic_model, read_export_meta
     from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 
-    meta = export_meta(directory)
-    if meta is None:
-        raise PrismError(f"{directory} is not a prism export (its config.json has no 'prism' section); "
-                         "export a model with `prism export` first")
+    meta = read_export_meta(directory)
     n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
     if original:
         loaded = load_model(meta["source"]["model"], dtype=dtype, device="cpu" if offload is not None else device,

@@ -155,14 +155,12 @@ def run_schedule(
     served: Any = None, on_progress: Callable[[int, int], None] | None = None,
 ) -> ScheduleResult:
     """One run. ``served`` (a ``ServedModel``) is loaded if not given (the real engine needs it)."""
-    from prism_cli.runtime.elastic import export_meta
+    from prism_cli.runtime.elastic import read_export_meta
     from prism_cli.serving.executor import ModelExecutor, load_served_model
     from prism_cli.serving.simulate import SimExecutor
 
     settings.validate()
-    meta = export_meta(directory)
-    if meta is None:
-        raise PrismError(f"{directory} is not a prism export (its config.json has no 'prism' section)")
+    meta = read_export_meta(directory)
     export_space = PointSpace(meta["gate"], int(meta["sub_experts"]), int(meta["source"]["top_k"]))
     space = PointSpace(None, export_space.n_sub, export_space.top_k) if settings.original else export_space
     if (settings.sim or settings.policy == "prism") and cost_model is None:

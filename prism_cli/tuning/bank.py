@@ -26,12 +26,12 @@ import torch
 from safetensors.torch import save_file
 
 from prism_cli.errors import PrismError
-from prism_cli.export.format import EXPORT_FORMAT_VERSION, ROUTER_BANK_FILE
+from prism_cli.export.format import ROUTER_BANK_FILE
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.checkpoint import CheckpointReader
 from prism_cli.models.loading import load_config
 from prism_cli.report import ResultTable
-from prism_cli.runtime.elastic import export_meta
+from prism_cli.runtime.elastic import read_export_meta
 from prism_cli.tuning.writer import CURVE_FILE, read_source_router, router_keys, write_router_export
 
 #: Tokens per validation window (the ``make tune-gate`` validation's).
@@ -83,12 +83,7 @@ def check_candidates(candidates: dict[str, Path]) -> dict[str, dict[str, Any]]:
         raise PrismError("give at least two candidate exports (the untuned export and a tuned run of it)")
     metas: dict[str, dict[str, Any]] = {}
     for name, directory in candidates.items():
-        meta = export_meta(directory) if directory.is_dir() else None
-        if meta is None:
-            raise PrismError(f"candidate {name}: {directory} is not a prism export (no config.json with a 'prism' section)")
-        if meta.get("format_version") != EXPORT_FORMAT_VERSION:
-            raise PrismError(f"candidate {name}: {directory} has export format version {meta.get('format_version')}; "
-                             f"this prism reads {EXPORT_FORMAT_VERSION}: export it again")
+        meta = read_export_meta(directory, f"candidate {name}")
         if "router_bank" in meta:
             raise PrismError(f"candidate {name}: {directory} already carries a router bank; give the exports it was built from")
         metas[name] = meta
@@ -157,11 +152,8 @@ def write_bank(candidates: dict[str, Path], choice: BankChoice, out: Path, *, se
     first = next(iter(candidates.values()))
     config = load_config(str(first))
     adapter = adapter_for_config(config)
-    meta = metas[next(iter(metas))]
-    n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
+    n_sub = int(metas[next(iter(metas))]["sub_experts"])
     serve = adapter.top_k if serve_k is None else serve_k
-    if not 1 <= serve <= n_sub * top_k:
-        raise PrismError(f"--serve-k must be within 1..{n_sub * top_k} (the export's operating points), got {serve}")
     if serve not in choice.by_k:
         raise PrismError(f"no router was chosen for K = {serve}")
     base = candidates[choice.by_k[serve]]

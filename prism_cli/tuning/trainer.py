@@ -43,10 +43,9 @@ import torch.nn.functional as F
 
 from prism_cli.data import BUILTIN_PREFIX, load_text, text_hash
 from prism_cli.errors import Interrupted, PrismError
-from prism_cli.export.format import EXPORT_FORMAT_VERSION
 from prism_cli.io import atomic_path
 from prism_cli.models.loading import load_model, weights_fingerprint
-from prism_cli.runtime.elastic import attach_elastic_state, export_meta, set_operating_point
+from prism_cli.runtime.elastic import attach_elastic_state, read_export_meta, set_operating_point
 from prism_cli.tuning.init import INITS
 from prism_cli.tuning.schedules import SCHEDULES
 from prism_cli.tuning.writer import read_source_router, write_tuned_export
@@ -207,13 +206,7 @@ def check_export(directory: Path) -> dict[str, Any]:
     """The ``prism`` section of an export that can be tuned, or a one-line error."""
     if not directory.is_dir():
         raise PrismError(f"{directory} does not exist or is not a folder; give a prism export (from `prism export`)")
-    meta = export_meta(directory)
-    if meta is None:
-        raise PrismError(f"{directory} is not a prism export (no config.json with a 'prism' section); "
-                         "make one with `prism export MODEL PARTITION --out DIR`")
-    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise PrismError(f"{directory} has export format version {meta.get('format_version')}; this prism reads "
-                         f"{EXPORT_FORMAT_VERSION}: export it again")
+    meta = read_export_meta(directory)
     if "router_bank" in meta:
         raise PrismError(f"{directory} switches routers with K (prism select-routers); tune one of the exports it was built from")
     return meta
