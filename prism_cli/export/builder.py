@@ -371,15 +371,15 @@ def _check_flat_shapes(adapter: MoEAdapter, flat_config: Any, n_sub: int) -> Che
     sizes another module (a shared expert, a dense MLP) would shrink it: such a module is rebuilt at the
     source width (``prism_cli.models.source_sized``, recorded in the flat config) where it can be built
     from the config alone; otherwise the export is refused, naming the tensor."""
-    moe = {layer.name for layer in adapter.moe_layers(adapter.skeleton)}
-    routing = {f"{layer.name}.{k}" for layer in adapter.moe_layers(adapter.skeleton) for k in layer.routing_tensors()}
+    layers = adapter.moe_layers(adapter.skeleton)
+    moe = {layer.name for layer in layers}
+    routing = {f"{layer.name}.{k}" for layer in layers for k in layer.routing_tensors()}
     flat_model = skeleton(flat_config)
     skip = {k for k in flat_model.state_dict() if any(k.startswith(f"{block}.experts.") for block in moe) or k in routing}
     changed = [k for k in adapter.flat_config_updates(n_sub) if k not in (adapter.experts_key, adapter.top_k_key)]
-    source_fields = {k: getattr(adapter.text_config, k) for k in changed if k == adapter.width_key}
-    restored = copy.deepcopy(_text_config(flat_config))
-    for key, value in source_fields.items():
-        setattr(restored, key, value)
+    source_fields = {adapter.width_key: adapter.width}
+    restored = copy.deepcopy(_text_config(flat_config))  # the flat config at the source width, as the rebuild makes it
+    setattr(restored, adapter.width_key, adapter.width)
     sized, stuck = find_source_sized(flat_model, adapter.skeleton, restored, source_fields, moe, skip)
     if stuck is not None:
         shapes = {k: tuple(v.shape) for k, v in adapter.skeleton.state_dict().items()}
