@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
+.PHONY: install demo test bench-executors bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -82,6 +82,11 @@ bench-scale: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python scripts/bench_scale.py --work runs/scale --out results/scale
 
 # One MoE layer's experts call under each executor, by tokens per call (bounds of runtime/grouped_mm.py).
+# Prefill step time under glibc's default allocator and prism's reuse setting (prism_cli/allocator.py).
+bench-allocator: $(STAMP)
+	test -f runs/builtin/export/config.json || $(BIN)/prism export builtin tables/builtin/partition.h5 --gate neurons --out runs/builtin/export --force
+	$(BIN)/python scripts/bench_allocator.py --export runs/builtin/export --out results/allocator
+
 bench-executors: serving-export
 	$(BIN)/python scripts/bench_executors.py --export $(SERVE)/export --out results/executors
 

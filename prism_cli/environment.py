@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_cli import __version__
+from prism_cli.allocator import cpu_allocator
 
 
 def _version(package: str) -> str | None:
@@ -43,6 +44,7 @@ def environment(device: Any = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": cpu_name(),
         "torch_threads": _torch_threads(),
+        "cpu_allocator": cpu_allocator(),
         "command": " ".join(["prism", *sys.argv[1:]]),
     }
     if device is not None and getattr(device, "type", None) == "cuda":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
+from prism_cli.allocator import configure_cpu_allocator
 from prism_cli.environment import environment, machine_label
 from prism_cli.models.loading import load_model
 from prism_cli.report import ResultTable
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/executors"))
     args = ap.parse_args()
+    configure_cpu_allocator("reuse")  # as `prism bench` and the serving engine run on the CPU
     torch.set_num_threads(2)
     meta = export_meta(str(args.export)) if args.export.is_dir() else None
     if meta is None:
@@ -113,7 +115,7 @@ def main() -> None:
     table.notes += [
         f"Export {args.export} (layer 0: {elastic.gate_up_proj.shape[0]} sub-experts of width "
         f"{elastic.gate_up_proj.shape[1] // 2}, hidden {elastic.gate_up_proj.shape[2]}), float32, "
-        f"measured on {machine_label(environment())}.",
+        f"measured on {machine_label(environment())}, CPU allocator {environment()['cpu_allocator']}.",
         "original: the source model's experts at the same routing (linear:4j = original:j), transformers' own "
         "grouped_mm; the elastic model's calls should cost what it costs.",
         f"The runtime takes grouped products for calls of >= {grouped_mm.MIN_TOKENS} tokens and (on the CPU) "

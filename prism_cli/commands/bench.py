@@ -35,6 +35,8 @@ def bench(
     dtype: str = typer.Option(None, help="Model dtype (default: float32 on CPU, bfloat16 on CUDA, what the kernels take)."),
     experts_impl: str = typer.Option("prism", "--experts-impl", help="Experts implementation of the export: prism, grouped_mm or eager."),
     seed: int = typer.Option(0, help="Seed for the timing inputs."),
+    cpu_allocator: str = typer.Option(
+        "reuse", "--cpu-allocator", help="On the CPU: reuse (freed activations stay in the heap for the next step) or system (glibc's)."),
     out: Path = typer.Option(Path("results"), help="Output folder: bench.md, bench.csv, bench.json, bench.png."),
     device_memory: str = DeviceMemoryOption,
     cache_policy: str = CachePolicyOption,
@@ -59,7 +61,7 @@ def bench(
         device=device, dtype=dtype, batches=parse_int_list(batch, "--batch") or [], seq_len=seq_len, mode=mode,
         tokens=tokens, repeats=repeats, max_repeats=max_repeats, precision=precision, warmup=warmup,
         points=[p for p in points.split(";") if p.strip()] if points else None, experts_impl=experts_impl, seed=seed,
-        offload=offload,
+        offload=offload, cpu_allocator=cpu_allocator,
     )
     settings.validate()
     check_context_length(load_config(model), seq_len)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from prism_cli.allocator import ALLOCATOR_MODES, configure_cpu_allocator
 from prism_cli.data.windows import token_windows
 from prism_cli.environment import environment
 from prism_cli.errors import PrismError
@@ -76,6 +77,8 @@ class BenchSettings:
     #: A ``prism_cli.offload.OffloadConfig``: the export and its source model both run with their experts
     #: offloaded (sub-experts and whole experts) in the same budget.
     offload: Any = None
+    #: The process's allocator for CPU steps (``prism_cli.allocator``); the original runs under the same one.
+    cpu_allocator: str = "reuse"
 
     def validate(self) -> None:
         if self.quality_only:
@@ -96,6 +99,8 @@ class BenchSettings:
             raise PrismError(f"--experts-impl must be one of {', '.join(IMPLEMENTATIONS)}, got {self.experts_impl!r}")
         if self.offload is not None and self.experts_impl != EXPERTS_IMPLEMENTATION:
             raise PrismError(f"--device-memory runs the experts through prism's offloading: use --experts-impl {EXPERTS_IMPLEMENTATION}")
+        if self.cpu_allocator not in ALLOCATOR_MODES:
+            raise PrismError(f"--cpu-allocator must be one of {', '.join(ALLOCATOR_MODES)}, got {self.cpu_allocator!r}")
         kind = torch.device(self.device).type
         allowed = DEVICE_DTYPES.get(kind, ("float32",))
         self.dtype = self.dtype or allowed[0]
@@ -206,6 +211,8 @@ def run_bench(
     quality pass: repeated timing runs need it only once.
     """
     settings.validate()
+    if torch.device(settings.device).type == "cpu":
+        configure_cpu_allocator(settings.cpu_allocator)
     models = _load(target, settings)
     runners = _runners(models, settings)
     if quality is None:

@@ -50,7 +50,7 @@ def points_table(report: BenchReport) -> ResultTable:
     table.notes += [
         f"latency: {report.settings.mode} step ({report.settings.dtype}), measured on {label}; median +/- is the half-width "
         f"of its 95% interval over the median; the original is timed with each experts implementation it has and "
-        f"the faster counts (bench.json keeps both)",
+        f"the faster counts (bench.json keeps both)" + _allocator_note(report.environment),
         f"quality: {report.points[0].quality.tokens:,} held-out tokens against the source model at its full top-k "
         f"(perplexity {report.full_perplexity:.4f}); KL in nats per token; active sub-experts per token and MoE layer "
         "in units of 1/N expert (the original at top-k' counts N*k')",
@@ -173,3 +173,8 @@ def summary_tables(report: BenchReport) -> list[ResultTable]:
     tables = [count_table(report)] if report.settings.batches else []
     tables += [t for t in (same_routing_table(report), equal_compute_table(report), elasticity_table(report)) if t is not None]
     return tables
+
+
+def _allocator_note(env: dict) -> str:
+    """Which host allocator CPU steps ran under (``prism_cli.allocator``); nothing for GPU runs or old reports."""
+    return f"; CPU allocator: {env['cpu_allocator']}" if env.get("cpu_allocator") and "gpu" not in env else ""

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from prism_cli.allocator import configure_cpu_allocator
 from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.per_row import clear_row_points, set_row_points
@@ -82,6 +83,8 @@ class ModelExecutor(Executor):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.device = next(self.model.parameters()).device
+        if self.device.type == "cpu":  # as `prism bench` measures the cost model (prism_cli/allocator.py)
+            configure_cpu_allocator("reuse")
         self.pad = served.tokenizer.pad_token_id if served.tokenizer.pad_token_id is not None else 0
         eos = served.tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
