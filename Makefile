@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
+.PHONY: install demo test bench-executors executor-bounds bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # The whole pipeline on the built-in model and data: profile -> partition -> export -> bench,
 # with the settings of configs/builtin.yaml (bench at batch 8 only); ends with the Pareto table (runs/demo/bench/).
-demo: $(STAMP)
+demo: executor-bounds
 	mkdir -p $(RUN)
 	$(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
 	$(BIN)/prism partition $(RUN)/profile.h5 --config configs/builtin.yaml --out $(RUN)/partition.h5
@@ -38,14 +38,14 @@ test-all: $(STAMP)
 
 # Regenerate the committed operating-point tables (tables/builtin/, N = 4; tables/builtin-n8/, N = 8).
 # Timing wants a quiet machine: every point is timed side by side with the original in one run.
-tables: $(STAMP)
+tables: executor-bounds
 	$(BIN)/prism tables --config configs/builtin.yaml --out tables
 
-tables-n8: $(STAMP)
+tables-n8: executor-bounds
 	$(BIN)/prism tables --config configs/builtin-n8.yaml --out tables
 
 # The built-in table's timing three times from its committed partition: the count of each run.
-bench-stability: $(STAMP)
+bench-stability: executor-bounds
 	$(BIN)/python -m prism_cli.pipeline.stability --config configs/builtin.yaml --runs 3 --out results/bench_stability
 
 # Benchmarks that write their numbers to files under results/.
@@ -87,8 +87,15 @@ bench-allocator: $(STAMP)
 	test -f runs/builtin/export/config.json || $(BIN)/prism export builtin tables/builtin/partition.h5 --gate neurons --out runs/builtin/export --force
 	$(BIN)/python scripts/bench_allocator.py --export runs/builtin/export --out results/allocator
 
+# Times the experts executors on this machine and saves the size bounds the runtime reads (runtime/bounds.py).
 bench-executors: serving-export
-	$(BIN)/python scripts/bench_executors.py --export $(SERVE)/export --out results/executors
+	$(BIN)/python scripts/bench_executors.py --export $(SERVE)/export --save-bounds --out results/executors
+
+# The same measurement, only where this machine has no bounds yet (written under runs/, not results/);
+# timing targets depend on it so that they run under this machine's bounds.
+executor-bounds: serving-export
+	$(BIN)/python -c "import sys; from prism_cli.runtime.bounds import current_bounds; sys.exit(current_bounds().source == 'default')" \
+	  || $(BIN)/python scripts/bench_executors.py --export $(SERVE)/export --save-bounds --out runs/executors
 
 gate-ablation: $(STAMP)
 	mkdir -p $(RUN)

@@ -15,6 +15,7 @@ from typing import Any
 
 from prism_cli import __version__
 from prism_cli.allocator import cpu_allocator
+from prism_cli.runtime.bounds import current_bounds
 
 
 def _version(package: str) -> str | None:
@@ -45,6 +46,7 @@ def environment(device: Any = None) -> dict[str, Any]:
         "processor": cpu_name(),
         "torch_threads": _torch_threads(),
         "cpu_allocator": cpu_allocator(),
+        "executor_bounds": current_bounds().describe(),
         "command": " ".join(["prism", *sys.argv[1:]]),
     }
     if device is not None and getattr(device, "type", None) == "cuda":

@@ -10,14 +10,16 @@ runtime produces: ``linear:K`` (whole experts, then the first sub-experts of the
 prefix path) and the training-free gate's arbitrary subsets of K sub-experts (the flat path); and, as
 the reference both must be compared with, the source model's experts at the same routing (``linear:4j``
 is ``original:j``) under transformers' own ``grouped_mm``. Calls alternate round-robin, so drift on a
-shared machine hits all alike; each cell is the median of ``--repeats`` calls. The executor's bounds
-(``grouped_mm.MIN_TOKENS``, ``MAX_PAIRS``, ``MAX_PREFIX_ROWS``) are read from this table. Writes <out>.md/.csv/.json.
+shared machine hits all alike; each cell is the median of ``--repeats`` calls. The executor's bounds for
+this machine (``runtime/bounds.py``: min tokens, max prefix rows, max pairs) are derived from this table
+(``derive_bounds``) and, with ``--save-bounds``, saved where the runtime reads them. Writes <out>.md/.csv/.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +31,7 @@ from prism_cli.allocator import configure_cpu_allocator
 from prism_cli.environment import environment, machine_label
 from prism_cli.models.loading import load_model
 from prism_cli.report import ResultTable
-from prism_cli.runtime import grouped_mm
+from prism_cli.runtime import bounds, grouped_mm
 from prism_cli.runtime.elastic import export_meta, load_elastic_model
 from prism_cli.runtime.grouped import grouped_experts_forward
 
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--points", default="2,4,6,8", help="K of linear:K and of the K-sub-expert subsets.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/executors"))
+    ap.add_argument("--save-bounds", action="store_true",
+                    help="Save the bounds this table implies for this machine (where the runtime reads them).")
     args = ap.parse_args()
     configure_cpu_allocator("reuse")  # as `prism bench` and the serving engine run on the CPU
     torch.set_num_threads(2)
@@ -85,6 +89,8 @@ def main() -> None:
     reference = ExpertsInterface._global_mapping["grouped_mm"]
     experts = source.gate_up_proj.shape[0]
     gen = torch.Generator().manual_seed(args.seed)
+    in_effect = bounds.current_bounds()
+    timings: list[bounds.Timing] = []
     table = ResultTable(
         f"experts executors: one MoE layer's experts call (ms, median of {args.repeats})",
         ["tokens", "routing", "plan (grouped)", "grouped products", "path", "grouped products / plan",
@@ -106,24 +112,34 @@ def main() -> None:
                         ww = torch.rand(whole.shape, generator=gen)
                         calls["original"] = lambda x=x, whole=whole, ww=ww: reference(source, x, whole, ww)
                     ms = median_ms(calls, args.repeats)
-                    prefix = grouped_mm.prefix_routing(idx, n_sub, elastic.gate_up_proj.shape[0]) is not None
-                    path = "prefix-mm" if prefix else "flat-mm"
+                    found = grouped_mm.prefix_routing(idx, n_sub, elastic.gate_up_proj.shape[0])
+                    path = "prefix-mm" if found is not None else "flat-mm"
+                    size = tokens * len(found.lengths) if found is not None else idx.numel()
+                    timings.append(bounds.Timing(tokens, found is not None, size, ms["plan"], ms["mm"], ms.get("loop")))
                     taken, _ = grouped_mm.choose_path(idx, n_sub, elastic.gate_up_proj.shape[0])
                     table.add(tokens, f"linear:{k}" if kind == "linear" else f"{k} of {n_sub * top_k} subsets",
                               ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("loop"),
                               ms.get("original"), taken)
+    key = bounds.machine_key()
+    derived = bounds.derive_bounds(timings, source=f"make bench-executors, {key}")
+    saved = bounds.save_bounds(derived, key, measured_by=" ".join(["scripts/bench_executors.py", *sys.argv[1:]])) \
+        if args.save_bounds else None
     table.notes += [
         f"Export {args.export} (layer 0: {elastic.gate_up_proj.shape[0]} sub-experts of width "
         f"{elastic.gate_up_proj.shape[1] // 2}, hidden {elastic.gate_up_proj.shape[2]}), float32, "
         f"measured on {machine_label(environment())}, CPU allocator {environment()['cpu_allocator']}.",
         "original: the source model's experts at the same routing (linear:4j = original:j), transformers' own "
         "grouped_mm; the elastic model's calls should cost what it costs.",
-        f"The runtime takes grouped products for calls of >= {grouped_mm.MIN_TOKENS} tokens and (on the CPU) "
-        f"<= {grouped_mm.MAX_PREFIX_ROWS:,} rows of prefix routing (a row: a token's block, so linear:4j has "
-        f"the rows of original:j) or <= {grouped_mm.MAX_PAIRS:,} (token, sub-expert) pairs of arbitrary subsets; "
+        f"taken by the runtime: under the bounds in effect for this run ({in_effect.describe()}): grouped "
+        f"products for calls of >= {in_effect.min_tokens} tokens and (on the CPU) <= "
+        f"{in_effect.max_prefix_rows:,} rows of prefix routing (a row: a token's block, so linear:4j has the "
+        f"rows of original:j) or <= {in_effect.max_pairs:,} (token, sub-expert) pairs of arbitrary subsets; "
         "beyond that the plan executor for prefix routing and one product per sub-expert (flat-loop) for "
-        f"subsets; the plan executor below {grouped_mm.MIN_TOKENS} tokens.",
-        "Command: python scripts/bench_executors.py --out results/executors (make bench-executors).",
+        "subsets; the plan executor below the token bound.",
+        f"Bounds this table implies (runtime/bounds.py derive_bounds: each the threshold that maximises the "
+        f"summed log(alternative / grouped products) of the calls it gives to grouped products): {derived.describe()}"
+        + (f", saved to {saved} for {key}." if saved else " (not saved: --save-bounds saves them)."),
+        "Command: python scripts/bench_executors.py --save-bounds --out results/executors (make bench-executors).",
     ]
     table.save(args.out)
     print(table.markdown())

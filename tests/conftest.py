@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run under the executor's default bounds, not whatever `make bench-executors` measured on this machine.
+os.environ["PRISM_EXECUTOR_BOUNDS"] = str(Path(tempfile.mkdtemp(prefix="prism-tests-")) / "executor_bounds.json")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from prism_cli.runtime import grouped_mm
+from prism_cli.runtime import bounds, grouped_mm
 from prism_cli.runtime.grouped import grouped_experts_forward
 from prism_cli.runtime.plan import SMALL_BATCH_PAIRS, plan_experts
 
@@ -179,12 +179,14 @@ def test_flat_loop_matches_the_brute_force(n_sub, kind):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
-def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch):
-    """Below MIN_TOKENS tokens the plan executor; up to MAX_PREFIX_ROWS rows (a token's block) for prefix
-    routing and MAX_PAIRS pairs for subsets grouped products; beyond, the plan executor for prefix routing
-    and the per-sub-expert loop for subsets; same output on every path."""
-    monkeypatch.setattr(grouped_mm, "MAX_PAIRS", 64)
-    monkeypatch.setattr(grouped_mm, "MAX_PREFIX_ROWS", 64)
+def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch, tmp_path):
+    """Under the bounds saved for this machine: below min_tokens tokens the plan executor; up to
+    max_prefix_rows rows (a token's block) for prefix routing and max_pairs pairs for subsets grouped
+    products; beyond, the plan executor for prefix routing and the per-sub-expert loop for subsets; same
+    output on every path."""
+    monkeypatch.setenv("PRISM_EXECUTOR_BOUNDS", str(tmp_path / "bounds.json"))
+    bounds.save_bounds(bounds.ExecutorBounds(min_tokens=4, max_prefix_rows=64, max_pairs=64), bounds.machine_key())
+    assert bounds.current_bounds().max_prefix_rows == 64
     module = _olmoe_experts(6 * 4)
     gen = torch.Generator().manual_seed(5)
     # linear:6 at N = 4 is two blocks per token: 20 tokens = 40 rows (120 pairs), 40 tokens = 80 rows

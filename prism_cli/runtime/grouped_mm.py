@@ -17,8 +17,11 @@ own ``grouped_mm`` implementation does for whole experts. Two shapes of routing 
   slice), then scaled by the sub-expert's routing weight before the down projection.
 * **flat** (the training-free gate's arbitrary subsets): rows are (token, sub-expert) pairs grouped by
   flat sub-expert, one grouped product per projection over the E*N sub-experts (``flat-mm``); on the
-  CPU, past ``MAX_PAIRS`` pairs, one plain product per sub-expert over its own gathered rows
+  CPU, past ``max_pairs`` pairs, one plain product per sub-expert over its own gathered rows
   (``flat-loop``), which keeps each product's rows in cache where one call over every pair does not.
+
+Where each path stops paying depends on the machine: ``runtime/bounds.py`` holds the size bounds,
+measured per machine by ``make bench-executors``.
 
 Only the standard layouts are taken (not transposed, no biases); anything else stays with the plan
 executor, and so do calls where grouped products do not pay (``choose_path``). Outputs are reduced per
@@ -32,22 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_cli.runtime.bounds import current_bounds
 from prism_cli.runtime.grouped import _down_transposed, grouped_experts_forward
-
-#: Calls of fewer tokens go to the plan executor: with one to three tokens a couple of plain matmuls
-#: cost less than sorting, counting and two grouped products.
-MIN_TOKENS = 4
-#: Past this many (token, sub-expert) pairs per call of arbitrary subsets, on the CPU, grouped products
-#: slow down (one call's rows no longer stay in cache): one product per sub-expert (``flat-loop``) takes
-#: over, which beats the plan executor's scattered pieces there.
-MAX_PAIRS = 4_096
-#: The same bound for prefix routing, counted in rows of its products (a token's block of sub-experts is
-#: one row, so ``linear:N*k`` has the rows of the original at top-k and takes the same path): beyond it,
-#: the plan executor (per-expert matmuls over contiguous slices). Its blocks are wider than one
-#: sub-expert, so its products leave the cache sooner. All three bounds come from ``make bench-executors``
-#: (results/executors.md).
-MAX_PREFIX_ROWS = 2_048
-
 
 #: What ``grouped_mm`` computes in (float64 models, e.g. reference checks, stay with the plan executor).
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,17 +73,19 @@ PREFIX_ATTR = "prism_prefix"
 
 def choose_path(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[str, PrefixRouting | None]:
     """The path the runtime takes for a call routed as ``indices [T, P]``, with its prefix routing if it
-    has one: ``"grouped"`` (the plan executor) for fewer than ``MIN_TOKENS`` tokens. Prefix routing takes
-    ``"prefix-mm"``, on the CPU up to ``MAX_PREFIX_ROWS`` rows of its products, the plan executor beyond;
-    arbitrary subsets take ``"flat-mm"``, or ``"flat-loop"`` past ``MAX_PAIRS`` pairs on the CPU."""
+    has one, under this machine's bounds (``current_bounds()``): ``"grouped"`` (the plan executor) for
+    fewer than ``min_tokens`` tokens. Prefix routing takes ``"prefix-mm"``, on the CPU up to
+    ``max_prefix_rows`` rows of its products, the plan executor beyond; arbitrary subsets take
+    ``"flat-mm"``, or ``"flat-loop"`` past ``max_pairs`` pairs on the CPU."""
+    bounds = current_bounds()
     tokens = indices.shape[0]
-    if tokens < MIN_TOKENS:
+    if tokens < bounds.min_tokens:
         return "grouped", None
     cpu = indices.device.type == "cpu"
     found = prefix_routing(indices, n_sub, groups)
     if found is not None:
-        return ("grouped" if cpu and tokens * len(found.lengths) > MAX_PREFIX_ROWS else "prefix-mm"), found
-    return ("flat-loop" if cpu and indices.numel() > MAX_PAIRS else "flat-mm"), None
+        return ("grouped" if cpu and tokens * len(found.lengths) > bounds.max_prefix_rows else "prefix-mm"), found
+    return ("flat-loop" if cpu and indices.numel() > bounds.max_pairs else "flat-mm"), None
 
 
 def grouped_mm_forward(

@@ -1,0 +1,165 @@
+"""Where grouped products stop paying on this CPU: the executor's size bounds, measured per machine.
+
+``runtime/grouped_mm.py`` runs a call with grouped products or hands it to another executor depending on
+its size (``choose_path``). Where the crossover lies depends on the processor's caches and on the thread
+count: on the AMD EPYC this project was first measured on, grouped products over more than 2,048 rows of
+prefix routing lost to the plan executor by up to 15 %; on an Intel Xeon with the same two threads they
+won by 15 % at 4,096 rows (``make bench-executors``, results/executors.md). A constant tuned on one
+machine is therefore wrong on the other, so the bounds are measured once per machine (processor, thread
+count, torch version) by ``make bench-executors``, which saves them to ``bounds_path()``; the runtime reads them from there, and falls back to ``DEFAULT`` on a
+machine with no entry. Every results file names the bounds it ran under (``environment()``), so a table
+is reproducible from its own record. The bounds only choose among executors that compute the same sums
+(up to float summation order); they never change what is computed.
+
+Kept free of torch imports: ``environment()`` (which imports nothing heavy) records them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prism_cli.errors import PrismError
+
+FORMAT = "prism-executor-bounds"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExecutorBounds:
+    """``min_tokens``: calls of fewer tokens take the plan executor (any device). On the CPU,
+    ``max_prefix_rows``: prefix routing with more rows (a token's block of sub-experts is one row) takes
+    the plan executor; ``max_pairs``: arbitrary subsets with more (token, sub-expert) pairs take one
+    product per sub-expert (``flat-loop``)."""
+
+    min_tokens: int
+    max_prefix_rows: int
+    max_pairs: int
+    source: str = "default"
+
+    def describe(self) -> str:
+        return (f"min tokens {self.min_tokens}, max prefix rows {self.max_prefix_rows:,}, max pairs "
+                f"{self.max_pairs:,} ({self.source})")
+
+
+#: Measured on the AMD EPYC build machine at 2 threads (results/executors.md of that run); used where
+#: this machine has no measurement of its own.
+DEFAULT = ExecutorBounds(min_tokens=4, max_prefix_rows=2_048, max_pairs=4_096, source="default")
+
+
+def bounds_path() -> Path:
+    """``$PRISM_EXECUTOR_BOUNDS`` when set (the test suite points it at an empty place, so tests run under
+    ``DEFAULT`` whatever the machine measured), else ``$PRISM_CACHE/executor_bounds.json`` (default
+    ``~/.cache/prism``), next to the compiled kernels."""
+    if os.environ.get("PRISM_EXECUTOR_BOUNDS"):
+        return Path(os.environ["PRISM_EXECUTOR_BOUNDS"]).expanduser()
+    return Path(os.environ.get("PRISM_CACHE") or Path.home() / ".cache" / "prism").expanduser() / "executor_bounds.json"
+
+
+def machine_key(threads: int | None = None) -> str:
+    """What the bounds depend on: processor, torch's thread count and torch's version."""
+    from prism_cli.environment import _torch_threads, _version, cpu_name
+
+    return f"{cpu_name()} | {threads if threads is not None else _torch_threads()} threads | torch {_version('torch')}"
+
+
+@functools.cache
+def _entries(path: str) -> dict[str, dict[str, Any]]:
+    file = Path(path)
+    if not file.exists():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(f"not a {FORMAT} file of version {VERSION}")
+        machines = data["machines"]
+        for entry in machines.values():
+            ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]))
+        return dict(machines)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PrismError(f"cannot read the executor bounds {file}: {exc}; delete it or rerun `make bench-executors`") from None
+
+
+def current_bounds() -> ExecutorBounds:
+    """The bounds measured on this machine at torch's current thread count, else ``DEFAULT``."""
+    torch = sys.modules.get("torch")
+    threads = int(torch.get_num_threads()) if torch is not None else None
+    return _bounds_for(str(bounds_path()), threads)
+
+
+@functools.cache
+def _bounds_for(path: str, threads: int | None) -> ExecutorBounds:
+    entry = _entries(path).get(machine_key(threads))
+    if entry is None:
+        return DEFAULT
+    return ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]),
+                          source=f"measured here, {path}")
+
+
+def save_bounds(bounds: ExecutorBounds, key: str, path: Path | None = None, measured_by: str = "") -> Path:
+    """Record ``bounds`` for machine ``key`` (other machines' entries are kept); atomic."""
+    from prism_cli.io import write_json
+
+    path = path or bounds_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machines = dict(_entries(str(path)))
+    entry = {k: v for k, v in asdict(bounds).items() if k != "source"}
+    machines[key] = {**entry, "measured_by": measured_by}
+    write_json(path, {"format": FORMAT, "version": VERSION, "machines": machines})
+    _entries.cache_clear()
+    _bounds_for.cache_clear()
+    return path
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measured call: ``tokens``; ``prefix`` routing (its ``size`` in rows) or arbitrary subsets
+    (``size`` in pairs); median ms of the plan executor, of grouped products and (subsets) of ``flat-loop``."""
+
+    tokens: int
+    prefix: bool
+    size: int
+    plan_ms: float
+    mm_ms: float
+    loop_ms: float | None = None
+
+
+def _best_upper_bound(gains: list[tuple[int, float]]) -> int:
+    """The size ``s`` (0 or a measured size) that maximises the summed ``gain`` of the calls of size <= s:
+    grouped products for those, the alternative beyond. Ties go to the smaller size."""
+    best, best_total, total = 0, 0.0, 0.0
+    for size in sorted({size for size, _ in gains}):
+        total += sum(g for sz, g in gains if sz == size)
+        if total > best_total:
+            best, best_total = size, total
+    return best
+
+
+def derive_bounds(timings: Iterable[Timing], source: str = "measured") -> ExecutorBounds:
+    """The bounds a table of calls implies, each a threshold chosen to minimise the table's total time in
+    relative terms: a call's gain from grouped products is ``log(alternative / grouped)`` (so every
+    measured call weighs alike, a decode-sized call as much as a prefill), and each bound maximises the
+    summed gain of the calls it gives to grouped products. ``min_tokens`` (against the plan executor, over
+    all calls): the calls of at least that many tokens. Then, over those calls, ``max_prefix_rows``
+    (prefix routing against the plan executor) and ``max_pairs`` (subsets against ``flat-loop``): the
+    calls of at most that size. A single noisy call near a crossover moves a bound by one measured size
+    at most, where a rule like "stop at the first loss" could zero it."""
+    timings = list(timings)
+    if not timings:
+        raise PrismError("no timed calls to derive executor bounds from")
+    sizes = sorted({t.tokens for t in timings})
+    suffix = {n: sum(math.log(t.plan_ms / t.mm_ms) for t in timings if t.tokens >= n) for n in sizes}
+    min_tokens = max(sizes, key=lambda n: (suffix[n], -n))
+    if suffix[min_tokens] <= 0:  # grouped products never pay on the whole: no call takes them
+        min_tokens = sizes[-1] + 1
+    kept = [t for t in timings if t.tokens >= min_tokens]
+    prefix = [(t.size, math.log(t.plan_ms / t.mm_ms)) for t in kept if t.prefix]
+    pairs = [(t.size, math.log(t.loop_ms / t.mm_ms)) for t in kept if not t.prefix and t.loop_ms is not None]
+    return ExecutorBounds(min_tokens, _best_upper_bound(prefix), _best_upper_bound(pairs), source)
