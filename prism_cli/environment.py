@@ -15,7 +15,6 @@ from typing import Any
 
 from prism_cli import __version__
 from prism_cli.allocator import cpu_allocator
-from prism_cli.runtime.bounds import current_bounds
 
 
 def _version(package: str) -> str | None:
@@ -46,7 +45,7 @@ def environment(device: Any = None) -> dict[str, Any]:
         "processor": cpu_name(),
         "torch_threads": _torch_threads(),
         "cpu_allocator": cpu_allocator(),
-        "executor_bounds": current_bounds().describe(),
+        "executor_bounds": _executor_bounds(),
         "command": " ".join(["prism", *sys.argv[1:]]),
     }
     if device is not None and getattr(device, "type", None) == "cuda":
@@ -54,6 +53,12 @@ def environment(device: Any = None) -> dict[str, Any]:
 
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _executor_bounds() -> str:
+    from prism_cli.runtime.bounds import current_bounds  # torch-free; the runtime's choice of executors
+
+    return current_bounds().describe()
 
 
 def _torch_threads() -> int:

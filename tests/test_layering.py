@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prism_cli"
 
 #: Layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS: list[set[str]] = [
-    {"errors", "registry", "io", "report", "console", "environment", "operating_points", "data"},
+    {"errors", "registry", "io", "report", "console", "allocator", "environment", "operating_points", "data"},
     {"models"},
     {"profiling"},
     {"solvers"},
@@ -37,6 +37,7 @@ ALLOWED_LAZY = {
     ("export", "runtime"): "export measures the written folder through the runtime before renaming it into place",
     ("runtime", "offload"): "load_elastic(offload=...) attaches the sub-expert cache when asked for",
     ("evaluation", "offload"): "bench --device-memory attaches the sub-expert cache when asked for",
+    ("environment", "runtime"): "every report records the executor bounds it ran under (runtime/bounds.py, torch-free)",
     ("config", "app"): "the config file's schema is the CLI's own options",
 }
 
