@@ -8,8 +8,9 @@ won by 15 % at 4,096 rows (``make bench-executors``, results/executors.md). A co
 machine is therefore wrong on the other, so the bounds are measured once per machine (processor, thread
 count, torch version) by ``make bench-executors``, which saves them to ``bounds_path()``; the runtime
 reads them from there, and falls back to ``DEFAULT`` on a machine with no entry. Every results file
-names the bounds it ran under (``environment()``), so a table is reproducible from its own record. The bounds only choose among executors that compute the same sums
-(up to float summation order); they never change what is computed.
+names the bounds it ran under (``environment()``), so a table is reproducible from its own record. The
+bounds only choose among executors that compute the same sums (up to float summation order); they never
+change what is computed.
 
 Kept free of torch imports: ``environment()`` (which imports nothing heavy) records them.
 """
