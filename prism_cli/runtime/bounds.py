@@ -59,9 +59,18 @@ def bounds_path() -> Path:
     """``$PRISM_EXECUTOR_BOUNDS`` when set (the test suite points it at an empty place, so tests run under
     ``DEFAULT`` whatever the machine measured), else ``$PRISM_CACHE/executor_bounds.json`` (default
     ``~/.cache/prism``), next to the compiled kernels."""
-    if os.environ.get("PRISM_EXECUTOR_BOUNDS"):
-        return Path(os.environ["PRISM_EXECUTOR_BOUNDS"]).expanduser()
-    return Path(os.environ.get("PRISM_CACHE") or Path.home() / ".cache" / "prism").expanduser() / "executor_bounds.json"
+    return _path(os.environ.get("PRISM_EXECUTOR_BOUNDS"), os.environ.get("PRISM_CACHE"))
+
+
+@functools.cache
+def _path(explicit: str | None, cache: str | None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(cache or Path.home() / ".cache" / "prism").expanduser() / "executor_bounds.json"
+
+
+def _parse(entry: dict[str, Any], source: str = "default") -> ExecutorBounds:
+    return ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]), source)
 
 
 def machine_key(threads: int | None = None) -> str:
@@ -82,14 +91,15 @@ def _entries(path: str) -> dict[str, dict[str, Any]]:
             raise ValueError(f"not a {FORMAT} file of version {VERSION}")
         machines = data["machines"]
         for entry in machines.values():
-            ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]))
+            _parse(entry)
         return dict(machines)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PrismError(f"cannot read the executor bounds {file}: {exc}; delete it or rerun `make bench-executors`") from None
 
 
 def current_bounds() -> ExecutorBounds:
-    """The bounds measured on this machine at torch's current thread count, else ``DEFAULT``."""
+    """The bounds measured on this machine at torch's current thread count, else ``DEFAULT``. Called on
+    every experts call: after the first, two environment lookups and a cache hit."""
     torch = sys.modules.get("torch")
     threads = int(torch.get_num_threads()) if torch is not None else None
     return _bounds_for(str(bounds_path()), threads)
@@ -100,8 +110,7 @@ def _bounds_for(path: str, threads: int | None) -> ExecutorBounds:
     entry = _entries(path).get(machine_key(threads))
     if entry is None:
         return DEFAULT
-    return ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]),
-                          source=f"measured here, {path}")
+    return _parse(entry, source=f"measured here, {path}")
 
 
 def save_bounds(bounds: ExecutorBounds, key: str, path: Path | None = None, measured_by: str = "") -> Path:
