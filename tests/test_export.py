@@ -185,7 +185,7 @@ def test_linear_gate_below_full_takes_sub_experts_in_order(family, exported):
     x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     for router in model.prism_state.flat_routers:
         outputs = []
-        for k in (FULL, 1, N_SUB - 1, N_SUB + 1):
+        for k in (FULL, 1, N_SUB - 1, N_SUB, N_SUB + 1):
             set_operating_point(model, f"linear:{k}")
             with torch.no_grad():
                 outputs.append(router(x))
@@ -195,22 +195,32 @@ def test_linear_gate_below_full_takes_sub_experts_in_order(family, exported):
         assert (parents == parents[..., :1]).all()
         # the router ranks experts by its logits, DeepSeek-V3 by sigmoid score plus correction bias
         rank = logits.float().sigmoid() + router.router.e_score_correction_bias if family == "deepseek_v3" else logits
-        for (_, w, idx), k in zip(partial, (1, N_SUB - 1, N_SUB + 1), strict=True):
+        for (_, w, idx), k in zip(partial, (1, N_SUB - 1, N_SUB, N_SUB + 1), strict=True):
             assert idx.shape == (x.shape[0], k)
             for t in range(idx.shape[0]):
                 full = dict(zip(idx_full[t].tolist(), w_full[t].tolist(), strict=True))
                 order = sorted(full, key=lambda i: (-float(rank[t, i]), i))  # parents by rank, copies by index
-                assert idx[t].tolist() == order[:k]
-                want = torch.tensor([full[i] for i in order[:k]])
+                got = idx[t].tolist()
+                if k % N_SUB:
+                    assert got == order[:k]
+                else:  # whole experts: the same pairs, experts in rank order, copies in any order within one
+                    assert sorted(got) == sorted(order[:k])
+                    assert [i // N_SUB for i in got] == [i // N_SUB for i in order[:k]]
+                want = torch.tensor([full[i] for i in got])
                 if RENORMALISING[family]:
                     want = want * (w_full[t].sum() / want.sum())
                 torch.testing.assert_close(w[t], want.to(w.dtype))
             attached = getattr(idx, PREFIX_ATTR, None)
             assert (attached is not None) == model.prism_state.flat_routers[0].sorted_blocks
             if attached is not None:  # the shape the router hands the experts is the shape its indices have
-                checked = prefix_routing(idx.clone(), N_SUB, model.prism_state.source_experts * N_SUB)
+                canonical = idx.clone()
+                if k % N_SUB == 0:  # whole blocks may list an expert's copies in any order: they weigh the same
+                    blocks = w.view(w.shape[0], -1, N_SUB)
+                    assert torch.equal(blocks, blocks[..., :1].expand_as(blocks))
+                    canonical = canonical.view(idx.shape[0], -1, N_SUB).sort(dim=-1).values.view(idx.shape[0], -1)
+                checked = prefix_routing(canonical, N_SUB, model.prism_state.source_experts * N_SUB)
                 handed = prefix_routing(idx, N_SUB, model.prism_state.source_experts * N_SUB)
-                assert checked is not None and attached == handed.lengths == checked.lengths
+                assert checked is not None and attached.lengths == handed.lengths == checked.lengths
                 assert torch.equal(handed.expert, checked.expert)
 
 

@@ -206,6 +206,51 @@ def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch, tmp_path):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+def _handed(idx: torch.Tensor, w: torch.Tensor, n_sub: int, k: int, gen: torch.Generator):
+    """``idx``/``w`` of ``linear_routing`` as a tied router hands them over: each expert's weight on all its
+    slots, the copies of a whole block in a shuffled order, and the ``PrefixRouting`` attached."""
+    whole, part = divmod(k, n_sub)
+    lengths = (n_sub,) * whole + ((part,) if part else ())
+    w = torch.cat([w[:, [sum(lengths[:j])]].expand(-1, m) for j, m in enumerate(lengths)], dim=1).contiguous()
+    idx = idx.clone()
+    for j in range(whole):
+        idx[:, j * n_sub : (j + 1) * n_sub] = idx[:, j * n_sub + torch.randperm(n_sub, generator=gen)]
+    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(idx[:, ::n_sub], lengths, n_sub))
+    return idx, w
+
+
+@pytest.mark.parametrize("n_sub", [1, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_routing_handed_by_the_router_matches_the_brute_force(n_sub, tokens):
+    """What a tied linear gate hands the experts (whole blocks' copies in any order, the block shape
+    attached): one token takes ``prefix-one``, more take ``prefix-mm``; whole experts read the source
+    layout of ``down_proj``, partial blocks the transposed copy."""
+    experts = 6
+    gen = torch.Generator().manual_seed(_seed("handed", n_sub, tokens))
+    module = _olmoe_experts(experts * n_sub)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    for k in sorted({1, n_sub, n_sub + 1, 2 * n_sub, 3 * n_sub - 1}):
+        idx, w = _handed(*linear_routing(tokens, experts, n_sub, k, gen), n_sub, k, gen)
+        with torch.no_grad():
+            got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub, None if tokens == 1 else "mm")
+        assert path == ("prefix-one" if tokens == 1 else "prefix-mm"), k
+        want = brute_force(module, x, idx, w)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_one_token_of_a_plain_model_takes_the_single_token_path():
+    """A plain model's top-k (N = 1) is prefix routing as it is: one token takes ``prefix-one`` with nothing
+    attached; an unused slot sends it to the plan executor."""
+    module = _olmoe_experts(6)
+    x = torch.randn(1, HIDDEN)
+    w = torch.tensor([[0.7, 0.2]])
+    for idx, want_path in ((torch.tensor([[4, 1]]), "prefix-one"), (torch.tensor([[4, 6]]), "grouped")):
+        with torch.no_grad():
+            got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, 1)
+        assert path == want_path
+        torch.testing.assert_close(got.double(), brute_force(module, x, idx, w), rtol=1e-5, atol=1e-6)
+
+
 def _seed(*key: object) -> int:
     """A seed per test case, the same in every process (``hash`` of a string is salted per process)."""
     return zlib.crc32(repr(key).encode())

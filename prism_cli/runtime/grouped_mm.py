@@ -13,8 +13,13 @@ own ``grouped_mm`` implementation does for whole experts. Two shapes of routing 
   ``[:, :m*2w]`` is exactly the weights of those ``m`` sub-experts, per expert. Rows are grouped by
   their ``m`` (at most N distinct values, one for ``linear:N*j``), and each group is one grouped
   product per projection over the E experts, the same products the source model runs with whole
-  experts when ``m = N``. The activation is applied per sub-expert (``_apply_gate`` on each ``2w``
-  slice), then scaled by the sub-expert's routing weight before the down projection.
+  experts when ``m = N`` (whole experts read ``down_proj`` in the source's ``[E, H, N*w]`` layout, so
+  the products are the original's, not only the arithmetic). The activation is applied per sub-expert
+  (``_apply_gate`` on each ``2w`` slice), then scaled by the sub-expert's routing weight before the down
+  projection. Rows are put back in token order by an inverse permutation and each token's blocks summed,
+  as transformers' ``grouped_mm`` does: a decode step pays per op, so the path runs no more ops than
+  that one. A single token (``prefix-one``: a decode step of one sequence) needs no grouping at all:
+  one product per projection and block over the contiguous weight slice.
 * **flat** (the training-free gate's arbitrary subsets): rows are (token, sub-expert) pairs grouped by
   flat sub-expert, one grouped product per projection over the E*N sub-experts (``flat-mm``); on the
   CPU, past ``max_pairs`` pairs, one plain product per sub-expert over its own gathered rows
@@ -25,13 +30,16 @@ measured per machine by ``make bench-executors``.
 
 Only the standard layouts are taken (not transposed, no biases); anything else stays with the plan
 executor, and so do calls where grouped products do not pay (``choose_path``). Outputs are reduced per
-token with ``index_add_`` in a fixed order (serial on the CPU), so results are deterministic.
+token in a fixed order (a sum over a token's blocks; ``index_add_``, serial on the CPU, for the flat
+paths), so results are deterministic.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -46,10 +54,14 @@ def _grouped_mm() -> Callable[..., torch.Tensor] | None:
     return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+#: Resolved once: the lookup costs a decode step more than it should.
+_GROUPED_MM = _grouped_mm()
+
+
 def takes(module: torch.nn.Module) -> bool:
     """Whether ``module``'s layout is one this executor computes (else the plan executor must)."""
     return (
-        _grouped_mm() is not None
+        _GROUPED_MM is not None
         and module.gate_up_proj.dtype in GROUPED_MM_DTYPES
         and not getattr(module, "is_transposed", False)
         and getattr(module, "is_concatenated", True)
@@ -60,25 +72,39 @@ def takes(module: torch.nn.Module) -> bool:
 @dataclass(frozen=True)
 class PrefixRouting:
     """Routing where every token's slots are blocks: block ``j`` is sub-experts ``0 .. lengths[j]-1`` of
-    expert ``expert[:, j]`` (in that order, in slots ``sum(lengths[:j]) ..``), the same lengths in every token."""
+    expert ``expert[:, j]`` (in slots ``sum(lengths[:j]) ..``, in that order, or in any order where the
+    block's slots weigh the same), the same lengths in every token. ``heads``
+    holds a flat id of one sub-expert of each block's expert (``expert = heads // n_sub``, computed
+    only where a path needs it as a tensor: a single token's path reads ``heads`` on the host)."""
 
-    expert: torch.Tensor  # [T, B]
+    heads: torch.Tensor  # [T, B]
     lengths: tuple[int, ...]
+    n_sub: int = 1
+
+    @cached_property
+    def expert(self) -> torch.Tensor:
+        return self.heads if self.n_sub == 1 else torch.div(self.heads, self.n_sub, rounding_mode="floor")
 
 
-#: The attribute under which a router hands the experts the block lengths of its routing, known by
-#: construction, on the indices they describe (``LinearGateRouter``). Indices without it are checked.
+#: The attribute under which a router hands the experts the ``PrefixRouting`` of its indices, known by
+#: construction (``LinearGateRouter``). Indices without it are checked.
 PREFIX_ATTR = "prism_prefix"
 
 
 def choose_path(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[str, PrefixRouting | None]:
     """The path the runtime takes for a call routed as ``indices [T, P]``, with its prefix routing if it
-    has one, under this machine's bounds (``current_bounds()``): ``"grouped"`` (the plan executor) for
-    fewer than ``min_tokens`` tokens. Prefix routing takes ``"prefix-mm"``, on the CPU up to
+    has one, under this machine's bounds (``current_bounds()``): ``"prefix-one"`` for a single token with
+    prefix routing (a decode step of one sequence), else ``"grouped"`` (the plan executor) for fewer than
+    ``min_tokens`` tokens. Prefix routing takes ``"prefix-mm"``, on the CPU up to
     ``max_prefix_rows`` rows of its products, the plan executor beyond; arbitrary subsets take
     ``"flat-mm"``, or ``"flat-loop"`` past ``max_pairs`` pairs on the CPU."""
     bounds = current_bounds()
     tokens = indices.shape[0]
+    if tokens == 1:
+        found = getattr(indices, PREFIX_ATTR, None)
+        if found is None and n_sub == 1 and int(indices.max()) < groups:  # whole experts: every slot is a block
+            found = PrefixRouting(indices, (1,) * indices.shape[1])
+        return ("prefix-one", found) if found is not None else ("grouped", None)
     if tokens < bounds.min_tokens:
         return "grouped", None
     cpu = indices.device.type == "cpu"
@@ -105,10 +131,12 @@ def grouped_mm_forward(
     elif path == "mm":
         found = prefix_routing(indices, n_sub, groups)
         path = "prefix-mm" if found is not None else "flat-mm"
-    out = torch.zeros(indices.shape[0], module.down_proj.shape[1], dtype=torch.float32, device=x.device)
     if path == "prefix-mm":
-        _prefix_blocks(module, x, out, found, weights.float(), n_sub)
-    elif path == "flat-mm":
+        return _prefix_blocks(module, x, found, weights.float(), n_sub).to(x.dtype), path
+    if path == "prefix-one":
+        return _prefix_one(module, x, found, weights.float(), n_sub).to(x.dtype), path
+    out = torch.zeros(indices.shape[0], module.down_proj.shape[1], dtype=torch.float32, device=x.device)
+    if path == "flat-mm":
         _flat_pairs(module, x, out, indices, weights.float())
     else:
         _flat_loop(module, x, out, indices, weights.float())
@@ -116,16 +144,15 @@ def grouped_mm_forward(
 
 
 def prefix_routing(indices: torch.Tensor, n_sub: int, groups: int) -> PrefixRouting | None:
-    """The prefix shape of ``indices`` (see ``PrefixRouting``): from the block lengths its router attached
-    (``PREFIX_ATTR``), else checked here in a few elementwise operations; None when the routing is not of
+    """The prefix shape of ``indices`` (see ``PrefixRouting``): as its router attached it (``PREFIX_ATTR``),
+    else checked here in a few elementwise operations; None when the routing is not of
     that shape (arbitrary subsets, unused slots, another order, per-token different ranges).
 
     The linear gate's router emits this shape (``K // N`` whole experts, best first, then the first
     ``K % N`` sub-experts of the next)."""
-    lengths: tuple[int, ...] | None = getattr(indices, PREFIX_ATTR, None)
-    if lengths is not None:
-        starts = [sum(lengths[:j]) for j in range(len(lengths))]
-        return PrefixRouting(torch.div(indices[:, starts], n_sub, rounding_mode="floor"), lengths)
+    attached: PrefixRouting | None = getattr(indices, PREFIX_ATTR, None)
+    if attached is not None:
+        return attached
     if int(indices.max()) >= groups:
         return None
     expert = torch.div(indices, n_sub, rounding_mode="floor")
@@ -145,26 +172,110 @@ def prefix_routing(indices: torch.Tensor, n_sub: int, groups: int) -> PrefixRout
     return PrefixRouting(expert[:, starts], lengths)
 
 
-def _prefix_blocks(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, routing: PrefixRouting,
-                   weights: torch.Tensor, n_sub: int) -> None:
+def _prefix_blocks(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRouting, weights: torch.Tensor,
+                   n_sub: int) -> torch.Tensor:
     """Blocks of equal length ``m`` are one grouped product per projection over the experts' first
-    ``m`` sub-experts (a strided view of the weights, no copy)."""
+    ``m`` sub-experts (a strided view of the weights, no copy); the result is ``[T, H]`` in float32."""
+    lengths = routing.lengths
+    if len(set(lengths)) == 1:  # linear:N*k and the original: every block whole, no regrouping
+        return _blocks_of_length(module, x, routing.expert, weights, *_prefix_weights(module, n_sub, lengths[0]))
+    slot = [sum(lengths[:j]) for j in range(len(lengths))]
+    out: torch.Tensor | None = None
+    for m in sorted(set(lengths)):
+        blocks = [j for j, length in enumerate(lengths) if length == m]
+        block_w = torch.cat([weights[:, slot[j] : slot[j] + m] for j in blocks], dim=1)
+        y = _blocks_of_length(module, x, routing.expert[:, blocks], block_w, *_prefix_weights(module, n_sub, m))
+        out = y if out is None else out.add_(y)
+    assert out is not None
+    return out
+
+
+def _prefix_weights(module: torch.nn.Module, n_sub: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped products' weights for blocks of ``m`` sub-experts: ``[E, H, m*2w]`` (the up projection,
+    transposed) and ``[E, m*w, H]``, views kept while the module's weights are unchanged (a decode step
+    pays for every view it makes). Whole experts (``m = N``) read the down projection in the source
+    model's layout, so ``linear:N*k`` runs exactly the products the original runs at top-k (on the CPU,
+    BLAS is up to 1.9x faster on that layout for a few rows per expert, and slower on it for a part of
+    an expert); partial blocks read ``[E*N, w, H]`` (``_down_transposed``)."""
+    gate_up, down = module.gate_up_proj, module.down_proj
+    key = (gate_up.data_ptr(), gate_up._version, down.data_ptr(), down._version, n_sub)
+    cached = getattr(module, "_prism_prefix_weights", None)
+    if cached is None or cached[0] != key:
+        cached = (key, {})
+        module._prism_prefix_weights = cached
+    views = cached[1].get(m)
+    if views is None:
+        groups, two_w, hidden = gate_up.shape
+        experts, width = groups // n_sub, two_w // 2
+        up = gate_up.view(experts, n_sub * two_w, hidden)[:, : m * two_w].transpose(-2, -1)
+        if m == n_sub:
+            down_m = _down_by_expert(module, n_sub).transpose(-2, -1)
+        else:
+            down_m = _down_transposed(module).view(experts, n_sub * width, hidden)[:, : m * width]
+        views = cached[1][m] = (up, down_m)
+    return views
+
+
+def _down_by_expert(module: torch.nn.Module, n_sub: int) -> torch.Tensor:
+    """``down_proj`` in the source model's layout ``[E, H, N*w]`` (itself for a plain model; for an export,
+    a copy built on first use: 1/3 more expert memory on the device that runs this path)."""
+    down = module.down_proj
+    if n_sub == 1:
+        return down
+    key = (down.data_ptr(), down._version, n_sub)
+    cached = getattr(module, "_prism_down_e", None)
+    if cached is None or cached[0] != key:
+        groups, hidden, width = down.shape
+        source = down.detach().view(groups // n_sub, n_sub, hidden, width).permute(0, 2, 1, 3)
+        cached = (key, source.reshape(groups // n_sub, hidden, n_sub * width))
+        module._prism_down_e = cached
+    return cached[1]
+
+
+def _prefix_one(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRouting, weights: torch.Tensor,
+                n_sub: int) -> torch.Tensor:
+    """One token: per block, one product per projection over its expert's first ``m`` sub-experts (contiguous
+    weight slices), and nothing else: no grouping, sorting or plan, which cost more than the products here."""
     gate_up = module.gate_up_proj
-    groups, two_w, hidden = gate_up.shape
-    experts, width, tokens = groups // n_sub, two_w // 2, routing.expert.shape[0]
-    up_all = gate_up.view(experts, n_sub * two_w, hidden)
-    down_all = _down_transposed(module).view(experts, n_sub * width, hidden)
-    slot = [sum(routing.lengths[:j]) for j in range(len(routing.lengths))]
-    for m in sorted(set(routing.lengths)):
-        blocks = [j for j, length in enumerate(routing.lengths) if length == m]
-        if len(blocks) == 1:
-            row_expert, row_w = routing.expert[:, blocks[0]], weights[:, slot[blocks[0]] : slot[blocks[0]] + m]
-        else:  # row i is token i % T of block i // T
-            row_expert = routing.expert[:, blocks].t().reshape(-1)
-            row_w = torch.cat([weights[:, slot[j] : slot[j] + m] for j in blocks])
-        order = torch.argsort(row_expert, stable=True)
-        _rows_into(module, x, out, order % tokens, _offsets(row_expert, experts), up_all[:, : m * two_w],
-                   down_all[:, : m * width], row_w[order])
+    two_w, hidden = gate_up.shape[1:]
+    xw = x.to(gate_up.dtype)
+    out: torch.Tensor | None = None
+    slot = 0
+    for head, m in zip(routing.heads[0].tolist(), routing.lengths, strict=True):
+        g = head - head % n_sub
+        h = torch.nn.functional.linear(xw, gate_up[g : g + m].view(m * two_w, hidden))
+        down = _prefix_weights(module, n_sub, m)[1][g // n_sub]  # [m*w, H]
+        act = (module._apply_gate(h.view(m, two_w)) * weights[0, slot : slot + m, None]).to(down.dtype)
+        y = act.view(1, -1) @ down
+        out = y if out is None else out.add_(y)
+        slot += m
+    assert out is not None
+    return out.float()
+
+
+def _blocks_of_length(module: torch.nn.Module, x: torch.Tensor, expert: torch.Tensor, block_w: torch.Tensor,
+                      up_t: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``sum_j sum_i block_w[t, j*m + i] * piece_i(expert[t, j])(x[t])`` for blocks of ``m`` pieces: rows are
+    (token, block) pairs sorted by expert (as transformers' ``grouped_mm`` sorts (token, expert) pairs), two
+    grouped products, then the rows are put back in token order and each token's blocks summed in a
+    fixed order (deterministic, and fewer calls than an ``index_add_`` into a zeroed output)."""
+    tokens, blocks = expert.shape
+    rows = tokens * blocks
+    m = block_w.shape[1] // blocks
+    by_expert, order = torch.sort(expert.reshape(-1), stable=True)
+    offs = torch.searchsorted(by_expert, _group_ends(up_t.shape[0], by_expert.device), out_int32=True)
+    h = _GROUPED_MM(x.index_select(0, order // blocks if blocks > 1 else order).to(up_t.dtype), up_t, offs=offs)
+    act = module._apply_gate(h.view(rows * m, -1)).view(rows, m, -1)
+    act = act * block_w.reshape(rows, m).index_select(0, order).unsqueeze(-1)
+    back = torch.empty_like(order).scatter_(0, order, torch.arange(rows, device=order.device))  # order's inverse
+    y = _GROUPED_MM(act.view(rows, -1).to(down.dtype), down, offs=offs).index_select(0, back)
+    return (y.view(tokens, blocks, -1).sum(dim=1) if blocks > 1 else y).float()
+
+
+@functools.cache
+def _group_ends(groups: int, device: torch.device) -> torch.Tensor:
+    """``1 .. groups``: where each group's rows end in rows sorted by group is ``searchsorted`` of these."""
+    return torch.arange(1, groups + 1, device=device)
 
 
 def _flat_pairs(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, indices: torch.Tensor,
@@ -222,6 +333,6 @@ def _offsets(group_of_row: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _mm(rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Grouped product ``rows [S, in] x weight [G, in, out]`` in the weight's dtype (float32 on the CPU)."""
-    fn = _grouped_mm()
-    assert fn is not None  # takes() checked it
-    return fn(rows.to(weight.dtype), weight, offs=offs)
+    assert _GROUPED_MM is not None  # takes() checked it
+    return _GROUPED_MM(rows.to(weight.dtype), weight, offs=offs)
+

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prism_cli import cuda
-from prism_cli.runtime.grouped_mm import PREFIX_ATTR
+from prism_cli.runtime.grouped_mm import PREFIX_ATTR, PrefixRouting
 from prism_cli.runtime.policies import AllocationPolicy
 from prism_cli.runtime.scoring import gate_scores, gate_up_rows
 
@@ -66,12 +66,19 @@ class LinearGateRouter(nn.Module):
 
     The flat router gives the N sub-experts of an expert N identical scores, so its stock top-K for
     K not a multiple of N picks among tied copies in whatever order ``torch.topk`` happens to return.
-    This wrapper runs the stock router at its full top-(N*k) (every copy of the original top-k experts:
-    no ties at that boundary) and keeps the first K pairs by (expert score, descending; sub-expert
-    index, ascending). Sub-expert 0 holds the most activation mass (the partition orders them so),
-    and lowest-index-first is also how vLLM's fused top-k softmax kernel breaks ties, so what prism
-    measures at ``linear:K`` is what vLLM serves at ``num_experts_per_tok = K``.
-    Where the family renormalises its top-k weights, the kept weights are renormalised over the K.
+    The rule prism applies keeps the first K pairs of the full top-(N*k) (every copy of the original
+    top-k experts: no ties at that boundary) by (expert score, descending; sub-expert index, ascending).
+    Sub-expert 0 holds the most activation mass (the partition orders them so), and lowest-index-first
+    is also how vLLM's fused top-k softmax kernel breaks ties, so what prism measures at ``linear:K`` is
+    what vLLM serves at ``num_experts_per_tok = K``. Where the family renormalises its top-k weights, the
+    kept weights are renormalised over the K.
+
+    Where the copies tie exactly and the stock router returns its top-k sorted by score (an untuned
+    export: ``sorted_blocks``), the pairs come in blocks of N copies per expert, best expert first, so the
+    rule needs no ranking: the stock router runs at the whole blocks that cover K (top-N*ceil(K/N), no
+    tie at that boundary either), a partial last block is its expert's first ``K % N`` sub-experts, and
+    the block shape is handed to the experts with the indices (``PREFIX_ATTR``). A decode step pays for
+    every op it runs, so at K = N*j this is the stock router and nothing else.
     """
 
     def __init__(self, router: nn.Module, full_k: int, renormalize: bool,
@@ -79,16 +86,36 @@ class LinearGateRouter(nn.Module):
                  sorted_blocks: bool = False) -> None:
         super().__init__()
         self.router = router
-        self.router.top_k = full_k
         self.full_k = full_k
-        self.top_k = full_k
         self.renormalize = renormalize
         self.selection_scores = selection_scores
         self.n_sub = n_sub
-        #: The stock router returns its top-k sorted by score and the N copies of an expert tie exactly
-        #: (an untuned export): the pairs then come in blocks of N per expert, best expert first, and
-        #: the rule is one sort inside each block (a decode step pays for every op it runs).
-        self.sorted_blocks = sorted_blocks
+        self._sorted_blocks = sorted_blocks
+        self.top_k = full_k
+        self.register_buffer("sub_offsets", torch.arange(n_sub), persistent=False)
+
+    @property
+    def top_k(self) -> int:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, k: int) -> None:
+        self._top_k = k
+        self._sync_router_k()
+
+    @property
+    def sorted_blocks(self) -> bool:
+        return self._sorted_blocks
+
+    @sorted_blocks.setter
+    def sorted_blocks(self, value: bool) -> None:
+        self._sorted_blocks = value
+        self._sync_router_k()
+
+    def _sync_router_k(self) -> None:
+        """The stock router's top-k: the whole blocks covering K (``sorted_blocks``), else the full N*k."""
+        n = self.n_sub
+        self.router.top_k = n * -(-self._top_k // n) if self._sorted_blocks else self.full_k
 
     def use_bank_rows(self, index: int, sorted_blocks: bool) -> None:
         """Route with router ``index`` of a router bank (its rows are the buffer ``bank_{index}``)."""
@@ -97,21 +124,28 @@ class LinearGateRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, weights, indices = self.router(hidden_states)
-        if self.sorted_blocks:  # also at the full K: blocks in sub-expert order are what grouped_mm reads fastest
-            tokens, n = indices.shape[0], self.n_sub
-            kept_idx = indices.view(tokens, -1, n).sort(dim=-1).values.view(tokens, -1)[:, : self.top_k]
-            kept_w = weights[:, : self.top_k]  # the copies of an expert carry the same weight
-            # The blocks' lengths are known by construction: the experts need not check them (runtime/grouped_mm.py).
-            setattr(kept_idx, PREFIX_ATTR, (n,) * (self.top_k // n) + ((self.top_k % n,) if self.top_k % n else ()))
-        elif self.top_k >= self.full_k:
+        if self._sorted_blocks:
+            n, k = self.n_sub, self._top_k
+            whole, part = divmod(k, n)
+            # The blocks are known by construction: the experts need not find them (runtime/grouped_mm.py).
+            blocks = PrefixRouting(indices[:, ::n], (n,) * whole + ((part,) if part else ()), n)  # a copy per block
+            if part == 0:  # whole blocks: the stock routing as it is (copies in any order within a block)
+                kept_idx, kept_w = indices, weights
+            else:  # the last block's first `part` sub-experts, in index order
+                kept_idx = (blocks.expert.unsqueeze(-1) * n + self.sub_offsets).view(indices.shape[0], -1)[:, :k]
+                kept_w = weights[:, :k]  # the copies of an expert carry the same weight
+            setattr(kept_idx, PREFIX_ATTR, blocks)
+            if part == 0:
+                return logits, kept_w, kept_idx
+        elif self._top_k >= self.full_k:
             return logits, weights, indices
         else:
             by_index, perm = torch.sort(indices, dim=-1, stable=True)
             score = self.selection_scores(self.router, logits).gather(1, by_index)
-            order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, : self.top_k]
+            order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, : self._top_k]
             keep = perm.gather(1, order)
             kept_w, kept_idx = weights.gather(1, keep), indices.gather(1, keep)
-        if self.renormalize and self.top_k < self.full_k:
+        if self.renormalize:  # the weights returned cover more pairs than the K kept
             kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
         return logits, kept_w, kept_idx
 
