@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -41,7 +41,7 @@ test-all: $(STAMP)
 tables: executor-bounds
 	$(BIN)/prism tables --config configs/builtin.yaml --out tables
 
-tables-n8: executor-bounds
+tables-n8: executor-bounds executor-bounds-n8
 	$(BIN)/prism tables --config configs/builtin-n8.yaml --out tables
 
 # The built-in table's timing three times from its committed partition: the count of each run.
@@ -88,14 +88,17 @@ bench-allocator: $(STAMP)
 	$(BIN)/python scripts/bench_allocator.py --export runs/builtin/export --out results/allocator
 
 # Times the experts executors on this machine and saves the size bounds the runtime reads (runtime/bounds.py).
-bench-executors: serving-export
+bench-executors: serving-export serving-export-n8
 	$(BIN)/python scripts/bench_executors.py --export $(SERVE)/export --save-bounds --out results/executors
+	$(BIN)/python scripts/bench_executors.py --export $(SERVE)/export-n8 --points 4,8,12,16 --save-bounds --out results/executors-n8
 
-# The same measurement, only where this machine has no bounds yet (written under runs/, not results/);
-# timing targets depend on it so that they run under this machine's bounds.
+# The same measurement, only where this machine has no bounds yet for the export's sub-expert width
+# (written under runs/, not results/); timing targets depend on it so that they run under this machine's bounds.
 executor-bounds: serving-export
-	$(BIN)/python -c "import sys; from prism_cli.runtime.bounds import current_bounds; sys.exit(current_bounds().source == 'default')" \
-	  || $(BIN)/python scripts/bench_executors.py --export $(SERVE)/export --save-bounds --out runs/executors
+	$(BIN)/python scripts/bench_executors.py --export $(SERVE)/export --if-missing --save-bounds --out runs/executors
+
+executor-bounds-n8: serving-export-n8
+	$(BIN)/python scripts/bench_executors.py --export $(SERVE)/export-n8 --points 4,8,12,16 --if-missing --save-bounds --out runs/executors-n8
 
 gate-ablation: $(STAMP)
 	mkdir -p $(RUN)
@@ -209,6 +212,11 @@ SERVE := runs/serving
 serving-export: $(STAMP)
 	mkdir -p $(SERVE)
 	test -f $(SERVE)/export/config.json || $(BIN)/prism export builtin tables/builtin/partition.h5 --gate neurons --out $(SERVE)/export --force
+
+# The N = 8 export of the committed partition (sub-experts of 64 neurons): its executor bounds and decode timing.
+serving-export-n8: $(STAMP)
+	mkdir -p $(SERVE)
+	test -f $(SERVE)/export-n8/config.json || $(BIN)/prism export builtin tables/builtin-n8/partition.h5 --gate neurons --out $(SERVE)/export-n8 --force
 
 POINTS := linear:2;linear:4;linear:6;linear:8;topk:4
 cost-model: serving-export

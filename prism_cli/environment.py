@@ -56,9 +56,9 @@ def environment(device: Any = None) -> dict[str, Any]:
 
 
 def _executor_bounds() -> str:
-    from prism_cli.runtime.bounds import current_bounds  # torch-free; the runtime's choice of executors
+    from prism_cli.runtime.bounds import describe_machine_bounds  # torch-free; the runtime's choice of executors
 
-    return current_bounds().describe()
+    return describe_machine_bounds()
 
 
 def _torch_threads() -> int:

@@ -8,7 +8,7 @@ Times one MoE layer's experts call of the export (layer 0) with ``grouped`` (the
 with one product per sub-expert (``flat-loop``) at the routing shapes the
 runtime produces: ``linear:K`` (whole experts, then the first sub-experts of the next, in order: the
 prefix path) and the training-free gate's arbitrary subsets of K sub-experts (the flat path); and, as
-the reference both must be compared with, the source model's experts at the same routing (``linear:4j``
+the reference both must be compared with, the source model's experts at the same routing (``linear:Nj``
 is ``original:j``) under transformers' own ``grouped_mm``. Calls alternate round-robin, so drift on a
 shared machine hits all alike; each cell is the median of ``--repeats`` calls. The executor's bounds for
 this machine (``runtime/bounds.py``: min tokens, max prefix rows, max pairs) are derived from this table
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--points", default="2,4,6,8", help="K of linear:K and of the K-sub-expert subsets.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/executors"))
+    ap.add_argument("--if-missing", action="store_true",
+                    help="Do nothing where this machine already has bounds for the export's sub-expert width.")
     ap.add_argument("--save-bounds", action="store_true",
                     help="Save the bounds this table implies for this machine (where the runtime reads them).")
     args = ap.parse_args()
@@ -89,12 +91,17 @@ def main() -> None:
     reference = ExpertsInterface._global_mapping["grouped_mm"]
     experts = source.gate_up_proj.shape[0]
     gen = torch.Generator().manual_seed(args.seed)
-    in_effect = bounds.current_bounds()
+    width = elastic.gate_up_proj.shape[1] // 2
+    in_effect = bounds.current_bounds(width)
+    if args.if_missing and in_effect.source.startswith(f"measured here for sub-experts of {width},"):
+        print(f"executor bounds for sub-experts of {width} on this machine: {in_effect.describe()}")
+        return
     timings: list[bounds.Timing] = []
     table = ResultTable(
         f"experts executors: one MoE layer's experts call (ms, median of {args.repeats})",
         ["tokens", "routing", "plan (grouped)", "grouped products", "path", "grouped products / plan",
-         "one product per sub-expert (flat-loop)", "original, transformers grouped_mm", "taken by the runtime"],
+         "one product per sub-expert (flat-loop)", "single token (prefix-one)", "original, transformers grouped_mm",
+         "taken by the runtime"],
     )
     with torch.no_grad():
         for tokens in TOKENS:
@@ -111,35 +118,46 @@ def main() -> None:
                     if whole is not None and kind == "linear":
                         ww = torch.rand(whole.shape, generator=gen)
                         calls["original"] = lambda x=x, whole=whole, ww=ww: reference(source, x, whole, ww)
-                    ms = median_ms(calls, args.repeats)
                     found = grouped_mm.prefix_routing(idx, n_sub, elastic.gate_up_proj.shape[0])
+                    if tokens == 1 and found is not None:  # as the linear gate hands one token over
+                        handed = idx.clone()
+                        setattr(handed, grouped_mm.PREFIX_ATTR, found)
+                        calls["one"] = lambda x=x, handed=handed, w=w: grouped_mm.grouped_mm_forward(
+                            elastic, x, handed, w, n_sub, "prefix-one")
+                    ms = median_ms(calls, args.repeats)
                     path = "prefix-mm" if found is not None else "flat-mm"
                     size = tokens * len(found.lengths) if found is not None else idx.numel()
                     timings.append(bounds.Timing(tokens, found is not None, size, ms["plan"], ms["mm"], ms.get("loop")))
-                    taken, _ = grouped_mm.choose_path(idx, n_sub, elastic.gate_up_proj.shape[0])
+                    taken, _ = grouped_mm.choose_path(handed if "one" in calls else idx, n_sub,
+                                                      elastic.gate_up_proj.shape[0], width)
                     table.add(tokens, f"linear:{k}" if kind == "linear" else f"{k} of {n_sub * top_k} subsets",
-                              ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("loop"),
+                              ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("loop"), ms.get("one"),
                               ms.get("original"), taken)
-    key = bounds.machine_key()
+    key = bounds.machine_key(width=width)
     derived = bounds.derive_bounds(timings, source=f"make bench-executors, {key}")
-    saved = bounds.save_bounds(derived, key, measured_by=" ".join(["scripts/bench_executors.py", *sys.argv[1:]])) \
-        if args.save_bounds else None
+    saved = None
+    if args.save_bounds:
+        by = " ".join(["scripts/bench_executors.py", *sys.argv[1:]])
+        saved = bounds.save_bounds(derived, key, measured_by=by)
+        if bounds.current_bounds().source == "default":  # the machine's entry, for widths never measured
+            bounds.save_bounds(derived, bounds.machine_key(), measured_by=by)
     table.notes += [
         f"Export {args.export} (layer 0: {elastic.gate_up_proj.shape[0]} sub-experts of width "
         f"{elastic.gate_up_proj.shape[1] // 2}, hidden {elastic.gate_up_proj.shape[2]}), float32, "
         f"measured on {machine_label(environment())}, CPU allocator {environment()['cpu_allocator']}.",
-        "original: the source model's experts at the same routing (linear:4j = original:j), transformers' own "
-        "grouped_mm; the elastic model's calls should cost what it costs.",
+        f"original: the source model's experts at the same routing (linear:{n_sub}j = original:j), transformers' own "
+        "grouped_mm; the elastic model's calls should cost what it costs. single token: one token with the block "
+        "shape attached, as the linear gate hands it over (the runtime's path for it, whatever the bounds).",
         f"taken by the runtime: under the bounds in effect for this run ({in_effect.describe()}): grouped "
         f"products for calls of >= {in_effect.min_tokens} tokens and (on the CPU) <= "
-        f"{in_effect.max_prefix_rows:,} rows of prefix routing (a row: a token's block, so linear:4j has the "
+        f"{in_effect.max_prefix_rows:,} rows of prefix routing (a row: a token's block, so linear:{n_sub}j has the "
         f"rows of original:j) or <= {in_effect.max_pairs:,} (token, sub-expert) pairs of arbitrary subsets; "
         "beyond that the plan executor for prefix routing and one product per sub-expert (flat-loop) for "
         "subsets; the plan executor below the token bound.",
         f"Bounds this table implies (runtime/bounds.py derive_bounds: each the threshold that maximises the "
         f"summed log(alternative / grouped products) of the calls it gives to grouped products): {derived.describe()}"
         + (f", saved to {saved} for {key}." if saved else " (not saved: --save-bounds saves them)."),
-        "Command: python scripts/bench_executors.py --save-bounds --out results/executors (make bench-executors).",
+        "Command: python " + " ".join(["scripts/bench_executors.py", *sys.argv[1:]]) + " (make bench-executors).",
     ]
     table.save(args.out)
     print(table.markdown())

@@ -63,7 +63,18 @@ def test_saved_bounds_are_read_back_for_this_machine_only(bounds_file):
     assert set(saved) == {other, bounds.machine_key()}  # the other machine's entry is kept
     assert "8,192" in environment()["executor_bounds"]
     # another thread count is another machine
-    assert bounds._bounds_for(str(bounds_file), 97) == bounds.DEFAULT
+    assert bounds._bounds_for(str(bounds_file), 97, None) == bounds.DEFAULT
+
+
+def test_bounds_are_kept_per_sub_expert_width_and_fall_back_to_the_machines(bounds_file):
+    """An entry for one width of sub-experts serves that width only; other widths take the machine's entry,
+    and with neither, the defaults."""
+    bounds.save_bounds(ExecutorBounds(2, 16384, 32768), bounds.machine_key(width=64), measured_by="test")
+    assert (bounds.current_bounds(64).max_prefix_rows, bounds.current_bounds(128)) == (16384, bounds.DEFAULT)
+    assert "sub-experts of 64" in bounds.current_bounds(64).source
+    bounds.save_bounds(ExecutorBounds(4, 8192, 16384), bounds.machine_key(), measured_by="test")
+    assert bounds.current_bounds(128).max_prefix_rows == bounds.current_bounds().max_prefix_rows == 8192
+    assert bounds.current_bounds(64).max_prefix_rows == 16384
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "other", "version": 1, "machines": {}}),

@@ -7,7 +7,11 @@ prefix routing lost to the plan executor by up to 15 %; on an Intel Xeon with th
 won by 15 % at 4,096 rows (``make bench-executors``, results/executors.md). A constant tuned on one
 machine is therefore wrong on the other, so the bounds are measured once per machine (processor, thread
 count, torch version) by ``make bench-executors``, which saves them to ``bounds_path()``; the runtime
-reads them from there, and falls back to ``DEFAULT`` on a machine with no entry. Every results file
+reads them from there, and falls back to ``DEFAULT`` on a machine with no entry. The crossover also
+moves with the sub-experts' width (the plan executor runs a tall block as one product per sub-expert,
+and narrower sub-experts make more, narrower products: at 64 neurons grouped products won up to 16,384
+rows where at 128 they stopped at 8,192), so an entry is kept per sub-expert width measured; a width
+never measured takes the machine's own entry (the first shape measured on it). Every results file
 names the bounds it ran under (``environment()``), so a table is reproducible from its own record. The
 bounds only choose among executors that compute the same sums (up to float summation order); they never
 change what is computed.
@@ -73,11 +77,13 @@ def _parse(entry: dict[str, Any], source: str = "default") -> ExecutorBounds:
     return ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]), source)
 
 
-def machine_key(threads: int | None = None) -> str:
-    """What the bounds depend on: processor, torch's thread count and torch's version."""
+def machine_key(threads: int | None = None, width: int | None = None) -> str:
+    """What the bounds depend on: processor, torch's thread count and torch's version, and (an entry for
+    one shape of experts) the sub-experts' width."""
     from prism_cli.environment import _torch_threads, _version, cpu_name
 
-    return f"{cpu_name()} | {threads if threads is not None else _torch_threads()} threads | torch {_version('torch')}"
+    key = f"{cpu_name()} | {threads if threads is not None else _torch_threads()} threads | torch {_version('torch')}"
+    return key if width is None else f"{key} | sub-experts of {width}"
 
 
 @functools.cache
@@ -97,20 +103,33 @@ def _entries(path: str) -> dict[str, dict[str, Any]]:
         raise PrismError(f"cannot read the executor bounds {file}: {exc}; delete it or rerun `make bench-executors`") from None
 
 
-def current_bounds() -> ExecutorBounds:
-    """The bounds measured on this machine at torch's current thread count, else ``DEFAULT``. Called on
-    every experts call: after the first, two environment lookups and a cache hit."""
+def current_bounds(width: int | None = None) -> ExecutorBounds:
+    """The bounds measured on this machine at torch's current thread count for sub-experts of ``width``
+    neurons, else the machine's entry for any width, else ``DEFAULT``. Called on every experts call: after
+    the first, two environment lookups and a cache hit."""
     torch = sys.modules.get("torch")
     threads = int(torch.get_num_threads()) if torch is not None else None
-    return _bounds_for(str(bounds_path()), threads)
+    return _bounds_for(str(bounds_path()), threads, width)
 
 
 @functools.cache
-def _bounds_for(path: str, threads: int | None) -> ExecutorBounds:
-    entry = _entries(path).get(machine_key(threads))
-    if entry is None:
-        return DEFAULT
-    return _parse(entry, source=f"measured here, {path}")
+def _bounds_for(path: str, threads: int | None, width: int | None) -> ExecutorBounds:
+    entries = _entries(path)
+    if width is not None and machine_key(threads, width) in entries:
+        return _parse(entries[machine_key(threads, width)], source=f"measured here for sub-experts of {width}, {path}")
+    if machine_key(threads) in entries:
+        return _parse(entries[machine_key(threads)], source=f"measured here, {path}")
+    return DEFAULT
+
+
+def describe_machine_bounds() -> str:
+    """Every entry this machine has (its own and per sub-expert width), for a results file's record."""
+    torch = sys.modules.get("torch")
+    threads = int(torch.get_num_threads()) if torch is not None else None
+    base = machine_key(threads)
+    widths = sorted(int(k.rsplit(" ", 1)[1]) for k in _entries(str(bounds_path())) if k.startswith(f"{base} | sub-experts of "))
+    parts = [current_bounds().describe()] + [f"sub-experts of {w}: {current_bounds(w).describe()}" for w in widths]
+    return "; ".join(parts)
 
 
 def save_bounds(bounds: ExecutorBounds, key: str, path: Path | None = None, measured_by: str = "") -> Path:

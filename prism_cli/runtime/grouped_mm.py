@@ -91,14 +91,15 @@ class PrefixRouting:
 PREFIX_ATTR = "prism_prefix"
 
 
-def choose_path(indices: torch.Tensor, n_sub: int, groups: int) -> tuple[str, PrefixRouting | None]:
+def choose_path(indices: torch.Tensor, n_sub: int, groups: int, width: int | None = None) -> tuple[str, PrefixRouting | None]:
     """The path the runtime takes for a call routed as ``indices [T, P]``, with its prefix routing if it
     has one, under this machine's bounds (``current_bounds()``): ``"prefix-one"`` for a single token with
     prefix routing (a decode step of one sequence), else ``"grouped"`` (the plan executor) for fewer than
     ``min_tokens`` tokens. Prefix routing takes ``"prefix-mm"``, on the CPU up to
     ``max_prefix_rows`` rows of its products, the plan executor beyond; arbitrary subsets take
-    ``"flat-mm"``, or ``"flat-loop"`` past ``max_pairs`` pairs on the CPU."""
-    bounds = current_bounds()
+    ``"flat-mm"``, or ``"flat-loop"`` past ``max_pairs`` pairs on the CPU. ``width``: the sub-experts'
+    width, whose bounds apply where this machine has them."""
+    bounds = current_bounds(width)
     tokens = indices.shape[0]
     if tokens == 1:
         found = getattr(indices, PREFIX_ATTR, None)
@@ -121,16 +122,20 @@ def grouped_mm_forward(
     """``out[t] = sum_p weights[t, p] * SubExpert_{indices[t, p]}(x[t])`` and which path ran;
     ``indices == E*N`` marks an unused slot. ``path=None`` takes the runtime's (``choose_path``);
     ``"mm"`` forces grouped products (``prefix-mm`` or ``flat-mm``), ``"flat-loop"`` the per-sub-expert
-    loop, which takes any routing (benchmarks and tests)."""
+    loop, which takes any routing, ``"prefix-one"`` the single-token path (benchmarks and tests)."""
     groups = module.gate_up_proj.shape[0]
     found = None
     if path is None:
-        path, found = choose_path(indices, n_sub, groups)
+        path, found = choose_path(indices, n_sub, groups, module.gate_up_proj.shape[1] // 2)
         if path == "grouped":
             return grouped_experts_forward(module, x, indices, weights, n_sub), path
     elif path == "mm":
         found = prefix_routing(indices, n_sub, groups)
         path = "prefix-mm" if found is not None else "flat-mm"
+    elif path == "prefix-one":
+        found = prefix_routing(indices, n_sub, groups)
+        if found is None or indices.shape[0] != 1:
+            raise ValueError("prefix-one takes one token with prefix routing")
     if path == "prefix-mm":
         return _prefix_blocks(module, x, found, weights.float(), n_sub).to(x.dtype), path
     if path == "prefix-one":
