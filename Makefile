@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -219,12 +219,19 @@ serving-export-n8: $(STAMP)
 	test -f $(SERVE)/export-n8/config.json || $(BIN)/prism export builtin tables/builtin-n8/partition.h5 --gate neurons --out $(SERVE)/export-n8 --force
 
 POINTS := linear:2;linear:4;linear:6;linear:8;topk:4
-cost-model: serving-export
+cost-model: serving-export executor-bounds
 	$(BIN)/prism bench $(SERVE)/export --mode decode --batch 1,8,16,32 --seq-len 128 --tokens 4096 --repeats 8 --warmup 2 --points '$(POINTS)' --out $(SERVE)/bench-decode
 	$(BIN)/prism bench $(SERVE)/export --mode prefill --batch 1,4,16 --seq-len 64 --tokens 2048 --repeats 5 --warmup 1 --points '$(POINTS)' --out $(SERVE)/bench-prefill
 	$(BIN)/prism schedule cost-model $(SERVE)/export --decode $(SERVE)/bench-decode --prefill $(SERVE)/bench-prefill --out results/serving_cost_model.json
 	cp $(SERVE)/bench-decode/bench.json results/serving_bench_decode.json
+	cp $(SERVE)/bench-decode/bench.md results/serving_bench_decode.md
 	cp $(SERVE)/bench-prefill/bench.json results/serving_bench_prefill.json
+
+# Decode steps of the N = 8 export (sub-experts of 64 neurons) against the original, side by side.
+bench-decode-n8: executor-bounds-n8
+	$(BIN)/prism bench $(SERVE)/export-n8 --mode decode --batch 1,8,32 --seq-len 128 --tokens 4096 --repeats 8 --warmup 2 --points 'linear:4;linear:8;linear:12;linear:16' --out $(SERVE)/bench-decode-n8
+	cp $(SERVE)/bench-decode-n8/bench.json results/bench_decode_n8.json
+	cp $(SERVE)/bench-decode-n8/bench.md results/bench_decode_n8.md
 
 schedule-sweep: serving-export
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --sim --duration 300 --out results/schedule_sweep_sim
