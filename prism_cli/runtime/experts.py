@@ -8,7 +8,8 @@ dtype, from a registry:
 * ``grouped-mm`` (:mod:`prism_cli.runtime.grouped_mm`): two grouped matrix products per call (one
   per projection and prefix length), whatever the number of experts; for the standard layouts, on the
   calls where that pays (``grouped_mm.choose_path``), else one product per sub-expert (``flat-loop``) or
-  the ``grouped`` executor;
+  the ``grouped`` executor; a single token of prefix routing (``prefix-one``) takes one product per
+  projection and block;
 * ``grouped`` (:mod:`prism_cli.runtime.grouped`): tokens grouped once per expert, sub-experts run over
   contiguous weight slices; any device, any layout transformers' own implementations accept;
 * ``offload`` (:mod:`prism_cli.offload.executor`, registered there): a module whose experts live in host
