@@ -99,13 +99,13 @@ def choose_path(indices: torch.Tensor, n_sub: int, groups: int, width: int | Non
     ``max_prefix_rows`` rows of its products, the plan executor beyond; arbitrary subsets take
     ``"flat-mm"``, or ``"flat-loop"`` past ``max_pairs`` pairs on the CPU. ``width``: the sub-experts'
     width, whose bounds apply where this machine has them."""
-    bounds = current_bounds(width)
     tokens = indices.shape[0]
     if tokens == 1:
         found = getattr(indices, PREFIX_ATTR, None)
         if found is None and n_sub == 1 and int(indices.max()) < groups:  # whole experts: every slot is a block
             found = PrefixRouting(indices, (1,) * indices.shape[1])
         return ("prefix-one", found) if found is not None else ("grouped", None)
+    bounds = current_bounds(width)
     if tokens < bounds.min_tokens:
         return "grouped", None
     cpu = indices.device.type == "cpu"
