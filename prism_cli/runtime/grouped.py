@@ -15,10 +15,15 @@ This is prism's CPU path and the fallback where the compiled kernels do not appl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 
 from prism_cli.runtime.plan import ExpertPlan, ExpertWork, plan_experts
+
+T = TypeVar("T")
 
 #: Blocks of more rows than this run one matmul per sub-expert instead of one over the merged slice:
 #: on the CPU, narrow matmuls over many rows are as fast per FLOP as one wide one (the activations
@@ -98,10 +103,16 @@ def _down_transposed(module: torch.nn.Module) -> torch.Tensor:
     while ``down_proj`` is unchanged: 1/3 more expert memory on the device that runs this path."""
     down = module.down_proj
     key = (down.data_ptr(), down._version, down.device, down.dtype)
-    cached = getattr(module, "_prism_down_t", None)
+    return cached_on(module, "_prism_down_t", key, lambda: down.detach().transpose(1, 2).contiguous())
+
+
+def cached_on(module: torch.nn.Module, name: str, key: tuple, build: Callable[[], T]) -> T:
+    """``build()``, kept on ``module`` as attribute ``name`` while ``key`` (the identity and version of the
+    weights it derives from) is unchanged."""
+    cached = getattr(module, name, None)
     if cached is None or cached[0] != key:
-        cached = (key, down.detach().transpose(1, 2).contiguous())
-        module._prism_down_t = cached
+        cached = (key, build())
+        setattr(module, name, cached)
     return cached[1]
 
 

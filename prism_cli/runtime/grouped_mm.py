@@ -44,7 +44,7 @@ from functools import cached_property
 import torch
 
 from prism_cli.runtime.bounds import current_bounds
-from prism_cli.runtime.grouped import _down_transposed, grouped_experts_forward
+from prism_cli.runtime.grouped import _down_transposed, cached_on, grouped_experts_forward
 
 #: What ``grouped_mm`` computes in (float64 models, e.g. reference checks, stay with the plan executor).
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -182,14 +182,16 @@ def _prefix_blocks(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRout
     """Blocks of equal length ``m`` are one grouped product per projection over the experts' first
     ``m`` sub-experts (a strided view of the weights, no copy); the result is ``[T, H]`` in float32."""
     lengths = routing.lengths
-    if len(set(lengths)) == 1:  # linear:N*k and the original: every block whole, no regrouping
-        return _blocks_of_length(module, x, routing.expert, weights, *_prefix_weights(module, n_sub, lengths[0]))
     slot = [sum(lengths[:j]) for j in range(len(lengths))]
     out: torch.Tensor | None = None
     for m in sorted(set(lengths)):
         blocks = [j for j, length in enumerate(lengths) if length == m]
-        block_w = torch.cat([weights[:, slot[j] : slot[j] + m] for j in blocks], dim=1)
-        y = _blocks_of_length(module, x, routing.expert[:, blocks], block_w, *_prefix_weights(module, n_sub, m))
+        if len(blocks) == len(lengths):  # linear:N*k and the original: every block whole, no regrouping
+            expert, block_w = routing.expert, weights
+        else:
+            expert = routing.expert[:, blocks]
+            block_w = torch.cat([weights[:, slot[j] : slot[j] + m] for j in blocks], dim=1)
+        y = _blocks_of_length(module, x, expert, block_w, *_prefix_weights(module, n_sub, m))
         out = y if out is None else out.add_(y)
     assert out is not None
     return out
@@ -203,12 +205,9 @@ def _prefix_weights(module: torch.nn.Module, n_sub: int, m: int) -> tuple[torch.
     BLAS is up to 1.9x faster on that layout for a few rows per expert, and slower on it for a part of
     an expert); partial blocks read ``[E*N, w, H]`` (``_down_transposed``)."""
     gate_up, down = module.gate_up_proj, module.down_proj
-    key = (gate_up.data_ptr(), gate_up._version, down.data_ptr(), down._version, n_sub)
-    cached = getattr(module, "_prism_prefix_weights", None)
-    if cached is None or cached[0] != key:
-        cached = (key, {})
-        module._prism_prefix_weights = cached
-    views = cached[1].get(m)
+    by_length = cached_on(module, "_prism_prefix_weights",
+                          (gate_up.data_ptr(), gate_up._version, down.data_ptr(), down._version, n_sub), dict)
+    views = by_length.get(m)
     if views is None:
         groups, two_w, hidden = gate_up.shape
         experts, width = groups // n_sub, two_w // 2
@@ -217,7 +216,7 @@ def _prefix_weights(module: torch.nn.Module, n_sub: int, m: int) -> tuple[torch.
             down_m = _down_by_expert(module, n_sub).transpose(-2, -1)
         else:
             down_m = _down_transposed(module).view(experts, n_sub * width, hidden)[:, : m * width]
-        views = cached[1][m] = (up, down_m)
+        views = by_length[m] = (up, down_m)
     return views
 
 
@@ -227,30 +226,23 @@ def _down_by_expert(module: torch.nn.Module, n_sub: int) -> torch.Tensor:
     down = module.down_proj
     if n_sub == 1:
         return down
-    key = (down.data_ptr(), down._version, n_sub)
-    cached = getattr(module, "_prism_down_e", None)
-    if cached is None or cached[0] != key:
-        groups, hidden, width = down.shape
-        source = down.detach().view(groups // n_sub, n_sub, hidden, width).permute(0, 2, 1, 3)
-        cached = (key, source.reshape(groups // n_sub, hidden, n_sub * width))
-        module._prism_down_e = cached
-    return cached[1]
+    groups, hidden, width = down.shape
+    return cached_on(module, "_prism_down_e", (down.data_ptr(), down._version, n_sub), lambda: down.detach().view(
+        groups // n_sub, n_sub, hidden, width).permute(0, 2, 1, 3).reshape(groups // n_sub, hidden, n_sub * width))
 
 
 def _prefix_one(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRouting, weights: torch.Tensor,
                 n_sub: int) -> torch.Tensor:
     """One token: per block, one product per projection over its expert's first ``m`` sub-experts (contiguous
     weight slices), and nothing else: no grouping, sorting or plan, which cost more than the products here."""
-    gate_up = module.gate_up_proj
-    two_w, hidden = gate_up.shape[1:]
-    xw = x.to(gate_up.dtype)
+    views = {m: _prefix_weights(module, n_sub, m) for m in set(routing.lengths)}
+    xw = x.to(module.gate_up_proj.dtype)
     out: torch.Tensor | None = None
     slot = 0
     for head, m in zip(routing.heads[0].tolist(), routing.lengths, strict=True):
-        g = head - head % n_sub
-        h = torch.nn.functional.linear(xw, gate_up[g : g + m].view(m * two_w, hidden))
-        down = _prefix_weights(module, n_sub, m)[1][g // n_sub]  # [m*w, H]
-        act = (module._apply_gate(h.view(m, two_w)) * weights[0, slot : slot + m, None]).to(down.dtype)
+        up_t, down = (w[head // n_sub] for w in views[m])  # [H, m*2w], [m*w, H]
+        h = xw @ up_t
+        act = (module._apply_gate(h.view(m, -1)) * weights[0, slot : slot + m, None]).to(down.dtype)
         y = act.view(1, -1) @ down
         out = y if out is None else out.add_(y)
         slot += m
