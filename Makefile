@@ -237,6 +237,10 @@ schedule-sweep: serving-export
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --sim --duration 300 --out results/schedule_sweep_sim
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --loads high --duration 60 --out results/schedule_sweep_real
 
+# The real engine's high-load sweep alone, written apart: a second sample of schedule-sweep's real run.
+schedule-high: serving-export
+	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --loads high --duration 60 --out results/schedule_sweep_real_repeat
+
 load-test: serving-export
 	cp results/serving_cost_model.json $(SERVE)/export/prism/cost_model.json
 	$(BIN)/python -m prism_cli.serving.loadtest $(SERVE)/export --duration 60 --out results/load_test
