@@ -25,12 +25,6 @@ from prism_cli.runtime.plan import ExpertPlan, ExpertWork, plan_experts
 
 T = TypeVar("T")
 
-#: Blocks of more rows than this run one matmul per sub-expert instead of one over the merged slice:
-#: on the CPU, narrow matmuls over many rows are as fast per FLOP as one wide one (the activations
-#: stay in cache), while for a few rows (decode) fewer, wider calls save per-call overhead.
-MERGE_MAX_ROWS = 64
-
-
 def grouped_experts_forward(
     module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int = 1
 ) -> torch.Tensor:
@@ -99,7 +93,7 @@ def _down_into(module: torch.nn.Module, target: torch.Tensor, act: torch.Tensor,
 
 def _down_transposed(module: torch.nn.Module) -> torch.Tensor:
     """``down_proj`` as ``[G, w, H]``, so that a run of sub-experts is one matrix (one matmul, as for a
-    whole expert). Built on first use by a merged block (a few rows: decode steps) and kept on the module
+    whole expert). Built on first use by a block of several sub-experts and kept on the module
     while ``down_proj`` is unchanged: 1/3 more expert memory on the device that runs this path."""
     down = module.down_proj
     key = (down.data_ptr(), down._version, down.device, down.dtype)
@@ -116,22 +110,12 @@ def cached_on(module: torch.nn.Module, name: str, key: tuple, build: Callable[[]
     return cached[1]
 
 
-def _split_tall_blocks(blocks: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    out = []
-    for a, b, n0, n1 in blocks:
-        if b - a > MERGE_MAX_ROWS:
-            out.extend((a, b, n, n + 1) for n in range(n0, n1))
-        else:
-            out.append((a, b, n0, n1))
-    return out
-
-
 def _expert_output(module: torch.nn.Module, xe: torch.Tensor, we: torch.Tensor, work: ExpertWork, n_sub: int) -> torch.Tensor:
     """The weighted sum of the expert's computed sub-experts for its rows ``xe``: ``[rows, H]``."""
     base = work.expert * n_sub
     has_bias = getattr(module, "has_bias", False)
     ye: torch.Tensor | None = None
-    for a, b, n0, n1 in _split_tall_blocks(work.blocks):
+    for a, b, n0, n1 in work.blocks:
         act = _up(module, xe[a:b], base + n0, base + n1)
         act = act * we[a:b, n0:n1, None]
         whole = a == 0 and b == xe.shape[0]
