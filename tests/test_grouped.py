@@ -339,10 +339,16 @@ def test_whole_batch_expert_needs_no_gather():
     torch.testing.assert_close(got.double(), brute_force(module, x, idx, w), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grouped_products", [True, False])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_gate_scores_match_the_brute_force(tokens):
-    """Mean |silu(g.x) * (u.x)| over each sub-expert's gate neurons, for each chosen expert, in float64."""
+def test_gate_scores_match_the_brute_force(tokens, grouped_products, monkeypatch):
+    """Mean |silu(g.x) * (u.x)| over each sub-expert's gate neurons, for each chosen expert, in float64
+    (with grouped products, and with the per-expert loop of a torch that has none)."""
+    from prism_cli.runtime import scoring
     from prism_cli.runtime.scoring import gate_scores, gate_up_rows
+
+    if not grouped_products:
+        monkeypatch.setattr(scoring, "GROUPED_MM", None)
 
     experts, n_sub, s, top_k = 6, 4, 3, 2
     gen = torch.Generator().manual_seed(tokens)

@@ -55,13 +55,13 @@ def _grouped_mm() -> Callable[..., torch.Tensor] | None:
 
 
 #: Resolved once: the lookup costs a decode step more than it should.
-_GROUPED_MM = _grouped_mm()
+GROUPED_MM = _grouped_mm()
 
 
 def takes(module: torch.nn.Module) -> bool:
     """Whether ``module``'s layout is one this executor computes (else the plan executor must)."""
     return (
-        _GROUPED_MM is not None
+        GROUPED_MM is not None
         and module.gate_up_proj.dtype in GROUPED_MM_DTYPES
         and not getattr(module, "is_transposed", False)
         and getattr(module, "is_concatenated", True)
@@ -260,17 +260,17 @@ def _blocks_of_length(module: torch.nn.Module, x: torch.Tensor, expert: torch.Te
     rows = tokens * blocks
     m = block_w.shape[1] // blocks
     by_expert, order = torch.sort(expert.reshape(-1), stable=True)
-    offs = torch.searchsorted(by_expert, _group_ends(up_t.shape[0], by_expert.device), out_int32=True)
-    h = _GROUPED_MM(x.index_select(0, order // blocks if blocks > 1 else order).to(up_t.dtype), up_t, offs=offs)
+    offs = torch.searchsorted(by_expert, group_ends(up_t.shape[0], by_expert.device), out_int32=True)
+    h = GROUPED_MM(x.index_select(0, order // blocks if blocks > 1 else order).to(up_t.dtype), up_t, offs=offs)
     act = module._apply_gate(h.view(rows * m, -1)).view(rows, m, -1)
     act = act * block_w.reshape(rows, m).index_select(0, order).unsqueeze(-1)
     back = torch.empty_like(order).scatter_(0, order, torch.arange(rows, device=order.device))  # order's inverse
-    y = _GROUPED_MM(act.view(rows, -1).to(down.dtype), down, offs=offs).index_select(0, back)
+    y = GROUPED_MM(act.view(rows, -1).to(down.dtype), down, offs=offs).index_select(0, back)
     return (y.view(tokens, blocks, -1).sum(dim=1) if blocks > 1 else y).float()
 
 
 @functools.cache
-def _group_ends(groups: int, device: torch.device) -> torch.Tensor:
+def group_ends(groups: int, device: torch.device) -> torch.Tensor:
     """``1 .. groups``: where each group's rows end in rows sorted by group is ``searchsorted`` of these."""
     return torch.arange(1, groups + 1, device=device)
 
@@ -330,6 +330,6 @@ def _offsets(group_of_row: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _mm(rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Grouped product ``rows [S, in] x weight [G, in, out]`` in the weight's dtype (float32 on the CPU)."""
-    assert _GROUPED_MM is not None  # takes() checked it
-    return _GROUPED_MM(rows.to(weight.dtype), weight, offs=offs)
+    assert GROUPED_MM is not None  # takes() checked it
+    return GROUPED_MM(rows.to(weight.dtype), weight, offs=offs)
 
