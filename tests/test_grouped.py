@@ -120,6 +120,23 @@ def test_grouped_matches_the_brute_force(layout, n_sub, tokens, kind):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("kind", ["linear", "prefix"])
+def test_tall_blocks_match_the_brute_force(kind):
+    """Blocks of a few hundred rows x several sub-experts (a long prefill on the plan executor) are one
+    product over the contiguous slice; the sums are the per-slot definition's."""
+    experts, n_sub, tokens = 3, 4, 400
+    gen = torch.Generator().manual_seed(7 if kind == "linear" else 8)
+    module = LAYOUTS["olmoe"](experts * n_sub)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    idx, w = linear_routing(tokens, experts, n_sub, 6, gen) if kind == "linear" else routing(kind, tokens, experts, n_sub, 2, gen)
+    plan_rows = max(work.stop - work.start for work in plan_experts(idx, w, n_sub, experts * n_sub).experts)
+    assert plan_rows > 200  # tall: each expert's block has hundreds of rows
+    with torch.no_grad():
+        got = grouped_experts_forward(module, x, idx, w, n_sub)
+    want = brute_force(module, x, idx, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def linear_routing(tokens: int, experts: int, n_sub: int, k: int, gen: torch.Generator):
     """The linear gate's shape at ``linear:k``: per token ``k // N`` whole experts, then the first
     ``k % N`` sub-experts of the next, each block in sub-expert order (what its router emits)."""
