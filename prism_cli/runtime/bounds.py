@@ -8,9 +8,9 @@ won by 15 % at 4,096 rows (``make bench-executors``, results/executors.md). A co
 machine is therefore wrong on the other, so the bounds are measured once per machine (processor, thread
 count, torch version) by ``make bench-executors``, which saves them to ``bounds_path()``; the runtime
 reads them from there, and falls back to ``DEFAULT`` on a machine with no entry. The crossover also
-moves with the sub-experts' width (the plan executor runs a tall block as one product per sub-expert,
-and narrower sub-experts make more, narrower products: at 64 neurons grouped products won up to 16,384
-rows where at 128 they stopped at 8,192), so an entry is kept per sub-expert width measured; a width
+moves with the sub-experts' width (narrower sub-experts make narrower products: over arbitrary subsets
+grouped products win up to 32,768 pairs at 64 neurons and 16,384 at 128), so an entry is kept per
+sub-expert width measured; a width
 never measured takes the machine's own entry (the first shape measured on it). Every results file
 names the bounds it ran under (``environment()``), so a table is reproducible from its own record. The
 bounds only choose among executors that compute the same sums (up to float summation order); they never
@@ -107,26 +107,28 @@ def current_bounds(width: int | None = None) -> ExecutorBounds:
     """The bounds measured on this machine at torch's current thread count for sub-experts of ``width``
     neurons, else the machine's entry for any width, else ``DEFAULT``. Called on every experts call: after
     the first, two environment lookups and a cache hit."""
+    return _bounds_for(str(bounds_path()), _threads(), width)
+
+
+def _threads() -> int | None:
+    """torch's thread count where torch is loaded (this module stays torch-free)."""
     torch = sys.modules.get("torch")
-    threads = int(torch.get_num_threads()) if torch is not None else None
-    return _bounds_for(str(bounds_path()), threads, width)
+    return int(torch.get_num_threads()) if torch is not None else None
 
 
 @functools.cache
 def _bounds_for(path: str, threads: int | None, width: int | None) -> ExecutorBounds:
     entries = _entries(path)
-    if width is not None and machine_key(threads, width) in entries:
-        return _parse(entries[machine_key(threads, width)], source=f"measured here for sub-experts of {width}, {path}")
-    if machine_key(threads) in entries:
-        return _parse(entries[machine_key(threads)], source=f"measured here, {path}")
-    return DEFAULT
+    by_width = entries.get(machine_key(threads, width)) if width is not None else None
+    if by_width is not None:
+        return _parse(by_width, source=f"measured here for sub-experts of {width}, {path}")
+    own = entries.get(machine_key(threads))
+    return DEFAULT if own is None else _parse(own, source=f"measured here, {path}")
 
 
 def describe_machine_bounds() -> str:
     """Every entry this machine has (its own and per sub-expert width), for a results file's record."""
-    torch = sys.modules.get("torch")
-    threads = int(torch.get_num_threads()) if torch is not None else None
-    base = machine_key(threads)
+    base = machine_key(_threads())
     widths = sorted(int(k.rsplit(" ", 1)[1]) for k in _entries(str(bounds_path())) if k.startswith(f"{base} | sub-experts of "))
     parts = [current_bounds().describe()] + [f"sub-experts of {w}: {current_bounds(w).describe()}" for w in widths]
     return "; ".join(parts)

@@ -25,6 +25,7 @@ from prism_cli.runtime.plan import ExpertPlan, ExpertWork, plan_experts
 
 T = TypeVar("T")
 
+
 def grouped_experts_forward(
     module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int = 1
 ) -> torch.Tensor:
