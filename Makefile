@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -232,6 +232,10 @@ bench-decode-n8: executor-bounds-n8
 	$(BIN)/prism bench $(SERVE)/export-n8 --mode decode --batch 1,8,32 --seq-len 128 --tokens 4096 --repeats 8 --warmup 2 --points 'linear:4;linear:8;linear:12;linear:16' --out $(SERVE)/bench-decode-n8
 	cp $(SERVE)/bench-decode-n8/bench.json results/bench_decode_n8.json
 	cp $(SERVE)/bench-decode-n8/bench.md results/bench_decode_n8.md
+
+# Where an MoE layer's time goes: the training-free gate's parts, and every block against the original's (N = 8).
+profile-moe: serving-export serving-export-n8 executor-bounds executor-bounds-n8
+	$(BIN)/python scripts/profile_moe_layers.py --out results/moe_layer_profile
 
 schedule-sweep: serving-export
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --sim --duration 300 --out results/schedule_sweep_sim
