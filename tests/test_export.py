@@ -224,6 +224,34 @@ def test_linear_gate_below_full_takes_sub_experts_in_order(family, exported):
                 assert torch.equal(handed.expert, checked.expert)
 
 
+def test_linear_gate_keeps_no_tensor_alive_between_calls(exported):
+    """Every call's outputs are freed with the caller's last reference to them. The block shape the linear
+    gate hands the experts rides on its indices (``PREFIX_ATTR``); had it held a view of those same
+    indices, each call would leave its tensors in a reference cycle through torch's C++ view tracking
+    that Python's garbage collector cannot see (a server's resident memory then grows with every step).
+    Oracle: the number of live tensors, counted by the garbage collector, before and after."""
+    import gc
+
+    from prism_cli import load_elastic, set_operating_point
+
+    model = load_elastic(str(exported("olmoe", "linear")), operating_point=f"linear:{FULL}")
+    router = model.prism_state.elastic_routers[0]
+    x = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    for k in (1, N_SUB, N_SUB + 1, FULL):
+        set_operating_point(model, f"linear:{k}")
+        with torch.no_grad():
+            router(x)  # first call: anything built once (cached views) exists before counting
+            before = live_tensors()
+            for _ in range(20):
+                router(x)
+        assert live_tensors() - before < 20, f"linear:{k} leaks tensors"
+
+
 def test_default_operating_point_is_recorded(exported, tiny_model_dir, partition_of, tmp_path):
     from prism_cli.runtime.elastic import load_elastic_model
 

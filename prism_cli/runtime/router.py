@@ -128,7 +128,9 @@ class LinearGateRouter(nn.Module):
             n, k = self.n_sub, self._top_k
             whole, part = divmod(k, n)
             # The blocks are known by construction: the experts need not find them (runtime/grouped_mm.py).
-            blocks = PrefixRouting(indices[:, ::n], (n,) * whole + ((part,) if part else ()), n)  # a copy per block
+            # One id per block, copied: the blocks ride on the indices they describe, and a view of those
+            # indices would tie them in a cycle through torch's view tracking that no collector frees.
+            blocks = PrefixRouting(indices[:, ::n].clone(), (n,) * whole + ((part,) if part else ()), n)
             if part == 0:  # whole blocks: the stock routing as it is (copies in any order within a block)
                 kept_idx, kept_w = indices, weights
             else:  # the last block's first `part` sub-experts, in index order
