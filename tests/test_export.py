@@ -228,8 +228,9 @@ def test_linear_gate_keeps_no_tensor_alive_between_calls(exported):
     """Every call's outputs are freed with the caller's last reference to them. The block shape the linear
     gate hands the experts rides on its indices (``PREFIX_ATTR``); had it held a view of those same
     indices, each call would leave its tensors in a reference cycle through torch's C++ view tracking
-    that Python's garbage collector cannot see (a server's resident memory then grows with every step).
-    Oracle: the number of live tensors, counted by the garbage collector, before and after."""
+    that Python's garbage collector cannot see: under ``torch.no_grad`` (``generate()``, an eval loop),
+    where torch tracks views, memory then grows with every step. Oracle: the number of live tensors,
+    counted by the garbage collector, before and after."""
     import gc
 
     from prism_cli import load_elastic, set_operating_point

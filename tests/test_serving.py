@@ -295,6 +295,29 @@ def test_row_points_give_each_row_what_its_point_gives_it(served):
     _assert_rows_get_their_points(served.model, ids, points)
 
 
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])  # top-k weights as they are; renormalised over the top-k
+def test_rows_at_linear_points_route_in_one_call_as_each_point_alone(family, tmp_path):
+    """Every row at a linear point: one router call at the largest K, each token cut to its own K (whole
+    blocks, partial blocks, the full K), gives each row what the model at its point gives it."""
+    from conftest import write_random_partition
+
+    from prism_cli import load_elastic
+    from prism_cli.export.builder import ExportSettings, export_model
+    from prism_cli.models.tiny import build_tiny_model
+    from prism_cli.operating_points import parse_operating_point
+
+    source = build_tiny_model(family, tmp_path / family)
+    export_model(str(source), write_random_partition(source, tmp_path / "p.h5"), tmp_path / "export", ExportSettings(gate="linear"))
+    model = load_elastic(str(tmp_path / "export"))
+    calls = []
+    handle = model.prism_state.flat_routers[0].router.register_forward_hook(lambda *_: calls.append(1))  # the stock router
+    ids = torch.randint(0, 400, (5, 6), generator=torch.Generator().manual_seed(4))
+    points = [parse_operating_point(f"linear:{k}", "linear", 4, 2) for k in (1, 3, 4, 6, 8)]
+    _assert_rows_get_their_points(model, ids, points)
+    handle.remove()
+    assert len(calls) == len(points) + 1  # each point alone, then the mixed forward in one call
+
+
 # --- the real engine -------------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -339,6 +362,36 @@ def test_continuous_batching_matches_generating_each_request_alone(served, polic
     assert max(s.rows for s in engine.stats.steps) == 2  # rows did share steps
     if policy == "mixed":
         assert {next(iter(r.served_at)) for r in reqs} == set(floors) and executor.times.per_row_steps > 0
+
+
+@pytest.mark.parametrize("policy", ["mixed", "static"])
+def test_serving_keeps_no_tensor_alive_after_the_requests_end(served, policy):
+    """A server's memory must not grow with the steps it runs: after a workload ends, serving the same
+    workload again leaves no more live tensors than the first time did (counted by the garbage
+    collector; an executor that kept each step's logits fails it)."""
+    import gc
+
+    from prism_cli.serving.executor import ModelExecutor
+
+    floors = ["linear:8", "linear:4", "linear:2", "linear:8"]
+
+    def serve() -> int:
+        gen = torch.Generator().manual_seed(2)
+        reqs = [Request(torch.randint(0, 400, (6 + i,), generator=gen).tolist(),
+                        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), served.space.parse(f), 0.0)
+                for i, f in enumerate(floors)]
+        policy_obj = SCHEDULING_POLICIES.get(policy)(served.space.full()) if policy == "static" else SCHEDULING_POLICIES.get(policy)()
+        limits = Limits(2, 4, 0.05)
+        engine = Engine(ModelExecutor(served), policy_obj, Ladder(served.space, None, limits.max_batch), limits)
+        engine.schedule(reqs)
+        engine.run()
+        assert all(len(r.output_ids) == 6 for r in reqs)
+        del engine, reqs
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    first = serve()
+    assert serve() - first < 10
 
 
 @pytest.mark.parametrize("original", [False, True])

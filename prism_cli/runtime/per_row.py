@@ -12,6 +12,10 @@ so the runtime must take an operating point per token. Two pieces, both additive
   ``set_operating_point`` would configure it (all ``topk`` tokens in one call through
   ``PerRowTopKPolicy``), and packs the picks into one ``[T, P]`` index tensor padded with sentinels.
   Routing is per token, so each token gets exactly what the whole model at its point would give it.
+  Where every row is at a ``linear`` point of an untuned export (the copies of an expert tie), one
+  call does: the linear gate at the whole blocks covering the largest K, then each token keeps the
+  first ``K_t`` pairs of that order (its expert ranking is the same at every K), so a mixed batch
+  routes for the cost of one router call, not one per point.
 
 ``set_row_points(model, points, tokens_per_row)`` installs the wrappers on first use (a module swap
 of the block's router, reverted by ``remove_row_points``) and sets the points of the next forward;
@@ -55,6 +59,8 @@ class RowPointRouter(nn.Module):
         self.layer = layer
         self.state = state
         self.groups: list[tuple[OperatingPoint | str, torch.Tensor, Any]] | None = None
+        #: Every row at a linear point of a tied router: each token's K ``[T]`` (else None).
+        self.linear_k: torch.Tensor | None = None
 
     @property
     def sentinel(self) -> int:
@@ -64,6 +70,8 @@ class RowPointRouter(nn.Module):
         if self.groups is None:
             return self.inner(hidden_states)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.linear_k is not None and self._tied():
+            return self._linear_rows(x, self.linear_k)
         picks = []
         for point, tokens, value in self.groups:
             restore = self._configure(point, value)
@@ -79,6 +87,34 @@ class RowPointRouter(nn.Module):
             all_ids[tokens, : ids.shape[1]] = ids
             all_w[tokens, : weights.shape[1]] = weights.to(all_w.dtype)
         return x.new_empty(x.shape[0], 0), all_w, all_ids
+
+    def _tied(self) -> bool:
+        """Whether this layer's linear gate routes every K with one router whose copies tie (an untuned
+        export; a router bank picks a router per K)."""
+        s = self.state
+        return bool(s.elastic_routers) and s.bank is None and s.flat_routers[self.layer].sorted_blocks
+
+    def _linear_rows(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token t at ``linear:k[t]``, in one router call: the stock router at the whole blocks covering the
+        largest K (what the linear gate runs there: ``_tied``), each block's sub-experts in index order,
+        then every slot past a token's own K gets the sentinel. The copies of an expert weigh the same;
+        where the family renormalises its top-k weights, each token's kept weights are renormalised over
+        its own K, as ``LinearGateRouter`` does at that K."""
+        flat, n = self.state.flat_routers[self.layer], self.state.n_sub
+        router = flat.router
+        saved = router.top_k
+        router.top_k = n * -(-int(k.max()) // n)
+        try:
+            _, weights, ids = router(x)
+        finally:
+            router.top_k = saved
+        first = ids[:, ::n]  # one copy of each block's expert, best expert first
+        ids = ((first - first.remainder(n)).unsqueeze(-1) + flat.sub_offsets).view(ids.shape[0], -1)
+        keep = torch.arange(ids.shape[1], device=ids.device) < k.unsqueeze(1)
+        kept_w = torch.where(keep, weights, torch.zeros_like(weights))  # a block's copies carry one weight
+        if flat.renormalize:
+            kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
+        return x.new_empty(x.shape[0], 0), kept_w, torch.where(keep, ids, torch.full_like(ids, self.sentinel))
 
     def _configure(self, point: OperatingPoint | str, value: Any):
         """Put this layer's router at ``point`` (as ``set_operating_point`` would); returns the undo."""
@@ -133,8 +169,11 @@ def set_row_points(model: Any, points: list[OperatingPoint], tokens_per_row: int
     for point in dict.fromkeys(p for p in per_token if p.policy != "topk"):
         tokens = [t for t, p in enumerate(per_token) if p == point]
         groups.append((point, torch.tensor(tokens, device=device), point.value))
+    linear_k = None
+    if all(p.policy == "linear" for p in points):
+        linear_k = torch.tensor([int(p.value) for p in per_token], device=device)
     for router in routers:
-        router.groups = groups
+        router.groups, router.linear_k = groups, linear_k
 
 
 def clear_row_points(model: Any) -> None:
@@ -143,7 +182,7 @@ def clear_row_points(model: Any) -> None:
     for layer in state.layers if state is not None else []:
         router = getattr(layer.block, layer.router_name)
         if isinstance(router, RowPointRouter):
-            router.groups = None
+            router.groups, router.linear_k = None, None
 
 
 def remove_row_points(model: Any) -> None:

@@ -91,6 +91,7 @@ class ModelExecutor(Executor):
         self.generator = torch.Generator().manual_seed(seed)
         self.times = ExecutorTimes()
         self._t0 = time.perf_counter()
+        clear_row_points(self.model)  # another executor of this model may have left per-row points set
         self._row_points = False
 
     def decode_text(self, ids: list[int]) -> str:  # type: ignore[override]
