@@ -30,12 +30,13 @@ def P(text: str) -> OperatingPoint:
     return SPACE.parse(text) if not text.startswith("original") else ORIGINAL.parse(text)
 
 
-def sim_engine(policy: str, space: PointSpace = SPACE, cost: CostModel | None = None, **limits) -> Engine:
+def sim_engine(policy: str, space: PointSpace = SPACE, cost: CostModel | None = None, history: int | None = None,
+               **limits) -> Engine:
     cost = cost or synthetic_cost_model()
     lim = Limits(**{"max_batch": 8, "max_running": 16, "t_max": 1.0, **limits})
     cls = SCHEDULING_POLICIES.get(policy)
     instance = cls(space.full()) if policy == "static" else cls()
-    return Engine(SimExecutor(cost), instance, Ladder(space, cost, lim.max_batch), lim, cost)
+    return Engine(SimExecutor(cost), instance, Ladder(space, cost, lim.max_batch), lim, cost, history=history)
 
 
 def request(floor: str, arrival: float = 0.0, out: int = 8, prompt: int = 16, space: PointSpace = SPACE) -> Request:
@@ -214,6 +215,20 @@ def test_prism_launches_the_queue_of_highest_utility():
     engine.run()
     assert all(r.served_at == {"linear:2"} for r in low) and high.served_at == {"linear:8"}
     assert [s.rows for s in engine.stats.steps[:2]] == [3, 1] and high.first_token_at < 0.1
+
+
+def test_a_bounded_history_keeps_the_last_records_and_counts_everything():
+    """A server's engine (``history``) keeps only its last finished requests, steps and decision times,
+    while its counters count every one (hand-checked against an engine that keeps everything)."""
+    reqs = _poisson(12, 4.0, ["linear:2", "linear:8"])
+    full, bounded = (sim_engine("fifo", history=h, max_batch=2, max_running=4) for h in (None, 3))
+    for engine in (full, bounded):
+        engine.schedule([Request(r.prompt_ids, r.params, r.floor, r.arrival) for r in reqs])
+        engine.run()
+    assert len(full.finished) == 12 and len(full.stats.steps) > 3
+    assert [r.arrival for r in bounded.finished] == [r.arrival for r in list(full.finished)[-3:]]
+    assert list(bounded.stats.steps) == list(full.stats.steps)[-3:] and len(bounded.stats.decision_times) == 3
+    assert bounded.stats.decisions == full.stats.decisions and bounded.stats.violations == full.stats.violations == 0
 
 
 def test_t_max_forces_a_launch_that_utility_passes_over():

@@ -11,6 +11,9 @@ from prism_cli.commands.common import CachePolicyOption, DeviceMemoryOption
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 
+#: Finished requests and step records a server keeps (for inspection); its counters count them all.
+SERVER_HISTORY = 1024
+
 
 def serve(
     directory: str = typer.Argument(..., help="A prism export folder."),
@@ -60,7 +63,7 @@ def serve(
     served = load_served_model(directory, dtype=dtype, device=device, offload=offload)
     ladder = Ladder(served.space, model, max_batch)
     instance = cls(served.space.parse(point) if point else served.space.full()) if policy == "static" else cls()
-    engine = Engine(ModelExecutor(served, seed=seed), instance, ladder, limits, model)
+    engine = Engine(ModelExecutor(served, seed=seed), instance, ladder, limits, model, history=SERVER_HISTORY)
     state = ServerState(engine, served.tokenizer, served.space, ladder, model, served_model_name or Path(directory).resolve().name,
                         served.context, key, max_queue, getattr(served.tokenizer, "chat_template", None))
     bound = sock.getsockname()

@@ -22,7 +22,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,14 +111,22 @@ class Executor(ABC):
 class EngineStats:
     decisions: int = 0
     decision_s: float = 0.0
-    decision_times: list[float] = field(default_factory=list)
-    steps: list[StepRecord] = field(default_factory=list)
+    decision_times: MutableSequence[float] = field(default_factory=list)
+    steps: MutableSequence[StepRecord] = field(default_factory=list)
     violations: int = 0  # rows served below their floor, summed over steps
+
+
+def _history(limit: int | None) -> MutableSequence[Any]:
+    """Every record (a workload's report reads them all), or the last ``limit`` (a server that runs for
+    days: its memory must not grow with the requests it has served)."""
+    return [] if limit is None else deque(maxlen=limit)
 
 
 class Engine:
     def __init__(self, executor: Executor, policy: SchedulingPolicy, ladder: Ladder, limits: Limits,
-                 cost_model: Any = None) -> None:
+                 cost_model: Any = None, history: int | None = None) -> None:
+        """``history``: keep only the last this many finished requests, step records and decision times
+        (counters still count everything); None keeps them all."""
         limits.validate()
         self.executor = executor
         self.policy = policy
@@ -127,8 +135,8 @@ class Engine:
         self.cost_model = cost_model
         self.waiting = WaitingQueue()
         self.batches: list[Batch] = []
-        self.stats = EngineStats()
-        self.finished: list[Request] = []
+        self.stats = EngineStats(decision_times=_history(history), steps=_history(history))
+        self.finished: MutableSequence[Request] = _history(history)
         self._inbox: deque[Request] = deque()
         self._scheduled: deque[Request] = deque()  # a pre-timed workload, released at its arrival times
         self._wake = threading.Event()
