@@ -325,6 +325,43 @@ def test_plan_computes_each_requested_piece_once(tokens):
         assert covered == distinct
 
 
+@pytest.mark.parametrize("n_sub", [4, 8])
+def test_a_plan_from_the_block_shape_is_the_plan_from_every_slot(n_sub):
+    """Where the router hands over the block shape, the planner builds rows from the blocks; the plan must
+    be the one it builds from every slot (rows, masks, weights, rectangles), whole and partial blocks."""
+    experts, tokens = 6, 300
+    gen = torch.Generator().manual_seed(_seed("blocks", n_sub))
+    for k in (n_sub, n_sub + 1, 2 * n_sub, 3 * n_sub - 1):
+        idx, w = _handed(*linear_routing(tokens, experts, n_sub, k, gen), n_sub, k, gen)
+        found = getattr(idx, grouped_mm.PREFIX_ATTR)
+        slots = plan_experts(idx, w, n_sub, experts * n_sub)
+        shaped = plan_experts(idx, w, n_sub, experts * n_sub, (found.expert, found.lengths))
+        assert np.array_equal(shaped.tokens, slots.tokens) and np.array_equal(shaped.masks, slots.masks)
+        assert np.array_equal(shaped.weights, slots.weights)
+        assert [(e.expert, e.start, e.stop, e.all_tokens, e.blocks, len(e.scattered)) for e in shaped.experts] == \
+            [(e.expert, e.start, e.stop, e.all_tokens, e.blocks, len(e.scattered)) for e in slots.experts]
+
+
+def test_the_plan_executor_takes_the_handed_block_shape(monkeypatch):
+    """Past the prefix-rows bound, routing handed by the router runs on the plan executor from its block
+    shape: against the float64 brute force."""
+    n_sub, experts, tokens = 8, 6, 200
+    gen = torch.Generator().manual_seed(_seed("handed-plan"))
+    module = _olmoe_experts(experts * n_sub)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    monkeypatch.setattr(grouped_mm, "current_bounds", lambda width=None: bounds.ExecutorBounds(4, 16, 1 << 20))
+    used = []
+    real = grouped_mm.grouped_experts_forward
+    monkeypatch.setattr(grouped_mm, "grouped_experts_forward", lambda *a: used.append(a[5]) or real(*a))
+    for k in (n_sub, 2 * n_sub - 3):
+        idx, w = _handed(*linear_routing(tokens, experts, n_sub, k, gen), n_sub, k, gen)
+        with torch.no_grad():
+            got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub)
+        assert path == "grouped" and used[-1] is not None
+        want = brute_force(module, x, idx, w)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("kind", ["prefix", "subsets", "sentinels", "duplicates"])
 def test_small_and_large_planners_agree(kind, monkeypatch):
     """The plain-Python planner (decode steps) and the numpy one give the same plan."""

@@ -27,11 +27,13 @@ T = TypeVar("T")
 
 
 def grouped_experts_forward(
-    module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int = 1
+    module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_sub: int = 1,
+    blocks: tuple[torch.Tensor, tuple[int, ...]] | None = None,
 ) -> torch.Tensor:
-    """The experts' output for routed ``x [T, H]`` (see the module docstring)."""
+    """The experts' output for routed ``x [T, H]`` (see the module docstring); ``blocks``: the routing's
+    prefix shape where it is known (``plan_experts``)."""
     gate_up = module.gate_up_proj
-    plan = plan_experts(indices, weights, n_sub, gate_up.shape[0])
+    plan = plan_experts(indices, weights, n_sub, gate_up.shape[0], blocks)
     return execute_plan(module, x, plan)
 
 

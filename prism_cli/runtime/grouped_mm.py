@@ -128,7 +128,8 @@ def grouped_mm_forward(
     if path is None:
         path, found = choose_path(indices, n_sub, groups, module.gate_up_proj.shape[1] // 2)
         if path == "grouped":
-            return grouped_experts_forward(module, x, indices, weights, n_sub), path
+            blocks = None if found is None else (found.expert, found.lengths)
+            return grouped_experts_forward(module, x, indices, weights, n_sub, blocks), path
     elif path == "mm":
         found = prefix_routing(indices, n_sub, groups)
         path = "prefix-mm" if found is not None else "flat-mm"

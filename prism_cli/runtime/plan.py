@@ -97,14 +97,20 @@ def _runs(mask: int, n_sub: int) -> tuple[tuple[int, int], ...]:
 SMALL_BATCH_PAIRS = 64
 
 
-def plan_experts(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_groups: int) -> ExpertPlan:
-    """Group ``indices [T, P]`` (sub-expert ids, ``num_groups`` = sentinel) and ``weights [T, P]`` per expert."""
+def plan_experts(indices: torch.Tensor, weights: torch.Tensor, n_sub: int, num_groups: int,
+                 blocks: tuple[torch.Tensor, tuple[int, ...]] | None = None) -> ExpertPlan:
+    """Group ``indices [T, P]`` (sub-expert ids, ``num_groups`` = sentinel) and ``weights [T, P]`` per expert.
+
+    ``blocks``: the routing's prefix shape where the router knows it (``expert [T, B]``, ``lengths``: token
+    t's slots are block j = the first ``lengths[j]`` sub-experts of ``expert[t, j]``, in that order). The
+    rows then come from the B blocks per token rather than from every slot: the same plan, for a
+    fraction of the host-side work (at N = 8 a whole expert is 8 slots)."""
     if indices.dim() == 1:
         indices, weights = indices.unsqueeze(1), weights.unsqueeze(1)
     if indices.numel() <= SMALL_BATCH_PAIRS:
         return _plan_small(indices, weights, n_sub, num_groups)
     tokens = indices.shape[0]
-    rows = _rows_large(indices, weights, n_sub, num_groups)
+    rows = _rows_large(indices, weights, n_sub, num_groups) if blocks is None else _rows_of_blocks(*blocks, weights, n_sub)
     if rows is None:
         return ExpertPlan(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_sub), np.float32), [], n_sub, tokens)
     row_tok, row_expert, masks, row_w = rows
@@ -206,6 +212,24 @@ def _rows_large(indices: torch.Tensor, weights: torch.Tensor, n_sub: int,
     else:  # a sub-expert listed twice for one token: its weights add up
         np.add.at(row_w, (row_of_pair, sub), w)
     return tok[starts], expert[starts], masks, row_w
+
+
+def _rows_of_blocks(expert: torch.Tensor, lengths: tuple[int, ...], weights: torch.Tensor,
+                    n_sub: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``_rows_large`` for prefix routing: one row per (token, block), its mask the block's prefix and its
+    weights those of the block's slots, grouped by expert in token order (a token's blocks are distinct
+    experts: the router's top-k)."""
+    tokens, count = expert.shape
+    e = expert.detach().reshape(-1).cpu().numpy()
+    w = weights.detach().float().cpu().numpy()
+    row_w = np.zeros((tokens, count, n_sub), dtype=np.float32)
+    slot = 0
+    for j, m in enumerate(lengths):
+        row_w[:, j, :m] = w[:, slot : slot + m]
+        slot += m
+    order = np.argsort(e.astype(np.int16 if e.max() < 1 << 15 else np.int32), kind="stable")
+    masks = np.tile(np.array([(1 << m) - 1 for m in lengths], dtype=np.int64), tokens)
+    return order // count, e[order].astype(np.int64), masks[order], row_w.reshape(-1, n_sub)[order]
 
 
 def _blocks_of_mixed_expert(work: ExpertWork, masks: np.ndarray, n_sub: int) -> None:
