@@ -7,7 +7,8 @@ Times one MoE layer's experts call of the export (layer 0) with ``grouped`` (the
 ``runtime/grouped.py``), with grouped products (``runtime/grouped_mm.py``) and, for arbitrary subsets,
 with one product per sub-expert (``flat-loop``) at the routing shapes the
 runtime produces: ``linear:K`` (whole experts, then the first sub-experts of the next, in order: the
-prefix path) and the training-free gate's arbitrary subsets of K sub-experts (the flat path); and, as
+prefix path; where its blocks differ in length, also every block padded whole: ``prefix-padded``) and the
+training-free gate's arbitrary subsets of K sub-experts (the flat path); and, as
 the reference both must be compared with, the source model's experts at the same routing (``linear:Nj``
 is ``original:j``) under transformers' own ``grouped_mm``. Calls alternate round-robin, so drift on a
 shared machine hits all alike; each cell is the median of ``--repeats`` calls. The executor's bounds for
@@ -100,7 +101,8 @@ def main() -> None:
     table = ResultTable(
         f"experts executors: one MoE layer's experts call (ms, median of {args.repeats})",
         ["tokens", "routing", "plan (grouped)", "grouped products", "path", "grouped products / plan",
-         "one product per sub-expert (flat-loop)", "single token (prefix-one)", "original, transformers grouped_mm",
+         "one product per sub-expert (flat-loop)", "blocks padded whole (prefix-padded)", "single token (prefix-one)",
+         "original, transformers grouped_mm",
          "taken by the runtime"],
     )
     with torch.no_grad():
@@ -119,6 +121,9 @@ def main() -> None:
                         ww = torch.rand(whole.shape, generator=gen)
                         calls["original"] = lambda x=x, whole=whole, ww=ww: reference(source, x, whole, ww)
                     found = grouped_mm.prefix_routing(idx, n_sub, elastic.gate_up_proj.shape[0])
+                    if found is not None and len(set(found.lengths)) > 1:  # blocks of different lengths
+                        calls["padded"] = lambda x=x, idx=idx, w=w: grouped_mm.grouped_mm_forward(
+                            elastic, x, idx, w, n_sub, "prefix-padded")
                     if tokens == 1 and found is not None:  # as the linear gate hands one token over
                         handed = idx.clone()
                         setattr(handed, grouped_mm.PREFIX_ATTR, found)
@@ -127,11 +132,12 @@ def main() -> None:
                     ms = median_ms(calls, args.repeats)
                     path = "prefix-mm" if found is not None else "flat-mm"
                     size = tokens * len(found.lengths) if found is not None else idx.numel()
-                    timings.append(bounds.Timing(tokens, found is not None, size, ms["plan"], ms["mm"], ms.get("loop")))
+                    timings.append(bounds.Timing(tokens, found is not None, size, ms["plan"], ms["mm"], ms.get("loop"),
+                                                 ms.get("padded")))
                     taken, _ = grouped_mm.choose_path(handed if "one" in calls else idx, n_sub,
                                                       elastic.gate_up_proj.shape[0], width)
                     table.add(tokens, f"linear:{k}" if kind == "linear" else f"{k} of {n_sub * top_k} subsets",
-                              ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("loop"), ms.get("one"),
+                              ms["plan"], ms["mm"], path, ms["mm"] / ms["plan"], ms.get("loop"), ms.get("padded"), ms.get("one"),
                               ms.get("original"), taken)
     key = bounds.machine_key(width=width)
     derived = bounds.derive_bounds(timings, source=f"make bench-executors, {key}")
@@ -151,7 +157,8 @@ def main() -> None:
         f"taken by the runtime: under the bounds in effect for this run ({in_effect.describe()}): grouped "
         f"products for calls of >= {in_effect.min_tokens} tokens and (on the CPU) <= "
         f"{in_effect.max_prefix_rows:,} rows of prefix routing (a row: a token's block, so linear:{n_sub}j has the "
-        f"rows of original:j) or <= {in_effect.max_pairs:,} (token, sub-expert) pairs of arbitrary subsets; "
+        f"rows of original:j; blocks of different lengths in <= {in_effect.max_padded_rows:,} rows padded whole, "
+        f"with zero weights: prefix-padded) or <= {in_effect.max_pairs:,} (token, sub-expert) pairs of arbitrary subsets; "
         "beyond that the plan executor for prefix routing and one product per sub-expert (flat-loop) for "
         "subsets; the plan executor below the token bound.",
         f"Bounds this table implies (runtime/bounds.py derive_bounds: each the threshold that maximises the "

@@ -44,8 +44,27 @@ def test_each_bound_is_the_threshold_with_the_largest_summed_log_gain():
 def test_a_loss_at_the_smallest_size_does_not_zero_a_bound_and_no_gain_means_no_grouped_products():
     # prefix cumulative: 4 -0.223 (below 0, kept at 0), 8 +0.470 -> 8; min_tokens: suffix 4 +1.163 > 8 +0.693
     timings = [_prefix(4, 4, 1.25), _subsets(4, 8, 0.5, 0.5), _prefix(8, 8, 0.5)]
-    assert derive_bounds(timings) == ExecutorBounds(4, 8, 8, "measured")
-    assert derive_bounds([_prefix(4, 4, 2.0)]) == ExecutorBounds(5, 0, 0, "measured")
+    assert derive_bounds(timings) == ExecutorBounds(4, 8, 8, source="measured")
+    assert derive_bounds([_prefix(4, 4, 2.0)]) == ExecutorBounds(5, 0, 0, source="measured")
+
+
+def test_the_padded_bound_weighs_padding_against_what_the_other_bounds_would_run():
+    """Prefix gains log(plan / mm): 16 rows +1.386, 512 +0.693, 4,096 -1.386 -> max_prefix_rows 512 (min_tokens
+    8: suffix sums +0.693, -0.693, -1.386). Padded against that: 16 rows log(10 / 5) = +0.693; 512 rows
+    log(5 / 6.25) = -0.223; 4,096 rows are past 512, so against the plan executor: log(10 / 9) = +0.105
+    (against grouped products it would be log(40 / 9) = +1.49, and the bound 4,096). Cumulative +0.693,
+    +0.470, +0.575 -> 16."""
+    timings = [Timing(8, True, 16, plan_ms=40.0, mm_ms=10.0, padded_ms=5.0),
+               Timing(256, True, 512, plan_ms=10.0, mm_ms=5.0, padded_ms=6.25),
+               Timing(2048, True, 4096, plan_ms=10.0, mm_ms=40.0, padded_ms=9.0)]
+    assert derive_bounds(timings) == ExecutorBounds(8, 512, 0, max_padded_rows=16, source="measured")
+
+
+def test_an_entry_saved_before_the_padded_bound_takes_the_default_one(bounds_file):
+    bounds_file.write_text(json.dumps({"format": bounds.FORMAT, "version": bounds.VERSION, "machines": {
+        bounds.machine_key(): {"min_tokens": 4, "max_prefix_rows": 1024, "max_pairs": 2048}}}))
+    got = bounds.current_bounds()
+    assert (got.max_prefix_rows, got.max_padded_rows) == (1024, bounds.DEFAULT.max_padded_rows)
     with pytest.raises(PrismError, match="no timed calls"):
         derive_bounds([])
 

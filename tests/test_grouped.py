@@ -199,15 +199,17 @@ def test_flat_loop_matches_the_brute_force(n_sub, kind):
 def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch, tmp_path):
     """Under the bounds saved for this machine: below min_tokens tokens the plan executor; up to
     max_prefix_rows rows (a token's block) for prefix routing and max_pairs pairs for subsets grouped
-    products; beyond, the plan executor for prefix routing and the per-sub-expert loop for subsets; same
+    products (blocks of different lengths in at most max_padded_rows rows padded whole); beyond, the plan executor for prefix routing and the per-sub-expert loop for subsets; same
     output on every path."""
     monkeypatch.setenv("PRISM_EXECUTOR_BOUNDS", str(tmp_path / "bounds.json"))
-    bounds.save_bounds(bounds.ExecutorBounds(min_tokens=4, max_prefix_rows=64, max_pairs=64), bounds.machine_key())
+    bounds.save_bounds(bounds.ExecutorBounds(min_tokens=4, max_prefix_rows=64, max_pairs=64, max_padded_rows=48),
+                       bounds.machine_key())
     assert bounds.current_bounds().max_prefix_rows == 64
     module = _olmoe_experts(6 * 4)
     gen = torch.Generator().manual_seed(5)
-    # linear:6 at N = 4 is two blocks per token: 20 tokens = 40 rows (120 pairs), 40 tokens = 80 rows
-    cases = [(3, "linear", "grouped"), (3, "subsets", "grouped"), (20, "linear", "prefix-mm"),
+    # linear:6 at N = 4 is two blocks per token (4 and 2 sub-experts): 20 tokens = 40 rows (120 pairs), 30
+    # tokens = 60 rows, 40 tokens = 80 rows
+    cases = [(3, "linear", "grouped"), (3, "subsets", "grouped"), (20, "linear", "prefix-padded"), (30, "linear", "prefix-mm"),
              (8, "subsets", "flat-mm"), (40, "linear", "grouped"), (40, "subsets", "flat-loop")]
     for tokens, kind, want_path in cases:
         x = torch.randn(tokens, HIDDEN, generator=gen)
@@ -253,6 +255,61 @@ def test_routing_handed_by_the_router_matches_the_brute_force(n_sub, tokens):
         assert path == ("prefix-one" if tokens == 1 else "prefix-mm"), k
         want = brute_force(module, x, idx, w)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("n_sub", [2, 4, 8])
+@pytest.mark.parametrize("handed", [False, True])
+def test_padded_blocks_match_the_brute_force(n_sub, handed):
+    """Blocks of different lengths computed whole with zero weights on the sub-experts not taken
+    (``prefix-padded``): the sums of the slots routed, nothing of the padding."""
+    experts, tokens = 6, 7
+    gen = torch.Generator().manual_seed(_seed("padded", n_sub, handed))
+    module = _olmoe_experts(experts * n_sub)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    for k in (1, n_sub + 1, 2 * n_sub - 1, 3 * n_sub - 1):
+        idx, w = linear_routing(tokens, experts, n_sub, k, gen)
+        if handed:
+            idx, w = _handed(idx, w, n_sub, k, gen)
+        with torch.no_grad():
+            got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub, "prefix-padded")
+        assert path == "prefix-padded"
+        want = brute_force(module, x, idx, w)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def _rows_at_points(tokens: int, experts: int, n_sub: int, blocks: int, gen: torch.Generator):
+    """A batch whose tokens run at different linear points, as ``per_row.RowPointRouter`` hands it over:
+    the whole blocks covering the largest K, each token's slots past its own K at the sentinel with
+    weight zero, each token's K attached with the block shape."""
+    k = torch.randint(1, blocks * n_sub + 1, (tokens,), generator=gen)
+    k[0] = blocks * n_sub  # the largest K is reached
+    idx, w = linear_routing(tokens, experts, n_sub, blocks * n_sub, gen)
+    drop = torch.arange(blocks * n_sub) >= k.unsqueeze(1)
+    heads = idx[:, ::n_sub].clone()
+    idx, w = idx.masked_fill(drop, experts * n_sub), w.masked_fill(drop, 0.0)
+    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(heads, (n_sub,) * blocks, n_sub, token_k=k))
+    return idx, w
+
+
+@pytest.mark.parametrize("n_sub", [1, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 9, 60])
+def test_rows_at_different_points_match_the_brute_force(n_sub, tokens, monkeypatch, tmp_path):
+    """Each token at its own K: ``prefix-padded`` computes the blocks each token's K reaches (up to
+    ``max_padded_rows`` rows), the flat path the ids with their sentinels beyond; both the brute force's
+    sums (which skip the sentinels: nothing of a token's unused blocks reaches its output)."""
+    monkeypatch.setenv("PRISM_EXECUTOR_BOUNDS", str(tmp_path / "bounds.json"))
+    bounds.save_bounds(bounds.ExecutorBounds(min_tokens=4, max_prefix_rows=4096, max_pairs=4096, max_padded_rows=100),
+                       bounds.machine_key())
+    experts = 6
+    gen = torch.Generator().manual_seed(_seed("ragged", n_sub, tokens))
+    module = _olmoe_experts(experts * n_sub)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    idx, w = _rows_at_points(tokens, experts, n_sub, 2, gen)
+    with torch.no_grad():
+        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub)
+    assert path == ("prefix-padded" if tokens * 2 <= 100 else "flat-mm")
+    want = brute_force(module, x, idx, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_one_token_of_a_plain_model_takes_the_single_token_path():

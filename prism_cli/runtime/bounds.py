@@ -42,21 +42,29 @@ class ExecutorBounds:
     """``min_tokens``: calls of fewer tokens take the plan executor (any device). On the CPU,
     ``max_prefix_rows``: prefix routing with more rows (a token's block of sub-experts is one row) takes
     the plan executor; ``max_pairs``: arbitrary subsets with more (token, sub-expert) pairs take one
-    product per sub-expert (``flat-loop``)."""
+    product per sub-expert (``flat-loop``). ``max_padded_rows``: prefix routing whose blocks differ in
+    length (``linear:K`` with K not a multiple of N, rows at different points) in at most this many rows
+    computes every block whole, with zero weights on the sub-experts it does not take, in one grouped
+    product per projection (``prefix-padded``) instead of one per length: more arithmetic for fewer calls,
+    which pays where calls set the time (decode steps). An entry measured before this bound existed
+    takes ``DEFAULT``'s."""
 
     min_tokens: int
     max_prefix_rows: int
     max_pairs: int
+    max_padded_rows: int = 0
     source: str = "default"
 
     def describe(self) -> str:
         return (f"min tokens {self.min_tokens}, max prefix rows {self.max_prefix_rows:,}, max pairs "
-                f"{self.max_pairs:,} ({self.source})")
+                f"{self.max_pairs:,}, max padded rows {self.max_padded_rows:,} ({self.source})")
 
 
-#: Measured on the AMD EPYC build machine at 2 threads (results/executors.md of that run); used where
-#: this machine has no measurement of its own.
-DEFAULT = ExecutorBounds(min_tokens=4, max_prefix_rows=2_048, max_pairs=4_096, source="default")
+#: Measured on the AMD EPYC build machine at 2 threads (results/executors.md of that run; ``max_padded_rows``
+#: on the Intel Xeon, the first machine it was measured on); used where this machine has no measurement of
+#: its own.
+DEFAULT = ExecutorBounds(min_tokens=4, max_prefix_rows=2_048, max_pairs=4_096, max_padded_rows=512,
+                         source="default")
 
 
 def bounds_path() -> Path:
@@ -74,7 +82,8 @@ def _path(explicit: str | None, cache: str | None) -> Path:
 
 
 def _parse(entry: dict[str, Any], source: str = "default") -> ExecutorBounds:
-    return ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]), source)
+    padded = int(entry.get("max_padded_rows", DEFAULT.max_padded_rows))
+    return ExecutorBounds(int(entry["min_tokens"]), int(entry["max_prefix_rows"]), int(entry["max_pairs"]), padded, source)
 
 
 def machine_key(threads: int | None = None, width: int | None = None) -> str:
@@ -152,7 +161,8 @@ def save_bounds(bounds: ExecutorBounds, key: str, path: Path | None = None, meas
 @dataclass(frozen=True)
 class Timing:
     """One measured call: ``tokens``; ``prefix`` routing (its ``size`` in rows) or arbitrary subsets
-    (``size`` in pairs); median ms of the plan executor, of grouped products and (subsets) of ``flat-loop``."""
+    (``size`` in pairs); median ms of the plan executor, of grouped products, (subsets) of ``flat-loop``
+    and (prefix routing with blocks of different lengths) of ``prefix-padded``."""
 
     tokens: int
     prefix: bool
@@ -160,6 +170,7 @@ class Timing:
     plan_ms: float
     mm_ms: float
     loop_ms: float | None = None
+    padded_ms: float | None = None
 
 
 def _best_upper_bound(gains: list[tuple[int, float]]) -> int:
@@ -180,7 +191,9 @@ def derive_bounds(timings: Iterable[Timing], source: str = "measured") -> Execut
     summed gain of the calls it gives to grouped products. ``min_tokens`` (against the plan executor, over
     all calls): the calls of at least that many tokens. Then, over those calls, ``max_prefix_rows``
     (prefix routing against the plan executor) and ``max_pairs`` (subsets against ``flat-loop``): the
-    calls of at most that size. A single noisy call near a crossover moves a bound by one measured size
+    calls of at most that size; ``max_padded_rows`` (blocks of different lengths padded whole, against what
+    runs them under the other bounds: grouped products up to ``max_prefix_rows`` rows, the plan executor
+    beyond), over the same calls. A single noisy call near a crossover moves a bound by one measured size
     at most, where a rule like "stop at the first loss" could zero it."""
     timings = list(timings)
     if not timings:
@@ -193,4 +206,7 @@ def derive_bounds(timings: Iterable[Timing], source: str = "measured") -> Execut
     kept = [t for t in timings if t.tokens >= min_tokens]
     prefix = [(t.size, math.log(t.plan_ms / t.mm_ms)) for t in kept if t.prefix]
     pairs = [(t.size, math.log(t.loop_ms / t.mm_ms)) for t in kept if not t.prefix and t.loop_ms is not None]
-    return ExecutorBounds(min_tokens, _best_upper_bound(prefix), _best_upper_bound(pairs), source)
+    max_prefix_rows = _best_upper_bound(prefix)
+    padded = [(t.size, math.log((t.mm_ms if t.size <= max_prefix_rows else t.plan_ms) / t.padded_ms))
+              for t in kept if t.prefix and t.padded_ms is not None]
+    return ExecutorBounds(min_tokens, max_prefix_rows, _best_upper_bound(pairs), _best_upper_bound(padded), source)

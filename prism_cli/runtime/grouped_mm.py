@@ -18,7 +18,12 @@ own ``grouped_mm`` implementation does for whole experts. Two shapes of routing 
   (``_apply_gate`` on each ``2w`` slice), then scaled by the sub-expert's routing weight before the down
   projection. Rows are put back in token order by an inverse permutation and each token's blocks summed,
   as transformers' ``grouped_mm`` does: a decode step pays per op, so the path runs no more ops than
-  that one. A single token (``prefix-one``: a decode step of one sequence) needs no grouping at all:
+  that one. Where blocks differ in length (``linear:6`` at N = 4 is a block of 4 and one of 2) a small
+  call computes every block whole with zero weights on the sub-experts it does not take
+  (``prefix-padded``): one grouped product per projection instead of one per length, more arithmetic
+  for half the calls. The same path serves a batch whose rows run at different linear points (the
+  ``mixed`` policy: ``PrefixRouting.token_k``): each token computes the blocks its own K reaches, and
+  only those. A single token (``prefix-one``: a decode step of one sequence) needs no grouping at all:
   one product per projection and block over the contiguous weight slice.
 * **flat** (the training-free gate's arbitrary subsets): rows are (token, sub-expert) pairs grouped by
   flat sub-expert, one grouped product per projection over the E*N sub-experts (``flat-mm``); on the
@@ -43,7 +48,7 @@ from functools import cached_property
 
 import torch
 
-from prism_cli.runtime.bounds import current_bounds
+from prism_cli.runtime.bounds import ExecutorBounds, current_bounds
 from prism_cli.runtime.grouped import _down_transposed, cached_on, grouped_experts_forward
 
 #: What ``grouped_mm`` computes in (float64 models, e.g. reference checks, stay with the plan executor).
@@ -80,6 +85,9 @@ class PrefixRouting:
     heads: torch.Tensor  # [T, B]
     lengths: tuple[int, ...]
     n_sub: int = 1
+    #: Rows at different points (``[T]``, else None): token t takes only the first ``token_k[t]`` sub-experts
+    #: of its blocks (whole blocks here); its weights past them are zero and its ids there the sentinel.
+    token_k: torch.Tensor | None = None
 
     @cached_property
     def expert(self) -> torch.Tensor:
@@ -96,10 +104,16 @@ def choose_path(indices: torch.Tensor, n_sub: int, groups: int, width: int | Non
     has one, under this machine's bounds (``current_bounds()``): ``"prefix-one"`` for a single token with
     prefix routing (a decode step of one sequence), else ``"grouped"`` (the plan executor) for fewer than
     ``min_tokens`` tokens. Prefix routing takes ``"prefix-mm"``, on the CPU up to
-    ``max_prefix_rows`` rows of its products, the plan executor beyond; arbitrary subsets take
+    ``max_prefix_rows`` rows of its products, the plan executor beyond, except blocks of different
+    lengths in at most ``max_padded_rows`` rows (on the CPU), which take ``"prefix-padded"``; so do rows
+    at different points (``PrefixRouting.token_k``), on any device, past that bound on the CPU the flat
+    paths; arbitrary subsets take
     ``"flat-mm"``, or ``"flat-loop"`` past ``max_pairs`` pairs on the CPU. ``width``: the sub-experts'
     width, whose bounds apply where this machine has them."""
     tokens = indices.shape[0]
+    ragged: PrefixRouting | None = getattr(indices, PREFIX_ATTR, None)
+    if ragged is not None and ragged.token_k is not None:
+        return _ragged_path(indices, ragged, width)
     if tokens == 1:
         found = getattr(indices, PREFIX_ATTR, None)
         if found is None and n_sub == 1 and int(indices.max()) < groups:  # whole experts: every slot is a block
@@ -111,8 +125,25 @@ def choose_path(indices: torch.Tensor, n_sub: int, groups: int, width: int | Non
     cpu = indices.device.type == "cpu"
     found = prefix_routing(indices, n_sub, groups)
     if found is not None:
-        return ("grouped" if cpu and tokens * len(found.lengths) > bounds.max_prefix_rows else "prefix-mm"), found
+        rows = tokens * len(found.lengths)
+        if cpu and len(set(found.lengths)) > 1 and rows <= bounds.max_padded_rows:
+            return "prefix-padded", found
+        return ("grouped" if cpu and rows > bounds.max_prefix_rows else "prefix-mm"), found
+    return _flat_path(indices, bounds)
+
+
+def _flat_path(indices: torch.Tensor, bounds: ExecutorBounds) -> tuple[str, None]:
+    cpu = indices.device.type == "cpu"
     return ("flat-loop" if cpu and indices.numel() > bounds.max_pairs else "flat-mm"), None
+
+
+def _ragged_path(indices: torch.Tensor, routing: PrefixRouting, width: int | None) -> tuple[str, PrefixRouting | None]:
+    """Rows at different points: whole blocks padded (``prefix-padded``), on the CPU up to ``max_padded_rows``
+    rows; beyond, the ids with their sentinels as arbitrary subsets (the flat paths)."""
+    bounds = current_bounds(width)
+    if indices.device.type != "cpu" or indices.shape[0] * len(routing.lengths) <= bounds.max_padded_rows:
+        return "prefix-padded", routing
+    return _flat_path(indices, bounds)
 
 
 def grouped_mm_forward(
@@ -133,12 +164,18 @@ def grouped_mm_forward(
     elif path == "mm":
         found = prefix_routing(indices, n_sub, groups)
         path = "prefix-mm" if found is not None else "flat-mm"
+    elif path == "prefix-padded":
+        found = getattr(indices, PREFIX_ATTR, None) or prefix_routing(indices, n_sub, groups)
+        if found is None:
+            raise ValueError("prefix-padded takes prefix routing")
     elif path == "prefix-one":
         found = prefix_routing(indices, n_sub, groups)
         if found is None or indices.shape[0] != 1:
             raise ValueError("prefix-one takes one token with prefix routing")
     if path == "prefix-mm":
         return _prefix_blocks(module, x, found, weights.float(), n_sub).to(x.dtype), path
+    if path == "prefix-padded":
+        return _padded_blocks(module, x, found, weights.float(), n_sub).to(x.dtype), path
     if path == "prefix-one":
         return _prefix_one(module, x, found, weights.float(), n_sub).to(x.dtype), path
     out = torch.zeros(indices.shape[0], module.down_proj.shape[1], dtype=torch.float32, device=x.device)
@@ -157,7 +194,7 @@ def prefix_routing(indices: torch.Tensor, n_sub: int, groups: int) -> PrefixRout
     The linear gate's router emits this shape (``K // N`` whole experts, best first, then the first
     ``K % N`` sub-experts of the next)."""
     attached: PrefixRouting | None = getattr(indices, PREFIX_ATTR, None)
-    if attached is not None:
+    if attached is not None and attached.token_k is None:
         return attached
     if int(indices.max()) >= groups:
         return None
@@ -196,6 +233,37 @@ def _prefix_blocks(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRout
         out = y if out is None else out.add_(y)
     assert out is not None
     return out
+
+
+def _padded_blocks(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRouting, weights: torch.Tensor,
+                   n_sub: int) -> torch.Tensor:
+    """Every block computed whole, the sub-experts a token does not take at weight zero: one grouped product
+    per projection over whole experts (``_blocks_of_length`` at ``m = N``). Rows at different points
+    (``routing.token_k``) compute only the blocks their own K reaches: those rows are gathered, and the
+    others' results are zero."""
+    tokens, blocks = routing.heads.shape
+    if routing.token_k is None:
+        slot, parts = 0, []
+        for m in routing.lengths:
+            parts.append(weights[:, slot : slot + m])
+            if m < n_sub:
+                parts.append(weights.new_zeros(tokens, n_sub - m))
+            slot += m
+        return _blocks_of_length(module, x, routing.expert, torch.cat(parts, dim=1), *_prefix_weights(module, n_sub, n_sub))
+    up_t, down = _prefix_weights(module, n_sub, n_sub)
+    starts = torch.arange(0, blocks * n_sub, n_sub, device=x.device)
+    rows = (routing.token_k.unsqueeze(1) > starts).view(-1).nonzero().squeeze(1)  # (token, block) in use
+    by_expert, order = torch.sort(routing.expert.reshape(-1).index_select(0, rows), stable=True)
+    rows = rows.index_select(0, order)
+    offs = torch.searchsorted(by_expert, group_ends(up_t.shape[0], x.device), out_int32=True)
+    h = GROUPED_MM(x.index_select(0, torch.div(rows, blocks, rounding_mode="floor")).to(up_t.dtype), up_t, offs=offs)
+    count = rows.shape[0]
+    act = module._apply_gate(h.view(count * n_sub, -1)).view(count, n_sub, -1)
+    act = act * weights.reshape(-1, n_sub).index_select(0, rows).unsqueeze(-1)
+    y = GROUPED_MM(act.view(count, -1).to(down.dtype), down, offs=offs)
+    # Each used row to its own place (indices unique: deterministic on any device), then a fixed-order sum.
+    out = y.new_zeros(tokens * blocks, y.shape[1]).index_copy_(0, rows, y)
+    return out.view(tokens, blocks, -1).sum(dim=1).float()
 
 
 def _prefix_weights(module: torch.nn.Module, n_sub: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

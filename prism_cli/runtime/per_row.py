@@ -25,6 +25,7 @@ row points are set (an empty tensor): nothing at inference reads them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.elastic import ElasticState, attach_elastic_state
+from prism_cli.runtime.grouped_mm import PREFIX_ATTR, PrefixRouting
 from prism_cli.runtime.policies import POLICIES, AllocationPolicy, register_policy
 
 
@@ -50,6 +52,20 @@ class PerRowTopKPolicy(AllocationPolicy):
         return ids, torch.where(keep, weights.gather(1, top), torch.zeros_like(weights[:, : top.shape[1]]))
 
 
+@dataclass(frozen=True)
+class LinearRows:
+    """Every token at a linear point: its K (``[T]``) and the slots past it (``[T, N*ceil(max K / N)]``, the
+    whole blocks covering the largest K), the same in every layer, so computed once per forward."""
+
+    k: torch.Tensor
+    drop: torch.Tensor
+
+    @classmethod
+    def of(cls, k: torch.Tensor, n_sub: int) -> LinearRows:
+        slots = n_sub * -(-int(k.max()) // n_sub)
+        return cls(k, torch.arange(slots, device=k.device) >= k.unsqueeze(1))
+
+
 class RowPointRouter(nn.Module):
     """One MoE block's router with per-token points (see the module docstring)."""
 
@@ -59,8 +75,8 @@ class RowPointRouter(nn.Module):
         self.layer = layer
         self.state = state
         self.groups: list[tuple[OperatingPoint | str, torch.Tensor, Any]] | None = None
-        #: Every row at a linear point of a tied router: each token's K ``[T]`` (else None).
-        self.linear_k: torch.Tensor | None = None
+        #: Every row at a linear point of a tied router: each token's K, as ``LinearRows`` (else None).
+        self.linear_k: LinearRows | None = None
 
     @property
     def sentinel(self) -> int:
@@ -94,7 +110,7 @@ class RowPointRouter(nn.Module):
         s = self.state
         return bool(s.elastic_routers) and s.bank is None and s.flat_routers[self.layer].sorted_blocks
 
-    def _linear_rows(self, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _linear_rows(self, x: torch.Tensor, rows: LinearRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token t at ``linear:k[t]``, in one router call: the stock router at the whole blocks covering the
         largest K (what the linear gate runs there: ``_tied``), each block's sub-experts in index order,
         then every slot past a token's own K gets the sentinel. The copies of an expert weigh the same;
@@ -103,18 +119,20 @@ class RowPointRouter(nn.Module):
         flat, n = self.state.flat_routers[self.layer], self.state.n_sub
         router = flat.router
         saved = router.top_k
-        router.top_k = n * -(-int(k.max()) // n)
+        router.top_k = rows.drop.shape[1]
         try:
             _, weights, ids = router(x)
         finally:
             router.top_k = saved
         first = ids[:, ::n]  # one copy of each block's expert, best expert first
-        ids = ((first - first.remainder(n)).unsqueeze(-1) + flat.sub_offsets).view(ids.shape[0], -1)
-        keep = torch.arange(ids.shape[1], device=ids.device) < k.unsqueeze(1)
-        kept_w = torch.where(keep, weights, torch.zeros_like(weights))  # a block's copies carry one weight
+        heads = first - first.remainder(n)  # each block's sub-expert 0
+        kept_ids = (heads.unsqueeze(-1) + flat.sub_offsets).view(ids.shape[0], -1).masked_fill_(rows.drop, self.sentinel)
+        kept_w = weights.masked_fill(rows.drop, 0.0)  # a block's copies carry one weight
         if flat.renormalize:
             kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
-        return x.new_empty(x.shape[0], 0), kept_w, torch.where(keep, ids, torch.full_like(ids, self.sentinel))
+        # The block shape, each token's K with it, for the experts (runtime/grouped_mm.py: prefix-padded).
+        setattr(kept_ids, PREFIX_ATTR, PrefixRouting(heads, (n,) * heads.shape[1], n, token_k=rows.k))
+        return x.new_empty(x.shape[0], 0), kept_w, kept_ids
 
     def _configure(self, point: OperatingPoint | str, value: Any):
         """Put this layer's router at ``point`` (as ``set_operating_point`` would); returns the undo."""
@@ -171,7 +189,8 @@ def set_row_points(model: Any, points: list[OperatingPoint], tokens_per_row: int
         groups.append((point, torch.tensor(tokens, device=device), point.value))
     linear_k = None
     if all(p.policy == "linear" for p in points):
-        linear_k = torch.tensor([int(p.value) for p in per_token], device=device)
+        n_sub = routers[0].state.n_sub if routers else 1
+        linear_k = LinearRows.of(torch.tensor([int(p.value) for p in per_token], device=device), n_sub)
     for router in routers:
         router.groups, router.linear_k = groups, linear_k
 
