@@ -199,8 +199,8 @@ def test_flat_loop_matches_the_brute_force(n_sub, kind):
 def test_the_runtime_path_follows_the_size_of_the_call(monkeypatch, tmp_path):
     """Under the bounds saved for this machine: below min_tokens tokens the plan executor; up to
     max_prefix_rows rows (a token's block) for prefix routing and max_pairs pairs for subsets grouped
-    products (blocks of different lengths in at most max_padded_rows rows padded whole); beyond, the plan executor for prefix routing and the per-sub-expert loop for subsets; same
-    output on every path."""
+    products (blocks of different lengths in at most max_padded_rows rows padded whole); beyond, the plan
+    executor for prefix routing and the per-sub-expert loop for subsets; same output on every path."""
     monkeypatch.setenv("PRISM_EXECUTOR_BOUNDS", str(tmp_path / "bounds.json"))
     bounds.save_bounds(bounds.ExecutorBounds(min_tokens=4, max_prefix_rows=64, max_pairs=64, max_padded_rows=48),
                        bounds.machine_key())
