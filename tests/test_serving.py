@@ -252,6 +252,17 @@ def test_fullbatch_waits_for_a_full_batch_or_t_max():
     assert all(0.3 <= r.first_token_at < 0.35 for r in reqs)
 
 
+def test_fullbatch_under_overload_launches_only_full_batches():
+    """With a full batch waiting, t_max launches nothing smaller: every request is past t_max in a sustained
+    overload, and launching each freed slot as a batch would end in batches of one row each."""
+    engine = sim_engine("fullbatch", max_batch=4, max_running=8, t_max=0.01)
+    reqs = _poisson(80, 1000.0, ["linear:2", "linear:8"])  # all arrive within about 0.1 s
+    engine.schedule(reqs)
+    engine.run()
+    prefills = [s.rows for s in engine.stats.steps if s.kind == "prefill"]
+    assert prefills == [4] * 20  # 80 requests: twenty full batches, none smaller
+
+
 def test_prism_beats_fifo_on_the_original_when_cheap_points_are_cheap():
     # overload (arrivals far above capacity): throughput is what each policy can serve. A large t_max: under
     # sustained overload every request would pass a small one, and launches would go in FIFO order.

@@ -18,8 +18,8 @@ independently of the policy.
   order of launches becomes FIFO's (the batch each joins is still chosen by utility).
 * ``fifo``: oldest first into the first batch with room; a batch runs at the cheapest point that
   meets every floor in it (the highest floor, the paper's baseline).
-* ``fullbatch``: launches only whole new batches of ``max_batch`` requests (or what has waited
-  ``t_max``); no request joins a running batch.
+* ``fullbatch``: launches only whole new batches of ``max_batch`` requests (or, with fewer waiting,
+  what has waited ``t_max``); no request joins a running batch.
 * ``static``: FIFO admission, every step at one fixed point, whatever the floors (violations counted).
 * ``mixed``: FIFO admission, every row at its own floor inside the shared batch (per-row points).
 """
@@ -110,7 +110,10 @@ class FullBatchPolicy(SchedulingPolicy):
             launches.append(Launch(None, waiting[:size]))
             waiting, free = waiting[size:], free - size
         oldest = waiting[0] if waiting else None
-        if oldest is not None and engine.now() - oldest.arrival > engine.limits.t_max:
+        # t_max is for a queue too short to fill a batch. Where a full batch waits, it waits for room: were
+        # each freed slot launched as a batch of its own, a sustained overload would fragment the running set
+        # into batches of one row, each a decode step of its own.
+        if oldest is not None and len(engine.waiting) < size and engine.now() - oldest.arrival > engine.limits.t_max:
             launches.append(Launch(None, waiting[: min(size, free)]))
         return launches
 
