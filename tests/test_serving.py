@@ -13,6 +13,7 @@ from conftest import synthetic_cost_model
 
 from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
+from prism_cli.runtime.experts import reset_dispatch_counts
 from prism_cli.runtime.per_row import PerRowTopKPolicy, clear_row_points, set_row_points
 from prism_cli.runtime.policies import POLICIES, TopKPolicy
 from prism_cli.serving.costmodel import CostModel, EngineCosts, interpolate
@@ -342,6 +343,13 @@ def test_rows_at_linear_points_route_in_one_call_as_each_point_alone(family, tmp
     _assert_rows_get_their_points(model, ids, points)
     handle.remove()
     assert len(calls) == len(points) + 1  # each point alone, then the mixed forward in one call
+    reset_dispatch_counts()
+    with torch.inference_mode():
+        set_row_points(model, points, ids.shape[1])
+        model(input_ids=ids)
+        clear_row_points(model)
+    # the experts took the ragged block shape (each token's own blocks), not the flat path over every pair
+    assert set(reset_dispatch_counts()) == {"prefix-padded"}
 
 
 # --- the real engine -------------------------------------------------------------------------------

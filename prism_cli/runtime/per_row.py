@@ -15,7 +15,9 @@ so the runtime must take an operating point per token. Two pieces, both additive
   Where every row is at a ``linear`` point of an untuned export (the copies of an expert tie), one
   call does: the linear gate at the whole blocks covering the largest K, then each token keeps the
   first ``K_t`` pairs of that order (its expert ranking is the same at every K), so a mixed batch
-  routes for the cost of one router call, not one per point.
+  routes for the cost of one router call, not one per point. The block shape rides on the indices
+  with each token's K (``PrefixRouting.token_k``), so the experts compute per token only the blocks its
+  K reaches, in one grouped product per projection (``runtime/grouped_mm.py``: ``prefix-padded``).
 
 ``set_row_points(model, points, tokens_per_row)`` installs the wrappers on first use (a module swap
 of the block's router, reverted by ``remove_row_points``) and sets the points of the next forward;
