@@ -162,7 +162,8 @@ def main() -> None:
         "beyond that the plan executor for prefix routing and one product per sub-expert (flat-loop) for "
         "subsets; the plan executor below the token bound.",
         f"Bounds this table implies (runtime/bounds.py derive_bounds: each the threshold that maximises the "
-        f"summed log(alternative / grouped products) of the calls it gives to grouped products): {derived.describe()}"
+        f"summed log(alternative / grouped products) of the calls it gives to grouped products; a call within 3 % is a "
+        f"tie, and ties keep grouped products): {derived.describe()}"
         + (f", saved to {saved} for {key}." if saved else " (not saved: --save-bounds saves them)."),
         "Command: python " + " ".join(["scripts/bench_executors.py", *sys.argv[1:]]) + " (make bench-executors).",
     ]

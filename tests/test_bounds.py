@@ -28,7 +28,8 @@ def _subsets(tokens: int, pairs: int, ratio_to_plan: float, ratio_to_loop: float
 
 
 def test_each_bound_is_the_threshold_with_the_largest_summed_log_gain():
-    """Gains are log(alternative / grouped): ratio 0.5 -> +0.693, 0.8 -> +0.223, 1.25 -> -0.223, 2 -> -0.693."""
+    """Gains are log(alternative / grouped): ratio 0.5 -> +0.693, 0.8 -> +0.223, 1.25 -> -0.223, 2 -> -0.693
+    (none within the 3 % tie)."""
     timings = [
         _prefix(2, 2, 2.0),  # 2 tokens lose: min_tokens 4 drops this call (suffix sums: 2 +1.14, 4 +1.83, 2,048 +1.39)
         _prefix(4, 4, 0.8), _subsets(4, 8, 0.8, 0.8),
@@ -46,6 +47,14 @@ def test_a_loss_at_the_smallest_size_does_not_zero_a_bound_and_no_gain_means_no_
     timings = [_prefix(4, 4, 1.25), _subsets(4, 8, 0.5, 0.5), _prefix(8, 8, 0.5)]
     assert derive_bounds(timings) == ExecutorBounds(4, 8, 8, source="measured")
     assert derive_bounds([_prefix(4, 4, 2.0)]) == ExecutorBounds(5, 0, 0, source="measured")
+
+
+def test_a_call_within_three_percent_is_a_tie_and_ties_keep_grouped_products():
+    """4 rows +0.223; 8,192 rows log(10 / 10.2) = -0.020, a tie: the sum stays +0.223 and the bound goes to
+    8,192 (counted as a loss it would be 4). 16,384 rows log(10 / 11) = -0.095: a loss, the bound stays."""
+    timings = [_prefix(4, 4, 0.8), _prefix(8192, 8192, 1.02), _prefix(8192, 16384, 1.1)]
+    assert derive_bounds(timings).max_prefix_rows == 8192
+    assert derive_bounds([_prefix(4, 4, 0.8), _prefix(8192, 8192, 1.04)]).max_prefix_rows == 4  # 4 % is a loss
 
 
 def test_the_padded_bound_weighs_padding_against_what_the_other_bounds_would_run():

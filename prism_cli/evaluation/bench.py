@@ -9,7 +9,8 @@ counts, as a user would run it. Steps:
 2. ``_runners``: one runner per (point, implementation);
 3. ``_quality``: one pass over the held-out data, every point against the source model at its full top-k
    (``quality.evaluate_points``);
-4. ``_latency``: per batch size, points timed round-robin (one step of each per round) until every
+4. ``_latency``: per batch size, points timed round-robin (one step of each per round; where the
+   round moves to the other model, one untimed step of it first) until every
    median is known within ``precision`` (95 % interval, order statistics) or ``max_repeats``; the
    experts executor that ran is counted at dispatch for every step;
 5. ``_assemble``: one frontier over elastic and original points and the distinct stable count
@@ -324,7 +325,15 @@ def _quality(models: _Models, runners: list[_Runner], text: str, settings: Bench
 
 def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab: int,
              progress: Callable[[float], None] | None) -> dict[int, tuple[Latency, str]]:
-    """Time every runner at ``batch``: ``{runner index: (latency, implementation that ran)}``."""
+    """Time every runner at ``batch``: ``{runner index: (latency, implementation that ran)}``.
+
+    Where the round-robin moves from one model to the other, one untimed step of the next model runs
+    first, so that every timed step follows a step of its own model. Without it the first point timed
+    after a switch ran with the other model's data in the caches: in a decode bench of two elastic points
+    against the original's two (timed with two implementations each: four consecutive runs of one model),
+    that cold start fell on half the export's steps and a quarter of the original's, and moved the
+    same-routing ratios by 5-10 % (``linear:4`` / ``original:1`` 1.08-1.12 at every batch, against 1.00-1.06
+    with five elastic points)."""
     timers: dict[int, StepTimer] = {}
     samples: list[list[tuple[float, float | None, float]]] = [[] for _ in runners]
     executors: list[Counter[str]] = [Counter() for _ in runners]
@@ -336,10 +345,13 @@ def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab:
                                               [layer.block for layer in runner.state.layers])
             for _ in range(settings.warmup):
                 timers[id(model)].sample()
-        rounds = 0
+        rounds, last = 0, None
         while rounds < settings.max_repeats:
             for i, runner in enumerate(runners):  # round-robin: drift on a shared machine hits all points alike
                 runner.prepare()
+                if id(runner.model) != last:  # see the docstring: every timed step follows one of its own model
+                    timers[id(runner.model)].sample()
+                    last = id(runner.model)
                 reset_dispatch_counts()
                 samples[i].append(timers[id(runner.model)].sample())
                 executors[i].update(reset_dispatch_counts())
