@@ -111,11 +111,11 @@ def choose_path(indices: torch.Tensor, n_sub: int, groups: int, width: int | Non
     ``"flat-mm"``, or ``"flat-loop"`` past ``max_pairs`` pairs on the CPU. ``width``: the sub-experts'
     width, whose bounds apply where this machine has them."""
     tokens = indices.shape[0]
-    ragged: PrefixRouting | None = getattr(indices, PREFIX_ATTR, None)
-    if ragged is not None and ragged.token_k is not None:
-        return _ragged_path(indices, ragged, width)
+    attached: PrefixRouting | None = getattr(indices, PREFIX_ATTR, None)
+    if attached is not None and attached.token_k is not None:
+        return _ragged_path(indices, attached, width)
     if tokens == 1:
-        found = getattr(indices, PREFIX_ATTR, None)
+        found = attached
         if found is None and n_sub == 1 and int(indices.max()) < groups:  # whole experts: every slot is a block
             found = PrefixRouting(indices, (1,) * indices.shape[1])
         return ("prefix-one", found) if found is not None else ("grouped", None)

@@ -78,7 +78,7 @@ class RowPointRouter(nn.Module):
         self.state = state
         self.groups: list[tuple[OperatingPoint | str, torch.Tensor, Any]] | None = None
         #: Every row at a linear point of a tied router: each token's K, as ``LinearRows`` (else None).
-        self.linear_k: LinearRows | None = None
+        self.linear_rows: LinearRows | None = None
 
     @property
     def sentinel(self) -> int:
@@ -88,8 +88,8 @@ class RowPointRouter(nn.Module):
         if self.groups is None:
             return self.inner(hidden_states)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if self.linear_k is not None and self._tied():
-            return self._linear_rows(x, self.linear_k)
+        if self.linear_rows is not None and self._tied():
+            return self._linear_rows(x, self.linear_rows)
         picks = []
         for point, tokens, value in self.groups:
             restore = self._configure(point, value)
@@ -189,12 +189,12 @@ def set_row_points(model: Any, points: list[OperatingPoint], tokens_per_row: int
     for point in dict.fromkeys(p for p in per_token if p.policy != "topk"):
         tokens = [t for t, p in enumerate(per_token) if p == point]
         groups.append((point, torch.tensor(tokens, device=device), point.value))
-    linear_k = None
+    linear_rows = None
     if all(p.policy == "linear" for p in points):
         n_sub = routers[0].state.n_sub if routers else 1
-        linear_k = LinearRows.of(torch.tensor([int(p.value) for p in per_token], device=device), n_sub)
+        linear_rows = LinearRows.of(torch.tensor([int(p.value) for p in per_token], device=device), n_sub)
     for router in routers:
-        router.groups, router.linear_k = groups, linear_k
+        router.groups, router.linear_rows = groups, linear_rows
 
 
 def clear_row_points(model: Any) -> None:
@@ -203,7 +203,7 @@ def clear_row_points(model: Any) -> None:
     for layer in state.layers if state is not None else []:
         router = getattr(layer.block, layer.router_name)
         if isinstance(router, RowPointRouter):
-            router.groups, router.linear_k = None, None
+            router.groups, router.linear_rows = None, None
 
 
 def remove_row_points(model: Any) -> None:
