@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -226,6 +226,10 @@ cost-model: serving-export executor-bounds
 	cp $(SERVE)/bench-decode/bench.json results/serving_bench_decode.json
 	cp $(SERVE)/bench-decode/bench.md results/serving_bench_decode.md
 	cp $(SERVE)/bench-prefill/bench.json results/serving_bench_prefill.json
+
+# How many steps a model needs after the other ran before its steps take their steady time (bench's --settle default).
+bench-settle: serving-export executor-bounds
+	$(BIN)/python scripts/bench_settle.py --export $(SERVE)/export --out results/bench_settle
 
 # Decode steps of the N = 8 export (sub-experts of 64 neurons) against the original, side by side.
 bench-decode-n8: executor-bounds-n8

@@ -361,3 +361,55 @@ def test_median_ci_by_hand():
     assert relative_ci(samples) == pytest.approx((15.0 - 6.0) / 2 / 10.5)
     assert median_ci([3.0]) == (3.0, 3.0)
     assert relative_ci([5.0] * 7) == 0.0
+
+
+def test_each_switch_of_model_runs_settle_untimed_steps_before_the_next_timed_step(monkeypatch):
+    """Two models, runners a a b (model A twice, then B): every round starts at A after B (or at the
+    start) and moves to B once, so each round runs ``settle`` untimed steps of A, two timed, ``settle`` of
+    B, one timed; a timed step is never the first of its model's run unless settle is 0."""
+    from types import SimpleNamespace
+
+    from prism_cli.evaluation import bench as bench_module
+
+    steps: list[tuple[str, bool]] = []  # (model, timed) in the order they ran
+    timing = {"on": False}
+
+    class FakeTimer:
+        def __init__(self, model, *_args, **_kwargs):
+            self.model = model
+
+        def sample(self):
+            steps.append((self.model.name, timing["on"]))
+            return 1.0, None, 0.0
+
+        def summarize(self, samples):
+            return Latency(1.0, 1.0, 1.0, 0.0, len(samples), None, 0.0)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench_module, "StepTimer", FakeTimer)
+    models = {name: SimpleNamespace(name=name) for name in "AB"}
+    state = SimpleNamespace(layers=[])
+
+    def runner(name):
+        def prepare():
+            timing["on"] = False
+            return models[name]
+        return SimpleNamespace(model=models[name], state=state, prepare=prepare, implementation="prism")
+
+    for settle in (0, 1, 6):
+        steps.clear()
+        settings = BenchSettings(batches=[1], repeats=3, max_repeats=3, warmup=2, settle=settle)
+        settings.validate()
+        # The timed step is the one between the two calls that collect its dispatch counts.
+        monkeypatch.setattr(bench_module, "reset_dispatch_counts", lambda: timing.__setitem__("on", not timing["on"]) or {})
+        bench_module._latency([runner("A"), runner("A"), runner("B")], 1, settings, 10, None)
+        warm = [("A", False)] * 4 + [("B", False)] * 2  # the warm-up steps of each runner
+        round_ = [("A", False)] * settle + [("A", True)] * 2 + [("B", False)] * settle + [("B", True)]
+        assert steps == warm + round_ * 3, settle
+
+
+def test_bench_refuses_a_negative_settle(cli, tmp_path, bench_export):
+    result = cli("bench", bench_export, *TINY, "--settle", "-1", "--out", tmp_path / "o")
+    assert_one_line_failure(result, "--settle")

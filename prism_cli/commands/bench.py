@@ -32,6 +32,8 @@ def bench(
     max_repeats: int = typer.Option(60, "--max-repeats", help="... and at most, while a median is less precise than --precision."),
     precision: float = typer.Option(0.02, help="Repeat until every median is known within this fraction (95% interval)."),
     warmup: int = typer.Option(3, help="Untimed warm-up steps."),
+    settle: int = typer.Option(
+        None, help="Untimed steps of a model each time the timing moves to it from the other (default: 6 decode, 1 prefill)."),
     dtype: str = typer.Option(None, help="Model dtype (default: float32 on CPU, bfloat16 on CUDA, what the kernels take)."),
     experts_impl: str = typer.Option("prism", "--experts-impl", help="Experts implementation of the export: prism, grouped_mm or eager."),
     seed: int = typer.Option(0, help="Seed for the timing inputs."),
@@ -59,7 +61,7 @@ def bench(
     offload = offload_config(device_memory, cache_policy, device=device)
     settings = BenchSettings(
         device=device, dtype=dtype, batches=parse_int_list(batch, "--batch") or [], seq_len=seq_len, mode=mode,
-        tokens=tokens, repeats=repeats, max_repeats=max_repeats, precision=precision, warmup=warmup,
+        tokens=tokens, repeats=repeats, max_repeats=max_repeats, precision=precision, warmup=warmup, settle=settle,
         points=[p for p in points.split(";") if p.strip()] if points else None, experts_impl=experts_impl, seed=seed,
         offload=offload, cpu_allocator=cpu_allocator,
     )

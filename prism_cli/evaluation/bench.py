@@ -57,6 +57,16 @@ def parse_budget(text: str) -> float:
     return value
 
 
+#: Untimed steps of a model before its first timed step after the round-robin switches to it. A model's
+#: steps run slower for a while after the other model ran: on the built-in model (Intel Xeon, 2 threads;
+#: ``make bench-settle``, results/bench_settle.md) a decode step reaches its steady time only after about six
+#: steps of its own model (batch 8: 5.6 ms right after a switch, 4.6 ms from the seventh step), at every batch;
+#: a prefill step, which reads every weight many times, after one. A point timed early in a model's run
+#: then pays for the switch and one timed late does not, and the same-routing ratios moved by up to 10 %
+#: with the order of the points.
+SETTLE_STEPS = {"decode": 6, "prefill": 1}
+
+
 @dataclass
 class BenchSettings:
     device: str = "cpu"
@@ -71,6 +81,8 @@ class BenchSettings:
     max_repeats: int = 60  # ... and at most, while a median is known less precisely than `precision`
     precision: float = 0.02
     warmup: int = 3
+    #: Untimed steps of a model each time the round-robin moves to it (None: ``SETTLE_STEPS`` of the mode).
+    settle: int | None = None
     points: list[str] | None = None
     experts_impl: str = EXPERTS_IMPLEMENTATION
     seed: int = 0
@@ -92,6 +104,10 @@ class BenchSettings:
             raise PrismError(f"--mode must be decode or prefill, got {self.mode!r}")
         if self.tokens < 2 or self.repeats < 1 or self.warmup < 0:
             raise PrismError("--tokens must be at least 2, --repeats at least 1 and --warmup at least 0")
+        if self.settle is None:
+            self.settle = SETTLE_STEPS[self.mode]
+        elif not 0 <= self.settle <= 1000:
+            raise PrismError(f"--settle must be between 0 and 1000 steps, got {self.settle}")
         if self.max_repeats < self.repeats:
             raise PrismError(f"--max-repeats ({self.max_repeats}) must be at least --repeats ({self.repeats})")
         if not 0 < self.precision < 1:
@@ -327,13 +343,11 @@ def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab:
              progress: Callable[[float], None] | None) -> dict[int, tuple[Latency, str]]:
     """Time every runner at ``batch``: ``{runner index: (latency, implementation that ran)}``.
 
-    Where the round-robin moves from one model to the other, one untimed step of the next model runs
-    first, so that every timed step follows a step of its own model. Without it the first point timed
-    after a switch ran with the other model's data in the caches: in a decode bench of two elastic points
-    against the original's two (timed with two implementations each: four consecutive runs of one model),
-    that cold start fell on half the export's steps and a quarter of the original's, and moved the
-    same-routing ratios by 5-10 % (``linear:4`` / ``original:1`` 1.08-1.12 at every batch, against 1.00-1.06
-    with five elastic points)."""
+    Where the round-robin moves from one model to the other, ``settings.settle`` untimed steps of the next
+    model run first (``SETTLE_STEPS``), so that every timed step runs at the model's steady speed, whatever
+    its place in the round: a server runs one model, not two in turns. With one untimed step the
+    points timed first after a switch ran up to 10 % slower than those timed last (decode ``linear:4`` /
+    ``original:1`` 1.09 at batch 8 in one order, 1.02 after six steps)."""
     timers: dict[int, StepTimer] = {}
     samples: list[list[tuple[float, float | None, float]]] = [[] for _ in runners]
     executors: list[Counter[str]] = [Counter() for _ in runners]
@@ -349,8 +363,9 @@ def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab:
         while rounds < settings.max_repeats:
             for i, runner in enumerate(runners):  # round-robin: drift on a shared machine hits all points alike
                 runner.prepare()
-                if id(runner.model) != last:  # see the docstring: every timed step follows one of its own model
-                    timers[id(runner.model)].sample()
+                if id(runner.model) != last:  # see the docstring: the model settles before its steps are timed
+                    for _ in range(settings.settle):
+                        timers[id(runner.model)].sample()
                     last = id(runner.model)
                 reset_dispatch_counts()
                 samples[i].append(timers[id(runner.model)].sample())

@@ -70,7 +70,7 @@ def bench_settings(config: TableConfig, *, quality_only: bool = False,
                    points: list[str] | None = None) -> tuple[BenchSettings, str]:
     """The bench settings and quality text of a table config (``points`` overrides its points)."""
     bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "max_repeats",
-                                           "precision", "warmup", "dtype"}, "bench"))
+                                           "precision", "warmup", "settle", "dtype"}, "bench"))
     text, _ = load_text(bench_cfg.pop("data", None), "eval")
     batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
     configured = bench_cfg.pop("points", None)
