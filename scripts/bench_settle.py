@@ -19,7 +19,6 @@ import argparse
 import statistics
 from pathlib import Path
 
-import torch
 
 from prism_cli.allocator import configure_cpu_allocator
 from prism_cli.environment import environment, machine_label
