@@ -19,7 +19,6 @@ import argparse
 import statistics
 from pathlib import Path
 
-
 from prism_cli.allocator import configure_cpu_allocator
 from prism_cli.environment import environment, machine_label
 from prism_cli.evaluation.bench import SETTLE_STEPS
