@@ -234,7 +234,7 @@ def _handed(idx: torch.Tensor, w: torch.Tensor, n_sub: int, k: int, gen: torch.G
     idx = idx.clone()
     for j in range(whole):
         idx[:, j * n_sub : (j + 1) * n_sub] = idx[:, j * n_sub + torch.randperm(n_sub, generator=gen)]
-    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(idx[:, ::n_sub], lengths, n_sub))
+    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(idx[:, ::n_sub] // n_sub, lengths))
     return idx, w
 
 
@@ -285,9 +285,9 @@ def _rows_at_points(tokens: int, experts: int, n_sub: int, blocks: int, gen: tor
     k[0] = blocks * n_sub  # the largest K is reached
     idx, w = linear_routing(tokens, experts, n_sub, blocks * n_sub, gen)
     drop = torch.arange(blocks * n_sub) >= k.unsqueeze(1)
-    heads = idx[:, ::n_sub].clone()
+    expert = idx[:, ::n_sub] // n_sub
     idx, w = idx.masked_fill(drop, experts * n_sub), w.masked_fill(drop, 0.0)
-    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(heads, (n_sub,) * blocks, n_sub, token_k=k))
+    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(expert, (n_sub,) * blocks, token_k=k))
     return idx, w
 
 

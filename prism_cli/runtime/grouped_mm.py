@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -78,20 +77,13 @@ def takes(module: torch.nn.Module) -> bool:
 class PrefixRouting:
     """Routing where every token's slots are blocks: block ``j`` is sub-experts ``0 .. lengths[j]-1`` of
     expert ``expert[:, j]`` (in slots ``sum(lengths[:j]) ..``, in that order, or in any order where the
-    block's slots weigh the same), the same lengths in every token. ``heads``
-    holds a flat id of one sub-expert of each block's expert (``expert = heads // n_sub``, computed
-    only where a path needs it as a tensor: a single token's path reads ``heads`` on the host)."""
+    block's slots weigh the same), the same lengths in every token."""
 
-    heads: torch.Tensor  # [T, B]
+    expert: torch.Tensor  # [T, B]: the source model's expert of each block
     lengths: tuple[int, ...]
-    n_sub: int = 1
     #: Rows at different points (``[T]``, else None): token t takes only the first ``token_k[t]`` sub-experts
     #: of its blocks (whole blocks here); its weights past them are zero and its ids there the sentinel.
     token_k: torch.Tensor | None = None
-
-    @cached_property
-    def expert(self) -> torch.Tensor:
-        return self.heads if self.n_sub == 1 else torch.div(self.heads, self.n_sub, rounding_mode="floor")
 
 
 #: The attribute under which a router hands the experts the ``PrefixRouting`` of its indices, known by
@@ -115,9 +107,7 @@ def choose_path(indices: torch.Tensor, n_sub: int, groups: int, width: int | Non
     if attached is not None and attached.token_k is not None:
         return _ragged_path(indices, attached, width)
     if tokens == 1:
-        found = attached
-        if found is None and n_sub == 1 and int(indices.max()) < groups:  # whole experts: every slot is a block
-            found = PrefixRouting(indices, (1,) * indices.shape[1])
+        found = attached if attached is not None or n_sub > 1 else prefix_routing(indices, 1, groups)
         return ("prefix-one", found) if found is not None else ("grouped", None)
     bounds = current_bounds(width)
     if tokens < bounds.min_tokens:
@@ -198,6 +188,8 @@ def prefix_routing(indices: torch.Tensor, n_sub: int, groups: int) -> PrefixRout
         return attached
     if int(indices.max()) >= groups:
         return None
+    if n_sub == 1:  # whole experts (a plain model): every slot is a block of its own, in any order
+        return PrefixRouting(indices, (1,) * indices.shape[1])
     expert = torch.div(indices, n_sub, rounding_mode="floor")
     sub = indices - expert * n_sub
     first_sub, first_expert = sub[0].tolist(), expert[0].tolist()
@@ -241,7 +233,7 @@ def _padded_blocks(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRout
     per projection over whole experts (``_blocks_of_length`` at ``m = N``). Rows at different points
     (``routing.token_k``) compute only the blocks their own K reaches: those rows are gathered, and the
     others' results are zero."""
-    tokens, blocks = routing.heads.shape
+    tokens, blocks = routing.expert.shape
     if routing.token_k is None:
         slot, parts = 0, []
         for m in routing.lengths:
@@ -308,8 +300,8 @@ def _prefix_one(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRouting
     xw = x.to(module.gate_up_proj.dtype)
     out: torch.Tensor | None = None
     slot = 0
-    for head, m in zip(routing.heads[0].tolist(), routing.lengths, strict=True):
-        up_t, down = (w[head // n_sub] for w in views[m])  # [H, m*2w], [m*w, H]
+    for expert, m in zip(routing.expert[0].tolist(), routing.lengths, strict=True):
+        up_t, down = (w[expert] for w in views[m])  # [H, m*2w], [m*w, H]
         h = xw @ up_t
         act = (module._apply_gate(h.view(m, -1)) * weights[0, slot : slot + m, None]).to(down.dtype)
         y = act.view(1, -1) @ down

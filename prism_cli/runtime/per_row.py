@@ -126,14 +126,13 @@ class RowPointRouter(nn.Module):
             _, weights, ids = router(x)
         finally:
             router.top_k = saved
-        first = ids[:, ::n]  # one copy of each block's expert, best expert first
-        heads = first - first.remainder(n)  # each block's sub-expert 0
-        kept_ids = (heads.unsqueeze(-1) + flat.sub_offsets).view(ids.shape[0], -1).masked_fill_(rows.drop, self.sentinel)
+        expert = torch.div(ids[:, ::n], n, rounding_mode="floor")  # each block's expert, best first
+        kept_ids = (expert.unsqueeze(-1) * n + flat.sub_offsets).view(ids.shape[0], -1).masked_fill_(rows.drop, self.sentinel)
         kept_w = weights.masked_fill(rows.drop, 0.0)  # a block's copies carry one weight
         if flat.renormalize:
             kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
         # The block shape, each token's K with it, for the experts (runtime/grouped_mm.py: prefix-padded).
-        setattr(kept_ids, PREFIX_ATTR, PrefixRouting(heads, (n,) * heads.shape[1], n, token_k=rows.k))
+        setattr(kept_ids, PREFIX_ATTR, PrefixRouting(expert, (n,) * expert.shape[1], token_k=rows.k))
         return x.new_empty(x.shape[0], 0), kept_w, kept_ids
 
     def _configure(self, point: OperatingPoint | str, value: Any):

@@ -128,13 +128,15 @@ class LinearGateRouter(nn.Module):
             n, k = self.n_sub, self._top_k
             whole, part = divmod(k, n)
             # The blocks are known by construction: the experts need not find them (runtime/grouped_mm.py).
-            # One id per block, copied: the blocks ride on the indices they describe, and a view of those
-            # indices would tie them in a cycle through torch's view tracking that no collector frees.
-            blocks = PrefixRouting(indices[:, ::n].clone(), (n,) * whole + ((part,) if part else ()), n)
+            # Each block's expert is a new tensor, not a view: the blocks ride on the indices they describe,
+            # and a view of those indices would tie them in a cycle through torch's view tracking that no
+            # collector frees.
+            expert = torch.div(indices[:, ::n], n, rounding_mode="floor")
+            blocks = PrefixRouting(expert, (n,) * whole + ((part,) if part else ()))
             if part == 0:  # whole blocks: the stock routing as it is (copies in any order within a block)
                 kept_idx, kept_w = indices, weights
             else:  # the last block's first `part` sub-experts, in index order
-                kept_idx = (blocks.expert.unsqueeze(-1) * n + self.sub_offsets).view(indices.shape[0], -1)[:, :k]
+                kept_idx = (expert.unsqueeze(-1) * n + self.sub_offsets).view(indices.shape[0], -1)[:, :k]
                 kept_w = weights[:, :k]  # the copies of an expert carry the same weight
             setattr(kept_idx, PREFIX_ATTR, blocks)
             if part == 0:
