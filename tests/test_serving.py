@@ -535,6 +535,48 @@ def test_cost_model_times_the_engine_itself(cli, tiny_export, tmp_path):
             "--out", tmp_path / "x.json").assert_one_line_error(*needles)
 
 
+def test_decode_gain_bound_by_hand():
+    """Synthetic costs C(b, K) = 10 + b*K: at 8 rows linear:2 26 ms, linear:8 and original:2 74 ms; half the
+    requests at each floor decode at 50 ms a step on average: 74 / 50 - 1 = +48 %. With engine costs (width
+    64: 4 / 6 / 8 ms; width 256: 10 / 10 / 10 ms) those count instead: 8 / 5 - 1 = +60 % and 0."""
+    from prism_cli.serving.sweep import decode_gain_bound
+
+    model = synthetic_cost_model()
+    mix = [("linear:2", 0.5), ("linear:8", 0.5)]
+    assert decode_gain_bound(model, mix, "original:2", 8) == {"bench decode": pytest.approx(0.48)}
+    table = {p: {64: {8: v}, 256: {8: 10.0}} for p, v in (("linear:2", 4.0), ("linear:8", 6.0), ("original:2", 8.0))}
+    model.engine = EngineCosts(table, table, {}, {})
+    assert decode_gain_bound(model, mix, "original:2", 8) == {"engine, cache width 64": pytest.approx(0.6),
+                                                              "engine, cache width 256": pytest.approx(0.0)}
+    # The bench's timing where the engine has none: linear:3 at 8 rows 34 ms.
+    assert decode_gain_bound(model, [("linear:3", 1.0)], "original:2", 8) == {"bench decode": pytest.approx(74 / 34 - 1)}
+    assert decode_gain_bound(model, [("topk:9", 1.0)], "original:2", 8) == {}
+
+
+def test_sweep_measures_the_engine_again_right_before_real_runs(cli, tiny_export, tmp_path):
+    """The cost model given says every engine step costs 1,000 ms; a real sweep re-measures the engine on
+    the same grid (the tiny model takes far less) and saves what it measured; --no-calibrate keeps it."""
+    model = synthetic_cost_model()
+    model.points = {k: v for k, v in model.points.items() if k in ("linear:2", "linear:8", "original:1", "original:2")}
+    grid = {8: {1: 1000.0, 3: 1000.0}, 24: {1: 1000.0, 3: 1000.0}}
+    copies = {8: {3: 1000.0}, 24: {3: 1000.0}}
+    model.engine = EngineCosts(dict.fromkeys(model.points, grid), dict.fromkeys(model.points, grid), copies, copies)
+    model.save(tmp_path / "cm.json")
+    args = ("schedule", "sweep", tiny_export, "--cost-model", tmp_path / "cm.json", "--rates", "20", "--duration", "0.3",
+            "--max-output", "4", "--max-prompt", "16", "--floors", "linear:2=0.5,linear:8=0.5")
+    res = cli(*args, "--out", tmp_path / "s")
+    assert res.code == 0, res
+    fresh = CostModel.load(tmp_path / "s_cost_model.json").engine
+    assert fresh is not None and set(fresh.decode_ms) == set(model.points)
+    for table in (*fresh.decode_ms.values(), *fresh.prefill_ms.values()):
+        assert {w: sorted(by) for w, by in table.items()} == {8: [1, 3], 24: [1, 3]}
+        assert all(0 < v < 1000.0 for by in table.values() for v in by.values())
+    assert "measured again right before the runs" in (tmp_path / "s.md").read_text()
+    res = cli(*args, "--no-calibrate", "--out", tmp_path / "n")
+    assert res.code == 0 and not (tmp_path / "n_cost_model.json").exists()
+    assert "measured again" not in (tmp_path / "n.md").read_text()
+
+
 def test_schedule_unreadable_trace_names_the_line(cli, tiny_export, tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"arrival": 0, "prompt": "a b", "max_tokens": 4}\n\n{"arrival": 1, "prompt": "x"}\n')

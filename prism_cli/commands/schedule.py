@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -20,6 +22,9 @@ from prism_cli.commands.common import (
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.report import ResultTable
+
+if TYPE_CHECKING:
+    from prism_cli.serving.costmodel import CostModel
 
 app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
                   help="Serve a workload with quality floors under a scheduling policy (SPEC 4.1-4.2).")
@@ -151,6 +156,10 @@ def sweep(
     device_memory: str = DeviceMemoryOption,
     cache_policy: str = CachePolicyOption,
     cost_model: Path = CostModelOption,
+    calibrate: bool = typer.Option(
+        True, "--calibrate/--no-calibrate",
+        help="Real runs: measure the engine's costs again right before them (on the cost model's grid), so that "
+             "the simulator is compared with the real engine on this machine as it is now; saved as OUT_cost_model.json."),
     out: Path = typer.Option(Path("results/schedule_sweep"), help="Output stem: .md, .csv, .json and .png."),
     config: str = ConfigOption,
 ) -> None:
@@ -177,6 +186,10 @@ def sweep(
     offload = settings.offload()
     served = None if sim else {False: load_served_model(directory, offload=offload),
                                True: load_served_model(directory, original=True, offload=offload)}
+    recalibrated = None
+    if served is not None and calibrate:
+        recalibrated = _recalibrate(directory, model, served, seed)
+        model.save(out.parent / (out.name + "_cost_model.json"))
     names = [n.strip() for n in loads.split(",") if n.strip()]
     total = (len(rate_list) if rate_list else len(names)) * 6
     with deferred_progress("sweep runs", "runs") as (start, advance):
@@ -193,7 +206,10 @@ def sweep(
         advance(1)
     mode = "sim" if sim else "real"
     table = sweep_table(runs, mode, model.machine)
-    goal = targets(runs)
+    goal = targets(runs, bound=_gain_bound(directory, model, floors, max_batch))
+    if recalibrated is not None:
+        table.notes.append(f"engine costs measured again right before the runs ({recalibrated:.0f} s; {out.name}_cost_model.json): "
+                           "the simulator and the scheduler use them")
     if capacity is not None:
         table.notes.append(f"baseline capacity (FIFO on the original, simulated burst): {capacity:.3f} req/s; loads 0.3x / 0.7x / 1.3x")
     if goal:
@@ -201,6 +217,10 @@ def sweep(
             f"high load: prism {goal['prism_requests_per_s']:.3f} req/s vs FIFO on the original {goal['fifo_original_requests_per_s']:.3f} "
             f"({goal['gain']:+.1%}, target +20%); e2e p90 {goal['prism_e2e_p90_s']:.2f} s vs {goal['fifo_original_e2e_p90_s']:.2f} s"
             + (f"; mixed vs prism {goal['mixed_over_prism']:+.1%}" if "mixed_over_prism" in goal else ""))
+        if "decode_gain_bound" in goal:
+            table.notes.append(
+                f"decode bound (every request decoding at its own floor in batches of {max_batch}, against the original at "
+                "full top-k, by the cost model): " + ", ".join(f"{v:+.1%} ({k})" for k, v in goal["decode_gain_bound"].items()))
     console.print(table.rich())
     load = os.getloadavg()
     table.notes.append(f"machine load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
@@ -212,6 +232,40 @@ def sweep(
     plot_sweep(runs, out.with_suffix(".png"), f"{directory}: {floors} ({mode})")
     write_json(out.parent / (out.name + "_targets.json"), goal)
     console.print(f"written {out}.md, .csv, .json, .png")
+
+
+def _recalibrate(directory: str, model: CostModel, served: dict[bool, Any], seed: int) -> float:
+    """Measure the engine's costs of ``model``'s points again with the models already loaded, on the grid of
+    its engine section (or the cost-model command's default grid), and put them in ``model``; returns seconds.
+
+    The simulator is only worth what its costs are: on a shared machine the speed drifts by 10-25 % within an
+    hour, and a calibration made then against runs made now showed as a 1.1-1.3x gap between them."""
+    from prism_cli.serving.calibrate import calibrate_engine
+
+    rows, widths = [1, 8, 16, 32], [64, 256]
+    if model.engine is not None and model.engine.decode_ms:
+        grid = next(iter(model.engine.decode_ms.values()))
+        widths, rows = sorted(grid), sorted(next(iter(grid.values())))
+    started = time.perf_counter()
+    with deferred_progress("engine calibration", unit="measurements") as (start, advance):
+        model.engine = calibrate_engine(directory, {p.point: p.kind for p in model.points.values()}, rows, widths,
+                                        seed=seed, on_start=start, on_step=advance,
+                                        served={"elastic": served[False], "original": served[True]})
+    return time.perf_counter() - started
+
+
+def _gain_bound(directory: str, model: CostModel, floors: str, rows: int) -> dict[str, float]:
+    """``decode_gain_bound`` of the sweep's floor mix (empty where a floor is a perplexity ceiling)."""
+    from prism_cli.runtime.elastic import read_export_meta
+    from prism_cli.serving.floors import PointSpace, parse_mix
+    from prism_cli.serving.sweep import decode_gain_bound
+
+    meta = read_export_meta(directory)
+    top_k = int(meta["source"]["top_k"])
+    mix = parse_mix(floors, PointSpace(meta["gate"], int(meta["sub_experts"]), top_k))
+    if any(f.point is None for f, _ in mix):
+        return {}
+    return decode_gain_bound(model, [(str(f.point), share) for f, share in mix], f"original:{top_k}", rows)
 
 
 @app.command("cost-model")

@@ -86,16 +86,18 @@ def measure_engine_costs(
 
 def calibrate_engine(directory: str, points: dict[str, str], rows: list[int], widths: list[int], *, repeats: int = 6,
                      seed: int = 0, on_start: Callable[[int], None] | None = None,
-                     on_step: Callable[[], None] | None = None) -> EngineCosts:
+                     on_step: Callable[[], None] | None = None, served: dict[str, Any] | None = None) -> EngineCosts:
     """``measure_engine_costs`` for the export at ``directory`` at ``points`` (``{name: kind}``, kind
-    ``"elastic"`` or ``"original"``: the source model, served as ``--original`` serves it)."""
+    ``"elastic"`` or ``"original"``: the source model, served as ``--original`` serves it). ``served``
+    (``{kind: ServedModel}``) reuses models already loaded, else they are loaded here."""
     from prism_cli.errors import PrismError
     from prism_cli.operating_points import parse_operating_point
     from prism_cli.serving.executor import ModelExecutor, load_served_model
 
     if not rows or min(rows) < 1 or not widths or min(widths) < 2:
         raise PrismError(f"engine calibration needs rows >= 1 and widths >= 2, got rows {rows} and widths {widths}")
-    served = {kind: load_served_model(directory, original=kind == "original") for kind in sorted(set(points.values()))}
+    kinds = sorted(set(points.values()))
+    served = {kind: (served or {}).get(kind) or load_served_model(directory, original=kind == "original") for kind in kinds}
     longest = max(widths) + 2 + repeats  # warm-up steps included
     for s in served.values():
         if longest > s.context:
