@@ -1,13 +1,15 @@
-"""How many steps a model needs, after the other model ran, before its steps take their steady time.
+"""How many steps a point needs, after steps of another point, before its steps take their steady time.
 
     python scripts/bench_settle.py --export runs/serving/export --out results/bench_settle
     (make bench-settle)
 
-``prism bench`` times the export and its source model in turns (round-robin: drift on a shared machine
-hits every point alike) and runs ``--settle`` untimed steps of a model each time it moves to it
-(``evaluation/bench.py``, ``SETTLE_STEPS``). This measures what that default rests on: the two models
-(the export at ``linear:N``, the source at ``original:1``: the same routing) take turns of ``--steps``
-consecutive steps, for ``--rounds`` rounds, and each step's time is kept by its place in the turn. The
+``prism bench`` times every point round-robin (drift on a shared machine hits every point alike) and runs
+``--settle`` untimed steps of a point right before each of its timed steps (``evaluation/bench.py``,
+``SETTLE_STEPS``). This measures what that default rests on, for two kinds of switch: of model (the export
+at ``linear:N`` and its source model at ``original:1``: the same routing) and of point within the export
+(``linear:N/2`` and ``linear:N``: part of each expert and another layout of ``down_proj``, then whole
+experts); and, as the control, turns of one point with nothing else between them. The sides take turns
+of consecutive steps, round after round, and each step's time is kept by its place in the turn. The
 table gives the median per place, relative to the steady time (the median of the last three places), and
 the first place from which no median is more than 3 % over it (a step right after a switch is slower;
 one faster than the steady time is noise). Writes <out>.md/.csv/.json.
@@ -55,36 +57,40 @@ def main() -> None:
     n_sub = int(meta["sub_experts"])
     elastic = load_elastic_model(str(args.export), operating_point=f"linear:{n_sub}").model
     source = load_model(meta["source"]["model"]).model  # transformers' default experts implementation
-    set_operating_point(source, "original:1")
-    models = {f"linear:{n_sub}": elastic, "original:1": source}
+    switches = {"model": [(f"linear:{n_sub}", elastic), ("original:1", source)],
+                "point": [(f"linear:{n_sub // 2}", elastic), (f"linear:{n_sub}", elastic)],
+                "nothing (control)": [(f"linear:{n_sub}", elastic)]}
     vocab = source.config.vocab_size
     longest = max(c[3] for c in CASES)
     table = ResultTable(
-        "step time by place in a model's turn, over its steady time (median of the last three places)",
-        ["mode", "batch", "point", "steady ms", *[f"place {i}" for i in range(1, longest + 1)], "at most 3 % over from place"],
+        "step time by place in a point's turn, over its steady time (median of the last three places)",
+        ["mode", "batch", "switch of", "point", "steady ms", *[f"place {i}" for i in range(1, longest + 1)],
+         "at most 3 % over from place"],
     )
     for mode, batch, seq_len, steps, rounds in CASES:
-        timers = {name: StepTimer(m, batch, seq_len, mode, vocab, args.seed) for name, m in models.items()}
-        by_place: dict[str, list[list[float]]] = {name: [[] for _ in range(steps)] for name in models}
-        for _ in range(rounds):
-            for name, timer in timers.items():
-                for place in range(steps):
-                    by_place[name][place].append(timer.sample()[0])
-        for name, timer in timers.items():
-            timer.close()
-            medians = [statistics.median(v) for v in by_place[name]]
-            steady = statistics.median(medians[-3:])
-            table.add(mode, batch, name, steady, *[m / steady for m in medians], *[None] * (longest - steps),
-                      settled_at(medians))
+        for switch, turns in switches.items():
+            timers = {id(m): StepTimer(m, batch, seq_len, mode, vocab, args.seed) for _, m in turns}
+            by_place: dict[str, list[list[float]]] = {point: [[] for _ in range(steps)] for point, _ in turns}
+            for _ in range(rounds):
+                for point, model in turns:
+                    set_operating_point(model, point)
+                    for place in range(steps):
+                        by_place[point][place].append(timers[id(model)].sample()[0])
+            for timer in timers.values():
+                timer.close()
+            for point, _ in turns:
+                medians = [statistics.median(v) for v in by_place[point]]
+                steady = statistics.median(medians[-3:])
+                table.add(mode, batch, switch, point, steady, *[m / steady for m in medians], *[None] * (longest - steps),
+                          settled_at(medians))
         print(f"{mode} batch {batch}: done")
     table.notes += [
-        f"Export {args.export} at linear:{n_sub} and its source model at original:1 (the same routing, transformers' "
-        f"default experts implementation) take turns of consecutive steps; decode over a KV cache of 128 tokens, "
-        f"prefill of 256 tokens; float32, measured on {machine_label(environment())}, CPU allocator "
-        f"{environment()['cpu_allocator']}.",
-        f"`prism bench` runs --settle untimed steps of a model each time it moves to it: default "
-        f"{SETTLE_STEPS['decode']} in decode, {SETTLE_STEPS['prefill']} in prefill (the first timed step is at place "
-        "settle + 1).",
+        f"Export {args.export} and its source model (transformers' default experts implementation); switch of model: "
+        f"linear:{n_sub} and original:1 (the same routing) in turns; switch of point: linear:{n_sub // 2} and "
+        f"linear:{n_sub} of the export in turns. Decode over a KV cache of 128 tokens, prefill of 256 tokens; float32, "
+        f"measured on {machine_label(environment())}, CPU allocator {environment()['cpu_allocator']}.",
+        f"`prism bench` runs --settle untimed steps of a point right before each of its timed steps: default "
+        f"{SETTLE_STEPS['decode']} in decode, {SETTLE_STEPS['prefill']} in prefill (a timed step is at place settle + 1).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out)

@@ -363,23 +363,22 @@ def test_median_ci_by_hand():
     assert relative_ci([5.0] * 7) == 0.0
 
 
-def test_each_switch_of_model_runs_settle_untimed_steps_before_the_next_timed_step(monkeypatch):
-    """Two models, runners a a b (model A twice, then B): every round starts at A after B (or at the
-    start) and moves to B once, so each round runs ``settle`` untimed steps of A, two timed, ``settle`` of
-    B, one timed; a timed step is never the first of its model's run unless settle is 0."""
+def test_every_timed_step_follows_settle_untimed_steps_of_its_own_point(monkeypatch):
+    """Runners a, a', b (two points of model A, then model B): in every round each runner runs ``settle``
+    untimed steps, then its timed one, so no timed step follows a step of another point."""
     from types import SimpleNamespace
 
     from prism_cli.evaluation import bench as bench_module
 
-    steps: list[tuple[str, bool]] = []  # (model, timed) in the order they ran
-    timing = {"on": False}
+    steps: list[tuple[str, bool]] = []  # (point, timed) in the order they ran
+    timing: dict[str, Any] = {"on": False, "point": None}
 
     class FakeTimer:
         def __init__(self, model, *_args, **_kwargs):
             self.model = model
 
         def sample(self):
-            steps.append((self.model.name, timing["on"]))
+            steps.append((timing["point"], timing["on"]))
             return 1.0, None, 0.0
 
         def summarize(self, samples):
@@ -392,11 +391,11 @@ def test_each_switch_of_model_runs_settle_untimed_steps_before_the_next_timed_st
     models = {name: SimpleNamespace(name=name) for name in "AB"}
     state = SimpleNamespace(layers=[])
 
-    def runner(name):
+    def runner(point, model):
         def prepare():
-            timing["on"] = False
-            return models[name]
-        return SimpleNamespace(model=models[name], state=state, prepare=prepare, implementation="prism")
+            timing["on"], timing["point"] = False, point
+            return models[model]
+        return SimpleNamespace(model=models[model], state=state, prepare=prepare, implementation="prism")
 
     for settle in (0, 1, 6):
         steps.clear()
@@ -404,9 +403,9 @@ def test_each_switch_of_model_runs_settle_untimed_steps_before_the_next_timed_st
         settings.validate()
         # The timed step is the one between the two calls that collect its dispatch counts.
         monkeypatch.setattr(bench_module, "reset_dispatch_counts", lambda: timing.__setitem__("on", not timing["on"]) or {})
-        bench_module._latency([runner("A"), runner("A"), runner("B")], 1, settings, 10, None)
-        warm = [("A", False)] * 4 + [("B", False)] * 2  # the warm-up steps of each runner
-        round_ = [("A", False)] * settle + [("A", True)] * 2 + [("B", False)] * settle + [("B", True)]
+        bench_module._latency([runner("a", "A"), runner("a'", "A"), runner("b", "B")], 1, settings, 10, None)
+        warm = [("a", False)] * 2 + [("a'", False)] * 2 + [("b", False)] * 2  # the warm-up steps of each runner
+        round_ = [step for p in ("a", "a'", "b") for step in [(p, False)] * settle + [(p, True)]]
         assert steps == warm + round_ * 3, settle
 
 

@@ -57,13 +57,15 @@ def parse_budget(text: str) -> float:
     return value
 
 
-#: Untimed steps of a model before its first timed step after the round-robin switches to it. A model's
-#: steps run slower for a while after the other model ran: on the built-in model (Intel Xeon, 2 threads;
-#: ``make bench-settle``, results/bench_settle.md) a decode step reaches its steady time only after about six
-#: steps of its own model (batch 8: 5.6 ms right after a switch, 4.6 ms from the seventh step), at every batch;
-#: a prefill step, which reads every weight many times, after one. A point timed early in a model's run
-#: then pays for the switch and one timed late does not, and the same-routing ratios moved by up to 10 %
-#: with the order of the points.
+#: Untimed steps of a point right before each of its timed steps in the round-robin. A step runs slower
+#: for a while after steps of another point: on the built-in model (Intel Xeon, 2 threads; ``make
+#: bench-settle``, results/bench_settle.md) a decode step after the other model ran takes up to 1.3x its
+#: steady time and settles over about six steps, at every batch, and so does one after another point of
+#: the same export that reads other weights (``linear:2`` reads part of each expert and another layout of
+#: ``down_proj`` than ``linear:4``); a prefill step, which reads every weight many times, settles after
+#: one. Timed without it, a point paid for whatever ran before it: the original, timed after steps of
+#: itself, against export points timed after other points (decode ``linear:4`` / ``original:1`` 1.13 at
+#: batch 8, 1.01 when both are settled).
 SETTLE_STEPS = {"decode": 6, "prefill": 1}
 
 
@@ -81,7 +83,7 @@ class BenchSettings:
     max_repeats: int = 60  # ... and at most, while a median is known less precisely than `precision`
     precision: float = 0.02
     warmup: int = 3
-    #: Untimed steps of a model each time the round-robin moves to it (None: ``SETTLE_STEPS`` of the mode).
+    #: Untimed steps of a point right before each of its timed steps (None: ``SETTLE_STEPS`` of the mode).
     settle: int | None = None
     points: list[str] | None = None
     experts_impl: str = EXPERTS_IMPLEMENTATION
@@ -343,11 +345,9 @@ def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab:
              progress: Callable[[float], None] | None) -> dict[int, tuple[Latency, str]]:
     """Time every runner at ``batch``: ``{runner index: (latency, implementation that ran)}``.
 
-    Where the round-robin moves from one model to the other, ``settings.settle`` untimed steps of the next
-    model run first (``SETTLE_STEPS``), so that every timed step runs at the model's steady speed, whatever
-    its place in the round: a server runs one model, not two in turns. With one untimed step the
-    points timed first after a switch ran up to 10 % slower than those timed last (decode ``linear:4`` /
-    ``original:1`` 1.09 at batch 8 in one order, 1.02 after six steps)."""
+    Each timed step of a runner follows ``settings.settle`` untimed steps of the same runner
+    (``SETTLE_STEPS``), so that every point is timed at its steady speed, what a server running it gets,
+    whatever ran before it in the round."""
     timers: dict[int, StepTimer] = {}
     samples: list[list[tuple[float, float | None, float]]] = [[] for _ in runners]
     executors: list[Counter[str]] = [Counter() for _ in runners]
@@ -363,10 +363,10 @@ def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab:
         while rounds < settings.max_repeats:
             for i, runner in enumerate(runners):  # round-robin: drift on a shared machine hits all points alike
                 runner.prepare()
-                if id(runner.model) != last:  # see the docstring: the model settles before its steps are timed
+                if i != last:  # see the docstring: the point settles before its step is timed
                     for _ in range(settings.settle):
                         timers[id(runner.model)].sample()
-                    last = id(runner.model)
+                    last = i
                 reset_dispatch_counts()
                 samples[i].append(timers[id(runner.model)].sample())
                 executors[i].update(reset_dispatch_counts())
