@@ -31,7 +31,7 @@ from prism_cli.runtime.elastic import export_meta, load_elastic_model, set_opera
 
 #: (mode, batch, sequence length, steps per turn, rounds): decode at the batches the tables report, and
 #: the prefill of the built-in table (8 x 256), whose steps are long enough that a few rounds suffice.
-CASES = [("decode", 1, 128, 12, 30), ("decode", 8, 128, 12, 30), ("decode", 32, 128, 12, 20), ("prefill", 8, 256, 4, 8)]
+CASES = [("decode", 1, 128, 16, 30), ("decode", 8, 128, 16, 30), ("decode", 32, 128, 16, 20), ("prefill", 8, 256, 4, 8)]
 WITHIN = 0.03
 
 

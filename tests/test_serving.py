@@ -21,7 +21,7 @@ from prism_cli.serving.engine import Batch, Engine, Limits
 from prism_cli.serving.floors import Ladder, PointSpace, parse_floor, parse_mix
 from prism_cli.serving.policies import SCHEDULING_POLICIES
 from prism_cli.serving.requests import Request, SamplingParams
-from prism_cli.serving.simulate import SimExecutor
+from prism_cli.serving.simulate import SimExecutor, SimKV
 
 SPACE = PointSpace("neurons", 4, 2)
 ORIGINAL = PointSpace(None, 4, 2)
@@ -104,6 +104,26 @@ def test_engine_costs_interpolate_in_rows_and_width_and_round_trip(tmp_path):
     again = CostModel.load(tmp_path / "cm.json").engine
     assert again is not None and again.decode("linear:8", 5, 160) == costs.decode("linear:8", 5, 160)
     assert again.prefill("linear:8", 3, 100) == pytest.approx(3.0) and again.keep(8, 256) == costs.keep(8, 256)
+
+
+def test_the_simulator_charges_rows_at_different_linear_points_their_whole_blocks():
+    """Synthetic decode costs C(b, K) = 10 + b*K ms, N = 4. Two rows at linear:2 and linear:6 share a step:
+    the executor computes their blocks whole (linear:4 and linear:8): (10 + 2*4 + 10 + 2*8) / 2 = 22 ms, not
+    the (10 + 4 + 10 + 12) / 2 = 18 of their own points. A uniform step, a step with a topk row and an export
+    that does not route by blocks keep their own points."""
+    model = synthetic_cost_model()
+    rows = [request("linear:2"), request("linear:6")]
+
+    def step(sim: SimExecutor, points: list[str]) -> float:
+        batch = Batch(rows[: len(points)])
+        batch.kv = SimKV(8, [8] * len(points))
+        return sim.decode(batch, [P(p) for p in points])[1]
+
+    blocks, plain = SimExecutor(model, block=4), SimExecutor(model)
+    assert step(blocks, ["linear:2", "linear:6"]) == pytest.approx(22.0)
+    assert step(plain, ["linear:2", "linear:6"]) == pytest.approx(18.0)
+    assert step(blocks, ["linear:2", "linear:2"]) == pytest.approx(14.0)
+    assert step(blocks, ["linear:2", "topk:6"]) == pytest.approx(18.0)
 
 
 def test_the_simulator_tracks_cache_width_as_the_engine_pads_and_trims():

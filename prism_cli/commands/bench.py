@@ -33,7 +33,7 @@ def bench(
     precision: float = typer.Option(0.02, help="Repeat until every median is known within this fraction (95% interval)."),
     warmup: int = typer.Option(3, help="Untimed warm-up steps."),
     settle: int = typer.Option(
-        None, help="Untimed steps of a point right before each of its timed steps (default: 6 decode, 1 prefill)."),
+        None, help="Untimed steps of a point right before each of its timed steps (default: 10 decode, 1 prefill)."),
     dtype: str = typer.Option(None, help="Model dtype (default: float32 on CPU, bfloat16 on CUDA, what the kernels take)."),
     experts_impl: str = typer.Option("prism", "--experts-impl", help="Experts implementation of the export: prism, grouped_mm or eager."),
     seed: int = typer.Option(0, help="Seed for the timing inputs."),

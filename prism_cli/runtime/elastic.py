@@ -97,6 +97,15 @@ def is_prism_export(spec: str | Path | None) -> bool:
     return spec is not None and export_meta(spec) is not None
 
 
+def routes_by_blocks(meta: dict[str, Any], router_sorted: bool) -> bool:
+    """Whether the linear gate of an export (its ``prism`` meta) routes in whole blocks of tied copies
+    (``LinearGateRouter.sorted_blocks``): an expert's N copies tie only in an untuned export whose linear gate
+    is exact (a tuned router's copies differ; an inexact router, e.g. Phi-MoE's fixed two picks, does not
+    return them all), and the blocks come in order only from a router that sorts its top-k."""
+    exact = bool(meta.get("linear_gate_exact", True))
+    return "tuning" not in meta and "router_bank" not in meta and exact and router_sorted
+
+
 def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     """Prepare ``model`` (an export, or a plain model when ``directory`` is None) for operating points."""
     adapter = adapter_for_config(model.config)
@@ -107,12 +116,9 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     else:
         n_sub = int(meta["sub_experts"])
         top_k = int(meta["source"]["top_k"])
-        # An expert's N copies tie only in an untuned export whose linear gate is exact (a tuned router's
-        # copies differ; an inexact router, e.g. Phi-MoE's fixed two picks, does not return them all).
         exact = bool(meta.get("linear_gate_exact", True))
-        tied = "tuning" not in meta and "router_bank" not in meta and exact
         flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores, n_sub,
-                                 sorted_blocks=tied and adapter.router_sorted) for layer in layers]
+                                 sorted_blocks=routes_by_blocks(meta, adapter.router_sorted)) for layer in layers]
         state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta)
         if "router_bank" in meta:
             state.bank = _load_bank(directory, meta["router_bank"], layers, flat, exact and adapter.router_sorted)

@@ -191,7 +191,16 @@ def run_schedule(
         check_context(len(s.prompt_ids), s.max_tokens, context)
         requests.append(Request(list(s.prompt_ids), SamplingParams(max_tokens=s.max_tokens, temperature=0.0, ignore_eos=True),
                                 resolve_floor(s.floor, space, ladder, cost_model), s.arrival))
-    executor = SimExecutor(cost_model) if settings.sim else ModelExecutor(served, seed=settings.seed)
+    if settings.sim:
+        from prism_cli.models.adapters import adapter_for_config
+        from prism_cli.models.loading import load_config
+        from prism_cli.runtime.elastic import routes_by_blocks
+
+        # Rows at different linear points compute whole blocks where the export routes by blocks.
+        blocks = not settings.original and routes_by_blocks(meta, adapter_for_config(load_config(directory)).router_sorted)
+        executor: Any = SimExecutor(cost_model, export_space.n_sub if blocks else None)
+    else:
+        executor = ModelExecutor(served, seed=settings.seed)
     if not settings.sim:
         _warm_up(served, executor)
         executor.reset_clock()

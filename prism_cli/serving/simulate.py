@@ -7,7 +7,10 @@ the machine. With the engine's own costs in the cost model (``CostModel.engine``
 batch's cache width as the real executor does (left-padded, trimmed when rows leave) and charges
 prefills, decode steps and KV joins and trims by width; without them, decode steps cost what ``prism bench``
 measured at one cache length and the copies are free. Left out either way: the price of a batch whose
-rows run at different points (estimated, see ``CostModel.decode_mixed``), sampling and scheduling.
+rows run at different points (estimated, see ``CostModel.decode_mixed``), sampling and scheduling. A
+decode step whose rows run at different linear points of an export whose copies tie (``block``: its N)
+computes each row's blocks whole (``runtime/grouped_mm.py``, ``prefix-padded``): a row at ``linear:K`` is
+charged as ``linear:N*ceil(K/N)``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ class SimKV:
 
 
 class SimExecutor(Executor):
-    def __init__(self, cost_model: CostModel) -> None:
+    def __init__(self, cost_model: CostModel, block: int | None = None) -> None:
         self.cost_model = cost_model
+        self.block = block
         self.engine = cost_model.engine
         self.clock = 0.0
         self.times = ExecutorTimes()
@@ -73,6 +77,7 @@ class SimExecutor(Executor):
 
     def decode(self, batch: Batch, points: list[OperatingPoint]) -> tuple[list[int], float]:
         kv: SimKV = batch.kv
+        points = self._computed(points)
         per_point = {p: self.engine.decode(p, len(points), kv.width) for p in set(points)} if self.engine else {}
         if per_point and all(v is not None for v in per_point.values()):
             ms = sum(per_point[p] for p in points) / len(points)  # a mixed batch: as CostModel.decode_mixed
@@ -83,6 +88,15 @@ class SimExecutor(Executor):
         self._charge(ms, "forward")
         batch.kv = SimKV(kv.width + 1, [n + 1 for n in kv.seen])
         return [0] * len(batch.rows), ms
+
+    def _computed(self, points: list[OperatingPoint]) -> list[OperatingPoint]:
+        """The points a decode step computes its rows at (see the module docstring: whole blocks where rows at
+        different linear points share the step)."""
+        n = self.block
+        if n is None or len(set(points)) < 2 or any(p.policy != "linear" for p in points):
+            return points
+        whole = [OperatingPoint("linear", n * -(-int(p.value) // n)) for p in points]
+        return whole if all(self.cost_model.has(p) for p in whole) else points
 
     def keep(self, batch: Batch, rows: list[int]) -> None:
         kv: SimKV = batch.kv
