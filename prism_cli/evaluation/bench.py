@@ -65,7 +65,7 @@ def parse_budget(text: str) -> float:
 #: of ``down_proj`` than ``linear:4``) up to 1.09x; a prefill step, which reads every weight many times,
 #: settles after one. Timed without it, a point paid for whatever ran before it: the original, timed after
 #: steps of itself, against export points timed after other points (decode ``linear:4`` / ``original:1``
-#: 1.13 at batch 8, 1.06 with six steps, 1.05 with ten).
+#: 1.13 at batch 8, 1.06 with six steps of each point, 1.03-1.05 with ten).
 SETTLE_STEPS = {"decode": 10, "prefill": 1}
 
 
