@@ -265,6 +265,26 @@ def test_t_max_forces_a_launch_that_utility_passes_over():
     assert engine.stats.violations == 0
 
 
+def test_prism_keeps_floors_apart_under_overload():
+    """200 requests, half at linear:2 and half at linear:8, arrive within about 0.2 s into two batches of 4:
+    every freed slot is refilled at once, so a batch that took any floor would hold a linear:8 row for as
+    long as it runs. prism keeps one batch at linear:2 (nearly all linear:2 rows decode there); FIFO, which
+    fills slots oldest first, runs nearly every step at linear:8."""
+
+    def low_share(policy: str) -> tuple[float, Engine]:
+        engine = sim_engine(policy, max_batch=4, max_running=8, t_max=0.05)
+        reqs = _poisson(200, 1000.0, ["linear:2", "linear:8"])
+        engine.schedule(reqs)
+        engine.run()
+        decoded = [p for s in engine.stats.steps if s.kind == "decode" for p in s.points]
+        return decoded.count("linear:2") / sum(r.floor == P("linear:2") for r in reqs for _ in range(r.params.max_tokens)), engine
+
+    prism, engine = low_share("prism")
+    fifo, _ = low_share("fifo")
+    assert prism > 0.8 and fifo < 0.2, (prism, fifo)
+    assert engine.stats.violations == 0
+
+
 def test_fullbatch_waits_for_a_full_batch_or_t_max():
     engine = sim_engine("fullbatch", max_batch=4, max_running=8, t_max=0.3)
     reqs = [request("linear:2", arrival=0.0), request("linear:2", arrival=0.01)]

@@ -52,6 +52,8 @@ class Batch:
     rows: list[Request]
     kv: Any = None  # the executor's state of these rows: a KV cache (the simulator: its width, ``SimKV``)
     turn: int = 0  # iteration of its last decode step (batches take turns)
+    #: The point a policy keeps this batch at (``prism``: the floors it admits are those this point meets).
+    target: OperatingPoint | None = None
 
 
 @dataclass

@@ -14,8 +14,9 @@ independently of the policy.
   goes (the engine never idles with requests waiting); a launch that fills a batch beats one that does
   not, and a request older than ``t_max`` forces a launch that includes it (with the requests whose own
   point is the launch's, not cheaper floors that would pay for the higher point). ``t_max`` bounds how
-  long utility may pass a request over; under sustained overload every request passes it and the
-  order of launches becomes FIFO's (the batch each joins is still chosen by utility).
+  long utility may pass a request over. Each running batch is kept at a point (``_batch_points``) and
+  admits only the floors it meets, so that batches of cheap floors stay cheap under load; an overdue
+  request waits for room in a batch of its own point and raises another batch only where none has it.
 * ``fifo``: oldest first into the first batch with room; a batch runs at the cheapest point that
   meets every floor in it (the highest floor, the paper's baseline).
 * ``fullbatch``: launches only whole new batches of ``max_batch`` requests (or, with fewer waiting,
@@ -150,6 +151,29 @@ class MixedPolicy(SchedulingPolicy):
 class PrismPolicy(SchedulingPolicy):
     name = "prism"
 
+    @staticmethod
+    def _batch_points(engine: Engine, batches: list[Batch]) -> tuple[list[OperatingPoint | None], int]:
+        """The point each running batch is kept at (None: it takes any floor now), and how many batches may run.
+
+        A batch that took every floor would run at the highest one for as long as it runs, and under load it
+        runs for ever (each freed slot is refilled at once): every step at the full model, whatever the mix.
+        So each batch keeps the point of its rows when first seen (``Batch.target``) and admits only the
+        floors that point meets; its higher rows drain as they finish. A floor that no batch's point meets
+        (with no room for another batch) re-points the batch whose rows already run highest; a batch whose
+        point no waiting request fits takes any floor for now. At most ``max_running / max_batch`` batches."""
+        ladder, limits = engine.ladder, engine.limits
+        for b in batches:
+            if b.target is None and b.rows:
+                b.target = ladder.cheapest_meeting([r.floor for r in b.rows])
+        most = -(-limits.max_running // limits.max_batch)
+        if len(batches) >= most and batches:
+            homeless = [f for f in engine.waiting.floors() if not any(ladder.meets(b.target, f) for b in batches)]
+            if homeless:
+                b = max(batches, key=lambda b: ladder.rank(ladder.cheapest_meeting([r.floor for r in b.rows])))
+                b.target = ladder.cheapest_meeting([b.target, *homeless])
+        fits = [b.target is not None and engine.waiting.count(lambda f, t=b.target: ladder.meets(t, f)) > 0 for b in batches]
+        return [b.target if ok else None for b, ok in zip(batches, fits, strict=True)], most
+
     def admit(self, engine: Engine) -> list[Launch]:
         if engine.cost_model is None:
             raise PrismError("the prism policy plans with a cost model: build one with `prism schedule cost-model` "
@@ -169,15 +193,28 @@ class PrismPolicy(SchedulingPolicy):
             return ladder.step_cost(floors, max(size, len(floors)))
 
         cost = [planned(floors) for _, floors in plan]
+        targets, most_batches = self._batch_points(engine, [b for b, _ in plan])
+
+        def own_batches(r: Request) -> list[int]:
+            """The planned batches whose point meets ``r``'s floor (or that take any floor now)."""
+            return [i for i in range(len(plan)) if targets[i] is None or ladder.meets(targets[i], r.floor)]
+
+        def may_launch(r: Request) -> bool:
+            """Room for ``r`` in one of its own batches or in a new one; or no batch of its own at all (then it
+            may raise another batch's point, so that ``t_max`` still bounds its wait)."""
+            own = own_batches(r)
+            return len(plan) < most_batches or not own or any(len(plan[i][1]) < limits.max_batch for i in own)
+
         free = engine.free_slots()
         launched: list[Launch] = []
         taken: set[int] = set()
         now = engine.now()
         while free > 0:
-            oldest = next((r for r in engine.waiting if id(r) not in taken), None)
+            oldest = next((r for r in engine.waiting if id(r) not in taken and may_launch(r)), None)
             if oldest is None:
                 break
             overdue = oldest if now - oldest.arrival > limits.t_max else None
+            homeless = overdue is not None and len(plan) >= most_batches and not own_batches(overdue)
             rows = sum(len(f) for _, f in plan)
             total = sum(cost)
             best = None  # ((forced, full, utility, -overpay), target index, members, new floors, new cost)
@@ -194,12 +231,16 @@ class PrismPolicy(SchedulingPolicy):
                 members_all = [r for r in members_all if id(r) not in taken]
                 if not members_all:
                     continue
-                for index in range(len(plan) + 1):
+                for index in range(len(plan) + (1 if len(plan) < most_batches else 0)):
                     floors = plan[index][1] if index < len(plan) else []
                     room = min(free, limits.max_batch - len(floors))
                     if room <= 0:
                         continue
-                    members = members_all[:room]
+                    target = None if homeless or index >= len(targets) else targets[index]
+                    pool = members_all if target is None else [r for r in members_all if ladder.meets(target, r.floor)]
+                    if not pool:
+                        continue
+                    members = pool[:room]
                     new_floors = floors + [r.floor for r in members]
                     new_cost = planned(new_floors)
                     old_cost = cost[index] if index < len(plan) else 0.0
@@ -223,6 +264,7 @@ class PrismPolicy(SchedulingPolicy):
                 cost[index] = new_cost
             else:
                 plan.append((None, new_floors))
+                targets.append(ladder.cheapest_meeting(new_floors))
                 cost.append(new_cost)
             target = plan[index][0]
             if isinstance(target, _NewBatch):  # a batch created by an earlier launch of this iteration
