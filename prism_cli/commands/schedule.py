@@ -30,6 +30,8 @@ app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
                   help="Serve a workload with quality floors under a scheduling policy (SPEC 4.1-4.2).")
 
 Directory = typer.Argument(..., help="A prism export folder.")
+#: The engine calibration's grid by default (`schedule cost-model`, and a sweep's re-calibration without one).
+CALIBRATION_ROWS, CALIBRATION_WIDTHS = "1,8,16,32", "64,256"
 CostModelOption = typer.Option(None, "--cost-model", help="Cost model JSON (default: DIR/prism/cost_model.json).")
 
 
@@ -242,7 +244,7 @@ def _recalibrate(directory: str, model: CostModel, served: dict[bool, Any], seed
     hour, and a calibration made then against runs made now showed as a 1.1-1.3x gap between them."""
     from prism_cli.serving.calibrate import calibrate_engine
 
-    rows, widths = [1, 8, 16, 32], [64, 256]
+    rows, widths = parse_int_list(CALIBRATION_ROWS, "rows") or [], parse_int_list(CALIBRATION_WIDTHS, "widths") or []
     if model.engine is not None and model.engine.decode_ms:
         grid = next(iter(model.engine.decode_ms.values()))
         widths, rows = sorted(grid), sorted(next(iter(grid.values())))
@@ -277,8 +279,8 @@ def cost_model_cmd(
     engine: bool = typer.Option(True, "--engine/--no-engine",
                                 help="Also time the serving executor itself (padded decode steps by cache width, KV "
                                      "copies), which the simulator then charges."),
-    rows: str = typer.Option("1,8,16,32", help="Engine calibration: decode batch sizes."),
-    widths: str = typer.Option("64,256", help="Engine calibration: KV cache widths (columns, padding included)."),
+    rows: str = typer.Option(CALIBRATION_ROWS, help="Engine calibration: decode batch sizes."),
+    widths: str = typer.Option(CALIBRATION_WIDTHS, help="Engine calibration: KV cache widths (columns, padding included)."),
     repeats: int = typer.Option(6, help="Engine calibration: timed decode steps (and copies) per measurement."),
 ) -> None:
     """Build the cost model C(mode, batch, point) from a decode and a prefill bench of the export."""

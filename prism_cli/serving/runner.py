@@ -201,7 +201,6 @@ def run_schedule(
         executor: Any = SimExecutor(cost_model, export_space.n_sub if blocks else None)
     else:
         executor = ModelExecutor(served, seed=settings.seed)
-    if not settings.sim:
         _warm_up(served, executor)
         executor.reset_clock()
     engine = Engine(executor, policy, ladder, settings.limits, cost_model)
