@@ -285,6 +285,29 @@ def test_prism_keeps_floors_apart_under_overload():
     assert engine.stats.violations == 0
 
 
+def test_prism_points_a_batch_down_after_a_burst_of_high_floors():
+    """Eight linear:8 requests (of staggered lengths) open both batches at linear:8, then 200 requests, half
+    at linear:2, arrive within about 0.2 s: each freed slot is refilled at once, so no batch ever empties.
+    A batch's point that only rose would keep both at linear:8 (about 10 % of linear:2 rows at linear:2, as
+    FIFO); prism re-points one batch down, and most linear:2 rows decode at linear:2."""
+
+    def low_share(policy: str) -> tuple[float, Engine]:
+        engine = sim_engine(policy, max_batch=4, max_running=8, t_max=0.05)
+        burst = [request("linear:8", arrival=0.0, out=20 + 3 * i) for i in range(8)]
+        rest = _poisson(200, 1000.0, ["linear:2", "linear:8"])
+        for r in rest:
+            r.arrival += 0.001
+        engine.schedule(burst + rest)
+        engine.run()
+        decoded = [p for s in engine.stats.steps if s.kind == "decode" for p in s.points]
+        return decoded.count("linear:2") / sum(r.params.max_tokens for r in rest if r.floor == P("linear:2")), engine
+
+    prism, engine = low_share("prism")
+    fifo, _ = low_share("fifo")
+    assert prism > 0.7 and fifo < 0.2, (prism, fifo)
+    assert engine.stats.violations == 0
+
+
 def test_fullbatch_waits_for_a_full_batch_or_t_max():
     engine = sim_engine("fullbatch", max_batch=4, max_running=8, t_max=0.3)
     reqs = [request("linear:2", arrival=0.0), request("linear:2", arrival=0.01)]

@@ -158,21 +158,49 @@ class PrismPolicy(SchedulingPolicy):
         A batch that took every floor would run at the highest one for as long as it runs, and under load it
         runs for ever (each freed slot is refilled at once): every step at the full model, whatever the mix.
         So each batch keeps the point of its rows when first seen (``Batch.target``) and admits only the
-        floors that point meets; its higher rows drain as they finish. A floor that no batch's point meets
-        (with no room for another batch) re-points the batch whose rows already run highest; a batch whose
-        point no waiting request fits takes any floor for now. At most ``max_running / max_batch`` batches."""
+        floors that point meets; its higher rows drain as they finish. With no room for another batch, a
+        floor that no batch's point meets re-points the batch whose rows already run highest (up), and a
+        floor whose own point is below every batch's re-points one batch down to it (``_point_down``); a
+        batch whose point no waiting request fits takes any floor for now. At most ``max_running /
+        max_batch`` batches."""
         ladder, limits = engine.ladder, engine.limits
         for b in batches:
             if b.target is None and b.rows:
                 b.target = ladder.cheapest_meeting([r.floor for r in b.rows])
         most = -(-limits.max_running // limits.max_batch)
         if len(batches) >= most and batches:
-            homeless = [f for f in engine.waiting.floors() if not any(ladder.meets(b.target, f) for b in batches)]
+            waiting = engine.waiting.floors()
+            homeless = [f for f in waiting if not any(ladder.meets(b.target, f) for b in batches)]
             if homeless:
                 b = max(batches, key=lambda b: ladder.rank(ladder.cheapest_meeting([r.floor for r in b.rows])))
                 b.target = ladder.cheapest_meeting([b.target, *homeless])
+            else:
+                PrismPolicy._point_down(engine, batches, waiting)
         fits = [b.target is not None and engine.waiting.count(lambda f, t=b.target: ladder.meets(t, f)) > 0 for b in batches]
         return [b.target if ok else None for b, ok in zip(batches, fits, strict=True)], most
+
+    @staticmethod
+    def _point_down(engine: Engine, batches: list[Batch], waiting: list[OperatingPoint]) -> None:
+        """Where a waiting floor's own point is below every batch's, re-point one batch down to it.
+
+        Batches that opened high (a burst of high floors) would otherwise stay high for as long as the load
+        lasts: a point only ever rises, and a cheap floor joins the high batches and pays their price. The
+        batch re-pointed is one whose old point no waiting floor needs (the other batches still meet every
+        floor waiting), the one with the fewest rows above the new point (it drains soonest); its rows
+        finish at the point they run at, and it admits only floors the new point meets meanwhile."""
+        ladder = engine.ladder
+        if len(batches) < 2:
+            return  # one batch re-pointed down would turn the higher floors away until it drained
+        own = [ladder.cheapest_meeting([f]) for f in set(waiting)]
+        below = [p for p in own if all(ladder.rank(p) < ladder.rank(b.target) for b in batches)]
+        if not below:
+            return
+        low = min(below, key=lambda p: (ladder.rank(p), str(p)))
+        spare = [b for b in batches
+                 if all(any(ladder.meets(o.target, f) for o in batches if o is not b) for f in waiting)]
+        if spare:
+            b = min(spare, key=lambda b: (sum(not ladder.meets(low, r.floor) for r in b.rows), len(b.rows)))
+            b.target = low
 
     def admit(self, engine: Engine) -> list[Launch]:
         if engine.cost_model is None:
