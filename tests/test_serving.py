@@ -5,6 +5,7 @@ sampling, ``prism schedule`` and its bad input."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,73 @@ def test_the_simulator_tracks_cache_width_as_the_engine_pads_and_trims():
     assert (batch.kv.width, batch.kv.seen) == (32, [12, 32])
     assert sim.clock - clock == pytest.approx(3 * 51 / 2000 / 1e3)
     assert sim.times.kv_s == pytest.approx((3 * 50 / 1000 + 3 * 51 / 2000) / 1e3)
+
+
+def test_the_simulator_charges_the_engines_time_around_each_pass(tmp_path):
+    """With 0.5 ms of engine time per pass, a prefill and a decode step move the clock by their costs plus
+    1 ms, which is not counted as forward time; a cost model saved with it loads it, one without it (older
+    files) loads 0."""
+    model = synthetic_cost_model()
+    model.engine = _engine_costs()
+    model.engine.step_overhead_ms = 0.5
+    sim = SimExecutor(model)
+    point = P("linear:8")
+    a = request("linear:2", prompt=64)
+    batch = Batch([])
+    kv, _, prefill_ms = sim.prefill([a], [point])
+    sim.join(batch, kv)  # into an empty batch: no copy
+    batch.rows = [a]
+    _, decode_ms = sim.decode(batch, [point])
+    assert prefill_ms == pytest.approx(64 / 100) and decode_ms == pytest.approx(2 + 1 + 64 / 32)
+    assert sim.clock == pytest.approx((prefill_ms + decode_ms + 1.0) / 1e3)
+    assert sim.times.forward_s == pytest.approx((prefill_ms + decode_ms) / 1e3)
+    model.save(tmp_path / "cm.json")
+    assert CostModel.load(tmp_path / "cm.json").engine.step_overhead_ms == 0.5
+    data = json.loads((tmp_path / "cm.json").read_text())
+    del data["engine"]["step_overhead_ms"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert CostModel.load(tmp_path / "old.json").engine.step_overhead_ms == 0.0
+
+
+class _SleepingExecutor(SimExecutor):
+    """Passes that take 4 ms of counted forward time on the wall clock, then 2 ms the executor does not count
+    (as sampling and the next step's inputs are not): the engine's time around a pass is 2 ms and a little
+    (6 ms and more if the passes' own time were not taken out)."""
+
+    def __init__(self) -> None:
+        super().__init__(synthetic_cost_model())
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def reset_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def _pass(self) -> float:
+        start = time.perf_counter()
+        time.sleep(0.004)
+        took = time.perf_counter() - start
+        self.times.forward_s += took
+        time.sleep(0.002)
+        return took * 1e3
+
+    def prefill(self, requests, points):
+        ms = self._pass()
+        return SimKV(max(r.prompt_len for r in requests), [r.prompt_len for r in requests]), [0] * len(requests), ms
+
+    def decode(self, batch, points):
+        ms = self._pass()
+        batch.kv = SimKV(batch.kv.width + 1, [n + 1 for n in batch.kv.seen])
+        return [0] * len(batch.rows), ms
+
+
+def test_step_overhead_is_the_engines_wall_time_outside_its_passes():
+    from prism_cli.serving.calibrate import measure_step_overhead
+
+    executor = _SleepingExecutor()
+    overhead = measure_step_overhead(executor, SPACE, P("linear:8"), 100, Limits(max_batch=4, max_running=8), requests=12)
+    assert 2.0 <= overhead < 4.0, overhead
 
 
 # --- floors ----------------------------------------------------------------------------------------
@@ -590,6 +658,7 @@ def test_cost_model_times_the_engine_itself(cli, tiny_export, tmp_path):
         assert {w: sorted(by) for w, by in table.items()} == {8: [1, 3], 24: [1, 3]}
         assert all(v > 0 for by in table.values() for v in by.values())
     assert {w: sorted(by) for w, by in engine.join_ms.items()} == {8: [3], 24: [3]}  # copies need two rows
+    assert engine.step_overhead_ms > 0  # the engine's own time around its passes, measured on a burst
     res = cli("schedule", "cost-model", tiny_export, "--decode", dec, "--prefill", pre, "--no-engine", "--out", tmp_path / "b.json")
     assert res.code == 0 and CostModel.load(tmp_path / "b.json").engine is None
     for args, needles in ((["--widths", "1"], ["widths", ">= 2"]), (["--repeats", "0"], ["--repeats"]),
@@ -601,7 +670,8 @@ def test_cost_model_times_the_engine_itself(cli, tiny_export, tmp_path):
 def test_decode_gain_bound_by_hand():
     """Synthetic costs C(b, K) = 10 + b*K: at 8 rows linear:2 26 ms, linear:8 and original:2 74 ms; half the
     requests at each floor decode at 50 ms a step on average: 74 / 50 - 1 = +48 %. With engine costs (width
-    64: 4 / 6 / 8 ms; width 256: 10 / 10 / 10 ms) those count instead: 8 / 5 - 1 = +60 % and 0."""
+    64: 4 / 6 / 8 ms; width 256: 10 / 10 / 10 ms) those count instead: 8 / 5 - 1 = +60 % and 0; with the
+    engine's time around each step, it counts in every step."""
     from prism_cli.serving.sweep import decode_gain_bound
 
     model = synthetic_cost_model()
@@ -611,6 +681,8 @@ def test_decode_gain_bound_by_hand():
     model.engine = EngineCosts(table, table, {}, {})
     assert decode_gain_bound(model, mix, "original:2", 8) == {"engine, cache width 64": pytest.approx(0.6),
                                                               "engine, cache width 256": pytest.approx(0.0)}
+    model.engine.step_overhead_ms = 2.0  # every step also pays 2 ms around it: (8 + 2) / (5 + 2) - 1
+    assert decode_gain_bound(model, mix, "original:2", 8)["engine, cache width 64"] == pytest.approx(10 / 7 - 1)
     # The bench's timing where the engine has none: linear:3 at 8 rows 34 ms.
     assert decode_gain_bound(model, [("linear:3", 1.0)], "original:2", 8) == {"bench decode": pytest.approx(74 / 34 - 1)}
     assert decode_gain_bound(model, [("topk:9", 1.0)], "original:2", 8) == {}
@@ -634,6 +706,7 @@ def test_sweep_measures_the_engine_again_right_before_real_runs(cli, tiny_export
     for table in (*fresh.decode_ms.values(), *fresh.prefill_ms.values()):
         assert {w: sorted(by) for w, by in table.items()} == {8: [1, 3], 24: [1, 3]}
         assert all(0 < v < 1000.0 for by in table.values() for v in by.values())
+    assert 0 < fresh.step_overhead_ms < 1000.0
     assert "measured again right before the runs" in (tmp_path / "s.md").read_text()
     res = cli(*args, "--no-calibrate", "--out", tmp_path / "n")
     assert res.code == 0 and not (tmp_path / "n_cost_model.json").exists()

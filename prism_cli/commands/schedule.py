@@ -25,6 +25,7 @@ from prism_cli.report import ResultTable
 
 if TYPE_CHECKING:
     from prism_cli.serving.costmodel import CostModel
+    from prism_cli.serving.engine import Limits
 
 app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
                   help="Serve a workload with quality floors under a scheduling policy (SPEC 4.1-4.2).")
@@ -190,7 +191,7 @@ def sweep(
                                True: load_served_model(directory, original=True, offload=offload)}
     recalibrated = None
     if served is not None and calibrate:
-        recalibrated = _recalibrate(directory, model, served, seed)
+        recalibrated = _recalibrate(directory, model, served, seed, settings.limits)
         model.save(out.parent / (out.name + "_cost_model.json"))
     names = [n.strip() for n in loads.split(",") if n.strip()]
     total = (len(rate_list) if rate_list else len(names)) * 6
@@ -212,6 +213,9 @@ def sweep(
     if recalibrated is not None:
         table.notes.append(f"engine costs measured again right before the runs ({recalibrated:.0f} s; {out.name}_cost_model.json): "
                            "the simulator and the scheduler use them")
+    if model.engine is not None:
+        table.notes.append(f"engine time around each forward pass, charged by the simulator: {model.engine.step_overhead_ms:.3g} ms "
+                           "(sampling, scheduling, bookkeeping; 0: not measured)")
     if capacity is not None:
         table.notes.append(f"baseline capacity (FIFO on the original, simulated burst): {capacity:.3f} req/s; loads 0.3x / 0.7x / 1.3x")
     if goal:
@@ -236,9 +240,10 @@ def sweep(
     console.print(f"written {out}.md, .csv, .json, .png")
 
 
-def _recalibrate(directory: str, model: CostModel, served: dict[bool, Any], seed: int) -> float:
+def _recalibrate(directory: str, model: CostModel, served: dict[bool, Any], seed: int, limits: Limits) -> float:
     """Measure the engine's costs of ``model``'s points again with the models already loaded, on the grid of
-    its engine section (or the cost-model command's default grid), and put them in ``model``; returns seconds.
+    its engine section (or the cost-model command's default grid), and its time around each pass within the
+    sweep's ``limits``, and put them in ``model``; returns seconds.
 
     The simulator is only worth what its costs are: on a shared machine the speed drifts by 10-25 % within an
     hour, and a calibration made then against runs made now showed as a 1.1-1.3x gap between them."""
@@ -252,7 +257,7 @@ def _recalibrate(directory: str, model: CostModel, served: dict[bool, Any], seed
     with deferred_progress("engine calibration", unit="measurements") as (start, advance):
         model.engine = calibrate_engine(directory, {p.point: p.kind for p in model.points.values()}, rows, widths,
                                         seed=seed, on_start=start, on_step=advance,
-                                        served={"elastic": served[False], "original": served[True]})
+                                        served={"elastic": served[False], "original": served[True]}, limits=limits)
     return time.perf_counter() - started
 
 
@@ -311,4 +316,6 @@ def cost_model_cmd(
         for name, t in (("KV join (one new row)", model.engine.join_ms), ("KV trim (one row leaves)", model.engine.keep_ms)):
             console.print(f"{name}, ms by width: " + "; ".join(
                 f"{w}: " + ", ".join(f"{r} rows {v:.3g}" for r, v in sorted(by.items())) for w, by in sorted(t.items())))
+        console.print(f"engine time around each forward pass (sampling, scheduling, bookkeeping): "
+                      f"{model.engine.step_overhead_ms:.3g} ms")
     console.print(f"written {target}")

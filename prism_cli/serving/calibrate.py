@@ -8,11 +8,18 @@ leave. Both cost time the bench does not see (measured: a real decode step at a 
 measured here with the serving executor itself (``ModelExecutor``), per operating point, batch and cache
 width: a prefill of prompts of mixed lengths padded to the width, then decode steps, each followed by a
 row leaving and one joining, as in a busy engine. The simulator charges them by the width it tracks for each batch.
+
+Around its forward passes the engine spends time of its own: sampling, the policy's decision, each row's
+bookkeeping (its token, stop strings, retiring), the next step's inputs. In busy real runs that was about
+7 % of the time (0.6-0.8 ms per forward pass), which a simulator charging forward passes and copies only
+did not see: it ran 2-14 % fast for every policy. ``measure_step_overhead`` runs the real engine on a burst
+and takes what its passes and copies do not account for, per pass.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +27,9 @@ import torch
 
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.costmodel import EngineCosts
-from prism_cli.serving.engine import Batch
+from prism_cli.serving.engine import Batch, Engine, Limits
+from prism_cli.serving.floors import Ladder
+from prism_cli.serving.policies import SCHEDULING_POLICIES
 from prism_cli.serving.requests import Request, SamplingParams
 
 
@@ -84,12 +93,38 @@ def measure_engine_costs(
     return EngineCosts(decode, prefill, join, keep)
 
 
+def measure_step_overhead(executor: Any, space: Any, point: OperatingPoint, vocab: int, limits: Limits, *,
+                          requests: int = 96, context: int = 2048, seed: int = 0) -> float:
+    """Milliseconds per forward pass that the engine spends outside its passes and KV copies: the real
+    ``Engine`` (FIFO) serves a burst of greedy requests at ``point`` within ``limits`` (prompts of 8-64
+    tokens, 8-40 new tokens, less where the context is shorter: rows join and leave as in a busy engine),
+    and the run's wall time less the executor's forward and copy times is divided by its passes."""
+    generator = torch.Generator().manual_seed(seed)
+    longest_prompt, most_new = max(2, min(64, context // 2)), max(2, min(40, context // 4))
+    prompts = torch.randint(min(8, longest_prompt), longest_prompt + 1, (requests,), generator=generator).tolist()
+    outputs = torch.randint(min(8, most_new), most_new + 1, (requests,), generator=generator).tolist()
+    burst = [Request(torch.randint(0, vocab, (n,), generator=generator).tolist(), SamplingParams(max_tokens=m, temperature=0.0),
+                     point, 0.0) for n, m in zip(prompts, outputs, strict=True)]
+    engine = Engine(executor, SCHEDULING_POLICIES.get("fifo")(), Ladder(space, None, limits.max_batch), limits)
+    forward, kv = executor.times.forward_s, executor.times.kv_s
+    executor.reset_clock()
+    started = time.perf_counter()
+    engine.schedule(burst)
+    engine.run()
+    wall = time.perf_counter() - started
+    outside = wall - (executor.times.forward_s - forward) - (executor.times.kv_s - kv)
+    return max(outside, 0.0) * 1e3 / len(engine.stats.steps)
+
+
 def calibrate_engine(directory: str, points: dict[str, str], rows: list[int], widths: list[int], *, repeats: int = 6,
                      seed: int = 0, on_start: Callable[[int], None] | None = None,
-                     on_step: Callable[[], None] | None = None, served: dict[str, Any] | None = None) -> EngineCosts:
+                     on_step: Callable[[], None] | None = None, served: dict[str, Any] | None = None,
+                     limits: Any = None) -> EngineCosts:
     """``measure_engine_costs`` for the export at ``directory`` at ``points`` (``{name: kind}``, kind
-    ``"elastic"`` or ``"original"``: the source model, served as ``--original`` serves it). ``served``
-    (``{kind: ServedModel}``) reuses models already loaded, else they are loaded here."""
+    ``"elastic"`` or ``"original"``: the source model, served as ``--original`` serves it), then the
+    engine's time around its passes (``measure_step_overhead``, on the first point, within ``limits``:
+    the engine's, default ``Limits()``). ``served`` (``{kind: ServedModel}``) reuses models already
+    loaded, else they are loaded here."""
     from prism_cli.errors import PrismError
     from prism_cli.operating_points import parse_operating_point
     from prism_cli.serving.executor import ModelExecutor, load_served_model
@@ -110,5 +145,9 @@ def calibrate_engine(directory: str, points: dict[str, str], rows: list[int], wi
     vocab = int(next(iter(served.values())).model.config.get_text_config().vocab_size)
     if on_start:
         on_start(len(points) * len(widths) * len(rows))
-    return measure_engine_costs({name: executors[kind] for name, kind in points.items()}, parsed, rows, widths, vocab,
-                                repeats=repeats, seed=seed, on_step=on_step)
+    costs = measure_engine_costs({name: executors[kind] for name, kind in points.items()}, parsed, rows, widths, vocab,
+                                 repeats=repeats, seed=seed, on_step=on_step)
+    first, kind = next(iter(points.items()))
+    costs.step_overhead_ms = measure_step_overhead(executors[kind], served[kind].space, parsed[first], vocab,
+                                                   limits or Limits(), context=served[kind].context, seed=seed)
+    return costs

@@ -56,6 +56,9 @@ class EngineCosts:
     prefill_ms: dict[str, dict[int, dict[int, float]]]  # point -> width -> rows -> prefilling prompts padded to width
     join_ms: dict[int, dict[int, float]]  # width -> rows after the join -> joining one new row
     keep_ms: dict[int, dict[int, float]]  # width -> rows before -> dropping one row (and trimming padding)
+    #: The engine's own time per forward pass outside it and its KV copies: sampling, scheduling, each row's
+    #: bookkeeping and the inputs of the next step (``calibrate.measure_step_overhead``); 0 where not measured.
+    step_overhead_ms: float = 0.0
 
     def decode(self, point: OperatingPoint | str, rows: int, width: int) -> float | None:
         table = self.decode_ms.get(str(point))
@@ -77,7 +80,7 @@ class EngineCosts:
 
         return {"decode_ms": {p: nested(t) for p, t in self.decode_ms.items()},
                 "prefill_ms": {p: nested(t) for p, t in self.prefill_ms.items()},
-                "join_ms": nested(self.join_ms), "keep_ms": nested(self.keep_ms)}
+                "join_ms": nested(self.join_ms), "keep_ms": nested(self.keep_ms), "step_overhead_ms": self.step_overhead_ms}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EngineCosts:
@@ -85,7 +88,7 @@ class EngineCosts:
             return {int(w): {int(r): float(v) for r, v in by.items()} for w, by in t.items()}
 
         return cls({p: nested(t) for p, t in data["decode_ms"].items()}, {p: nested(t) for p, t in data["prefill_ms"].items()},
-                   nested(data["join_ms"]), nested(data["keep_ms"]))
+                   nested(data["join_ms"]), nested(data["keep_ms"]), float(data.get("step_overhead_ms", 0.0)))
 
 
 @dataclass

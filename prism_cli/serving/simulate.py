@@ -6,8 +6,11 @@ floor checks), so the simulator differs from the real engine only where the cost
 the machine. With the engine's own costs in the cost model (``CostModel.engine``), it tracks each
 batch's cache width as the real executor does (left-padded, trimmed when rows leave) and charges
 prefills, decode steps and KV joins and trims by width; without them, decode steps cost what ``prism bench``
-measured at one cache length and the copies are free. Left out either way: the price of a batch whose
-rows run at different points (estimated, see ``CostModel.decode_mixed``), sampling and scheduling. A
+measured at one cache length and the copies are free; with them, every forward pass is also charged the
+engine's own time around it (``EngineCosts.step_overhead_ms``: sampling, scheduling, bookkeeping), which
+the real engine spends outside the forward passes it times (about 7 % of a busy run here). Left out
+either way: the price of a batch whose rows run at different points (estimated, see
+``CostModel.decode_mixed``). A
 decode step whose rows run at different linear points of an export whose copies tie (``block``: its N)
 computes each row's blocks whole (``runtime/grouped_mm.py``, ``prefix-padded``): a row at ``linear:K`` is
 charged as ``linear:N*ceil(K/N)``.
@@ -49,6 +52,12 @@ class SimExecutor(Executor):
         else:
             self.times.forward_s += ms / 1e3
 
+    def _forward(self, ms: float) -> None:
+        """A forward pass of ``ms``, and the engine's own time around it (not counted as the pass's)."""
+        self._charge(ms, "forward")
+        if self.engine is not None:
+            self.clock += self.engine.step_overhead_ms / 1e3
+
     def now(self) -> float:
         return self.clock
 
@@ -63,7 +72,7 @@ class SimExecutor(Executor):
             ms = self.cost_model.prefill(points[0], sum(tokens))
         else:
             ms = self.cost_model.prefill_mixed(points, tokens)  # type: ignore[arg-type]
-        self._charge(ms, "forward")
+        self._forward(ms)
         return SimKV(width, [r.prompt_len for r in requests]), [0] * len(requests), ms
 
     def join(self, batch: Batch, kv: Any) -> None:
@@ -85,7 +94,7 @@ class SimExecutor(Executor):
             ms = self.cost_model.decode(points[0], len(points))
         else:
             ms = self.cost_model.decode_mixed(points)  # type: ignore[arg-type]
-        self._charge(ms, "forward")
+        self._forward(ms)
         batch.kv = SimKV(kv.width + 1, [n + 1 for n in kv.seen])
         return [0] * len(batch.rows), ms
 

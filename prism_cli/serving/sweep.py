@@ -120,14 +120,15 @@ def decode_gain_bound(cost_model: CostModel, mix: list[tuple[str, float]], full_
     """The most any policy can gain over FIFO on the original in decode: every request decoding at its own
     floor in full batches of ``rows``, against the original at its full top-k, ``C(original) / sum share * C(floor)
     - 1`` (prefill and KV copies left out). By the engine's own costs per cache width where the cost model has
-    them (as the simulator charges), else by the bench's decode steps. Empty where a floor has no timing."""
+    them (as the simulator charges: each step plus the engine's time around it), else by the bench's decode
+    steps. Empty where a floor has no timing."""
     if not all(cost_model.has(p) for p, _ in mix) or not cost_model.has(full_original):
         return {}
     engine = cost_model.engine
     if engine is not None and all(p in engine.decode_ms for p, _ in [*mix, (full_original, 0.0)]):
-        widths = sorted(engine.decode_ms[full_original])
-        return {f"engine, cache width {w}": engine.decode(full_original, rows, w)
-                / sum(share * engine.decode(p, rows, w) for p, share in mix) - 1.0 for w in widths}
+        widths, around = sorted(engine.decode_ms[full_original]), engine.step_overhead_ms
+        return {f"engine, cache width {w}": (engine.decode(full_original, rows, w) + around)
+                / (sum(share * engine.decode(p, rows, w) for p, share in mix) + around) - 1.0 for w in widths}
     return {"bench decode": cost_model.decode(full_original, rows) / sum(share * cost_model.decode(p, rows) for p, share in mix) - 1.0}
 
 
