@@ -119,7 +119,7 @@ def measure_step_overhead(executor: Any, space: Any, point: OperatingPoint, voca
 def calibrate_engine(directory: str, points: dict[str, str], rows: list[int], widths: list[int], *, repeats: int = 6,
                      seed: int = 0, on_start: Callable[[int], None] | None = None,
                      on_step: Callable[[], None] | None = None, served: dict[str, Any] | None = None,
-                     limits: Any = None) -> EngineCosts:
+                     limits: Limits | None = None) -> EngineCosts:
     """``measure_engine_costs`` for the export at ``directory`` at ``points`` (``{name: kind}``, kind
     ``"elastic"`` or ``"original"``: the source model, served as ``--original`` serves it), then the
     engine's time around its passes (``measure_step_overhead``, on the first point, within ``limits``:
