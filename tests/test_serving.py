@@ -181,6 +181,10 @@ def test_the_simulator_charges_the_engines_time_around_each_pass(tmp_path):
     del data["engine"]["step_overhead_ms"]
     (tmp_path / "old.json").write_text(json.dumps(data))
     assert CostModel.load(tmp_path / "old.json").engine.step_overhead_ms == 0.0
+    data["engine"]["step_overhead_ms"] = -1.0
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PrismError, match="malformed.*step_overhead_ms"):
+        CostModel.load(tmp_path / "bad.json")
 
 
 class _SleepingExecutor(SimExecutor):

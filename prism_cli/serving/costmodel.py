@@ -87,8 +87,11 @@ class EngineCosts:
         def nested(t: dict[str, dict[str, float]]) -> dict[int, dict[int, float]]:
             return {int(w): {int(r): float(v) for r, v in by.items()} for w, by in t.items()}
 
+        around = float(data.get("step_overhead_ms", 0.0))
+        if not around >= 0.0:  # a negative or NaN time would run the simulator's clock backwards
+            raise ValueError(f"step_overhead_ms must be a time >= 0, got {around}")
         return cls({p: nested(t) for p, t in data["decode_ms"].items()}, {p: nested(t) for p, t in data["prefill_ms"].items()},
-                   nested(data["join_ms"]), nested(data["keep_ms"]), float(data.get("step_overhead_ms", 0.0)))
+                   nested(data["join_ms"]), nested(data["keep_ms"]), around)
 
 
 @dataclass
