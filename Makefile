@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -230,6 +230,10 @@ cost-model: serving-export executor-bounds
 # How many steps a model needs after the other ran before its steps take their steady time (bench's --settle default).
 bench-settle: serving-export executor-bounds
 	$(BIN)/python scripts/bench_settle.py --export $(SERVE)/export --out results/bench_settle
+
+# The engine's decode step over its reserved KV cache against the concatenating cache it replaced, side by side.
+bench-kv-cache: serving-export executor-bounds
+	$(BIN)/python scripts/bench_kv_cache.py --export $(SERVE)/export --out results/kv_cache
 
 # Decode steps of the N = 8 export (sub-experts of 64 neurons) against the original, side by side.
 bench-decode-n8: executor-bounds-n8

@@ -6,7 +6,8 @@ next token sits at the last position, with a 2-D attention mask and per-row posi
 concatenating along the batch; rows leave by selecting the others, after which columns that are
 padding in every row are cut off. Both copy the batch's cache: that copying, sampling and scheduling
 are the engine's work between forward passes, timed separately (``overhead_s``) so that a report can
-say what continuous batching costs on top of the model.
+say what continuous batching costs on top of the model. The cache's layers keep spare columns
+(``serving/kvcache.py``): a decode step writes its token in place instead of copying the cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.per_row import clear_row_points, set_row_points
 from prism_cli.serving.engine import Batch, Executor, ExecutorTimes
 from prism_cli.serving.floors import PointSpace
+from prism_cli.serving.kvcache import cache_from_rows, reserved_cache
 from prism_cli.serving.requests import Request
 
 
@@ -132,7 +134,8 @@ class ModelExecutor(Executor):
         self._set_points(points, width)
         t0 = time.perf_counter()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), use_cache=True, **self._logits_kw)
+                         position_ids=positions.to(self.device), use_cache=True, **self._logits_kw,
+                         **{self._cache_kw: reserved_cache(self.model.config)})
         ms = (time.perf_counter() - t0) * 1e3
         self.times.forward_s += ms / 1e3
         tokens = self._sample(out.logits[:, -1], requests)
@@ -170,8 +173,10 @@ class ModelExecutor(Executor):
         mask = kv.mask.index_select(0, index)
         used = mask.any(dim=0).nonzero()
         first = int(used[0]) if used.numel() else mask.shape[1]
-        layers = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:]) for k, v in _layers(kv.cache)]
-        batch.kv = KVRows(_cache(layers), mask[:, first:], kv.seen.index_select(0, index.cpu()), kv.last.index_select(0, index.cpu()))
+        width = mask.shape[1] - first
+        layers = [[(k[:, :, first:].index_select(0, index), v[:, :, first:].index_select(0, index))] for k, v in _layers(kv.cache)]
+        batch.kv = KVRows(cache_from_rows(layers, width), mask[:, first:], kv.seen.index_select(0, index.cpu()),
+                          kv.last.index_select(0, index.cpu()))
         self.times.kv_s += time.perf_counter() - t0
 
     def idle(self, until: float | None, wake: threading.Event) -> None:
@@ -209,12 +214,6 @@ def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise PrismError(f"the engine batches plain key/value caches only; this model's cache is {type(cache).__name__}") from None
 
 
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=layers)
-
-
 def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - x.shape[dim]
     if missing == 0:
@@ -226,9 +225,6 @@ def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 def _concat(a: KVRows, b: KVRows) -> KVRows:
     width = max(a.mask.shape[1], b.mask.shape[1])
-    layers = [
-        (torch.cat([_pad_left(ka, width, 2), _pad_left(kb, width, 2)]), torch.cat([_pad_left(va, width, 2), _pad_left(vb, width, 2)]))
-        for (ka, va), (kb, vb) in zip(_layers(a.cache), _layers(b.cache), strict=True)
-    ]
+    layers = [[pair_a, pair_b] for pair_a, pair_b in zip(_layers(a.cache), _layers(b.cache), strict=True)]
     mask = torch.cat([_pad_left(a.mask, width, 1), _pad_left(b.mask, width, 1)])
-    return KVRows(_cache(layers), mask, torch.cat([a.seen, b.seen]), torch.cat([a.last, b.last]))
+    return KVRows(cache_from_rows(layers, width), mask, torch.cat([a.seen, b.seen]), torch.cat([a.last, b.last]))
