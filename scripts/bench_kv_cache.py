@@ -3,7 +3,7 @@
     python scripts/bench_kv_cache.py --export runs/serving/export --out results/kv_cache
     (make bench-kv-cache)
 
-``serving/kvcache.py`` keeps each layer's keys and values in buffers with spare columns, so a decode step
+``runtime/kvcache.py`` keeps each layer's keys and values in buffers with spare columns, so a decode step
 writes its token in place; transformers' ``DynamicLayer``, which the engine used before, concatenates and
 so copies the whole cache every step. Both run side by side here through the serving executor
 (``ModelExecutor.decode``, the engine's own step: left-padded rows, a 2-D mask, per-row positions): one

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prism_cli.serving.kvcache import ReservedLayer, cache_from_rows, reserved_cache
+from prism_cli.runtime.kvcache import ReservedLayer, cache_from_rows, reserved_cache
 
 
 def _kv(rows: int, columns: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,3 +92,21 @@ def test_the_engine_decodes_in_place_and_copies_only_when_rows_change(served):
     # row 1 was padded by two columns, which were cut off with the row that needed them
     assert isinstance(kept, ReservedLayer) and kept.get_seq_length() == 2 + 3
     assert torch.equal(kept.keys, after.keys[1:, :, 2:])
+
+
+def test_crop_keeps_the_buffer_and_the_next_step_overwrites_the_cropped_column():
+    """The bench's rewind (``crop(-1)`` after each timed decode step): the buffer stays, and the next step's
+    column replaces the cropped one: the keys equal the prompt's followed by the new step's."""
+    g = torch.Generator().manual_seed(3)
+    layer = ReservedLayer(reserve=4)
+    prompt = _kv(2, 6, g)
+    layer.update(*prompt)
+    ptr = layer.keys.data_ptr()
+    for _ in range(10):  # more steps than the reserve: a crop gives each step's column back
+        step = _kv(2, 1, g)
+        keys, values = layer.update(*step)
+        assert keys.data_ptr() == ptr
+        assert torch.equal(keys, torch.cat([prompt[0], step[0]], dim=-2))
+        assert torch.equal(values, torch.cat([prompt[1], step[1]], dim=-2))
+        layer.crop(-1)
+        assert layer.get_seq_length() == 6

@@ -5,7 +5,9 @@ slow drifts of a shared machine (other jobs, frequency changes) spread over all 
 biasing whichever point ran during them.
 
 Decode reuses one KV cache of ``seq_len`` tokens per batch size: each timed step appends a token and
-``crop(-1)`` takes it off again, so every repeat sees the same context. Prefill runs whole prompts
+``crop(-1)`` takes it off again, so every repeat sees the same context. The cache keeps spare columns
+(``runtime/kvcache.py``), so a step writes its token in place, as serving engines do (prism's, vLLM's,
+SGLang's), instead of copying the whole cache as transformers' default cache does every step. Prefill runs whole prompts
 and, as serving engines do, computes logits for the last position only. Times are wall clock around
 the forward on CPU and CUDA events on GPU, after warm-up; median and p90 over the repeats.
 """
@@ -24,6 +26,7 @@ import psutil
 import torch
 
 from prism_cli.errors import PrismError
+from prism_cli.runtime.kvcache import reserved_cache
 
 
 @dataclass
@@ -160,7 +163,8 @@ class StepTimer:
         cache fails here, in one line."""
         try:
             with torch.inference_mode():
-                self.cache = self.model(input_ids=self.ids[:, : self.seq_len], use_cache=True).past_key_values
+                self.cache = self.model(input_ids=self.ids[:, : self.seq_len], use_cache=True,
+                                        **{self._cache_kw: reserved_cache(self.model.config)}).past_key_values
             self._step()
         except Exception as exc:
             if _is_oom(exc):
@@ -182,7 +186,8 @@ class StepTimer:
             except Exception:  # noqa: BLE001 - each cache class refuses in its own way
                 with torch.inference_mode():
                     prompt = self.ids[:, : self.seq_len]
-                    self._pristine = self.model(input_ids=prompt, use_cache=True).past_key_values
+                    self._pristine = self.model(input_ids=prompt, use_cache=True,
+                                                **{self._cache_kw: reserved_cache(self.model.config)}).past_key_values
         self.cache = copy.deepcopy(self._pristine)
 
     def summarize(self, samples: list[tuple[float, float | None, float]]) -> Latency:

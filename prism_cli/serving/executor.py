@@ -7,7 +7,7 @@ concatenating along the batch; rows leave by selecting the others, after which c
 padding in every row are cut off. Both copy the batch's cache: that copying, sampling and scheduling
 are the engine's work between forward passes, timed separately (``overhead_s``) so that a report can
 say what continuous batching costs on top of the model. The cache's layers keep spare columns
-(``serving/kvcache.py``): a decode step writes its token in place instead of copying the cache.
+(``runtime/kvcache.py``): a decode step writes its token in place instead of copying the cache.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.per_row import clear_row_points, set_row_points
 from prism_cli.serving.engine import Batch, Executor, ExecutorTimes
 from prism_cli.serving.floors import PointSpace
-from prism_cli.serving.kvcache import cache_from_rows, reserved_cache
+from prism_cli.runtime.kvcache import cache_from_rows, reserved_cache
 from prism_cli.serving.requests import Request
 
 

@@ -1,4 +1,4 @@
-"""The engine's KV caches: keys and values in buffers with spare columns, so a decode step writes in place.
+"""KV caches with spare columns, so a decode step writes in place: the serving engine's and the bench's.
 
 transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``: every decode step
 copies the whole cache of every layer: on the built-in model, a decode step over the cache this module
@@ -12,6 +12,8 @@ padding, concatenation and re-wrapping into a ``DynamicCache`` took up to three)
 
 The views are what attention reads; the layer is otherwise a ``DynamicLayer`` (same sequence length,
 mask sizes, type checks), so any model that decodes over a ``DynamicCache`` decodes over this one.
+transformers' ``crop`` (the bench's rewind after each timed step) keeps them views of the buffer; its row
+selection and ``reset`` replace them, and the next update then starts a new buffer from what they hold.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class ReservedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         used = self.get_seq_length()
         end = used + key_states.shape[-2]
-        if self._buffers is None or end > self._buffers[0].shape[-2] or self._buffers[0].shape[0] != key_states.shape[0]:
+        if not self._in_buffer(key_states.shape[0], end):
             old = (self.keys, self.values) if used else None
             self._allocate(key_states.shape[0], key_states, value_states, end)
             if old is not None:
@@ -73,6 +75,15 @@ class ReservedLayer(DynamicLayer):
         self._view(end)
         return self.keys, self.values
 
+    def _in_buffer(self, rows: int, columns: int) -> bool:
+        """Whether the keys are still the buffer's first columns (transformers' ``crop`` keeps them so; its
+        row selection and ``reset`` replace them) and ``columns`` fit."""
+        if self._buffers is None or self.keys is None:
+            return False
+        buf = self._buffers[0]
+        return (buf.shape[0] == rows and columns <= buf.shape[-2] and self.keys.data_ptr() == buf.data_ptr()
+                and self.keys.stride() == buf.stride())
+
     def _allocate(self, rows: int, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
         capacity = columns + self.reserve
         self._buffers = (keys.new_empty(rows, keys.shape[1], capacity, keys.shape[3]),
@@ -81,27 +92,6 @@ class ReservedLayer(DynamicLayer):
     def _view(self, columns: int) -> None:
         self.keys = self._buffers[0][:, :, :columns]
         self.values = self._buffers[1][:, :, :columns]
-
-    # transformers' own edits replace the tensors; the next update then starts a new buffer from them.
-    def reset(self) -> None:
-        self._buffers = None
-        super().reset()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._buffers = None
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._buffers = None
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._buffers = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._buffers = None
 
 
 def reserved_cache(config: Any) -> DynamicCache:
