@@ -24,10 +24,10 @@ import torch
 from prism_cli.allocator import configure_cpu_allocator
 from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
+from prism_cli.runtime.kvcache import cache_from_rows, reserved_cache
 from prism_cli.runtime.per_row import clear_row_points, set_row_points
 from prism_cli.serving.engine import Batch, Executor, ExecutorTimes
 from prism_cli.serving.floors import PointSpace
-from prism_cli.runtime.kvcache import cache_from_rows, reserved_cache
 from prism_cli.serving.requests import Request
 
 
