@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.table import Table as RichTable
 
+from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.io import check_output_folder, write_json, write_text
 
@@ -92,3 +93,9 @@ class ResultTable:
         write_text(paths[1], self.csv())
         write_json(paths[2], {"title": self.title, "notes": self.notes, "rows": self.records(), **(extra or {})})
         return paths
+
+    def publish(self, stem: Path) -> None:
+        """``save(stem)``, then print the table and where it went (the benchmark scripts' last step)."""
+        self.save(stem)
+        console.print(self.rich())
+        console.print(f"written {stem}.md, .csv, .json")

@@ -85,10 +85,7 @@ def main() -> None:
         "cache is updated.",
         f"Command: python scripts/bench_kv_cache.py --export {args.export} --out {args.out} (make bench-kv-cache).",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.save(args.out)
-    console.print(table.rich())
-    console.print(f"written {args.out}.md, .csv, .json")
+    table.publish(args.out)
 
 
 if __name__ == "__main__":

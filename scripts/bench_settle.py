@@ -92,12 +92,7 @@ def main() -> None:
         f"`prism bench` runs --settle untimed steps of a point right before each of its timed steps: default "
         f"{SETTLE_STEPS['decode']} in decode, {SETTLE_STEPS['prefill']} in prefill (a timed step is at place settle + 1).",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.save(args.out)
-    from prism_cli.console import console
-
-    console.print(table.rich())
-    console.print(f"written {args.out}.md, .csv, .json")
+    table.publish(args.out)
 
 
 if __name__ == "__main__":
