@@ -234,6 +234,27 @@ def test_linear_k_is_what_stock_transformers_serves_at_k(untied, k):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("k", [3, 5, FULL])
+def test_training_routes_the_rows_it_trains_as_they_will_be_served(export, k):
+    """An untuned export starts training with tied copies, and the first step unties them: from then on
+    linear:K in training must be the router's own top-K (what the tuned export serves, as stock
+    transformers at num_experts_per_tok = K), not the tied copies' whole-block shortcut."""
+    from prism_cli.runtime.elastic import set_operating_point
+
+    trainee = Trainee.load(export, "eager", "float32", "cpu")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainee.params:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)  # what a few optimizer steps do
+    stock = AutoModelForCausalLM.from_pretrained(str(export), num_experts_per_tok=k, dtype=torch.float32)
+    for layer, p in zip(trainee.adapter.moe_layers(stock), trainee.params, strict=True):
+        layer.router.weight.data.copy_(p.detach())
+    set_operating_point(trainee.model, f"linear:{k}")
+    ids = token_batch(seed=5)
+    want, got = logits_of(stock, ids), logits_of(trainee.model, ids)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 @pytest.mark.parametrize("point", ["topk:1", "topk:5", "threshold:0.7"])
 def test_training_free_gate_keeps_the_original_router(export, untied, point):
     """The neurons gate of a tuned export routes with the stored source router: same logits as the

@@ -234,6 +234,10 @@ class Trainee:
         params = [layer.router.weight for layer in layers]
         total = sum(p.numel() for p in model.parameters())
         state = attach_elastic_state(model, export_dir)
+        for router in state.flat_routers:
+            # An untuned export's copies tie, and the runtime routes it by whole blocks of tied copies; the
+            # first step unties them, after which linear:K must be the router's own top-K, as served.
+            router.sorted_blocks = False
         _freeze_all_but(model, params)
         return cls(model, loaded.tokenizer, adapter, layers, params, state.n_sub, state.n_sub * state.source_top_k, total)
 
