@@ -7,8 +7,9 @@ batch 1 (``make bench-kv-cache`` -> results/kv_cache.md, same tokens). A ``Reser
 holds its keys and values as views of a buffer with ``reserve`` spare columns: a step writes its
 column into the buffer and the views grow by one; only when the spare columns run out is the buffer
 reallocated, ``reserve`` columns larger, so the copying is paid once every ``reserve`` steps. Rows
-joining or leaving a batch build a new buffer directly (``from_rows``: one copy of each part, where the
-padding, concatenation and re-wrapping into a ``DynamicCache`` took up to three).
+joining a batch are copied once into a new buffer (``from_rows``; padding, concatenation and re-wrapping
+into a ``DynamicCache`` took three copies); rows leaving take two (the kept rows are gathered, then
+copied into the new buffer), as before.
 
 The views are what attention reads; the layer is otherwise a ``DynamicLayer`` (same sequence length,
 mask sizes, type checks), so any model that decodes over a ``DynamicCache`` decodes over this one.
