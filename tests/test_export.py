@@ -173,55 +173,92 @@ RENORMALISING = {"olmoe": False, "qwen2_moe": False, "qwen3_moe": True, "mixtral
                  "deepseek_v3": True}  # the tiny configs' top-k weight normalisation
 
 
+def _check_rule(family: str, model, router, x: torch.Tensor) -> None:
+    """Oracle for ``linear:K`` below and at the full point, from the full top-(N*k): the pairs by (the
+    router's ranking score, descending; sub-expert index, ascending), the first K kept, with the family's
+    weights (renormalised over the K where the family renormalises). Whole experts may list an expert's
+    copies in any order (they weigh the same), and ``ranked`` mode its pairs in the router's order. The block shape rides on the indices in ``blocks`` mode only."""
+    from prism_cli import set_operating_point
+    from prism_cli.runtime.grouped_mm import PREFIX_ATTR, prefix_routing
+
+    outputs = []
+    for k in (FULL, 1, N_SUB - 1, N_SUB, N_SUB + 1):
+        set_operating_point(model, f"linear:{k}")
+        with torch.no_grad():
+            outputs.append(router(x))
+    (logits, w_full, idx_full), *partial = outputs
+    # the router ranks experts by its logits, DeepSeek-V3 by sigmoid score plus correction bias
+    rank = logits.float().sigmoid() + router.router.e_score_correction_bias if family == "deepseek_v3" else logits
+    for (_, w, idx), k in zip(partial, (1, N_SUB - 1, N_SUB, N_SUB + 1), strict=True):
+        assert idx.shape == (x.shape[0], k)
+        for t in range(idx.shape[0]):
+            full = dict(zip(idx_full[t].tolist(), w_full[t].tolist(), strict=True))
+            order = sorted(full, key=lambda i: (-float(rank[t, i]), i))  # parents by rank, copies by index
+            got = idx[t].tolist()
+            if k % N_SUB and router.mode != "ranked":
+                assert got == order[:k]
+            else:  # whole experts: the same pairs, experts in rank order, copies in any order within one;
+                # ranked: the same pairs, in the order the router returned them (the output is their sum)
+                assert sorted(got) == sorted(order[:k])
+                if router.mode == "blocks":
+                    assert [i // N_SUB for i in got] == [i // N_SUB for i in order[:k]]
+            want = torch.tensor([full[i] for i in got])
+            if RENORMALISING[family]:
+                want = want * (w_full[t].sum() / want.sum())
+            torch.testing.assert_close(w[t], want.to(w.dtype))
+        attached = getattr(idx, PREFIX_ATTR, None)
+        assert (attached is not None) == (router.mode == "blocks")
+        if attached is not None:  # the shape the router hands the experts is the shape its indices have
+            canonical = idx.clone()
+            if k % N_SUB == 0:  # whole blocks may list an expert's copies in any order: they weigh the same
+                blocks = w.view(w.shape[0], -1, N_SUB)
+                assert torch.equal(blocks, blocks[..., :1].expand_as(blocks))
+                canonical = canonical.view(idx.shape[0], -1, N_SUB).sort(dim=-1).values.view(idx.shape[0], -1)
+            checked = prefix_routing(canonical, N_SUB, model.prism_state.source_experts * N_SUB)
+            handed = prefix_routing(idx, N_SUB, model.prism_state.source_experts * N_SUB)
+            assert checked is not None and attached.lengths == handed.lengths == checked.lengths
+            assert torch.equal(handed.expert, checked.expert)
+
+
 def test_linear_gate_below_full_takes_sub_experts_in_order(family, exported):
     """linear:K with K not a multiple of N: an expert's copies tie, and prism breaks the tie by sub-expert
     index (sub-expert 0 holds the most mass), as vLLM's fused top-k kernel does; weights are the
     family's (renormalised over the K kept pairs where the family renormalises)."""
     from prism_cli import load_elastic, set_operating_point
-    from prism_cli.runtime.grouped_mm import PREFIX_ATTR, prefix_routing
 
     out = exported(family, "neurons")  # its flat routers serve the linear points too (exact or not)
-    model = load_elastic(str(out), operating_point=f"linear:{FULL}")
+    model = load_elastic(str(out))
     x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     for router in model.prism_state.flat_routers:
-        outputs = []
-        for k in (FULL, 1, N_SUB - 1, N_SUB, N_SUB + 1):
-            set_operating_point(model, f"linear:{k}")
-            with torch.no_grad():
-                outputs.append(router(x))
-        (logits, w_full, idx_full), *partial = outputs
+        set_operating_point(model, f"linear:{FULL}")
+        with torch.no_grad():
+            _, _, idx_full = router(x)
         # at the full point: all N copies of each of the top-k experts
         parents = (idx_full // N_SUB).sort(dim=1).values.view(-1, TOP_K, N_SUB)
         assert (parents == parents[..., :1]).all()
-        # the router ranks experts by its logits, DeepSeek-V3 by sigmoid score plus correction bias
-        rank = logits.float().sigmoid() + router.router.e_score_correction_bias if family == "deepseek_v3" else logits
-        for (_, w, idx), k in zip(partial, (1, N_SUB - 1, N_SUB, N_SUB + 1), strict=True):
-            assert idx.shape == (x.shape[0], k)
-            for t in range(idx.shape[0]):
-                full = dict(zip(idx_full[t].tolist(), w_full[t].tolist(), strict=True))
-                order = sorted(full, key=lambda i: (-float(rank[t, i]), i))  # parents by rank, copies by index
-                got = idx[t].tolist()
-                if k % N_SUB:
-                    assert got == order[:k]
-                else:  # whole experts: the same pairs, experts in rank order, copies in any order within one
-                    assert sorted(got) == sorted(order[:k])
-                    assert [i // N_SUB for i in got] == [i // N_SUB for i in order[:k]]
-                want = torch.tensor([full[i] for i in got])
-                if RENORMALISING[family]:
-                    want = want * (w_full[t].sum() / want.sum())
-                torch.testing.assert_close(w[t], want.to(w.dtype))
-            attached = getattr(idx, PREFIX_ATTR, None)
-            assert (attached is not None) == model.prism_state.flat_routers[0].sorted_blocks
-            if attached is not None:  # the shape the router hands the experts is the shape its indices have
-                canonical = idx.clone()
-                if k % N_SUB == 0:  # whole blocks may list an expert's copies in any order: they weigh the same
-                    blocks = w.view(w.shape[0], -1, N_SUB)
-                    assert torch.equal(blocks, blocks[..., :1].expand_as(blocks))
-                    canonical = canonical.view(idx.shape[0], -1, N_SUB).sort(dim=-1).values.view(idx.shape[0], -1)
-                checked = prefix_routing(canonical, N_SUB, model.prism_state.source_experts * N_SUB)
-                handed = prefix_routing(idx, N_SUB, model.prism_state.source_experts * N_SUB)
-                assert checked is not None and attached.lengths == handed.lengths == checked.lengths
-                assert torch.equal(handed.expert, checked.expert)
+        _check_rule(family, model, router, x)
+
+
+def test_a_tuned_router_keeps_its_own_top_k_and_the_rule_where_copies_still_tie(family, exported):
+    """``ranked`` mode (a tuned export's routers) runs the stock router at top-(K+1) and keeps the first K
+    without sorting when the K+1-th pair scores strictly below them. Its result is the rule's, checked on
+    untied rows and, where the check must fall back to the rule, on tied copies (an untuned router's, or a
+    tuned router's copies of an expert that training never moved)."""
+    from prism_cli import load_elastic
+
+    out = exported(family, "neurons")
+    if json.loads((out / "config.json").read_text())["prism"]["linear_gate_exact"] is False:
+        pytest.skip("an inexact linear gate routes by the rule")
+    model = load_elastic(str(out), operating_point=f"linear:{FULL}")
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(4)
+    for router in model.prism_state.flat_routers:
+        router.mode = "ranked"
+        _check_rule(family, model, router, x)  # tied copies: the boundary splits a block, the rule decides
+        with torch.no_grad():
+            weight = router.router.weight
+            weight.add_(torch.randn(weight.shape, generator=gen).to(weight.dtype) * 0.05 * weight.abs().mean())
+        _check_rule(family, model, router, x)
 
 
 def test_linear_gate_keeps_no_tensor_alive_between_calls(exported):

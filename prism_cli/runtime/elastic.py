@@ -25,7 +25,7 @@ from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 from prism_cli.runtime.policies import POLICIES
-from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter
+from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter, RouteMode
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class RouterBank:
 
     names: list[str]
     by_k: dict[int, int]
-    #: Router j may take the sorted-blocks fast path (its copies tie: the untuned router of an exact export).
-    sorted_blocks: list[bool]
+    #: How router j's linear gate finds its pairs (``LinearGateRouter.mode``): ``blocks`` for the untuned
+    #: router of an exact export whose router sorts, ``ranked`` for a tuned one.
+    modes: list[RouteMode]
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ElasticState:
         router.top_k = k
         if self.bank is not None:
             j = self.bank.by_k[k]
-            router.use_bank_rows(j, self.bank.sorted_blocks[j])
+            router.use_bank_rows(j, self.bank.modes[j])
 
 
 def export_meta(spec: str | Path) -> dict[str, Any] | None:
@@ -97,13 +98,24 @@ def is_prism_export(spec: str | Path | None) -> bool:
     return spec is not None and export_meta(spec) is not None
 
 
-def routes_by_blocks(meta: dict[str, Any], router_sorted: bool) -> bool:
-    """Whether the linear gate of an export (its ``prism`` meta) routes in whole blocks of tied copies
-    (``LinearGateRouter.sorted_blocks``): an expert's N copies tie only in an untuned export whose linear gate
-    is exact (a tuned router's copies differ; an inexact router, e.g. Phi-MoE's fixed two picks, does not
-    return them all), and the blocks come in order only from a router that sorts its top-k."""
-    exact = bool(meta.get("linear_gate_exact", True))
-    return "tuning" not in meta and "router_bank" not in meta and exact and router_sorted
+def linear_mode(exact: bool, router_sorted: bool, tuned: bool) -> RouteMode:
+    """How a linear gate finds its pairs (``LinearGateRouter.mode``). An expert's N copies tie in an
+    untuned router whose linear gate is ``exact``: whole blocks where the router sorts its top-k
+    (``blocks``), else the rule. A tuned router's copies differ: its own top-K (``ranked``). An inexact
+    router (e.g. Phi-MoE's fixed two picks) does not return every copy: the rule."""
+    if not exact:
+        return "rule"
+    if tuned:
+        return "ranked"
+    return "blocks" if router_sorted else "rule"
+
+
+def export_linear_mode(meta: dict[str, Any], router_sorted: bool) -> RouteMode:
+    """``linear_mode`` of an export's own router rows (its ``prism`` meta). A router bank's rows are chosen
+    per K (``RouterBank.modes``); until then the rule."""
+    if "router_bank" in meta:
+        return "rule"
+    return linear_mode(bool(meta.get("linear_gate_exact", True)), router_sorted, "tuning" in meta)
 
 
 def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
@@ -116,12 +128,12 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     else:
         n_sub = int(meta["sub_experts"])
         top_k = int(meta["source"]["top_k"])
-        exact = bool(meta.get("linear_gate_exact", True))
+        mode = export_linear_mode(meta, adapter.router_sorted)
         flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores, n_sub,
-                                 sorted_blocks=routes_by_blocks(meta, adapter.router_sorted)) for layer in layers]
+                                 mode=mode) for layer in layers]
         state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta)
         if "router_bank" in meta:
-            state.bank = _load_bank(directory, meta["router_bank"], layers, flat, exact and adapter.router_sorted)
+            state.bank = _load_bank(directory, meta, layers, flat, adapter.router_sorted)
         if meta["gate"] == "neurons":
             gate_file = directory / GATE_FILE
             if not gate_file.exists():
@@ -154,9 +166,10 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
     return state
 
 
-def _load_bank(directory: Path, bank: dict[str, Any], layers: list[MoELayer], flat: list[LinearGateRouter],
-               sorted_ok: bool) -> RouterBank:
+def _load_bank(directory: Path, meta: dict[str, Any], layers: list[MoELayer], flat: list[LinearGateRouter],
+               router_sorted: bool) -> RouterBank:
     """Attach the routers of a bank export to each layer's linear gate (as buffers: they move with the model)."""
+    bank = meta["router_bank"]
     path = directory / bank.get("file", ROUTER_BANK_FILE)
     if not path.exists():
         raise PrismError(f"{directory} is a router-bank export but {path.name} is missing")
@@ -172,7 +185,9 @@ def _load_bank(directory: Path, bank: dict[str, Any], layers: list[MoELayer], fl
                 raise PrismError(f"{path}: {key} is {tuple(rows[key].shape)}, the router {tuple(weight.shape)}")
             router.register_buffer(f"bank_{j}", rows[key].to(weight), persistent=False)
     untuned = [(bank.get("routers", {}).get(name) or {}).get("tuning") is None for name in names]
-    return RouterBank(names, {int(k): names.index(v) for k, v in bank["by_k"].items()}, [t and sorted_ok for t in untuned])
+    exact = bool(meta.get("linear_gate_exact", True))
+    modes = [linear_mode(exact, router_sorted, tuned=not u) for u in untuned]
+    return RouterBank(names, {int(k): names.index(v) for k, v in bank["by_k"].items()}, modes)
 
 
 def set_operating_point(model: Any, point: str | int | OperatingPoint) -> OperatingPoint:

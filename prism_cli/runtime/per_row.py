@@ -110,7 +110,7 @@ class RowPointRouter(nn.Module):
         """Whether this layer's linear gate routes every K with one router whose copies tie (an untuned
         export; a router bank picks a router per K)."""
         s = self.state
-        return bool(s.elastic_routers) and s.bank is None and s.flat_routers[self.layer].sorted_blocks
+        return bool(s.elastic_routers) and s.bank is None and s.flat_routers[self.layer].mode == "blocks"
 
     def _linear_rows(self, x: torch.Tensor, rows: LinearRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token t at ``linear:k[t]``, in one router call: the stock router at the whole blocks covering the
@@ -149,14 +149,14 @@ class RowPointRouter(nn.Module):
 
             return undo
         flat = s.flat_routers[i]
-        saved_k, saved_rows, saved_sorted = flat.top_k, flat.router.weight.data, flat.sorted_blocks
+        saved_k, saved_rows, saved_mode = flat.top_k, flat.router.weight.data, flat.mode
         saved_neurons = s.elastic_routers[i].use_neurons if s.elastic_routers else None
         s.route_linear(i, int(point.value))  # a router-bank export: with that K's router
         if s.elastic_routers:
             s.elastic_routers[i].use_neurons = False
 
         def undo_flat() -> None:
-            flat.top_k, flat.router.weight.data, flat.sorted_blocks = saved_k, saved_rows, saved_sorted
+            flat.top_k, flat.router.weight.data, flat.mode = saved_k, saved_rows, saved_mode
             if s.elastic_routers:
                 s.elastic_routers[i].use_neurons = saved_neurons
 

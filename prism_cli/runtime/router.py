@@ -11,6 +11,7 @@ the block's experts module (any experts implementation that accepts sentinel slo
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -61,6 +62,10 @@ class GateNeuronRouter(nn.Module):
         return logits, (weights / self.down_scale).to(expert_w.dtype), ids
 
 
+#: How a linear gate finds its K pairs (``LinearGateRouter.mode``).
+RouteMode = Literal["blocks", "ranked", "rule"]
+
+
 class LinearGateRouter(nn.Module):
     """The linear gate (SPEC 3.4b) at any K, with a defined order among an expert's copies.
 
@@ -73,24 +78,33 @@ class LinearGateRouter(nn.Module):
     what vLLM serves at ``num_experts_per_tok = K``. Where the family renormalises its top-k weights, the
     kept weights are renormalised over the K.
 
-    Where the copies tie exactly and the stock router returns its top-k sorted by score (an untuned
-    export: ``sorted_blocks``), the pairs come in blocks of N copies per expert, best expert first, so the
-    rule needs no ranking: the stock router runs at the whole blocks that cover K (top-N*ceil(K/N), no
-    tie at that boundary either), a partial last block is its expert's first ``K % N`` sub-experts, and
-    the block shape is handed to the experts with the indices (``PREFIX_ATTR``). A decode step pays for
-    every op it runs, so at K = N*j this is the stock router and nothing else.
+    The rule is applied in one of three ways (``mode``), all giving its result:
+
+    * ``"blocks"``: the copies tie exactly and the stock router returns its top-k sorted by score (an
+      untuned export). The pairs then come in blocks of N copies per expert, best expert first, so the
+      rule needs no ranking: the stock router runs at the whole blocks that cover K (top-N*ceil(K/N), no
+      tie at that boundary either), a partial last block is its expert's first ``K % N`` sub-experts, and
+      the block shape is handed to the experts with the indices (``PREFIX_ATTR``). A decode step pays for
+      every op it runs, so at K = N*j this is the stock router and nothing else.
+    * ``"ranked"``: a tuned router, whose copies no longer tie (``prism tune-gate``). The stock router runs
+      at top-(K+1); where every token's K+1-th pair scores strictly below its first K, those K are the
+      rule's (whatever the order the router returned them in), and they are kept as they are: no sort.
+      Otherwise (an expert's copies that training never untied, met at the boundary) the call is routed
+      by the rule. The check reads one flag back from the device, so off the CPU the rule runs instead.
+    * ``"rule"``: the stock router at the full top-(N*k), then the rule's two stable sorts (tied copies
+      from a router that does not sort its top-k, e.g. DeepSeek's; an inexact router; training).
     """
 
     def __init__(self, router: nn.Module, full_k: int, renormalize: bool,
                  selection_scores: Callable[[nn.Module, torch.Tensor], torch.Tensor], n_sub: int = 1,
-                 sorted_blocks: bool = False) -> None:
+                 mode: RouteMode = "rule") -> None:
         super().__init__()
         self.router = router
         self.full_k = full_k
         self.renormalize = renormalize
         self.selection_scores = selection_scores
         self.n_sub = n_sub
-        self._sorted_blocks = sorted_blocks
+        self._mode: RouteMode = mode
         self.top_k = full_k
         self.register_buffer("sub_offsets", torch.arange(n_sub), persistent=False)
 
@@ -104,28 +118,39 @@ class LinearGateRouter(nn.Module):
         self._sync_router_k()
 
     @property
-    def sorted_blocks(self) -> bool:
-        return self._sorted_blocks
+    def mode(self) -> RouteMode:
+        return self._mode
 
-    @sorted_blocks.setter
-    def sorted_blocks(self, value: bool) -> None:
-        self._sorted_blocks = value
+    @mode.setter
+    def mode(self, value: RouteMode) -> None:
+        if value not in ("blocks", "ranked", "rule"):
+            raise ValueError(f"unknown linear gate mode {value!r}")
+        self._mode = value
         self._sync_router_k()
 
     def _sync_router_k(self) -> None:
-        """The stock router's top-k: the whole blocks covering K (``sorted_blocks``), else the full N*k."""
-        n = self.n_sub
-        self.router.top_k = n * -(-self._top_k // n) if self._sorted_blocks else self.full_k
+        """The stock router's top-k: the whole blocks covering K (``blocks``), K+1 (``ranked``, below the
+        full K), else the full N*k."""
+        n, k = self.n_sub, self._top_k
+        if self._mode == "blocks":
+            self.router.top_k = n * -(-k // n)
+        elif self._mode == "ranked" and k < self.full_k:
+            self.router.top_k = k + 1
+        else:
+            self.router.top_k = self.full_k
 
-    def use_bank_rows(self, index: int, sorted_blocks: bool) -> None:
+    def use_bank_rows(self, index: int, mode: RouteMode) -> None:
         """Route with router ``index`` of a router bank (its rows are the buffer ``bank_{index}``)."""
         self.router.weight.data = getattr(self, f"bank_{index}")
-        self.sorted_blocks = sorted_blocks
+        self.mode = mode
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self._top_k
+        if self._mode == "ranked" and k < self.full_k and hidden_states.device.type != "cpu":
+            return self._by_rule(hidden_states, *self._full_top_k(hidden_states))
         logits, weights, indices = self.router(hidden_states)
-        if self._sorted_blocks:
-            n, k = self.n_sub, self._top_k
+        if self._mode == "blocks":
+            n = self.n_sub
             whole, part = divmod(k, n)
             # The blocks are known by construction: the experts need not find them (runtime/grouped_mm.py).
             # Each block's expert is a new tensor, not a view: the blocks ride on the indices they describe,
@@ -134,24 +159,45 @@ class LinearGateRouter(nn.Module):
             expert = torch.div(indices[:, ::n], n, rounding_mode="floor")
             blocks = PrefixRouting(expert, (n,) * whole + ((part,) if part else ()))
             if part == 0:  # whole blocks: the stock routing as it is (copies in any order within a block)
-                kept_idx, kept_w = indices, weights
-            else:  # the last block's first `part` sub-experts, in index order
-                kept_idx = (expert.unsqueeze(-1) * n + self.sub_offsets).view(indices.shape[0], -1)[:, :k]
-                kept_w = weights[:, :k]  # the copies of an expert carry the same weight
+                setattr(indices, PREFIX_ATTR, blocks)
+                return logits, weights, indices
+            # the last block's first `part` sub-experts, in index order
+            kept_idx = (expert.unsqueeze(-1) * n + self.sub_offsets).view(indices.shape[0], -1)[:, :k]
+            kept_w = weights[:, :k]  # the copies of an expert carry the same weight
             setattr(kept_idx, PREFIX_ATTR, blocks)
-            if part == 0:
-                return logits, kept_w, kept_idx
-        elif self._top_k >= self.full_k:
+        elif k >= self.full_k:
             return logits, weights, indices
+        elif self._mode == "ranked":
+            score = self.selection_scores(self.router, logits).gather(1, indices)
+            if not bool((score[:, :k].amin(dim=1) > score[:, k]).all()):
+                return self._by_rule(hidden_states, *self._full_top_k(hidden_states))
+            kept_w, kept_idx = weights[:, :k], indices[:, :k]
         else:
-            by_index, perm = torch.sort(indices, dim=-1, stable=True)
-            score = self.selection_scores(self.router, logits).gather(1, by_index)
-            order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, : self._top_k]
-            keep = perm.gather(1, order)
-            kept_w, kept_idx = weights.gather(1, keep), indices.gather(1, keep)
-        if self.renormalize:  # the weights returned cover more pairs than the K kept
-            kept_w = kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
-        return logits, kept_w, kept_idx
+            return self._by_rule(hidden_states, logits, weights, indices)
+        return logits, self._renormalized(kept_w, weights), kept_idx
+
+    def _full_top_k(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stock router at the full top-(N*k), whatever K the mode has it at."""
+        saved, self.router.top_k = self.router.top_k, self.full_k
+        try:
+            return self.router(hidden_states)
+        finally:
+            self.router.top_k = saved
+
+    def _by_rule(self, hidden_states: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor,
+                 indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rule over the full top-(N*k) ``indices``: two stable sorts (by index, then by score)."""
+        by_index, perm = torch.sort(indices, dim=-1, stable=True)
+        score = self.selection_scores(self.router, logits).gather(1, by_index)
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, : self._top_k]
+        keep = perm.gather(1, order)
+        return logits, self._renormalized(weights.gather(1, keep), weights), indices.gather(1, keep)
+
+    def _renormalized(self, kept_w: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Where the family renormalises, the kept weights sum to what all the returned ones sum to."""
+        if not self.renormalize:
+            return kept_w
+        return kept_w * (weights.sum(dim=-1, keepdim=True) / kept_w.sum(dim=-1, keepdim=True))
 
 
 class ElasticRouter(nn.Module):

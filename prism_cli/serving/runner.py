@@ -194,10 +194,11 @@ def run_schedule(
     if settings.sim:
         from prism_cli.models.adapters import adapter_for_config
         from prism_cli.models.loading import load_config
-        from prism_cli.runtime.elastic import routes_by_blocks
+        from prism_cli.runtime.elastic import export_linear_mode
 
         # Rows at different linear points compute whole blocks where the export routes by blocks.
-        blocks = not settings.original and routes_by_blocks(meta, adapter_for_config(load_config(directory)).router_sorted)
+        router_sorted = adapter_for_config(load_config(directory)).router_sorted
+        blocks = not settings.original and export_linear_mode(meta, router_sorted) == "blocks"
         executor: Any = SimExecutor(cost_model, export_space.n_sub if blocks else None)
     else:
         executor = ModelExecutor(served, seed=settings.seed)

@@ -236,8 +236,9 @@ class Trainee:
         state = attach_elastic_state(model, export_dir)
         for router in state.flat_routers:
             # An untuned export's copies tie, and the runtime routes it by whole blocks of tied copies; the
-            # first step unties them, after which linear:K must be the router's own top-K, as served.
-            router.sorted_blocks = False
+            # first step unties them, after which linear:K must be the router's own top-K, as served. The
+            # rule gives both (and needs no read-back from the device to choose).
+            router.mode = "rule"
         _freeze_all_but(model, params)
         return cls(model, loaded.tokenizer, adapter, layers, params, state.n_sub, state.n_sub * state.source_top_k, total)
 
