@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -149,6 +149,11 @@ tune-gate: $(STAMP)
 	cp $(TUNE)/bench-bank/bench.json tables/tuned/bench_tuned.json
 	cp $(TUNE)/bench-untuned/bench.json tables/tuned/bench_untuned.json
 	cp $(TUNE)/bench-bank/bench.png tables/tuned/frontier.png
+
+# A tuned router's linear gate in its two modes (ranked: top-(K+1), no sort; rule: two sorts) on the bank above.
+bench-router-modes: $(STAMP)
+	test -d $(TUNE)/bank || $(MAKE) tune-gate
+	$(BIN)/python scripts/bench_router_modes.py --export $(TUNE)/bank --out results/router_modes
 
 # The same at N = 8 (configs/builtin-n8.yaml), with the three runs the N = 4 bank chose from: is the gate's quality
 # at small K what limits the N = 8 count? -> results/tune_gate_bank_n8.*, tables/tuned-n8/ (about 25 minutes).

@@ -177,7 +177,8 @@ def _check_rule(family: str, model, router, x: torch.Tensor) -> None:
     """Oracle for ``linear:K`` below and at the full point, from the full top-(N*k): the pairs by (the
     router's ranking score, descending; sub-expert index, ascending), the first K kept, with the family's
     weights (renormalised over the K where the family renormalises). Whole experts may list an expert's
-    copies in any order (they weigh the same), and ``ranked`` mode its pairs in the router's order. The block shape rides on the indices in ``blocks`` mode only."""
+    copies in any order (they weigh the same), and ``ranked`` mode its pairs in the router's order. The
+    block shape rides on the indices in ``blocks`` mode only."""
     from prism_cli import set_operating_point
     from prism_cli.runtime.grouped_mm import PREFIX_ATTR, prefix_routing
 
