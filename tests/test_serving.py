@@ -487,6 +487,28 @@ def test_rows_at_linear_points_route_in_one_call_as_each_point_alone(family, tmp
     assert set(reset_dispatch_counts()) == {"prefix-padded"}
 
 
+def test_rows_of_a_tuned_router_get_their_points(tmp_path):
+    """A tuned router's copies no longer tie (``ranked`` mode: each point's own top-K): rows at different
+    linear points in one forward give each row what the model at its point gives it."""
+    from conftest import write_random_partition
+
+    from prism_cli import load_elastic
+    from prism_cli.export.builder import ExportSettings, export_model
+    from prism_cli.models.tiny import build_tiny_model
+    from prism_cli.operating_points import parse_operating_point
+
+    source = build_tiny_model("olmoe", tmp_path / "olmoe")
+    export_model(str(source), write_random_partition(source, tmp_path / "p.h5"), tmp_path / "export", ExportSettings(gate="linear"))
+    model = load_elastic(str(tmp_path / "export"))
+    gen = torch.Generator().manual_seed(6)
+    for router in model.prism_state.flat_routers:  # what training does to the rows, and how a tuned export routes
+        with torch.no_grad():
+            router.router.weight.add_(torch.randn(router.router.weight.shape, generator=gen) * 0.1)
+        router.mode = "ranked"
+    ids = torch.randint(0, 400, (5, 6), generator=torch.Generator().manual_seed(4))
+    _assert_rows_get_their_points(model, ids, [parse_operating_point(f"linear:{k}", "linear", 4, 2) for k in (1, 3, 4, 6, 8)])
+
+
 # --- the real engine -------------------------------------------------------------------------------
 
 @torch.inference_mode()
