@@ -1,11 +1,17 @@
-"""The training-free gate as a router module (SPEC 3.4a).
+"""The routers of an elastic model: what replaces a flat export's router in each MoE block.
 
-``GateNeuronRouter`` replaces a flat export's router in each MoE block. It runs the *original*
-router (rebuilt from the export's repeated rows, so routing is exactly the source model's, group
-limits and score corrections included), scores the sub-experts of the chosen experts from their gate
-neurons only, and lets an allocation policy pick the (expert, sub-expert) pairs. It returns the
-router protocol of transformers v5 -- ``(logits, weights, indices)`` -- with sub-expert indices, so
-the block's experts module (any experts implementation that accepts sentinel slots) does the rest.
+``ElasticRouter`` is installed once, at load, and holds both gates; ``set_operating_point`` only switches
+which runs. Each returns the router protocol of transformers v5 -- ``(logits, weights, indices)`` --
+with sub-expert indices, so the block's experts module (any experts implementation that accepts
+sentinel slots) does the rest.
+
+* ``LinearGateRouter`` (SPEC 3.4b): the stock flat router at ``linear:K``, with a defined order among an
+  expert's tied copies, found in one of three ways (``mode``: whole blocks of tied copies, a tuned
+  router's own top-K, or the general rule).
+* ``GateNeuronRouter`` (SPEC 3.4a, the training-free gate): runs the *original* router (rebuilt from the
+  export's repeated rows, so routing is exactly the source model's, group limits and score corrections
+  included), scores the sub-experts of the chosen experts from their gate neurons only, and lets an
+  allocation policy pick the (expert, sub-expert) pairs.
 """
 
 from __future__ import annotations
