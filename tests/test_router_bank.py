@@ -202,3 +202,14 @@ def test_cli_writes_the_bank_and_prints_the_choice(cli, candidates, tmp_path):
     assert "chosen" in result.out and "the checkpoint serves K = 4" in result.out
     meta = json.loads((out / "config.json").read_text())
     assert meta["num_experts_per_tok"] == 4 and set(meta["prism"]["router_bank"]["by_k"]) == {str(k) for k in BY_K}
+
+
+def test_each_router_routes_in_the_mode_its_copies_allow(candidates, bank):
+    """Tied copies (the untuned router) route by whole blocks; a tuned router's untied rows by its own
+    top-K (``ranked``), in a bank as on their own."""
+    assert {r.mode for r in prism_cli.load_elastic(str(candidates["untuned"])).prism_state.flat_routers} == {"blocks"}
+    assert {r.mode for r in prism_cli.load_elastic(str(candidates["a"])).prism_state.flat_routers} == {"ranked"}
+    model = prism_cli.load_elastic(str(bank))
+    for k, name in BY_K.items():
+        prism_cli.set_operating_point(model, f"linear:{k}")
+        assert {r.mode for r in model.prism_state.flat_routers} == {"blocks" if name == "untuned" else "ranked"}, k
