@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes decode-bound
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -253,6 +253,11 @@ profile-moe: serving-export serving-export-n8 executor-bounds executor-bounds-n8
 schedule-sweep: serving-export
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --sim --duration 300 --out results/schedule_sweep_sim
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --loads high --duration 60 --out results/schedule_sweep_real
+
+# What any policy could gain over FIFO on the original with every request at its own floor: measured steps and
+# ideal elasticity, from make cost-model's decode bench (no timing of its own).
+decode-bound: $(STAMP)
+	$(BIN)/python scripts/decode_bound.py --bench results/serving_bench_decode.json --out results/decode_bound
 
 # The real engine's high-load sweep alone, written apart: a second sample of schedule-sweep's real run.
 schedule-high: serving-export
