@@ -20,18 +20,24 @@ import argparse
 import json
 from pathlib import Path
 
+from prism_cli.errors import PrismError
 from prism_cli.report import ResultTable
+from prism_cli.serving.floors import PointSpace, parse_mix
 from prism_cli.serving.runner import ScheduleSettings
 
 
-def _mix(text: str) -> dict[str, float]:
-    """``linear:2=0.5,...`` -> shares summing to one (the schedule command's syntax)."""
-    shares = {}
-    for part in text.split(","):
-        point, _, share = part.strip().rpartition("=")
-        shares[point] = float(share)
-    total = sum(shares.values())
-    return {p: s / total for p, s in shares.items()}
+def _mix(text: str, points: dict[str, dict]) -> dict[str, float]:
+    """The floor mix (the schedule command's syntax and checks) as ``{point: share}``, over the bench's points."""
+    full = max((p for p in points.values() if p["kind"] == "original"), key=lambda p: p["active"])
+    top_k = int(full["point"].rpartition(":")[2])  # original:k
+    gate = "neurons" if any(name.startswith(("topk", "threshold")) for name in points) else "linear"
+    try:
+        mix = parse_mix(text, PointSpace(gate, int(full["active"]) // top_k, top_k))
+    except PrismError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if any(f.point is None for f, _ in mix):
+        raise SystemExit("error: --floors: give points, not perplexity ceilings (this bound has no ladder)")
+    return {str(f.point): share for f, share in mix}
 
 
 def main() -> None:
@@ -44,7 +50,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.bench} does not exist (make cost-model writes it)")
     bench = json.loads(args.bench.read_text())
     points = {p["point"]: p for p in bench["points"]}
-    mix = _mix(args.floors)
+    mix = _mix(args.floors, points)
     missing = [p for p in mix if p not in points]
     if missing:
         raise SystemExit(f"error: {args.bench} has no timing of {', '.join(missing)}")
