@@ -37,16 +37,15 @@ def _timed(call, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def _takes_rule(router: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether the ranked call meets a tie at its boundary and runs the rule."""
+def _ranked_call(router: torch.nn.Module, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """The ranked call's outputs, and whether it met a tie at its boundary and ran the rule."""
     ran: list[bool] = []
     rule = router._by_rule
     router._by_rule = lambda *a: ran.append(True) or rule(*a)
     try:
-        router(x)
+        return router(x), bool(ran)
     finally:
         del router._by_rule
-    return bool(ran)
 
 
 def main() -> None:
@@ -82,8 +81,8 @@ def main() -> None:
             took_rule = 0
             with torch.inference_mode():
                 for r, x in zip(routers, xs, strict=True):  # both modes keep the same pairs and weights
-                    took_rule += _takes_rule(r, x)
-                    _, w1, i1 = r(x)
+                    (_, w1, i1), took = _ranked_call(r, x)
+                    took_rule += took
                     r.mode = "rule"
                     _, w2, i2 = r(x)
                     r.mode = "ranked"

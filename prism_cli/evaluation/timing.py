@@ -163,8 +163,7 @@ class StepTimer:
         cache fails here, in one line."""
         try:
             with torch.inference_mode():
-                self.cache = self.model(input_ids=self.ids[:, : self.seq_len], use_cache=True,
-                                        **{self._cache_kw: reserved_cache(self.model.config)}).past_key_values
+                self.cache = self._prompt_cache()
             self._step()
         except Exception as exc:
             if _is_oom(exc):
@@ -172,6 +171,11 @@ class StepTimer:
             raise PrismError(f"this model cannot decode over its KV cache in transformers ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); bench it with --mode prefill") from None
         self._rewind()
+
+    def _prompt_cache(self) -> Any:
+        """The prompt's KV cache, in a cache whose layers keep spare columns (``runtime/kvcache.py``)."""
+        return self.model(input_ids=self.ids[:, : self.seq_len], use_cache=True,
+                          **{self._cache_kw: reserved_cache(self.model.config)}).past_key_values
 
     def _rewind(self) -> None:
         """Take the decoded token off the cache again (outside the timed region). A cache with recurrent
@@ -185,9 +189,7 @@ class StepTimer:
                 return
             except Exception:  # noqa: BLE001 - each cache class refuses in its own way
                 with torch.inference_mode():
-                    prompt = self.ids[:, : self.seq_len]
-                    self._pristine = self.model(input_ids=prompt, use_cache=True,
-                                                **{self._cache_kw: reserved_cache(self.model.config)}).past_key_values
+                    self._pristine = self._prompt_cache()
         self.cache = copy.deepcopy(self._pristine)
 
     def summarize(self, samples: list[tuple[float, float | None, float]]) -> Latency:
