@@ -25,6 +25,7 @@ demo: executor-bounds
 	$(BIN)/prism profile --config configs/builtin.yaml --out $(RUN)/profile.h5
 	$(BIN)/prism partition $(RUN)/profile.h5 --config configs/builtin.yaml --out $(RUN)/partition.h5
 	$(BIN)/prism export builtin $(RUN)/partition.h5 --config configs/builtin.yaml --out $(RUN)/export --force
+	$(BIN)/prism rank-layers $(RUN)/export --config configs/builtin.yaml
 	$(BIN)/prism bench $(RUN)/export --config configs/builtin.yaml --batch 8 --min-quality 45 --out $(RUN)/bench
 
 test: $(STAMP)

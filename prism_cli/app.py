@@ -18,6 +18,7 @@ from prism_cli.commands import (
     partition,
     plan,
     profile,
+    rank_layers,
     schedule,
     select_routers,
     serve,
@@ -65,6 +66,7 @@ app.add_typer(plan.app, name="plan")
 app.command("export")(export.export)
 app.command("tune-gate")(tune_gate.tune_gate)
 app.command("select-routers")(select_routers.select_routers)
+app.command("rank-layers")(rank_layers.rank_layers)
 app.command("bench")(bench.bench)
 app.command("eval")(eval_cmd.evaluate)
 app.command("tables")(tables.tables)

@@ -6,6 +6,10 @@ Written ``policy:value``:
 * ``topk:K``       training-free gate: the K best (expert, sub-expert) pairs per token (SPEC 3.4a);
 * ``pattern:P``    training-free gate, the paper's per-rank pattern (``4,3,1``) or a total K;
 * ``threshold:T``  training-free gate, pairs until their estimated share of mass reaches T (variable);
+* ``layered:K+j``  the linear gate at ``K`` in every MoE layer but ``j``, which take ``K+1``: the ``j`` layers
+                   where one more sub-expert helped most on calibration text (``prism rank-layers``), so
+                   a token computes ``K + j/L`` sub-experts on average over ``L`` layers, between two
+                   ``linear`` points;
 * ``original:k``   a plain (not exported) model at top-k experts (the baseline).
 
 A bare integer means the gate's own default policy (``linear`` or ``topk``).
@@ -28,7 +32,8 @@ class OperatingPoint:
     value: int | float | tuple[int, ...]
 
     def __str__(self) -> str:
-        value = ",".join(map(str, self.value)) if isinstance(self.value, tuple) else self.value
+        sep = "+" if self.policy == "layered" else ","
+        value = sep.join(map(str, self.value)) if isinstance(self.value, tuple) else self.value
         return f"{self.policy}:{value}"
 
 
@@ -44,7 +49,7 @@ def parse_operating_point(spec: str | int | OperatingPoint, gate: str | None, n_
         policy, sep, raw = text.partition(":")
         if not sep:
             policy, raw = {"linear": "linear", "neurons": "topk", None: "original"}[gate], text
-    allowed = {None: ("original",), "linear": ("linear",), "neurons": ("linear", *NEURON_POLICIES)}[gate]
+    allowed = {None: ("original",), "linear": ("linear", "layered"), "neurons": ("linear", "layered", *NEURON_POLICIES)}[gate]
     if policy not in allowed:
         raise PrismError(f"operating point {spec!r} is not available here; policies: {', '.join(allowed)}")
     if policy == "pattern":
@@ -57,6 +62,8 @@ def parse_operating_point(spec: str | int | OperatingPoint, gate: str | None, n_
         if not 0.0 < tau <= 1.0:
             raise PrismError(f"threshold {tau} must be in (0, 1]")
         return OperatingPoint(policy, tau)
+    if policy == "layered":
+        return OperatingPoint(policy, raw if isinstance(raw, tuple) else _layered(str(raw), n_sub, top_k))
     try:
         k = int(raw)
     except ValueError:
@@ -65,6 +72,19 @@ def parse_operating_point(spec: str | int | OperatingPoint, gate: str | None, n_
     if not 1 <= k <= limit:
         raise PrismError(f"operating point {policy}:{k} is outside 1..{limit}")
     return OperatingPoint(policy, k)
+
+
+def _layered(raw: str, n_sub: int, top_k: int) -> tuple[int, int]:
+    """``K+j``: K in ``1 .. N*k - 1`` (there is a K+1 to give), at least one layer at K+1. Whether the
+    model has ``j`` layers to give it and a ranking of them is checked where the point is set."""
+    base, plus, extra = raw.partition("+")
+    try:
+        k, j = int(base), int(extra)
+    except ValueError:
+        raise PrismError(f"layered point {raw!r} must be K+j (e.g. layered:2+2), integers") from None
+    if not plus or not 1 <= k < n_sub * top_k or j < 1:
+        raise PrismError(f"layered:{raw}: K must be within 1..{n_sub * top_k - 1} and j at least 1 (K+j: j layers at K+1)")
+    return k, j
 
 
 def _pattern(raw: str, n_sub: int, top_k: int) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ def _assert_same_quality(fresh: list[dict], committed: list[dict[str, str]], *, 
 
 
 #: One row of each kind of point (about 10 s each on 2 cores); the slow test checks every row.
-QUICK_POINTS = ["linear:3", "topk:1", "topk:5", "threshold:0.9"]  # the original top-1..k rows come with any sweep
+QUICK_POINTS = ["linear:3", "layered:2+2", "topk:1", "topk:5", "threshold:0.9"]  # the original top-1..k rows come with any sweep
 
 
 def test_quality_columns_match_the_committed_table(tmp_path: Path) -> None:

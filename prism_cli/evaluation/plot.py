@@ -13,7 +13,7 @@ from prism_cli.evaluation.bench import BenchReport
 from prism_cli.evaluation.pareto import COUNT_RULE
 from prism_cli.io import atomic_path
 
-_STYLE = {"original": ("tab:red", "s"), "linear": ("tab:gray", "^"), "topk": ("tab:blue", "o"),
+_STYLE = {"original": ("tab:red", "s"), "linear": ("tab:gray", "^"), "layered": ("tab:orange", ">"), "topk": ("tab:blue", "o"),
           "pattern": ("tab:purple", "D"), "threshold": ("tab:green", "v")}
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from prism_cli.evaluation.bench import BenchReport, run_bench
 from prism_cli.evaluation.bench_tables import same_routing_table
-from prism_cli.export.builder import ExportSettings, export_model
-from prism_cli.pipeline.tables import TableConfig, bench_settings
+from prism_cli.pipeline.tables import TableConfig, bench_settings, table_export
 from prism_cli.report import ResultTable
 
 
@@ -37,8 +36,7 @@ def main() -> None:
     reports: list[BenchReport] = []
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(tmp) / "export"
-        export_model(config.model, args.tables / config.name / "partition.h5", export_dir,
-                     ExportSettings(**config.export))
+        table_export(config, args.tables / config.name / "partition.h5", export_dir)
         quality = None
         for run in range(args.runs):
             report = run_bench(str(export_dir), text, settings, quality=quality)

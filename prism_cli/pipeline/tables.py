@@ -1,7 +1,7 @@
 """Operating-point tables regenerated from a YAML config (``prism tables``, ``make tables``, CI jobs).
 
 A table config names the model and the settings of every stage; ``regenerate`` runs
-profile -> partition -> export -> bench in a work folder and writes into ``<out>/<name>/``:
+profile -> partition -> export (-> rank-layers, with a ``layers`` section) -> bench in a work folder and writes into ``<out>/<name>/``:
 
 * ``operating_points.{md,csv,json}``: every point, quality columns (reproducible under the seed) and
   latency columns labelled with the machine they were measured on;
@@ -32,6 +32,7 @@ from prism_cli.models.loading import load_model
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
 from prism_cli.solvers.format import write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile
+from prism_cli.tuning.layers import rank_export
 
 __all__ = ["QUALITY_COLUMNS", "TableConfig", "quality_table", "regenerate"]
 
@@ -45,18 +46,31 @@ class TableConfig:
     profile: dict[str, Any] = field(default_factory=dict)
     partition: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    #: ``prism rank-layers`` settings (``data``, ``tokens``; the ``rank-layers`` section of the file);
+    #: present: the export offers layered points.
+    layers: dict[str, Any] | None = None
     bench: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> TableConfig:
         data = load_run_config(path)
-        known = {"name", "model", "seed", "device", "profile", "partition", "export", "bench", "data"}
+        known = {"name", "model", "seed", "device", "profile", "partition", "export", "rank-layers", "bench", "data"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise unknown_key(f"table config {path}", "key", unknown[0], known)
         data.pop("data", None)
+        if "rank-layers" in data:
+            data["layers"] = data.pop("rank-layers") or {}
         data.setdefault("name", Path(path).stem)
         return cls(**data)
+
+
+    def as_file(self) -> dict[str, Any]:
+        """The config as a file that ``load`` reads back (sections under their command names)."""
+        data = {k: v for k, v in vars(self).items() if k != "layers"}
+        if self.layers is not None:
+            data = {**{k: v for k, v in data.items() if k != "bench"}, "rank-layers": self.layers, "bench": self.bench}
+        return data
 
 
 def _pick(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
@@ -78,6 +92,14 @@ def bench_settings(config: TableConfig, *, quality_only: bool = False,
     settings = BenchSettings(batches=batches, seed=config.seed, quality_only=quality_only, device=config.device,
                              points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
     return settings, text
+
+
+def table_export(config: TableConfig, partition: Path, out: Path) -> None:
+    """Export ``partition`` as the config says, then rank its layers where the config has a ``layers`` section."""
+    exp = _pick(config.export, {"gate", "operating_point"}, "export")
+    export_model(config.model, partition, out, ExportSettings(**exp), force=True)
+    if config.layers is not None:
+        rank_export(out, **_pick(config.layers, {"data", "tokens", "seq_len"}, "rank-layers"))
 
 
 def regenerate(
@@ -117,8 +139,7 @@ def regenerate(
                                    on_done=(lambda *_: advance(1)) if advance else None)
         partition = work / "partition.h5"
         write_partition(partition, result)
-    exp = _pick(config.export, {"gate", "operating_point"}, "export")
-    export_model(config.model, partition, work / "export", ExportSettings(**exp), force=True)
+    table_export(config, partition, work / "export")
     settings, text = bench_settings(config, quality_only=quality_only, points=points)
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
     if quality_only:
@@ -130,5 +151,5 @@ def regenerate(
     plot_frontiers(report, settings.batches[0], table_dir / "frontier.png")
     if partition.resolve() != (table_dir / "partition.h5").resolve():
         shutil.copyfile(partition, table_dir / "partition.h5")
-    write_text(table_dir / "config.yaml", yaml.safe_dump(vars(config), sort_keys=False))
+    write_text(table_dir / "config.yaml", yaml.safe_dump(config.as_file(), sort_keys=False))
     return table_dir, report

@@ -24,6 +24,7 @@ from prism_cli.models.adapters import MoELayer, adapter_for_config
 from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
+from prism_cli.runtime.layers import LayerRanking, read_ranking, set_layer_ks
 from prism_cli.runtime.policies import POLICIES
 from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter, RouteMode
 
@@ -56,9 +57,26 @@ class ElasticState:
     point: OperatingPoint | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     bank: RouterBank | None = None
+    #: Which layers take K+1 at ``layered:K+j`` (``prism rank-layers``); None: no layered points.
+    ranking: LayerRanking | None = None
 
     def points(self) -> list[OperatingPoint]:
-        return default_operating_points(self.gate, self.n_sub, self.source_top_k)
+        """The points the export advertises: its gate's, and with a layer ranking ``layered:K+L/2`` between
+        every two linear points (half the layers at K+1; ``layered:K+j`` takes any j)."""
+        points = default_operating_points(self.gate, self.n_sub, self.source_top_k)
+        if self.ranking is not None and self.gate is not None:
+            half = len(self.layers) // 2
+            points += [OperatingPoint("layered", (k, half)) for k in sorted(self.ranking.order)]
+        return points
+
+    def layer_ks(self, op: OperatingPoint) -> list[int]:
+        """The router's top-K in every MoE layer at a ``linear``, ``layered`` or ``original`` point."""
+        if op.policy != "layered":
+            return [int(op.value)] * len(self.layers)
+        if self.ranking is None:
+            raise PrismError(f"{op} needs a layer ranking, and this export has none: run `prism rank-layers DIR` on it")
+        k, extra = op.value  # type: ignore[misc]
+        return self.ranking.layer_ks(k, extra, len(self.layers))
 
     def route_linear(self, layer: int, k: int) -> None:
         """Put layer ``layer``'s linear gate at top-``k``, with the bank's router for ``k`` where there is one."""
@@ -131,7 +149,8 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
         mode = export_linear_mode(meta, adapter.router_sorted)
         flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores, n_sub,
                                  mode=mode) for layer in layers]
-        state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta)
+        state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta,
+                             ranking=read_ranking(directory, len(layers), n_sub * top_k))
         if "router_bank" in meta:
             state.bank = _load_bank(directory, meta, layers, flat, adapter.router_sorted)
         if meta["gate"] == "neurons":
@@ -196,15 +215,13 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
     if state is None:
         state = attach_elastic_state(model, None)
     op = parse_operating_point(point, state.gate, state.n_sub, state.source_top_k)
-    neurons = op.policy not in ("linear", "original")
-    policy = POLICIES.get(op.policy)(state.n_sub, state.source_top_k, state.source_experts) if neurons else None
-    for i in range(len(state.layers)):
-        if neurons:
+    if op.policy in ("linear", "layered", "original"):
+        set_layer_ks(model, state.layer_ks(op))  # a layered point without a ranking: one line, nothing changed
+    else:
+        policy = POLICIES.get(op.policy)(state.n_sub, state.source_top_k, state.source_experts)
+        for i in range(len(state.layers)):
             state.gate_routers[i].policy, state.gate_routers[i].value = policy, op.value
-        else:
-            state.route_linear(i, int(op.value))
-        if state.elastic_routers:
-            state.elastic_routers[i].use_neurons = neurons
+            state.elastic_routers[i].use_neurons = True
     state.point = op
     return op
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.elastic import ElasticState, attach_elastic_state
 from prism_cli.runtime.grouped_mm import PREFIX_ATTR, PrefixRouting
@@ -177,6 +178,9 @@ def _routers(model: Any) -> list[RowPointRouter]:
 
 def set_row_points(model: Any, points: list[OperatingPoint], tokens_per_row: int) -> None:
     """The next forwards run row r (``tokens_per_row`` consecutive tokens) at ``points[r]``."""
+    layered = [str(p) for p in points if p.policy == "layered"]
+    if layered:  # its K is per layer, not per token
+        raise PrismError(f"{layered[0]} cannot be a row's point: a layered point sets each layer's K for the whole batch")
     routers = _routers(model)
     device = next(model.parameters()).device
     per_token = [p for p in points for _ in range(tokens_per_row)]

@@ -36,7 +36,7 @@ class PointSpace:
 
     def parse(self, spec: str | OperatingPoint) -> OperatingPoint:
         op = parse_operating_point(spec, self.gate, self.n_sub, self.top_k)
-        if op.policy == "pattern":
+        if op.policy in ("pattern", "layered"):
             raise PrismError(f"{op} cannot be a quality floor: use linear, topk or threshold points, or ppl:CEILING")
         return op
 
