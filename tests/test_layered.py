@@ -131,6 +131,15 @@ def test_refusals(ranked, tiny_export, tmp_path):
         set_row_points(model, [parse_operating_point("layered:2+1", "neurons", N_SUB, TOP_K)], 4)
 
 
+def test_an_export_refuses_a_layered_default_point(cli, tiny_model_dir, tmp_path):
+    from conftest import write_random_partition
+
+    part = write_random_partition(tiny_model_dir("olmoe"), tmp_path / "p.h5", seed=1)
+    out = tmp_path / "export"
+    assert_one_line_failure(cli("export", tiny_model_dir("olmoe"), part, "--out", out, "-K", "layered:2+1"), "rank-layers")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     ("{not json", "cannot read layer ranking"),
     ('{"format": 1, "data": "x", "tokens": 5, "order": {"1": [0]}, "perplexity": {}, "base": {}}', "does not fit"),

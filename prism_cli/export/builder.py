@@ -212,6 +212,9 @@ def _check_inputs(model: str | None, partition_path: str | Path, out: Path, sett
     default_point = parse_operating_point(
         settings.operating_point or str(n_sub * adapter.top_k), settings.gate, n_sub, adapter.top_k
     )
+    if default_point.policy == "layered":
+        raise PrismError(f"{default_point} cannot be an export's default point: its layer ranking is made from the "
+                         "export (`prism rank-layers DIR`); export at a linear point and choose it at load")
     reader = CheckpointReader(source)
     plan = _plan(reader, adapter)
     if sorted(plan.layers) != partition.layers:
