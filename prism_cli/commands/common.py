@@ -107,7 +107,7 @@ class StageBars:
 
     def __call__(self, name: str, total: int):
         self.close()
-        unit = {"quality": "tokens", "profile": "tokens", "partition": "experts"}.get(name.split()[0], "points")
+        unit = {"quality": "tokens", "profile": "tokens", "partition": "experts", "rank": "runs"}.get(name.split()[0], "points")
         bar = progress_bar(name, total=total, unit=unit)
         advance = bar.__enter__()
         self._open.append(bar)

@@ -19,7 +19,7 @@ def tables(
     partition: Path = typer.Option(None, help="Reuse this partition instead of profiling and solving again."),
     quality_only: bool = typer.Option(False, "--quality-only", help="Skip timing; print the quality columns only."),
 ) -> None:
-    """Run profile -> partition -> export -> bench for a config and write its operating-point tables."""
+    """Run profile -> partition -> export (-> rank-layers) -> bench for a config and write its operating-point tables."""
     from prism_cli.evaluation.bench_tables import summary_tables
     from prism_cli.pipeline.tables import TableConfig, quality_table, regenerate
 

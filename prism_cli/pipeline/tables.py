@@ -94,12 +94,16 @@ def bench_settings(config: TableConfig, *, quality_only: bool = False,
     return settings, text
 
 
-def table_export(config: TableConfig, partition: Path, out: Path) -> None:
-    """Export ``partition`` as the config says, then rank its layers where the config has a ``layers`` section."""
+def table_export(config: TableConfig, partition: Path, out: Path,
+                 on_stage: Callable[[str, int], Callable[..., None]] | None = None) -> None:
+    """Export ``partition`` as the config says, then rank its layers where the config has a ``rank-layers`` section."""
     exp = _pick(config.export, {"gate", "operating_point"}, "export")
     export_model(config.model, partition, out, ExportSettings(**exp), force=True)
     if config.layers is not None:
-        rank_export(out, **_pick(config.layers, {"data", "tokens", "seq_len"}, "rank-layers"))
+        advance = on_stage("rank layers", 0) if on_stage else None
+        rank_export(out, **_pick(config.layers, {"data", "tokens", "seq_len"}, "rank-layers"),
+                    on_start=(lambda total: advance(0, total=total)) if advance else None,
+                    on_step=(lambda: advance(1)) if advance else None)
 
 
 def regenerate(
@@ -139,7 +143,7 @@ def regenerate(
                                    on_done=(lambda *_: advance(1)) if advance else None)
         partition = work / "partition.h5"
         write_partition(partition, result)
-    table_export(config, partition, work / "export")
+    table_export(config, partition, work / "export", on_stage)
     settings, text = bench_settings(config, quality_only=quality_only, points=points)
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
     if quality_only:
