@@ -146,7 +146,8 @@ def equal_compute_table(report: BenchReport) -> ResultTable | None:
 
 
 def elasticity_table(report: BenchReport) -> ResultTable | None:
-    """MoE-layer time at K over the same policy's time at N*k, against the ideal K/(N*k) (CPU: timed by hooks)."""
+    """MoE-layer time at K over the same policy's time at N*k, against the ideal K/(N*k) (CPU: timed by hooks);
+    layered points against the linear gate's, at their mean K (the sub-experts their tokens computed)."""
     if not report.settings.batches:
         return None
     b0 = report.settings.batches[0]
@@ -159,11 +160,13 @@ def elasticity_table(report: BenchReport) -> ResultTable | None:
                         ["point", "K / (N*k)", "MoE ms", "MoE time ratio", "elasticity (ratio / ideal)", "step ms"])
     for p in report.points:
         policy = p.point.split(":")[0]
+        layered = policy == "layered"  # the linear gate at K in some layers, K+1 in others: its mean K
+        policy = "linear" if layered else policy
         if policy not in fulls or fulls[policy] is None:
             continue
         moe, full = p.latency[b0].moe_ms, fulls[policy].latency[b0].moe_ms
         ratio = moe / full if moe and full else None
-        ideal = _k(p) / full_k
+        ideal = (p.quality.active if layered else _k(p)) / full_k
         table.add(p.point, ideal, moe, ratio, ratio / ideal if ratio else None, p.latency[b0].median_ms)
     table.notes.append("1.0 = MoE time exactly proportional to the sub-experts computed; above 1 = fixed overhead")
     return table
