@@ -411,6 +411,8 @@ def test_bad_offload_input_is_one_line(cli, export_dir):
         "--routing", "balanced").assert_one_line_error("--shape")
     cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "topk:2", "--shape", "gpt-9").assert_one_line_error(
         "unknown model shape")
+    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "layered:2+1").assert_one_line_error(
+        "layered points")
 
 
 def test_offload_bench_live_writes_its_tables(cli, export_dir, tmp_path):

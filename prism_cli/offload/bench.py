@@ -166,6 +166,16 @@ def run_offload_bench(target: str, settings: OffloadBenchSettings,
 
 
 # ---- pairing ------------------------------------------------------------------------------------
+def _asked_points(specs: list[str], gate: str | None, n_sub: int, top_k: int) -> list[OperatingPoint]:
+    """The points to measure; layered points are refused in one line (pairs and replays take one K for every layer)."""
+    points = [parse_operating_point(p, gate, n_sub, top_k) for p in specs]
+    layered = [str(p) for p in points if p.policy == "layered"]
+    if layered:
+        raise PrismError(f"offload-bench does not take layered points ({layered[0]}): it measures one K in every layer; "
+                         "measure the linear points on either side")
+    return points
+
+
 def _elastic_points(points: list[OperatingPoint]) -> list[OperatingPoint]:
     return [p for p in points if p.policy != "original"]
 
@@ -223,7 +233,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     elastic = load_elastic_model(target, dtype=settings.dtype, device="cpu")
     state = elastic.model.prism_state
     n_sub, top_k = state.n_sub, state.source_top_k
-    asked = [parse_operating_point(p, state.gate, n_sub, top_k) for p in settings.points]
+    asked = _asked_points(settings.points, state.gate, n_sub, top_k)
     try:
         source = load_model(meta["source"]["model"], dtype=settings.dtype, device="cpu",
                             experts_implementation=EXPERTS_IMPLEMENTATION)
@@ -427,7 +437,7 @@ def _replay_bench(target: str, settings: OffloadBenchSettings,
     else:
         trace_note += "; routing: the recorded routing mapped to the shape (trace.py)"
     mapping = TraceMapping(trace, shape.num_experts, shape.top_k, shape.moe_layers, settings.seed)
-    asked = [parse_operating_point(p, "neurons", n_sub, shape.top_k) for p in settings.points]
+    asked = _asked_points(settings.points, "neurons", n_sub, shape.top_k)
     pairs = _pairs(asked, n_sub, shape.top_k, _ceil_floor(n_sub, shape.top_k))
     wanted = list(dict.fromkeys([*map(str, asked), *(p.baseline for p in pairs), *(p.middle for p in pairs)]))
     compute = COMPUTE_MODELS.get(settings.compute)(shape)
