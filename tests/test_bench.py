@@ -185,11 +185,17 @@ def test_a_layered_point_is_timed_against_the_linear_gate_at_its_mean_k():
     """``layered:2+2`` over 4 layers computes 2.5 sub-experts a token: its ideal MoE time is 2.5/8 of ``linear:8``'s."""
     points = [_point("linear:8", "elastic", 10.0, 2.0, 8), _point("layered:2+2", "elastic", 12.0, 0.9, 2.5),
               _point("original:1", "original", 11.0, 1.3, 4), _point("original:2", "original", 10.0, 1.8, 8)]
-    elasticity = next(t for t in summary_tables(_report(points)) if t.title.startswith("elasticity")).records()
+    tables = summary_tables(_report(points))
+    elasticity = next(t for t in tables if t.title.startswith("elasticity")).records()
     row = next(r for r in elasticity if r["point"] == "layered:2+2")
     assert row["K / (N*k)"] == pytest.approx(2.5 / 8)
     assert row["MoE time ratio"] == pytest.approx(0.45 / 1.0)  # MoE ms is half the step in these hand-made points
     assert row["elasticity (ratio / ideal)"] == pytest.approx(0.45 / (2.5 / 8))
+    # counted: layered:2+2 (0.9 ms), original:1 (1.3), original:2 (1.8); without it the original's two
+    count = next(t for t in tables if t.title.startswith("distinct stable")).records()[0]
+    assert (count["counted"], count["counted without layered points"]) == (3, 2)
+    assert "counted without layered points" not in next(t for t in summary_tables(_report(points[:1] + points[2:]))
+                                                        if t.title.startswith("distinct stable")).columns
 
 
 def test_best_under_budget_by_hand():

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from prism_cli.environment import machine_label
-from prism_cli.evaluation.bench import BenchReport, PointResult
+from prism_cli.evaluation.bench import BenchReport, PointResult, count_points
 from prism_cli.evaluation.pareto import COUNT_RULE
 from prism_cli.operating_points import parse_operating_point
 from prism_cli.report import ResultTable
@@ -75,11 +75,16 @@ def screen_table(report: BenchReport) -> ResultTable:
 
 
 def count_table(report: BenchReport) -> ResultTable:
+    """The count per batch; with layered points in the run, also what the count would be without them."""
+    plain = [p for p in report.points if not p.point.startswith("layered:")]
+    layered = len(plain) < len(report.points)
     table = ResultTable("distinct stable operating points (one frontier over elastic and original points)",
-                        ["batch", "counted", "elastic", "original alone", "ratio", "counted points"])
+                        ["batch", "counted", "elastic", "original alone", "ratio", "counted points",
+                         *(["counted without layered points"] if layered else [])])
     for b in report.settings.batches:
         c = report.counts[b]
-        table.add(b, len(c.counted), c.elastic, len(c.original_alone), c.ratio, ", ".join(c.counted))
+        without = [len(count_points(plain, b, report.full_perplexity).counted)] if layered else []
+        table.add(b, len(c.counted), c.elastic, len(c.original_alone), c.ratio, ", ".join(c.counted), *without)
     table.notes.append(COUNT_RULE.describe() + "; ratio = counted / the original's own count")
     return table
 
