@@ -110,3 +110,12 @@ def load_text(data: str | None, default_split: str) -> tuple[str, str]:
     if not text.strip():
         raise PrismError(f"data file {spec} is empty")
     return text, str(path)
+
+
+def load_selection_text(data: str | None, what: str) -> tuple[str, str]:
+    """``load_text`` for text a setting is chosen on (``what``, e.g. ``"choose routers"``): the built-in
+    calibration split by default, and never the evaluation split, which only reports results."""
+    if data is not None and data.strip() == f"{BUILTIN_PREFIX}eval":
+        raise PrismError(f"the evaluation split only reports results: {what} on {BUILTIN_PREFIX}calibration "
+                         "(the default) or a text file of your own")
+    return load_text(data, "calibration")

@@ -115,16 +115,13 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
                    ) -> tuple[BankChoice, int]:
     """Measure every candidate at every ``linear:K`` on validation text, choose per K, write the bank
     export to ``out``; returns the choice and the K the checkpoint's router serves."""
-    from prism_cli.data import load_text
+    from prism_cli.data import load_selection_text
     from prism_cli.tuning.benchmark import per_k_perplexity
 
     metas = check_candidates(candidates)
     if tokens < VALIDATION_SEQ_LEN:
         raise PrismError(f"--tokens must be at least {VALIDATION_SEQ_LEN} (one window of validation text), got {tokens}")
-    if data is not None and data.strip() == "builtin:eval":
-        raise PrismError("the evaluation split only reports results: choose routers on builtin:calibration "
-                         "(the default) or a validation file of your own")
-    text, data_name = load_text(data, "calibration")
+    text, data_name = load_selection_text(data, "choose routers")
     if out.exists() and not force:
         raise PrismError(f"{out} already exists; pass --force to replace it, or give a new folder")
     meta = next(iter(metas.values()))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prism_cli.data import load_text
+from prism_cli.data import load_selection_text
 from prism_cli.data.windows import token_windows
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.perplexity import perplexity
@@ -76,10 +76,7 @@ def rank_export(directory: Path, *, data: str | None = None, tokens: int = 16_38
         raise PrismError(f"--seq-len must be at least 2 (a token and the next), got {seq_len}")
     if tokens < seq_len:
         raise PrismError(f"--tokens must be at least --seq-len ({seq_len}: one window of calibration text), got {tokens}")
-    if data is not None and data.strip() == "builtin:eval":
-        raise PrismError("the evaluation split only reports results: rank layers on builtin:calibration "
-                         "(the default) or a calibration file of your own")
-    text, data_name = load_text(data, "calibration")
+    text, data_name = load_selection_text(data, "rank layers")
     loaded = load_elastic_model(str(directory))
     check_context_length(loaded.model.config, seq_len)
     state = loaded.model.prism_state
