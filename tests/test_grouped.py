@@ -234,7 +234,7 @@ def _handed(idx: torch.Tensor, w: torch.Tensor, n_sub: int, k: int, gen: torch.G
     idx = idx.clone()
     for j in range(whole):
         idx[:, j * n_sub : (j + 1) * n_sub] = idx[:, j * n_sub + torch.randperm(n_sub, generator=gen)]
-    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(idx[:, ::n_sub] // n_sub, lengths))
+    setattr(idx, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(idx[:, ::n_sub] // n_sub, lengths, uniform=True))
     return idx, w
 
 
@@ -255,6 +255,26 @@ def test_routing_handed_by_the_router_matches_the_brute_force(n_sub, tokens):
         assert path == ("prefix-one" if tokens == 1 else "prefix-mm"), k
         want = brute_force(module, x, idx, w)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_uniform_blocks_take_one_weight_per_block():
+    """A block wider than the hidden size (8 sub-experts of 8 > 32) with ``uniform`` is scaled after its
+    down projection by the weight of its first slot: right where the router's copies carry one weight
+    (the brute force), and visibly so where a caller claimed uniform weights that are not."""
+    n_sub, experts, tokens = 8, 6, 6
+    gen = torch.Generator().manual_seed(_seed("uniform"))
+    module = _olmoe_experts(experts * n_sub)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    idx, w = _handed(*linear_routing(tokens, experts, n_sub, 2 * n_sub, gen), n_sub, 2 * n_sub, gen)
+    with torch.no_grad():
+        got, path = grouped_mm.grouped_mm_forward(module, x, idx, w, n_sub, "mm")
+    assert path == "prefix-mm"
+    want = brute_force(module, x, idx, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    uneven = w * torch.linspace(0.5, 1.5, w.shape[1])
+    with torch.no_grad():
+        claimed, _ = grouped_mm.grouped_mm_forward(module, x, idx, uneven, n_sub, "mm")
+    assert not torch.allclose(claimed.double(), brute_force(module, x, idx, uneven), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("n_sub", [2, 4, 8])

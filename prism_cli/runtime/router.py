@@ -163,7 +163,7 @@ class LinearGateRouter(nn.Module):
             # and a view of those indices would tie them in a cycle through torch's view tracking that no
             # collector frees.
             expert = torch.div(indices[:, ::n], n, rounding_mode="floor")
-            blocks = PrefixRouting(expert, (n,) * whole + ((part,) if part else ()))
+            blocks = PrefixRouting(expert, (n,) * whole + ((part,) if part else ()), uniform=True)
             if part == 0:  # whole blocks: the stock routing as it is (copies in any order within a block)
                 setattr(indices, PREFIX_ATTR, blocks)
                 return logits, weights, indices
