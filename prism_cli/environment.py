@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +47,7 @@ def environment(device: Any = None) -> dict[str, Any]:
         "torch_threads": _torch_threads(),
         "cpu_allocator": cpu_allocator(),
         "executor_bounds": _executor_bounds(),
+        "source": source_revision(),
         "command": " ".join(["prism", *sys.argv[1:]]),
     }
     if device is not None and getattr(device, "type", None) == "cuda":
@@ -53,6 +55,22 @@ def environment(device: Any = None) -> dict[str, Any]:
 
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def source_revision(root: Path | None = None) -> str | None:
+    """The git commit of the prism checkout that ran (``+dirty`` with uncommitted changes to tracked files),
+    so that a regenerated table names the code that produced it; None for an installed package."""
+    root = root or Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git on this machine, or not a readable repository
+        return None
+    return commit + ("+dirty" if changed else "") if commit else None
 
 
 def _executor_bounds() -> str:
