@@ -44,16 +44,21 @@ def experts_module(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def shapes(tokens: int, experts: int, n_sub: int, top_k: int, k: int, gen: torch.Generator) -> dict[str, tuple]:
-    """Routing of ``tokens`` at linear:k and at k random sub-experts of the top experts (topk-like)."""
+    """Routing of ``tokens`` at linear:k, as the linear gate hands it over (each expert's weight on all its
+    slots, the block shape attached), and at k random sub-experts of the top experts (topk-like)."""
     chosen = torch.rand(tokens, experts, generator=gen).argsort(dim=1)[:, :top_k]
     blocks = [(r, min(n_sub, k - r * n_sub)) for r in range(-(-k // n_sub))]
     linear = torch.cat([chosen[:, r : r + 1] * n_sub + torch.arange(m) for r, m in blocks], dim=1)
+    expert_w = torch.rand(tokens, top_k, generator=gen) + 0.1
+    linear_w = torch.cat([expert_w[:, r : r + 1].expand(-1, m) for r, m in blocks], dim=1)
+    setattr(linear, grouped_mm.PREFIX_ATTR, grouped_mm.PrefixRouting(chosen[:, : len(blocks)], tuple(m for _, m in blocks),
+                                                                     uniform=True))
     pairs = (chosen[:, :, None] * n_sub + torch.arange(n_sub)).reshape(tokens, -1)
     pick = torch.rand(pairs.shape, generator=gen).argsort(dim=1)[:, :k]
     subsets = pairs.gather(1, pick.sort(dim=1).values)  # in candidate order, as the topk policy lists them
     w = torch.rand(tokens, k, generator=gen) + 0.1
     whole = chosen[:, : k // n_sub] if k % n_sub == 0 else None
-    return {"linear": (linear, w, whole), "subsets": (subsets, w, None)}
+    return {"linear": (linear, linear_w, whole), "subsets": (subsets, w, None)}
 
 
 def median_ms(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
