@@ -18,8 +18,9 @@ own ``grouped_mm`` implementation does for whole experts. Two shapes of routing 
   (``_apply_gate`` on each ``2w`` slice), then scaled by the sub-expert's routing weight before the down
   projection, or, where every block's sub-experts carry one weight (``PrefixRouting.uniform``: the linear
   gate's copies, whole experts) and the block is wider than the hidden size, the block's output after it
-  (as transformers scales an expert's output): the product over the smaller of the two. Rows are put back in token order by an inverse permutation and each token's blocks summed,
-  as transformers' ``grouped_mm`` does: a decode step pays per op, so the path runs no more ops than
+  (as transformers scales an expert's output): the product over the smaller of the two. Rows are put
+  back in token order by an inverse permutation and each token's blocks summed, as transformers'
+  ``grouped_mm`` does: a decode step pays per op, so the path runs no more ops than
   that one. Where blocks differ in length (``linear:6`` at N = 4 is a block of 4 and one of 2) a small
   call computes every block whole with zero weights on the sub-experts it does not take
   (``prefix-padded``): one grouped product per projection instead of one per length, more arithmetic
