@@ -12,6 +12,7 @@ from typing import Any
 from rich.table import Table as RichTable
 
 from prism_cli.console import console
+from prism_cli.environment import environment
 from prism_cli.errors import PrismError
 from prism_cli.io import check_output_folder, write_json, write_text
 
@@ -86,12 +87,15 @@ class ResultTable:
                 raise PrismError(f"cannot write {path}: it is a folder")
 
     def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
-        """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``)."""
+        """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``, and where that has
+        none, the ``environment()`` it was written in: every results file names its machine and commit)."""
         paths = self.paths(stem)
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         write_text(paths[0], self.markdown())
         write_text(paths[1], self.csv())
-        write_json(paths[2], {"title": self.title, "notes": self.notes, "rows": self.records(), **(extra or {})})
+        data = {"title": self.title, "notes": self.notes, "rows": self.records(), **(extra or {})}
+        data.setdefault("environment", environment())
+        write_json(paths[2], data)
         return paths
 
     def publish(self, stem: Path) -> None:

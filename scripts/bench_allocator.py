@@ -58,7 +58,7 @@ def main() -> None:
         "each setting in its own `prism bench` process, the original's points included; the two runs follow each other",
         "Command: python scripts/bench_allocator.py (make bench-allocator).",
     ]
-    table.save(args.out)
+    table.save(args.out, extra={"environment": env})
     print(table.markdown())
 
 

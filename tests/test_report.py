@@ -21,6 +21,9 @@ def test_save_writes_markdown_csv_and_json_next_to_the_stem(tmp_path: Path, name
     assert list(csv.DictReader(paths[1].open())) == [{"solver": "anneal", "cost": "0.5"}]
     data = json.loads(paths[2].read_text())
     assert data["rows"] == [{"solver": "anneal", "cost": 0.5}] and data["seed"] == 3
+    assert data["environment"]["processor"] and "source" in data["environment"]  # where the caller gave none
+    given = json.loads(table.save(tmp_path / "given", extra={"environment": {"gpu": "x"}})[2].read_text())
+    assert given["environment"] == {"gpu": "x"}
 
 
 def test_the_environment_names_the_commit_that_ran(tmp_path: Path) -> None:
