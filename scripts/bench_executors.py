@@ -172,7 +172,7 @@ def main() -> None:
         + (f", saved to {saved} for {key}." if saved else " (not saved: --save-bounds saves them)."),
         "Command: python " + " ".join(["scripts/bench_executors.py", *sys.argv[1:]]) + " (make bench-executors).",
     ]
-    table.save(args.out, extra={"environment": environment()})
+    table.save(args.out)
     print(table.markdown())
 
 

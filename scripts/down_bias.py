@@ -35,7 +35,6 @@ import torch
 
 from prism_cli.data import load_text, split_text
 from prism_cli.data.windows import token_windows
-from prism_cli.environment import environment
 from prism_cli.evaluation.perplexity import perplexity
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.models.loading import builtin_model_dir
@@ -209,8 +208,7 @@ def main() -> None:
         "Command: python scripts/down_bias.py --out results/down_bias (make down-bias).",
     ]
     table.save(args.out, extra={"source_perplexity": source, "training": training, "bias_stats": stats,
-                                "chosen": chosen, "calibration_results": chosen_on, "results": results,
-                                "environment": environment()})
+                                "chosen": chosen, "calibration_results": chosen_on, "results": results})
     print(table.markdown())
 
 

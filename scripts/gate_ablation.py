@@ -27,7 +27,6 @@ import numpy as np
 
 from prism_cli.data import split_text
 from prism_cli.data.windows import token_windows
-from prism_cli.environment import environment
 from prism_cli.evaluation.perplexity import perplexity
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.profiling.format import ProfileFile
@@ -118,7 +117,7 @@ def main() -> None:
         f"original model at top-1 (the compute of topk:{n_sub}): perplexity {original['calibration']:.4g} (calibration), "
         f"{original['eval']:.4g} (eval)",
     ]
-    table.save(args.out, extra={"environment": environment()})
+    table.save(args.out)
     print(table.markdown())
 
 

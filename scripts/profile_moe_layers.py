@@ -135,7 +135,7 @@ def main() -> None:
             f"command: python {' '.join(['scripts/profile_moe_layers.py', *sys.argv[1:]])} (make profile-moe)")
     for table, suffix in ((breakdown, "_gate"), (blocks, "_blocks"), (ops, "_ops")):
         table.notes.append(note)
-        table.save(args.out.with_name(args.out.name + suffix), extra={"environment": environment()})
+        table.save(args.out.with_name(args.out.name + suffix))
         print(table.markdown())
 
 
