@@ -324,7 +324,7 @@ def _blocks_of_length(module: torch.nn.Module, x: torch.Tensor, expert: torch.Te
     grouped products, then the rows are put back in token order and each token's blocks summed in a
     fixed order (deterministic, and fewer calls than an ``index_add_`` into a zeroed output). ``uniform``:
     a block's pieces carry one weight, which then scales the block's output where that is the smaller
-    product (``m*w`` wider than the hidden size: 5 % of a whole-expert call on the built-in model)."""
+    product (``m*w`` wider than the hidden size)."""
     tokens, blocks = expert.shape
     rows = tokens * blocks
     m = block_w.shape[1] // blocks
