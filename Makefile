@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes decode-bound
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-stability-n8 bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes decode-bound
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -48,6 +48,10 @@ tables-n8: executor-bounds executor-bounds-n8
 # The built-in table's timing three times from its committed partition: the count of each run.
 bench-stability: executor-bounds
 	$(BIN)/python -m prism_cli.pipeline.stability --config configs/builtin.yaml --runs 3 --out results/bench_stability
+
+# The same at N = 8, from tables/builtin-n8's committed partition.
+bench-stability-n8: executor-bounds executor-bounds-n8
+	$(BIN)/python -m prism_cli.pipeline.stability --config configs/builtin-n8.yaml --runs 3 --out results/bench_stability_n8
 
 # Benchmarks that write their numbers to files under results/.
 bench-profile: $(STAMP)
