@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_cli.environment import environment
 from prism_cli.report import ResultTable
 from prism_cli.solvers import SOLVERS, PartitionProblem
 from prism_cli.solvers.objectives import group_loads, paper_cost, retained_mass
@@ -56,8 +55,7 @@ def main() -> None:
         print(f"{name}: {statistics.median(times):.1f} s / expert, held-out cost {np.mean(costs):.4f}", flush=True)
     table.notes.append("target: nsga2 <= 30 s per expert on one core at OLMoE's shape")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.save(args.out.with_suffix(""), extra={"settings": vars(args) | {"out": str(args.out)}, "solvers": results,
-                                                "environment": environment()})
+    table.save(args.out.with_suffix(""), extra={"settings": vars(args) | {"out": str(args.out)}, "solvers": results})
     print(table.markdown())
 
 
