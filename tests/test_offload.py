@@ -415,6 +415,24 @@ def test_bad_offload_input_is_one_line(cli, export_dir):
         "layered points")
 
 
+def test_offload_bench_checks_its_budgets_before_any_work(export_dir):
+    """A budget too small for the models fails before the quality stage (minutes on a real model), not
+    when the first cache is attached after it."""
+    from prism_cli.offload.bench import OffloadBenchSettings, run_offload_bench
+
+    stages: list[str] = []
+
+    def on_stage(name: str, total: int):
+        stages.append(name)
+        return lambda _n: None
+
+    settings = OffloadBenchSettings([parse_budget("10kB")], ["topk:3"], quality_tokens=64, tokens=2, warmup=0, context=4)
+    with pytest.raises(PrismError, match="too small") as exc:
+        run_offload_bench(str(export_dir), settings, on_stage)
+    assert stages == []
+    assert "give at least" in str(exc.value)
+
+
 def test_offload_bench_live_writes_its_tables(cli, export_dir, tmp_path):
     out = tmp_path / "live"
     r = cli("offload-bench", export_dir, "--device-memory", "70%", "--points", "topk:4,linear:3", "--policy", "lru",

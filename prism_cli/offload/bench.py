@@ -222,7 +222,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     from prism_cli.data.windows import token_windows
     from prism_cli.evaluation.perplexity import perplexity
     from prism_cli.models.loading import load_model
-    from prism_cli.offload.executor import absolute_budget, attach_offload
+    from prism_cli.offload.executor import absolute_budget, attach_offload, budget_sizes
     from prism_cli.runtime.elastic import attach_elastic_state, export_meta, load_elastic_model, set_operating_point
     from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 
@@ -240,6 +240,12 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     except PrismError as exc:
         raise PrismError(f"the export's source model is the baseline but could not be loaded: {exc}") from None
     attach_elastic_state(source.model, None)
+    # Every budget resolved and checked for both models now, not after the quality stage.
+    budgets = [absolute_budget(source.model, b, settings.reserve) for b in settings.budgets]
+    for budget in budgets:
+        cfg = OffloadConfig(budget, reserve=settings.reserve, device=settings.device)
+        for sizes in sorted((budget_sizes(m, cfg) for m in (source.model, elastic.model)), key=lambda s: -s.least_budget):
+            sizes.check(cfg)  # the model that needs more first: its error names the budget both need
 
     # Quality of every point that can appear (asked, baselines, the decomposition's linear points).
     originals = [OperatingPoint("original", k) for k in range(1, top_k + 1)]
@@ -268,7 +274,6 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     # budget is resolved once, for the whole-expert baseline, so that both models get the same bytes.
     runs: list[_Live] = []
     device = torch.device(settings.device)
-    budgets = [absolute_budget(source.model, b, settings.reserve) for b in settings.budgets]
     for budget in budgets:
         for policy in settings.policies:
             for pin in settings.pins:

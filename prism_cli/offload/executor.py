@@ -169,35 +169,19 @@ class OffloadController:
         self.state = state
         self.model = model
         layers = state.layers
-        first = layers[0].experts
-        for layer in layers:
-            _check_layout(layer.experts, first)
-        self.n_sub = state.n_sub
-        self.groups = int(first.gate_up_proj.shape[0])
-        self.piece_shapes = [first.gate_up_proj.shape[1:], first.down_proj.shape[1:]]
-        dtype = first.gate_up_proj.dtype
-        self.piece_bytes = sum(math.prod(s) for s in self.piece_shapes) * dtype.itemsize
-        expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
-        self.expert_bytes = sum(p.numel() * p.element_size() for layer in layers for p in layer.experts.parameters())
-        self.non_expert_bytes = _non_expert_bytes(model, expert_ids)
-        self.budget_bytes, self.reserve_bytes = _resolve_budget(config, self.non_expert_bytes, self.expert_bytes)
-        cache_bytes = self.budget_bytes - self.non_expert_bytes - self.reserve_bytes
-        if cache_bytes < self.piece_bytes:
-            need = self.non_expert_bytes + self.reserve_bytes + self.piece_bytes
-            raise PrismError(
-                f"--device-memory {config.budget} ({format_size(self.budget_bytes)}) is too small: the non-expert weights "
-                f"take {format_size(self.non_expert_bytes)}, the reserve {format_size(self.reserve_bytes)} and one cached "
-                f"{'sub-expert' if self.n_sub > 1 else 'expert'} {format_size(self.piece_bytes)}; give at least "
-                f"{format_size(need)}")
-        _check_device_memory(self.device, self.budget_bytes, config)
-        total_pieces = len(layers) * self.groups
-        self.capacity = int(min(cache_bytes // self.piece_bytes, total_pieces))
+        sizes = budget_sizes(model, config)
+        sizes.check(config)
+        self.n_sub, self.groups, self.piece_shapes = state.n_sub, sizes.groups, sizes.piece_shapes
+        dtype = layers[0].experts.gate_up_proj.dtype
+        self.piece_bytes, self.expert_bytes, self.non_expert_bytes = sizes.piece_bytes, sizes.expert_bytes, sizes.non_expert_bytes
+        self.budget_bytes, self.reserve_bytes = sizes.budget_bytes, sizes.reserve_bytes
+        self.capacity = int(min(sizes.cache_bytes // self.piece_bytes, len(layers) * self.groups))
         pinned = pinned_keys(len(layers), self.groups, self.n_sub, int(self.capacity * config.pin)) if config.pin else []
         if config.pin and len(pinned) >= self.capacity:
             pinned = pinned[: self.capacity - 1]
         self.cache = PieceCache(self.capacity, config.policy, pinned)
         self.prefetching = CACHE_POLICIES.get(config.policy).prefetch
-        _place(model, expert_ids, self.device)
+        _place(model, sizes.expert_ids, self.device)
         self.pool = SlotPool(self.capacity, self.piece_shapes, dtype, self.device, config.materialize or not config.simulated)
         self.link: Link = SimulatedLink(config.link_spec) if config.simulated else CudaLink(self.device)
         self.routers = list(state.elastic_routers or state.flat_routers)
@@ -442,6 +426,61 @@ def pinned_keys(layers: int, groups: int, n_sub: int, count: int) -> list[int]:
     return keys[:count]
 
 
+@dataclass
+class BudgetSizes:
+    """What a budget leaves for the cache of one model: the bytes of its parts (``budget_sizes``)."""
+
+    groups: int  # pieces per MoE layer
+    piece_shapes: list[torch.Size]
+    piece_bytes: int
+    expert_bytes: int
+    non_expert_bytes: int
+    expert_ids: set[int]
+    budget_bytes: int
+    reserve_bytes: int
+    piece_name: str  # "sub-expert" or "expert"
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.budget_bytes - self.non_expert_bytes - self.reserve_bytes
+
+    @property
+    def least_budget(self) -> int:
+        """The smallest budget that runs: the non-expert weights, the reserve and one cached piece."""
+        return self.non_expert_bytes + self.reserve_bytes + self.piece_bytes
+
+    def check(self, config: OffloadConfig) -> None:
+        """A budget that cannot hold one piece, or that is more than the device has, is an error."""
+        if self.cache_bytes < self.piece_bytes:
+            raise PrismError(
+                f"--device-memory {config.budget} ({format_size(self.budget_bytes)}) is too small: the non-expert "
+                f"weights take {format_size(self.non_expert_bytes)}, the reserve {format_size(self.reserve_bytes)} and "
+                f"one cached {self.piece_name} {format_size(self.piece_bytes)}; give at least {format_size(self.least_budget)}")
+        from prism_cli.models.loading import parse_device
+
+        _check_device_memory(parse_device(config.device or "cpu"), self.budget_bytes, config)
+
+
+def budget_sizes(model: Any, config: OffloadConfig) -> BudgetSizes:
+    """The sizes of offloading ``model`` under ``config``, computed without moving anything (so that a
+    benchmark can check its budgets before its quality stage: ``BudgetSizes.check``)."""
+    from prism_cli.runtime.elastic import attach_elastic_state
+
+    state = getattr(model, "prism_state", None) or attach_elastic_state(model, None)
+    layers = state.layers
+    first = layers[0].experts
+    for layer in layers:
+        _check_layout(layer.experts, first)
+    piece_shapes = [first.gate_up_proj.shape[1:], first.down_proj.shape[1:]]
+    piece_bytes = sum(math.prod(s) for s in piece_shapes) * first.gate_up_proj.dtype.itemsize
+    expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
+    expert_bytes = sum(p.numel() * p.element_size() for layer in layers for p in layer.experts.parameters())
+    non_expert = _non_expert_bytes(model, expert_ids)
+    budget, reserve = _resolve_budget(config, non_expert, expert_bytes)
+    return BudgetSizes(int(first.gate_up_proj.shape[0]), piece_shapes, piece_bytes, expert_bytes, non_expert,
+                       expert_ids, budget, reserve, "sub-expert" if state.n_sub > 1 else "expert")
+
+
 def _check_layout(experts: torch.nn.Module, first: torch.nn.Module) -> None:
     if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False) \
             or not getattr(experts, "is_concatenated", True):
@@ -466,13 +505,7 @@ def absolute_budget(model: Any, budget: Budget, reserve: str = "5%") -> Budget:
     two models compared "at the same budget" get the same bytes."""
     if budget.nbytes is not None:
         return budget
-    from prism_cli.runtime.elastic import attach_elastic_state
-
-    state = getattr(model, "prism_state", None) or attach_elastic_state(model, None)
-    expert_ids = {id(p) for layer in state.layers for p in layer.experts.parameters()}
-    experts = sum(p.numel() * p.element_size() for layer in state.layers for p in layer.experts.parameters())
-    cfg = OffloadConfig(budget, reserve=reserve)
-    nbytes, _ = _resolve_budget(cfg, _non_expert_bytes(model, expert_ids), experts)
+    nbytes = budget_sizes(model, OffloadConfig(budget, reserve=reserve)).budget_bytes
     return Budget(f"{budget.text} ({format_size(nbytes)})", nbytes=nbytes)
 
 
