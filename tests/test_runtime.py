@@ -297,6 +297,65 @@ def test_python_api_and_in_place_switching(elastic):
     assert str(elastic.prism_state.point) == f"topk:{FULL}", "a refused point leaves the model where it was"
 
 
+def _storages(module: torch.nn.Module) -> dict[int, int]:
+    """Every tensor storage the module holds (parameters, buffers and any attribute, in tuples and dicts):
+    data pointer -> bytes."""
+    found: dict[int, int] = {}
+
+    def visit(obj: object) -> None:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                visit(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item)
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        visit(tensor)
+    for name, value in vars(module).items():
+        if not name.startswith("_") or name.startswith("_prism"):
+            visit(value)
+    return found
+
+
+def test_the_cpu_runtime_holds_down_proj_at_most_twice(neurons_export):
+    """After every kind of point has run, prefill and decode, each experts module holds gate_up once and
+    down_proj at most twice (the parameter, re-laid out in place, and the source model's layout), with the
+    values it was loaded with: no copy per layout."""
+    import prism_cli
+    from transformers import AutoModelForCausalLM
+
+    model = prism_cli.load_elastic(str(neurons_export), operating_point="linear:1")
+    plain = AutoModelForCausalLM.from_pretrained(str(neurons_export), dtype=torch.float32)  # transformers alone
+    ids = token_batch(seed=6)
+    for point in ["linear:1", f"linear:{N_SUB}", f"linear:{N_SUB + 1}", f"linear:{FULL}", "topk:3", "threshold:0.7"]:
+        prism_cli.set_operating_point(model, point)
+        logits_of(model, ids)
+        logits_of(model, ids[:1, :1])
+    for layer in model.prism_state.layers:
+        experts = layer.experts
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        held = sum(_storages(experts).values())
+        assert held <= gate_up.numel() * gate_up.element_size() + 2 * down.numel() * down.element_size(), layer.index
+        assert torch.equal(down.detach(), plain.model.layers[layer.index].mlp.experts.down_proj.detach())
+
+
+def test_contiguous_down_restores_the_stock_layout_in_place(neurons_export):
+    import prism_cli
+    from prism_cli.runtime.grouped import contiguous_down
+
+    model = prism_cli.load_elastic(str(neurons_export))
+    experts = model.prism_state.layers[0].experts
+    before = experts.down_proj.detach().clone()
+    parameter = experts.down_proj
+    assert not parameter.is_contiguous(), "the CPU runtime lays down_proj out as it reads it"
+    assert contiguous_down(experts) is parameter and parameter.is_contiguous()
+    assert torch.equal(parameter.detach(), before)
+
+
 @pytest.mark.parametrize("point", ["linear:3", "topk:3"])
 def test_an_elastic_model_saves_as_its_export(neurons_export, point, tmp_path):
     """The router swap is invisible to state_dict / save_pretrained: the saved checkpoint is the export's."""

@@ -542,7 +542,7 @@ def _place(model: Any, expert_ids: set[int], device: torch.device) -> None:
         if id(t) in expert_ids:
             if t.device.type != "cpu":
                 t.data = t.data.cpu()
-            if not t.data.is_pinned():
-                t.data = t.data.pin_memory()
+            if not t.data.is_pinned():  # in the stock layout (the CPU runtime may have re-laid it out): each
+                t.data = t.data.contiguous().pin_memory()  # piece is then one contiguous host-to-device copy
         elif t.device != device:
             t.data = t.data.to(device)

@@ -24,6 +24,7 @@ from prism_cli.models.adapters import MoELayer, adapter_for_config
 from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
+from prism_cli.runtime.grouped import settle_down_layout
 from prism_cli.runtime.layers import LayerRanking, read_ranking, set_layer_ks
 from prism_cli.runtime.policies import POLICIES
 from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter, RouteMode
@@ -181,6 +182,8 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
             state.elastic_routers.append(router)
     for layer in layers:
         layer.experts.prism_sub_experts = state.n_sub  # the grouped executor runs an expert's pieces together
+        if state.n_sub > 1:
+            settle_down_layout(layer.experts)
     model.prism_state = state
     return state
 

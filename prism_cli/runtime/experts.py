@@ -33,7 +33,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from prism_cli import cuda
 from prism_cli.registry import Registry
 from prism_cli.runtime import grouped_mm
-from prism_cli.runtime.grouped import grouped_experts_forward
+from prism_cli.runtime.grouped import contiguous_down, grouped_experts_forward
 
 EXPERTS_IMPLEMENTATION = "prism"
 
@@ -58,11 +58,12 @@ def _grouped_products(module: torch.nn.Module, x: torch.Tensor, indices: torch.T
 @EXECUTORS.register("cuda-kernels")
 def _kernels(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     ops = cuda.get_ops(x.device)
-    if not ops.takes(x, module.gate_up_proj, module.down_proj):  # e.g. an unaligned slice of activations
+    down = contiguous_down(module)  # the stock layout (a model moved here after the CPU runtime ran)
+    if not ops.takes(x, module.gate_up_proj, down):  # e.g. an unaligned slice of activations
         DISPATCH_COUNTS["grouped"] += 1
         return _grouped(module, x, indices, weights)
     DISPATCH_COUNTS["cuda-kernels"] += 1
-    return ops.experts_forward(x, module.gate_up_proj, module.down_proj, indices, weights)
+    return ops.experts_forward(x, module.gate_up_proj, down, indices, weights)
 
 
 #: Executors that count what actually ran themselves (they may hand a call to ``grouped``).

@@ -96,11 +96,40 @@ def _down_into(module: torch.nn.Module, target: torch.Tensor, act: torch.Tensor,
 
 def _down_transposed(module: torch.nn.Module) -> torch.Tensor:
     """``down_proj`` as ``[G, w, H]``, so that a run of sub-experts is one matrix (one matmul, as for a
-    whole expert). Built on first use by a block of several sub-experts and kept on the module
-    while ``down_proj`` is unchanged: 1/3 more expert memory on the device that runs this path."""
+    whole expert).
+
+    On the CPU the parameter itself is laid out this way on first use: it becomes a transposed view of
+    this tensor (same shape and values, strides ``(w*H, 1, H)``), so the weights are held once, not once
+    per layout. Elsewhere (a CUDA device, where the compiled kernels take the stock layout) a copy is
+    built and kept on the module while ``down_proj`` is unchanged: 1/3 more expert memory there."""
     down = module.down_proj
+    by_piece = down.detach().transpose(1, 2)
+    if by_piece.is_contiguous():
+        return by_piece
+    if down.device.type == "cpu" and isinstance(down, torch.nn.Parameter):
+        with torch.inference_mode(False):  # a parameter the model may still train with: not an inference tensor
+            relaid = by_piece.contiguous()
+            down.data = relaid.transpose(1, 2)
+        return relaid
     key = (down.data_ptr(), down._version, down.device, down.dtype)
-    return cached_on(module, "_prism_down_t", key, lambda: down.detach().transpose(1, 2).contiguous())
+    return cached_on(module, "_prism_down_t", key, lambda: by_piece.contiguous())
+
+
+def settle_down_layout(module: torch.nn.Module) -> None:
+    """Lay ``down_proj`` out as the CPU runtime reads it (``_down_transposed``), once, when a model is made
+    elastic: its weights then stay where they are while it switches points and runs."""
+    if module.down_proj.device.type == "cpu" and not getattr(module, "is_transposed", False):
+        _down_transposed(module)
+
+
+def contiguous_down(module: torch.nn.Module) -> torch.Tensor:
+    """``down_proj`` in the stock contiguous layout, restored in place where the CPU runtime re-laid it out
+    (``_down_transposed``) and the model moved to a device whose kernels take the stock layout."""
+    down = module.down_proj
+    if not down.is_contiguous():
+        with torch.inference_mode(False):
+            down.data = down.detach().contiguous()
+    return down
 
 
 def cached_on(module: torch.nn.Module, name: str, key: tuple, build: Callable[[], T]) -> T:

@@ -289,13 +289,14 @@ def _prefix_weights(module: torch.nn.Module, n_sub: int, m: int) -> tuple[torch.
 
 def _down_by_expert(module: torch.nn.Module, n_sub: int) -> torch.Tensor:
     """``down_proj`` in the source model's layout ``[E, H, N*w]`` (itself for a plain model; for an export,
-    a copy built on first use: 1/3 more expert memory on the device that runs this path)."""
-    down = module.down_proj
+    a copy built on first use from ``[E*N, w, H]``, whose expert ``e`` is the transposed ``[N*w, H]``
+    matrix: 1/3 more expert memory on the device that runs this path)."""
     if n_sub == 1:
-        return down
-    groups, hidden, width = down.shape
-    return cached_on(module, "_prism_down_e", (down.data_ptr(), down._version, n_sub), lambda: down.detach().view(
-        groups // n_sub, n_sub, hidden, width).permute(0, 2, 1, 3).reshape(groups // n_sub, hidden, n_sub * width))
+        return module.down_proj
+    by_piece = _down_transposed(module)
+    groups, width, hidden = by_piece.shape
+    return cached_on(module, "_prism_down_e", (by_piece.data_ptr(), by_piece._version, n_sub), lambda: by_piece.view(
+        groups // n_sub, n_sub * width, hidden).transpose(1, 2).contiguous())
 
 
 def _prefix_one(module: torch.nn.Module, x: torch.Tensor, routing: PrefixRouting, weights: torch.Tensor,
