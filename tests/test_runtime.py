@@ -325,8 +325,9 @@ def test_the_cpu_runtime_holds_down_proj_at_most_twice(neurons_export):
     """After every kind of point has run, prefill and decode, each experts module holds gate_up once and
     down_proj at most twice (the parameter, re-laid out in place, and the source model's layout), with the
     values it was loaded with: no copy per layout."""
-    import prism_cli
     from transformers import AutoModelForCausalLM
+
+    import prism_cli
 
     model = prism_cli.load_elastic(str(neurons_export), operating_point="linear:1")
     plain = AutoModelForCausalLM.from_pretrained(str(neurons_export), dtype=torch.float32)  # transformers alone
