@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-stability-n8 bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes decode-bound
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-stability-n8 bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes decode-bound runtime-memory
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -261,6 +261,10 @@ schedule-sweep: serving-export
 
 # What any policy could gain over FIFO on the original with every request at its own floor: measured steps and
 # ideal elasticity, from make cost-model's decode bench (no timing of its own).
+# What an elastic model holds on the CPU against its source model, after every kind of point ran.
+runtime-memory: serving-export
+	$(BIN)/python scripts/runtime_memory.py --export $(SERVE)/export --out results/runtime_memory
+
 decode-bound: $(STAMP)
 	$(BIN)/python scripts/decode_bound.py --bench results/serving_bench_decode.json --out results/decode_bound
 

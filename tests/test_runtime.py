@@ -321,13 +321,15 @@ def _storages(module: torch.nn.Module) -> dict[int, int]:
     return found
 
 
-def test_the_cpu_runtime_holds_down_proj_at_most_twice(neurons_export):
+def test_the_cpu_runtime_holds_each_weight_once_and_down_proj_at_most_twice(neurons_export):
     """After every kind of point has run, prefill and decode, each experts module holds gate_up once and
     down_proj at most twice (the parameter, re-laid out in place, and the source model's layout), with the
-    values it was loaded with: no copy per layout."""
+    values it was loaded with, and each gate router its gate-neuron rows once: no copy per layout."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     import prism_cli
+    from prism_cli.export.format import GATE_FILE
 
     model = prism_cli.load_elastic(str(neurons_export), operating_point="linear:1")
     plain = AutoModelForCausalLM.from_pretrained(str(neurons_export), dtype=torch.float32)  # transformers alone
@@ -342,6 +344,13 @@ def test_the_cpu_runtime_holds_down_proj_at_most_twice(neurons_export):
         held = sum(_storages(experts).values())
         assert held <= gate_up.numel() * gate_up.element_size() + 2 * down.numel() * down.element_size(), layer.index
         assert torch.equal(down.detach(), plain.model.layers[layer.index].mlp.experts.down_proj.detach())
+    # The gate neurons' rows are held once too: the source router and [E, 2*N*s, H], nothing else.
+    positions = load_file(str(Path(neurons_export) / GATE_FILE))
+    for layer, gate in zip(model.prism_state.layers, model.prism_state.gate_routers, strict=True):
+        experts, n_sub, s = positions[f"layers.{layer.index}.gate_positions"].shape
+        hidden = layer.experts.gate_up_proj.shape[-1]
+        router_bytes = sum(t.numel() * t.element_size() for t in [*gate.router.parameters(), *gate.router.buffers()])
+        assert sum(_storages(gate).values()) == router_bytes + experts * 2 * n_sub * s * hidden * 4
 
 
 def test_contiguous_down_restores_the_stock_layout_in_place(neurons_export):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from prism_cli import cuda
+from prism_cli.runtime.grouped import cached_on
 from prism_cli.runtime.grouped_mm import PREFIX_ATTR, PrefixRouting
 from prism_cli.runtime.policies import AllocationPolicy
 from prism_cli.runtime.scoring import gate_scores, gate_up_rows
@@ -47,20 +48,36 @@ class GateNeuronRouter(nn.Module):
     ) -> None:
         super().__init__()
         self.router = router
-        self.register_buffer("gate_w", gate_w, persistent=False)
-        self.register_buffer("up_w", up_w, persistent=False)
-        self.register_buffer("rows", gate_up_rows(gate_w, up_w), persistent=False)  # one matmul per expert
+        # One buffer, [E, 2*N*s, H] (one matmul per expert on the CPU); the CUDA kernels take the gate and up
+        # rows apart, split from it where they run.
+        self.register_buffer("rows", gate_up_rows(gate_w, up_w), persistent=False)
         self.n_sub = n_sub
         self.down_scale = down_scale
         self.policy = policy
         self.value = value
         self.hidden_dim = gate_w.shape[-1]
 
+    @property
+    def gate_w(self) -> torch.Tensor:
+        """``[E, N*s, H]``: each expert's gate-neuron rows of W_gate (a view of ``rows``)."""
+        return self.rows[:, : self.rows.shape[1] // 2]
+
+    @property
+    def up_w(self) -> torch.Tensor:
+        """``[E, N*s, H]``: the same neurons' rows of W_up (a view of ``rows``)."""
+        return self.rows[:, self.rows.shape[1] // 2 :]
+
+    def _split_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gate_w`` and ``up_w`` contiguous, as the kernels take them: kept while ``rows`` is unchanged."""
+        rows = self.rows
+        return cached_on(self, "_prism_gate_split", (rows.data_ptr(), rows._version, rows.device, rows.dtype),
+                         lambda: (self.gate_w.contiguous(), self.up_w.contiguous()))
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, expert_w, expert_idx = self.router(hidden_states)
         x = hidden_states.reshape(-1, self.hidden_dim)
         if x.device.type == "cuda" and x.dtype in cuda.KERNEL_DTYPES and cuda.available():
-            scores = cuda.get_ops(x.device).gate_scores(x, self.gate_w, self.up_w, expert_idx, self.n_sub)
+            scores = cuda.get_ops(x.device).gate_scores(x, *self._split_rows(), expert_idx, self.n_sub)
         else:
             scores = gate_scores(x, self.rows, expert_idx, self.n_sub)
         ids, weights = self.policy.allocate(expert_idx, expert_w, scores, self.value)
