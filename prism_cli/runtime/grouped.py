@@ -100,8 +100,9 @@ def _down_transposed(module: torch.nn.Module) -> torch.Tensor:
 
     On the CPU the parameter itself is laid out this way, when the model is made elastic
     (``settle_down_layout``) or else on first use: it becomes a transposed view of this tensor (same shape
-    and values, strides ``(w*H, 1, H)``), so the weights are held once, not once per layout. Elsewhere (a CUDA device, where the compiled kernels take the stock layout) a copy is
-    built and kept on the module while ``down_proj`` is unchanged: 1/3 more expert memory there."""
+    and values, strides ``(w*H, 1, H)``), so the weights are held once, not once per layout. Elsewhere
+    (a CUDA device, where the compiled kernels take the stock layout) a copy is built and kept on the
+    module while ``down_proj`` is unchanged: 1/3 more expert memory there."""
     down = module.down_proj
     by_piece = down.detach().transpose(1, 2)
     if by_piece.is_contiguous():
