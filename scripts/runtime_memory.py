@@ -81,6 +81,8 @@ def main() -> None:
     from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 
     meta = export_meta(str(args.export))
+    if meta is None:
+        raise SystemExit(f"error: {args.export} is a model, not a prism export (make serving-export writes one)")
     source = load_model(meta["source"]["model"], experts_implementation=EXPERTS_IMPLEMENTATION).model.eval()
     attach_elastic_state(source, None)
     elastic = load_elastic(str(args.export)).eval()
