@@ -272,3 +272,19 @@ def open_prism_h5(path: Path, kind: str, fmt: str, version: int, remake: str) ->
         raise PrismError(problem)
     return h5, meta
 
+
+def integer_attrs(meta: dict[str, Any], keys: tuple[str, ...], path: Path, minimum: int = 0) -> None:
+    """Replace the attributes ``keys`` of an opened prism HDF5 file by ints, each at least ``minimum``
+    (``layers``: a list of them), or raise one line naming the first that is missing or is not one."""
+    for key in keys:
+        value = meta.get(key)
+        items = value if key == "layers" and isinstance(value, list) else [value]
+        if value is None or not all(_is_integer(v) and int(v) >= minimum for v in items):
+            raise PrismError(f"{path} is corrupt: attribute {key} is {value!r}, not "
+                             f"{'a list of integers' if key == 'layers' else 'an integer'} >= {minimum}")
+        meta[key] = [int(v) for v in items] if key == "layers" else int(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+

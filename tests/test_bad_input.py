@@ -199,6 +199,31 @@ class World:
                 h5["layers/0/permutation"][...] = data
         return path
 
+    def edited_profile(self, kind: str) -> Path:
+        """The profile damaged in one way: rows of the wrong width, a NaN row, an expert width it does not hold."""
+        target = self._copy(self.sources.profile, f"profile-{kind}.h5")
+        with h5py.File(target, "r+") as h5:
+            rows = h5["layers/1/experts/2/fit_rows"]
+            if kind == "narrow-rows":
+                data = rows[()][:, : WIDTH - 4]
+                del h5["layers/1/experts/2/fit_rows"]
+                h5["layers/1/experts/2/fit_rows"] = data
+            elif kind == "nan-row":
+                data = rows[()]
+                data[0, 0] = np.nan
+                rows[...] = data
+            elif kind == "width-attr":
+                h5.attrs["expert_width"] = WIDTH // 2
+        return target
+
+    def edited_partition(self, **attrs: Any) -> Path:
+        """The partition with root attributes overwritten."""
+        target = self._copy(self.sources.partition, "edited-partition.h5")
+        with h5py.File(target, "r+") as h5:
+            for key, value in attrs.items():
+                h5.attrs[key] = value
+        return target
+
     def foreign_hdf5(self) -> Path:
         path = self.root / "foreign.h5"
         with h5py.File(path, "w") as h5:
@@ -315,6 +340,10 @@ CASES = [
     Case("export-truncated-partition", lambda w: export_args(w, partition=w.broken_partition("truncated")), ()),
     Case("export-partition-not-a-permutation", lambda w: export_args(w, partition=w.broken_partition("not-a-permutation")),
          ("corrupt",)),
+    Case("export-partition-sub-experts-not-a-number", lambda w: export_args(w, partition=w.edited_partition(sub_experts="four")),
+         ("is corrupt", "sub_experts", "'four'")),
+    Case("export-partition-lists-a-missing-layer", lambda w: export_args(w, partition=w.edited_partition(layers=[0, 1, 5])),
+         ("is incomplete", "layers [5]")),
     Case("export-missing-partition", lambda w: export_args(w, partition=w.root / "missing.h5"), ("does not exist",)),
     # --- export: options ---------------------------------------------------------------------------
     Case("export-max-shard-gb-0", lambda w: export_args(w, "--max-shard-gb", "0"), ("--max-shard-gb must be positive",)),
@@ -372,6 +401,9 @@ CASES = [
     Case("profile-out-is-folder", lambda w: profile_args(w, out=w.folder("a-folder")), ("is a folder",)),
     Case("profile-budget-below-minimum", lambda w: profile_args(w, "--max-memory", "1K"),
          ("--max-memory 1.00 KiB", "minimum", "activations", "raise --max-memory")),
+    # A budget past any address space: the row buffer it leaves cannot be mapped (and no work folder stays).
+    Case("profile-budget-beyond-the-machine", lambda w: profile_args(w, "--max-memory", "1000000T"),
+         ("cannot allocate the row buffer", "smaller --max-memory")),
     Case("profile-bad-budget", lambda w: profile_args(w, "--max-memory", "lots"), ("--max-memory must be a size", "'lots'"),
          never=NEVER_PROFILE),
     Case("profile-checkpoint-every-0", lambda w: profile_args(w, "--checkpoint-every", "0"), ("--checkpoint-every", "positive"),
@@ -430,6 +462,12 @@ CASES = [
          ("layer 1: experts 3, 5", "profile more tokens")),
     Case("partition-corrupt-hdf5", lambda w: partition_args(w, profile=w.write("corrupt.h5", np.random.default_rng(0).bytes(4096))),
          ("not a readable HDF5 file",)),
+    Case("partition-profile-rows-of-another-width", lambda w: partition_args(w, profile=w.edited_profile("narrow-rows")),
+         ("is corrupt", "layers/1/experts/2/fit_rows", f"rows x {WIDTH}")),
+    Case("partition-profile-nan-row", lambda w: partition_args(w, profile=w.edited_profile("nan-row")),
+         ("is corrupt", "layers/1/experts/2/fit_rows", "NaN")),
+    Case("partition-profile-width-it-does-not-hold", lambda w: partition_args(w, profile=w.edited_profile("width-attr")),
+         ("is corrupt", f"width {WIDTH // 2}")),
     Case("partition-foreign-hdf5", lambda w: partition_args(w, profile=w.foreign_hdf5()), ("not a prism profile",)),
     Case("partition-incomplete-profile", lambda w: partition_args(w, profile=w.incomplete_profile()), ("is incomplete", "weights_hash")),
     Case("partition-missing-profile", lambda w: partition_args(w, profile=w.root / "nope.h5"), ("does not exist",)),

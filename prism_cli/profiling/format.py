@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from prism_cli.errors import PrismError
-from prism_cli.io import open_prism_h5
+from prism_cli.io import integer_attrs, open_prism_h5
 
 FORMAT = "prism-profile"
 #: 2: ``weights_hash`` fingerprints every tensor (``prism_cli.models.checkpoint_files``); 1 hashed one router.
@@ -66,7 +66,9 @@ class ProfileFile:
             absent = [key for key in _REQUIRED_ATTRS if key not in self.meta]
             if absent:
                 raise PrismError(f"{path} is incomplete: attributes {', '.join(absent)} are missing")
-            self.layers: list[int] = [int(x) for x in self.meta["layers"]]
+            integer_attrs(self.meta, ("num_experts", "expert_width", "hidden_size", "top_k"), self.path, minimum=1)
+            integer_attrs(self.meta, ("layers",), self.path)
+            self.layers: list[int] = self.meta["layers"]
             missing = [layer for layer in self.layers if f"layers/{layer}" not in self._h5]
             if missing:
                 raise PrismError(f"{path} is incomplete: layers {missing} are listed but missing")
@@ -85,47 +87,50 @@ class ProfileFile:
 
     @property
     def num_experts(self) -> int:
-        return int(self.meta["num_experts"])
+        return self.meta["num_experts"]
 
     @property
     def width(self) -> int:
-        return int(self.meta["expert_width"])
+        return self.meta["expert_width"]
 
     def tokens_routed(self, layer: int) -> np.ndarray:
-        return self._read(f"layers/{layer}/tokens_routed")
+        return self._read(f"layers/{layer}/tokens_routed", (self.num_experts,))
 
     def expert(self, layer: int, expert: int) -> ExpertRows:
         """Rows and statistics of one (layer, expert)."""
         if layer not in self.layers:
             raise PrismError(f"layer {layer} is not in profile {self.path} (profiled layers: {self.layers})")
         base = f"layers/{layer}"
-        routed = self._read(f"{base}/tokens_routed")
-        hot = self._read(f"{base}/hot_count")[expert]
+        routed = self._read(f"{base}/tokens_routed", (self.num_experts,))
+        hot = self._read(f"{base}/hot_count", (self.num_experts, self.width))[expert]
         return ExpertRows(
             layer=layer,
             expert=expert,
-            fit_rows=self._read(f"{base}/experts/{expert}/fit_rows"),
-            heldout_rows=self._read(f"{base}/experts/{expert}/heldout_rows"),
-            l1_mass=self._read(f"{base}/l1_mass")[expert],
+            fit_rows=self._read(f"{base}/experts/{expert}/fit_rows", (None, self.width)),
+            heldout_rows=self._read(f"{base}/experts/{expert}/heldout_rows", (None, self.width)),
+            l1_mass=self._read(f"{base}/l1_mass", (self.num_experts, self.width))[expert],
             hot_rate=hot / max(int(routed[expert]), 1),
             tokens_routed=int(routed[expert]),
         )
 
     def row_counts(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Fit and held-out row counts of every expert of ``layer``."""
-        fit = np.array([self._shape(f"layers/{layer}/experts/{e}/fit_rows")[0] for e in range(self.num_experts)])
-        held = np.array([self._shape(f"layers/{layer}/experts/{e}/heldout_rows")[0] for e in range(self.num_experts)])
-        return fit, held
+        """Fit and held-out row counts of every expert of ``layer``, each expert's rows read and checked
+        (shape and finite values): a partition run refuses a damaged profile before it solves anything."""
+        counts = [[self._read(f"layers/{layer}/experts/{e}/{kind}_rows", (None, self.width)).shape[0]
+                   for e in range(self.num_experts)] for kind in ("fit", "heldout")]
+        return np.array(counts[0]), np.array(counts[1])
 
-    def _read(self, key: str) -> np.ndarray:
+    def _read(self, key: str, shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+        """Dataset ``key``, checked against ``shape`` (None: any length on that axis) where given, and finite."""
         try:
-            return self._h5[key][()]
+            data = self._h5[key][()]
         except (KeyError, OSError):
             raise PrismError(f"profile {self.path} is corrupt: cannot read {key}") from None
-
-    def _shape(self, key: str) -> tuple[int, ...]:
-        try:
-            return self._h5[key].shape
-        except KeyError:
-            raise PrismError(f"profile {self.path} is corrupt: {key} is missing") from None
-
+        if shape is not None:
+            if data.ndim != len(shape) or any(n is not None and d != n for d, n in zip(data.shape, shape, strict=True)):
+                want = " x ".join("rows" if n is None else str(n) for n in shape)
+                raise PrismError(f"profile {self.path} is corrupt: {key} has shape {data.shape}, expected {want} "
+                                 f"(the file says {self.num_experts} experts of width {self.width})")
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise PrismError(f"profile {self.path} is corrupt: {key} holds NaN or infinite values")
+        return data

@@ -261,7 +261,14 @@ class _Pass:
             raise
         # Each buffered row also keeps its slot index (8 bytes); room for a whole reservoir at least.
         rows = max(geometry.max_rows, buffer_bytes // (geometry.row_size + 8))
-        self.buffer = RowBuffer(rows, width, row_dtype)
+        try:
+            self.buffer = RowBuffer(rows, width, row_dtype)
+        except (RuntimeError, MemoryError) as exc:  # torch's CPU allocator raises RuntimeError
+            self.close()
+            if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+                raise
+            raise PrismError(f"cannot allocate the row buffer of {format_size(rows * geometry.row_size)} that "
+                             "--max-memory leaves: this machine cannot map that much; give a smaller --max-memory") from None
         self.recorder = ActivationRecorder(self.records, width, buffer=self.buffer, reserve=self.reserve)
         self._last = time.monotonic()
 
@@ -380,6 +387,10 @@ def profile_model(
         raise Interrupted(
             f"progress up to the last checkpoint is kept in {work}; rerun the same command with --resume to continue"
         ) from None
+    except PrismError:
+        if not resumed and summary.checkpoints == 0:  # nothing saved that --resume could continue
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     summary.profile_bytes = out_path.stat().st_size
     shutil.rmtree(work, ignore_errors=True)
     return summary

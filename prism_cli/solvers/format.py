@@ -34,7 +34,7 @@ import numpy as np
 
 from prism_cli import __version__
 from prism_cli.errors import PrismError
-from prism_cli.io import atomic_path, open_prism_h5
+from prism_cli.io import atomic_path, integer_attrs, open_prism_h5
 
 FORMAT = "prism-partition"
 #: 2: ``weights_hash`` fingerprints every tensor (``prism_cli.models.checkpoint_files``); 1 hashed one router.
@@ -146,11 +146,19 @@ def read_partition(path: str | Path) -> Partition:
     h5, meta = open_prism_h5(path, "partition", FORMAT, FORMAT_VERSION, "make it again with prism profile and prism partition")
     with h5:
         if isinstance(meta.get("solver_settings"), str):
-            meta["solver_settings"] = json.loads(meta["solver_settings"])
-        n_sub, width, n_experts = int(meta["sub_experts"]), int(meta["expert_width"]), int(meta["num_experts"])
+            try:
+                meta["solver_settings"] = json.loads(meta["solver_settings"])
+            except json.JSONDecodeError:
+                raise PrismError(f"{path} is corrupt: attribute solver_settings is not JSON") from None
+        integer_attrs(meta, ("sub_experts", "expert_width", "num_experts"), path, minimum=1)
+        integer_attrs(meta, ("layers",), path)
+        n_sub, width, n_experts = meta["sub_experts"], meta["expert_width"], meta["num_experts"]
+        missing = [layer for layer in meta["layers"] if f"layers/{layer}" not in h5]
+        if missing:
+            raise PrismError(f"{path} is incomplete: layers {missing} are listed but missing")
         partition = Partition(meta=meta)
         try:
-            for layer in [int(x) for x in meta["layers"]]:
+            for layer in meta["layers"]:
                 g = h5[f"layers/{layer}"]
                 perm = g["permutation"][()]
                 if perm.shape != (n_experts, width) or np.any(np.sort(perm, axis=1) != np.arange(width)):
