@@ -438,6 +438,8 @@ def check_plan(shape: ModelShape, settings: PlanSettings, machine: MachineCosts)
     missing = sorted(set(settings.layers or []) - set(shape.moe_layers))
     if missing:
         raise PrismError(f"--layers {missing} are not MoE layers of {shape.name} (MoE layers: {shape.moe_layers})")
+    if settings.sub_experts < 2:
+        raise PrismError(f"--sub-experts must be at least 2, got {settings.sub_experts}")
     if shape.width % settings.sub_experts:
         raise PrismError(f"--sub-experts {settings.sub_experts} does not divide the expert width {shape.width}")
     if settings.solver not in machine.partition:

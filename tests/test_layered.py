@@ -165,5 +165,5 @@ def test_rank_layers_cli(cli, tiny_model_dir, tmp_path, text_file):
     before = (export / RANKING_FILE).read_bytes()
     assert_one_line_failure(cli("rank-layers", export, "--data", "builtin:eval"), "evaluation split")
     assert_one_line_failure(cli("rank-layers", export, "--tokens", "10", "--seq-len", str(SEQ)), "--tokens")
-    assert_one_line_failure(cli("rank-layers", tmp_path / "nope"), "not a prism export")
+    assert_one_line_failure(cli("rank-layers", tmp_path / "nope"), "does not exist")
     assert (export / RANKING_FILE).read_bytes() == before  # a refused run leaves the ranking as it was

@@ -329,6 +329,15 @@ def test_layer_ranges_parse(profile_path, tmp_path) -> None:
         parse_layers("0-x")
 
 
+def test_merge_refuses_to_write_over_a_part(cli, profile_path, tmp_path) -> None:
+    parts = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for path, layer in zip(parts, (0, 1), strict=True):
+        run_partition(profile_path, settings_for("alternating"), path, workers=1, layers=[layer])
+    before = parts[0].read_bytes()
+    cli("partition", "merge", *parts, "--out", parts[0]).assert_one_line_error("is the part", "choose another --out")
+    assert parts[0].read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "case, needles",
     [

@@ -191,6 +191,9 @@ def test_plan_cli(cli, tiny_model_dir, costs_file, tmp_path) -> None:
         ("n-not-divisor", ["--sub-experts 5", "width 32"]),
         ("bad-memory", ["--max-memory must be a size"]),
         ("bad-layers", ["--layers [7]", "MoE layers: [0, 1]"]),
+        ("n-0", ["--sub-experts must be at least 2, got 0"]),
+        ("n-1", ["--sub-experts must be at least 2, got 1"]),
+        ("seq-len-past-the-positions", ["--seq-len 100000", "positions"]),
     ],
 )
 def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, case, needles) -> None:
@@ -218,6 +221,10 @@ def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, c
         args += ["--max-memory", "plenty"]
     elif case == "bad-layers":
         args += ["--layers", "7"]
+    elif case in ("n-0", "n-1"):
+        args += ["-N", case[-1]]
+    elif case == "seq-len-past-the-positions":
+        args[args.index("--seq-len") + 1] = "100000"
     cli("plan", *args).assert_one_line_error(*needles)
 
 

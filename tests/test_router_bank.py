@@ -161,6 +161,10 @@ def test_bad_input_is_refused_before_any_work(candidates, tiny_model_dir, tmp_pa
         select_routers(candidates, out, serve_k=FULL + 1)
     with pytest.raises(PrismError, match="not a prism export"):
         select_routers({**candidates, "x": tmp_path}, out)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in candidates["a"].rglob("*"))
+    with pytest.raises(PrismError, match="is the candidate a"):  # --force does not let a bank replace its own input
+        select_routers(candidates, candidates["a"], force=True)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in candidates["a"].rglob("*")) == before
     (tmp_path / "other").mkdir()
     other = random_neurons_export(tiny_model_dir("olmoe"), tmp_path / "other", seed=6)  # another partition
     with pytest.raises(PrismError, match="not a tuned copy of the same export"):

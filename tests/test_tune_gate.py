@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -377,6 +378,25 @@ def test_not_an_export_is_refused(cli, tiny_model_dir, train_text, tmp_path):
         result = cli("tune-gate", target, "--out", tmp_path / "out", "--data", train_text)
         assert result.code == 2
         result.assert_one_line_error(needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,needle", [({"sub_experts": 3}, "prism.sub_experts is 3"), (None, "no 'prism' object")],
+                         ids=["sub-experts-edited", "prism-not-an-object"])
+def test_edited_export_config_is_refused(cli, export, train_text, tmp_path, edit, needle):
+    """An export whose config.json no longer matches its weights (or whose prism section is not an object)
+    is refused in one line before any training, as loading it elsewhere is."""
+    edited = tmp_path / "edited"
+    shutil.copytree(export, edited)
+    config = json.loads((edited / "config.json").read_text())
+    if edit is None:
+        config["prism"] = "x"
+    else:
+        config["prism"].update(edit)
+    (edited / "config.json").write_text(json.dumps(config))
+    result = cli("tune-gate", edited, "--out", tmp_path / "out", "--data", train_text, "--steps", "1")
+    assert result.code == 2
+    result.assert_one_line_error(needle)
     assert not (tmp_path / "out").exists()
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.panel import Panel
 
-from prism_cli.commands.common import CachePolicyOption, ConfigOption, DeviceMemoryOption, StageBars, parse_int_list
+from prism_cli.commands.common import CachePolicyOption, ConfigOption, DeviceMemoryOption, StageBars, check_seed, parse_int_list
 from prism_cli.console import console
 from prism_cli.data import load_text
 from prism_cli.errors import BudgetNotMet, PrismError
@@ -36,7 +36,7 @@ def bench(
         None, help="Untimed steps of a point right before each of its timed steps (default: 10 decode, 1 prefill)."),
     dtype: str = typer.Option(None, help="Model dtype (default: float32 on CPU, bfloat16 on CUDA, what the kernels take)."),
     experts_impl: str = typer.Option("prism", "--experts-impl", help="Experts implementation of the export: prism, grouped_mm or eager."),
-    seed: int = typer.Option(0, help="Seed for the timing inputs."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed for the timing inputs."),
     cpu_allocator: str = typer.Option(
         "reuse", "--cpu-allocator", help="On the CPU: reuse (freed activations stay in the heap for the next step) or system (glibc's)."),
     out: Path = typer.Option(Path("results"), help="Output folder: bench.md, bench.csv, bench.json, bench.png."),

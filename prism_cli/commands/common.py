@@ -56,12 +56,23 @@ def deferred_progress(
         yield start, advance
 
 
+#: Seeds go to numpy's and torch's generators and into HDF5 and JSON metadata, which take 0 .. 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value: int) -> int:
+    """``--seed``'s callback: the seed, or one line where the generators or the metadata could not take it."""
+    if not 0 <= value <= MAX_SEED:
+        raise PrismError(f"--seed must be between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
 def parse_int_list(value: str | None, option: str) -> list[int] | None:
     """``"1,8,32"`` -> ``[1, 8, 32]``; None stays None."""
     if value is None or str(value).strip() == "":
         return None
     try:
-        return [int(v) for v in str(value).split(",") if v.strip()]
+        return [int(v) for v in str(value).split(",")]
     except ValueError:
         raise PrismError(f"{option} must be a comma-separated list of integers, got {value!r}") from None
 
@@ -72,8 +83,6 @@ def parse_layers(value: str | None, option: str = "--layers") -> list[int] | Non
         return None
     out: list[int] = []
     for part in (p.strip() for p in str(value).split(",")):
-        if not part:
-            continue
         first, sep, last = part.partition("-")
         try:
             lo, hi = int(first), int(last) if sep else int(first)

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 import yaml
 
-from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, deferred_progress, parse_layers
+from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, check_seed, deferred_progress, parse_layers
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.io import check_not_input, check_writable
@@ -42,7 +42,7 @@ def run(
     gate_selection: str = typer.Option(
         "coact", "--gate-selection", help="How gate neurons are chosen: coact (the paper's rule) or mass."
     ),
-    seed: int = typer.Option(0, help="Seed; each expert derives its own from (seed, layer, expert)."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed; each expert derives its own from (seed, layer, expert)."),
     workers: int = typer.Option(None, help="Parallel worker processes (default: all cores)."),
     executor: str = typer.Option("local", help="local (processes on this machine) or ray (a Ray cluster; RAY_ADDRESS)."),
     layers: str = typer.Option(None, help="Layers to partition, e.g. 0-7 (default: all profiled); join parts with `merge`."),
@@ -77,6 +77,7 @@ def merge(
 ) -> None:
     """Join partitions made by layer range (`prism partition PROFILE --layers A-B`) into one file."""
     check_writable(out)
+    check_not_input(out, {f"part {path}": path for path in parts})
     result = merge_partitions(parts)
     write_partition(out, result)
     console.print(summary_table(result).rich())
@@ -103,7 +104,7 @@ def compare(
     solvers: str = typer.Option(",".join(SOLVERS.names()), help="Comma-separated solvers to compare."),
     sub_experts: int = typer.Option(4, "--sub-experts", "-N", help="Sub-experts per expert."),
     keep: int = typer.Option(1, help="Sub-experts kept per token in the paper cost."),
-    seed: int = typer.Option(0, help="Seed (the same for every solver)."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed (the same for every solver)."),
     workers: int = typer.Option(None, help="Parallel worker processes (default: all cores)."),
     layers: str = typer.Option(None, help="Layers, e.g. 0-3 (default: all profiled)."),
     out: Path = typer.Option(Path("partition_compare"), help="Output stem: writes .md, .csv and .json."),

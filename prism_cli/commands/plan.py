@@ -36,7 +36,7 @@ def run(
     config: str = ConfigOption,
 ) -> None:
     """Time, memory and disk of profile, partition and export for MODEL on this machine (no weights needed)."""
-    from prism_cli.models.loading import parse_device, parse_dtype
+    from prism_cli.models.loading import check_context_length, parse_device, parse_dtype
     from prism_cli.planner import (
         MachineCosts,
         PlanSettings,
@@ -65,6 +65,7 @@ def run(
         costs = default_costs_path() if default_costs_path().exists() else packaged_costs_path()
     machine = MachineCosts.load(costs)
     model_config, name = read_config(model)
+    check_context_length(model_config.get_text_config(), seq_len)
     shape = model_shape(model_config, name)
     check_plan(shape, settings, machine)
     console.print(f"measuring profiling costs at {name}'s shapes on this machine ...", highlight=False)

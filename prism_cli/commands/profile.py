@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import ConfigOption, deferred_progress, parse_layers
+from prism_cli.commands.common import ConfigOption, check_seed, deferred_progress, parse_layers
 from prism_cli.console import console
 from prism_cli.data import load_text
 from prism_cli.io import check_not_input, check_writable, peak_rss_bytes
@@ -35,7 +35,7 @@ def profile(
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device_map: str = typer.Option(None, "--device-map", help="accelerate device map (e.g. 'auto') for models larger than one device."),
     row_dtype: str = typer.Option("float16", "--row-dtype", help="Storage dtype of recorded rows."),
-    seed: int = typer.Option(0, help="Seed for the held-out split and the reservoir samples."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed for the held-out split and the reservoir samples."),
     max_memory: str = typer.Option(
         None, "--max-memory", help="Host memory for profiling besides the model and the runtime (activations, counters, row buffer), "
         "e.g. 8G or 512MiB (default: half the available RAM)."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import CachePolicyOption, DeviceMemoryOption
+from prism_cli.commands.common import CachePolicyOption, DeviceMemoryOption, check_seed
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 
@@ -28,7 +28,7 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond those; more get 503 with Retry-After."),
     t_max: float = typer.Option(10.0, "--t-max", help="Seconds a request may wait before it forces a launch."),
     cost_model: Path = typer.Option(None, "--cost-model", help="Cost model JSON (default: DIR/prism/cost_model.json)."),
-    seed: int = typer.Option(0, help="Seed of unseeded sampling."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed of unseeded sampling."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device_memory: str = DeviceMemoryOption,

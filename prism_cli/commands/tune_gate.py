@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import ConfigOption, deferred_progress
+from prism_cli.commands.common import ConfigOption, check_seed, deferred_progress
 from prism_cli.console import console
 from prism_cli.tuning.schedules import SCHEDULES
 
@@ -30,7 +30,7 @@ def tune_gate(
     batch: int = typer.Option(8, help="Windows per step (split over processes under `accelerate launch`)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),
     distill: float = typer.Option(0.0, help="Weight of the KL divergence from the original model's next-token distribution (0: off)."),
-    seed: int = typer.Option(0, help="Seed of the batches and of the K draws."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed of the batches and of the K draws."),
     checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes", help="Minutes between checkpoints (also written on Ctrl-C)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run of this --out from its checkpoint."),
     experts_impl: str = typer.Option("grouped_mm", "--experts-impl", help="Experts implementation for training: grouped_mm or eager."),

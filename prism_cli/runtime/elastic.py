@@ -94,18 +94,24 @@ def export_meta(spec: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text()).get("prism")
-    except (json.JSONDecodeError, OSError):
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return None
+    section = config.get("prism") if isinstance(config, dict) else None
+    return section if isinstance(section, dict) else None
 
 
 def read_export_meta(spec: str | Path, what: str | None = None) -> dict[str, Any]:
     """The ``prism`` section of an export this prism reads, or a one-line error (``what`` names the
     argument in it, e.g. ``candidate tuned``)."""
     where = f"{what}: {spec}" if what else str(spec)
+    if not Path(spec).exists():
+        raise PrismError(f"{where} does not exist")
+    if not Path(spec).is_dir():
+        raise PrismError(f"{where} is a file; give the export folder")
     meta = export_meta(spec)
     if meta is None:
-        raise PrismError(f"{where} is not a prism export (its config.json has no 'prism' section); "
+        raise PrismError(f"{where} is not a prism export (its config.json has no 'prism' object); "
                          "make one with `prism export MODEL PARTITION --out DIR`")
     if meta.get("format_version") != EXPORT_FORMAT_VERSION:
         raise PrismError(f"{where} has export format version {meta.get('format_version')}; this prism reads "

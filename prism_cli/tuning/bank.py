@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from prism_cli.errors import PrismError
 from prism_cli.export.format import ROUTER_BANK_FILE
+from prism_cli.io import check_not_input
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.checkpoint import CheckpointReader
 from prism_cli.models.loading import load_config
@@ -124,6 +125,7 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
     text, data_name = load_selection_text(data, "choose routers")
     if out.exists() and not force:
         raise PrismError(f"{out} already exists; pass --force to replace it, or give a new folder")
+    check_not_input(out, {f"candidate {name}": directory for name, directory in candidates.items()})
     meta = next(iter(metas.values()))
     points = int(meta["sub_experts"]) * int(meta["source"]["top_k"])
     if serve_k is not None and not 1 <= serve_k <= points:

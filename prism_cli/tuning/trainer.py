@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from prism_cli.data import BUILTIN_PREFIX, load_text, text_hash
 from prism_cli.errors import Interrupted, PrismError
+from prism_cli.export.validate import validate_export
 from prism_cli.io import atomic_path
 from prism_cli.models.loading import load_model, weights_fingerprint
 from prism_cli.runtime.elastic import attach_elastic_state, read_export_meta, set_operating_point
@@ -207,6 +208,7 @@ def check_export(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise PrismError(f"{directory} does not exist or is not a folder; give a prism export (from `prism export`)")
     meta = read_export_meta(directory)
+    validate_export(directory, meta)  # an edited config.json: one line naming the field
     if "router_bank" in meta:
         raise PrismError(f"{directory} switches routers with K (prism select-routers); tune one of the exports it was built from")
     return meta
