@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import random_neurons_export, random_partition, write_random_partition
+from conftest import random_neurons_export, random_partition, synthetic_cost_model, write_random_partition
 from safetensors.torch import load_file, save_file
 from tiny_models import build_tiny
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -300,6 +300,63 @@ def config(w: World, text: str) -> Path:
     return w.write("run.yaml", text)
 
 
+def cost_model(w: World, name: str = "cm.json", point: str = "linear:2", batch: int = 1, ms: float | None = None) -> Path:
+    """The synthetic cost model in the world, with ``point``'s decode time at ``batch`` set to ``ms``."""
+    model = synthetic_cost_model()
+    if ms is not None:
+        model.points[point].decode_ms[batch] = ms
+    model.save(w.root / name)
+    return w.root / name
+
+
+def schedule_args(w: World, *extra: Any, model: Path | None = None) -> list[Any]:
+    return ["schedule", w.export, "--sim", "--cost-model", model or cost_model(w), "--max-output", "8", "--max-prompt", "32",
+            *extra, "--out", w.out]
+
+
+def sweep_args(w: World, *extra: Any) -> list[Any]:
+    return ["schedule", "sweep", w.export, "--sim", "--cost-model", cost_model(w), "--max-output", "8", "--max-prompt", "32",
+            "--floors", "linear:2=0.5,linear:8=0.5", *extra, "--out", w.out]
+
+
+def trace(w: World, arrival: str) -> Path:
+    return w.write("trace.jsonl", f'{{"arrival": 0, "prompt": "a b", "max_tokens": 4}}\n'
+                                  f'{{"arrival": {arrival}, "prompt": "a b", "max_tokens": 4}}\n')
+
+
+NEVER_OFFLOAD = ("prism_cli.offload.bench", "run_offload_bench")
+NEVER_REPLAY = ("prism_cli.offload.replay", "replay")
+NEVER_LIVE = ("prism_cli.runtime.elastic", "load_elastic_model")
+
+
+def offload_args(w: World, *extra: Any, budgets: str = "50%", points: str = "topk:2") -> list[Any]:
+    return ["offload-bench", w.export, "--device-memory", budgets, "--points", points, "--tokens", "2", "--warmup", "0",
+            "--context", "4", "--quality-tokens", "16", *extra, "--out", w.out]
+
+
+def offload_trace(w: World, change: str) -> Path:
+    """A hand-made routing trace (2 layers, 64 tokens, top-2 of 8 experts, N = 4) with one defect."""
+    from prism_cli.offload.trace import TRACE_FORMAT_VERSION, RoutingTrace
+
+    rng = np.random.default_rng(0)
+    experts = np.stack([np.stack([rng.permutation(8)[:2] for _ in range(64)]) for _ in range(2)]).astype(np.int32)
+    weights = rng.random((2, 64, 2), dtype=np.float32)
+    scores = rng.random((2, 64, 2, 4), dtype=np.float32)
+    if change == "expert-9999":
+        experts[1, 5, 0] = 9999
+    elif change == "expert-negative":
+        experts[0, 3, 1] = -3
+    elif change == "nan-weight":
+        weights[0, 7, 0] = np.nan
+    meta = {"format_version": TRACE_FORMAT_VERSION, "source": "hand-made", "sub_experts": 4, "num_experts": 8,
+            "top_k": 2, "tokens": 64, "seq_len": 64, "text": ""}
+    path = w.root / f"trace-{change}.npz"
+    RoutingTrace(experts, weights, scores, experts[1:].copy(), weights[1:].copy(), scores[1:].copy(), meta).save(path)
+    if change == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
 CASES = [
     # --- export: inputs are never outputs (issue 13.1) ---------------------------------------------
     Case("export-out-is-the-source", lambda w: ["export", w.model, w.partition, "--out", w.model, "--force"],
@@ -441,6 +498,10 @@ CASES = [
     Case("profile-tiny-data", lambda w: profile_args(w, "--data", w.short_text(1)), ("fewer than one window",)),
     # About 45 tokens: one 32-token window, not the two that fit and held-out rows need.
     Case("profile-short-data", lambda w: profile_args(w, "--data", w.short_text(2)), ("only 1 sequence", "at least 2")),
+    Case("profile-seed-past-the-generators", lambda w: profile_args(w, "--seed", str(2**64)), ("--seed must be between 0",),
+         never=NEVER_PROFILE),
+    Case("profile-layers-with-an-empty-item", lambda w: profile_args(w, "--layers", "0,,1"), ("--layers", "'0,,1'"),
+         never=NEVER_PROFILE),
     Case("profile-tokens-0", lambda w: profile_args(w, "--tokens", "0"), ("--tokens", "positive")),
     Case("profile-negative-max-rows", lambda w: profile_args(w, "--max-rows", "-5"), ("--max-rows", "-5")),
     Case("profile-holdout-1.5", lambda w: profile_args(w, "--holdout", "1.5"), ("--holdout", "1.5")),
@@ -471,6 +532,7 @@ CASES = [
     Case("partition-foreign-hdf5", lambda w: partition_args(w, profile=w.foreign_hdf5()), ("not a prism profile",)),
     Case("partition-incomplete-profile", lambda w: partition_args(w, profile=w.incomplete_profile()), ("is incomplete", "weights_hash")),
     Case("partition-missing-profile", lambda w: partition_args(w, profile=w.root / "nope.h5"), ("does not exist",)),
+    Case("partition-negative-seed", lambda w: partition_args(w, "--seed", "-1"), ("--seed must be between 0",), never=NEVER_SOLVE),
     Case("partition-unknown-solver", lambda w: partition_args(w, "--solver", "magic"), ("unknown solver 'magic'", "alternating", "nsga2")),
     Case("partition-workers-0", lambda w: partition_args(w, "--workers", "0"), ("--workers", "at least 1")),
     Case("partition-bad-solver-option", lambda w: partition_args(w, "-O", "badoption=1"),
@@ -484,7 +546,38 @@ CASES = [
          ("unknown solver 'magic'",)),
     Case("compare-n-not-divisor", lambda w: ["partition", "compare", w.profile, "--solvers", "random", "-N", "5", "--out", w.out],
          ("--sub-experts 5",)),
+    # --- schedule --------------------------------------------------------------------------------------
+    Case("schedule-floor-share-nan", lambda w: schedule_args(w, "--floors", "linear:2=nan"), ("share 'nan'", "linear:2")),
+    Case("schedule-floor-share-inf", lambda w: schedule_args(w, "--floors", "linear:2=inf,linear:8=1"), ("share 'inf'", "linear:2")),
+    Case("schedule-floor-share-zero", lambda w: schedule_args(w, "--floors", "linear:2=0.5,linear:8=0"), ("share '0'", "linear:8")),
+    Case("sweep-floor-share-nan", lambda w: sweep_args(w, "--rates", "1", "--floors", "linear:2=0.5,linear:8=nan"),
+         ("share 'nan'", "linear:8")),
+    Case("schedule-no-request-arrives", lambda w: schedule_args(w, "--duration", "0.001"), ("no request arrived", "--duration")),
+    Case("sweep-no-request-arrives", lambda w: sweep_args(w, "--duration", "0.001", "--rates", "1"),
+         ("no request arrived", "--duration")),
+    Case("schedule-rate-inf", lambda w: schedule_args(w, "--rate", "inf"), ("--rate must be a finite positive number",)),
+    Case("schedule-rate-nan", lambda w: schedule_args(w, "--rate", "nan"), ("--rate must be a finite positive number",)),
+    Case("schedule-duration-inf", lambda w: schedule_args(w, "--duration", "inf"), ("--duration must be a finite positive",)),
+    Case("schedule-rate-1e9", lambda w: schedule_args(w, "--rate", "1e9", "--duration", "5"), ("5e+09 requests", "at most")),
+    Case("schedule-duration-1e12", lambda w: schedule_args(w, "--duration", "1e12"), ("4e+12 requests", "--duration")),
+    Case("sweep-rates-inf", lambda w: sweep_args(w, "--rates", "1,inf"), ("--rates must be a finite positive number",)),
+    Case("sweep-rates-1e9", lambda w: sweep_args(w, "--rates", "1e9", "--duration", "5"), ("5e+09 requests",)),
+    Case("schedule-trace-arrival-nan", lambda w: schedule_args(w, "--trace", trace(w, "NaN")), ("line 2", "arrival", "nan")),
+    Case("schedule-trace-arrival-inf", lambda w: schedule_args(w, "--trace", trace(w, "Infinity")), ("line 2", "arrival", "inf")),
+    Case("schedule-trace-arrival-1e300", lambda w: schedule_args(w, "--trace", trace(w, "1e300")), ("line 2", "arrival")),
+    Case("schedule-cost-model-negative-decode", lambda w: schedule_args(w, model=cost_model(w, "neg.json", ms=-1.0)),
+         ("neg.json", "points.linear:2.decode_ms[1]", "-1 ms")),
+    Case("schedule-cost-model-zero-decode", lambda w: schedule_args(w, model=cost_model(w, "zero.json", "linear:8", 8, 0.0)),
+         ("zero.json", "points.linear:8.decode_ms[8]", "> 0")),
+    Case("schedule-cost-model-batch-0", lambda w: schedule_args(w, model=cost_model(w, "b0.json", batch=0, ms=5.0)),
+         ("b0.json", "points.linear:2.decode_ms", "key 0")),
+    Case("sweep-cost-model-negative-decode", lambda w: ["schedule", "sweep", w.export, "--sim", "--rates", "1", "--cost-model",
+                                                        cost_model(w, "neg.json", ms=-1.0), "--out", w.out], ("neg.json", "-1 ms")),
+    Case("schedule-negative-seed", lambda w: schedule_args(w, "--seed", "-1"), ("--seed must be between 0",)),
+    Case("sweep-negative-seed", lambda w: sweep_args(w, "--rates", "1", "--seed", "-1"), ("--seed must be between 0",)),
     # --- bench -----------------------------------------------------------------------------------------
+    Case("bench-batch-with-an-empty-item", lambda w: bench_args(w, "--batch", "1,,8"), ("--batch", "'1,,8'"), never=NEVER_BENCH),
+    Case("bench-negative-seed", lambda w: bench_args(w, "--seed", "-1"), ("--seed must be between 0",), never=NEVER_BENCH),
     Case("bench-not-a-checkpoint", lambda w: bench_args(w, model=w.folder("empty")), ("config.json",)),
     Case("bench-missing-model", lambda w: bench_args(w, model=w.root / "nowhere"), ("does not exist",)),
     Case("bench-budget-not-a-time", lambda w: bench_args(w, "--budget", "fast"), ("budget",)),
@@ -494,6 +587,34 @@ CASES = [
     Case("bench-unknown-mode", lambda w: bench_args(w, "--mode", "sideways"), ("--mode",)),
     Case("bench-cuda-without-cuda", lambda w: bench_args(w, "--device", "cuda"), ("CUDA",),
          marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),)),
+    # --- offload-bench ----------------------------------------------------------------------------------
+    Case("offload-bench-empty-policy", lambda w: offload_args(w, "--policy", ""), ("--policy needs at least one value",),
+         never=NEVER_OFFLOAD),
+    Case("offload-bench-policy-with-an-empty-item", lambda w: offload_args(w, "--policy", "lru,,lfu"),
+         ("--policy 'lru,,lfu'", "empty item"), never=NEVER_OFFLOAD),
+    Case("offload-bench-budget-with-an-empty-item", lambda w: offload_args(w, budgets="50%,,60%"),
+         ("--device-memory '50%,,60%'", "empty item"), never=NEVER_OFFLOAD),
+    Case("offload-bench-points-with-an-empty-item", lambda w: offload_args(w, points="topk:2,,linear:4"),
+         ("--points 'topk:2,,linear:4'", "empty item"), never=NEVER_OFFLOAD),
+    Case("offload-bench-quality-tokens-0", lambda w: offload_args(w, "--quality-tokens", "0"),
+         ("--quality-tokens must be at least 2",), never=NEVER_OFFLOAD),
+    Case("offload-bench-unknown-compute-without-shape", lambda w: offload_args(w, "--compute", "bogus"),
+         ("unknown compute model 'bogus'",), never=NEVER_OFFLOAD),
+    Case("offload-bench-replay-reserve-not-a-share", lambda w: offload_args(w, "--shape", "source", "--reserve", "abc%"),
+         ("cannot read --reserve 'abc%'",), never=NEVER_OFFLOAD),
+    Case("offload-bench-trace-tokens-within-the-warm-up", lambda w: offload_args(w, "--shape", "source", "--trace-tokens", "100"),
+         ("--trace-tokens (100) must exceed",), never=NEVER_OFFLOAD),
+    Case("offload-bench-context-past-the-positions", lambda w: offload_args(w, "--context", "500"),
+         ("--context 500", "128 positions", "--context 126 or less"), never=NEVER_LIVE),
+    Case("offload-bench-trace-is-a-folder", lambda w: offload_args(w, "--shape", "olmoe-1b-7b", "--trace", w.folder("traces")),
+         ("is a folder, not an .npz routing trace",), never=NEVER_OFFLOAD),
+    Case("offload-bench-trace-is-text", lambda w: offload_args(w, "--shape", "olmoe-1b-7b", "--trace", w.write("t.npz", "hi\n")),
+         ("not a prism routing trace", "not a readable .npz archive"), never=NEVER_REPLAY),
+    *[Case(f"offload-bench-trace-{change}",
+           lambda w, c=change: offload_args(w, "--shape", "olmoe-1b-7b", "--trace", offload_trace(w, c)), phrases,
+           never=NEVER_REPLAY)
+      for change, phrases in [("truncated", ("not a readable .npz archive",)), ("expert-9999", ("expert id 9999", "0..7")),
+                              ("expert-negative", ("expert id -3", "0..7")), ("nan-weight", ("weights hold NaN",))]],
 ]
 
 

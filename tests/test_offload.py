@@ -17,7 +17,7 @@ from conftest import FULL, N_SUB, random_neurons_export, token_batch
 
 from prism_cli.errors import PrismError
 from prism_cli.offload.cache import CACHE_POLICIES, PieceCache
-from prism_cli.offload.config import LinkSpec, OffloadConfig, parse_budget, parse_link, parse_size
+from prism_cli.offload.config import LinkSpec, OffloadConfig, parse_budget, parse_link, parse_list, parse_size
 from prism_cli.offload.executor import attach_offload, detach_offload, pinned_keys, run_pieces
 from prism_cli.offload.link import SimulatedLink, VirtualClock
 from prism_cli.runtime.elastic import set_operating_point
@@ -59,6 +59,38 @@ def test_deepseek_v2_lite_shape_matches_its_published_dimensions():
     frac = parse_budget("16GB@deepseek-v2-lite").expert_fraction
     assert frac == pytest.approx((16e9 * 0.95 - shape.non_expert_bytes()) / shape.expert_bytes())
     assert shape.expert_unit_bytes(4) * 4 == shape.expert_unit_bytes(1)
+
+
+def test_list_options_refuse_empty_lists_and_items():
+    assert parse_list(" lru , lfu", "--policy", "lru") == ["lru", "lfu"]
+    for text in ("", " , ", "lru,,lfu", "lru,"):
+        with pytest.raises(PrismError, match="--policy"):
+            parse_list(text, "--policy", "lru")
+
+
+def test_a_damaged_trace_is_refused_naming_the_problem(tmp_path):
+    from prism_cli.offload.trace import TRACE_FORMAT_VERSION, RoutingTrace
+
+    meta = {"format_version": TRACE_FORMAT_VERSION, "sub_experts": 2, "num_experts": 4, "top_k": 1}
+    experts, weights, scores = np.zeros((2, 3, 1), np.int32), np.ones((2, 3, 1), np.float32), np.ones((2, 3, 1, 2), np.float32)
+
+    def load(**change: np.ndarray) -> RoutingTrace:
+        arrays = {"experts": experts, "weights": weights, "scores": scores, "pred_experts": experts[1:],
+                  "pred_weights": weights[1:], "pred_scores": scores[1:], **change}
+        RoutingTrace(**arrays, meta=meta).save(tmp_path / "t.npz")
+        return RoutingTrace.load(tmp_path / "t.npz")
+
+    assert load().tokens == 3
+    with pytest.raises(PrismError, match="expert id 4, outside 0..3"):
+        load(pred_experts=experts[1:] + 4)
+    with pytest.raises(PrismError, match="expert id -1"):
+        load(experts=experts - 1)
+    with pytest.raises(PrismError, match="scores hold NaN"):
+        load(scores=scores * np.nan)
+    with pytest.raises(PrismError, match="no routing"):
+        load(experts=experts[:, :0], weights=weights[:, :0], scores=scores[:, :0])
+    with pytest.raises(PrismError, match="is a folder"):
+        RoutingTrace.load(tmp_path)
 
 
 def test_links_are_read_and_charged():
@@ -405,14 +437,17 @@ def test_bad_offload_input_is_one_line(cli, export_dir):
     cli("eval", export_dir, "--tokens", "64", "--device-memory", "100TB").assert_one_line_error("more than")
     cli("eval", export_dir, "--device-memory", "30%", "--cache-policy", "mru").assert_one_line_error("lru, lfu, prefetch")
     cli("eval", export_dir, "--device-memory", "30").assert_one_line_error("unit")
-    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", f"topk:{FULL + 1}").assert_one_line_error(
+    short = ("--context", "8", "--warmup", "1", "--tokens", "4")  # the tiny model's 128 positions hold them
+    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", f"topk:{FULL + 1}", *short).assert_one_line_error(
         f"outside 1..{FULL}")
     cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "topk:2",
         "--routing", "balanced").assert_one_line_error("--shape")
     cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "topk:2", "--shape", "gpt-9").assert_one_line_error(
         "unknown model shape")
-    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "layered:2+1").assert_one_line_error(
+    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "layered:2+1", *short).assert_one_line_error(
         "layered points")
+    cli("offload-bench", export_dir, "--device-memory", "30%", "--points", "topk:2").assert_one_line_error(
+        "--context 128 + --warmup 32 + --tokens 128", "128 positions", "lower --warmup and --tokens")
 
 
 def test_offload_bench_checks_its_budgets_before_any_work(export_dir):

@@ -107,6 +107,26 @@ def test_engine_costs_interpolate_in_rows_and_width_and_round_trip(tmp_path):
     assert again.prefill("linear:8", 3, 100) == pytest.approx(3.0) and again.keep(8, 256) == costs.keep(8, 256)
 
 
+def test_a_cost_model_with_unusable_times_is_refused_when_read(tmp_path):
+    def saved(edit) -> Path:
+        model = synthetic_cost_model()
+        model.engine = _engine_costs()
+        edit(model)
+        model.save(tmp_path / "cm.json")
+        return tmp_path / "cm.json"
+
+    assert CostModel.load(saved(lambda m: None)).problem() is None
+    for edit, needle in (
+        (lambda m: m.points["linear:2"].decode_ms.update({8: -1.0}), r"points.linear:2.decode_ms\[8\] is -1 ms"),
+        (lambda m: m.points["topk:3"].prefill_ms.update({64: float("nan")}), r"points.topk:3.prefill_ms\[64\] is nan ms"),
+        (lambda m: m.points["linear:4"].decode_ms.clear(), "points.linear:4.decode_ms is empty"),
+        (lambda m: m.engine.decode_ms["linear:8"][64].update({2: float("inf")}), r"engine.decode_ms.linear:8\[64\]\[2\] is inf"),
+        (lambda m: m.engine.join_ms.update({0: {2: 1.0}}), "engine.join_ms has key 0"),
+    ):
+        with pytest.raises(PrismError, match=f"cost model .*cm.json: {needle}"):
+            CostModel.load(saved(edit))
+
+
 def test_the_simulator_charges_rows_at_different_linear_points_their_whole_blocks():
     """Synthetic decode costs C(b, K) = 10 + b*K ms, N = 4. Two rows at linear:2 and linear:6 share a step:
     the executor computes their blocks whole (linear:4 and linear:8): (10 + 2*4 + 10 + 2*8) / 2 = 22 ms, not
@@ -250,6 +270,14 @@ def test_floor_mix_and_bad_floors():
         parse_floor("pattern:4,1", SPACE)
     with pytest.raises(PrismError, match="share"):
         parse_mix("linear:2=half", SPACE)
+
+
+def test_floor_shares_must_be_finite_and_positive():
+    for text, bad in (("linear:2=nan", "linear:2"), ("linear:2=inf,linear:8=1", "linear:2"), ("linear:2=1,linear:8=-1", "linear:8"),
+                      ("linear:2=0", "linear:2")):
+        with pytest.raises(PrismError, match=f"share .* of {bad} must be a finite number > 0"):
+            parse_mix(text, SPACE)
+    assert [w for _, w in parse_mix("linear:2=1e308,linear:8=1e308", SPACE)] == [0.5, 0.5]  # no infinite sum
 
 
 def test_cheapest_point_meeting_a_set_of_floors():

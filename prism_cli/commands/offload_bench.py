@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import ConfigOption, StageBars
+from prism_cli.commands.common import ConfigOption, StageBars, check_seed
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 
@@ -34,24 +34,24 @@ def offload_bench(
                                 "(load-balanced, calibrated on the trace)."),
     compute: str = typer.Option("gpu", help="Replay compute model: gpu (modelled) or cpu (measured here)."),
     trace_tokens: int = typer.Option(4096, "--trace-tokens", help="Tokens replayed (the first 512 warm the cache)."),
-    seed: int = typer.Option(0, help="Seed (timing order, trace mapping)."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed (timing order, trace mapping)."),
     out: Path = typer.Option(Path("results/offload"), help="Output folder: offload.md/csv/json, offload_pairs.*, offload.png."),
     config: str = ConfigOption,
 ) -> None:
     """Per-token decode latency, hit rate and bytes moved of offloaded sub-experts against whole experts."""
     from prism_cli.models.loading import parse_device, resolve_model
     from prism_cli.offload.bench import OffloadBenchSettings
-    from prism_cli.offload.config import parse_budgets, parse_link
+    from prism_cli.offload.config import parse_budgets, parse_link, parse_list
 
     parse_device(device)
     resolve_model(model)
     try:
-        pins = [float(p) for p in pin.split(",") if p.strip()]
+        pins = [float(p) for p in parse_list(pin, "--pin", "0,0.25")]
     except ValueError:
         raise PrismError(f"--pin takes fractions like 0,0.25, got {pin!r}") from None
     settings = OffloadBenchSettings(
-        budgets=parse_budgets(device_memory), points=[p.strip() for p in points.split(",") if p.strip()],
-        policies=[p.strip() for p in policy.split(",") if p.strip()], pins=pins or [0.0], link=parse_link(link),
+        budgets=parse_budgets(device_memory), points=parse_list(points, "--points", "topk:4,linear:4"),
+        policies=parse_list(policy, "--policy", "lru,prefetch"), pins=pins, link=parse_link(link),
         reserve=reserve, device=device, dtype=dtype, context=context, warmup=warmup, tokens=tokens,
         quality_tokens=quality_tokens, seed=seed, shape=shape, trace=trace, routing=routing, compute=compute,
         trace_tokens=trace_tokens,

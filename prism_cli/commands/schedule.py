@@ -16,6 +16,7 @@ from prism_cli.commands.common import (
     ConfigOption,
     DefaultCommandGroup,
     DeviceMemoryOption,
+    check_seed,
     deferred_progress,
     parse_int_list,
 )
@@ -72,7 +73,7 @@ def run(
     point: str = typer.Option(None, help="The static policy's point (default: the cheapest meeting every floor)."),
     trace: Path = typer.Option(None, help="JSON Lines trace (arrival, prompt, max_tokens, floor) instead of Poisson arrivals."),
     data: str = typer.Option(None, help="Text the prompt/output lengths come from (default builtin:eval)."),
-    seed: int = typer.Option(0, help="Seed of arrivals, lengths and floors."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed of arrivals, lengths and floors."),
     max_batch: int = typer.Option(16, "--max-batch", help="Rows of one forward pass."),
     max_running: int = typer.Option(32, "--max-running", help="Requests holding a KV cache at once."),
     t_max: float = typer.Option(10.0, "--t-max", help="Seconds a request may wait before it forces a launch."),
@@ -149,7 +150,7 @@ def sweep(
     loads: str = typer.Option("low,medium,high", help="Loads to run (fractions 0.3 / 0.7 / 1.3 of the baseline's capacity)."),
     rates: str = typer.Option(None, help="Explicit arrival rates (comma-separated) instead of --loads."),
     sim: bool = typer.Option(False, "--sim", help="Simulate on the cost model instead of running the model."),
-    seed: int = typer.Option(0, help="Seed of arrivals, lengths and floors."),
+    seed: int = typer.Option(0, callback=check_seed, help="Seed of arrivals, lengths and floors."),
     max_batch: int = typer.Option(16, "--max-batch"),
     max_running: int = typer.Option(32, "--max-running"),
     t_max: float = typer.Option(10.0, "--t-max"),
@@ -170,20 +171,23 @@ def sweep(
     from prism_cli.io import check_writable, write_json
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.executor import load_served_model
+    from prism_cli.serving.runner import check_load
     from prism_cli.serving.sweep import plot_sweep, run_sweep, sweep_table, targets
 
     _check_dir(directory)
-    settings = _settings("prism", 1.0, duration, floors, sim, False, None, None, None, seed, max_batch, max_running, t_max,
-                         max_prompt, min_output, max_output, device_memory, cache_policy)
-    model = find_cost_model(directory, cost_model)
-    if model is None:
-        raise PrismError(f"{directory} has no cost model: build one with `prism schedule cost-model` or pass --cost-model")
     rate_list = None
     if rates:
         try:
             rate_list = [float(r) for r in rates.split(",") if r.strip()]
         except ValueError:
             raise PrismError(f"--rates must be comma-separated numbers, got {rates!r}") from None
+        for r in rate_list:
+            check_load(r, duration, "--rates")
+    settings = _settings("prism", 1.0, duration, floors, sim, False, None, None, None, seed, max_batch, max_running, t_max,
+                         max_prompt, min_output, max_output, device_memory, cache_policy)
+    model = find_cost_model(directory, cost_model)
+    if model is None:
+        raise PrismError(f"{directory} has no cost model: build one with `prism schedule cost-model` or pass --cost-model")
     out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out.with_suffix(".json"))
     offload = settings.offload()

@@ -41,7 +41,7 @@ from prism_cli.environment import environment
 from prism_cli.errors import BudgetNotMet, PrismError
 from prism_cli.evaluation.timing import median_ci
 from prism_cli.offload.cache import CACHE_POLICIES
-from prism_cli.offload.config import Budget, LinkSpec, OffloadConfig, format_size
+from prism_cli.offload.config import Budget, LinkSpec, OffloadConfig, format_size, parse_reserve
 from prism_cli.operating_points import OperatingPoint, parse_operating_point
 from prism_cli.report import ResultTable
 
@@ -71,31 +71,51 @@ class OffloadBenchSettings:
     replay_warmup: int = 512
 
     def validate(self) -> None:
+        from prism_cli.offload.replay import COMPUTE_MODELS
+
+        for option, values in (("--device-memory", self.budgets), ("--points", self.points), ("--policy", self.policies),
+                               ("--pin", self.pins)):
+            if not values:
+                raise PrismError(f"{option} needs at least one value")
         for policy in self.policies:
             CACHE_POLICIES.get(policy)
-        if not self.points:
-            raise PrismError("--points needs at least one operating point")
         if any(not 0 <= p < 1 for p in self.pins):
             raise PrismError(f"--pin takes fractions of the cache in [0, 1), got {self.pins}")
-        if self.context < 1 or self.warmup < 0 or self.tokens < 2 or self.quality_tokens < 2:
+        if self.context < 1 or self.warmup < 0 or self.tokens < 2:
             raise PrismError("--context and --tokens must be positive (at least 2 timed tokens), --warmup not negative")
+        if self.quality_tokens < 2:
+            raise PrismError(f"--quality-tokens must be at least 2, got {self.quality_tokens}")
         if self.routing not in ROUTINGS:
             raise PrismError(f"--routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        COMPUTE_MODELS.get(self.compute)
+        if parse_reserve(self.reserve).fraction is None and self.shape is not None:
+            raise PrismError("replays take --reserve as a share of the budget (e.g. 5%)")
         if self.shape is None and self.trace is not None:
             raise PrismError("--trace drives a replay: give --shape too")
         if self.shape is None and self.routing != "trace":
             raise PrismError("--routing balanced is for replays at a real shape (--shape)")
         if self.shape is not None:
-            from prism_cli.offload.replay import COMPUTE_MODELS
             from prism_cli.offload.shapes import SHAPES
 
             if self.shape != "source":
                 SHAPES.get(self.shape)
-            COMPUTE_MODELS.get(self.compute)
+            if self.trace is not None and Path(self.trace).is_dir():
+                raise PrismError(f"trace file {self.trace} is a folder, not an .npz routing trace")
             if self.trace is not None and not Path(self.trace).is_file():
                 raise PrismError(f"trace file {self.trace} does not exist")
         if self.trace_tokens <= self.replay_warmup:
             raise PrismError(f"--trace-tokens ({self.trace_tokens}) must exceed the replay warm-up ({self.replay_warmup})")
+
+    def check_positions(self, config: Any) -> None:
+        """A live run feeds prefill, warm-up and timed tokens as one sequence: refuse more than the model's positions."""
+        limit = getattr(config, "max_position_embeddings", None)
+        need = self.context + self.warmup + self.tokens
+        if self.shape is not None or not isinstance(limit, int) or need <= limit:
+            return
+        room = limit - self.warmup - self.tokens
+        fix = f"use --context {room} or less" if room >= 1 else "lower --warmup and --tokens"
+        raise PrismError(f"--context {self.context} + --warmup {self.warmup} + --tokens {self.tokens} = {need:,} tokens, "
+                         f"longer than the model's {limit:,} positions (max_position_embeddings); {fix}")
 
 
 @dataclass(frozen=True)
@@ -221,7 +241,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     from prism_cli.data import split_text
     from prism_cli.data.windows import token_windows
     from prism_cli.evaluation.perplexity import perplexity
-    from prism_cli.models.loading import load_model
+    from prism_cli.models.loading import load_config, load_model
     from prism_cli.offload.executor import absolute_budget, attach_offload, budget_sizes
     from prism_cli.runtime.elastic import attach_elastic_state, export_meta, load_elastic_model, set_operating_point
     from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
@@ -230,6 +250,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     if meta is None:
         raise PrismError(f"{target} is not a prism export: offload-bench compares an export's sub-experts with its "
                          "source model's whole experts")
+    settings.check_positions(load_config(target))
     elastic = load_elastic_model(target, dtype=settings.dtype, device="cpu")
     state = elastic.model.prism_state
     n_sub, top_k = state.n_sub, state.source_top_k
@@ -447,10 +468,7 @@ def _replay_bench(target: str, settings: OffloadBenchSettings,
     wanted = list(dict.fromkeys([*map(str, asked), *(p.baseline for p in pairs), *(p.middle for p in pairs)]))
     compute = COMPUTE_MODELS.get(settings.compute)(shape)
     geometry = ReplayGeometry(shape, n_sub)
-    reserve = settings.reserve.strip()
-    if not reserve.endswith("%"):
-        raise PrismError("replays take --reserve as a share of the budget (e.g. 5%)")
-    reserve_fraction = float(reserve[:-1]) / 100
+    reserve_fraction = parse_reserve(settings.reserve).fraction or 0.0
     runs = []
     total = len(settings.budgets) * len(settings.policies) * len(settings.pins) * len(wanted)
     advance = on_stage("replay", total) if on_stage else None

@@ -120,12 +120,19 @@ def parse_budget(text: str | int) -> Budget:
     return Budget(spec, nbytes=nbytes)
 
 
+def parse_list(text: str, option: str, example: str) -> list[str]:
+    """The items of a comma-separated option; an empty list or an empty item is refused."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not any(items):
+        raise PrismError(f"{option} needs at least one value, e.g. {example}")
+    if not all(items):
+        raise PrismError(f"{option} {text!r} has an empty item (a stray comma?); give e.g. {example}")
+    return items
+
+
 def parse_budgets(text: str) -> list[Budget]:
     """A comma-separated list of budgets (``16GB,24GB`` or ``30%,60%``)."""
-    items = [b for b in str(text).split(",") if b.strip()]
-    if not items:
-        raise PrismError("--device-memory needs at least one budget, e.g. 4GB")
-    return [parse_budget(b) for b in items]
+    return [parse_budget(b) for b in parse_list(text, "--device-memory", "4GB or 30%,60%")]
 
 
 @dataclass(frozen=True)

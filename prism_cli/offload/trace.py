@@ -32,6 +32,8 @@ consecutive tokens (above chance) and the recorded sub-expert scores and predict
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -86,22 +88,53 @@ class RoutingTrace:
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:
         path = Path(path)
+        if path.is_dir():
+            raise PrismError(f"trace file {path} is a folder, not an .npz routing trace")
         if not path.is_file():
             raise PrismError(f"trace file {path} does not exist")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {k: data[k] for k in _ARRAYS}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise PrismError(f"{path} is not a prism routing trace ({type(exc).__name__}: {exc})") from None
+        except (KeyError, json.JSONDecodeError):
+            raise PrismError(f"{path} is not a prism routing trace (an .npz archive without its meta and routing "
+                             "arrays)") from None
+        except (OSError, ValueError, EOFError, TypeError, AttributeError, zipfile.BadZipFile, zlib.error):
+            raise PrismError(f"{path} is not a prism routing trace (not a readable .npz archive: truncated or "
+                             "another kind of file?)") from None
+        if not isinstance(meta, dict):
+            raise PrismError(f"{path} is not a prism routing trace (its meta is not a JSON object)")
         if meta.get("format_version") != TRACE_FORMAT_VERSION:
             raise PrismError(f"{path} is a routing trace of format {meta.get('format_version')}; this prism reads "
                              f"{TRACE_FORMAT_VERSION}: record it again")
         trace = cls(**arrays, meta=meta)
-        L, T, k = trace.experts.shape
-        if trace.scores.shape != (L, T, k, trace.n_sub) or trace.pred_experts.shape != (max(L - 1, 0), T, k):
-            raise PrismError(f"{path}: the trace's arrays do not agree with each other (a damaged file?)")
+        trace.check(path)
         return trace
+
+    def check(self, path: str | Path) -> None:
+        """Refuse arrays that disagree with each other or the meta, expert ids out of range, NaN or infinite values."""
+        for name in ("sub_experts", "num_experts", "top_k"):
+            if not isinstance(self.meta.get(name), int) or self.meta[name] < 1:
+                raise PrismError(f"{path}: the trace's meta {name} is {self.meta.get(name)!r}, not a positive integer")
+        if self.experts.ndim != 3 or 0 in self.experts.shape:
+            raise PrismError(f"{path}: the trace holds no routing (experts of shape {self.experts.shape})")
+        L, T, k = self.experts.shape
+        if (self.weights.shape != (L, T, k) or self.scores.shape != (L, T, k, self.n_sub)
+                or self.pred_experts.shape != (L - 1, T, k) or self.pred_weights.shape != (L - 1, T, k)
+                or self.pred_scores.shape != (L - 1, T, k, self.n_sub)):
+            raise PrismError(f"{path}: the trace's arrays do not agree with each other (a damaged file?)")
+        for name in ("experts", "pred_experts"):
+            ids = getattr(self, name)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise PrismError(f"{path}: the trace's {name} are {ids.dtype}, not integer expert ids")
+            if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
+                bad = ids.min() if ids.min() < 0 else ids.max()
+                raise PrismError(f"{path}: the trace's {name} hold expert id {bad}, outside 0..{self.num_experts - 1} "
+                                 "(a damaged file?)")
+        for name in ("weights", "scores", "pred_weights", "pred_scores"):
+            values = getattr(self, name)
+            if not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all():
+                raise PrismError(f"{path}: the trace's {name} hold NaN, infinite or non-float values (a damaged file?)")
 
 
 @torch.inference_mode()

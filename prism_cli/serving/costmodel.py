@@ -17,6 +17,7 @@ Saved as JSON, with the export (``DIR/prism/cost_model.json``) or anywhere (``--
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,23 @@ def interpolate(table: dict[int, float], x: float) -> float:
     x0, x1 = keys[i - 1], keys[i]
     y0, y1 = table[x0], table[x1]
     return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+
+
+def _table_problem(table: dict[int, Any], needed: bool, positive: bool) -> str | None:
+    """What is wrong with a table of milliseconds by batch, tokens or width (nested: by width, then rows),
+    or None: a needed table has entries, keys start at 1, times are finite and > 0 (``positive``) or >= 0."""
+    if needed and not table:
+        return " is empty"
+    for key, value in table.items():
+        if key < 1:
+            return f" has key {key} (batches, tokens and widths start at 1)"
+        if isinstance(value, dict):
+            inner = _table_problem(value, needed, positive)
+            if inner:
+                return f"[{key}]{inner}"
+        elif not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            return f"[{key}] is {value:g} ms (a time must be finite and {'> 0' if positive else '>= 0'})"
+    return None
 
 
 def _bilinear(table: dict[int, dict[int, float]], width: float, rows: float) -> float:
@@ -169,10 +187,29 @@ class CostModel:
                 for name, p in data["points"].items()
             }
             engine = EngineCosts.from_json(data["engine"]) if data.get("engine") else None
-            return cls(points, int(data["decode_seq_len"]), int(data["prefill_seq_len"]), str(data["machine"]),
-                       dict(data.get("sources", {})), engine)
-        except (KeyError, TypeError, ValueError) as exc:
+            model = cls(points, int(data["decode_seq_len"]), int(data["prefill_seq_len"]), str(data["machine"]),
+                        dict(data.get("sources", {})), engine)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PrismError(f"cost model {path} is malformed ({type(exc).__name__}: {exc}); rebuild it") from None
+        problem = model.problem()
+        if problem:
+            raise PrismError(f"cost model {path}: {problem}; rebuild it")
+        return model
+
+    def problem(self) -> str | None:
+        """The first entry whose timings cannot be used (see ``_table_problem``), or None."""
+        named = [(f"points.{name}.{kind}", getattr(p, kind), True, True)
+                 for name, p in self.points.items() for kind in ("decode_ms", "prefill_ms")]
+        if self.engine is not None:
+            e = self.engine
+            named += [(f"engine.{kind}.{point}", t, True, False)
+                      for kind, by_point in (("decode_ms", e.decode_ms), ("prefill_ms", e.prefill_ms)) for point, t in by_point.items()]
+            named += [("engine.join_ms", e.join_ms, False, False), ("engine.keep_ms", e.keep_ms, False, False)]
+        for entry, table, needed, positive in named:
+            problem = _table_problem(table, needed, positive)
+            if problem:
+                return f"{entry}{problem}"
+        return None
 
     @classmethod
     def from_bench(cls, decode_json: Path, prefill_json: Path) -> CostModel:

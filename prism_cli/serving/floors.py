@@ -18,6 +18,7 @@ two choose different sub-experts). A floor mix is ``linear:2=0.5,linear:6=0.3,li
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prism_cli.errors import PrismError
@@ -102,13 +103,14 @@ def parse_mix(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
             w = float(weight)
         except ValueError:
             raise PrismError(f"--floors: {weight!r} in {part!r} is not a share (write POINT=SHARE, e.g. linear:2=0.5)") from None
-        if w < 0:
-            raise PrismError(f"--floors: share {w} of {floor} is negative")
+        if not (math.isfinite(w) and w > 0):
+            raise PrismError(f"--floors: share {weight.strip()!r} of {floor} must be a finite number > 0")
         mix.append((parse_floor(floor, space), w))
-    total = sum(w for _, w in mix)
-    if not mix or total <= 0:
+    if not mix:
         raise PrismError(f"--floors {text!r} names no floor with a positive share (e.g. linear:2=0.5,linear:8=0.5)")
-    return [(f, w / total) for f, w in mix]
+    top = max(w for _, w in mix)  # scaled first, so that huge shares cannot add up to infinity
+    total = sum(w / top for _, w in mix)
+    return [(f, w / top / total) for f, w in mix]
 
 
 class Ladder:

@@ -8,6 +8,7 @@ so a policy cannot gain by leaving expensive requests unserved when the run stop
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,21 @@ from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, parse_floor,
 from prism_cli.serving.policies import SCHEDULING_POLICIES
 from prism_cli.serving.requests import Request, SamplingParams, check_context
 from prism_cli.serving.workload import LengthSettings, RequestSpec, poisson_workload, read_trace
+
+#: The most requests a Poisson workload may expect (rate x duration): each is held in memory and served.
+MAX_REQUESTS = 10_000_000
+
+
+def check_load(rate: float, duration: float, flag: str = "--rate") -> None:
+    """Refuse an arrival rate and duration that are not finite and positive, or that would expect more
+    than ``MAX_REQUESTS`` requests."""
+    if not (math.isfinite(rate) and rate > 0):
+        raise PrismError(f"{flag} must be a finite positive number (requests per second), got {rate}")
+    if not (math.isfinite(duration) and duration > 0):
+        raise PrismError(f"--duration must be a finite positive number (seconds), got {duration}")
+    if rate * duration > MAX_REQUESTS:
+        raise PrismError(f"{rate:g} requests/s for --duration {duration:g} s would be {rate * duration:.3g} requests; "
+                         f"one run serves at most {MAX_REQUESTS:,}: give a shorter --duration or a lower rate")
 
 
 @dataclass
@@ -44,11 +60,10 @@ class ScheduleSettings:
 
     def validate(self) -> None:
         SCHEDULING_POLICIES.get(self.policy)
+        if self.seed < 0:
+            raise PrismError(f"--seed must be >= 0, got {self.seed}")
         if self.trace is None:
-            if not self.rate > 0:
-                raise PrismError(f"--rate must be positive (requests per second), got {self.rate}")
-            if not self.duration > 0:
-                raise PrismError(f"--duration must be positive (seconds), got {self.duration}")
+            check_load(self.rate, self.duration)
         self.limits.validate()
         self.lengths.validate()
         if self.sim and self.device_memory is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from prism_cli.errors import PrismError
 from prism_cli.report import ResultTable
 from prism_cli.serving.costmodel import CostModel
-from prism_cli.serving.runner import ScheduleResult, ScheduleSettings, run_schedule
+from prism_cli.serving.runner import ScheduleResult, ScheduleSettings, check_load, run_schedule
 
 LOADS = {"low": 0.3, "medium": 0.7, "high": 1.3}
 #: (policy, on the original model) pairs of a sweep; the last is the baseline of the targets.
@@ -46,8 +46,8 @@ def run_sweep(
         capacity = baseline_capacity(directory, settings, cost_model)
         pairs = [(name, LOADS[name] * capacity) for name in loads]
     else:
-        if any(not r > 0 for r in rates):
-            raise PrismError(f"--rates must be positive, got {rates}")
+        for r in rates:
+            check_load(r, settings.duration, "--rates")
         pairs = [(f"{r:g}/s", r) for r in rates]
     out = []
     for name, rate in pairs:

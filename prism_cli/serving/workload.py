@@ -19,6 +19,10 @@ import numpy as np
 from prism_cli.errors import PrismError
 from prism_cli.serving.floors import FloorSpec
 
+#: The latest arrival a trace may give (seconds; about 30 years): far beyond it a clock in seconds no
+#: longer resolves the milliseconds of a step, and the simulator would stand still.
+MAX_ARRIVAL = 1e9
+
 
 @dataclass(frozen=True)
 class RequestSpec:
@@ -73,6 +77,9 @@ def poisson_workload(
         floor = mix[int(rng.choice(len(mix), p=shares))][0]
         specs.append(RequestSpec(t, prompt, out, floor))
         t += float(rng.exponential(1.0 / rate))
+    if not specs:
+        raise PrismError(f"no request arrived in --duration {duration:g} s at {rate:g} requests/s (seed {seed}); "
+                         "give a longer --duration or a higher rate")
     return specs
 
 
@@ -100,8 +107,8 @@ def read_trace(path: Path, tokenizer: Any, parse_floor_text) -> list[RequestSpec
         if missing:
             raise PrismError(f"{where}: missing {', '.join(missing)}")
         arrival, prompt, max_tokens = row["arrival"], row["prompt"], row["max_tokens"]
-        if not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or arrival < 0:
-            raise PrismError(f"{where}: arrival must be a number of seconds >= 0, got {arrival!r}")
+        if not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or not 0 <= arrival <= MAX_ARRIVAL:
+            raise PrismError(f"{where}: arrival must be a finite number of seconds, 0 to {MAX_ARRIVAL:g}, got {arrival!r}")
         if not isinstance(prompt, str) or not prompt:
             raise PrismError(f"{where}: prompt must be a non-empty string")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
