@@ -127,6 +127,10 @@ class World:
             data = (target / "model.safetensors").read_bytes()
             (target / "model.safetensors").write_bytes(data[: len(data) * 2 // 3])
             return target
+        if change == "no-tokenizer":  # transformers then makes an empty tokenizer without a word
+            for path in target.glob("tokenizer*"):
+                path.unlink()
+            return target
         for key in tensors:
             if change == "router-1" and key == "model.layers.1.mlp.gate.weight":
                 tensors[key] = tensors[key].clone()
@@ -417,6 +421,8 @@ CASES = [
           ("neurons", "threshold:1.5", "(0, 1]"), ("neurons", "threshold:0", "(0, 1]"),
           ("neurons", "threshold:high", "not a number"), ("neurons", "nonsense:3", "not available")]],
     # --- an export validated against its own weights on load (issue 13.5) ----------------------------
+    Case("eval-empty-operating-point", lambda w: ["eval", w.export, "-K", "", "--tokens", "64", "--seq-len", "64"],
+         ("-K needs an operating point",)),
     Case("eval-export-sub-experts-edited", lambda w: ["eval", w.export_with(prism__sub_experts=3), "--tokens", "64", "--seq-len", "64"],
          ("prism.sub_experts is 3", "set prism.sub_experts back to 4")),
     Case("eval-export-num-experts-edited", lambda w: ["eval", w.export_with(num_experts=16), "--tokens", "64", "--seq-len", "64"],
@@ -493,6 +499,9 @@ CASES = [
     Case("profile-missing-model", lambda w: profile_args(w, model=w.root / "no-such-model"), ("does not exist",)),
     Case("profile-not-a-checkpoint", lambda w: profile_args(w, model=w.write("just-a-folder/notes.txt", "hello").parent),
          ("not a transformers checkpoint", "config.json")),
+    Case("profile-model-without-tokenizer", lambda w: profile_args(w, model=w.model_with("no-tokenizer")),
+         ("no usable tokenizer", "tokenizer files")),
+    Case("profile-data-is-a-folder", lambda w: profile_args(w, "--data", w.folder("texts")), ("is a folder", "text file")),
     Case("profile-dense-model", lambda w: profile_args(w, model=w.sources.dense), ("not a Mixture-of-Experts model", "'llama'")),
     Case("profile-empty-data", lambda w: profile_args(w, "--data", w.write("empty.txt", "")), ("is empty",)),
     Case("profile-tiny-data", lambda w: profile_args(w, "--data", w.short_text(1)), ("fewer than one window",)),
@@ -578,6 +587,8 @@ CASES = [
     # --- bench -----------------------------------------------------------------------------------------
     Case("bench-batch-with-an-empty-item", lambda w: bench_args(w, "--batch", "1,,8"), ("--batch", "'1,,8'"), never=NEVER_BENCH),
     Case("bench-negative-seed", lambda w: bench_args(w, "--seed", "-1"), ("--seed must be between 0",), never=NEVER_BENCH),
+    Case("bench-points-on-a-plain-model", lambda w: bench_args(w, "--points", "topk:2", "--seq-len", "16", model=w.model),
+         ("--points", "plain MoE model")),
     Case("bench-not-a-checkpoint", lambda w: bench_args(w, model=w.folder("empty")), ("config.json",)),
     Case("bench-missing-model", lambda w: bench_args(w, model=w.root / "nowhere"), ("does not exist",)),
     Case("bench-budget-not-a-time", lambda w: bench_args(w, "--budget", "fast"), ("budget",)),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from prism_cli.errors import Interrupted
 from prism_cli.pipeline.tables import QUALITY_COLUMNS, TableConfig, quality_table, regenerate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +60,33 @@ def test_the_whole_table_regenerates(tmp_path: Path) -> None:
     config = TableConfig.load(CONFIG)
     _, report = regenerate(config, tmp_path / "tables", tmp_path / "work", quality_only=True)
     _assert_same_quality(quality_table(report).records(), _committed())
+
+
+def test_an_interrupted_table_run_continues_when_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while profiling keeps the progress in the table's work folder, and the same command run again
+    continues it (``prism tables`` has no --resume: its work folder is its own); no table folder is left."""
+    config = TableConfig.load(CONFIG)
+    config.profile = {**config.profile, "tokens": 4096}
+
+    def stages(name: str, _total: int):
+        def advance(n: int, total: int | None = None) -> None:
+            if name == "profile" and n > 0:
+                raise KeyboardInterrupt
+        return advance
+
+    work = tmp_path / "work"
+    with pytest.raises(Interrupted, match="rerun the same command to continue"):
+        regenerate(config, tmp_path / "tables", work, on_stage=stages)
+    assert (work / "profile.h5.partial").is_dir()
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_args, **_kwargs):
+        raise Stop
+
+    monkeypatch.setattr("prism_cli.pipeline.tables.partition_profile", stop)  # the profile is what is checked
+    with pytest.raises(Stop):
+        regenerate(config, tmp_path / "tables", work)
+    assert (work / "profile.h5").is_file() and not (work / "profile.h5.partial").exists()
+    assert not (tmp_path / "tables").exists()

@@ -356,7 +356,8 @@ BAD = [
     (["--schedule", "cosine"], "unknown K schedule"),
     (["--data", "builtin:eval"], "held-out"),
     (["--data", "builtin:calibration"], "held-out"),
-    (["--seq-len", "4000"], "fewer than one batch"),
+    (["--seq-len", "4000"], "128 positions"),
+    (["--seq-len", "127", "--batch", "100000"], "fewer than one batch"),
     (["--experts-impl", "prism"], "autograd"),
     (["--resume"], "no checkpoint"),
     (["--distill", "-1"], "--distill"),
@@ -366,7 +367,7 @@ BAD = [
 @pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_options_are_refused(cli, export, train_text, tmp_path, args, needle):
     out = tmp_path / "out"
-    result = cli("tune-gate", export, "--out", out, "--data", train_text, *args)
+    result = cli("tune-gate", export, "--out", out, "--data", train_text, "--seq-len", "64", *args)
     assert result.code == 2
     result.assert_one_line_error(needle)
     assert list(tmp_path.iterdir()) == []
@@ -404,10 +405,10 @@ def test_existing_output_needs_force(cli, export, train_text, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("x")
-    result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "1")
+    result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "1", "--seq-len", "64")
     result.assert_one_line_error("already exists", "--force")
     assert (out / "keep").read_text() == "x"
-    result = cli("tune-gate", export, "--out", export, "--data", train_text, "--force")
+    result = cli("tune-gate", export, "--out", export, "--data", train_text, "--force", "--seq-len", "64")
     result.assert_one_line_error("new folder")
 
 

@@ -31,6 +31,8 @@ def evaluate(
         raise PrismError(f"--tokens must be positive, got {tokens}")
     if batch_size <= 0:
         raise PrismError(f"--batch-size must be positive, got {batch_size}")
+    if operating_point is not None and not operating_point.strip():
+        raise PrismError("-K needs an operating point, e.g. linear:4 or topk:2 (leave it out for the full model)")
     from prism_cli.data.windows import token_windows
     from prism_cli.evaluation.perplexity import perplexity
     from prism_cli.models.loading import check_context_length

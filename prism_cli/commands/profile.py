@@ -67,7 +67,7 @@ def profile(
     )
     settings.validate()
     name = resolve_model(model)
-    inputs = {"model folder": name, "data file": data, "config file": config}
+    inputs = {"model folder": name, "data file": data if data and Path(data).is_file() else None, "config file": config}
     check_not_input(out, {what: Path(p) for what, p in inputs.items() if p and Path(p).exists()}, inside=True)
     check_writable(out)
     check_context_length(load_config(name), seq_len)

@@ -230,6 +230,9 @@ def run_bench(
     quality pass: repeated timing runs need it only once.
     """
     settings.validate()
+    if settings.points and not (Path(target).is_dir() and export_meta(target) is not None):
+        raise PrismError(f"--points chooses among an export's operating points; {target} is a plain MoE model, "
+                         "whose original top-1..top-k are all benchmarked: leave --points out")
     if torch.device(settings.device).type == "cpu":
         configure_cpu_allocator(settings.cpu_allocator)
     models = _load(target, settings)

@@ -167,6 +167,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise PrismError(_load_failure(name, exc)) from None
+    if not tokenizer("a text").input_ids:  # transformers makes an empty tokenizer where the files are missing
+        raise PrismError(f"{name} has no usable tokenizer (its tokenizer files are missing or empty): "
+                         "copy them from the model it came from")
     if target is not None:
         model.to(target)
     model.eval()

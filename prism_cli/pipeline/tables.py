@@ -24,6 +24,7 @@ import yaml
 
 from prism_cli.config import load_run_config, unknown_key
 from prism_cli.data import load_text
+from prism_cli.errors import Interrupted
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
@@ -122,7 +123,6 @@ def regenerate(
     """
     work.mkdir(parents=True, exist_ok=True)
     table_dir = out_root / config.name
-    table_dir.mkdir(parents=True, exist_ok=True)
     seed = config.seed
     if partition is None:
         prof = dict(_pick(config.profile, {"data", "tokens", "max_rows", "holdout", "seq_len", "batch_size"}, "profile"))
@@ -131,8 +131,11 @@ def regenerate(
             prof["holdout_fraction"] = prof.pop("holdout")
         loaded = load_model(config.model, device=config.device)
         advance = on_stage("profile", 0) if on_stage else None
-        profile_model(loaded, text, data_name, ProfileSettings(seed=seed, **prof), work / "profile.h5",
-                      on_batch=advance, on_start=(lambda plan: advance(0, total=plan.total_tokens)) if advance else None)
+        try:  # the work folder is the table's own: a rerun continues what an interruption left there
+            profile_model(loaded, text, data_name, ProfileSettings(seed=seed, **prof), work / "profile.h5", resume=True,
+                          on_batch=advance, on_start=(lambda plan: advance(0, total=plan.total_tokens)) if advance else None)
+        except Interrupted:
+            raise Interrupted(f"profiling progress is kept in {work}; rerun the same command to continue") from None
         del loaded
         part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
         workers = part.pop("workers", None)
@@ -148,6 +151,7 @@ def regenerate(
     report = run_bench(str(work / "export"), text, settings, on_stage=on_stage)
     if quality_only:
         return table_dir, report
+    table_dir.mkdir(parents=True, exist_ok=True)
     points_table(report).save(table_dir / "operating_points", extra=report_json(report))
     write_text(table_dir / "summary.md", "\n".join(t.markdown() for t in summary_tables(report)))
     from prism_cli.evaluation.plot import plot_frontiers

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from prism_cli.data import BUILTIN_PREFIX, load_text, text_hash
 from prism_cli.errors import Interrupted, PrismError
 from prism_cli.export.validate import validate_export
-from prism_cli.io import atomic_path
-from prism_cli.models.loading import load_model, weights_fingerprint
+from prism_cli.io import atomic_path, check_new_folder
+from prism_cli.models.loading import check_context_length, load_config, load_model, weights_fingerprint
 from prism_cli.runtime.elastic import attach_elastic_state, read_export_meta, set_operating_point
 from prism_cli.tuning.init import INITS
 from prism_cli.tuning.schedules import SCHEDULES
@@ -347,14 +347,14 @@ def tune_gate(
     settings.validate()
     export_dir, out = Path(export_dir), Path(out)
     meta = check_export(export_dir)
+    check_context_length(load_config(str(export_dir)), settings.seq_len)
     n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
     k_start, k_end = settings.k_range(n_sub * top_k)
     if out.exists() and not force:
         raise PrismError(f"output {out} already exists; pass --force to replace it")
     if out.resolve() == export_dir.resolve():
         raise PrismError("--out must be a new folder, not the export being tuned")
-    if not out.resolve().parent.is_dir():
-        raise PrismError(f"cannot write {out}: folder {out.resolve().parent} does not exist")
+    check_new_folder(out, force=True)  # its folder exists and can be written: checked before the training
     ckpt = checkpoint_path(out)
     if resume and not ckpt.exists():
         raise PrismError(f"--resume: no checkpoint at {ckpt} (a run with this --out writes one every "
