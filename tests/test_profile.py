@@ -416,6 +416,40 @@ def test_resume_through_the_cli(cli, tiny_model_dir, tmp_path, monkeypatch) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.h5"]
 
 
+def test_resume_refuses_a_truncated_row_file(cli, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A row file cut short after a checkpoint (a full disk, a user): --resume refuses in one line naming
+    the file and both row counts, before the plan is printed, and keeps refusing (opening the file must not
+    extend it with zeros that would pass for rows); a file longer than its checkpoint needs is fine."""
+    model, out = tiny_model_dir("olmoe"), tmp_path / "profile.h5"
+    settings = [*CLI_SETTINGS, "--checkpoint-every", "1e-9", "--out", out]
+    original = recorder_module.ActivationRecorder.record
+
+    def record(self, *args):
+        if self._batch == 2:  # after two checkpointed batches
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recorder_module.ActivationRecorder, "record", record)
+        assert cli("profile", model, *settings).code == 130
+    rows = tmp_path / "profile.h5.partial" / "layer0.rows"
+    full = rows.stat().st_size
+    row_bytes = 4 * load_config(model).intermediate_size  # float32 rows of one expert's width
+    with open(rows, "r+b") as fh:
+        fh.truncate(3 * row_bytes + 5)  # a partial row counts as missing
+    for _ in range(2):
+        result = cli("profile", model, *settings, "--resume")
+        line = result.assert_one_line_error("profile.h5.partial", "layer0.rows holds 3 rows", "layer 0 records",
+                                            "delete the folder")
+        assert line.startswith("error:") and "resuming" not in result.out  # refused before the plan
+        assert rows.stat().st_size == 3 * row_bytes + 5
+    with open(rows, "r+b") as fh:
+        fh.truncate(full + 7 * row_bytes)  # longer than recorded: the extra rows are unwritten slots
+    result = cli("profile", model, *settings, "--resume")
+    assert result.code == 0, result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.h5"]
+
+
 def test_short_data_really_gives_one_window(tiny_model_dir, tmp_path) -> None:
     """Guard for the "profile-short-data" case of test_bad_input.py: the text must give exactly one 32-token window."""
     loaded = load_model(str(tiny_model_dir("olmoe")))

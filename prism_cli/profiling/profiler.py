@@ -44,7 +44,7 @@ from prism_cli.profiling.recorder import (
     Reservoir,
     reservoir_rng,
 )
-from prism_cli.profiling.spill import LayerSpill, RowBuffer
+from prism_cli.profiling.spill import LayerSpill, RowBuffer, check_work_layer
 
 ROW_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Share of the available RAM (after the model is loaded) that the default budget takes.
@@ -366,6 +366,9 @@ def profile_model(
     memory = plan_memory(geometry, budget)
     work = work_dir_for(out_path)
     resumed = open_work_dir(work, _PARTIAL_FORMAT, _identity(meta, settings, loaded), resume=resume, what="profiling")
+    if resumed:  # every layer, not only the first pass's: a damaged later layer is refused now too
+        for layer in layers:
+            check_work_layer(work, layer.index, geometry.caps, geometry.row_size)
     passes = [layers[i : i + memory.layers_per_pass] for i in range(0, len(layers), memory.layers_per_pass)]
     n_batches = -(-windows.shape[0] // settings.batch_size)
     plan = ProfilePlan(

@@ -13,7 +13,8 @@ write-ahead journal: they are written to ``layer<L>.journal<n>``, then the state
 generator positions, counters, cursor, and the journal's target rows) replaces the old one by an atomic
 rename, and only then are they copied into the row file. A resumed run replays the journal named by
 the state it loads (replaying twice writes the same bytes), so it always sees the rows of exactly
-the state it resumes.
+the state it resumes. It first checks that the row file still reaches the last row that state holds
+(``check_rows_length``): a file cut short is refused, not extended with zero rows.
 
 HDF5 is not used for this: a file open for writing when its process dies is routinely unreadable.
 The profile itself is written as HDF5 once every layer is done (``profiler.write_profile``).
@@ -93,6 +94,43 @@ class RowBuffer:
         self.used = 0
 
 
+def _damaged(folder: Path, layer: int, exc: Exception) -> PrismError:
+    return PrismError(f"cannot resume from {folder}: the checkpoint of layer {layer} is damaged ({exc}); "
+                      "delete the folder to start over")
+
+
+def check_rows_length(folder: Path, layer: int, counts: np.ndarray, caps: tuple[int, int], row_bytes: int,
+                      length: int) -> None:
+    """Refuse a row file of ``length`` bytes that ends before the last row its checkpoint (``counts``:
+    fit and held-out rows per expert) holds: cut short by a full disk or by hand. Opening the file
+    extends it with zeros, so the lost rows would otherwise come back as zero rows. A longer file is
+    fine: rows past a reservoir's count are unwritten slots."""
+    ends = [e * sum(caps) + (caps[0] if kind else 0) + int(n)
+            for kind, row in enumerate(counts) for e, n in enumerate(row) if n > 0]
+    needed = max(ends, default=0)
+    if length < needed * row_bytes:
+        raise PrismError(
+            f"cannot resume from {folder}: layer{layer}.rows holds {length // row_bytes:,} rows, but the checkpoint "
+            f"of layer {layer} records {needed:,}; the file was cut short, delete the folder to start over"
+        )
+
+
+def check_work_layer(folder: Path, layer: int, caps: tuple[int, int], row_bytes: int) -> None:
+    """Check a layer's checkpoint and row file in a work folder without opening (and so extending) the
+    file: a resumed run refuses a damaged layer before its first batch, not when the layer's pass begins."""
+    state_path = folder / f"layer{layer}.state.npz"
+    if not state_path.exists():
+        return
+    try:
+        with np.load(state_path) as npz:
+            counts = np.stack([npz["fit_count"], npz["heldout_count"]])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise _damaged(folder, layer, exc) from None
+    rows_path = folder / f"layer{layer}.rows"
+    length = rows_path.stat().st_size if rows_path.exists() else 0
+    check_rows_length(folder, layer, counts, caps, row_bytes, length)
+
+
 class LayerSpill:
     """One layer's reservoir rows: a sparse raw file, a buffer of pending writes, journaled checkpoints."""
 
@@ -109,9 +147,9 @@ class LayerSpill:
         self.rows_path = folder / f"layer{layer}.rows"
         self.state_path = folder / f"layer{layer}.state.npz"
         self._fd = os.open(self.rows_path, os.O_RDWR | os.O_CREAT, 0o644)
-        size = num_experts * sum(caps) * self.row_bytes
-        if os.fstat(self._fd).st_size < size:
-            os.ftruncate(self._fd, size)  # sparse: blocks are allocated as rows are written
+        self._size = num_experts * sum(caps) * self.row_bytes
+        if not self.state_path.exists():  # a checkpointed file is checked first (``load``), then extended
+            self._extend()
         self._pending: list[tuple[int, int, np.ndarray, torch.Tensor]] = []
         self.pending_rows = 0
         self._saved_count = np.zeros((2, num_experts), dtype=np.int64)
@@ -124,6 +162,10 @@ class LayerSpill:
 
     def journal_path(self, serial: int) -> Path:
         return self.folder / f"layer{self.layer}.journal{serial}"
+
+    def _extend(self) -> None:
+        if os.fstat(self._fd).st_size < self._size:
+            os.ftruncate(self._fd, self._size)  # sparse: blocks are allocated as rows are written
 
     # ---- recording -----------------------------------------------------------------------------
     def write(self, kind: int, expert: int, slots: np.ndarray, rows: torch.Tensor) -> None:
@@ -190,11 +232,18 @@ class LayerSpill:
     def load(self) -> dict[str, np.ndarray] | None:
         """The last checkpointed state (its journal replayed into the row file), or None if there is none."""
         if not self.state_path.exists():
+            self._extend()
             return None
         try:
             with np.load(self.state_path) as npz:
                 state = {key: npz[key] for key in npz.files}
             serial, keys = int(state.pop("serial")), state.pop("journal_keys")
+            counts = np.stack([state["fit_count"], state["heldout_count"]])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise _damaged(self.folder, self.layer, exc) from None
+        check_rows_length(self.folder, self.layer, counts, self.caps, self.row_bytes, os.fstat(self._fd).st_size)
+        self._extend()
+        try:
             if keys.size:
                 with open(self.journal_path(serial), "rb") as journal:
                     for start in range(0, keys.size, _REPLAY_BLOCK_ROWS):
@@ -204,13 +253,10 @@ class LayerSpill:
                             raise ValueError("truncated journal")
                         write_runs(self._fd, block, data.reshape(block.size, self.width), self.row_bytes)
                 os.fsync(self._fd)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            raise PrismError(
-                f"cannot resume from {self.folder}: the checkpoint of layer {self.layer} is damaged ({exc}); "
-                "delete the folder to start over"
-            ) from None
+        except (OSError, ValueError) as exc:
+            raise _damaged(self.folder, self.layer, exc) from None
         self._serial = serial
-        self._saved_count = np.stack([state["fit_count"], state["heldout_count"]])
+        self._saved_count = counts
         return state
 
     def read_rows(self, kind: int, expert: int, count: int) -> np.ndarray:
