@@ -626,6 +626,31 @@ CASES = [
            never=NEVER_REPLAY)
       for change, phrases in [("truncated", ("not a readable .npz archive",)), ("expert-9999", ("expert id 9999", "0..7")),
                               ("expert-negative", ("expert id -3", "0..7")), ("nan-weight", ("weights hold NaN",))]],
+    # --- schedule: loads, --out before the run, benches of another export, plan --out ----------------
+    Case("sweep-loads-empty", lambda w: sweep_args(w, "--loads", ""), ("--loads names no load", "low, medium, high"),
+         never=("prism_cli.serving.sweep", "run_sweep")),
+    Case("sweep-loads-blank-items", lambda w: sweep_args(w, "--loads", " , "), ("--loads names no load", "low, medium, high"),
+         never=("prism_cli.serving.sweep", "run_sweep")),
+    Case("sweep-loads-unknown", lambda w: sweep_args(w, "--loads", "low,peak"), ("unknown load peak", "low, medium, high"),
+         never=("prism_cli.serving.sweep", "run_sweep")),
+    Case("sweep-rates-blank-items", lambda w: sweep_args(w, "--rates", " , "), ("--rates", "no arrival rate"),
+         never=("prism_cli.serving.sweep", "run_sweep")),
+    Case("schedule-out-is-a-folder", lambda w: schedule_out_args(w, w.folder("res.json").parent / "res"), ("res.json", "is a folder"),
+         never=("prism_cli.serving.runner", "run_schedule")),
+    Case("schedule-out-read-only", lambda w: schedule_out_args(w, w.unwritable() / "res"), ("not writable",),
+         never=("prism_cli.serving.runner", "run_schedule")),
+    Case("schedule-out-under-a-file", lambda w: schedule_out_args(w, w.write("a-file", "x") / "sub" / "res"),
+         ("is a file, not a folder",), never=("prism_cli.serving.runner", "run_schedule")),
+    Case("plan-out-read-only", lambda w: ["plan", w.model, "--seq-len", "32", "--out", w.unwritable() / "plan"], ("not writable",),
+         never=("prism_cli.planner", "measure_profile_costs")),
+    Case("plan-out-is-a-folder", lambda w: ["plan", w.model, "--seq-len", "32", "--out", w.folder("plan.md").parent / "plan"],
+         ("plan.md", "is a folder"), never=("prism_cli.planner", "measure_profile_costs")),
+    Case("schedule-cost-model-bench-of-another-export",
+         lambda w: cost_model_args(w, w.root / "elsewhere" / "export-n8", n_sub=8),
+         ("measured on", "export-n8", "not on", "N=8", "N=4"), never=("prism_cli.serving.calibrate", "calibrate_engine")),
+    Case("schedule-cost-model-bench-of-another-export-folder",
+         lambda w: cost_model_args(w, other_export(w), n_sub=4),
+         ("measured on", "other-export", "not on", "export"), never=("prism_cli.serving.calibrate", "calibrate_engine")),
 ]
 
 
@@ -672,3 +697,34 @@ def test_bad_input(case: Case, cli, sources, tiny_model_dir, tmp_path, monkeypat
     result.assert_one_line_error(*case.phrases)
     after = _tree(world.root)
     assert after == before, "the run wrote, deleted or changed files"
+
+
+# Helpers of the cases appended above.
+
+
+def schedule_out_args(w: World, out: Path) -> list[Any]:
+    return ["schedule", w.export, "--sim", "--cost-model", cost_model(w), "--max-output", "8", "--max-prompt", "32",
+            "--duration", "1", "--out", out]
+
+
+def other_export(w: World) -> Path:
+    """A folder that claims to be another export: the world's export's config with another partition."""
+    config = json.loads((w.export / "config.json").read_text())
+    config["prism"]["partition"] = {**config["prism"].get("partition", {}), "hash": "0123456789abcdef"}
+    return w.write("other-export/config.json", json.dumps(config)).parent
+
+
+def cost_model_args(w: World, target: Path, n_sub: int) -> list[Any]:
+    """``schedule cost-model`` of the world's export (N=4, top-2) from benches that record ``target``, with the
+    points of an export of ``n_sub`` sub-experts (``original:k`` counts N*k active sub-experts)."""
+    def bench(mode: str) -> Path:
+        points = [{"point": p, "kind": kind, "perplexity": 40.0, "active": active,
+                   "latency": {"1": {"median_ms": 5.0, "p90_ms": 5.0}, "8": {"median_ms": 9.0, "p90_ms": 9.0}}}
+                  for p, kind, active in ((f"linear:{2 * n_sub}", "elastic", 2.0 * n_sub), ("original:1", "original", n_sub),
+                                          ("original:2", "original", 2 * n_sub))]
+        return w.write(f"bench-{mode}/bench.json", json.dumps({
+            "target": str(target), "settings": {"mode": mode, "seq_len": 16}, "points": points,
+            "environment": {"processor": "cpu", "torch_threads": 2}}))
+
+    return ["schedule", "cost-model", w.export, "--decode", bench("decode"), "--prefill", bench("prefill"),
+            "--out", w.root / "out" / "cm.json"]

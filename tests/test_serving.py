@@ -791,3 +791,100 @@ def test_row_points_work_where_the_router_is_not_named_gate(tmp_path):
     ids = torch.randint(0, 400, (2, 8), generator=torch.Generator().manual_seed(2))
     points = [parse_operating_point(p, "neurons", 4, 2) for p in ("linear:2", "topk:6")]
     _assert_rows_get_their_points(load_elastic(str(tmp_path / "export")), ids, points)
+
+
+# --- bad input found by fuzzing: loads, floor shares, benches of another export, --out before the run -----
+
+def test_sweep_refuses_no_load_and_unknown_loads_before_any_run():
+    from prism_cli.serving.runner import ScheduleSettings
+    from prism_cli.serving.sweep import parse_loads, run_sweep
+
+    assert parse_loads(" high , low") == ["high", "low"]
+    for text, needle in (("", "names no load"), (" , ", "names no load"), ("low,peak", "unknown load peak")):
+        with pytest.raises(PrismError, match=needle):
+            parse_loads(text)
+    # run_sweep refuses them too (the directory is never read: the refusal comes first).
+    for loads, rates, needle in (([], None, "names no load"), (["peak"], None, "unknown load peak"), ([], [], "no arrival rate")):
+        with pytest.raises(PrismError, match=needle):
+            run_sweep("/nowhere", ScheduleSettings(sim=True), synthetic_cost_model(), loads, rates)
+
+
+def test_floor_shares_that_do_not_sum_to_one_are_rescaled_and_said(cli, tiny_export, tmp_path):
+    from prism_cli.serving.floors import parse_shares, rescale_note
+
+    shares = parse_shares("linear:2=0.5,linear:6=0.3", SPACE)
+    assert [w for _, w in shares] == [0.5, 0.3]
+    assert rescale_note(shares) == "floor shares sum to 0.8: rescaled to linear:2=0.625, linear:6=0.375"
+    assert rescale_note(parse_shares("linear:2=0.25,linear:8=0.75", SPACE)) is None
+    assert rescale_note(parse_shares("linear:2", SPACE)) is None  # one floor without a share: all of them
+    assert rescale_note(parse_shares("linear:2=3,linear:8=1", SPACE)) == "floor shares sum to 4: rescaled to linear:2=0.75, linear:8=0.25"
+    cost = tmp_path / "cm.json"
+    synthetic_cost_model().save(cost)
+    common = (tiny_export, "--sim", "--cost-model", cost, "--duration", "0.5", "--max-output", "4", "--max-prompt", "16",
+              "--floors", "linear:2=0.5,linear:8=0.3")
+    res = cli("schedule", *common, "--rate", "20", "--out", tmp_path / "run")
+    assert res.code == 0, res
+    assert "floor shares sum to 0.8: rescaled to linear:2=0.625, linear:8=0.375" in res.out
+    used = json.loads((tmp_path / "run.json").read_text())["settings"]["floor_shares"]
+    assert used == {"linear:2": pytest.approx(0.625), "linear:8": pytest.approx(0.375)}
+    res = cli("schedule", "sweep", *common, "--rates", "20", "--out", tmp_path / "sweep")
+    assert res.code == 0, res
+    assert res.out.count("floor shares sum to 0.8") == 1
+    used = json.loads((tmp_path / "sweep.json").read_text())["floor_shares"]
+    assert used == {"linear:2": pytest.approx(0.625), "linear:8": pytest.approx(0.375)}
+    res = cli("schedule", *common[:-1], "linear:2=0.5,linear:8=0.5", "--rate", "20")
+    assert res.code == 0 and "floor shares" not in res.out
+
+
+def test_cost_model_refuses_benches_of_another_export(tiny_export, tmp_path):
+    """The tiny export has N=4 sub-experts and top-2. Benches name the folder they measured; where it
+    exists it must be this export (or a copy of it); where it does not, the bench's points must fit
+    this export and its original:k must count N*k = 4k active sub-experts."""
+    def bench(name: str, mode: str, target: Path | str, points: dict[str, float | None]) -> Path:
+        entries = [{"point": p, "kind": "original" if p.startswith("original") else "elastic", "perplexity": 40.0,
+                    **({"active": a} if a is not None else {}), "latency": {"1": {"median_ms": 5.0}, "8": {"median_ms": 9.0}}}
+                   for p, a in points.items()]
+        (tmp_path / name).mkdir(exist_ok=True)
+        path = tmp_path / name / f"{mode}.json"
+        path.write_text(json.dumps({"target": str(target), "settings": {"mode": mode, "seq_len": 16}, "points": entries}))
+        return path
+
+    def build(target: Path | str, points: dict[str, float | None]) -> CostModel:
+        key = str(abs(hash((str(target), tuple(points)))))
+        return CostModel.from_bench(bench(key, "decode", target, points), bench(key, "prefill", target, points), tiny_export)
+
+    ours = {"linear:8": 8.0, "original:1": 4.0, "original:2": 8.0}
+    assert set(build(tiny_export, ours).points) == set(ours)
+    copy = tmp_path / "copy-of-export"
+    copy.mkdir()
+    (copy / "config.json").write_text((Path(tiny_export) / "config.json").read_text())
+    assert set(build(copy, ours).points) == set(ours)  # a copy of this export: the same prism section
+    assert set(build(tmp_path / "moved", {"linear:8": None, "original:2": None}).points) == {"linear:8", "original:2"}
+    other = tmp_path / "other-export"
+    other.mkdir()
+    config = json.loads((Path(tiny_export) / "config.json").read_text())
+    config["prism"]["sub_experts"] = 8
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PrismError, match=f"measured on {other}, not on {tiny_export}"):
+        build(other, ours)
+    with pytest.raises(PrismError, match=r"moved, not on .*original:1 counts 8 active sub-experts: N=8; .* has N=4"):
+        build(tmp_path / "moved", {"linear:8": 8.0, "original:1": 8.0})
+    with pytest.raises(PrismError, match=r"its point linear:12 is not a point of .*N=4, top-2"):
+        build(tmp_path / "moved", {"linear:12": 12.0, "original:2": None})
+    decode = bench("mix", "decode", tiny_export, ours)
+    with pytest.raises(PrismError, match=f"prefill.json was measured on {other}"):
+        CostModel.from_bench(decode, bench("mix", "prefill", other, ours), tiny_export)
+
+
+def test_schedule_run_checks_its_out_before_the_run(cli, tiny_export, tmp_path, monkeypatch):
+    def never(*_args, **_kwargs):
+        raise AssertionError("the run started before --out was checked")
+
+    monkeypatch.setattr("prism_cli.serving.runner.run_schedule", never)
+    cost = tmp_path / "cm.json"
+    synthetic_cost_model().save(cost)
+    (tmp_path / "res.json").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for out, needles in ((tmp_path / "res", ["res.json", "is a folder"]),
+                         (tmp_path / "a-file" / "sub" / "res", ["a-file", "is a file, not a folder"])):
+        cli("schedule", tiny_export, "--sim", "--cost-model", cost, "--duration", "1", "--out", out).assert_one_line_error(*needles)

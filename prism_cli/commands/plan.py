@@ -53,6 +53,8 @@ def run(
     from prism_cli.solvers import SOLVERS
 
     ProfileSettings(tokens=tokens, seq_len=seq_len, batch_size=batch_size, max_rows=max_rows, holdout_fraction=holdout).validate()
+    if out is not None:
+        ResultTable.check_writable(out)  # before the cost measurements, not after them
     parse_dtype(dtype)
     parse_device(device)
     SOLVERS.get(solver)

@@ -51,6 +51,23 @@ def _settings(policy, rate, duration, floors, sim, original, point, trace, data,
     return settings
 
 
+def _floor_shares(directory: str, floors: str) -> dict[str, float]:
+    """The floor mix's shares as the run uses them (rescaled to sum 1), checked against the export; a
+    mix whose shares do not sum to 1 is said so in one line."""
+    from prism_cli.runtime.elastic import read_export_meta
+    from prism_cli.serving.floors import PointSpace, normalise_mix, parse_shares, rescale_note
+
+    meta = read_export_meta(directory)
+    shares = parse_shares(floors, PointSpace(meta["gate"], int(meta["sub_experts"]), int(meta["source"]["top_k"])))
+    note = rescale_note(shares)
+    if note:
+        console.print(note, highlight=False)
+    used: dict[str, float] = {}
+    for floor, share in normalise_mix(shares):
+        used[str(floor)] = used.get(str(floor), 0.0) + share
+    return used
+
+
 def _check_dir(directory: str) -> None:
     from prism_cli.runtime.elastic import export_meta
 
@@ -93,6 +110,9 @@ def run(
     _check_dir(directory)
     settings = _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
                          max_prompt, min_output, max_output, device_memory, cache_policy)
+    if out is not None:
+        ResultTable.check_writable(out)  # before the run, not after it
+    shares = None if trace is not None else _floor_shares(directory, floors)
     model = find_cost_model(directory, cost_model)
     with deferred_progress("requests served", "requests") as (start, advance):
         done = [-1]
@@ -105,6 +125,8 @@ def run(
             done[0] = finished
 
         result = run_schedule(directory, settings, model, on_progress=progress)
+    if shares is not None:
+        result.settings["floor_shares"] = shares  # the mix as the run drew from it (rescaled to sum 1)
     table = metrics_table(result)
     console.print(table.rich())
     if out is not None:
@@ -172,19 +194,25 @@ def sweep(
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.executor import load_served_model
     from prism_cli.serving.runner import check_load
-    from prism_cli.serving.sweep import plot_sweep, run_sweep, sweep_table, targets
+    from prism_cli.serving.sweep import parse_loads, plot_sweep, run_sweep, sweep_table, targets
 
     _check_dir(directory)
     rate_list = None
-    if rates:
+    names: list[str] = []
+    if rates is not None:
         try:
             rate_list = [float(r) for r in rates.split(",") if r.strip()]
         except ValueError:
             raise PrismError(f"--rates must be comma-separated numbers, got {rates!r}") from None
+        if not rate_list:
+            raise PrismError(f"--rates {rates!r} names no arrival rate; give comma-separated requests per second, e.g. 1,2.5")
         for r in rate_list:
             check_load(r, duration, "--rates")
+    else:
+        names = parse_loads(loads)
     settings = _settings("prism", 1.0, duration, floors, sim, False, None, None, None, seed, max_batch, max_running, t_max,
                          max_prompt, min_output, max_output, device_memory, cache_policy)
+    shares = _floor_shares(directory, floors)
     model = find_cost_model(directory, cost_model)
     if model is None:
         raise PrismError(f"{directory} has no cost model: build one with `prism schedule cost-model` or pass --cost-model")
@@ -197,7 +225,6 @@ def sweep(
     if served is not None and calibrate:
         recalibrated = _recalibrate(directory, model, served, seed, settings.limits)
         model.save(out.parent / (out.name + "_cost_model.json"))
-    names = [n.strip() for n in loads.split(",") if n.strip()]
     total = (len(rate_list) if rate_list else len(names)) * 6
     with deferred_progress("sweep runs", "runs") as (start, advance):
         started = [False]
@@ -235,7 +262,7 @@ def sweep(
     load = os.getloadavg()
     table.notes.append(f"machine load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
                        f"on {os.cpu_count()} CPUs")
-    table.save(out, extra={"mode": mode, "capacity": capacity, "targets": goal, "load_average": load,
+    table.save(out, extra={"mode": mode, "capacity": capacity, "targets": goal, "floor_shares": shares, "load_average": load,
                            "command": " ".join(sys.argv),
                            "runs": [{"load": n, "rate": r, "settings": res.settings, "model": res.model, "metrics": res.metrics}
                                     for n, r, res in runs]})
@@ -299,7 +326,7 @@ def cost_model_cmd(
     _check_dir(directory)
     if repeats < 1:
         raise PrismError(f"--repeats must be at least 1, got {repeats}")
-    model = CostModel.from_bench(decode, prefill)
+    model = CostModel.from_bench(decode, prefill, directory)
     if engine:
         with deferred_progress("engine calibration", unit="measurements") as (start, advance):
             model.engine = calibrate_engine(directory, {p.point: p.kind for p in model.points.values()},

@@ -212,10 +212,14 @@ class CostModel:
         return None
 
     @classmethod
-    def from_bench(cls, decode_json: Path, prefill_json: Path) -> CostModel:
-        """Build from the ``bench.json`` of a ``--mode decode`` and of a ``--mode prefill`` run of one export."""
+    def from_bench(cls, decode_json: Path, prefill_json: Path, directory: str | Path | None = None) -> CostModel:
+        """Build from the ``bench.json`` of a ``--mode decode`` and of a ``--mode prefill`` run of one export;
+        with ``directory``, both must have been measured on that export (``check_bench_export``)."""
         decode, prefill = _read_bench(decode_json, "decode"), _read_bench(prefill_json, "prefill")
-        if decode.get("target") != prefill.get("target"):
+        if directory is not None:
+            for data, path in ((decode, decode_json), (prefill, prefill_json)):
+                check_bench_export(data, path, directory)
+        elif decode.get("target") != prefill.get("target"):
             raise PrismError(f"{decode_json} benchmarks {decode.get('target')} but {prefill_json} benchmarks "
                              f"{prefill.get('target')}: bench one export in both modes")
         prefill_points = {p["point"]: p for p in prefill["points"]}
@@ -253,6 +257,51 @@ def _read_bench(path: Path, mode: str) -> dict[str, Any]:
     if got != mode:
         raise PrismError(f"{path} was measured with --mode {got}; the {mode} costs need a `prism bench --mode {mode}` run")
     return data
+
+
+def check_bench_export(bench: dict[str, Any], path: str | Path, directory: str | Path) -> None:
+    """Refuse a bench that was not measured on the export at ``directory``.
+
+    A bench records the folder it measured (``target``, as it was given). Where that folder exists it
+    must be ``directory`` or a copy of it (the same ``prism`` section in its config.json). Where it does
+    not (moved, or given relative to another folder), what the bench records of the export must fit it:
+    every elastic point must be a point of the export (its policies, N and top-k), and ``original:k``
+    counts N*k active sub-experts, which gives the bench's N."""
+    from prism_cli.operating_points import parse_operating_point
+    from prism_cli.runtime.elastic import export_meta
+
+    meta = export_meta(directory)
+    if meta is None:
+        return  # not an export: the caller refuses it
+    target = bench.get("target")
+    where = f"{path} was measured on {target}, not on {directory}"
+    recorded = Path(str(target)) if target else None
+    if recorded is not None and recorded.is_dir():
+        if recorded.resolve() == Path(directory).resolve():
+            return
+        if export_meta(recorded) != meta:
+            raise PrismError(f"{where}: bench this export (prism bench {directory} --mode "
+                             f"{bench['settings']['mode']}) and build its cost model from that")
+        return  # a copy of this export
+    n_sub, top_k, gate = int(meta["sub_experts"]), int(meta["source"]["top_k"]), meta.get("gate")
+    points = [p for p in bench.get("points") or [] if isinstance(p, dict)]
+    for p in points:  # original:k counts N*k active sub-experts: the bench's N
+        name, active = str(p.get("point")), p.get("active")
+        policy, _, raw = name.partition(":")
+        if p.get("kind") != "original" or policy != "original" or not raw.isdigit() or int(raw) < 1:
+            continue
+        if isinstance(active, int | float) and not math.isclose(float(active), n_sub * int(raw)):
+            raise PrismError(f"{where} (its {name} counts {active:g} active sub-experts: N={active / int(raw):g}; {directory} "
+                             f"has N={n_sub}): bench this export and build its cost model from that")
+    for p in points:
+        name = str(p.get("point"))
+        if p.get("kind") != "elastic":
+            continue
+        try:
+            parse_operating_point(name, gate, n_sub, top_k)
+        except PrismError:
+            raise PrismError(f"{where} (its point {name} is not a point of {directory}: N={n_sub}, top-{top_k}, "
+                             f"{gate} gate): bench this export and build its cost model from that") from None
 
 
 def find_cost_model(directory: str | Path, explicit: str | Path | None) -> CostModel | None:

@@ -94,6 +94,11 @@ def parse_floor(text: str, space: PointSpace) -> FloorSpec:
 
 def parse_mix(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
     """``linear:2=0.5,linear:6=0.3,linear:8=0.2`` -> floors with probabilities (normalised to sum 1)."""
+    return normalise_mix(parse_shares(text, space))
+
+
+def parse_shares(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
+    """The floors of a mix with their shares as written (finite, > 0; a floor without ``=SHARE`` has 1)."""
     mix: list[tuple[FloorSpec, float]] = []
     for part in [p for p in str(text).split(",") if p.strip()]:
         floor, sep, weight = part.rpartition("=")
@@ -108,9 +113,24 @@ def parse_mix(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
         mix.append((parse_floor(floor, space), w))
     if not mix:
         raise PrismError(f"--floors {text!r} names no floor with a positive share (e.g. linear:2=0.5,linear:8=0.5)")
+    return mix
+
+
+def normalise_mix(mix: list[tuple[FloorSpec, float]]) -> list[tuple[FloorSpec, float]]:
+    """Shares rescaled to sum 1."""
     top = max(w for _, w in mix)  # scaled first, so that huge shares cannot add up to infinity
     total = sum(w / top for _, w in mix)
     return [(f, w / top / total) for f, w in mix]
+
+
+def rescale_note(shares: list[tuple[FloorSpec, float]]) -> str | None:
+    """One line saying that shares as written (``parse_shares``) do not sum to 1 and what they were
+    rescaled to; None where they sum to 1."""
+    total = math.fsum(w for _, w in shares)
+    if math.isclose(total, 1.0, rel_tol=1e-9, abs_tol=1e-12):
+        return None
+    used = ", ".join(f"{f}={w:.4g}" for f, w in normalise_mix(shares))
+    return f"floor shares sum to {total:g}: rescaled to {used}"
 
 
 class Ladder:

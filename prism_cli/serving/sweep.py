@@ -29,6 +29,21 @@ def baseline_capacity(directory: str, settings: ScheduleSettings, cost_model: Co
     return run_schedule(directory, probe, cost_model).metrics["requests_per_s"]
 
 
+def parse_loads(text: str) -> list[str]:
+    """``--loads``: comma-separated names of ``LOADS``; at least one, every one known."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    check_loads(names)
+    return names
+
+
+def check_loads(names: list[str]) -> None:
+    if not names:
+        raise PrismError(f"--loads names no load; choose among {', '.join(LOADS)} (comma-separated), or give --rates")
+    unknown = [name for name in names if name not in LOADS]
+    if unknown:
+        raise PrismError(f"--loads: unknown load {', '.join(unknown)}; choose among {', '.join(LOADS)}")
+
+
 def label(policy: str, original: bool) -> str:
     return f"{policy} (original)" if original else policy
 
@@ -38,14 +53,14 @@ def run_sweep(
     served: dict[bool, Any] | None = None, on_run: Callable[[str], None] | None = None,
 ) -> tuple[list[tuple[str, float, ScheduleResult]], float | None]:
     """Every run of the sweep: ``(load, rate, result)``; and the baseline capacity (None with explicit rates)."""
-    unknown = [name for name in loads if name not in LOADS]
-    if unknown:
-        raise PrismError(f"--loads: unknown load {', '.join(unknown)}; choose among {', '.join(LOADS)}")
     capacity = None
     if rates is None:
+        check_loads(loads)
         capacity = baseline_capacity(directory, settings, cost_model)
         pairs = [(name, LOADS[name] * capacity) for name in loads]
     else:
+        if not rates:
+            raise PrismError("--rates names no arrival rate; give comma-separated requests per second, e.g. 1,2.5")
         for r in rates:
             check_load(r, settings.duration, "--rates")
         pairs = [(f"{r:g}/s", r) for r in rates]
