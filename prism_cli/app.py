@@ -28,6 +28,7 @@ from prism_cli.commands import (
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
 from prism_cli.errors import Interrupted, PrismError
+from prism_cli.io import WRITTEN
 
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT_CODE = 130
@@ -91,6 +92,7 @@ def main() -> None:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     command = typer.main.get_command(app)
+    WRITTEN.clear()  # main() runs more than once in one process under the tests
     try:
         result = command.main(prog_name="prism", standalone_mode=False)
     except Interrupted as exc:  # an interruption the command kept resumable state for
@@ -104,8 +106,7 @@ def main() -> None:
     except _EXIT as exc:
         sys.exit(exc.exit_code)
     except _USAGE as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _usage_error(exc)
     except MemoryError:
         err_console.print("[bold red]error:[/] out of memory; use a smaller --batch-size / --tokens / --max-rows", soft_wrap=True)
         sys.exit(2)
@@ -128,6 +129,28 @@ def main() -> None:
     sys.exit(result if isinstance(result, int) else 0)
 
 
+def _usage_error(exc: click.ClickException) -> None:
+    """Click's own errors (a mistyped option, a value of the wrong type) in one line, like prism's:
+    click prints usage, a hint and the error on four. ``prism`` or a group without arguments still
+    shows its help."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()
+        sys.exit(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = " ".join(exc.format_message().split())
+    err_console.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
 def _interrupted() -> None:
-    err_console.print("[bold red]interrupted:[/] stopped by the user; no partial output was kept", soft_wrap=True)
+    # Outputs written inside a temporary folder that was then dropped no longer exist: not named.
+    kept = [path for path in dict.fromkeys(WRITTEN) if os.path.lexists(path)]
+    if not kept:
+        said = "no partial output was kept"
+    elif len(kept) == 1:
+        said = f"{kept[0]} was written before; nothing half-written was kept"
+    else:
+        said = f"{len(kept)} outputs were written before (the last {kept[-1]}); nothing half-written was kept"
+    err_console.print(f"[bold red]interrupted:[/] stopped by the user; {escape(said)}", highlight=False, soft_wrap=True)
     sys.exit(INTERRUPTED_EXIT_CODE)

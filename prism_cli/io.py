@@ -19,6 +19,10 @@ from prism_cli.errors import PrismError
 #: Errors of a write that are the user's environment, not a bug: reported in one line.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
+#: Outputs this process has put in place, in order: a Ctrl-C that lands after a command wrote its
+#: output must not say that nothing was kept (``prism_cli.app`` reads and clears it).
+WRITTEN: list[Path] = []
+
 
 def _probe(folder: Path, target: Path) -> None:
     """Create and remove a file in ``folder``: the one test that a read-only mount, a full disk or a
@@ -121,6 +125,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         # mkstemp makes the file private (0600); the output should get the usual permissions.
         os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
+        WRITTEN.append(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if (error := _environment_error(path, exc)) is not None:
@@ -149,6 +154,7 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes the folder private (0700)
         _move_into_place(tmp, target)
+        WRITTEN.append(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if (error := _environment_error(path, exc)) is not None:

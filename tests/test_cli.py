@@ -76,13 +76,57 @@ def test_subcommand_help(cli, path: tuple[str, ...]) -> None:
     assert "Traceback" not in result.err
 
 
-def test_usage_errors_are_not_internal_errors(cli) -> None:
-    """A mistyped option or command is a usage error (exit 2), not an "internal error" (exit 1)."""
-    for args in (("profile", "--tokns", "5"), ("profile", "--tokens", "many"), ("no-such-command",)):
+def test_usage_errors_are_one_line_not_internal_errors(cli) -> None:
+    """A mistyped option or command is a usage error (exit 2) in one line naming the problem and where
+    help is, not an "internal error" (exit 1) nor click's four lines of usage."""
+    cases = {
+        ("profile", "--tokns", "5"): ("--tokns", "prism profile --help"),
+        ("profile", "--tokens", "many"): ("--tokens", "prism profile --help"),
+        ("no-such-command",): ("no-such-command", "prism --help"),
+        ("schedule", "run"): ("directory", "prism schedule run --help"),
+    }
+    for args, words in cases.items():
         result = cli(*args)
         assert result.code == 2, (args, result)
         assert "internal error" not in result.err and "Traceback" not in result.err
-        assert "Error:" in result.err
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.err)
+        assert all(word in lines[0] for word in words), (args, lines)
+
+
+def test_no_arguments_still_shows_help(cli) -> None:
+    for args in ((), ("partition",)):
+        result = cli(*args)
+        assert "Usage" in result.out + result.err and "Commands" in result.out + result.err, (args, result)
+
+
+@pytest.mark.parametrize("written", [0, 1, 2])
+def test_ctrl_c_says_what_was_written_before_it(written, cli, monkeypatch, tmp_path) -> None:
+    """Ctrl-C in the last moments of a command, after its output was renamed into place, must not say
+    that nothing was kept; an output written into a temporary folder that was dropped is not named."""
+    from prism_cli import cuda
+    from prism_cli.io import write_text
+
+    outputs = [tmp_path / f"out{i}.md" for i in range(written)]
+
+    def toolkit_info() -> dict[str, str]:
+        with atomic_dir(tmp_path / "dropped") as folder:
+            write_text(folder / "inner.md", "x")  # renamed inside the folder, which Ctrl-C then drops
+            for path in outputs:
+                write_text(path, "done")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cuda, "toolkit_info", toolkit_info)
+    result = cli("doctor")
+    assert result.code == 130, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: "), result.err
+    assert "inner.md" not in lines[0] and not (tmp_path / "dropped").exists()
+    if written == 0:
+        assert "no partial output was kept" in lines[0]
+    else:
+        assert str(outputs[-1]) in lines[0] and "nothing half-written" in lines[0]
+        assert (written == 2) == ("2 outputs" in lines[0])
 
 
 # --- run configurations ---------------------------------------------------------------------------
