@@ -109,10 +109,16 @@ def test_api_key_health_and_metrics(server):
     assert 'prism_requests_total{status="401"}' in metrics and "prism_floor_violations_total 0" in metrics
 
 
-def test_no_chat_route_without_a_template(served):
+def test_chat_without_a_template_is_a_client_error_that_says_so(served):
     srv, thread, _, url = _start(served, api_key=None)
     try:
-        assert httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []}).status_code == 404
+        answer = httpx.post(url + "/v1/chat/completions",
+                            json={"model": "tiny", "messages": [{"role": "user", "content": "hello"}]})
+        assert answer.status_code == 400
+        assert "no chat template" in answer.json()["error"]["message"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="/v1/completions"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=2)
     finally:
         srv.should_exit = True
         thread.join(10)
@@ -165,6 +171,9 @@ def test_port_in_use_is_one_clear_error():
 
 def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     cli("serve", tmp_path).assert_one_line_error("not a prism export")
+    cli("serve", tmp_path / "missing").assert_one_line_error("missing does not exist")
+    (tmp_path / "file").write_text("x")
+    cli("serve", tmp_path / "file").assert_one_line_error("is a file")
     cli("serve", tiny_export, "--port", "70000").assert_one_line_error("--port")
     cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")
     cli("serve", tiny_export, "--policy", "fifo", "--device-memory", "4XB").assert_one_line_error("4XB")

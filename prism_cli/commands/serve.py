@@ -36,7 +36,7 @@ def serve(
 ) -> None:
     """Serve the export over HTTP (OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health, /metrics)."""
     from prism_cli.offload.config import offload_config
-    from prism_cli.runtime.elastic import export_meta
+    from prism_cli.runtime.elastic import read_export_meta
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.engine import Engine, Limits
     from prism_cli.serving.executor import ModelExecutor, load_served_model
@@ -44,8 +44,7 @@ def serve(
     from prism_cli.serving.policies import SCHEDULING_POLICIES
     from prism_cli.serving.server import API_KEY_ENV, ServerState, bind, serve_forever
 
-    if not Path(directory).is_dir() or export_meta(directory) is None:
-        raise PrismError(f"{directory} is not a prism export folder (a config.json with a 'prism' section)")
+    read_export_meta(directory)
     if not 0 <= port <= 65535:
         raise PrismError(f"--port must be between 0 and 65535, got {port}")
     if max_queue < 0:

@@ -1,7 +1,7 @@
 """``prism serve``: an OpenAI-compatible HTTP server over the engine (Starlette + uvicorn).
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (when the tokenizer has a chat
-template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Streaming answers
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (a tokenizer without a chat
+template answers it 400, saying so), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Streaming answers
 are server-sent events (``data: {...}`` chunks, then ``data: [DONE]``). A request may carry
 ``quality_floor``: an operating point of the export (``"linear:4"``) or a perplexity ceiling (a number
 or ``"ppl:45"``); without it the request gets the full model.
@@ -110,7 +110,7 @@ class ServerState:
     context: int
     api_key: str | None
     max_queue: int
-    chat_template: str | None = None  # the tokenizer's, if it has one: /v1/chat/completions exists only then
+    chat_template: str | None = None  # the tokenizer's, if it has one: /v1/chat/completions works only then
     loop: EngineLoop | None = None
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
@@ -368,10 +368,9 @@ def build_app(state: ServerState) -> Starlette:
         finally:
             await asyncio.get_running_loop().run_in_executor(None, state.loop.stop)
 
-    routes = [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
+    routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    if state.chat_template:
-        routes.append(Route("/v1/chat/completions", chat_completions, methods=["POST"]))
     return Starlette(routes=routes, lifespan=lifespan)
 
 
@@ -403,6 +402,8 @@ def completion_prompt(state: ServerState, body: dict) -> list[int]:
 
 
 def chat_prompt(state: ServerState, body: dict) -> list[int]:
+    if not state.chat_template:  # as vLLM answers: a client error that says what to use instead
+        raise BadRequest("this model's tokenizer has no chat template: use /v1/completions with a prompt", None)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: required, a non-empty list of {role, content}", "messages")
