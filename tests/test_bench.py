@@ -332,15 +332,21 @@ def test_bench_plain_model_runs_its_original_range(cli, bench_runs, tiny_model_d
     assert data["source"] is None
 
 
-def test_bench_batch_too_large_names_the_largest_that_fits(cli, tmp_path, bench_export, monkeypatch):
-    """An out-of-memory step (simulated above batch 2) is one line naming the largest batch that fits."""
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 26214400000 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["cuda", "cpu"])
+def test_bench_batch_too_large_names_the_largest_that_fits(error, cli, tmp_path, bench_export, monkeypatch):
+    """An out-of-memory step (simulated above batch 2, in CUDA's words and in torch's CPU allocator's)
+    is one line naming the largest batch that fits."""
     from prism_cli.evaluation import timing
 
     real_step = timing.StepTimer._step
 
     def step(self):
         if self.batch > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
         real_step(self)
 
     monkeypatch.setattr(timing.StepTimer, "_step", step)
@@ -350,6 +356,42 @@ def test_bench_batch_too_large_names_the_largest_that_fits(cli, tmp_path, bench_
     assert result.code == 2 and "Traceback" not in result.err, result
     last = result.err.strip().splitlines()[-1]
     assert last.startswith("error: batch 8") and "the largest batch that fits is 2" in last, last
+    assert not (tmp_path / "o").exists()
+
+
+def test_cache_bytes_per_sequence_by_hand(tiny_model_dir):
+    """The tiny OLMoE: 2 layers x (keys, values) x 2 KV heads x head dim 64 / 4 x float32, over the
+    prompt's 16 columns and the cache's 64 spare ones."""
+    from transformers import AutoModelForCausalLM
+
+    from prism_cli.evaluation.timing import cache_bytes_per_sequence
+    from prism_cli.runtime.kvcache import RESERVE
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("olmoe")).eval()
+    assert cache_bytes_per_sequence(model, 16, model.config.vocab_size) == 2 * 2 * 2 * (16 + RESERVE) * 16 * 4
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_bench_refuses_a_batch_that_cannot_fit_before_the_quality_pass(mode, cli, tmp_path, bench_export, monkeypatch):
+    """Batch 8 x 16 needs at least 8 x 17 token ids (8 B each) and one hidden state 8 x 16 x 64 x 4 B
+    (33,856 B), plus, to decode, 8 sequences' caches (8 x 40,960 B, above): with 40,000 B available,
+    decode is refused and prefill is not; with 30,000 B both are, before any quality pass."""
+    from prism_cli.evaluation import bench
+
+    args = ("--mode", mode, "--points", "topk:1", "--batch", "8", "--seq-len", "16", "--tokens", "256",
+            "--repeats", "1", "--warmup", "1", "--out", tmp_path / "o")
+    ran: list[int] = []
+    monkeypatch.setattr(bench, "_quality", lambda *a, **k: ran.append(1) or (_ for _ in ()).throw(SystemExit(9)))
+    for free, refused in ((30_000, True), (40_000, mode == "decode")):
+        monkeypatch.setattr(bench, "available_memory", lambda device, free=free: free)
+        result = cli("bench", bench_export, *args)
+        if refused:
+            assert result.code == 2 and not ran, result
+            last = result.err.strip().splitlines()[-1]
+            assert last.startswith(f"error: batch 8 x seq-len 16 ({mode}) does not fit in memory"), last
+            assert ("KV cache" in last) == (mode == "decode"), last
+        else:
+            assert result.code == 9 and ran, result  # went on to the quality pass
     assert not (tmp_path / "o").exists()
 
 

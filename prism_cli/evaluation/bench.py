@@ -35,9 +35,17 @@ from prism_cli.environment import environment
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.pareto import COUNT_RULE, CostQuality, distinct_stable, pareto_front, usable
 from prism_cli.evaluation.quality import ActiveCounter, PointQuality, evaluate_points
-from prism_cli.evaluation.timing import Latency, StepTimer, largest_fitting_batch
+from prism_cli.evaluation.timing import (
+    Latency,
+    StepTimer,
+    available_memory,
+    cache_bytes_per_sequence,
+    largest_fitting_batch,
+    step_memory_floor,
+)
 from prism_cli.models.loading import LoadedModel, load_model
 from prism_cli.operating_points import OperatingPoint, parse_operating_point
+from prism_cli.profiling.budget import format_size
 from prism_cli.runtime.elastic import ElasticState, attach_elastic_state, export_meta, load_elastic_model, set_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION, reset_dispatch_counts
 
@@ -237,6 +245,7 @@ def run_bench(
         configure_cpu_allocator(settings.cpu_allocator)
     models = _load(target, settings)
     runners = _runners(models, settings)
+    _check_batches_fit(models.source.model, settings)
     if quality is None:
         quality = _quality(models, runners, text, settings, on_stage)
     top_k = models.source_state.source_top_k
@@ -250,6 +259,23 @@ def run_bench(
     n_sub = int(models.meta["sub_experts"]) if models.meta else 1
     return BenchReport(n_sub, target, models.source_name if models.meta else None, models.note, settings, full_ppl,
                        points, counts, environment(torch.device(settings.device)))
+
+
+def _check_batches_fit(model: Any, settings: BenchSettings) -> None:
+    """Refuse at once a batch whose step cannot fit whatever the model does (``step_memory_floor``);
+    one that fails later, at its first step, is refused then with the largest batch that fits."""
+    device = next(model.parameters()).device
+    free = available_memory(device)
+    element = next(model.parameters()).element_size()
+    cache = (cache_bytes_per_sequence(model, settings.seq_len, model.config.vocab_size)
+             if settings.mode == "decode" else 0)
+    for batch in settings.batches:
+        need = step_memory_floor(model.config, batch, settings.seq_len, element) + batch * cache
+        if need > free:
+            what = "one hidden state and the KV cache" if cache else "one hidden state"
+            raise PrismError(f"batch {batch} x seq-len {settings.seq_len} ({settings.mode}) does not fit in memory on "
+                             f"{device}: it needs at least {format_size(need)} ({what}) and {format_size(free)} is "
+                             "available; use a smaller --batch or --seq-len")
 
 
 def _load(target: str, settings: BenchSettings) -> _Models:

@@ -89,9 +89,42 @@ class BlockClock:
 
 
 def _is_oom(exc: BaseException) -> bool:
+    # torch's CPU allocator says "DefaultCPUAllocator: can't allocate memory", CUDA's "out of memory".
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+        isinstance(exc, RuntimeError) and any(s in str(exc).lower() for s in ("out of memory", "can't allocate memory"))
     )
+
+
+def step_memory_floor(config: Any, batch: int, seq_len: int, element_size: int) -> int:
+    """Bytes a step at ``batch`` x ``seq_len`` needs at the least: the token ids and one hidden state of
+    the (prompt's) forward pass. A true lower bound for any architecture, so a batch that cannot fit is
+    refused before the quality pass instead of after it."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return batch * (seq_len + 1) * 8 + batch * seq_len * int(text.hidden_size) * element_size
+
+
+def cache_bytes_per_sequence(model: Any, seq_len: int, vocab: int) -> int:
+    """Bytes of one sequence's decode cache at ``seq_len``, measured on a batch-1 cache as the bench
+    builds it: exact for any attention (grouped, latent, sliding, recurrent), no formula per family."""
+    timer = StepTimer(model, 1, seq_len, "decode", vocab)
+    try:
+        seen: dict[int, int] = {}
+        for layer in timer.cache.layers:
+            for value in vars(layer).values():
+                for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        storage = tensor.untyped_storage()
+                        seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+    finally:
+        timer.close()
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a step may still allocate on ``device``: free device memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
 
 
 class StepTimer:
