@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_cli.errors import Interrupted
+from prism_cli.errors import Interrupted, PrismError
 from prism_cli.pipeline.tables import QUALITY_COLUMNS, TableConfig, quality_table, regenerate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,15 @@ def test_quality_columns_match_the_committed_table(tmp_path: Path) -> None:
     _, report = regenerate(config, tmp_path / "tables", tmp_path / "work", partition=TABLE / "partition.h5",
                            quality_only=True, points=QUICK_POINTS)
     _assert_same_quality(quality_table(report).records(), _committed(), subset=True)
+
+
+def test_a_partition_of_another_config_is_refused_before_any_work(tmp_path: Path) -> None:
+    """The committed N = 8 partition (8 sub-experts, 2 gate neurons) under the N = 4 config (4 and 8)."""
+    config = TableConfig.load(CONFIG)
+    with pytest.raises(PrismError, match=r"sub_experts 8 \(config: 4\), gate_neurons 2 \(config: 8\)"):
+        regenerate(config, tmp_path / "tables", tmp_path / "work", partition=ROOT / "tables" / "builtin-n8" / "partition.h5",
+                   quality_only=True, points=QUICK_POINTS)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "tables").exists()
 
 
 @pytest.mark.slow

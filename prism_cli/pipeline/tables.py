@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,14 @@ import yaml
 
 from prism_cli.config import load_run_config, unknown_key
 from prism_cli.data import load_text
-from prism_cli.errors import Interrupted
+from prism_cli.errors import Interrupted, PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.io import write_text
 from prism_cli.models.loading import load_model
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
-from prism_cli.solvers.format import write_partition
+from prism_cli.solvers.format import read_partition, write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile
 from prism_cli.tuning.layers import rank_export
 
@@ -107,6 +107,20 @@ def table_export(config: TableConfig, partition: Path, out: Path,
                     on_step=(lambda: advance(1)) if advance else None)
 
 
+def check_partition_matches(config: TableConfig, partition: Path) -> None:
+    """A reused partition must be one the config's partition section would make: a partition of another
+    N (or gate) would fill the table's rows with points the config does not describe."""
+    meta = read_partition(partition).meta
+    part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
+    part.pop("workers", None)
+    wanted = asdict(PartitionSettings(seed=config.seed, **part))
+    differ = [f"{key} {meta[key]} (config: {wanted[key]})" for key in ("sub_experts", "keep", "gate_neurons", "gate_selection")
+              if key in meta and meta[key] != wanted[key]]
+    if differ:
+        raise PrismError(f"partition {partition} does not match config {config.name}: it has " + ", ".join(differ)
+                         + "; give a partition made with the config's settings, or leave --partition out")
+
+
 def regenerate(
     config: TableConfig,
     out_root: Path,
@@ -121,6 +135,8 @@ def regenerate(
 
     ``points`` overrides the config's operating points (a quick check of a few rows of a table).
     """
+    if partition is not None:
+        check_partition_matches(config, partition)
     work.mkdir(parents=True, exist_ok=True)
     table_dir = out_root / config.name
     seed = config.seed
