@@ -371,10 +371,37 @@ def test_cache_bytes_per_sequence_by_hand(tiny_model_dir):
     assert cache_bytes_per_sequence(model, 16, model.config.vocab_size) == 2 * 2 * 2 * (16 + RESERVE) * 16 * 4
 
 
+def test_a_prompt_cache_built_in_chunks_is_the_whole_batch_one(tiny_model_dir, monkeypatch):
+    """Prompts of 16 tokens, 2 sequences per forward, 5 sequences: the cache and the decode step's
+    logits equal those of transformers' own cache filled by one forward over all 5 (float32, 1e-5)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from prism_cli.evaluation import timing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("olmoe")).eval()
+    monkeypatch.setattr(timing, "PROMPT_CHUNK_TOKENS", 32)
+    shapes: list[tuple[int, ...]] = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    timer = timing.StepTimer(model, 5, 16, "decode", model.config.vocab_size)
+    hook.remove()
+    assert shapes == [(2, 16), (2, 16), (1, 16), (5, 1)]  # three prompt chunks, then the untimed decode step
+    with torch.inference_mode():
+        reference = model(input_ids=timer.ids[:, :16], use_cache=True, cache=DynamicCache(config=model.config)).past_key_values
+        for ours, theirs in zip(timer.cache.layers, reference.layers, strict=True):
+            assert ours.keys.shape == theirs.keys.shape == (5, 2, 16, 16)
+            torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours.values, theirs.values, rtol=1e-5, atol=1e-5)
+        step = model(input_ids=timer.ids[:, 16:], use_cache=True, cache=timer.cache).logits
+        expected = model(input_ids=timer.ids[:, 16:], use_cache=True, cache=reference).logits
+    torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
+    timer.close()
+
+
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_bench_refuses_a_batch_that_cannot_fit_before_the_quality_pass(mode, cli, tmp_path, bench_export, monkeypatch):
     """Batch 8 x 16 needs at least 8 x 17 token ids (8 B each) and one hidden state 8 x 16 x 64 x 4 B
-    (33,856 B), plus, to decode, 8 sequences' caches (8 x 40,960 B, above): with 40,000 B available,
+    (33,856 B), plus, to decode, 8 sequences' caches (8 x 40,960 B, above) for each of the two models
+timed (the source and the export): with 40,000 B available,
     decode is refused and prefill is not; with 30,000 B both are, before any quality pass."""
     from prism_cli.evaluation import bench
 

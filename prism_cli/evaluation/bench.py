@@ -245,7 +245,7 @@ def run_bench(
         configure_cpu_allocator(settings.cpu_allocator)
     models = _load(target, settings)
     runners = _runners(models, settings)
-    _check_batches_fit(models.source.model, settings)
+    _check_batches_fit(models.source.model, len({id(r.model) for r in runners}), settings)
     if quality is None:
         quality = _quality(models, runners, text, settings, on_stage)
     top_k = models.source_state.source_top_k
@@ -261,7 +261,7 @@ def run_bench(
                        points, counts, environment(torch.device(settings.device)))
 
 
-def _check_batches_fit(model: Any, settings: BenchSettings) -> None:
+def _check_batches_fit(model: Any, models: int, settings: BenchSettings) -> None:
     """Refuse at once a batch whose step cannot fit whatever the model does (``step_memory_floor``);
     one that fails later, at its first step, is refused then with the largest batch that fits."""
     device = next(model.parameters()).device
@@ -270,7 +270,8 @@ def _check_batches_fit(model: Any, settings: BenchSettings) -> None:
     cache = (cache_bytes_per_sequence(model, settings.seq_len, model.config.vocab_size)
              if settings.mode == "decode" else 0)
     for batch in settings.batches:
-        need = step_memory_floor(model.config, batch, settings.seq_len, element) + batch * cache
+        # Each model timed (the source and the export's) keeps its own cache through the timing.
+        need = step_memory_floor(model.config, batch, settings.seq_len, element) + batch * cache * models
         if need > free:
             what = "one hidden state and the KV cache" if cache else "one hidden state"
             raise PrismError(f"batch {batch} x seq-len {settings.seq_len} ({settings.mode}) does not fit in memory on "
