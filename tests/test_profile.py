@@ -4,11 +4,13 @@ tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -416,21 +418,28 @@ def test_resume_through_the_cli(cli, tiny_model_dir, tmp_path, monkeypatch) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.h5"]
 
 
+@contextlib.contextmanager
+def _stopped_at_batch_2(monkeypatch) -> Iterator[None]:
+    """Ctrl-C when the profiler records batch 2, after two checkpointed batches."""
+    original = recorder_module.ActivationRecorder.record
+
+    def record(self, *args):
+        if self._batch == 2:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recorder_module.ActivationRecorder, "record", record)
+        yield
+
+
 def test_resume_refuses_a_truncated_row_file(cli, tiny_model_dir, tmp_path, monkeypatch) -> None:
     """A row file cut short after a checkpoint (a full disk, a user): --resume refuses in one line naming
     the file and both row counts, before the plan is printed, and keeps refusing (opening the file must not
     extend it with zeros that would pass for rows); a file longer than its checkpoint needs is fine."""
     model, out = tiny_model_dir("olmoe"), tmp_path / "profile.h5"
     settings = [*CLI_SETTINGS, "--checkpoint-every", "1e-9", "--out", out]
-    original = recorder_module.ActivationRecorder.record
-
-    def record(self, *args):
-        if self._batch == 2:  # after two checkpointed batches
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(recorder_module.ActivationRecorder, "record", record)
+    with _stopped_at_batch_2(monkeypatch):
         assert cli("profile", model, *settings).code == 130
     rows = tmp_path / "profile.h5.partial" / "layer0.rows"
     full = rows.stat().st_size
@@ -612,15 +621,7 @@ def test_interrupted_and_resumed_gives_the_same_profile(olmoe_run, tmp_path, mon
 def test_resume_refuses_other_settings_naming_the_difference(olmoe_run, tmp_path, monkeypatch) -> None:
     loaded, text, name, _ = olmoe_run
     settings = ProfileSettings(**SETTINGS, checkpoint_seconds=1e-9)
-    original = recorder_module.ActivationRecorder.record
-
-    def record(self, *args):
-        if self._batch == 2:  # after two checkpointed batches
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(recorder_module.ActivationRecorder, "record", record)
+    with _stopped_at_batch_2(monkeypatch):
         with pytest.raises(Interrupted):
             profile_model(loaded, text, name, settings, tmp_path / "p.h5")
     other = ProfileSettings(**{**SETTINGS, "max_rows": 128})
