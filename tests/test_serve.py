@@ -89,6 +89,13 @@ def test_chat_completions_with_a_template(server):
     ({"model": "tiny"}, 400, "prompt"),
     ({"model": "tiny", "prompt": "word " * 200, "max_tokens": 4}, 400, "prompt"),
     ({"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ({"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),  # a batch of prompts
+    ({"model": "tiny", "prompt": [[1, 2], [3]]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),  # no prompt fits beside it
+    ({"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed"),  # stopped the engine thread
+    ({"model": "tiny", "prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
+    ('{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # RecursionError in json
+    ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
 ])
 def test_bad_requests_name_the_field(server, body, status, param):
     _, url = server
@@ -96,6 +103,21 @@ def test_bad_requests_name_the_field(server, body, status, param):
     r = httpx.post(url + "/v1/completions", content=content, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+    assert httpx.get(url + "/health").text == "ok"  # a bad request never takes the engine down
+
+
+@pytest.mark.parametrize("sampling", [{"top_p": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e-300, "top_p": 1e-30}])
+def test_extreme_sampling_values_sample_and_keep_the_engine_up(server, sampling):
+    """A top_p that rounds to 0 in float32 keeps the likeliest token; a temperature that overflows the
+    logits samples greedily: both gave NaN or zero probabilities, and the engine thread stopped."""
+    _, url = server
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3, "seed": 1, **sampling}
+    r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    greedy = httpx.post(url + "/v1/completions", json={**body, "temperature": 0, "top_p": 1},
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]  # one token left: the argmax
+    assert httpx.get(url + "/health").text == "ok"
 
 
 def test_api_key_health_and_metrics(server):
@@ -175,6 +197,9 @@ def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     (tmp_path / "file").write_text("x")
     cli("serve", tmp_path / "file").assert_one_line_error("is a file")
     cli("serve", tiny_export, "--port", "70000").assert_one_line_error("--port")
+    cli("serve", tiny_export, "--policy", "fifo", "--api-key", "").assert_one_line_error("--api-key is empty")
+    cli("serve", tiny_export, "--policy", "fifo", "--served-model-name", " ").assert_one_line_error("--served-model-name")
+    cli("serve", tiny_export, "--policy", "fifo", "--point", "linear:2").assert_one_line_error("--policy static")
     cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")
     cli("serve", tiny_export, "--policy", "fifo", "--device-memory", "4XB").assert_one_line_error("4XB")
     cli("serve", tiny_export, "--policy", "fifo", "--cache-policy", "mru", "--device-memory", "50%").assert_one_line_error("mru")

@@ -45,6 +45,13 @@ def serve(
     from prism_cli.serving.server import API_KEY_ENV, ServerState, bind, serve_forever
 
     read_export_meta(directory)
+    for flag, value in (("--api-key", api_key), ("--served-model-name", served_model_name)):
+        if value is not None and not value.strip():
+            raise PrismError(f"{flag} is empty; leave it out for "
+                             + ("no key" if flag == "--api-key" else "the folder name"))
+    if point is not None and policy != "static":
+        raise PrismError(f"--point is the static policy's point; the {policy} policy chooses its own: "
+                         "leave --point out or use --policy static")
     if not 0 <= port <= 65535:
         raise PrismError(f"--port must be between 0 and 65535, got {port}")
     if max_queue < 0:

@@ -30,6 +30,10 @@ from prism_cli.serving.engine import Batch, Executor, ExecutorTimes
 from prism_cli.serving.floors import PointSpace
 from prism_cli.serving.requests import Request
 
+#: Temperatures below this sample greedily, as vLLM does: dividing the logits by a tinier one
+#: overflows them to infinities, whose softmax is NaN.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class KVRows:
@@ -191,13 +195,14 @@ class ModelExecutor(Executor):
         tokens = []
         for i, r in enumerate(requests):
             p = r.params
-            if p.temperature == 0.0:
+            if p.temperature < GREEDY_BELOW:
                 tokens.append(int(greedy[i]))
                 continue
             probs = torch.softmax(logits[i] / p.temperature, dim=-1)
             if p.top_p < 1.0:
                 sorted_p, order = torch.sort(probs, descending=True)
                 drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p  # keep the smallest prefix reaching top_p
+                drop[0] = False  # the likeliest token stays whatever top_p is (5e-324 rounds to 0 in float32)
                 sorted_p[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
             if r.generator is None:

@@ -186,6 +186,8 @@ async def read_body(http: HttpRequest) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", None) from None
+    except RecursionError:  # arrays or objects nested deeper than the parser's recursion limit
+        raise BadRequest("the body is not valid JSON: nested too deeply", None) from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", None)
     return body
@@ -232,6 +234,12 @@ def build_app(state: ServerState) -> Starlette:
             floor = parse_quality_floor(state, body)
             stream = _field(body, "stream", (bool,), False)
             options = _field(body, "stream_options", (dict,), {})
+            if not isinstance(options.get("include_usage", False), bool):
+                raise BadRequest("stream_options.include_usage: expected bool", "stream_options")
+            if params.max_tokens >= state.context:  # no prompt could fit: the limit is the field to fix
+                field = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+                raise BadRequest(f"{field}: {params.max_tokens} leaves no room for the prompt in the context of "
+                                 f"{state.context} tokens", field)
             if len(prompt_ids) + params.max_tokens > state.context:
                 raise BadRequest(f"prompt: {len(prompt_ids)} prompt tokens plus max_tokens {params.max_tokens} exceed the "
                                  f"context of {state.context} tokens", "prompt" if not chat else "messages")
@@ -393,6 +401,8 @@ def completion_prompt(state: ServerState, body: dict) -> list[int]:
         if any(not 0 <= t < len(state.tokenizer) for t in prompt):
             raise BadRequest("prompt: a token id is outside the vocabulary", "prompt")
         return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) or isinstance(p, list) for p in prompt):
+        raise BadRequest(f"prompt: a batch of {len(prompt)} prompts is not supported; send one prompt per request", "prompt")
     if not isinstance(prompt, str) or not prompt:
         raise BadRequest("prompt: required, a non-empty string (or one list of token ids)", "prompt")
     ids = state.tokenizer(prompt, add_special_tokens=False)["input_ids"]
