@@ -78,6 +78,24 @@ def test_chat_completions_with_a_template(server):
     parts = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
                                                 temperature=0, stream=True))
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == out.choices[0].message.content
+    # Content as text parts (as the client also sends it) is the same prompt as the string.
+    split = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}])
+    assert split.choices[0].message.content == out.choices[0].message.content
+    assert split.usage.prompt_tokens == out.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("messages", [
+    "hello", [], [{"role": "user"}], [{"role": 5, "content": "x"}], [{"role": "user", "content": 5}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+    [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+])
+def test_bad_chat_messages_are_400_naming_messages(server, messages):
+    _, url = server
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": messages},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages"
 
 
 @pytest.mark.parametrize("body, status, param", [

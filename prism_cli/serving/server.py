@@ -417,9 +417,7 @@ def chat_prompt(state: ServerState, body: dict) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: required, a non-empty list of {role, content}", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}]: expected {{role: string, content: string}}", "messages")
+    messages = [_text_message(i, m) for i, m in enumerate(messages)]
     try:
         ids = state.tokenizer.apply_chat_template(messages, chat_template=state.chat_template, add_generation_prompt=True,
                                                   tokenize=True)
@@ -428,6 +426,22 @@ def chat_prompt(state: ServerState, body: dict) -> list[int]:
     if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return [int(t) for t in ids]
+
+
+def _text_message(i: int, message: Any) -> dict[str, str]:
+    """``{role, content}`` with the content as one string: the OpenAI client may send content as a list
+    of parts (``[{"type": "text", "text": ...}]``); text parts are joined, other kinds refused."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest(f"messages[{i}]: expected {{role: string, content: string or text parts}}", "messages")
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise BadRequest(f"messages[{i}].content: only text parts ({{type: 'text', text: string}}) are supported",
+                             "messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadRequest(f"messages[{i}]: expected {{role: string, content: string or text parts}}", "messages")
+    return {"role": message["role"], "content": content}
 
 
 def prometheus_text(state: ServerState) -> str:
