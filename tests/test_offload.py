@@ -39,6 +39,21 @@ def test_sizes_without_a_unit_are_refused(text):
         parse_size(text)
 
 
+@pytest.mark.parametrize("text", ["1e400GB", "1e400GB@deepseek-v2-lite", "1e30GB", 2**64])
+def test_infinite_or_absurd_sizes_are_refused_in_one_line(text):
+    """``1e400GB`` reads as infinity, which ``int()`` cannot take (it was an OverflowError)."""
+    with pytest.raises(PrismError, match="too large"):
+        parse_budget(text)
+    if isinstance(text, str) and "@" not in text:
+        with pytest.raises(PrismError, match="too large"):
+            parse_link(f"{text}/s")
+
+
+def test_infinite_device_memory_is_one_line(cli, export_dir):
+    cli("eval", export_dir, "--tokens", "64", "--device-memory", "1e400GB").assert_one_line_error("too large")
+    cli("offload-bench", export_dir, "--device-memory", "1e400GB", "--points", "topk:2").assert_one_line_error("too large")
+
+
 def test_relative_budgets():
     assert parse_budget("45%").expert_fraction == pytest.approx(0.45)
     assert parse_budget("4GB").nbytes == 4 * 10**9

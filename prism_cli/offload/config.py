@@ -32,6 +32,9 @@ _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?b|b)\s*", 
 _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 DEFAULT_RESERVE = "5%"
 DEFAULT_LINK = "25GB/s,2us"
+#: The largest size accepted (2^63 - 1 bytes, what int64 metadata holds): a larger one is a typo, and an
+#: infinite one (``1e400GB``) could not even become a byte count.
+MAX_SIZE = 2**63 - 1
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
@@ -39,11 +42,16 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if isinstance(text, int):
         if text < 0:
             raise PrismError(f"{what} must not be negative, got {text}")
+        if text > MAX_SIZE:
+            raise PrismError(f"{what} {text} is too large: at most {MAX_SIZE} bytes")
         return text
     m = _SIZE.fullmatch(str(text))
     if not m:
         raise PrismError(f"cannot read the {what} {text!r}: give a size with a unit, e.g. 4GB, 4GiB or 512MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(value) or value > MAX_SIZE:
+        raise PrismError(f"{what} {str(text).strip()!r} is too large: at most {format_size(MAX_SIZE)}")
+    return int(value)
 
 
 def format_size(n: float) -> str:
