@@ -8,7 +8,9 @@ a few thousand characters of the training split for a few steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -361,7 +363,25 @@ BAD = [
     (["--experts-impl", "prism"], "autograd"),
     (["--resume"], "no checkpoint"),
     (["--distill", "-1"], "--distill"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--init-alpha", "nan"], "--init-alpha"),
+    (["--init-alpha", "-inf"], "--init-alpha"),
+    (["--distill", "nan"], "--distill"),
+    (["--distill", "inf"], "--distill"),
+    (["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
+    (["--checkpoint-minutes", "inf"], "--checkpoint-minutes"),
 ]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_every_float_setting_refuses_non_finite_values(value):
+    """NaN fails every comparison, so a range check alone lets it through: each float option says no."""
+    floats = [f.name for f in dataclasses.fields(TuneSettings) if f.type in ("float", float)]
+    assert {"lr", "init_alpha", "distill", "checkpoint_minutes"} <= set(floats)
+    for name in floats:
+        with pytest.raises(PrismError, match=f"--{name.replace('_', '-')}"):
+            TuneSettings(**{name: value}).validate()
 
 
 @pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])

@@ -100,8 +100,10 @@ class TuneSettings:
             raise PrismError(f"--seq-len must be at least 2, got {self.seq_len}")
         if not (self.distill >= 0 and math.isfinite(self.distill)):
             raise PrismError(f"--distill must be a weight >= 0, got {self.distill}")
-        if self.checkpoint_minutes <= 0:
-            raise PrismError(f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}")
+        if not (self.checkpoint_minutes > 0 and math.isfinite(self.checkpoint_minutes)):
+            raise PrismError(f"--checkpoint-minutes must be a positive number, got {self.checkpoint_minutes}")
+        if not math.isfinite(self.init_alpha):
+            raise PrismError(f"--init-alpha must be a finite number, got {self.init_alpha}")
         if self.experts_impl not in TRAIN_IMPLEMENTATIONS:
             raise PrismError(f"--experts-impl must be one of {', '.join(TRAIN_IMPLEMENTATIONS)} (they support autograd), "
                              f"got {self.experts_impl!r}")
