@@ -27,6 +27,39 @@ from prism_cli.errors import PrismError
 #: Top-level keys read by ``prism tables`` only (besides the shared option names).
 TABLE_KEYS = ("name",)
 
+#: Options that take a comma-separated list on the command line, by section: a YAML list is joined with
+#: commas for them. A list for any other (single-valued) option is refused, even of one element (``tokens:
+#: [512]`` is a mistake, not 512). Repeatable options and variadic arguments take lists as well.
+LIST_OPTIONS: dict[str, frozenset[str]] = {
+    "profile": frozenset({"layers"}),
+    "partition": frozenset({"layers"}),
+    "compare": frozenset({"layers", "solvers"}),
+    "plan": frozenset({"layers"}),
+    "calibrate": frozenset({"solvers", "widths"}),
+    "bench": frozenset({"batch", "points"}),
+    "offload-bench": frozenset({"device_memory", "points", "policy", "pin"}),
+    "schedule": frozenset({"floors"}),
+    "sweep": frozenset({"floors", "loads", "rates"}),
+}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (where the last would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping below says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_run_config(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML run configuration, checked against the schema."""
@@ -36,7 +69,9 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise PrismError(f"config file {path} is a folder; give a YAML file such as configs/builtin.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # a SafeLoader: no arbitrary objects
+    except yaml.constructor.ConstructorError as exc:
+        raise PrismError(f"config file {path}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise PrismError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except UnicodeDecodeError:
@@ -57,14 +92,14 @@ def unknown_key(where: str, noun: str, key: Any, known: list[str] | set[str] | f
 
 
 @cache
-def schema() -> dict[str, frozenset[str]]:
-    """Section name -> the option names it accepts, for every command that takes ``--config``."""
+def _commands() -> dict[str, click.Command]:
+    """Section name -> the command it configures, for every command that takes ``--config``."""
     import typer
 
     from prism_cli.app import app  # imported here: the commands import this module
 
     root = typer.main.get_command(app)
-    sections: dict[str, frozenset[str]] = {}
+    commands: dict[str, click.Command] = {}
 
     def walk(command: click.Command, name: str, parent: str | None) -> None:
         if hasattr(command, "commands"):  # a group (typer may run on its own copy of click: no isinstance)
@@ -74,10 +109,36 @@ def schema() -> dict[str, frozenset[str]]:
         # typer wraps callbacks (functools.wraps): compare the function it wraps.
         if any(p.name == "config" and getattr(p.callback, "__wrapped__", p.callback) is config_callback for p in command.params):
             section = parent if name == "run" and parent else name  # `partition PROFILE` is `partition run`
-            sections[section] = frozenset(p.name for p in command.params if p.name and p.name != "config")
+            commands[section] = command
 
     walk(root, "prism", None)
-    return sections
+    return commands
+
+
+@cache
+def schema() -> dict[str, frozenset[str]]:
+    """Section name -> the option names it accepts, for every command that takes ``--config``."""
+    return {section: frozenset(p.name for p in command.params if p.name and p.name != "config")
+            for section, command in _commands().items()}
+
+
+def _takes_list(section: str, param: click.Parameter) -> bool:
+    """Whether ``param`` of ``section``'s command takes a list (repeatable, variadic or comma-separated)."""
+    return (bool(getattr(param, "multiple", False)) or getattr(param, "nargs", 1) != 1
+            or param.name in LIST_OPTIONS.get(section, frozenset()))
+
+
+def _list_refused(path: str | Path, key: Any, where: str) -> PrismError:
+    return PrismError(f"config file {path}: {key!r} {where} takes a single value, not a list; write {_norm(key)}: VALUE")
+
+
+def _check_not_list(path: str | Path, section: str, key: Any, value: Any) -> None:
+    """Refuse a YAML list for an option of ``section`` that takes a single value."""
+    if not isinstance(value, list):
+        return
+    params = {p.name: p for p in _commands()[section].params}
+    if not _takes_list(section, params[_norm(key)]):
+        raise _list_refused(path, key, f"in section {section!r}")
 
 
 def _norm(key: Any) -> str:
@@ -94,17 +155,26 @@ def check_run_config(config: dict[str, Any], path: str | Path) -> None:
                 continue
             if not isinstance(value, dict):
                 raise PrismError(f"config file {path}: section {key!r} must be a mapping of option names to values")
-            for option in value:
+            for option, option_value in value.items():
                 if _norm(option) not in sections[key]:
                     raise unknown_key(f"config file {path}: section {key!r}", "option", option, sections[key])
+                _check_not_list(path, key, option, option_value)
         elif isinstance(value, dict):
             raise unknown_key(f"config file {path}", "section", key, set(sections))
         elif _norm(key) not in shared:
             raise unknown_key(f"config file {path}", "key", key, shared | set(sections))
+        elif isinstance(value, list) and not any(
+                _takes_list(section, p) for section, command in _commands().items() for p in command.params
+                if p.name == _norm(key)):
+            raise _list_refused(path, key, "(a shared key at the top level)")
 
 
-def defaults_for(config: dict[str, Any], command: str, params: list[click.Parameter]) -> dict[str, Any]:
-    """The option defaults ``command`` takes from ``config`` (shared keys, then its own section)."""
+def defaults_for(config: dict[str, Any], command: str, params: list[click.Parameter],
+                 path: str | Path = "") -> dict[str, Any]:
+    """The option defaults ``command`` takes from ``config`` (shared keys, then its own section).
+
+    A list is refused for an option that takes one value (a shared key's list may suit another command).
+    """
     shared = {k: v for k, v in config.items() if not isinstance(v, dict) and k not in schema()}
     section = config.get(command) or {}
     by_name = {p.name: p for p in params if p.name}
@@ -112,12 +182,15 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
     for key, value in {**shared, **section}.items():
         name = _norm(key)
         if name in by_name:
-            # A repeatable option (``-O``) takes a list; any other option takes a list as it is typed on
-            # the command line (``layers: [0, 1]`` -> "0,1").
+            # A repeatable option (``-O``) takes a list; a comma-separated one takes a list as it is typed
+            # on the command line (``layers: [0, 1]`` -> "0,1").
             multiple = getattr(by_name[name], "multiple", False)
             if multiple and not isinstance(value, list):
                 value = [value]
             elif isinstance(value, list) and not multiple:
+                if not _takes_list(command, by_name[name]):
+                    where = f"in section {command!r}" if key in section else f"(a shared key) for {command!r}"
+                    raise _list_refused(path, key, where)
                 value = ",".join(map(str, value))
             merged[name] = value
     return merged
@@ -129,6 +202,6 @@ def config_callback(ctx: click.Context, _param: click.Parameter, value: str | No
         command = ctx.info_name or ""
         if command == "run" and ctx.parent is not None:
             command = ctx.parent.info_name or command
-        defaults = defaults_for(load_run_config(value), command, ctx.command.params)
+        defaults = defaults_for(load_run_config(value), command, ctx.command.params, value)
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value

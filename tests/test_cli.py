@@ -186,6 +186,38 @@ def test_unknown_shared_keys_are_ignored(cli, tmp_path) -> None:
     result.assert_one_line_error("--tokens must be positive")  # the section applied; `solver` was ignored
 
 
+@pytest.mark.parametrize(("text", "phrases"), [
+    ("eval:\n  tokens: [512]\n", ("'tokens' in section 'eval'", "not a list")),
+    ("eval:\n  dtype: [float32]\n", ("'dtype' in section 'eval'", "not a list")),
+    ("device: [cpu]\n", ("'device'", "top level", "not a list")),
+    ("partition:\n  sub_experts: [4]\n", ("'sub_experts' in section 'partition'", "not a list")),
+    ("eval:\n  tokens: 512\n  tokens: 64\n", ("'tokens' is given twice",)),
+    ("eval:\n  tokens: 512\neval:\n  seq_len: 64\n", ("'eval' is given twice",)),
+])
+def test_config_lists_for_single_values_and_duplicate_keys_are_refused(cli, tmp_path, text, phrases) -> None:
+    """A one-element list is not taken as its element, nor does the last of two equal keys silently win."""
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    result = cli("eval", "--config", config)
+    assert result.code == 2
+    result.assert_one_line_error(*phrases)
+
+
+def test_config_lists_stay_accepted_for_list_options(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("layers: [0, 1]\npartition:\n  layers: [0]\n  solver-option: [generations=2]\ncompare:\n"
+                      "  solvers: [random, greedy]\noffload-bench:\n  device-memory: [30%, 60%]\n")
+    assert load_run_config(config)["compare"]["solvers"] == ["random", "greedy"]
+
+
+def test_a_shared_list_is_refused_where_the_command_takes_one_value() -> None:
+    """``batch: [8]`` at the top level suits ``bench`` (batch sizes) but not ``tune-gate`` (windows per step)."""
+    root = typer.main.get_command(app)
+    tune = root.get_command(type(root).context_class(root, info_name="prism"), "tune-gate")
+    with pytest.raises(PrismError, match="'batch'.*tune-gate.*not a list"):
+        defaults_for({"batch": [8]}, "tune-gate", tune.params)
+
+
 # --- internal errors ------------------------------------------------------------------------------
 
 
