@@ -79,7 +79,14 @@ class ResultTable:
 
     @classmethod
     def check_writable(cls, stem: Path) -> None:
-        """Fail before long work if ``save(stem)`` could not write its files."""
+        """Fail before long work if ``save(stem)`` could not write its files.
+
+        A stem that is an existing folder (``--out results``) is refused: the files would land beside it
+        as ``results.md`` ..., not in it. Commands that write into a folder take ``--out DIR`` instead.
+        """
+        if Path(stem).is_dir():
+            raise PrismError(f"--out {stem} is a folder; give a file stem such as {Path(stem) / 'table'} "
+                             f"(writes .md, .csv and .json)")
         paths = cls.paths(stem)
         check_output_folder(paths[0].parent)
         for path in paths:

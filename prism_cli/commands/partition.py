@@ -114,6 +114,9 @@ def compare(
     names = [s.strip() for s in solvers.split(",") if s.strip()]
     if not names:
         raise PrismError("--solvers is empty")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # one row per solver: a second run of the same one would only cost time
+        raise PrismError(f"--solvers names {', '.join(repeated)} more than once; give each solver once")
     for name in names:
         SOLVERS.get(name)
     ResultTable.check_writable(out)

@@ -88,9 +88,13 @@ BUILTIN_PREFIX = "builtin:"
 def load_text(data: str | None, default_split: str) -> tuple[str, str]:
     """Text for ``--data``: a file path, or ``builtin:<split>``; None means the built-in ``default_split``.
 
-    Returns ``(text, name)`` where ``name`` is what output metadata records.
+    Returns ``(text, name)`` where ``name`` is what output metadata records. An explicit empty ``data``
+    (``--data ''``: an unset shell variable, say) is refused, not read as "the default".
     """
-    spec = data or f"{BUILTIN_PREFIX}{default_split}"
+    if data is not None and not str(data).strip():
+        raise PrismError(f"--data is empty: give a text file or builtin:<split>, or leave --data out for "
+                         f"{BUILTIN_PREFIX}{default_split}")
+    spec = f"{BUILTIN_PREFIX}{default_split}" if data is None else data
     if spec.startswith(BUILTIN_PREFIX):
         split = spec[len(BUILTIN_PREFIX) :]
         if split not in SPLITS:

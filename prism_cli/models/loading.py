@@ -53,8 +53,12 @@ def model_label(resolved: str) -> str:
 
 
 def resolve_model(spec: str | None) -> str:
-    """``None`` or ``"builtin"`` -> the built-in checkpoint; a path must exist; anything else is a hub id."""
-    if spec in (None, "", BUILTIN):
+    """``None`` or ``"builtin"`` -> the built-in checkpoint; a path must exist; anything else is a hub id.
+
+    An explicit empty ``spec`` (an unset shell variable, say) is refused, not read as the built-in model."""
+    if spec is not None and not str(spec).strip():
+        raise PrismError("the model is empty: give a checkpoint folder or hub id, or leave it out for the built-in model")
+    if spec in (None, BUILTIN):
         path = builtin_model_dir()
         if not (path / "config.json").exists():
             raise PrismError(f"the built-in model is missing from {path}; reinstall prism or run `make model`")
