@@ -27,19 +27,20 @@ from prism_cli.errors import PrismError
 #: Top-level keys read by ``prism tables`` only (besides the shared option names).
 TABLE_KEYS = ("name",)
 
-#: Options that take a comma-separated list on the command line, by section: a YAML list is joined with
-#: commas for them. A list for any other (single-valued) option is refused, even of one element (``tokens:
+#: Options that take a list on the command line, by section, with the separator they are typed with
+#: (``bench --points`` takes ';': a pattern point such as ``pattern:4,3`` holds commas): a YAML list is
+#: joined with it. A list for any other (single-valued) option is refused, even of one element (``tokens:
 #: [512]`` is a mistake, not 512). Repeatable options and variadic arguments take lists as well.
-LIST_OPTIONS: dict[str, frozenset[str]] = {
-    "profile": frozenset({"layers"}),
-    "partition": frozenset({"layers"}),
-    "compare": frozenset({"layers", "solvers"}),
-    "plan": frozenset({"layers"}),
-    "calibrate": frozenset({"solvers", "widths"}),
-    "bench": frozenset({"batch", "points"}),
-    "offload-bench": frozenset({"device_memory", "points", "policy", "pin"}),
-    "schedule": frozenset({"floors"}),
-    "sweep": frozenset({"floors", "loads", "rates"}),
+LIST_OPTIONS: dict[str, dict[str, str]] = {
+    "profile": {"layers": ","},
+    "partition": {"layers": ","},
+    "compare": {"layers": ",", "solvers": ","},
+    "plan": {"layers": ","},
+    "calibrate": {"solvers": ",", "widths": ","},
+    "bench": {"batch": ",", "points": ";"},
+    "offload-bench": {"device_memory": ",", "points": ",", "policy": ",", "pin": ","},
+    "schedule": {"floors": ","},
+    "sweep": {"floors": ",", "loads": ",", "rates": ","},
 }
 
 
@@ -125,7 +126,7 @@ def schema() -> dict[str, frozenset[str]]:
 def _takes_list(section: str, param: click.Parameter) -> bool:
     """Whether ``param`` of ``section``'s command takes a list (repeatable, variadic or comma-separated)."""
     return (bool(getattr(param, "multiple", False)) or getattr(param, "nargs", 1) != 1
-            or param.name in LIST_OPTIONS.get(section, frozenset()))
+            or param.name in LIST_OPTIONS.get(section, {}))
 
 
 def _list_refused(path: str | Path, key: Any, where: str) -> PrismError:
@@ -191,7 +192,7 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
                 if not _takes_list(command, by_name[name]):
                     where = f"in section {command!r}" if key in section else f"(a shared key) for {command!r}"
                     raise _list_refused(path, key, where)
-                value = ",".join(map(str, value))
+                value = LIST_OPTIONS.get(command, {}).get(name, ",").join(map(str, value))
             merged[name] = value
     return merged
 

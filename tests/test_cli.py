@@ -210,6 +210,24 @@ def test_config_lists_stay_accepted_for_list_options(tmp_path) -> None:
     assert load_run_config(config)["compare"]["solvers"] == ["random", "greedy"]
 
 
+def test_a_yaml_list_is_typed_as_on_the_command_line() -> None:
+    """bench --points takes ';' (a pattern point holds commas), its --batch and every other list ','."""
+    root = typer.main.get_command(app)
+    bench = root.get_command(type(root).context_class(root, info_name="prism"), "bench")
+    got = defaults_for({"bench": {"points": ["pattern:4,3", "linear:2"], "batch": [8, 32]}}, "bench", bench.params)
+    assert got == {"points": "pattern:4,3;linear:2", "batch": "8,32"}
+
+
+def test_every_list_option_is_an_option_of_its_command() -> None:
+    """``LIST_OPTIONS`` is kept by hand: a renamed option must not leave a stale entry behind."""
+    from prism_cli.config import LIST_OPTIONS, _commands
+
+    commands = _commands()
+    for section, options in LIST_OPTIONS.items():
+        assert section in commands, section
+        assert set(options) <= {p.name for p in commands[section].params}, section
+
+
 def test_a_shared_list_is_refused_where_the_command_takes_one_value() -> None:
     """``batch: [8]`` at the top level suits ``bench`` (batch sizes) but not ``tune-gate`` (windows per step)."""
     root = typer.main.get_command(app)

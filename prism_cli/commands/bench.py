@@ -27,7 +27,7 @@ def bench(
     mode: str = typer.Option("decode", help="decode (one token per sequence over the cache) or prefill."),
     data: str = typer.Option(None, help="Quality text file or builtin:<split> (default builtin:eval, held out)."),
     tokens: int = typer.Option(32_768, help="Held-out tokens for the quality columns."),
-    points: str = typer.Option(None, help="Operating points to sweep, comma-separated by ';' (default: all the export lists)."),
+    points: str = typer.Option(None, help="Operating points to sweep, separated by ';' (default: all the export lists)."),
     repeats: int = typer.Option(20, help="Timed repeats per point and batch, at least."),
     max_repeats: int = typer.Option(60, "--max-repeats", help="... and at most, while a median is less precise than --precision."),
     precision: float = typer.Option(0.02, help="Repeat until every median is known within this fraction (95% interval)."),
