@@ -107,13 +107,18 @@ def table_export(config: TableConfig, partition: Path, out: Path,
                     on_step=(lambda: advance(1)) if advance else None)
 
 
+def partition_settings(config: TableConfig) -> tuple[PartitionSettings, int | None]:
+    """The solver settings of the config's partition section, and its worker count."""
+    part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
+    workers = part.pop("workers", None)
+    return PartitionSettings(seed=config.seed, **part), workers
+
+
 def check_partition_matches(config: TableConfig, partition: Path) -> None:
     """A reused partition must be one the config's partition section would make: a partition of another
     N (or gate) would fill the table's rows with points the config does not describe."""
     meta = read_partition(partition).meta
-    part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
-    part.pop("workers", None)
-    wanted = asdict(PartitionSettings(seed=config.seed, **part))
+    wanted = asdict(partition_settings(config)[0])
     differ = [f"{key} {meta[key]} (config: {wanted[key]})" for key in ("sub_experts", "keep", "gate_neurons", "gate_selection")
               if key in meta and meta[key] != wanted[key]]
     if differ:
@@ -153,9 +158,7 @@ def regenerate(
         except Interrupted:
             raise Interrupted(f"profiling progress is kept in {work}; rerun the same command to continue") from None
         del loaded
-        part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
-        workers = part.pop("workers", None)
-        settings = PartitionSettings(seed=seed, **part)
+        settings, workers = partition_settings(config)
         advance = on_stage("partition", 0) if on_stage else None
         result = partition_profile(work / "profile.h5", settings, workers=workers,
                                    on_start=(lambda total: advance(0, total=total)) if advance else None,
