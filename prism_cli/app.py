@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
+from pathlib import Path
 
 import click
 import typer
@@ -94,6 +96,7 @@ def main() -> None:
     command = typer.main.get_command(app)
     WRITTEN.clear()  # main() runs more than once in one process under the tests
     try:
+        _refuse_empty_paths(command, sys.argv[1:])
         result = command.main(prog_name="prism", standalone_mode=False)
     except Interrupted as exc:  # an interruption the command kept resumable state for
         err_console.print(f"[bold red]interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -127,6 +130,25 @@ def main() -> None:
         # instead of raising: without this the run would stop without a word.
         _interrupted()
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _refuse_empty_paths(root: click.Command, argv: list[str]) -> None:
+    """An explicitly empty path option (``--out ''``, an unset shell variable) in one line: typer turns
+    '' into ``Path('.')``, so without this ``--out ''`` wrote into the current folder, indistinguishable
+    from ``--out .`` once parsed."""
+    command, i = root, 0
+    while i < len(argv) and argv[i] in getattr(command, "commands", {}):
+        command, i = command.commands[argv[i]], i + 1
+    try:
+        hints = typing.get_type_hints(command.callback) if command.callback is not None else {}
+    except (NameError, TypeError):  # an annotation this module cannot resolve: nothing to check
+        return
+    paths = {opt for p in command.params if hints.get(p.name or "") in (Path, Path | None)
+             for opt in getattr(p, "opts", []) if opt.startswith("--")}
+    for j, arg in enumerate(argv[i:], start=i):
+        name, sep, value = arg.partition("=")
+        if name in paths and ((sep and not value.strip()) or (not sep and j + 1 < len(argv) and not argv[j + 1].strip())):
+            raise PrismError(f"{name} is empty: give a path ('.' for the current folder)")
 
 
 def _usage_error(exc: click.ClickException) -> None:

@@ -150,6 +150,13 @@ def check_run_config(config: dict[str, Any], path: str | Path) -> None:
     """Refuse unknown sections, unknown keys in a section and unknown shared keys, in one line."""
     sections = schema()
     shared = set().union(*sections.values()) | set(TABLE_KEYS)
+    for where, mapping in [("", config), *((f" section {k!r}", v) for k, v in config.items() if isinstance(v, dict))]:
+        spelled: dict[str, Any] = {}
+        for key in mapping:  # `max-batch` and `max_batch` are one option: given both, one would silently win
+            if _norm(key) in spelled:
+                raise PrismError(f"config file {path}:{where} {spelled[_norm(key)]!r} and {key!r} are the same option; "
+                                 "give it once")
+            spelled[_norm(key)] = key
     for key, value in config.items():
         if key in sections:
             if value is None:
@@ -159,6 +166,9 @@ def check_run_config(config: dict[str, Any], path: str | Path) -> None:
             for option, option_value in value.items():
                 if _norm(option) not in sections[key]:
                     raise unknown_key(f"config file {path}: section {key!r}", "option", option, sections[key])
+                if isinstance(option_value, dict):
+                    raise PrismError(f"config file {path}: {option!r} in section {key!r} takes a value, not a mapping "
+                                     "(a list of several is written as a YAML list or a comma-separated string)")
                 _check_not_list(path, key, option, option_value)
         elif isinstance(value, dict):
             raise unknown_key(f"config file {path}", "section", key, set(sections))
@@ -199,6 +209,8 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
 
 def config_callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """Eager ``--config`` callback: install the file's values as this command's option defaults."""
+    if value is not None and not value.strip():
+        raise PrismError("--config is empty: give a YAML file such as configs/builtin.yaml, or leave it out")
     if value:
         command = ctx.info_name or ""
         if command == "run" and ctx.parent is not None:

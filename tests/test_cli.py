@@ -129,6 +129,26 @@ def test_ctrl_c_says_what_was_written_before_it(written, cli, monkeypatch, tmp_p
         assert (written == 2) == ("2 outputs" in lines[0])
 
 
+@pytest.mark.parametrize("args", [
+    ("bench", "EXPORT", "--out", ""), ("schedule", "sweep", "EXPORT", "--sim", "--out="),
+    ("partition", "compare", "PROFILE", "--out", " "), ("profile", "--out", ""), ("eval", "--config", ""),
+], ids=lambda a: " ".join(x for x in a if x.strip() and x.upper() != x))
+def test_an_empty_path_or_config_is_refused_before_any_work(args, cli, monkeypatch, tmp_path) -> None:
+    """typer reads --out '' as '.': bench wrote its tables into the current folder and eval ignored
+    --config ''; an empty value now stops the command in one line, before anything is loaded."""
+    import prism_cli.models.loading as loading
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "resolve_model", lambda *a: pytest.fail("work started"))
+    args = tuple({"EXPORT": str(tmp_path), "PROFILE": str(tmp_path / "p.h5")}.get(a, a) for a in args)
+    result = cli(*args)
+    assert result.code == 2, result
+    option = "--config" if "--config" in args else "--out"
+    assert result.err.strip().splitlines() == [next(line for line in result.err.splitlines() if line.strip())]
+    assert result.err.startswith(f"error: {option} is empty"), result.err
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- run configurations ---------------------------------------------------------------------------
 
 
