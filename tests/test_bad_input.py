@@ -635,6 +635,12 @@ CASES = [
          never=("prism_cli.serving.sweep", "run_sweep")),
     Case("sweep-rates-blank-items", lambda w: sweep_args(w, "--rates", " , "), ("--rates", "no arrival rate"),
          never=("prism_cli.serving.sweep", "run_sweep")),
+    Case("sweep-loads-twice", lambda w: sweep_args(w, "--loads", "low,low"), ("--loads names low more than once",),
+         never=("prism_cli.serving.sweep", "run_sweep")),
+    Case("sweep-rates-twice", lambda w: sweep_args(w, "--rates", "1,1.0"), ("--rates names 1.0 more than once",),
+         never=("prism_cli.serving.sweep", "run_sweep")),
+    Case("schedule-floor-twice", lambda w: schedule_args(w, "--floors", "linear:2=0.5,linear:2=0.5"),
+         ("--floors names linear:2 twice",), never=("prism_cli.serving.runner", "run_schedule")),
     Case("schedule-out-is-a-folder", lambda w: schedule_out_args(w, w.folder("res.json").parent / "res"), ("res.json", "is a folder"),
          never=("prism_cli.serving.runner", "run_schedule")),
     Case("schedule-out-read-only", lambda w: schedule_out_args(w, w.unwritable() / "res"), ("not writable",),
@@ -648,6 +654,9 @@ CASES = [
     Case("schedule-cost-model-bench-of-another-export",
          lambda w: cost_model_args(w, w.root / "elsewhere" / "export-n8", n_sub=8),
          ("measured on", "export-n8", "not on", "N=8", "N=4"), never=("prism_cli.serving.calibrate", "calibrate_engine")),
+    Case("schedule-cost-model-out-in-a-missing-folder",
+         lambda w: [*cost_model_args(w, w.export, n_sub=4)[:-1], w.root / "missing" / "cost.json"],
+         ("cannot write", "does not exist"), never=("prism_cli.serving.calibrate", "calibrate_engine")),
     Case("schedule-cost-model-bench-of-another-export-folder",
          lambda w: cost_model_args(w, other_export(w), n_sub=4),
          ("measured on", "other-export", "not on", "export"), never=("prism_cli.serving.calibrate", "calibrate_engine")),
@@ -675,6 +684,12 @@ CASES = [
     Case("config-duplicate-key",
          lambda w: ["eval", w.export, "--config", w.write("e4.yaml", "eval:\n  tokens: 64\n  tokens: 128\n")],
          ("'tokens' is given twice",), never=NEVER_LIVE),
+    Case("config-mapping-for-an-option",
+         lambda w: ["eval", w.export, "--config", w.write("e6.yaml", "eval:\n  tokens: {a: 1}\n")],
+         ("'tokens' in section 'eval' takes a value, not a mapping",), never=NEVER_LIVE),
+    Case("config-one-option-in-two-spellings",
+         lambda w: ["eval", w.export, "--config", w.write("e5.yaml", "eval:\n  seq-len: 64\n  seq_len: 32\n")],
+         ("'seq-len' and 'seq_len' are the same option",), never=NEVER_LIVE),
     # --- explicit empty paths (an unset shell variable) are not "the default" -----------------------
     Case("eval-empty-model", lambda w: ["eval", "", "--tokens", "64", "--seq-len", "64"], ("the model is empty",)),
     Case("profile-empty-model", lambda w: ["profile", "", "--out", w.root / "p.h5", "--tokens", "256"],
@@ -771,4 +786,4 @@ def cost_model_args(w: World, target: Path, n_sub: int) -> list[Any]:
             "environment": {"processor": "cpu", "torch_threads": 2}}))
 
     return ["schedule", "cost-model", w.export, "--decode", bench("decode"), "--prefill", bench("prefill"),
-            "--out", w.root / "out" / "cm.json"]
+            "--out", w.root / "cm.json"]

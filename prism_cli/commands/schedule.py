@@ -194,7 +194,7 @@ def sweep(
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.executor import load_served_model
     from prism_cli.serving.runner import check_load
-    from prism_cli.serving.sweep import parse_loads, plot_sweep, run_sweep, sweep_table, targets
+    from prism_cli.serving.sweep import check_distinct, parse_loads, plot_sweep, run_sweep, sweep_table, targets
 
     _check_dir(directory)
     rate_list = None
@@ -206,6 +206,7 @@ def sweep(
             raise PrismError(f"--rates must be comma-separated numbers, got {rates!r}") from None
         if not rate_list:
             raise PrismError(f"--rates {rates!r} names no arrival rate; give comma-separated requests per second, e.g. 1,2.5")
+        check_distinct(rate_list, "--rates")
         for r in rate_list:
             check_load(r, duration, "--rates")
     else:
@@ -320,19 +321,21 @@ def cost_model_cmd(
     repeats: int = typer.Option(6, help="Engine calibration: timed decode steps (and copies) per measurement."),
 ) -> None:
     """Build the cost model C(mode, batch, point) from a decode and a prefill bench of the export."""
+    from prism_cli.io import check_writable
     from prism_cli.serving.calibrate import calibrate_engine
     from prism_cli.serving.costmodel import COST_MODEL_FILE, CostModel
 
     _check_dir(directory)
     if repeats < 1:
         raise PrismError(f"--repeats must be at least 1, got {repeats}")
+    target = out or Path(directory) / COST_MODEL_FILE
+    check_writable(target)  # before the engine calibration, not after it
     model = CostModel.from_bench(decode, prefill, directory)
     if engine:
         with deferred_progress("engine calibration", unit="measurements") as (start, advance):
             model.engine = calibrate_engine(directory, {p.point: p.kind for p in model.points.values()},
                                             parse_int_list(rows, "--rows") or [], parse_int_list(widths, "--widths") or [],
                                             repeats=repeats, on_start=start, on_step=advance)
-    target = out or Path(directory) / COST_MODEL_FILE
     model.save(target)
     table = ResultTable(f"cost model ({model.machine})", ["point", "kind", "perplexity", "decode ms by batch",
                                                           "prefill ms by tokens", "engine decode ms by width: batch"])

@@ -110,7 +110,10 @@ def parse_shares(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
             raise PrismError(f"--floors: {weight!r} in {part!r} is not a share (write POINT=SHARE, e.g. linear:2=0.5)") from None
         if not (math.isfinite(w) and w > 0):
             raise PrismError(f"--floors: share {weight.strip()!r} of {floor} must be a finite number > 0")
-        mix.append((parse_floor(floor, space), w))
+        spec = parse_floor(floor, space)
+        if any(str(f) == str(spec) for f, _ in mix):
+            raise PrismError(f"--floors names {spec} twice; give each floor once with its whole share")
+        mix.append((spec, w))
     if not mix:
         raise PrismError(f"--floors {text!r} names no floor with a positive share (e.g. linear:2=0.5,linear:8=0.5)")
     return mix

@@ -42,6 +42,14 @@ def check_loads(names: list[str]) -> None:
     unknown = [name for name in names if name not in LOADS]
     if unknown:
         raise PrismError(f"--loads: unknown load {', '.join(unknown)}; choose among {', '.join(LOADS)}")
+    check_distinct(names, "--loads")
+
+
+def check_distinct(values: list[Any], option: str) -> None:
+    """A load or rate given twice would run every policy twice over and repeat its rows."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise PrismError(f"{option} names {', '.join(repeated)} more than once; give each once")
 
 
 def label(policy: str, original: bool) -> str:
@@ -61,6 +69,7 @@ def run_sweep(
     else:
         if not rates:
             raise PrismError("--rates names no arrival rate; give comma-separated requests per second, e.g. 1,2.5")
+        check_distinct(rates, "--rates")
         for r in rates:
             check_load(r, settings.duration, "--rates")
         pairs = [(f"{r:g}/s", r) for r in rates]
