@@ -85,6 +85,14 @@ def test_chat_completions_with_a_template(server):
     assert split.usage.prompt_tokens == out.usage.prompt_tokens
 
 
+def test_chat_max_completion_tokens_is_named_as_sent(server):
+    _, url = server
+    r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    assert r.json()["error"]["message"].startswith("max_completion_tokens:"), r.text
+
+
 @pytest.mark.parametrize("messages", [
     "hello", [], [{"role": "user"}], [{"role": 5, "content": "x"}], [{"role": "user", "content": 5}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
@@ -114,6 +122,8 @@ def test_bad_chat_messages_are_400_naming_messages(server, messages):
     ({"model": "tiny", "prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
     ('{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # RecursionError in json
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),  # not streaming
+    ({"model": "tiny", "prompt": "x", "tool_choice": "auto"}, 400, "tool_choice"),  # no tools to choose from
 ])
 def test_bad_requests_name_the_field(server, body, status, param):
     _, url = server

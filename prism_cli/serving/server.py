@@ -41,7 +41,8 @@ from prism_cli.serving.requests import Request, SamplingParams
 
 API_KEY_ENV = "PRISM_API_KEY"
 _UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-                "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "top_logprobs": (None, 0),
+                "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                "top_logprobs": (None, 0),
                 "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0)}
 
 
@@ -156,7 +157,9 @@ def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling
         params.validate()
     except ValueError as exc:
         name = str(exc).split(":")[0]
-        raise BadRequest(str(exc), max_tokens_field if name == "max_tokens" else name) from None
+        if name == "max_tokens":  # named as the request named it (chat: max_completion_tokens)
+            raise BadRequest(str(exc).replace("max_tokens", max_tokens_field, 1), max_tokens_field) from None
+        raise BadRequest(str(exc), name) from None
     return params
 
 
@@ -236,6 +239,8 @@ def build_app(state: ServerState) -> Starlette:
             options = _field(body, "stream_options", (dict,), {})
             if not isinstance(options.get("include_usage", False), bool):
                 raise BadRequest("stream_options.include_usage: expected bool", "stream_options")
+            if options and not stream:  # as OpenAI answers
+                raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
             if params.max_tokens >= state.context:  # no prompt could fit: the limit is the field to fix
                 field = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
                 raise BadRequest(f"{field}: {params.max_tokens} leaves no room for the prompt in the context of "
