@@ -62,10 +62,7 @@ def _floor_shares(directory: str, floors: str) -> dict[str, float]:
     note = rescale_note(shares)
     if note:
         console.print(note, highlight=False)
-    used: dict[str, float] = {}
-    for floor, share in normalise_mix(shares):
-        used[str(floor)] = used.get(str(floor), 0.0) + share
-    return used
+    return {str(floor): share for floor, share in normalise_mix(shares)}  # parse_shares refuses a floor named twice
 
 
 def _check_dir(directory: str) -> None:
