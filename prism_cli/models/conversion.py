@@ -14,7 +14,6 @@ own format, and a checkpoint already saved in the fused format is read as well.
 from __future__ import annotations
 
 import copy
-import re
 from functools import cached_property
 from typing import Any
 
@@ -104,9 +103,3 @@ class CheckpointNames:
     def disk_keys(self, module_keys: list[str]) -> list[str]:
         """The checkpoint names ``save_pretrained`` gives ``module_keys`` (computed on meta tensors)."""
         return list(self.to_disk({k: self._meta[k] for k in module_keys}))
-
-
-def layer_of(key: str) -> int | None:
-    """The decoder layer of a tensor name (``...layers.{i}...``), None outside the layers."""
-    match = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
-    return int(match.group(1)) if match else None

@@ -123,11 +123,3 @@ class ExpertLayout:
     def down(self, act: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = act @ down if self.transposed else act @ down.T
         return out if bias is None else out + bias
-
-    def activation(self, experts: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """The module's own activation of gate and up pre-activations ``[..., n]`` each (any n neurons)."""
-        if self.interleaved:
-            proj = torch.stack([gate, up], dim=-1).flatten(-2)
-        else:
-            proj = torch.cat([gate, up], dim=-1)
-        return experts._apply_gate(proj)

@@ -31,7 +31,6 @@ _UNITS = {
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?b|b)\s*", re.IGNORECASE)
 _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 DEFAULT_RESERVE = "5%"
-DEFAULT_LINK = "25GB/s,2us"
 #: The largest size accepted (2^63 - 1 bytes, what int64 metadata holds): a larger one is a typo, and an
 #: infinite one (``1e400GB``) could not even become a byte count.
 MAX_SIZE = 2**63 - 1

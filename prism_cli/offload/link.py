@@ -157,9 +157,6 @@ class SimulatedLink(Link):
         self.stats.bytes += nbytes
         return self._free_at
 
-    def ready_at(self, slot: int) -> float:
-        return self._ready.get(slot, 0.0)
-
     def wait(self, slot: int) -> None:
         ready = self._ready.pop(slot, None)
         if ready is None:

@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from prism_cli.errors import PrismError
@@ -339,9 +338,3 @@ def shape_from_model(name: str, config: Any, dtype_bytes: int = 2) -> ModelShape
         keep.update({adapter.experts_key: adapter.num_experts // n_sub, adapter.width_key: adapter.width * n_sub,
                      adapter.top_k_key: int(meta["source"]["top_k"])})
     return ModelShape(name, name, keep, dtype_bytes)
-
-
-def per_token_spread(latencies: list[float]) -> dict[str, float]:
-    xs = np.asarray(latencies)
-    return {"median": float(np.median(xs)), "mean": float(xs.mean()), "p10": float(np.percentile(xs, 10)),
-            "p90": float(np.percentile(xs, 90))}

@@ -20,7 +20,7 @@ so the runtime must take an operating point per token. Two pieces, both additive
   K reaches, in one grouped product per projection (``runtime/grouped_mm.py``: ``prefix-padded``).
 
 ``set_row_points(model, points, tokens_per_row)`` installs the wrappers on first use (a module swap
-of the block's router, reverted by ``remove_row_points``) and sets the points of the next forward;
+of the block's router, kept for the model's life) and sets the points of the next forward;
 ``clear_row_points(model)`` goes back to the model's own point. Router logits are not returned while
 row points are set (an empty tensor): nothing at inference reads them.
 """
@@ -207,12 +207,3 @@ def clear_row_points(model: Any) -> None:
         router = getattr(layer.block, layer.router_name)
         if isinstance(router, RowPointRouter):
             router.groups, router.linear_rows = None, None
-
-
-def remove_row_points(model: Any) -> None:
-    """Undo the module swap of ``set_row_points`` (the blocks get their own routers back)."""
-    state = getattr(model, "prism_state", None)
-    for layer in state.layers if state is not None else []:
-        router = getattr(layer.block, layer.router_name)
-        if isinstance(router, RowPointRouter):
-            setattr(layer.block, layer.router_name, router.inner)

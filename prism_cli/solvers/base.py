@@ -98,7 +98,6 @@ class Solver(ABC):
     """Base class: subclasses set ``name``, take their settings as keyword arguments, implement ``solve``."""
 
     name: ClassVar[str]
-    multi_objective: ClassVar[bool] = False
 
     def settings(self) -> dict[str, Any]:
         """The solver's settings, recorded in the partition file."""

@@ -249,7 +249,6 @@ class NSGA2Solver(_EvolutionarySolver):
     """
 
     name = "nsga2"
-    multi_objective = True
     kind = "retained"
 
     def solve(self, problem: PartitionProblem, rng: np.random.Generator) -> Solution:
