@@ -111,6 +111,9 @@ def test_bad_chat_messages_are_400_naming_messages(server, messages):
     ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "temperature": 7}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x", "quality_floor": "linear:9"}, 400, "quality_floor"),
+    # a point of the export that the cost model does not time: the prism policy could not plan it, and
+    # the engine thread stopped on it (every later request 500)
+    ({"model": "tiny", "prompt": "x", "quality_floor": "threshold:0.5"}, 400, "quality_floor"),
     ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
     ({"model": "tiny"}, 400, "prompt"),
     ({"model": "tiny", "prompt": "word " * 200, "max_tokens": 4}, 400, "prompt"),
@@ -229,6 +232,10 @@ def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     cli("serve", tiny_export, "--policy", "fifo", "--served-model-name", " ").assert_one_line_error("--served-model-name")
     cli("serve", tiny_export, "--policy", "fifo", "--point", "linear:2").assert_one_line_error("--policy static")
     cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")
+    partial = synthetic_cost_model()
+    del partial.points["linear:8"]  # the full model, which requests without a floor run
+    partial.save(tmp_path / "partial.json")
+    cli("serve", tiny_export, "--cost-model", tmp_path / "partial.json").assert_one_line_error("no timing of the full model (linear:8)")
     cli("serve", tiny_export, "--policy", "fifo", "--device-memory", "4XB").assert_one_line_error("4XB")
     cli("serve", tiny_export, "--policy", "fifo", "--cache-policy", "mru", "--device-memory", "50%").assert_one_line_error("mru")
 

@@ -58,7 +58,7 @@ def _floor_shares(directory: str, floors: str) -> dict[str, float]:
     from prism_cli.serving.floors import PointSpace, normalise_mix, parse_shares, rescale_note
 
     meta = read_export_meta(directory)
-    shares = parse_shares(floors, PointSpace(meta["gate"], int(meta["sub_experts"]), int(meta["source"]["top_k"])))
+    shares = parse_shares(floors, PointSpace.of_export(meta))
     note = rescale_note(shares)
     if note:
         console.print(note, highlight=False)

@@ -40,11 +40,11 @@ def serve(
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.engine import Engine, Limits
     from prism_cli.serving.executor import ModelExecutor, load_served_model
-    from prism_cli.serving.floors import Ladder
+    from prism_cli.serving.floors import Ladder, PointSpace
     from prism_cli.serving.policies import SCHEDULING_POLICIES
     from prism_cli.serving.server import API_KEY_ENV, ServerState, bind, serve_forever
 
-    read_export_meta(directory)
+    meta = read_export_meta(directory)
     for flag, value in (("--api-key", api_key), ("--served-model-name", served_model_name)):
         if value is not None and not value.strip():
             raise PrismError(f"{flag} is empty; leave it out for "
@@ -61,9 +61,13 @@ def serve(
     offload = offload_config(device_memory, cache_policy, device=device)
     cls = SCHEDULING_POLICIES.get(policy)
     model = find_cost_model(directory, cost_model)
-    if policy == "prism" and model is None:
-        raise PrismError(f"the prism policy plans with a cost model and {directory} has none: build it with "
+    if cls.plans_with_costs and model is None:
+        raise PrismError(f"the {policy} policy plans with a cost model and {directory} has none: build it with "
                          "`prism schedule cost-model`, pass --cost-model, or serve with --policy fifo")
+    full = PointSpace.of_export(meta).full()
+    if cls.plans_with_costs and not model.has(full):  # a request without a floor runs the full model
+        raise PrismError(f"the cost model has no timing of the full model ({full}), which requests without a "
+                         "quality_floor run: bench it and rebuild the cost model")
     key = api_key or os.environ.get(API_KEY_ENV) or None
     sock = bind(host, port)  # before loading the model: a port in use fails at once
     served = load_served_model(directory, dtype=dtype, device=device, offload=offload)

@@ -35,6 +35,11 @@ class PointSpace:
     n_sub: int
     top_k: int
 
+    @classmethod
+    def of_export(cls, meta: dict) -> PointSpace:
+        """The points of an export, from its metadata (``read_export_meta``)."""
+        return cls(meta["gate"], int(meta["sub_experts"]), int(meta["source"]["top_k"]))
+
     def parse(self, spec: str | OperatingPoint) -> OperatingPoint:
         op = parse_operating_point(spec, self.gate, self.n_sub, self.top_k)
         if op.policy in ("pattern", "layered"):

@@ -52,6 +52,8 @@ class SchedulingPolicy(ABC):
     name: ClassVar[str]
     #: Whether ``points`` may give the rows of one step different points (needs the per-row runtime).
     per_row: ClassVar[bool] = False
+    #: Whether ``admit`` plans with the cost model: then every point it may run needs a timing there.
+    plans_with_costs: ClassVar[bool] = False
 
     def __init__(self, fixed_point: OperatingPoint | None = None) -> None:
         self.fixed_point = fixed_point
@@ -150,6 +152,7 @@ class MixedPolicy(SchedulingPolicy):
 @register
 class PrismPolicy(SchedulingPolicy):
     name = "prism"
+    plans_with_costs = True
 
     @staticmethod
     def _batch_points(engine: Engine, batches: list[Batch]) -> tuple[list[OperatingPoint | None], int]:

@@ -176,10 +176,11 @@ def run_schedule(
 
     settings.validate()
     meta = read_export_meta(directory)
-    export_space = PointSpace(meta["gate"], int(meta["sub_experts"]), int(meta["source"]["top_k"]))
+    export_space = PointSpace.of_export(meta)
     space = PointSpace(None, export_space.n_sub, export_space.top_k) if settings.original else export_space
-    if (settings.sim or settings.policy == "prism") and cost_model is None:
-        raise PrismError(f"{'--sim' if settings.sim else 'the prism policy'} needs a cost model: build one with "
+    plans_with_costs = settings.sim or SCHEDULING_POLICIES.get(settings.policy).plans_with_costs
+    if plans_with_costs and cost_model is None:
+        raise PrismError(f"{'--sim' if settings.sim else f'the {settings.policy} policy'} needs a cost model: build one with "
                          "`prism schedule cost-model` or pass --cost-model")
     if served is None and not settings.sim:
         served = load_served_model(directory, original=settings.original, offload=settings.offload())
@@ -199,7 +200,7 @@ def run_schedule(
             [resolve_floor(s.floor, space, ladder, cost_model) for s in specs])
     policy = SCHEDULING_POLICIES.get(settings.policy)(fixed) if fixed is not None else SCHEDULING_POLICIES.get(settings.policy)()
     for point in {resolve_floor(s.floor, space, ladder, cost_model) for s in specs} | ({fixed} if fixed else set()):
-        if cost_model is not None and not cost_model.has(point) and (settings.sim or settings.policy == "prism"):
+        if cost_model is not None and not cost_model.has(point) and plans_with_costs:
             raise PrismError(f"the cost model has no timing of {point}; bench it and rebuild the cost model")
     requests = []
     for s in specs:

@@ -178,9 +178,20 @@ def parse_quality_floor(state: ServerState, body: dict) -> OperatingPoint:
             spec = parse_floor(value, state.space)
         else:
             raise PrismError("expected an operating point (\"linear:4\") or a perplexity ceiling (a number)")
-        return resolve_floor(spec, state.space, state.ladder, state.cost_model)
+        point = resolve_floor(spec, state.space, state.ladder, state.cost_model)
+        check_costed(state, point)
+        return point
     except PrismError as exc:
         raise BadRequest(f"quality_floor: {exc}", "quality_floor") from None
+
+
+def check_costed(state: ServerState, point: OperatingPoint) -> None:
+    """A policy that plans with the cost model cannot plan a point it has no timing of: refuse the floor."""
+    if state.engine.policy.plans_with_costs and not state.cost_model.has(point):
+        kind = "original" if state.space.gate is None else "elastic"
+        timed = ", ".join(p.point for p in state.cost_model.points.values() if p.kind == kind)
+        raise PrismError(f"{point} has no timing in the cost model the {state.engine.policy.name} policy plans "
+                         f"with (timed: {timed})")
 
 
 async def read_body(http: HttpRequest) -> dict:
