@@ -164,6 +164,13 @@ def test_bad_input_is_refused_before_any_work(candidates, tiny_model_dir, tmp_pa
     before = sorted((p.name, p.stat().st_mtime_ns) for p in candidates["a"].rglob("*"))
     with pytest.raises(PrismError, match="is the candidate a"):  # --force does not let a bank replace its own input
         select_routers(candidates, candidates["a"], force=True)
+    with pytest.raises(PrismError, match="lies inside the candidate a"):  # replaced the candidate's prism/ folder
+        select_routers(candidates, candidates["a"] / "prism", force=True)
+    text = tmp_path / "calibration.txt"
+    text.write_text(split_text("calibration")[:5_000])
+    with pytest.raises(PrismError, match="is the data file"):
+        select_routers(candidates, text, data=str(text), force=True)
+    assert text.is_file()
     assert sorted((p.name, p.stat().st_mtime_ns) for p in candidates["a"].rglob("*")) == before
     (tmp_path / "other").mkdir()
     other = random_neurons_export(tiny_model_dir("olmoe"), tmp_path / "other", seed=6)  # another partition

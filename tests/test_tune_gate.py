@@ -428,8 +428,21 @@ def test_existing_output_needs_force(cli, export, train_text, tmp_path):
     result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "1", "--seq-len", "64")
     result.assert_one_line_error("already exists", "--force")
     assert (out / "keep").read_text() == "x"
-    result = cli("tune-gate", export, "--out", export, "--data", train_text, "--force", "--seq-len", "64")
-    result.assert_one_line_error("new folder")
+
+
+def test_an_out_that_is_holds_or_lies_in_an_input_is_refused_even_with_force(cli, export, train_text, tmp_path):
+    """--out inside the export replaced its prism/ folder, and --out its parent replaced the export itself:
+    both ran and exited 0 with --force (only --out equal to the export was refused)."""
+    source = tmp_path / "holder" / "exp"
+    shutil.copytree(export, source)
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    for out, needle in [(source, "is the export being tuned"), (source / "prism", "lies inside the export being tuned"),
+                        (source.parent, "holds the export being tuned"), (train_text, "is the data file"),
+                        (train_text.parent, "holds the data file")]:
+        result = cli("tune-gate", source, "--out", out, "--data", train_text, "--force", "--steps", "1", "--seq-len", "64")
+        result.assert_one_line_error(needle)
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+    assert train_text.is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import typer
 
 from prism_cli.commands.common import ConfigOption, check_seed, deferred_progress, parse_layers
 from prism_cli.console import console
-from prism_cli.data import load_text
+from prism_cli.data import data_file, load_text
 from prism_cli.io import check_not_input, check_writable, peak_rss_bytes
 from prism_cli.report import ResultTable
 
@@ -67,8 +67,8 @@ def profile(
     )
     settings.validate()
     name = resolve_model(model)
-    inputs = {"model folder": name, "data file": data if data and Path(data).is_file() else None, "config file": config}
-    check_not_input(out, {what: Path(p) for what, p in inputs.items() if p and Path(p).exists()}, inside=True)
+    inputs = {"model folder": name, "config file": config}
+    check_not_input(out, {**{what: Path(p) for what, p in inputs.items() if p and Path(p).exists()}, **data_file(data)}, inside=True)
     check_writable(out)
     check_context_length(load_config(name), seq_len)
     text, data_name = load_text(data, "calibration")

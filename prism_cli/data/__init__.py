@@ -116,6 +116,11 @@ def load_text(data: str | None, default_split: str) -> tuple[str, str]:
     return text, str(path)
 
 
+def data_file(data: str | None) -> dict[str, Path]:
+    """``{"data file": path}`` where ``--data`` names an existing file (for ``check_not_input``), else ``{}``."""
+    return {"data file": Path(data)} if data and not data.startswith(BUILTIN_PREFIX) and Path(data).is_file() else {}
+
+
 def load_selection_text(data: str | None, what: str) -> tuple[str, str]:
     """``load_text`` for text a setting is chosen on (``what``, e.g. ``"choose routers"``): the built-in
     calibration split by default, and never the evaluation split, which only reports results."""

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from prism_cli.data import data_file, load_selection_text
 from prism_cli.errors import PrismError
 from prism_cli.export.format import ROUTER_BANK_FILE
 from prism_cli.io import check_not_input
@@ -116,7 +117,6 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
                    ) -> tuple[BankChoice, int]:
     """Measure every candidate at every ``linear:K`` on validation text, choose per K, write the bank
     export to ``out``; returns the choice and the K the checkpoint's router serves."""
-    from prism_cli.data import load_selection_text
     from prism_cli.tuning.benchmark import per_k_perplexity
 
     metas = check_candidates(candidates)
@@ -125,7 +125,8 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
     text, data_name = load_selection_text(data, "choose routers")
     if out.exists() and not force:
         raise PrismError(f"{out} already exists; pass --force to replace it, or give a new folder")
-    check_not_input(out, {f"candidate {name}": directory for name, directory in candidates.items()})
+    check_not_input(out, {**{f"candidate {name}": directory for name, directory in candidates.items()}, **data_file(data)},
+                    inside=True)
     meta = next(iter(metas.values()))
     points = int(meta["sub_experts"]) * int(meta["source"]["top_k"])
     if serve_k is not None and not 1 <= serve_k <= points:

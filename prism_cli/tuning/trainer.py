@@ -41,10 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prism_cli.data import BUILTIN_PREFIX, load_text, text_hash
+from prism_cli.data import BUILTIN_PREFIX, data_file, load_text, text_hash
 from prism_cli.errors import Interrupted, PrismError
 from prism_cli.export.validate import validate_export
-from prism_cli.io import atomic_path, check_new_folder
+from prism_cli.io import atomic_path, check_new_folder, check_not_input
 from prism_cli.models.loading import check_context_length, load_config, load_model, weights_fingerprint
 from prism_cli.runtime.elastic import attach_elastic_state, read_export_meta, set_operating_point
 from prism_cli.tuning.init import INITS
@@ -354,8 +354,7 @@ def tune_gate(
     k_start, k_end = settings.k_range(n_sub * top_k)
     if out.exists() and not force:
         raise PrismError(f"output {out} already exists; pass --force to replace it")
-    if out.resolve() == export_dir.resolve():
-        raise PrismError("--out must be a new folder, not the export being tuned")
+    check_not_input(out, {"export being tuned": export_dir, **data_file(settings.data)}, inside=True)
     check_new_folder(out, force=True)  # its folder exists and can be written: checked before the training
     ckpt = checkpoint_path(out)
     if resume and not ckpt.exists():
