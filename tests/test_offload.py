@@ -483,6 +483,74 @@ def test_offload_bench_checks_its_budgets_before_any_work(export_dir):
     assert "give at least" in str(exc.value)
 
 
+def _live_settings(budget: str, **kwargs) -> object:
+    from prism_cli.offload.bench import OffloadBenchSettings
+
+    return OffloadBenchSettings([parse_budget(budget)], ["topk:4"], quality_tokens=64, tokens=2, warmup=0, context=4,
+                                **kwargs)
+
+
+def test_offload_bench_100_percent_caches_every_sub_expert_and_every_expert(export_dir):
+    """``100%`` is "100 % of the experts cached" for both caches. Oracle: the piece counts from the model's
+    config, not the tool's byte accounting (the budget was solved for the source model, whose routers are
+    narrower than the export's: the sub-expert cache got a few slots fewer than the experts)."""
+    from prism_cli.offload.bench import run_offload_bench
+
+    config = json.loads((export_dir / "config.json").read_text())
+    layers, experts = config["num_hidden_layers"], config["num_experts"] // N_SUB
+    report = run_offload_bench(str(export_dir), _live_settings("100%"))
+    slots = {run.key.cache: run.slots for run in report.runs}
+    assert slots == {"sub-experts": layers * experts * N_SUB, "whole experts": layers * experts}
+    assert len({run.budget_bytes for run in report.runs}) == 1 and all(r.device_bytes <= r.budget_bytes for r in report.runs)
+
+
+def test_offload_bench_0_percent_is_the_non_expert_weights_and_the_reserve(export_dir):
+    """``0%`` leaves no room for a piece: refused, the budget named once, and it is the (export's larger)
+    non-expert weights plus the reserve that the same message names."""
+    import re
+
+    from prism_cli.offload.bench import run_offload_bench
+
+    with pytest.raises(PrismError, match="too small") as exc:
+        run_offload_bench(str(export_dir), _live_settings("0%", reserve="1MB"))
+    message = str(exc.value)
+    size = r"([\d.]+ [kMG]?B)"
+    budget = re.fullmatch(rf"--device-memory 0% \({size}\) is too small: the non-expert weights take {size}, "
+                          r"the reserve 1 MB and .*", message)
+    assert budget, message  # one size after the budget, not "(13.3 MB) (13.3 MB)"
+    # three significant digits each
+    assert parse_size(budget[1].replace(" ", "")) == pytest.approx(parse_size(budget[2].replace(" ", "")) + 10**6, rel=0.01)
+
+
+@pytest.mark.timeout(60)
+def test_offload_bench_a_link_of_one_byte_a_second_is_charged_not_waited_out(export_dir):
+    """At 1 B/s a copy takes days of simulated time: the live run must finish in seconds, its latencies
+    holding the stalls (every timed token moved bytes, each byte a second)."""
+    import time
+
+    from prism_cli.offload.bench import run_offload_bench
+
+    t0 = time.perf_counter()
+    report = run_offload_bench(str(export_dir), _live_settings("30%", link=LinkSpec(1.0, 0.0)))
+    assert time.perf_counter() - t0 < 30
+    for run in report.runs:
+        assert run.bytes_per_token > 0 and run.stall_per_token > 0
+        assert sum(run.latencies) >= run.stall_per_token * len(run.latencies)
+        assert sum(run.latencies) / len(run.latencies) >= 1.0  # at least one byte's second per token
+
+
+@pytest.mark.parametrize(("option", "value", "named"), [("--device-memory", "30%,30%", "30%"),
+                                                         ("--device-memory", "4GB,4000MB", "4GB"),
+                                                         ("--policy", "lru,lru", "lru"), ("--pin", "0,0.0", "0"),
+                                                         ("--points", "topk:4,topk:4", "topk:4")])
+def test_offload_bench_refuses_a_value_given_twice(cli, export_dir, option, value, named):
+    args = {"--device-memory": "30%", "--points": "topk:4", option: value}
+    r = cli("offload-bench", export_dir, *[x for kv in args.items() for x in kv], "--context", "8", "--warmup", "1",
+            "--tokens", "2")
+    r.assert_one_line_error(f"{option} names {named} more than once")
+    assert r.code == 2
+
+
 def test_offload_bench_live_writes_its_tables(cli, export_dir, tmp_path):
     out = tmp_path / "live"
     r = cli("offload-bench", export_dir, "--device-memory", "70%", "--points", "topk:4,linear:3", "--policy", "lru",

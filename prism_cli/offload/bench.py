@@ -7,8 +7,9 @@ Two modes share the cache, policy and link code:
   the evaluation text (teacher-forced after a prefill of ``context`` tokens) are timed round-robin over
   every configuration, one token at a time in a seeded shuffled order, so a shared machine's drift hits
   all of them alike. On CUDA copies are real; otherwise compute is measured and every copy is charged
-  at the stated link (``SimulatedLink`` on the wall clock). Quality: perplexity of every point on the
-  calibration split (used to pair points) and on the evaluation split (reported).
+  at the stated link (``SimulatedLink`` on a ``StallClock``: the wall clock plus the simulated stalls,
+  charged, not waited out). Quality: perplexity of every point on the calibration split (used to pair
+  points) and on the evaluation split (reported).
 * **replay** (``--shape NAME``): a real model's dimensions without its weights (``replay.py``); routing
   from a trace recorded from the export (or ``--trace FILE``), mapped to the shape (``--routing trace``)
   or a load-balanced routing calibrated on it (``--routing balanced``); compute from a compute model.
@@ -77,6 +78,14 @@ class OffloadBenchSettings:
                                ("--pin", self.pins)):
             if not values:
                 raise PrismError(f"{option} needs at least one value")
+        # A value given twice would run every configuration of it twice and repeat its rows.
+        from prism_cli.serving.sweep import check_distinct
+
+        first: dict[object, str] = {}  # 4GB and 4000MB are one budget: named as first given
+        check_distinct([first.setdefault(_budget_key(b), b.text) for b in self.budgets], "--device-memory")
+        check_distinct(self.points, "--points")
+        check_distinct(self.policies, "--policy")
+        check_distinct([f"{p:g}" for p in self.pins], "--pin")
         for policy in self.policies:
             CACHE_POLICIES.get(policy)
         if any(not 0 <= p < 1 for p in self.pins):
@@ -116,6 +125,10 @@ class OffloadBenchSettings:
         fix = f"use --context {room} or less" if room >= 1 else "lower --warmup and --tokens"
         raise PrismError(f"--context {self.context} + --warmup {self.warmup} + --tokens {self.tokens} = {need:,} tokens, "
                          f"longer than the model's {limit:,} positions (max_position_embeddings); {fix}")
+
+
+def _budget_key(budget: Budget) -> object:
+    return budget.nbytes if budget.nbytes is not None else ("share", budget.expert_fraction)
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,9 @@ def run_offload_bench(target: str, settings: OffloadBenchSettings,
 def _asked_points(specs: list[str], gate: str | None, n_sub: int, top_k: int) -> list[OperatingPoint]:
     """The points to measure; layered points are refused in one line (pairs and replays take one K for every layer)."""
     points = [parse_operating_point(p, gate, n_sub, top_k) for p in specs]
+    from prism_cli.serving.sweep import check_distinct
+
+    check_distinct([str(p) for p in points], "--points")  # topk:4 and topk:04
     layered = [str(p) for p in points if p.policy == "layered"]
     if layered:
         raise PrismError(f"offload-bench does not take layered points ({layered[0]}): it measures one K in every layer; "
@@ -262,7 +278,9 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
         raise PrismError(f"the export's source model is the baseline but could not be loaded: {exc}") from None
     attach_elastic_state(source.model, None)
     # Every budget resolved and checked for both models now, not after the quality stage.
-    budgets = [absolute_budget(source.model, b, settings.reserve) for b in settings.budgets]
+    # A relative budget is solved for both models and the larger kept: 100% caches every sub-expert and
+    # every whole expert, at the same bytes.
+    budgets = [absolute_budget(source.model, b, settings.reserve, elastic.model) for b in settings.budgets]
     for budget in budgets:
         cfg = OffloadConfig(budget, reserve=settings.reserve, device=settings.device)
         for sizes in sorted((budget_sizes(m, cfg) for m in (source.model, elastic.model)), key=lambda s: -s.least_budget):
@@ -301,8 +319,10 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
                 for name in wanted:
                     op = parse_operating_point(name, None if name.startswith("original") else state.gate, n_sub, top_k)
                     model = source.model if op.policy == "original" else elastic.model
+                    # A simulated link's stalls advance the link's clock, which times the steps: a slow
+                    # link costs simulated time, not real time (at 1 B/s a copy would take days).
                     cfg = OffloadConfig(budget, policy=policy, reserve=settings.reserve, pin=pin, link=settings.link,
-                                        device=settings.device)
+                                        device=settings.device, stall_clock=True)
                     key = RunKey(str(budget), policy, pin, name, "whole experts" if op.policy == "original" else "sub-experts")
                     runs.append(_Live(key, model, op, None if device.type == "cuda" else attach_offload(model, cfg)))
                     if device.type == "cuda":
@@ -334,11 +354,13 @@ def _run_step(run: _Live, token: torch.Tensor, sync: bool) -> float:
         set_operating_point(run.model, run.op)
     if sync:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    link = getattr(run.controller, "link", None)
+    clock = link.clock.now if getattr(link, "simulated", False) else time.perf_counter  # wall time + stalls
+    t0 = clock()
     out = run.model(input_ids=token, **{cache_keyword(run.model): run.cache}, use_cache=True)
     if sync:
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     run.cache = out.past_key_values
     return elapsed
 

@@ -72,6 +72,11 @@ class Budget:
     def __str__(self) -> str:
         return self.text
 
+    def label(self, nbytes: int) -> str:
+        """``45% (1.2 MB)``: the budget as given and in bytes, the size once (a resolved budget's text has it)."""
+        size = f"({format_size(nbytes)})"
+        return self.text if self.text.endswith(size) else f"{self.text} {size}"
+
 
 @dataclass(frozen=True)
 class Reserve:
@@ -186,7 +191,9 @@ class OffloadConfig:
     mass (sub-expert 0 of every expert first: the partition orders them), never evicted.
     ``materialize`` (simulated device only) copies weights into a separate slot pool, as on a GPU;
     off by default, when cached sub-experts are read from their host copies in place (same results,
-    no memcpy on the CPU, whose time would otherwise count as compute).
+    no memcpy on the CPU, whose time would otherwise count as compute). ``stall_clock`` (simulated
+    device only): the link's stalls advance its clock (``link.StallClock``) instead of holding the
+    caller in real time; whoever times the model must then read ``controller.link.clock``.
     """
 
     device_memory: str | int | Budget
@@ -196,6 +203,7 @@ class OffloadConfig:
     link: str | LinkSpec | None = None
     device: str | None = None  # None: the device the model is loaded for (``load_elastic(device=...)``), else cpu
     materialize: bool = False
+    stall_clock: bool = False
     budget: Budget = field(init=False)
     reserve_spec: Reserve = field(init=False)
     link_spec: LinkSpec = field(init=False)

@@ -37,7 +37,7 @@ from prism_cli import cuda
 from prism_cli.errors import PrismError
 from prism_cli.offload.cache import CACHE_POLICIES, PieceCache
 from prism_cli.offload.config import Budget, OffloadConfig, format_size
-from prism_cli.offload.link import CudaLink, Link, SimulatedLink, SlotPool
+from prism_cli.offload.link import CudaLink, Link, SimulatedLink, SlotPool, StallClock
 from prism_cli.runtime.experts import EXECUTORS
 from prism_cli.runtime.plan import ExpertPlan, plan_experts
 
@@ -183,7 +183,8 @@ class OffloadController:
         self.prefetching = CACHE_POLICIES.get(config.policy).prefetch
         _place(model, sizes.expert_ids, self.device)
         self.pool = SlotPool(self.capacity, self.piece_shapes, dtype, self.device, config.materialize or not config.simulated)
-        self.link: Link = SimulatedLink(config.link_spec) if config.simulated else CudaLink(self.device)
+        self.link: Link = SimulatedLink(config.link_spec, StallClock() if config.stall_clock else None) \
+            if config.simulated else CudaLink(self.device)
         self.routers = list(state.elastic_routers or state.flat_routers)
         self.layers = [OffloadedLayer(self, i, layer.experts, self.n_sub, self.groups) for i, layer in enumerate(layers)]
         self._prediction: dict[int, list[int]] = {}
@@ -453,7 +454,7 @@ class BudgetSizes:
         """A budget that cannot hold one piece, or that is more than the device has, is an error."""
         if self.cache_bytes < self.piece_bytes:
             raise PrismError(
-                f"--device-memory {config.budget} ({format_size(self.budget_bytes)}) is too small: the non-expert "
+                f"--device-memory {config.budget.label(self.budget_bytes)} is too small: the non-expert "
                 f"weights take {format_size(self.non_expert_bytes)}, the reserve {format_size(self.reserve_bytes)} and "
                 f"one cached {self.piece_name} {format_size(self.piece_bytes)}; give at least {format_size(self.least_budget)}")
         from prism_cli.models.loading import parse_device
@@ -500,12 +501,14 @@ def _non_expert_bytes(model: Any, expert_ids: set[int]) -> int:
     return total
 
 
-def absolute_budget(model: Any, budget: Budget, reserve: str = "5%") -> Budget:
-    """``budget`` in bytes as resolved for ``model`` (a relative budget depends on the model's sizes): so that
-    two models compared "at the same budget" get the same bytes."""
+def absolute_budget(model: Any, budget: Budget, reserve: str = "5%", *others: Any) -> Budget:
+    """``budget`` in bytes, so that models compared "at the same budget" get the same bytes. A relative
+    budget depends on a model's sizes: it is resolved for ``model`` and each of ``others`` and the largest
+    total is kept, so that every model caches at least the asked share of its experts (``100%``: all of
+    them), exactly that share for the one with the most non-expert weights (an export's wider routers)."""
     if budget.nbytes is not None:
         return budget
-    nbytes = budget_sizes(model, OffloadConfig(budget, reserve=reserve)).budget_bytes
+    nbytes = max(budget_sizes(m, OffloadConfig(budget, reserve=reserve)).budget_bytes for m in (model, *others))
     return Budget(f"{budget.text} ({format_size(nbytes)})", nbytes=nbytes)
 
 
@@ -514,11 +517,13 @@ def _resolve_budget(config: OffloadConfig, non_expert: int, experts: int) -> tup
     budget, reserve = config.budget, config.reserve_spec
     if budget.nbytes is not None:
         return budget.nbytes, reserve.of(budget.nbytes)
-    wanted = non_expert + budget.expert_fraction * experts
+    wanted = non_expert + int(math.ceil(budget.expert_fraction * experts))
     if reserve.nbytes is not None:
-        total = int(math.ceil(wanted + reserve.nbytes))
+        total = wanted + reserve.nbytes
     else:
         total = int(math.ceil(wanted / (1 - (reserve.fraction or 0.0))))
+        while total - reserve.of(total) < wanted:  # the reserve is rounded up: never at the experts' expense
+            total += 1
     return total, reserve.of(total)
 
 
@@ -530,7 +535,7 @@ def _check_device_memory(device: torch.device, budget: int, config: OffloadConfi
         total = psutil.virtual_memory().total
         where = "this machine's memory (the simulated device lives in host memory)"
     if budget > total:
-        raise PrismError(f"--device-memory {config.budget} ({format_size(budget)}) is more than {where}: "
+        raise PrismError(f"--device-memory {config.budget.label(budget)} is more than {where}: "
                          f"{format_size(total)}")
 
 

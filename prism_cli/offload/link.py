@@ -11,7 +11,9 @@ Two links with one interface (``copy`` a piece into a slot, ``wait`` until a slo
   call (``LinkSpec``), serially, like one DMA engine; ``wait`` holds the caller until the slot's
   simulated arrival. With a real-time clock (``RealClock``, a spin on ``perf_counter``) every wall-clock
   timer of the model sees the simulated transfers as they would stall a device, and the compute
-  measured between them is real; with a ``VirtualClock`` (trace replays) compute is charged too.
+  measured between them is real; with a ``StallClock`` (``offload-bench`` live runs) compute is real
+  too but a stall advances the clock instead of waiting it out; with a ``VirtualClock`` (trace
+  replays) compute is charged too.
 
 ``SlotPool`` is the storage: a tensor per weight, one row per slot (on CUDA, and on a simulated device
 when ``materialize``), or references to the host copies (a simulated device by default: the same
@@ -49,6 +51,22 @@ class RealClock(Clock):
             time.sleep(remaining - 1e-3)
         while time.perf_counter() < t:
             pass
+
+
+class StallClock(Clock):
+    """Wall clock plus the simulated stalls so far: a wait moves this clock ahead instead of holding the
+    caller, so compute is measured in real time and a stall is charged exactly, however long (a link of
+    1 B/s stalls for days of simulated time, not of real time). Whoever times the model must read this
+    clock (``offload-bench`` does), not the wall clock."""
+
+    def __init__(self) -> None:
+        self.stalled = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() + self.stalled
+
+    def wait_until(self, t: float) -> None:
+        self.stalled += max(0.0, t - self.now())
 
 
 class VirtualClock(Clock):
