@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -29,11 +32,13 @@ from prism_cli.commands import (
 )
 from prism_cli.commands import eval as eval_cmd
 from prism_cli.console import err_console
-from prism_cli.errors import Interrupted, PrismError
+from prism_cli.errors import Interrupted, PrismError, Terminated
 from prism_cli.io import WRITTEN
 
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT_CODE = 130
+#: Exit code after SIGTERM (128 + SIGTERM).
+TERMINATED_EXIT_CODE = 143
 
 # Recent typer versions run on their own copy of click and raise its exceptions, not click's: catch
 # both kinds, or a mistyped option would be reported as an internal error.
@@ -95,17 +100,44 @@ def main() -> None:
         hf_logging.set_verbosity_error()
     command = typer.main.get_command(app)
     WRITTEN.clear()  # main() runs more than once in one process under the tests
+    with _sigterm_raises() as sigterm:
+        _run(command, sigterm)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[list[int]]:
+    """While the command runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt): every cleanup that Ctrl-C
+    runs runs. Yields a list that holds the signal once received (the exit code is 128 + it). Outside the
+    main thread (prism run from Python in a thread) signals cannot be handled: nothing is installed."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(command: click.Command, sigterm: list[int]) -> None:
     try:
         _refuse_empty_paths(command, sys.argv[1:])
         result = command.main(prog_name="prism", standalone_mode=False)
     except Interrupted as exc:  # an interruption the command kept resumable state for
         err_console.print(f"[bold red]interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        sys.exit(TERMINATED_EXIT_CODE if sigterm else exc.exit_code)
     except PrismError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, *_ABORT):
-        _interrupted()
+        _interrupted(terminated=bool(sigterm))
     except _EXIT as exc:
         sys.exit(exc.exit_code)
     except _USAGE as exc:
@@ -128,7 +160,7 @@ def main() -> None:
     if result == INTERRUPTED_EXIT_CODE:
         # Recent typer versions catch Ctrl-C themselves and, outside standalone mode, return 130
         # instead of raising: without this the run would stop without a word.
-        _interrupted()
+        _interrupted(terminated=bool(sigterm))
     sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -165,7 +197,7 @@ def _usage_error(exc: click.ClickException) -> None:
     sys.exit(exc.exit_code)
 
 
-def _interrupted() -> None:
+def _interrupted(terminated: bool = False) -> None:
     # Outputs written inside a temporary folder that was then dropped no longer exist: not named.
     kept = [path for path in dict.fromkeys(WRITTEN) if os.path.lexists(path)]
     if not kept:
@@ -174,5 +206,6 @@ def _interrupted() -> None:
         said = f"{kept[0]} was written before; nothing half-written was kept"
     else:
         said = f"{len(kept)} outputs were written before (the last {kept[-1]}); nothing half-written was kept"
-    err_console.print(f"[bold red]interrupted:[/] stopped by the user; {escape(said)}", highlight=False, soft_wrap=True)
-    sys.exit(INTERRUPTED_EXIT_CODE)
+    by = "SIGTERM" if terminated else "the user"
+    err_console.print(f"[bold red]interrupted:[/] stopped by {by}; {escape(said)}", highlight=False, soft_wrap=True)
+    sys.exit(TERMINATED_EXIT_CODE if terminated else INTERRUPTED_EXIT_CODE)

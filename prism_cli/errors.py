@@ -16,6 +16,12 @@ class BudgetNotMet(PrismError):
 
 
 class Interrupted(PrismError):
-    """The user pressed Ctrl-C; any partial output has been removed."""
+    """The user pressed Ctrl-C (or the run got SIGTERM); any partial output has been removed."""
 
     exit_code = 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (``app.main`` installs the handler): a run stopped
+    by ``kill``, ``timeout`` or a job scheduler removes its partial output and keeps its resumable state,
+    exactly as after Ctrl-C, instead of dying with temporary files and worker processes left behind."""

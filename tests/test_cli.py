@@ -129,6 +129,30 @@ def test_ctrl_c_says_what_was_written_before_it(written, cli, monkeypatch, tmp_p
         assert (written == 2) == ("2 outputs" in lines[0])
 
 
+def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(cli, monkeypatch, tmp_path) -> None:
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) killed the process where it stood: an export left its
+    temporary folder (a whole model) beside --out. It now raises where Ctrl-C would."""
+    import signal
+    import time
+
+    from prism_cli import cuda
+
+    def toolkit_info() -> dict[str, str]:
+        with atomic_dir(tmp_path / "out"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cuda, "toolkit_info", toolkit_info)
+    result = cli("doctor")
+    assert result.code == 143, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIGTERM; no partial output"), result.err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only while a command runs
+
+
 @pytest.mark.parametrize("args", [
     ("bench", "EXPORT", "--out", ""), ("schedule", "sweep", "EXPORT", "--sim", "--out="),
     ("partition", "compare", "PROFILE", "--out", " "), ("profile", "--out", ""), ("eval", "--config", ""),

@@ -271,6 +271,57 @@ def whole_run(profile_path, tmp_path_factory) -> Path:
     return out
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux ``/proc``)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_sigterm_stops_the_partition_workers_and_keeps_the_finished_experts(profile_path, tmp_path) -> None:
+    """SIGTERM reaches only the parent (Ctrl-C at a terminal reaches the whole group): the parent died and
+    its two solver processes ran on, orphaned. Now it stops them, says how to resume and exits 143."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "partition.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "partition", "run", str(profile_path), "--out", str(out),
+                             "--workers", "2", "--solver", "nsga2", "-O", "generations=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 3 and time.monotonic() < deadline:  # two solvers and the resource tracker
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 3, "the partition workers did not start"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:  # a failing run must not leave solvers of 100000 generations behind
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: ") and "--resume" in lines[0], err
+    time.sleep(0.5)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}/stat").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == [], "solver processes outlived the run"
+    assert not out.exists()
+
+
 def test_interrupted_and_resumed_partition_is_the_uninterrupted_one(profile_path, whole_run, tmp_path) -> None:
     out = tmp_path / "partition.h5"
     finished = []

@@ -327,7 +327,10 @@ def test_cli_tunes_and_reports_the_trainable_share(cli, export, train_text, tmp_
     assert AutoModelForCausalLM.from_pretrained(str(out)) is not None
 
 
-def test_cli_ctrl_c_exits_130_and_keeps_only_the_checkpoint(cli, export, train_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_cli_ctrl_c_or_sigterm_checkpoints_and_keeps_only_the_checkpoint(cli, export, train_text, tmp_path, monkeypatch,
+                                                                         signum, code):
+    """SIGTERM (a job scheduler's stop) checkpoints as Ctrl-C does; it killed the run before, losing the steps."""
     from prism_cli.tuning import trainer
 
     calls = []
@@ -336,13 +339,13 @@ def test_cli_ctrl_c_exits_130_and_keeps_only_the_checkpoint(cli, export, train_t
     def at(self, step):
         calls.append(step)
         if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(self, step)
 
     monkeypatch.setattr(trainer.TrainBatches, "at", at)
     out = tmp_path / "out"
     result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "3", "--batch", "2", "--seq-len", "16")
-    assert result.code == 130 and "Traceback" not in result.err
+    assert result.code == code and "Traceback" not in result.err
     last = [line for line in result.err.splitlines() if line.strip()][-1]  # under the progress bar's last state
     assert "step 2 of 3" in last and "--resume" in last and checkpoint_path(out).name in last
     assert not out.exists() and checkpoint_path(out).exists() and calls == [0, 1]

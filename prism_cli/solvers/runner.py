@@ -308,8 +308,12 @@ def _run_local(path: str, jobs: list[tuple[int, int]], settings: PartitionSettin
             for future in as_completed(futures):
                 done(*future.result())
         except BaseException:
-            for future in futures:
-                future.cancel()
+            # Stop the workers: leaving the block waits for every expert queued, and after SIGTERM (which, unlike
+            # Ctrl-C at a terminal, reaches only this process) they would run on. The pool has no public way
+            # (Python 3.14 adds ``terminate_workers``); it then fails the queued futures itself (cancelling them
+            # first races with that on Python 3.11 and prints a traceback).
+            for process in list(pool._processes.values()):
+                process.terminate()
             raise
 
 

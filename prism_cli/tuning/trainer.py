@@ -308,25 +308,35 @@ def _swapped(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> It
 
 
 class _StopFlag:
-    """Ctrl-C during training sets a flag (the step under way finishes, then a checkpoint is written);
-    a second Ctrl-C raises KeyboardInterrupt at once."""
+    """Ctrl-C or SIGTERM during training sets a flag (the step under way finishes, then a checkpoint is
+    written); a second one raises at once, as the handlers before training do."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.set = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def set(self) -> bool:
+        return self.signum is not None
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.set = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def __enter__(self) -> _StopFlag:
         with contextlib.suppress(ValueError):  # not the main thread: Ctrl-C then raises as usual
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._restore()
 
 
 def tune_gate(
@@ -440,8 +450,10 @@ def tune_gate(
                 stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device), "sum") > 0)
             if stopping:
                 save(step)
-                raise Interrupted(f"stopped at step {step} of {settings.steps}; checkpoint saved to {ckpt}: "
-                                  "run the same command with --resume to continue")
+                stopped = Interrupted(f"stopped at step {step} of {settings.steps}; checkpoint saved to {ckpt}: "
+                                      "run the same command with --resume to continue")
+                stopped.exit_code = 128 + (stop.signum or signal.SIGINT)  # 143 after SIGTERM, as shells report
+                raise stopped
             if step < settings.steps and time.perf_counter() - last_save >= settings.checkpoint_minutes * 60:
                 save(step)
                 last_save = time.perf_counter()
