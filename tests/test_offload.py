@@ -504,6 +504,19 @@ def test_offload_bench_100_percent_caches_every_sub_expert_and_every_expert(expo
     assert len({run.budget_bytes for run in report.runs}) == 1 and all(r.device_bytes <= r.budget_bytes for r in report.runs)
 
 
+def test_bench_device_memory_100_percent_caches_every_sub_expert_and_every_expert(export_dir):
+    """``prism bench --device-memory 100%`` as ``offload-bench``: the budget was solved for the source model
+    alone, so the export (wider routers) cached fewer than all of its sub-experts. Oracle: config.json."""
+    from prism_cli.evaluation.bench import BenchSettings, _load
+
+    config = json.loads((export_dir / "config.json").read_text())
+    layers, experts = config["num_hidden_layers"], config["num_experts"] // N_SUB
+    models = _load(str(export_dir), BenchSettings(dtype="float32", offload=OffloadConfig("100%")))
+    assert models.elastic.model.prism_offload.capacity == layers * experts * N_SUB
+    assert models.source.model.prism_offload.capacity == layers * experts
+    assert models.elastic.model.prism_offload.budget_bytes == models.source.model.prism_offload.budget_bytes
+
+
 def test_offload_bench_0_percent_is_the_non_expert_weights_and_the_reserve(export_dir):
     """``0%`` leaves no room for a piece: refused, the budget named once, and it is the (export's larger)
     non-expert weights plus the reserve that the same message names."""

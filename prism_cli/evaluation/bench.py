@@ -306,9 +306,11 @@ def _load(target: str, settings: BenchSettings) -> _Models:
 
         from prism_cli.offload.executor import absolute_budget, attach_offload  # a later stage, only when asked for
 
-        # A relative budget (45%) is resolved for the source model: both models get the same bytes.
+        # A relative budget (45%) is resolved for both models and the larger kept: the same bytes for both,
+        # each caching at least that share of its experts (the export's routers are wider than the source's).
+        others = [elastic.model] if elastic is not None else []
         offload = replace(settings.offload, device_memory=absolute_budget(source.model, settings.offload.budget,
-                                                                          settings.offload.reserve))
+                                                                          settings.offload.reserve, *others))
         for loaded in (elastic, source):
             if loaded is not None:
                 attach_offload(loaded.model, offload)
