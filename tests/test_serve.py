@@ -70,6 +70,26 @@ def test_openai_client_completions_streaming_and_not(server):
     assert state.engine.stats.violations == 0
 
 
+def test_streamed_text_with_stop_strings_is_the_non_streamed_text(server):
+    """Stop strings cut from the greedy output itself, at every length and two offsets: the streamed deltas
+    add up to the non-streamed text, which ends right before the stop string. A stop string longer than the
+    text so far sent the text's head less the hold counted from its end (``", and"`` streamed ``", a"``)."""
+    _, url = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    kw = dict(model="tiny", prompt="The whale", max_tokens=10, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    assert len(full) >= 12, full
+    for offset in (0, 3):
+        for length in (1, 2, 4, 7, 9, 12):
+            stop = full[offset:offset + length]
+            if not stop:
+                continue
+            expected = full[:full.find(stop)]  # the oracle: the first occurrence in the unstopped text
+            assert client.completions.create(stop=stop, **kw).choices[0].text == expected, stop
+            streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **kw))
+            assert streamed == expected, (stop, streamed, expected)
+
+
 def test_chat_completions_with_a_template(server):
     _, url = server
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)

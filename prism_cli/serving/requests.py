@@ -107,8 +107,7 @@ class Request:
         if self.finished:
             return self.text
         hold = max((len(s) - 1 for s in self.params.stop), default=0)
-        text = self.text[: len(self.text) - hold] if hold else self.text
-        return text.rstrip("\ufffd")
+        return self.text[: max(len(self.text) - hold, 0)].rstrip("\ufffd")
 
 
 def check_context(prompt_len: int, max_tokens: int, context: int) -> None:
