@@ -45,15 +45,19 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers.integrations.moe import _default_apply_gate
 
 from prism_cli.errors import PrismError
+from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.profiling.budget import ProfileGeometry, format_size, forward_bytes, plan_memory, reservoir_caps
 
 COSTS_FORMAT = "prism-plan-costs"
 #: Bytes per parameter of a checkpoint by its stored dtype (FP8-quantized checkpoints: one).
 _CHECKPOINT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Decoder layers the planner builds at most (each one on the meta device: 1,000 take about 2 s).
+MAX_LAYERS = 1_000
 
 
 # ---- the model, from its config ---------------------------------------------------------------
@@ -93,7 +97,9 @@ def read_config(spec: str) -> tuple[Any, str]:
     from prism_cli.models.loading import load_config, model_label, resolve_model
 
     path = Path(spec).expanduser()
-    if path.is_file():
+    try:
+        if not path.is_file():
+            return load_config(spec), model_label(resolve_model(spec))
         try:
             data = json.loads(path.read_text())
             model_type = data.pop("model_type")
@@ -104,16 +110,40 @@ def read_config(spec: str) -> tuple[Any, str]:
             return AutoConfig.for_model(model_type, **data), path.stem
         except (ValueError, KeyError) as exc:
             raise PrismError(f"{spec}: transformers does not know model_type {model_type!r} ({exc})") from None
-    return load_config(spec), model_label(resolve_model(spec))
+    except StrictDataclassFieldValidationError as exc:  # transformers' own type checks, e.g. a string for an integer
+        raise PrismError(f"{spec}: {' '.join(str(exc.__cause__ or exc).split())}") from None
+
+
+def check_config(adapter: MoEAdapter) -> None:
+    """Refuse config values no model can have, naming each key as the family's config.json spells it."""
+    text = adapter.text_config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                adapter.experts_key, adapter.width_key, adapter.top_k_key):
+        value = getattr(text, key, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PrismError(f"config field {key!r} is {value!r}: it must be a positive integer")
+    if text.num_hidden_layers > MAX_LAYERS:
+        raise PrismError(f"config field 'num_hidden_layers' is {text.num_hidden_layers:,}: prism plans models of up to "
+                         f"{MAX_LAYERS:,} decoder layers (published MoE models have under 100)")
+    if adapter.top_k > adapter.num_experts:
+        raise PrismError(f"config field {adapter.top_k_key!r} is {adapter.top_k}: more than the "
+                         f"{adapter.num_experts} experts of {adapter.experts_key!r}")
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
+    if getattr(text, "head_dim", None) is None and text.hidden_size % heads:
+        raise PrismError(f"config field 'num_attention_heads' ({heads}) does not divide 'hidden_size' "
+                         f"({text.hidden_size}), and the config sets no 'head_dim'")
+    if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1
+                                 or heads % kv_heads):
+        raise PrismError(f"config field 'num_key_value_heads' is {kv_heads!r}: it must divide "
+                         f"'num_attention_heads' ({heads})")
 
 
 def model_shape(config: Any, name: str) -> ModelShape:
     """Count the parameters of the model ``config`` describes, layer by layer, on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    from prism_cli.models.adapters import adapter_for_config
-
     adapter = adapter_for_config(config, quantized=True)
+    check_config(adapter)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     moe = {layer.index: layer for layer in adapter.moe_layers(model)}
@@ -214,8 +244,6 @@ def measure_dense_layer(config: Any, *, dtype: str, device: str, batch_size: int
     """Seconds per token of one MoE decoder layer outside its routed experts (``shrunk_config``, random weights)."""
     from transformers import AutoModelForCausalLM
 
-    from prism_cli.models.adapters import adapter_for_config
-
     adapter = adapter_for_config(config, quantized=True)
     small = shrunk_config(config, adapter)
     torch.manual_seed(0)
@@ -247,12 +275,32 @@ def measure_dense_layer(config: Any, *, dtype: str, device: str, batch_size: int
     return Timed((total.wall - inside["wall"] / (n + 1)) / tokens, (total.cpu - inside["cpu"] / (n + 1)) / tokens)
 
 
+def check_measurable(shape: ModelShape, config: Any, *, dtype: str, device: str, batch_size: int, seq_len: int) -> None:
+    """Refuse a model whose one-layer copy (``shrunk_config``), two stand-in experts and one forward pass
+    do not fit the memory free on ``device``: the costs are measured on them."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = adapter_for_config(config, quantized=True)
+    with torch.device("meta"):
+        small = AutoModelForCausalLM.from_config(shrunk_config(config, adapter))
+    dtype_bytes = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+    params = sum(p.numel() for p in small.parameters()) + 2 * shape.expert_params
+    need = params * dtype_bytes + forward_bytes(batch_size, seq_len, shape.hidden_size, shape.attention_heads, dtype_bytes)
+    dev = torch.device(device)
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else psutil.virtual_memory().available
+    if need > free:
+        raise PrismError(f"measuring the profiling costs runs one layer of {shape.name} (hidden_size {shape.hidden_size:,}, "
+                         f"{adapter.width_key} {shape.width:,}) at {dtype}: {format_size(need)}, more than the "
+                         f"{format_size(free)} free on {device}")
+
+
 def measure_profile_costs(shape: ModelShape, config: Any, *, dtype: str, device: str, batch_size: int, seq_len: int,
                           max_rows: int, holdout_fraction: float, min_seconds: float = 1.0) -> ProfileUnitCosts:
     """Time a MoE layer outside its experts and the recording experts path at the model's sizes (seconds)."""
     from prism_cli.profiling.recorder import ActivationRecorder, LayerRecord, Reservoir, profiling_experts_forward
     from prism_cli.profiling.spill import LayerSpill, RowBuffer
 
+    check_measurable(shape, config, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len)
     dense = measure_dense_layer(config, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
                                 min_seconds=min_seconds)
     torch_dtype, dev = _DTYPES[dtype], torch.device(device)
@@ -558,6 +606,14 @@ def format_duration(seconds: float) -> str:
     if seconds < 172_800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+def format_count(n: float) -> str:
+    """A count in billions, millions or thousands (``12.3 M``), as model cards give parameters."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f}"
 
 
 def machine_summary(machine: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from prism_cli.planner import (
     ProfileUnitCosts,
     Timed,
     _loglog,
+    format_count,
     make_plan,
     measure_profile_costs,
     model_shape,
@@ -174,9 +175,45 @@ def test_plan_cli(cli, tiny_model_dir, costs_file, tmp_path) -> None:
     text = " ".join(result.out.split())
     for needle in ("profile", "partition", "export", "partitioning within an hour", "fits here"):
         assert needle in text
+    assert f"{format_count(model_shape(*read_config(str(config))).params)} parameters" in text
     data = json.loads((tmp_path / "plan.json").read_text())
     assert [row["stage"] for row in data["rows"]] == ["profile", "partition", "export"]
     assert data["cores_for_an_hour"] >= 1
+
+
+def test_parameter_counts_are_given_in_a_readable_unit() -> None:
+    assert [format_count(n) for n in (512, 12_300, 15.7e6, 6.92e9, 671e9)] == ["512", "12.3 K", "15.7 M", "6.9 B", "671.0 B"]
+
+
+@pytest.mark.parametrize(
+    "source, fields, needles",
+    [
+        ("builtin", {"num_experts": 0}, ["'num_experts' is 0"]),
+        ("builtin", {"hidden_size": -256}, ["'hidden_size' is -256"]),
+        ("builtin", {"hidden_size": 10**9}, ["hidden_size 1,000,000,000", "free on cpu"]),
+        ("builtin", {"hidden_size": "256"}, ["'hidden_size' expected int"]),
+        ("builtin", {"num_experts": 8.5}, ["'num_experts' expected int"]),
+        ("builtin", {"num_attention_heads": 3, "num_key_value_heads": 3},
+         ["'num_attention_heads' (3) does not divide 'hidden_size' (256)"]),
+        ("builtin", {"num_key_value_heads": 3}, ["'num_key_value_heads' is 3", "'num_attention_heads' (4)"]),
+        ("builtin", {"num_hidden_layers": 10**7}, ["'num_hidden_layers' is 10,000,000", "up to 1,000"]),
+        ("builtin", {"num_experts_per_tok": 16}, ["'num_experts_per_tok' is 16", "8 experts of 'num_experts'"]),
+        ("builtin", {"num_experts_per_tok": 0}, ["'num_experts_per_tok' is 0"]),
+        ("deepseek-v3", {"n_routed_experts": 0}, ["'n_routed_experts' is 0"]),  # each family's own key
+        ("mixtral-8x7b", {"num_experts_per_tok": 9}, ["'num_experts_per_tok' is 9", "8 experts of 'num_local_experts'"]),
+    ],
+    ids=["experts-0", "hidden-negative", "hidden-1e9", "hidden-string", "experts-float", "heads-not-dividing",
+         "kv-heads-not-dividing", "layers-1e7", "top-k-above-experts", "top-k-0", "deepseek-experts-0", "mixtral-top-k"],
+)
+def test_plan_refuses_bad_config_values_naming_the_field(cli, costs_file, tmp_path, source, fields, needles) -> None:
+    from prism_cli.models.loading import builtin_model_dir
+
+    path = builtin_model_dir() / "config.json" if source == "builtin" else DATA / f"{source}.json"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    result = cli("plan", config, "--costs", costs_file, "--tokens", "2048", "--seq-len", "32", "--max-rows", "64")
+    result.assert_one_line_error(*needles)
+    assert result.code == 2
 
 
 @pytest.mark.parametrize(

@@ -86,12 +86,12 @@ def run(
 
 def plan_table(plan, machine) -> ResultTable:
     """The plan as a table: one row per stage, with what fits this machine."""
-    from prism_cli.planner import format_duration, machine_summary
+    from prism_cli.planner import format_count, format_duration, machine_summary
     from prism_cli.profiling.budget import format_size
 
     s = plan.shape
     table = ResultTable(
-        f"plan: {s.name} ({s.model_type}, {s.params / 1e9:.1f} B parameters, {len(s.moe_layers)} MoE layers x "
+        f"plan: {s.name} ({s.model_type}, {format_count(s.params)} parameters, {len(s.moe_layers)} MoE layers x "
         f"{s.num_experts} experts of width {s.width:,}, top-{s.top_k})",
         ["stage", "time here", "CPU time", "memory", "disk", "fits here"],
     )
