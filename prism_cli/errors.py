@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PrismError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
     exit_code = 2
+
+
+def check_distinct(values: list[Any], option: str) -> None:
+    """Refuse a value named twice in a list option (``--loads low,low``): every run of it would be made
+    twice over and its rows repeated."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise PrismError(f"{option} names {', '.join(repeated)} more than once; give each once")
 
 
 class BudgetNotMet(PrismError):

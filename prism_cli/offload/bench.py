@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from prism_cli.environment import environment
-from prism_cli.errors import BudgetNotMet, PrismError
+from prism_cli.errors import BudgetNotMet, PrismError, check_distinct
 from prism_cli.evaluation.timing import median_ci
 from prism_cli.offload.cache import CACHE_POLICIES
 from prism_cli.offload.config import Budget, LinkSpec, OffloadConfig, format_size, parse_reserve
@@ -79,8 +79,6 @@ class OffloadBenchSettings:
             if not values:
                 raise PrismError(f"{option} needs at least one value")
         # A value given twice would run every configuration of it twice and repeat its rows.
-        from prism_cli.serving.sweep import check_distinct
-
         first: dict[object, str] = {}  # 4GB and 4000MB are one budget: named as first given
         check_distinct([first.setdefault(_budget_key(b), b.text) for b in self.budgets], "--device-memory")
         check_distinct(self.points, "--points")
@@ -202,8 +200,6 @@ def run_offload_bench(target: str, settings: OffloadBenchSettings,
 def _asked_points(specs: list[str], gate: str | None, n_sub: int, top_k: int) -> list[OperatingPoint]:
     """The points to measure; layered points are refused in one line (pairs and replays take one K for every layer)."""
     points = [parse_operating_point(p, gate, n_sub, top_k) for p in specs]
-    from prism_cli.serving.sweep import check_distinct
-
     check_distinct([str(p) for p in points], "--points")  # topk:4 and topk:04
     layered = [str(p) for p in points if p.policy == "layered"]
     if layered:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, check_distinct
 from prism_cli.report import ResultTable
 from prism_cli.serving.costmodel import CostModel
 from prism_cli.serving.runner import ScheduleResult, ScheduleSettings, check_load, run_schedule
@@ -43,13 +43,6 @@ def check_loads(names: list[str]) -> None:
     if unknown:
         raise PrismError(f"--loads: unknown load {', '.join(unknown)}; choose among {', '.join(LOADS)}")
     check_distinct(names, "--loads")
-
-
-def check_distinct(values: list[Any], option: str) -> None:
-    """A load or rate given twice would run every policy twice over and repeat its rows."""
-    repeated = sorted({str(v) for v in values if values.count(v) > 1})
-    if repeated:
-        raise PrismError(f"{option} names {', '.join(repeated)} more than once; give each once")
 
 
 def label(policy: str, original: bool) -> str:
