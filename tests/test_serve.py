@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -155,6 +156,73 @@ def test_bad_requests_name_the_field(server, body, status, param):
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
     assert httpx.get(url + "/health").text == "ok"  # a bad request never takes the engine down
+
+
+def test_a_body_past_the_limit_is_413_before_it_is_read_whole(server):
+    """A 10 MB prompt was read, parsed and tokenized (seconds, holding the server) only to be refused as
+    longer than the context: a body past ``body_limit`` is 413, declared (Content-Length) or chunked."""
+    from prism_cli.serving.server import body_limit
+
+    state, url = server
+    limit = body_limit(state.context)
+    body = json.dumps({"model": "tiny", "prompt": "x" * limit, "max_tokens": 2}).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for content in (body, iter([body[i:i + 65536] for i in range(0, len(body), 65536)])):  # the second: chunked
+        r = httpx.post(url + "/v1/completions", content=content, headers=headers, timeout=60)
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["type"] == "request_too_large"
+        assert httpx.get(url + "/health").text == "ok"
+    ok = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 2}).encode()
+    r = httpx.post(url + "/v1/completions", content=iter([ok[:10], ok[10:]]), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text  # a chunked upload under the limit is read as any other
+
+
+def test_unknown_routes_and_methods_answer_in_openai_error_shape(server):
+    _, url = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(url + "/v1/engines", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["message"].startswith("no route /v1/engines")
+    r = httpx.get(url + "/v1/completions", headers=auth)
+    assert r.status_code == 405 and "GET is not allowed" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/models/tiny", headers=auth).json()["id"] == "tiny"
+    r = httpx.get(url + "/v1/models/gpt-9", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert httpx.get(url + "/v1/models/tiny").status_code == 401
+
+
+def test_a_prompt_being_tokenized_does_not_hold_the_server(served):
+    """Tokenizing ran on the event loop: while one long prompt was tokenized (12 s for 10 MB), /health and
+    every other request waited. Here the tokenizer takes 3 s a prompt; /health must answer meanwhile."""
+    import dataclasses
+
+    class SlowTokenizer:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            time.sleep(3)
+            return self.inner(*args, **kwargs)
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    srv, thread, _, url = _start(dataclasses.replace(served, tokenizer=SlowTokenizer(served.tokenizer)))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
+                               headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            time.sleep(0.5)  # the request is being tokenized now
+            started = time.perf_counter()
+            assert httpx.get(url + "/health", timeout=60).text == "ok"
+            assert time.perf_counter() - started < 1.5
+            assert not slow.done()
+            assert slow.result().status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 @pytest.mark.parametrize("sampling", [{"top_p": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e-300, "top_p": 1e-30}])

@@ -25,10 +25,12 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -194,8 +196,26 @@ def check_costed(state: ServerState, point: OperatingPoint) -> None:
                          f"with (timed: {timed})")
 
 
-async def read_body(http: HttpRequest) -> dict:
-    raw = await http.body()
+def body_limit(context: int) -> int:
+    """The largest request body read, in bytes: room for a prompt of the whole context at 64 bytes a token
+    (JSON escapes included) plus 1 MiB. A larger body cannot hold a prompt that fits, and reading and
+    tokenizing it only to say so held the server for seconds."""
+    return 2**20 + 64 * context
+
+
+async def read_body(http: HttpRequest, limit: int) -> dict:
+    declared = http.headers.get("content-length", "")
+    too_large = BadRequest(f"the request body is larger than {limit:,} bytes, more than a prompt that fits the "
+                           "context could take", None, 413, "request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in http.stream():  # a chunked upload declares no length: counted as it comes
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -219,6 +239,8 @@ def check_model(state: ServerState, body: dict) -> None:
 # --- handlers ------------------------------------------------------------------------------------
 
 def build_app(state: ServerState) -> Starlette:
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-tokenize")
+
     def authorized(http: HttpRequest) -> bool:
         if state.api_key is None:
             return True
@@ -237,13 +259,15 @@ def build_app(state: ServerState) -> Starlette:
             state.counters.count("401")
             return error("invalid API key", None, 401, "authentication_error")
         try:
-            body = await read_body(http)
+            body = await read_body(http, body_limit(state.context))
             check_model(state, body)
+            # Tokenized on one worker thread (the tokenizer is not shared between threads that encode):
+            # a long prompt does not hold the event loop, so other requests and /health go on meanwhile.
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                tokenizing, chat_prompt if chat else completion_prompt, state, body)
             if chat:
-                prompt_ids = chat_prompt(state, body)
                 params = parse_sampling(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
             else:
-                prompt_ids = completion_prompt(state, body)
                 params = parse_sampling(body)
             floor = parse_quality_floor(state, body)
             stream = _field(body, "stream", (bool,), False)
@@ -369,11 +393,33 @@ def build_app(state: ServerState) -> Starlette:
         body["usage"] = usage(n)
         return JSONResponse(body)
 
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "prism",
+                "max_model_len": state.context}
+
     async def models(http: HttpRequest) -> Response:
         if not authorized(http):
             return error("invalid API key", None, 401, "authentication_error")
-        return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                                         "owned_by": "prism", "max_model_len": state.context}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(http: HttpRequest) -> Response:
+        if not authorized(http):
+            return error("invalid API key", None, 401, "authentication_error")
+        if http.path_params["name"] != state.model_name:
+            return error(f"model {http.path_params['name']!r} does not exist; this server serves {state.model_name!r}",
+                         "model", 404, "not_found_error")
+        return JSONResponse(model_card())
+
+    async def http_error(http: HttpRequest, exc: Exception) -> Response:
+        """Starlette's own 404 and 405 (and a malformed upload's 400) in OpenAI's error shape, not plain text."""
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no route {http.url.path}: the API is /v1/completions, /v1/chat/completions, /v1/models"
+        elif exc.status_code == 405:
+            message = f"{http.method} is not allowed on {http.url.path}"
+        else:
+            message = str(exc.detail)
+        return error(message, None, exc.status_code, "invalid_request_error", headers=exc.headers)
 
     async def health(_http: HttpRequest) -> Response:
         if state.loop is not None and state.loop.error is not None:
@@ -391,11 +437,13 @@ def build_app(state: ServerState) -> Starlette:
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, state.loop.stop)
+            tokenizing.shutdown(wait=False)
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{name:path}", model, methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
 def _reason(reason: str | None) -> str:
