@@ -434,6 +434,12 @@ CASES = [
          ("prism.source.num_experts is 5",)),
     Case("eval-export-layers-edited", lambda w: ["eval", w.export_with(prism__layers=[0]), "--tokens", "64", "--seq-len", "64"],
          ("prism.layers", "[0, 1]")),
+    # fewer layers: transformers loaded the first and dropped the rest without a word (perplexity 164 for 51);
+    # more: it would start the missing ones from random weights
+    Case("eval-export-fewer-layers", lambda w: ["eval", w.export_with(num_hidden_layers=1), "--tokens", "64", "--seq-len", "64"],
+         ("builds MoE layers 0 (num_hidden_layers 1)", "weights hold MoE layers 0-1")),
+    Case("eval-export-more-layers", lambda w: ["eval", w.export_with(num_hidden_layers=3), "--tokens", "64", "--seq-len", "64"],
+         ("builds MoE layers 0-2 (num_hidden_layers 3)", "weights hold MoE layers 0-1")),
     Case("eval-export-old-format", lambda w: ["eval", w.export_with(prism__format_version=2), "--tokens", "64", "--seq-len", "64"],
          ("export format version 2", "export it again")),
     Case("bench-export-num-experts-edited", lambda w: bench_args(w, "--seq-len", "16", model=w.export_with(num_experts=16)),

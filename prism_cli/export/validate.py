@@ -72,6 +72,13 @@ def _weights_layout(tensors: dict[str, TensorEntry], adapter: Any, where: Path) 
     return n_rows, widths.pop(), sorted(rows)
 
 
+def _span(layers: list[int]) -> str:
+    """``0-3`` for consecutive layers, else the list."""
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return str(layers)
+
+
 def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
     """Refuse, in one line naming the field, an export whose config disagrees with its weights."""
     from prism_cli.export.format import GATE_FILE
@@ -88,6 +95,11 @@ def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
     config = load_config(str(where))
     adapter = adapter_for_config(config)
     rows, sub_width, moe_layers = _weights_layout(checkpoint_tensors(where), adapter, where)
+    config_layers = [layer.index for layer in adapter.moe_layers(adapter.skeleton)]
+    if config_layers != moe_layers:  # fewer layers: transformers loads the first ones and drops the rest unsaid
+        depth = getattr(adapter.text_config, "num_hidden_layers", None)
+        raise PrismError(f"export {where}: config.json builds MoE layers {_span(config_layers)} (num_hidden_layers "
+                         f"{depth}) but its weights hold MoE layers {_span(moe_layers)}: set the config back")
     if adapter.num_experts != rows:
         raise PrismError(f"export {where}: config.json {adapter.experts_key} is {adapter.num_experts} but its weights hold "
                          f"{rows} sub-experts per layer: set {adapter.experts_key} back to {rows}")
