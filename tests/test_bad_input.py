@@ -131,6 +131,9 @@ class World:
             for path in target.glob("tokenizer*"):
                 path.unlink()
             return target
+        if change == "no-tokenizer-json":  # tokenizer_config.json left: transformers cannot build the tokenizer
+            (target / "tokenizer.json").unlink()
+            return target
         for key in tensors:
             if change == "router-1" and key == "model.layers.1.mlp.gate.weight":
                 tensors[key] = tensors[key].clone()
@@ -507,6 +510,11 @@ CASES = [
          ("not a transformers checkpoint", "config.json")),
     Case("profile-model-without-tokenizer", lambda w: profile_args(w, model=w.model_with("no-tokenizer")),
          ("no usable tokenizer", "tokenizer files")),
+    Case("profile-model-without-tokenizer-json", lambda w: profile_args(w, model=w.model_with("no-tokenizer-json")),
+         ("cannot load the tokenizer", "tokenizer files missing or damaged", "slow tokenizer")),  # was cut at "one of:"
+    # transformers said only "look at the above report", and printed none
+    Case("eval-export-vocab-edited", lambda w: ["eval", w.export_with(vocab_size=130), "--tokens", "64", "--seq-len", "64"],
+         ("weights do not match config.json", "lm_head.weight is [512, 64] in the weights, [130, 64]")),
     Case("profile-data-is-a-folder", lambda w: profile_args(w, "--data", w.folder("texts")), ("is a folder", "text file")),
     Case("profile-dense-model", lambda w: profile_args(w, model=w.sources.dense), ("not a Mixture-of-Experts model", "'llama'")),
     Case("profile-empty-data", lambda w: profile_args(w, "--data", w.write("empty.txt", "")), ("is empty",)),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,34 @@ def load_config(spec: str | None) -> Any:
         raise PrismError(_load_failure(name, exc)) from None
 
 
+#: A size-mismatch row of transformers' load report: the tensor, its checkpoint shape, the model's shape.
+_MISMATCH = re.compile(r"^(\S+)\s.*size mismatch - ckpt: torch\.Size\(\[(.*?)\]\) vs model:\s*torch\.Size\(\[(.*?)\]\)")
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """The lines of the load report transformers logs as a warning (prism keeps its warnings quiet), without
+    ANSI styles. A checkpoint whose shapes differ from the config raises only "look at the above report":
+    the report names the tensor and both shapes."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.extend(re.sub(r"\x1b\[[0-9;]*m", "", line).strip(" |") for line in record.getMessage().splitlines())
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    handler, level, propagate = Keep(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False  # kept here, not printed
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def _load_failure(name: str, exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if not Path(name).exists():
@@ -162,15 +194,26 @@ def load_model(
         if adapter is not None:
             adapter.check_checkpoint(name)  # config and weights that disagree: one line, before transformers' report
     try:
-        model = _load_bounded(name, config, kwargs) if bounded_memory and not device_map else None
-        if model is None:
-            if getattr(config, SOURCE_SIZED, None):  # prism's own class, not the export's modeling file
-                model = causal_lm_class(config).from_pretrained(name, config=config, **kwargs)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        with _load_report() as report:
+            model = _load_bounded(name, config, kwargs) if bounded_memory and not device_map else None
+            if model is None:
+                if getattr(config, SOURCE_SIZED, None):  # prism's own class, not the export's modeling file
+                    model = causal_lm_class(config).from_pretrained(name, config=config, **kwargs)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        mismatches = sorted((m for line in report if (m := _MISMATCH.search(line))), key=lambda m: m[1])
+        if mismatches:  # transformers' error only points at its report
+            key, ckpt, built = mismatches[0].groups()
+            more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+            raise PrismError(f"cannot load model from {name}: its weights do not match config.json: {key} is [{ckpt}] "
+                             f"in the weights, [{built}] as config.json builds it{more}") from None
         raise PrismError(_load_failure(name, exc)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise PrismError(f"cannot load the tokenizer of {name} (are its tokenizer files missing or damaged?): "
+                         f"{' '.join(str(exc).split())}") from None
     if not tokenizer("a text").input_ids:  # transformers makes an empty tokenizer where the files are missing
         raise PrismError(f"{name} has no usable tokenizer (its tokenizer files are missing or empty): "
                          "copy them from the model it came from")
