@@ -204,6 +204,10 @@ class World:
                 data = h5["layers/0/permutation"][()]
                 data[0, 0] = data[0, 1]
                 h5["layers/0/permutation"][...] = data
+        elif kind == "no-permutation":
+            path.write_bytes(self.sources.partition.read_bytes())
+            with h5py.File(path, "r+") as h5:
+                del h5["layers/1/permutation"]
         return path
 
     def edited_profile(self, kind: str) -> Path:
@@ -404,6 +408,10 @@ CASES = [
     Case("export-truncated-partition", lambda w: export_args(w, partition=w.broken_partition("truncated")), ()),
     Case("export-partition-not-a-permutation", lambda w: export_args(w, partition=w.broken_partition("not-a-permutation")),
          ("corrupt",)),
+    Case("export-partition-without-a-permutation", lambda w: export_args(w, partition=w.broken_partition("no-permutation")),
+         ("is corrupt", "dataset layers/1/permutation is missing")),  # was h5py's "Unable to synchronously open object"
+    Case("export-partition-sub-experts-edited", lambda w: export_args(w, partition=w.edited_partition(sub_experts=2)),
+         ("is corrupt", "gate positions have shape (8, 4, ", "not (8, 2, gate neurons)")),
     Case("export-partition-sub-experts-not-a-number", lambda w: export_args(w, partition=w.edited_partition(sub_experts="four")),
          ("is corrupt", "sub_experts", "'four'")),
     Case("export-partition-lists-a-missing-layer", lambda w: export_args(w, partition=w.edited_partition(layers=[0, 1, 5])),

@@ -153,35 +153,48 @@ def read_partition(path: str | Path) -> Partition:
         integer_attrs(meta, ("sub_experts", "expert_width", "num_experts"), path, minimum=1)
         integer_attrs(meta, ("layers",), path)
         n_sub, width, n_experts = meta["sub_experts"], meta["expert_width"], meta["num_experts"]
+        if width % n_sub:
+            raise PrismError(f"{path} is corrupt: sub_experts {n_sub} does not divide expert_width {width}")
         missing = [layer for layer in meta["layers"] if f"layers/{layer}" not in h5]
         if missing:
             raise PrismError(f"{path} is incomplete: layers {missing} are listed but missing")
         partition = Partition(meta=meta)
-        try:
-            for layer in meta["layers"]:
-                g = h5[f"layers/{layer}"]
-                perm = g["permutation"][()]
-                if perm.shape != (n_experts, width) or np.any(np.sort(perm, axis=1) != np.arange(width)):
-                    raise PrismError(f"{path} is corrupt: layer {layer} permutation is not a permutation of 0..{width - 1} per expert")
-                gates = g["gate_positions"][()]
-                if gates.ndim != 3 or gates.shape[:2] != (n_experts, n_sub) or gates.min() < 0 or gates.max() >= width // n_sub:
-                    raise PrismError(f"{path} is corrupt: layer {layer} gate positions have shape {gates.shape} or values out of range")
-                fronts = g.get("front")
-                partition.experts[layer] = [
-                    ExpertPartition(
-                        permutation=perm[e],
-                        gate_positions=gates[e],
-                        fit_cost=float(g["fit_cost"][e]),
-                        heldout_cost=float(g["heldout_cost"][e]),
-                        fit_retained=g["fit_retained"][e],
-                        heldout_retained=g["heldout_retained"][e],
-                        seconds=float(g["seconds"][e]),
-                        front=fronts[str(e)][()] if fronts is not None and str(e) in fronts else None,
-                    )
-                    for e in range(n_experts)
-                ]
-        except KeyError as exc:
-            raise PrismError(f"{path} is corrupt: missing {exc.args[0] if exc.args else 'data'}") from None
+
+        def read(group: Any, name: str) -> np.ndarray:
+            if name not in group:
+                raise PrismError(f"{path} is corrupt: dataset {group.name.lstrip('/')}/{name} is missing")
+            return group[name][()]
+
+        for layer in meta["layers"]:
+            g = h5[f"layers/{layer}"]
+            perm = read(g, "permutation")
+            if perm.shape != (n_experts, width) or np.any(np.sort(perm, axis=1) != np.arange(width)):
+                raise PrismError(f"{path} is corrupt: layer {layer} permutation is not a permutation of 0..{width - 1} per expert")
+            gates = read(g, "gate_positions")
+            if gates.ndim != 3 or gates.shape[:2] != (n_experts, n_sub):
+                raise PrismError(f"{path} is corrupt: layer {layer} gate positions have shape {gates.shape}, not "
+                                 f"({n_experts}, {n_sub}, gate neurons) for its num_experts and sub_experts")
+            if gates.size and (gates.min() < 0 or gates.max() >= width // n_sub):
+                raise PrismError(f"{path} is corrupt: layer {layer} gate positions lie outside 0..{width // n_sub - 1}, "
+                                 f"the neurons of one sub-expert")
+            costs = {name: read(g, name) for name in ("fit_cost", "heldout_cost", "fit_retained", "heldout_retained", "seconds")}
+            short = [name for name, values in costs.items() if np.shape(values)[:1] != (n_experts,)]
+            if short:
+                raise PrismError(f"{path} is corrupt: layer {layer} {short[0]} does not hold one entry per expert")
+            fronts = g.get("front")
+            partition.experts[layer] = [
+                ExpertPartition(
+                    permutation=perm[e],
+                    gate_positions=gates[e],
+                    fit_cost=float(costs["fit_cost"][e]),
+                    heldout_cost=float(costs["heldout_cost"][e]),
+                    fit_retained=costs["fit_retained"][e],
+                    heldout_retained=costs["heldout_retained"][e],
+                    seconds=float(costs["seconds"][e]),
+                    front=fronts[str(e)][()] if fronts is not None and str(e) in fronts else None,
+                )
+                for e in range(n_experts)
+            ]
     return partition
 
 
