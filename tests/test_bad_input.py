@@ -204,6 +204,12 @@ class World:
                 data = h5["layers/0/permutation"][()]
                 data[0, 0] = data[0, 1]
                 h5["layers/0/permutation"][...] = data
+        elif kind == "short-retained":
+            path.write_bytes(self.sources.partition.read_bytes())
+            with h5py.File(path, "r+") as h5:
+                data = h5["layers/0/fit_retained"][()]
+                del h5["layers/0/fit_retained"]
+                h5["layers/0/fit_retained"] = data[:, :-1]
         elif kind == "no-permutation":
             path.write_bytes(self.sources.partition.read_bytes())
             with h5py.File(path, "r+") as h5:
@@ -411,6 +417,8 @@ CASES = [
          ("corrupt",)),
     Case("export-partition-without-a-permutation", lambda w: export_args(w, partition=w.broken_partition("no-permutation")),
          ("is corrupt", "dataset layers/1/permutation is missing")),  # was h5py's "Unable to synchronously open object"
+    Case("export-partition-short-retained", lambda w: export_args(w, partition=w.broken_partition("short-retained")),
+         ("is corrupt", "layer 0 fit_retained has shape (8, 2), not (8, 3)")),  # was exported
     Case("export-partition-sub-experts-edited", lambda w: export_args(w, partition=w.edited_partition(sub_experts=2)),
          ("is corrupt", "gate positions have shape (8, 4, ", "not (8, 2, gate neurons)")),
     Case("export-partition-sub-experts-not-a-number", lambda w: export_args(w, partition=w.edited_partition(sub_experts="four")),

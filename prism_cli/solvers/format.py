@@ -177,10 +177,13 @@ def read_partition(path: str | Path) -> Partition:
             if gates.size and (gates.min() < 0 or gates.max() >= width // n_sub):
                 raise PrismError(f"{path} is corrupt: layer {layer} gate positions lie outside 0..{width // n_sub - 1}, "
                                  f"the neurons of one sub-expert")
-            costs = {name: read(g, name) for name in ("fit_cost", "heldout_cost", "fit_retained", "heldout_retained", "seconds")}
-            short = [name for name, values in costs.items() if np.shape(values)[:1] != (n_experts,)]
-            if short:
-                raise PrismError(f"{path} is corrupt: layer {layer} {short[0]} does not hold one entry per expert")
+            shapes = {"fit_cost": (n_experts,), "heldout_cost": (n_experts,), "seconds": (n_experts,),
+                      "fit_retained": (n_experts, n_sub - 1), "heldout_retained": (n_experts, n_sub - 1)}
+            costs = {name: read(g, name) for name in shapes}
+            wrong = [name for name, values in costs.items() if np.shape(values) != shapes[name]]
+            if wrong:
+                raise PrismError(f"{path} is corrupt: layer {layer} {wrong[0]} has shape {np.shape(costs[wrong[0]])}, "
+                                 f"not {shapes[wrong[0]]} (one entry per expert{', R_1..R_N-1' if 'retained' in wrong[0] else ''})")
             fronts = g.get("front")
             partition.experts[layer] = [
                 ExpertPartition(
