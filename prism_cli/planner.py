@@ -31,13 +31,14 @@ the steadier of the two (and, for single-threaded work, what an idle machine tak
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,18 @@ def read_config(spec: str) -> tuple[Any, str]:
         raise PrismError(f"{spec}: {' '.join(str(exc.__cause__ or exc).split())}") from None
 
 
+@contextlib.contextmanager
+def _config_failures(name: str, what: str) -> Iterator[None]:
+    """transformers' own failure to build or run a model from a config that passed ``check_config`` (sizes
+    its attention cannot use, tensors past int64 bytes), in one line naming the model."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PrismError(f"transformers cannot {what} a layer of {name} from its config.json ({first}): check its sizes "
+                         "(hidden_size, num_attention_heads, head_dim, the expert width)") from None
+
+
 def check_config(adapter: MoEAdapter) -> None:
     """Refuse config values no model can have, naming each key as the family's config.json spells it."""
     text = adapter.text_config
@@ -129,7 +142,12 @@ def check_config(adapter: MoEAdapter) -> None:
         raise PrismError(f"config field {adapter.top_k_key!r} is {adapter.top_k}: more than the "
                          f"{adapter.num_experts} experts of {adapter.experts_key!r}")
     heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
-    if getattr(text, "head_dim", None) is None and text.hidden_size % heads:
+    for key in ("head_dim", "max_position_embeddings"):  # optional: when given, sizes as the others
+        value = getattr(text, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PrismError(f"config field {key!r} is {value!r}: it must be a positive integer (or left out)")
+    head_dim = getattr(text, "head_dim", None)
+    if head_dim is None and text.hidden_size % heads:
         raise PrismError(f"config field 'num_attention_heads' ({heads}) does not divide 'hidden_size' "
                          f"({text.hidden_size}), and the config sets no 'head_dim'")
     if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1
@@ -144,7 +162,7 @@ def model_shape(config: Any, name: str) -> ModelShape:
 
     adapter = adapter_for_config(config, quantized=True)
     check_config(adapter)
-    with torch.device("meta"):
+    with _config_failures(name, "build"), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     moe = {layer.index: layer for layer in adapter.moe_layers(model)}
     decoder = model.model.layers
@@ -301,8 +319,9 @@ def measure_profile_costs(shape: ModelShape, config: Any, *, dtype: str, device:
     from prism_cli.profiling.spill import LayerSpill, RowBuffer
 
     check_measurable(shape, config, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len)
-    dense = measure_dense_layer(config, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
-                                min_seconds=min_seconds)
+    with _config_failures(shape.name, "run"):
+        dense = measure_dense_layer(config, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
+                                    min_seconds=min_seconds)
     torch_dtype, dev = _DTYPES[dtype], torch.device(device)
     h, width = shape.hidden_size, shape.width
     batch_tokens = batch_size * seq_len

@@ -201,9 +201,17 @@ def test_parameter_counts_are_given_in_a_readable_unit() -> None:
         ("builtin", {"num_experts_per_tok": 0}, ["'num_experts_per_tok' is 0"]),
         ("deepseek-v3", {"n_routed_experts": 0}, ["'n_routed_experts' is 0"]),  # each family's own key
         ("mixtral-8x7b", {"num_experts_per_tok": 9}, ["'num_experts_per_tok' is 9", "8 experts of 'num_local_experts'"]),
+        ("builtin", {"head_dim": 0}, ["'head_dim' is 0"]),  # ZeroDivisionError
+        ("builtin", {"head_dim": True}, ["'head_dim' is True"]),  # a tensor size error
+        ("builtin", {"max_position_embeddings": 0}, ["'max_position_embeddings' is 0"]),  # blamed --seq-len
+        ("builtin", {"hidden_size": 2**40}, ["cannot build a layer", "Storage size calculation overflowed"]),
+        # OLMoE normalises q over hidden_size: 3 heads of 64 build but cannot run (the family's own limit)
+        ("builtin", {"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 64},
+         ["cannot run a layer of config", "must match the size"]),
     ],
     ids=["experts-0", "hidden-negative", "hidden-1e9", "hidden-string", "experts-float", "heads-not-dividing",
-         "kv-heads-not-dividing", "layers-1e7", "top-k-above-experts", "top-k-0", "deepseek-experts-0", "mixtral-top-k"],
+         "kv-heads-not-dividing", "layers-1e7", "top-k-above-experts", "top-k-0", "deepseek-experts-0", "mixtral-top-k",
+         "head-dim-0", "head-dim-bool", "positions-0", "hidden-2e40", "heads-times-head-dim-not-hidden"],
 )
 def test_plan_refuses_bad_config_values_naming_the_field(cli, costs_file, tmp_path, source, fields, needles) -> None:
     from prism_cli.models.loading import builtin_model_dir

@@ -67,8 +67,8 @@ def run(
         costs = default_costs_path() if default_costs_path().exists() else packaged_costs_path()
     machine = MachineCosts.load(costs)
     model_config, name = read_config(model)
+    shape = model_shape(model_config, name)  # checks the config's own fields first
     check_context_length(model_config.get_text_config(), seq_len)
-    shape = model_shape(model_config, name)
     check_plan(shape, settings, machine)
     console.print(f"measuring profiling costs at {name}'s shapes on this machine ...", highlight=False)
     unit = measure_profile_costs(shape, model_config, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
