@@ -115,6 +115,10 @@ def test_links_are_read_and_charged():
     for bad in ("fast", "25GB,5us", "25GB/s,5 fortnights"):
         with pytest.raises(PrismError):
             parse_link(bad)
+    assert parse_link("1B/s").bandwidth == 1.0
+    for slow in ("0.5B/s", "1e-12GB/s"):  # whole bytes: read as 0 B/s, which was called "not positive"
+        with pytest.raises(PrismError, match="at least 1 B/s"):
+            parse_link(slow)
     assert LinkSpec(1e9, 1e-3).seconds(10**6, copies=2) == pytest.approx(2e-3 + 1e-3)
 
 

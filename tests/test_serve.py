@@ -177,6 +177,32 @@ def test_a_body_past_the_limit_is_413_before_it_is_read_whole(server):
     assert r.status_code == 200, r.text  # a chunked upload under the limit is read as any other
 
 
+def test_a_client_gone_before_its_body_is_whole_is_dropped_quietly(server, caplog):
+    """A declared body that never comes whole (the client closed): uvicorn logged 'Exception in ASGI
+    application' with a traceback (starlette's ClientDisconnect out of read_body)."""
+    import logging
+
+    state, url = server
+    port = int(url.rsplit(":", 1)[1])
+    before = state.counters.by_status.get("499", 0)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # does not propagate to the root, where caplog listens
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                      + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+            time.sleep(0.3)
+        for _ in range(30):
+            if state.counters.by_status.get("499", 0) > before or caplog.records:
+                break
+            time.sleep(0.1)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
+    assert state.counters.by_status.get("499", 0) == before + 1
+    assert httpx.get(url + "/health").text == "ok"
+
+
 def test_unknown_routes_and_methods_answer_in_openai_error_shape(server):
     _, url = server
     auth = {"Authorization": f"Bearer {KEY}"}

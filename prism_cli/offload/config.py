@@ -176,8 +176,8 @@ def parse_link(text: str | None) -> LinkSpec:
         if not t:
             raise PrismError(f"cannot read the link latency {lat_text.strip()!r}: give a time like 5us")
         latency = float(t.group(1)) * _TIME[t.group(2)]
-    if bandwidth <= 0:
-        raise PrismError(f"the link bandwidth must be positive, got {text!r}")
+    if bandwidth <= 0:  # sizes are whole bytes: anything under 1 B/s reads as 0
+        raise PrismError(f"the link bandwidth must be at least 1 B/s, got {text!r}")
     return LinkSpec(float(bandwidth), latency)
 
 

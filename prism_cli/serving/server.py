@@ -31,6 +31,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -210,11 +211,14 @@ async def read_body(http: HttpRequest, limit: int) -> dict:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in http.stream():  # a chunked upload declares no length: counted as it comes
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in http.stream():  # a chunked upload declares no length: counted as it comes
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body was whole: no one to answer (uvicorn logged a traceback)
+        raise BadRequest("the client disconnected before the body was complete", None, 499, "client_closed") from None
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
