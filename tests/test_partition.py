@@ -271,6 +271,28 @@ def whole_run(profile_path, tmp_path_factory) -> Path:
     return out
 
 
+def test_a_flipped_byte_in_the_profile_rows_is_refused_as_corrupt(profile_path, tmp_path, cli) -> None:
+    """Rows carry an HDF5 Fletcher-32 checksum: a byte flipped inside them (a bad disk or copy) was
+    partitioned as data; now the read fails and the run says which dataset."""
+    import h5py
+
+    damaged = tmp_path / "profile.h5"
+    damaged.write_bytes(profile_path.read_bytes())
+    key = "layers/1/experts/2/fit_rows"
+    with h5py.File(damaged, "r") as h5:
+        dataset = h5[key].id
+        if h5[key].chunks:
+            offset, size = dataset.get_chunk_info(0).byte_offset, dataset.get_chunk_info(0).size
+        else:  # a contiguous dataset (profiles written before the checksums)
+            offset, size = dataset.get_offset(), dataset.get_storage_size()
+    data = bytearray(damaged.read_bytes())
+    data[offset + size // 2] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    result = cli("partition", "run", damaged, "--out", tmp_path / "partition.h5", "--workers", "1")
+    result.assert_one_line_error("is corrupt", f"cannot read {key}")
+    assert not (tmp_path / "partition.h5").exists()
+
+
 def _children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (Linux ``/proc``)."""
     found = []

@@ -16,6 +16,10 @@ Layout (HDF5)::
                    /fit_weight      [r]     its routing weight for expert e
                    /heldout_rows, heldout_token, heldout_weight: the same for held-out sequences
 
+Every non-empty dataset is chunked with HDF5's Fletcher-32 checksum (profiles written since
+2026-12-06): a damaged byte fails the read, reported as a corrupt profile. Older files, contiguous and
+without checksums, read the same.
+
 Rows come from two disjoint sets of calibration sequences: a seeded ``holdout_fraction`` of the
 sequences feed only the held-out reservoirs, the rest only the fit reservoirs, so partitions are
 validated on tokens they never saw. Co-activation counts are not stored: they are computed from the

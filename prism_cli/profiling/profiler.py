@@ -436,6 +436,13 @@ def _run_pass(loaded: LoadedModel, windows: torch.Tensor, held_windows: np.ndarr
         summary.work_peak_bytes = max(summary.work_peak_bytes, run.work_peak)
 
 
+def _checksummed(group: h5py.Group, name: str, data: np.ndarray) -> None:
+    """A dataset with HDF5's Fletcher-32 checksum per chunk: a flipped byte in a profile (a bad disk or
+    copy) fails the read, which ``ProfileFile`` reports as corrupt, instead of partitioning wrong rows.
+    Empty datasets cannot be chunked and hold nothing to check."""
+    group.create_dataset(name, data=data, fletcher32=bool(np.size(data)))
+
+
 def write_profile(path: Path, meta: dict[str, Any], work: Path, geometry: ProfileGeometry, row_dtype: torch.dtype,
                   summary: ProfileSummary) -> None:
     """Write the layout documented in ``prism_cli.profiling.format`` from the work folder's checkpoints."""
@@ -448,17 +455,17 @@ def write_profile(path: Path, meta: dict[str, Any], work: Path, geometry: Profil
                 state = spill.load()
                 assert state is not None, f"layer {layer} has no checkpoint"
                 group = h5.create_group(f"layers/{layer}")
-                group["tokens_routed"] = state["routed"]
-                group["router_weight_sum"] = state["weight_sum"]
-                group["l1_mass"] = state["l1_mass"]
-                group["hot_count"] = state["hot_count"]
+                _checksummed(group, "tokens_routed", state["routed"])
+                _checksummed(group, "router_weight_sum", state["weight_sum"])
+                _checksummed(group, "l1_mass", state["l1_mass"])
+                _checksummed(group, "hot_count", state["hot_count"])
                 for e in range(geometry.num_experts):
                     eg = group.create_group(f"experts/{e}")
                     for kind, prefix in enumerate(KINDS):
                         count = int(state[f"{prefix}_count"][e])
-                        eg[f"{prefix}_rows"] = spill.read_rows(kind, e, count)
-                        eg[f"{prefix}_token"] = state[f"{prefix}_tokens"][e][:count]
-                        eg[f"{prefix}_weight"] = state[f"{prefix}_weights"][e][:count]
+                        _checksummed(eg, f"{prefix}_rows", spill.read_rows(kind, e, count))
+                        _checksummed(eg, f"{prefix}_token", state[f"{prefix}_tokens"][e][:count])
+                        _checksummed(eg, f"{prefix}_weight", state[f"{prefix}_weights"][e][:count])
             finally:
                 spill.close()
             summary.routed[layer] = state["routed"].tolist()
