@@ -17,7 +17,7 @@ from prism_cli.operating_points import OperatingPoint
 from prism_cli.runtime.experts import reset_dispatch_counts
 from prism_cli.runtime.per_row import PerRowTopKPolicy, clear_row_points, set_row_points
 from prism_cli.runtime.policies import POLICIES, TopKPolicy
-from prism_cli.serving.costmodel import CostModel, EngineCosts, interpolate
+from prism_cli.serving.costmodel import CostModel, EngineCosts, PointCost, interpolate
 from prism_cli.serving.engine import Batch, Engine, Limits
 from prism_cli.serving.floors import Ladder, PointSpace, parse_floor, parse_mix
 from prism_cli.serving.policies import SCHEDULING_POLICIES
@@ -54,6 +54,18 @@ def test_interpolation_is_linear_between_and_extends_the_end_segments():
     assert interpolate(table, 16) == pytest.approx(24.0 + 48.0 * 8 / 24)
     assert interpolate(table, 64) == pytest.approx(72.0 + 2.0 * 32)  # the last segment's slope (2 ms a row)
     assert interpolate({8: 40.0}, 4) == pytest.approx(20.0)  # one measurement: proportional
+
+
+def test_extrapolation_never_prices_a_step_below_what_was_measured():
+    """Without batch 1 the first segment reaches 0 ms below it (a step would be free, a utility infinite):
+    below the first key a row costs at least what it costs there, above the last a step at least the last."""
+    rising = {8: 10.0, 16: 30.0}  # 2.5 ms a row: the first segment reaches 0 ms at batch 4
+    assert interpolate(rising, 2) == pytest.approx(2.5)  # 1.25 ms a row as at batch 8 (the segment: -5)
+    assert interpolate(rising, 6) == pytest.approx(7.5)  # the segment's 5.0 is below 6 rows at 1.25
+    assert interpolate({1: 4.0, 8: 10.0}, 0.5) == pytest.approx(3.571428571)  # the segment, above 2.0
+    noisy = {1: 10.0, 8: 12.0, 32: 11.0}  # a last segment that falls (noise) would reach 0 ms at batch 296
+    assert interpolate(noisy, 64) == pytest.approx(11.0) and interpolate(noisy, 400) == pytest.approx(11.0)
+    assert interpolate(noisy, 20) == pytest.approx(11.5)  # between keys: the measurements as they are
 
 
 def _bench_json(path: Path, mode: str, seq_len: int, latency: dict[str, dict[int, float]]) -> Path:
@@ -441,6 +453,114 @@ def test_prism_beats_fifo_on_the_original_when_cheap_points_are_cheap():
         rates[policy] = len(reqs) / max(r.finished_at for r in reqs)
         assert engine.stats.violations == 0
     assert rates["prism"] > 1.2 * rates["fifo"]
+
+
+_HASH_SEED_RUN = """
+import hashlib, random
+from prism_cli.serving.costmodel import CostModel, PointCost
+from prism_cli.serving.engine import Engine, Limits
+from prism_cli.serving.floors import Ladder, PointSpace
+from prism_cli.serving.policies import SCHEDULING_POLICIES
+from prism_cli.serving.requests import Request, SamplingParams
+from prism_cli.serving.simulate import SimExecutor
+
+space = PointSpace("neurons", 4, 2)
+cost = CostModel({f"{g}:{k}": PointCost(f"{g}:{k}", "elastic", 100.0 / k, {b: 10.0 + b * k for b in (1, 8, 32)},
+                                        {t: 0.01 * t * k for t in (64, 512)}) for g in ("linear", "topk") for k in range(1, 9)},
+                 128, 64, "test")
+engine = Engine(SimExecutor(cost), SCHEDULING_POLICIES.get("prism")(), Ladder(space, cost, 4), Limits(4, 8, 1.0), cost)
+rng, t, reqs = random.Random(0), 0.0, []
+for i in range(300):
+    t += rng.expovariate(60.0)
+    floor = space.parse(["linear:4", "topk:4", "linear:3", "topk:3", "linear:6", "topk:6"][i % 6])
+    reqs.append(Request(list(range(8 + i % 20)), SamplingParams(max_tokens=4 + i % 13, temperature=0.0), floor, t))
+engine.schedule(reqs)
+engine.run()
+trace = [(round(r.first_token_at, 9), round(r.finished_at, 9), sorted(r.served_at)) for r in reqs]
+print(hashlib.sha256(repr(trace).encode()).hexdigest())
+"""
+
+
+def test_prism_schedules_the_same_whatever_the_hash_seed():
+    """Points of equal cost (``linear:k`` and ``topk:k`` here) must be ordered by something other than a
+    set's iteration order, which follows string hashing: the same workload, run in processes with
+    different ``PYTHONHASHSEED``, gives one schedule."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {subprocess.run([sys.executable, "-c", _HASH_SEED_RUN], env={**os.environ, "PYTHONHASHSEED": str(seed)}, check=True,
+                           capture_output=True, text=True).stdout.strip() for seed in range(4)}
+    assert len(outs) == 1, outs
+
+
+def test_prism_prices_a_launch_at_the_batch_it_would_make():
+    """Nothing running, n requests waiting at linear:2 (max batch 8): the launch of all n is priced as a step
+    of a batch of n rows, C(n, 2) = 10 + 2n by hand; its members are not also counted as requests that may
+    still fill it (which priced 3 rows as a batch of 6)."""
+    for n in (1, 3, 5):
+        engine = sim_engine("prism", max_batch=8, max_running=16)
+        priced: list[tuple[int, int]] = []
+        step_cost = engine.ladder.step_cost
+
+        def spy(floors, size=None, step_cost=step_cost, priced=priced):
+            priced.append((len(floors), size))
+            return step_cost(floors, size)
+
+        engine.ladder.step_cost = spy
+        for _ in range(n):
+            engine.waiting.push(request("linear:2"))
+        launches = engine.policy.admit(engine)
+        assert [len(lt.requests) for lt in launches] == [n]
+        assert set(priced) == {(n, n)}, (n, priced)
+
+
+def test_a_decode_table_without_batch_1_never_prices_a_step_at_zero():
+    """Decode measured at batches 8 and 16 only (12 and 34 ms: 2.75 ms a row from 8 on): the first segment
+    would reach 0 ms at batch 2.5. One request alone decodes at 12 / 8 = 1.5 ms a step (a row no cheaper than
+    at batch 8), under FIFO and under prism (whose utility divided by a 0-ms step)."""
+    points = {f"linear:{k}": PointCost(f"linear:{k}", "elastic", 100.0 / k, {8: 12.0, 16: 34.0}, {64: 1.0, 512: 8.0})
+              for k in range(1, 9)}
+    cost = CostModel(points, 128, 64, "test")
+    assert cost.problem() is None
+    for policy in ("fifo", "prism"):
+        engine = sim_engine(policy, cost=cost)
+        req = request("linear:2", out=20)
+        engine.schedule([req])
+        engine.run()
+        assert req.finish_reason == "length"
+        assert [s.ms for s in engine.stats.steps if s.kind == "decode"] == [pytest.approx(1.5)] * 19
+
+
+def test_points_are_ordered_in_one_unit_when_the_cost_model_lacks_some():
+    """A cost model with linear:2 (2 ms) and linear:8 (4 ms) but not linear:6: ranking linear:6 by its 6
+    sub-experts against the others' milliseconds put it above the full model, and a linear:6 floor was served
+    at linear:8. Without every candidate timed the order is by compute (2 < 6 < 8 sub-experts)."""
+    points = {p: PointCost(p, "elastic", 50.0, {1: ms, 8: 1.2 * ms}, {64: 1.0, 512: 8.0})
+              for p, ms in (("linear:2", 2.0), ("linear:8", 4.0))}
+    ladder = Ladder(SPACE, CostModel(points, 128, 64, "test"), 8)
+    assert ladder.cheapest_meeting([P("linear:6")]) == P("linear:6")
+    assert ladder.cheapest_meeting([P("linear:2"), P("linear:6")]) == P("linear:6")
+    assert ladder.queue_points([P("linear:6"), P("linear:2")]) == [P("linear:2"), P("linear:6"), P("linear:8")]
+    assert ladder.cheapest_meeting([P("linear:2")]) == P("linear:2")  # both timed: by milliseconds
+
+
+def test_scheduler_time_is_averaged_over_the_decisions_made():
+    """Iterations with nothing waiting (or no free slot) only decode: they make no decision and must not
+    dilute the time per decision. Counted by wrapping the policy."""
+    engine = sim_engine("prism", max_batch=8, max_running=16)
+    calls = []
+    admit = engine.policy.admit
+
+    def counted(e):
+        calls.append(1)
+        return admit(e)
+
+    engine.policy.admit = counted
+    engine.schedule(_poisson(80, 20.0, ["linear:2", "linear:6", "linear:8"]))
+    engine.run()
+    assert len(engine.stats.steps) > len(calls) > 0  # some iterations decoded without a decision
+    assert engine.stats.decisions == len(engine.stats.decision_times) == len(calls)
 
 
 # --- per-row points --------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ It is read from two ``prism bench`` runs on one export (``--mode decode``: one n
 over a KV cache of ``--seq-len``; ``--mode prefill``: whole prompts of ``--seq-len`` tokens), and keeps,
 per operating point, the median step time at every measured batch and the point's held-out perplexity.
 Between measured batches the time is interpolated linearly; beyond them it is extrapolated along the
-last measured segment (a step has a fixed part and a part that grows with the batch). Prefill is
+first or last measured segment (a step has a fixed part and a part that grows with the batch), never to
+less per row than the nearest measurement (``interpolate``). Prefill is
 indexed by prompt tokens (batch x seq-len), so a batch of prompts of any lengths is priced by its total.
 
 Optionally (``engine``) it also holds what the serving executor itself costs by cache width: decode
@@ -33,14 +34,24 @@ FORMAT_VERSION = 1
 
 
 def interpolate(table: dict[int, float], x: float) -> float:
-    """Piecewise-linear ``table[x]`` over the measured keys, extended along the first/last segment."""
+    """Piecewise-linear ``table[x]`` over the measured keys, extended along the first/last segment.
+
+    Outside the keys the extension is bounded by what a step costs: below the first key no less per unit
+    than there (fewer rows, tokens or columns never make each one cheaper, so ``C(x) >= C(k0) x / k0``,
+    which stays positive where the first segment would reach 0 ms); above the last key no less than there.
+    """
     keys = sorted(table)
     if len(keys) == 1:
         return table[keys[0]] * x / keys[0]  # one measurement: proportional (all cost grows with x)
     i = min(max(bisect.bisect_left(keys, x), 1), len(keys) - 1)
     x0, x1 = keys[i - 1], keys[i]
     y0, y1 = table[x0], table[x1]
-    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if x < keys[0]:
+        return max(y, table[keys[0]] * x / keys[0])
+    if x > keys[-1]:
+        return max(y, table[keys[-1]])
+    return y
 
 
 def _table_problem(table: dict[int, Any], needed: bool, positive: bool) -> str | None:

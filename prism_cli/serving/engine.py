@@ -29,7 +29,7 @@ from typing import Any
 from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.floors import Ladder
-from prism_cli.serving.policies import SchedulingPolicy
+from prism_cli.serving.policies import Launch, SchedulingPolicy
 from prism_cli.serving.queue import WaitingQueue
 from prism_cli.serving.requests import Request
 
@@ -111,7 +111,7 @@ class Executor(ABC):
 
 @dataclass
 class EngineStats:
-    decisions: int = 0
+    decisions: int = 0  # iterations that asked the policy (waiting requests and a free slot)
     decision_s: float = 0.0
     decision_times: MutableSequence[float] = field(default_factory=list)
     steps: MutableSequence[StepRecord] = field(default_factory=list)
@@ -177,12 +177,14 @@ class Engine:
         self._iteration += 1
         self._take_arrivals()
         self._retire()
-        t0 = time.perf_counter()
-        launches = self.policy.admit(self) if len(self.waiting) and self.free_slots() > 0 else []
-        spent = time.perf_counter() - t0
-        self.stats.decision_s += spent
-        self.stats.decision_times.append(spent)
-        self.stats.decisions += 1
+        launches: list[Launch] = []
+        if len(self.waiting) and self.free_slots() > 0:  # a decision to make (else the iteration only decodes)
+            t0 = time.perf_counter()
+            launches = self.policy.admit(self)
+            spent = time.perf_counter() - t0
+            self.stats.decision_s += spent
+            self.stats.decision_times.append(spent)
+            self.stats.decisions += 1
         for launch in launches:
             self._launch(launch.batch, launch.requests)
         if launches:

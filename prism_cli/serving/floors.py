@@ -19,6 +19,7 @@ two choose different sub-experts). A floor mix is ``linear:2=0.5,linear:6=0.3,li
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prism_cli.errors import PrismError
@@ -160,21 +161,35 @@ class Ladder:
         return self.space.meets(point, floor)
 
     def rank(self, p: OperatingPoint) -> float:
+        """Milliseconds of a step of ``max_batch`` rows where the cost model times ``p``, else its compute."""
         if self.cost_model is not None and self.cost_model.has(p):
             return self.cost_model.decode(p, self.max_batch)
+        return self.compute(p)
+
+    def compute(self, p: OperatingPoint) -> float:
+        """Sub-experts per token (a whole expert is ``n_sub``)."""
         scale = {"original": self.space.n_sub, "threshold": self.space.n_sub * self.space.top_k}.get(p.policy, 1)
         return float(p.value) * scale  # type: ignore[arg-type]
+
+    def order(self, points: Iterable[OperatingPoint]) -> list[OperatingPoint]:
+        """``points`` cheapest first, in one unit: milliseconds where the cost model times every one of
+        them, else compute (a timed point's milliseconds against an untimed one's sub-experts would put a
+        point above the full model); ties broken by name, so that the order never depends on set order."""
+        points = set(points)
+        timed = self.cost_model is not None and all(self.cost_model.has(p) for p in points)
+        measure = self.rank if timed else self.compute
+        return sorted(points, key=lambda p: (measure(p), str(p)))
 
     def queue_points(self, floors: list[OperatingPoint]) -> list[OperatingPoint]:
         """The virtual queues worth keeping: every floor waiting, and the full model (any other point has
         the members of the highest floor below it in its family, at a higher cost)."""
-        return sorted({*floors, self.space.full()}, key=self.rank)
+        return self.order({*floors, self.space.full()})
 
     def cheapest_meeting(self, floors: list[OperatingPoint]) -> OperatingPoint:
         key = frozenset(floors)
         if key not in self._cheapest:
-            candidates = [p for p in {*key, self.space.full()} if all(self.meets(p, f) for f in key)]
-            self._cheapest[key] = min(candidates, key=lambda p: (self.rank(p), str(p)))
+            candidates = {*key, self.space.full()}
+            self._cheapest[key] = next(p for p in self.order(candidates) if all(self.meets(p, f) for f in key))
         return self._cheapest[key]
 
     def step_cost(self, floors: list[OperatingPoint], size: int | None = None) -> float:

@@ -212,15 +212,22 @@ class PrismPolicy(SchedulingPolicy):
         limits, ladder = engine.limits, engine.ladder
         # A plan of the batches after this iteration's launches: (batch or None, floors of its rows).
         plan: list[tuple[Batch | _NewBatch | None, list[OperatingPoint]]] = [(b, [r.floor for r in b.rows]) for b in engine.batches]
-        def planned(floors: list[OperatingPoint]) -> float:
+        # Floors of the waiting requests this iteration has placed already: still in the waiting queue
+        # until the engine launches them, they are rows of a planned batch, not requests that may fill one.
+        placed: list[OperatingPoint] = []
+
+        def planned(floors: list[OperatingPoint], joining: list[OperatingPoint] = ()) -> float:
             # A batch is priced per row at the size its queue can fill it to (its rows plus the waiting
             # requests its point meets, up to max_batch): SPEC's C(|Q_K|, K) over the whole queue. With
             # nothing waiting that is today's size; under load a batch that the queue will fill is worth
-            # opening now, which pricing it at one row would never show.
+            # opening now, which pricing it at one row would never show. ``joining``: the waiting requests
+            # among ``floors`` (a candidate launch's members).
             if not floors:
                 return 0.0
             point = ladder.cheapest_meeting(floors)
-            size = min(limits.max_batch, len(floors) + engine.waiting.count(lambda f: ladder.meets(point, f)))
+            unplaced = engine.waiting.count(lambda f: ladder.meets(point, f)) - sum(
+                ladder.meets(point, f) for f in (*placed, *joining))
+            size = min(limits.max_batch, len(floors) + unplaced)
             return ladder.step_cost(floors, max(size, len(floors)))
 
         cost = [planned(floors) for _, floors in plan]
@@ -273,7 +280,7 @@ class PrismPolicy(SchedulingPolicy):
                         continue
                     members = pool[:room]
                     new_floors = floors + [r.floor for r in members]
-                    new_cost = planned(new_floors)
+                    new_cost = planned(new_floors, [r.floor for r in members])
                     old_cost = cost[index] if index < len(plan) else 0.0
                     utility = (rows + len(members)) / (total - old_cost + new_cost)
                     full = len(new_floors) == limits.max_batch
@@ -310,6 +317,8 @@ class PrismPolicy(SchedulingPolicy):
                 else:
                     launched.append(Launch(target, list(members)))
             taken.update(id(m) for m in members)
+            placed.extend(m.floor for m in members)
+            cost = [planned(floors) for _, floors in plan]  # fewer requests left to fill the other batches
             free -= len(members)
         return launched
 

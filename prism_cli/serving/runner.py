@@ -95,11 +95,11 @@ def resolve_floor(spec: FloorSpec | None, space: PointSpace, ladder: Ladder, cos
                        key=lambda p: p.perplexity, default=None)
             raise PrismError(f"no operating point reaches perplexity {spec.ceiling:g}"
                              + (f"; the best is {best.point} at {best.perplexity:.2f}" if best else ""))
-        return min(ok, key=lambda p: (ladder.rank(p), str(p)))
+        return ladder.order(ok)[0]
     assert spec.point is not None
     if space.gate is None and spec.point.policy != "original":
         candidates = [OperatingPoint("original", k) for k in range(1, space.top_k + 1)]
-        return min((p for p in candidates if space.meets(p, spec.point)), key=ladder.rank)
+        return ladder.order(p for p in candidates if space.meets(p, spec.point))[0]
     return spec.point
 
 
