@@ -563,6 +563,22 @@ def test_scheduler_time_is_averaged_over_the_decisions_made():
     assert engine.stats.decisions == len(engine.stats.decision_times) == len(calls)
 
 
+def test_a_cuda_forward_pass_is_timed_to_its_end(monkeypatch):
+    """On CUDA a forward pass returns with its kernels queued: the step's clock must wait for the device
+    (else the time lands in sampling). Checked by the synchronisations asked for, on a CUDA and a CPU device."""
+    from prism_cli.serving.executor import ModelExecutor
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    executor = object.__new__(ModelExecutor)
+    executor.device = torch.device("cpu")
+    executor._finished()
+    assert synced == []
+    executor.device = torch.device("cuda", 1)
+    executor._finished()
+    assert synced == [torch.device("cuda", 1)]
+
+
 # --- per-row points --------------------------------------------------------------------------------
 
 def test_per_row_topk_equals_topk_at_each_tokens_k():

@@ -126,6 +126,12 @@ class ModelExecutor(Executor):
             self.times.per_row_steps += 1
 
     # --- forward passes ----------------------------------------------------------------------
+    def _finished(self) -> None:
+        """Wait for the device: on CUDA a forward pass returns once its kernels are queued, and its time
+        would land in sampling (whose ``.cpu()`` waits), not in the step the cost model prices."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def prefill(self, requests: list[Request], points: list[OperatingPoint]) -> tuple[Any, list[int], float]:
         width = max(r.prompt_len for r in requests)
@@ -140,6 +146,7 @@ class ModelExecutor(Executor):
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), use_cache=True, **self._logits_kw,
                          **{self._cache_kw: reserved_cache(self.model.config)})
+        self._finished()
         ms = (time.perf_counter() - t0) * 1e3
         self.times.forward_s += ms / 1e3
         tokens = self._sample(out.logits[:, -1], requests)
@@ -154,6 +161,7 @@ class ModelExecutor(Executor):
         t0 = time.perf_counter()
         out = self.model(input_ids=kv.last.unsqueeze(1).to(self.device), attention_mask=mask,
                          position_ids=kv.seen.unsqueeze(1).to(self.device), use_cache=True, **{self._cache_kw: kv.cache})
+        self._finished()
         ms = (time.perf_counter() - t0) * 1e3
         self.times.forward_s += ms / 1e3
         kv.mask, kv.seen = mask, kv.seen + 1

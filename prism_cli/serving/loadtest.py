@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         url = base + "/v1/completions"
         proc = psutil.Process(server.pid)
         sustained = asyncio.run(_closed_loop(url, bodies, args.max_running, args.calibrate))
+        if sustained <= 0:
+            raise SystemExit(f"no request was served in the {args.calibrate:g} s calibration: nothing to offer load at "
+                             "(a longer --calibrate, or a look at the server)")
         phases = [asyncio.run(_open_loop(url, bodies, rate, args.duration, proc, args.seed + i))
                   for i, rate in enumerate((sustained, 2 * sustained))]
     finally:
