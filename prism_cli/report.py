@@ -14,7 +14,7 @@ from rich.table import Table as RichTable
 from prism_cli.console import console
 from prism_cli.environment import environment
 from prism_cli.errors import PrismError
-from prism_cli.io import check_output_folder, write_json, write_text
+from prism_cli.io import check_not_input, check_output_folder, write_json, write_text
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -70,28 +70,36 @@ class ResultTable:
         return buf.getvalue()
 
     @staticmethod
-    def paths(stem: Path) -> list[Path]:
-        """The ``.md``, ``.csv`` and ``.json`` files ``save(stem)`` writes."""
+    def stem(stem: Path) -> Path:
+        """``stem`` less a ``.md``, ``.csv`` or ``.json`` suffix (`--out results/table.md` names the stem too)."""
         stem = Path(stem)
-        if stem.suffix in (".md", ".csv", ".json"):  # `--out results/table.md` names the stem too
-            stem = stem.with_suffix("")
+        return stem.with_suffix("") if stem.suffix in (".md", ".csv", ".json") else stem
+
+    @classmethod
+    def paths(cls, stem: Path) -> list[Path]:
+        """The ``.md``, ``.csv`` and ``.json`` files ``save(stem)`` writes."""
+        stem = cls.stem(stem)
         return [stem.with_name(stem.name + ext) for ext in (".md", ".csv", ".json")]  # keep dots in the stem
 
     @classmethod
-    def check_writable(cls, stem: Path) -> None:
-        """Fail before long work if ``save(stem)`` could not write its files.
+    def check_writable(cls, stem: Path, inputs: dict[str, Path] | None = None, others: tuple[str, ...] = ()) -> None:
+        """Fail before long work if ``save(stem)`` could not write its files, or would write one over or
+        inside one of the run's ``inputs`` (``{"export": DIR, "cost model": FILE}``).
 
         A stem that is an existing folder (``--out results``) is refused: the files would land beside it
         as ``results.md`` ..., not in it. Commands that write into a folder take ``--out DIR`` instead.
+        ``others``: suffixes of further files the command writes beside them (``".png"``, ``"_targets.json"``).
         """
         if Path(stem).is_dir():
             raise PrismError(f"--out {stem} is a folder; give a file stem such as {Path(stem) / 'table'} "
                              f"(writes .md, .csv and .json)")
         paths = cls.paths(stem)
+        paths += [cls.stem(stem).with_name(cls.stem(stem).name + suffix) for suffix in others]
         check_output_folder(paths[0].parent)
         for path in paths:
             if path.is_dir():
                 raise PrismError(f"cannot write {path}: it is a folder")
+            check_not_input(path, {k: v for k, v in (inputs or {}).items() if v is not None}, inside=True)
 
     def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
         """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``, and where that has

@@ -1024,3 +1024,40 @@ def test_schedule_run_checks_its_out_before_the_run(cli, tiny_export, tmp_path, 
     for out, needles in ((tmp_path / "res", ["res.json", "is a folder"]),
                          (tmp_path / "a-file" / "sub" / "res", ["a-file", "is a file, not a folder"])):
         cli("schedule", tiny_export, "--sim", "--cost-model", cost, "--duration", "1", "--out", out).assert_one_line_error(*needles)
+
+
+def test_schedule_outputs_never_replace_what_the_run_reads(cli, tiny_export, tmp_path, monkeypatch):
+    """``--out`` inside the export (its config.json, its saved cost model) or onto the cost model or the trace
+    was written over them after the run; every such stem is refused before any run, and the inputs stay."""
+    def never(*_args, **_kwargs):
+        raise AssertionError("the run started before --out was checked")
+
+    monkeypatch.setattr("prism_cli.serving.sweep.run_sweep", never)  # first: sweep imports run_schedule from runner
+    monkeypatch.setattr("prism_cli.serving.runner.run_schedule", never)
+    cost = tmp_path / "cm.json"
+    synthetic_cost_model().save(cost)
+    trace = tmp_path / "tr.json"
+    trace.write_text('{"arrival": 0, "prompt": "The whale", "max_tokens": 4}\n')
+    before = {p: p.read_bytes() for p in (cost, trace, Path(tiny_export) / "config.json")}
+    sim = ("--sim", "--cost-model", cost, "--duration", "1")
+    for command, out, needles in (
+            (("schedule", "run", tiny_export, *sim), Path(tiny_export) / "config", ["inside the export"]),
+            (("schedule", "run", tiny_export, *sim), Path(tiny_export) / "prism" / "cost_model", ["inside the export"]),
+            (("schedule", "run", tiny_export, *sim), tmp_path / "cm", ["cm.json", "is the cost model"]),
+            (("schedule", "run", tiny_export, *sim, "--trace", trace), tmp_path / "tr", ["tr.json", "is the trace"]),
+            (("schedule", "sweep", tiny_export, *sim, "--rates", "1"), tmp_path / "cm", ["cm.json", "is the cost model"]),
+            (("schedule", "sweep", tiny_export, *sim, "--rates", "1"), Path(tiny_export) / "sweep", ["inside the export"]),
+            (("schedule", "sweep", tiny_export, *sim, "--rates", "1"), tmp_path, ["is a folder"])):
+        cli(*command, "--out", out).assert_one_line_error(*needles)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_sweep_names_every_file_after_its_whole_stem(cli, tiny_export, tmp_path):
+    """``--out sw/res.v2`` wrote res.v2.md but res.png (``with_suffix``): two sweeps res.v1 and res.v2 shared a plot."""
+    cost = tmp_path / "cm.json"
+    synthetic_cost_model().save(cost)
+    result = cli("schedule", "sweep", tiny_export, "--sim", "--cost-model", cost, "--duration", "1", "--rates", "2",
+                 "--max-prompt", "32", "--max-output", "16", "--out", tmp_path / "sw" / "res.v2")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == [
+        "res.v2.csv", "res.v2.json", "res.v2.md", "res.v2.png", "res.v2_targets.json"]

@@ -35,6 +35,8 @@ Directory = typer.Argument(..., help="A prism export folder.")
 #: The engine calibration's grid by default (`schedule cost-model`, and a sweep's re-calibration without one).
 CALIBRATION_ROWS, CALIBRATION_WIDTHS = "1,8,16,32", "64,256"
 CostModelOption = typer.Option(None, "--cost-model", help="Cost model JSON (default: DIR/prism/cost_model.json).")
+#: What a sweep writes beside its table (OUT.md, .csv, .json): the plot, the targets, a re-calibrated cost model.
+SWEEP_FILES = (".png", "_targets.json", "_cost_model.json")
 
 
 def _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
@@ -63,6 +65,15 @@ def _floor_shares(directory: str, floors: str) -> dict[str, float]:
     if note:
         console.print(note, highlight=False)
     return {str(floor): share for floor, share in normalise_mix(shares)}  # parse_shares refuses a floor named twice
+
+
+def _inputs(directory: str, cost_model: Path | None, trace: Path | None, data: str | None, config: str | None) -> dict[str, Path]:
+    """What a run reads, which its outputs must not replace (``ResultTable.check_writable``)."""
+    from prism_cli.data import data_file
+
+    found = {"export": Path(directory), "cost model": cost_model, "trace": trace, **data_file(data),
+             "config file": Path(config) if config else None}
+    return {what: path for what, path in found.items() if path is not None}
 
 
 def _check_dir(directory: str) -> None:
@@ -107,8 +118,8 @@ def run(
     _check_dir(directory)
     settings = _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
                          max_prompt, min_output, max_output, device_memory, cache_policy)
-    if out is not None:
-        ResultTable.check_writable(out)  # before the run, not after it
+    if out is not None:  # before the run, not after it
+        ResultTable.check_writable(out, _inputs(directory, cost_model, trace, data, config))
     shares = None if trace is not None else _floor_shares(directory, floors)
     model = find_cost_model(directory, cost_model)
     with deferred_progress("requests served", "requests") as (start, advance):
@@ -128,7 +139,7 @@ def run(
     console.print(table.rich())
     if out is not None:
         table.save(out, extra={"settings": result.settings, "metrics": result.metrics, "requests": result.requests})
-        console.print(f"written {out.with_suffix('')}.md, .csv, .json")
+        console.print(f"written {ResultTable.stem(out)}.md, .csv, .json")
 
 
 def metrics_table(result) -> ResultTable:
@@ -187,7 +198,7 @@ def sweep(
     config: str = ConfigOption,
 ) -> None:
     """Every policy at low, medium and high load (and FIFO on the original model): tables and a plot."""
-    from prism_cli.io import check_writable, write_json
+    from prism_cli.io import write_json
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.executor import load_served_model
     from prism_cli.serving.runner import check_load
@@ -214,15 +225,15 @@ def sweep(
     model = find_cost_model(directory, cost_model)
     if model is None:
         raise PrismError(f"{directory} has no cost model: build one with `prism schedule cost-model` or pass --cost-model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_writable(out.with_suffix(".json"))
+    ResultTable.check_writable(out, _inputs(directory, cost_model, None, None, config), SWEEP_FILES)
+    stem = ResultTable.stem(out)
     offload = settings.offload()
     served = None if sim else {False: load_served_model(directory, offload=offload),
                                True: load_served_model(directory, original=True, offload=offload)}
     recalibrated = None
     if served is not None and calibrate:
         recalibrated = _recalibrate(directory, model, served, seed, settings.limits)
-        model.save(out.parent / (out.name + "_cost_model.json"))
+        model.save(stem.with_name(stem.name + "_cost_model.json"))
     total = (len(rate_list) if rate_list else len(names)) * 6
     with deferred_progress("sweep runs", "runs") as (start, advance):
         started = [False]
@@ -240,7 +251,7 @@ def sweep(
     table = sweep_table(runs, mode, model.machine)
     goal = targets(runs, bound=_gain_bound(directory, model, floors, max_batch))
     if recalibrated is not None:
-        table.notes.append(f"engine costs measured again right before the runs ({recalibrated:.0f} s; {out.name}_cost_model.json): "
+        table.notes.append(f"engine costs measured again right before the runs ({recalibrated:.0f} s; {stem.name}_cost_model.json): "
                            "the simulator and the scheduler use them")
     if model.engine is not None:
         table.notes.append(f"engine time around each forward pass, charged by the simulator: {model.engine.step_overhead_ms:.3g} ms "
@@ -264,9 +275,9 @@ def sweep(
                            "command": " ".join(sys.argv),
                            "runs": [{"load": n, "rate": r, "settings": res.settings, "model": res.model, "metrics": res.metrics}
                                     for n, r, res in runs]})
-    plot_sweep(runs, out.with_suffix(".png"), f"{directory}: {floors} ({mode})")
-    write_json(out.parent / (out.name + "_targets.json"), goal)
-    console.print(f"written {out}.md, .csv, .json, .png")
+    plot_sweep(runs, stem.with_name(stem.name + ".png"), f"{directory}: {floors} ({mode})")
+    write_json(stem.with_name(stem.name + "_targets.json"), goal)
+    console.print(f"written {stem}.md, .csv, .json, .png, _targets.json")
 
 
 def _recalibrate(directory: str, model: CostModel, served: dict[bool, Any], seed: int, limits: Limits) -> float:
@@ -318,7 +329,7 @@ def cost_model_cmd(
     repeats: int = typer.Option(6, help="Engine calibration: timed decode steps (and copies) per measurement."),
 ) -> None:
     """Build the cost model C(mode, batch, point) from a decode and a prefill bench of the export."""
-    from prism_cli.io import check_writable
+    from prism_cli.io import check_not_input, check_writable
     from prism_cli.serving.calibrate import calibrate_engine
     from prism_cli.serving.costmodel import COST_MODEL_FILE, CostModel
 
@@ -327,6 +338,8 @@ def cost_model_cmd(
         raise PrismError(f"--repeats must be at least 1, got {repeats}")
     target = out or Path(directory) / COST_MODEL_FILE
     check_writable(target)  # before the engine calibration, not after it
+    check_not_input(target, {f"{mode} bench": path / "bench.json" if path.is_dir() else path
+                             for mode, path in (("decode", decode), ("prefill", prefill))})
     model = CostModel.from_bench(decode, prefill, directory)
     if engine:
         with deferred_progress("engine calibration", unit="measurements") as (start, advance):
