@@ -219,6 +219,31 @@ def test_the_simulator_charges_the_engines_time_around_each_pass(tmp_path):
         CostModel.load(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["engine"].update(step_overhead_ms=float("inf")), "step_overhead_ms must be a finite time"),
+    (lambda d: d["points"]["linear:2"].update(perplexity="low"), "points.linear:2.perplexity is 'low'"),
+    (lambda d: d["points"]["linear:2"].update(perplexity=-3.0), "points.linear:2.perplexity is -3.0"),
+    (lambda d: d["points"]["linear:2"].update(perplexity=float("nan")), "points.linear:2.perplexity is nan"),
+    (lambda d: d["points"]["linear:2"].update(kind="banana"), "points.linear:2.kind is 'banana'"),
+    (lambda d: d["points"]["linear:2"].update(point="linear:3"), "points.linear:2 says it is 'linear:3'"),
+    (lambda d: d.update(decode_seq_len=-5), "decode_seq_len is -5"),
+    (lambda d: d.update(machine=None), "machine is None"),
+])
+def test_a_cost_model_with_an_unusable_field_is_refused(tmp_path, edit, needle):
+    """Found by fuzzing: these loaded, and a string perplexity crashed a ``ppl:`` floor, a negative one met
+    every ceiling, an infinite engine overhead wrote NaN latencies (and invalid JSON)."""
+    model = synthetic_cost_model()
+    model.engine = _engine_costs()
+    model.save(tmp_path / "cm.json")
+    assert CostModel.load(tmp_path / "cm.json").perplexity("linear:2") == 50.0
+    data = json.loads((tmp_path / "cm.json").read_text())
+    edit(data)
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PrismError, match="bad.json") as exc:
+        CostModel.load(tmp_path / "bad.json")
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
 class _SleepingExecutor(SimExecutor):
     """Passes that take 4 ms of counted forward time on the wall clock, then 2 ms the executor does not count
     (as sampling and the next step's inputs are not): the engine's time around a pass is 2 ms and a little

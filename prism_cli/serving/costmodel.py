@@ -117,8 +117,8 @@ class EngineCosts:
             return {int(w): {int(r): float(v) for r, v in by.items()} for w, by in t.items()}
 
         around = float(data.get("step_overhead_ms", 0.0))
-        if not around >= 0.0:  # a negative or NaN time would run the simulator's clock backwards
-            raise ValueError(f"step_overhead_ms must be a time >= 0, got {around}")
+        if not (math.isfinite(around) and around >= 0.0):  # a negative or NaN time would run the simulator's clock backwards
+            raise ValueError(f"step_overhead_ms must be a finite time >= 0, got {around}")
         return cls({p: nested(t) for p, t in data["decode_ms"].items()}, {p: nested(t) for p, t in data["prefill_ms"].items()},
                    nested(data["join_ms"]), nested(data["keep_ms"]), around)
 
@@ -198,7 +198,9 @@ class CostModel:
                 for name, p in data["points"].items()
             }
             engine = EngineCosts.from_json(data["engine"]) if data.get("engine") else None
-            model = cls(points, int(data["decode_seq_len"]), int(data["prefill_seq_len"]), str(data["machine"]),
+            if not isinstance(data["machine"], str):
+                raise TypeError(f"machine is {data['machine']!r}, not a name")
+            model = cls(points, int(data["decode_seq_len"]), int(data["prefill_seq_len"]), data["machine"],
                         dict(data.get("sources", {})), engine)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PrismError(f"cost model {path} is malformed ({type(exc).__name__}: {exc}); rebuild it") from None
@@ -208,7 +210,19 @@ class CostModel:
         return model
 
     def problem(self) -> str | None:
-        """The first entry whose timings cannot be used (see ``_table_problem``), or None."""
+        """The first entry that cannot be used (its timings: see ``_table_problem``; its name, kind or
+        perplexity), or None."""
+        for name, p in self.points.items():
+            if p.point != name:
+                return f"points.{name} says it is {p.point!r}"
+            if p.kind not in ("elastic", "original"):
+                return f"points.{name}.kind is {p.kind!r} (elastic or original)"
+            ppl = p.perplexity
+            if ppl is not None and (isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not (math.isfinite(ppl) and ppl > 0)):
+                return f"points.{name}.perplexity is {ppl!r} (a finite number > 0, or null where not measured)"
+        for what, n in (("decode_seq_len", self.decode_seq_len), ("prefill_seq_len", self.prefill_seq_len)):
+            if n < 1:
+                return f"{what} is {n} (tokens, at least 1)"
         named = [(f"points.{name}.{kind}", getattr(p, kind), True, True)
                  for name, p in self.points.items() for kind in ("decode_ms", "prefill_ms")]
         if self.engine is not None:
