@@ -41,7 +41,7 @@ def test_warm_start_reaches_the_same_optimum() -> None:
 
 
 def test_refuses_unbalanced_input() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="4 groups of 3 do not hold 10 neurons"):
         balanced_assignment(np.zeros((10, 4)), 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="initial labels are not a balanced partition"):
         balanced_assignment(np.zeros((8, 2)), 4, init=np.zeros(8, dtype=np.int64))

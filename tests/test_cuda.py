@@ -153,7 +153,7 @@ def test_random_routing_keeps_the_best_sub_experts_of_distinct_experts() -> None
         assert len(set(indices[t].tolist())) == 7
         assert set((indices[t] // 4).tolist()) <= set(chosen[t].tolist())
     assert torch.allclose(weights.sum(dim=1), torch.ones(9)) and (weights > 0).all()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need 1 <= active <= n_sub \* top_k and top_k <= experts, got 13, 3"):
         cuda.random_routing(2, 5, 4, 3, 13, gen)
 
 

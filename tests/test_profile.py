@@ -34,7 +34,6 @@ from prism_cli.profiling.heap import limit_kernel_cache
 from prism_cli.profiling.profiler import ProfileSettings, holdout_mask, profile_model
 from prism_cli.profiling.recorder import Reservoir, rng_state, set_rng_state
 from prism_cli.profiling.spill import LayerSpill
-from prism_cli.solvers.base import top_fraction_mask
 
 SETTINGS = dict(tokens=2048, seq_len=32, max_rows=256, row_dtype="float32")
 CLI_SETTINGS = ["--tokens", "2048", "--seq-len", "32", "--max-rows", "256", "--row-dtype", "float32"]
@@ -178,10 +177,18 @@ def test_statistics_match_recomputation(profiled, family: str) -> None:
                 mine = (r.top_k_index == e).any(dim=1)
                 act = swiglu(layers[index].experts, e, r.hidden[mine]).abs()
                 np.testing.assert_allclose(g["l1_mass"][e], act.double().sum(0).numpy(), rtol=1e-4, atol=1e-5)
-                # "hot": among the top quarter of the expert's neurons for that token (as hot_rate counts it).
-                hot = top_fraction_mask(act.numpy(), 0.25).sum(axis=0)
+                # "hot": among the 8 largest |a| of the expert's 32 neurons for that token. Oracle: each token's
+                # neurons sorted by |a|, ranks 0..7 counted; exact, except that a token whose 8th and 9th values
+                # nearly tie (the profiler's own |a| may round either way) gives those two neurons a slack of one.
                 assert g["hot_count"][e].sum() == 8 * routed[e]  # exactly a quarter of 32 neurons per token
-                assert np.abs(g["hot_count"][e] - hot).max() <= 1, (index, e)  # rounding at the threshold only
+                hot, slack = np.zeros(act.shape[1], dtype=np.int64), np.zeros(act.shape[1], dtype=np.int64)
+                for row in act.double().numpy():
+                    order = sorted(range(row.size), key=lambda j: -row[j])
+                    hot[order[:8]] += 1
+                    if row[order[7]] - row[order[8]] <= 1e-5 * max(row[order[0]], 1e-30):
+                        slack[order[7:9]] += 1
+                assert slack.sum() <= 0.1 * max(int(routed[e]), 10), (index, e)  # near-ties are rare: the check is exact almost everywhere
+                assert np.all(np.abs(g["hot_count"][e] - hot) <= slack), (index, e)
 
 
 def test_metadata(profiled, family: str) -> None:
