@@ -218,15 +218,19 @@ def test_unknown_routes_and_methods_answer_in_openai_error_shape(server):
 
 def test_a_prompt_being_tokenized_does_not_hold_the_server(served):
     """Tokenizing ran on the event loop: while one long prompt was tokenized (12 s for 10 MB), /health and
-    every other request waited. Here the tokenizer takes 3 s a prompt; /health must answer meanwhile."""
+    every other request waited. Here the tokenizer blocks on an event that is set only once /health has
+    answered: if tokenizing held the loop, /health could not answer (its client times out) and the test fails."""
     import dataclasses
+
+    entered, release = threading.Event(), threading.Event()
 
     class SlowTokenizer:
         def __init__(self, inner):
             self.inner = inner
 
         def __call__(self, *args, **kwargs):
-            time.sleep(3)
+            entered.set()
+            release.wait(30)
             return self.inner(*args, **kwargs)
 
         def __len__(self):
@@ -240,13 +244,15 @@ def test_a_prompt_being_tokenized_does_not_hold_the_server(served):
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(httpx.post, url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
                                headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-            time.sleep(0.5)  # the request is being tokenized now
-            started = time.perf_counter()
-            assert httpx.get(url + "/health", timeout=60).text == "ok"
-            assert time.perf_counter() - started < 1.5
-            assert not slow.done()
+            assert entered.wait(30)  # the request is being tokenized now
+            try:
+                assert httpx.get(url + "/health", timeout=5).text == "ok"
+                assert not slow.done()
+            finally:
+                release.set()
             assert slow.result().status_code == 200
     finally:
+        release.set()
         srv.should_exit = True
         thread.join(10)
 
@@ -274,6 +280,54 @@ def test_api_key_health_and_metrics(server):
     assert httpx.get(url + "/health").text == "ok"
     metrics = httpx.get(url + "/metrics").text
     assert 'prism_requests_total{status="401"}' in metrics and "prism_floor_violations_total 0" in metrics
+
+
+def test_a_cancelled_request_holds_its_slot_until_the_engine_lets_it_go(served):
+    """A client that disconnects is answered at once, but its request keeps its slot (KV rows, a place in a
+    batch) until the engine's next iteration drops it: the queue bound counts it until then, and a request
+    sent in between is turned away with 503 (counting the slot free at the disconnect let the engine's
+    load pass max_running + max_queue). Here the engine is held inside a decode step meanwhile."""
+    import threading
+
+    srv, thread, state, url = _start(served, policy="fifo", max_running=1, max_queue=0, api_key=None)
+    decode = state.engine.executor.decode
+    entered, gate = threading.Event(), threading.Event()
+    gate.set()
+
+    def gated_decode(*args):
+        entered.set()
+        assert gate.wait(30)
+        return decode(*args)
+
+    state.engine.executor.decode = gated_decode
+    try:
+        body = {"model": "tiny", "prompt": "The whale", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=30) as client, client.stream("POST", url + "/v1/completions", json=body) as first:
+            lines = first.iter_lines()
+            next(lines)  # the request runs
+            gate.clear()
+            entered.clear()
+            assert entered.wait(30)  # the engine is inside a decode step, held there
+        for _ in range(500):  # the server saw the disconnect
+            if state.counters.by_status.get("cancelled"):
+                break
+            time.sleep(0.01)
+        assert state.counters.by_status.get("cancelled") == 1
+        assert state.engine.running() == 1  # the engine has not let it go yet
+        busy = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
+        assert busy.status_code == 503
+        gate.set()
+        for _ in range(500):
+            if state.in_flight == 0:
+                break
+            time.sleep(0.01)
+        assert state.in_flight == 0 and state.engine.running() == 0
+        ok = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        gate.set()
+        srv.should_exit = True
+        thread.join(10)
 
 
 def test_chat_without_a_template_is_a_client_error_that_says_so(served):

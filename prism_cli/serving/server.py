@@ -301,8 +301,13 @@ def build_app(state: ServerState) -> Starlette:
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[tuple[str, str | None, int]] = asyncio.Queue()
 
+        def release() -> None:
+            state.in_flight -= 1
+
         def on_update(r: Request) -> None:  # engine thread
             loop.call_soon_threadsafe(updates.put_nowait, (r.stream_text(), r.finish_reason, len(r.output_ids)))
+            if r.finished:  # once: the engine holds the request (its slot, its KV rows) until here, cancelled or not
+                loop.call_soon_threadsafe(release)
 
         req = Request(list(prompt_ids), params, floor, state.engine.now(), on_update=on_update)
         state.in_flight += 1
@@ -312,7 +317,6 @@ def build_app(state: ServerState) -> Starlette:
         started = time.perf_counter()
 
         def done(status: str) -> None:
-            state.in_flight -= 1
             state.counters.count(status)
             if req.finish_reason in ("length", "stop"):
                 state.counters.prompt_tokens += req.prompt_len
