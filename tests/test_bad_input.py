@@ -156,6 +156,12 @@ class World:
         (target / "config.json").write_text(json.dumps(config))
         return target
 
+    def export_with_config_text(self, text: str) -> Path:
+        """A copy of the export whose config.json holds ``text``."""
+        target = self._copy(self.sources.export, "export-config-text")
+        (target / "config.json").write_text(text)
+        return target
+
     def profile_with_version(self, version: int) -> Path:
         target = self._copy(self.sources.profile, f"profile-v{version}.h5")
         with h5py.File(target, "r+") as h5:
@@ -460,6 +466,13 @@ CASES = [
          ("builds MoE layers 0 (num_hidden_layers 1)", "weights hold MoE layers 0-1")),
     Case("eval-export-more-layers", lambda w: ["eval", w.export_with(num_hidden_layers=3), "--tokens", "64", "--seq-len", "64"],
          ("builds MoE layers 0-2 (num_hidden_layers 3)", "weights hold MoE layers 0-1")),
+    # a NaN passed the comparison with the weights' scale (eval then gave perplexity nan)
+    Case("eval-export-down-scale-nan",
+         lambda w: ["eval", w.export_with(prism__down_scale=float("nan")), "--tokens", "64", "--seq-len", "64"],
+         ("prism.down_scale is nan", "set it back to")),
+    # a config.json cut short was taken for a plain model ("--operating-point needs a prism export")
+    Case("eval-export-config-truncated", lambda w: ["eval", w.export_with_config_text('{"architectures": ["Olmo'), "-K", "topk:2",
+                                                    "--tokens", "64", "--seq-len", "64"], ("config.json is not valid JSON (line 1",)),
     Case("eval-export-old-format", lambda w: ["eval", w.export_with(prism__format_version=2), "--tokens", "64", "--seq-len", "64"],
          ("export format version 2", "export it again")),
     Case("bench-export-num-experts-edited", lambda w: bench_args(w, "--seq-len", "16", model=w.export_with(num_experts=16)),

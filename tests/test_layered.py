@@ -155,6 +155,31 @@ def test_a_broken_ranking_file_is_one_line(cli, ranked, tmp_path, content, needl
     assert_one_line_failure(cli("bench", broken, "--points", "linear:1", "--seq-len", "16", "--out", tmp_path / "b"), needle)
 
 
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda r: r["order"].update({"1": [0.5, 1]}), "order.1 holds 0.5, not a whole number"),  # int(0.5) read layer 0
+    (lambda r: r["perplexity"]["1"].__setitem__(0, "nan"), "perplexity.1 holds 'nan', not a perplexity"),
+    (lambda r: r["perplexity"]["1"].__setitem__(0, float("inf")), "perplexity.1 holds inf"),
+    (lambda r: r["base"].update({"1": -3.0}), "base.1 holds -3.0"),
+    (lambda r: r.update(order={"1.0": r["order"]["1"]}), "order has key '1.0', not a K"),
+    (lambda r: r.update(order=[1, 2]), "order is list, not an object"),
+])
+def test_a_ranking_with_values_of_the_wrong_kind_is_refused(ranked, tmp_path, edit, needle):
+    """Found by fuzzing: layer indices were read with ``int()`` (0.5 became layer 0) and perplexities with
+    ``float()`` (the string "nan" passed); each is now named in one line."""
+    from prism_cli.runtime.layers import read_ranking
+
+    layers, full = 2, FULL
+    assert read_ranking(ranked, layers, full) is not None
+    broken = tmp_path / "export"
+    shutil.copytree(ranked, broken)
+    ranking = json.loads((broken / RANKING_FILE).read_text())
+    edit(ranking)
+    (broken / RANKING_FILE).write_text(json.dumps(ranking))
+    with pytest.raises(PrismError, match="not a layer ranking") as exc:
+        read_ranking(broken, layers, full)
+    assert needle in str(exc.value)
+
+
 def test_rank_layers_cli(cli, tiny_model_dir, tmp_path, text_file):
     export = random_neurons_export(tiny_model_dir("qwen2_moe"), tmp_path, seed=2)
     result = cli("rank-layers", export, "--data", text_file, "--tokens", str(8 * SEQ), "--seq-len", str(SEQ))

@@ -124,7 +124,8 @@ def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
         raise PrismError(f"export {where}: config.json prism.layers is {layers!r} but its weights have MoE layers "
                          f"{moe_layers}: set it back to {moe_layers}")
     scale = adapter.flat_down_scale(n_sub)
-    if not isinstance(meta.get("down_scale"), (int, float)) or abs(float(meta["down_scale"]) - scale) > 1e-6 * scale:
+    given = meta.get("down_scale")
+    if isinstance(given, bool) or not isinstance(given, (int, float)) or not abs(float(given) - scale) <= 1e-6 * scale:  # NaN too
         raise PrismError(f"export {where}: config.json prism.down_scale is {meta.get('down_scale')!r} but its weights "
                          f"were scaled by {scale:g}: set it back to {scale:g}")
     try:

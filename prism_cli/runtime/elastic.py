@@ -89,14 +89,19 @@ class ElasticState:
 
 
 def export_meta(spec: str | Path) -> dict[str, Any] | None:
-    """The ``prism`` section of a checkpoint's config, or None when it is not a prism export."""
+    """The ``prism`` section of a checkpoint's config, or None when it is not a prism export; a config.json
+    that cannot be read is a one-line error (taking it for a plain model misnamed what is wrong)."""
     path = Path(spec) / "config.json"
     if not path.exists():
         return None
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise PrismError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PrismError(f"cannot read {path}: {exc.strerror}") from None
     section = config.get("prism") if isinstance(config, dict) else None
     return section if isinstance(section, dict) else None
 

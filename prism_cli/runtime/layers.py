@@ -15,6 +15,7 @@ ranking is saved in the export as ``layer_ranking.json``; an export that has one
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,37 @@ class LayerRanking:
                 "base": {str(k): v for k, v in self.base.items()}}
 
 
+def _key(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{what} has key {text!r}, not a K")
+    return int(text)
+
+
+def _index(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} holds {value!r}, not a whole number >= 0")
+    return value
+
+
+def _perplexity(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} holds {value!r}, not a perplexity (a finite number > 0)")
+    return float(value)
+
+
+def _mapping(data: dict[str, Any], what: str) -> dict[str, Any]:
+    value = data[what]
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _items(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is {type(value).__name__}, not a list")
+    return value
+
+
 def read_ranking(directory: Path, layers: int, full_k: int) -> LayerRanking | None:
     """The export's layer ranking (None when it has none), checked against its ``layers`` MoE layers and
     ``full_k`` = N*k; a file that does not fit is one line naming what is wrong."""
@@ -66,17 +98,22 @@ def read_ranking(directory: Path, layers: int, full_k: int) -> LayerRanking | No
     data = read_json(path, "layer ranking", f"{path} is missing")
     where = f"layer ranking {path}"
     try:
+        if not isinstance(data, dict):
+            raise TypeError("its content is not an object")
         if data.get("format") != RANKING_FORMAT:
             raise PrismError(f"{where} has format {data.get('format')!r}, this prism reads {RANKING_FORMAT}: "
                              "run `prism rank-layers` again")
-        order = {int(k): [int(i) for i in v] for k, v in data["order"].items()}
-        perplexity = {int(k): [float(x) for x in v] for k, v in data["perplexity"].items()}
-        base = {int(k): float(v) for k, v in data["base"].items()}
-        ranking = LayerRanking(order, perplexity, base, str(data["data"]), int(data["tokens"]))
+        order = {_key(k, "order"): [_index(i, f"order.{k}") for i in _items(v, f"order.{k}")] for k, v in _mapping(data, "order").items()}
+        perplexity = {_key(k, "perplexity"): [_perplexity(x, f"perplexity.{k}") for x in _items(v, f"perplexity.{k}")]
+                      for k, v in _mapping(data, "perplexity").items()}
+        base = {_key(k, "base"): _perplexity(v, f"base.{k}") for k, v in _mapping(data, "base").items()}
+        ranking = LayerRanking(order, perplexity, base, str(data["data"]), _index(data["tokens"], "tokens"))
     except PrismError:
         raise
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise PrismError(f"{where} is not a layer ranking ({type(exc).__name__}: {exc}): run `prism rank-layers` again") from None
+    except KeyError as exc:
+        raise PrismError(f"{where} is not a layer ranking (no {exc}): run `prism rank-layers` again") from None
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise PrismError(f"{where} is not a layer ranking ({exc}): run `prism rank-layers` again") from None
     ks = list(range(1, full_k))
     if (sorted(order) != ks or any(sorted(v) != list(range(layers)) for v in order.values())
             or sorted(base) != ks or sorted(perplexity) != ks or any(len(v) != layers for v in perplexity.values())):
