@@ -155,16 +155,27 @@ class Ladder:
         self.space = space
         self.cost_model = cost_model
         self.max_batch = max_batch
+        # Memos: a policy asks these of the same few points many times per decision, and its time is
+        # charged to every request (the cost model and the space never change under a ladder).
         self._cheapest: dict[frozenset[OperatingPoint], OperatingPoint] = {}
+        self._meets: dict[tuple[OperatingPoint, OperatingPoint], bool] = {}
+        self._rank: dict[OperatingPoint, float] = {}
+        self._decode: dict[tuple[OperatingPoint, int], float] = {}
 
     def meets(self, point: OperatingPoint, floor: OperatingPoint) -> bool:
-        return self.space.meets(point, floor)
+        key = (point, floor)
+        found = self._meets.get(key)
+        if found is None:
+            found = self._meets[key] = self.space.meets(point, floor)
+        return found
 
     def rank(self, p: OperatingPoint) -> float:
         """Milliseconds of a step of ``max_batch`` rows where the cost model times ``p``, else its compute."""
-        if self.cost_model is not None and self.cost_model.has(p):
-            return self.cost_model.decode(p, self.max_batch)
-        return self.compute(p)
+        found = self._rank.get(p)
+        if found is None:
+            timed = self.cost_model is not None and self.cost_model.has(p)
+            found = self._rank[p] = self.cost_model.decode(p, self.max_batch) if timed else self.compute(p)
+        return found
 
     def compute(self, p: OperatingPoint) -> float:
         """Sub-experts per token (a whole expert is ``n_sub``)."""
@@ -192,12 +203,20 @@ class Ladder:
             self._cheapest[key] = next(p for p in self.order(candidates) if all(self.meets(p, f) for f in key))
         return self._cheapest[key]
 
-    def step_cost(self, floors: list[OperatingPoint], size: int | None = None) -> float:
+    def own_rank(self, floor: OperatingPoint) -> float:
+        """``rank`` of the point a request of this floor alone is served at."""
+        return self.rank(self.cheapest_meeting((floor,)))
+
+    def step_cost(self, floors: list[OperatingPoint], size: int | None = None, point: OperatingPoint | None = None) -> float:
         """Planned milliseconds of one decode step of a batch with these floors (0 for an empty batch);
-        with ``size``, its rows' share of a step of a batch of ``size`` rows."""
+        with ``size``, its rows' share of a step of a batch of ``size`` rows; ``point``: the batch's, where
+        the caller has it (``cheapest_meeting(floors)``)."""
         if not floors:
             return 0.0
-        point = self.cheapest_meeting(floors)
+        point = point or self.cheapest_meeting(floors)
         assert self.cost_model is not None
         size = size or len(floors)
-        return self.cost_model.decode(point, size) * len(floors) / size
+        step = self._decode.get((point, size))
+        if step is None:
+            step = self._decode[(point, size)] = self.cost_model.decode(point, size)
+        return step * len(floors) / size

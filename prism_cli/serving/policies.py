@@ -214,7 +214,7 @@ class PrismPolicy(SchedulingPolicy):
         plan: list[tuple[Batch | _NewBatch | None, list[OperatingPoint]]] = [(b, [r.floor for r in b.rows]) for b in engine.batches]
         # Floors of the waiting requests this iteration has placed already: still in the waiting queue
         # until the engine launches them, they are rows of a planned batch, not requests that may fill one.
-        placed: list[OperatingPoint] = []
+        placed: dict[OperatingPoint, int] = {}
 
         def planned(floors: list[OperatingPoint], joining: list[OperatingPoint] = ()) -> float:
             # A batch is priced per row at the size its queue can fill it to (its rows plus the waiting
@@ -225,10 +225,10 @@ class PrismPolicy(SchedulingPolicy):
             if not floors:
                 return 0.0
             point = ladder.cheapest_meeting(floors)
-            unplaced = engine.waiting.count(lambda f: ladder.meets(point, f)) - sum(
-                ladder.meets(point, f) for f in (*placed, *joining))
+            claimed = sum(n for f, n in placed.items() if ladder.meets(point, f)) + sum(ladder.meets(point, f) for f in joining)
+            unplaced = engine.waiting.count(lambda f: ladder.meets(point, f)) - claimed
             size = min(limits.max_batch, len(floors) + unplaced)
-            return ladder.step_cost(floors, max(size, len(floors)))
+            return ladder.step_cost(floors, max(size, len(floors)), point)
 
         cost = [planned(floors) for _, floors in plan]
         targets, most_batches = self._batch_points(engine, [b for b, _ in plan])
@@ -288,7 +288,7 @@ class PrismPolicy(SchedulingPolicy):
                     # Among equal utilities (a join that leaves the batch's point as it is), prefer the
                     # members whose own point the batch runs at: cheaper floors are kept for cheaper batches.
                     point = ladder.rank(ladder.cheapest_meeting(new_floors))
-                    overpay = sum(point - ladder.rank(ladder.cheapest_meeting([m.floor])) for m in members)
+                    overpay = sum(point - ladder.own_rank(m.floor) for m in members)
                     key = (forced, full, round(utility, 12), -overpay)
                     if best is None or key > best[0]:
                         best = (key, index, members, new_floors, new_cost)
@@ -317,7 +317,8 @@ class PrismPolicy(SchedulingPolicy):
                 else:
                     launched.append(Launch(target, list(members)))
             taken.update(id(m) for m in members)
-            placed.extend(m.floor for m in members)
+            for m in members:
+                placed[m.floor] = placed.get(m.floor, 0) + 1
             cost = [planned(floors) for _, floors in plan]  # fewer requests left to fill the other batches
             free -= len(members)
         return launched
