@@ -193,6 +193,10 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
     for key, value in {**shared, **section}.items():
         name = _norm(key)
         if name in by_name:
+            kind = by_name[name].bare_type() if hasattr(by_name[name], "bare_type") else None
+            if isinstance(value, bool) and kind not in ("bool", None):
+                # YAML's true/false would reach click as 1/0 (``tokens: true`` ran with --tokens 1)
+                raise PrismError(f"config file {path}: {key!r} takes {kind}, not {str(value).lower()}")
             # A repeatable option (``-O``) takes a list; a comma-separated one takes a list as it is typed
             # on the command line (``layers: [0, 1]`` -> "0,1").
             multiple = getattr(by_name[name], "multiple", False)

@@ -200,8 +200,12 @@ def read_json(path: Path, what: str, missing: str) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise PrismError(missing) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrismError(f"cannot read {what} {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"cannot read {what} {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise PrismError(f"cannot read {what} {path}: not UTF-8 text") from None
+    except OSError as exc:  # strerror alone: str(exc) repeats the path with an errno
+        raise PrismError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def h5_attr(value: Any) -> Any:

@@ -173,6 +173,19 @@ def test_an_empty_path_or_config_is_refused_before_any_work(args, cli, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--dtype", "float64"), "unknown dtype 'float64'"), (("--device", "tpu"), "unknown device 'tpu'"),
+    (("--seq-len", "1"), "--seq-len must be at least 2"), (("-K", "bogus"), "operating point 'bogus'"),
+    (("-K", "topk:99"), "topk:99 is outside 1..8"), (("--device-memory", "50%", "--cache-policy", "mru"), "unknown cache policy 'mru'"),
+])
+def test_eval_refuses_impossible_options_before_loading_the_model(args, needle, cli, tiny_export, monkeypatch) -> None:
+    """Found by fuzzing: these were refused only after the model had loaded (10-18 s on this machine)."""
+    import prism_cli.commands.eval as eval_command
+
+    monkeypatch.setattr(eval_command, "load_elastic_or_plain", lambda *a, **k: pytest.fail("the model was loaded"))
+    cli("eval", tiny_export, "--tokens", "64", *args).assert_one_line_error(needle)
+
+
 # --- run configurations ---------------------------------------------------------------------------
 
 
@@ -235,6 +248,8 @@ def test_unknown_shared_keys_are_ignored(cli, tmp_path) -> None:
     ("eval:\n  dtype: [float32]\n", ("'dtype' in section 'eval'", "not a list")),
     ("device: [cpu]\n", ("'device'", "top level", "not a list")),
     ("partition:\n  sub_experts: [4]\n", ("'sub_experts' in section 'partition'", "not a list")),
+    ("eval:\n  tokens: true\n", ("'tokens' takes int, not true",)),  # YAML's true reached click as --tokens 1
+    ("eval:\n  seq_len: false\n", ("'seq_len' takes int, not false",)),
     ("eval:\n  tokens: 512\n  tokens: 64\n", ("'tokens' is given twice",)),
     ("eval:\n  tokens: 512\neval:\n  seq_len: 64\n", ("'eval' is given twice",)),
 ])

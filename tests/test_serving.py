@@ -1095,3 +1095,23 @@ def test_a_sweep_names_every_file_after_its_whole_stem(cli, tiny_export, tmp_pat
     assert result.code == 0, result.err
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == [
         "res.v2.csv", "res.v2.json", "res.v2.md", "res.v2.png", "res.v2_targets.json"]
+
+
+def test_a_trace_run_says_it_ran_the_trace(cli, tiny_export, tmp_path):
+    """The summary named --rate, --duration and --floors (their defaults) for a run whose arrivals, lengths
+    and floors all came from --trace."""
+    cost = tmp_path / "cm.json"
+    synthetic_cost_model().save(cost)
+    trace = tmp_path / "tr.jsonl"
+    trace.write_text('{"arrival": 0, "prompt": "The whale", "max_tokens": 4, "floor": "linear:2"}\n'
+                     '{"arrival": 0.5, "prompt": "Call me", "max_tokens": 3}\n')
+    result = cli("schedule", "run", tiny_export, "--sim", "--cost-model", cost, "--trace", trace, "--out", tmp_path / "r")
+    assert result.code == 0, result.err
+    note = (tmp_path / "r.md").read_text()
+    assert f"trace {trace}" in note and "req/s for" not in note
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["requests"] == 2
+
+
+def test_impossible_lengths_are_named_by_their_options(cli, tiny_export):
+    cli("schedule", "run", tiny_export, "--sim", "--min-output", "9", "--max-output", "3").assert_one_line_error(
+        "--min-output 9", "--max-output 3")

@@ -33,11 +33,16 @@ def evaluate(
         raise PrismError(f"--batch-size must be positive, got {batch_size}")
     if operating_point is not None and not operating_point.strip():
         raise PrismError("-K needs an operating point, e.g. linear:4 or topk:2 (leave it out for the full model)")
+    if seq_len < 2:  # a window predicts seq_len - 1 tokens
+        raise PrismError(f"--seq-len must be at least 2, got {seq_len}")
     from prism_cli.data.windows import token_windows
     from prism_cli.evaluation.perplexity import perplexity
-    from prism_cli.models.loading import check_context_length
+    from prism_cli.models.loading import check_context_length, parse_device, parse_dtype
     from prism_cli.offload.config import offload_config
 
+    parse_dtype(dtype)  # the options a load would refuse, before the load (seconds to minutes)
+    parse_device(device)
+    _check_point(model, operating_point)
     offload = offload_config(device_memory, cache_policy, device=device)
     text, data_name = load_text(data, "eval")
     loaded = load_elastic_or_plain(model, dtype, device, operating_point, offload)
@@ -55,6 +60,20 @@ def evaluate(
         f"perplexity{point} [bold]{result.perplexity:.2f}[/] on {result.tokens:,} predicted tokens of {data_name} "
         f"({result.tokens_per_second:,.0f} tokens/s, seq-len {seq_len})"
     )
+
+
+def _check_point(model: str, operating_point: str | None) -> None:
+    """Parse ``-K`` against the export's metadata (what the elastic load does after loading the weights)."""
+    from prism_cli.operating_points import parse_operating_point
+    from prism_cli.runtime.elastic import export_meta
+
+    meta = export_meta(model) if operating_point is not None else None
+    if meta is not None and isinstance(meta.get("source"), dict):
+        try:
+            n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
+        except (KeyError, TypeError, ValueError):
+            return  # a broken export: the load names what is wrong with it
+        parse_operating_point(operating_point, meta.get("gate"), n_sub, top_k)
 
 
 def load_elastic_or_plain(model: str, dtype: str, device: str, operating_point: str | None = None, offload=None):

@@ -161,8 +161,10 @@ def metrics_table(result) -> ResultTable:
                      f"{t['forward']:.2f} / {t['kv_cache_copies']:.3f} / {t['sampling']:.3f} / {t['scheduler']:.3f}"))
     for name, value in rows:
         table.add(name, value)
-    table.notes.append(f"rate {s['rate']} req/s for {s['duration']} s, floors {s['floors']}, seed {s['seed']}, "
-                       f"max batch {s['max_batch']}, max running {s['max_running']}, t_max {s['t_max']} s")
+    workload = (f"trace {s['trace']}" if s.get("trace")  # the trace's arrivals, lengths and floors replace these
+                else f"rate {s['rate']} req/s for {s['duration']} s, floors {s['floors']}")
+    table.notes.append(f"{workload}, seed {s['seed']}, max batch {s['max_batch']}, max running {s['max_running']}, "
+                       f"t_max {s['t_max']} s")
     return table
 
 

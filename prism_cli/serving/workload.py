@@ -42,7 +42,8 @@ class LengthSettings:
 
     def validate(self) -> None:
         if self.max_prompt < 1 or self.min_output < 1 or self.max_output < self.min_output:
-            raise PrismError(f"lengths need --max-prompt >= 1 and 1 <= --min-output <= --max-output, got {self}")
+            raise PrismError(f"lengths need --max-prompt >= 1 and 1 <= --min-output <= --max-output, got --max-prompt "
+                             f"{self.max_prompt}, --min-output {self.min_output}, --max-output {self.max_output}")
 
 
 def paragraphs(text: str, tokenizer: Any) -> list[list[int]]:
