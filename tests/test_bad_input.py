@@ -472,7 +472,7 @@ CASES = [
          ("prism.down_scale is nan", "set it back to")),
     # a config.json cut short was taken for a plain model ("--operating-point needs a prism export")
     Case("eval-export-config-truncated", lambda w: ["eval", w.export_with_config_text('{"architectures": ["Olmo'), "-K", "topk:2",
-                                                    "--tokens", "64", "--seq-len", "64"], ("config.json is not valid JSON (line 1",)),
+                                                    "--tokens", "64", "--seq-len", "64"], ("config.json: not valid JSON (line 1",)),
     Case("eval-export-old-format", lambda w: ["eval", w.export_with(prism__format_version=2), "--tokens", "64", "--seq-len", "64"],
          ("export format version 2", "export it again")),
     Case("bench-export-num-experts-edited", lambda w: bench_args(w, "--seq-len", "16", model=w.export_with(num_experts=16)),

@@ -9,7 +9,6 @@ then switches branches and policies without reloading: the weights never move.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 from prism_cli.errors import PrismError
 from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BANK_FILE, SOURCE_ROUTER_FILE
 from prism_cli.export.validate import validate_export
+from prism_cli.io import read_json
 from prism_cli.models.adapters import MoELayer, adapter_for_config
 from prism_cli.models.loading import LoadedModel, load_model, resolve_model
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
@@ -94,14 +94,7 @@ def export_meta(spec: str | Path) -> dict[str, Any] | None:
     path = Path(spec) / "config.json"
     if not path.exists():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PrismError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except UnicodeDecodeError:
-        raise PrismError(f"{path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise PrismError(f"cannot read {path}: {exc.strerror}") from None
+    config = read_json(path, "model config", f"{path} is missing")
     section = config.get("prism") if isinstance(config, dict) else None
     return section if isinstance(section, dict) else None
 
