@@ -39,6 +39,20 @@ def test_sizes_without_a_unit_are_refused(text):
         parse_size(text)
 
 
+def test_decimal_sizes_are_exact_and_bits_are_not_bytes():
+    """``4.1GB`` became 4,099,999,999 bytes (``int`` of 4.1e9 in floating point), so ``4.1GB,4100MB`` passed as
+    two budgets; ``25Gb/s`` (gigabits) read as 25 GB/s, a link 8x too fast."""
+    assert parse_size("4.1GB") == parse_size("4100MB") == 4_100_000_000
+    for text, hint in (("25Gb", "25GB"), ("2Mb", "2MB"), ("1GiB", None)):
+        if hint is None:
+            assert parse_size(text) == 2**30
+            continue
+        with pytest.raises(PrismError, match=f"in bits .*give bytes, e.g. {hint}"):
+            parse_size(text)
+    with pytest.raises(PrismError, match="in bits"):
+        parse_link("25Gb/s")
+
+
 @pytest.mark.parametrize("text", ["1e400GB", "1e400GB@deepseek-v2-lite", "1e30GB", 2**64])
 def test_infinite_or_absurd_sizes_are_refused_in_one_line(text):
     """``1e400GB`` reads as infinity, which ``int()`` cannot take (it was an OverflowError)."""
@@ -190,6 +204,23 @@ def test_prefetch_inserts_without_locking_and_is_scored():
     assert misses == [1]
     assert cache.stats.prefetch_used == 1 and cache.stats.prefetched == 2
     assert cache.stats.prediction_precision == 0.5 and cache.stats.prediction_recall == 0.5
+
+
+def test_prefetch_never_evicts_what_it_predicted():
+    """A 3-slot LRU holds 0, 1, 2 (0 oldest); the next step is predicted to need 0 and 3: fetching 3 evicted 0,
+    a miss of a hit. Now 1 goes (the oldest not predicted). And a prefetch of more keys than there is room
+    for stops when the room is used, instead of evicting its own fetches (2 slots locked, 2 free)."""
+    cache = PieceCache(3, "prefetch")
+    cache.acquire([0, 1, 2])
+    cache.release([0, 1, 2])
+    assert cache.prefetch([0, 3]) == [(3, 1)]  # 3 takes key 1's slot
+    assert sorted(cache.slot_of) == [0, 2, 3]
+    _, misses = cache.acquire([0, 3])
+    assert misses == [] and cache.stats.prefetch_used == 1
+    busy = PieceCache(4, "prefetch")
+    busy.acquire([0, 1])
+    fetched = busy.prefetch([10, 11, 12, 13])
+    assert [k for k, _ in fetched] == [10, 11] and busy.stats.evictions == 0 and busy.stats.prefetched == 2
 
 
 def test_pinned_pieces_follow_the_partitions_mass_order():
@@ -410,6 +441,17 @@ def test_trace_mapping_replays_its_own_shape_as_recorded_and_scales(trace):
     assert big.prediction(2) is None and big.prediction(3) is not None  # layer 3 reads trace layer 1
     with pytest.raises(PrismError, match=f"a trace of {trace.num_experts} experts cannot drive {trace.num_experts + 1} experts"):
         TraceMapping(trace, trace.num_experts + 1, 2, 2)
+
+
+def test_a_balanced_trace_needs_consecutive_tokens(trace):
+    """A one-token recording has no consecutive pair: its reuse rate was NaN (a warning) and became chance."""
+    from dataclasses import replace
+
+    from prism_cli.offload.trace import balanced_trace
+
+    one = replace(trace, experts=trace.experts[:, :1])
+    with pytest.raises(PrismError, match="1 token"):
+        balanced_trace(one, 32, 4, 2, 100, seed=0)
 
 
 def test_balanced_routing_spreads_evenly_and_keeps_reuse(trace):

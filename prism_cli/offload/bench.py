@@ -306,7 +306,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     wanted = list(dict.fromkeys([*map(str, asked), *(p.baseline for p in pairs), *(p.middle for p in pairs)]))
 
     # One controller per (budget, policy, pin, point), all on the two models (simulated device). A relative
-    # budget is resolved once, for the whole-expert baseline, so that both models get the same bytes.
+    # budget is solved for both models and the larger kept (``absolute_budget``): both get the same bytes.
     runs: list[_Live] = []
     device = torch.device(settings.device)
     for budget in budgets:
@@ -563,7 +563,8 @@ def _nan(x: float) -> float | None:
 
 def paired_gain(elastic: RunResult, baseline: RunResult) -> tuple[float, float, float]:
     """1 - median per-token latency ratio (tokens are paired: same text position, timed together), with
-    its 95 % interval; replays (deterministic) pair the same way."""
+    its 95 % interval; replays pair the same way (their clock is simulated, but it also charges the cache's
+    bookkeeping as measured, so two replays of one trace differ by that much)."""
     ratios = [a / b for a, b in zip(elastic.latencies, baseline.latencies, strict=True)]
     lo, hi = median_ci(ratios)
     return 1 - statistics.median(ratios), 1 - hi, 1 - lo

@@ -251,26 +251,33 @@ class PieceCache:
     def prefetch(self, keys: Iterable[int]) -> list[tuple[int, int]]:
         """Insert the non-resident ``keys`` without locking them: ``[(key, slot)]`` to copy in.
 
-        Stops early rather than evict a locked key (a full cache of the current step's pieces).
+        The predicted keys already resident and those this call brings in are never its victims (the next
+        step is expected to need them: evicting one to fetch another made a miss of a hit). Stops early
+        rather than evict a locked or predicted key.
         """
         t0 = self._timer()
+        keys = list(keys)
+        keep = self._locked.union(k for k in keys if k in self.slot_of)
         out: list[tuple[int, int]] = []
         for key in keys:
             if key in self.slot_of:
                 continue
-            if not self._free and self.policy.victim(self._locked) is None:
+            if not self._free and self.policy.victim(keep) is None:
                 break
-            out.append((key, self._allocate(key)))
+            out.append((key, self._allocate(key, keep)))
+            keep.add(key)
             self._fresh.add(key)
         self.stats.prefetched += len(out)
         self.stats.bookkeeping_s += self._timer() - t0
         return out
 
-    def _allocate(self, key: int) -> int:
+    def _allocate(self, key: int, keep: Collection[int] | None = None) -> int:
+        """A slot for ``key``: a free one, else the policy's victim among the keys not in ``keep`` (default:
+        the locked ones)."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim = self.policy.victim(self._locked)
+            victim = self.policy.victim(self._locked if keep is None else keep)
             if victim is None:
                 raise PrismError(f"the expert cache of {self.capacity} slots cannot hold one step's pieces")
             self.policy.remove(victim)

@@ -28,7 +28,7 @@ _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?b|b)\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT][iI]?[bB]|[bB])\s*")
 _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 DEFAULT_RESERVE = "5%"
 #: The largest size accepted (2^63 - 1 bytes, what int64 metadata holds): a larger one is a typo, and an
@@ -47,10 +47,13 @@ def parse_size(text: str | int, what: str = "size") -> int:
     m = _SIZE.fullmatch(str(text))
     if not m:
         raise PrismError(f"cannot read the {what} {text!r}: give a size with a unit, e.g. 4GB, 4GiB or 512MB")
+    if m.group(2)[0].isupper() and m.group(2).endswith("b"):  # 25Gb is gigabits (all lowercase, 2gb, reads as bytes)
+        raise PrismError(f"the {what} {str(text).strip()!r} is in bits (lowercase b); give bytes, e.g. "
+                         f"{m.group(1)}{m.group(2)[0].upper()}{m.group(2)[1:-1]}B")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not math.isfinite(value) or value > MAX_SIZE:
         raise PrismError(f"{what} {str(text).strip()!r} is too large: at most {format_size(MAX_SIZE)}")
-    return int(value)
+    return round(value)  # 4.1GB is 4,100,000,000 bytes (int() made it one less)
 
 
 def format_size(n: float) -> str:

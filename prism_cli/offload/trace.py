@@ -271,6 +271,9 @@ def balanced_trace(like: RoutingTrace, num_experts: int, top_k: int, layers: int
     layers) with its share above chance (``k / E``) carried over to the target's chance level. A model of
     routing, not a recording: label its results so.
     """
+    if len(like.experts[0]) < 2:  # no consecutive pair: the reuse rate would be NaN, read as chance
+        raise PrismError(f"the recorded routing has {len(like.experts[0])} token(s); a balanced trace is calibrated on "
+                         "consecutive tokens: record at least 2")
     rng = np.random.default_rng(seed)
     # Reuse above chance carries over: a top-2-of-8 router reuses 25 % by chance alone, top-6-of-64 9 %.
     recorded = float(np.mean([reuse_rate(like.experts[layer]) for layer in range(like.layers)]))
