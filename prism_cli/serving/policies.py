@@ -28,6 +28,7 @@ independently of the policy.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -216,7 +217,7 @@ class PrismPolicy(SchedulingPolicy):
         # until the engine launches them, they are rows of a planned batch, not requests that may fill one.
         placed: dict[OperatingPoint, int] = {}
 
-        def planned(floors: list[OperatingPoint], joining: list[OperatingPoint] = ()) -> float:
+        def planned(floors: list[OperatingPoint], joining: Sequence[OperatingPoint] = ()) -> float:
             # A batch is priced per row at the size its queue can fill it to (its rows plus the waiting
             # requests its point meets, up to max_batch): SPEC's C(|Q_K|, K) over the whole queue. With
             # nothing waiting that is today's size; under load a batch that the queue will fill is worth
