@@ -94,12 +94,13 @@ class ResultTable:
             raise PrismError(f"--out {stem} is a folder; give a file stem such as {Path(stem) / 'table'} "
                              f"(writes .md, .csv and .json)")
         paths = cls.paths(stem)
-        paths += [cls.stem(stem).with_name(cls.stem(stem).name + suffix) for suffix in others]
+        base = cls.stem(stem)
+        paths += [base.with_name(base.name + suffix) for suffix in others]
         check_output_folder(paths[0].parent)
         for path in paths:
             if path.is_dir():
                 raise PrismError(f"cannot write {path}: it is a folder")
-            check_not_input(path, {k: v for k, v in (inputs or {}).items() if v is not None}, inside=True)
+            check_not_input(path, inputs or {}, inside=True)
 
     def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
         """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``, and where that has
