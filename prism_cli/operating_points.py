@@ -31,6 +31,17 @@ class OperatingPoint:
     policy: str
     value: int | float | tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        # Points key the scheduler's memos, consulted many times in every decision (which is charged to
+        # every request): hashed once, not on each lookup.
+        object.__setattr__(self, "_hash", hash((self.policy, self.value)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return OperatingPoint, (self.policy, self.value)  # rehashed where it is unpickled (string hashes are per process)
+
     def __str__(self) -> str:
         sep = "+" if self.policy == "layered" else ","
         value = sep.join(map(str, self.value)) if isinstance(self.value, tuple) else self.value

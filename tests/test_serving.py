@@ -537,9 +537,9 @@ def test_prism_prices_a_launch_at_the_batch_it_would_make():
         priced: list[tuple[int, int]] = []
         step_cost = engine.ladder.step_cost
 
-        def spy(floors, size=None, point=None, step_cost=step_cost, priced=priced):
-            priced.append((len(floors), size))
-            return step_cost(floors, size, point)
+        def spy(point, rows, size=None, step_cost=step_cost, priced=priced):
+            priced.append((rows, size))
+            return step_cost(point, rows, size)
 
         engine.ladder.step_cost = spy
         for _ in range(n):

@@ -161,6 +161,8 @@ class Ladder:
         self._meets: dict[tuple[OperatingPoint, OperatingPoint], bool] = {}
         self._rank: dict[OperatingPoint, float] = {}
         self._decode: dict[tuple[OperatingPoint, int], float] = {}
+        self._own: dict[OperatingPoint, OperatingPoint] = {}
+        self._queues: dict[frozenset[OperatingPoint], tuple[OperatingPoint, ...]] = {}
 
     def meets(self, point: OperatingPoint, floor: OperatingPoint) -> bool:
         key = (point, floor)
@@ -191,32 +193,41 @@ class Ladder:
         measure = self.rank if timed else self.compute
         return sorted(points, key=lambda p: (measure(p), str(p)))
 
-    def queue_points(self, floors: list[OperatingPoint]) -> list[OperatingPoint]:
+    def queue_points(self, floors: Iterable[OperatingPoint]) -> list[OperatingPoint]:
         """The virtual queues worth keeping: every floor waiting, and the full model (any other point has
         the members of the highest floor below it in its family, at a higher cost)."""
-        return self.order({*floors, self.space.full()})
-
-    def cheapest_meeting(self, floors: list[OperatingPoint]) -> OperatingPoint:
         key = frozenset(floors)
+        found = self._queues.get(key)
+        if found is None:
+            found = self._queues[key] = tuple(self.order({*key, self.space.full()}))
+        return list(found)
+
+    def cheapest_meeting(self, floors: Iterable[OperatingPoint]) -> OperatingPoint:
+        key = frozenset(floors)  # the same object where ``floors`` is one already
         if key not in self._cheapest:
             candidates = {*key, self.space.full()}
             self._cheapest[key] = next(p for p in self.order(candidates) if all(self.meets(p, f) for f in key))
         return self._cheapest[key]
 
+    def own_point(self, floor: OperatingPoint) -> OperatingPoint:
+        """The point a request of this floor alone is served at."""
+        found = self._own.get(floor)
+        if found is None:
+            found = self._own[floor] = self.cheapest_meeting((floor,))
+        return found
+
     def own_rank(self, floor: OperatingPoint) -> float:
         """``rank`` of the point a request of this floor alone is served at."""
-        return self.rank(self.cheapest_meeting((floor,)))
+        return self.rank(self.own_point(floor))
 
-    def step_cost(self, floors: list[OperatingPoint], size: int | None = None, point: OperatingPoint | None = None) -> float:
-        """Planned milliseconds of one decode step of a batch with these floors (0 for an empty batch);
-        with ``size``, its rows' share of a step of a batch of ``size`` rows; ``point``: the batch's, where
-        the caller has it (``cheapest_meeting(floors)``)."""
-        if not floors:
+    def step_cost(self, point: OperatingPoint, rows: int, size: int | None = None) -> float:
+        """Planned milliseconds of one decode step of ``rows`` rows at ``point`` (0 without rows); with
+        ``size``, their share of a step of a batch of ``size`` rows."""
+        if not rows:
             return 0.0
-        point = point or self.cheapest_meeting(floors)
         assert self.cost_model is not None
-        size = size or len(floors)
+        size = size or rows
         step = self._decode.get((point, size))
         if step is None:
             step = self._decode[(point, size)] = self.cost_model.decode(point, size)
-        return step * len(floors) / size
+        return step * rows / size

@@ -147,7 +147,7 @@ class MixedPolicy(SchedulingPolicy):
         return fifo_launches(engine)
 
     def points(self, engine: Engine, rows: list[Request]) -> list[OperatingPoint]:
-        return [engine.ladder.cheapest_meeting([r.floor]) for r in rows]
+        return [engine.ladder.own_point(r.floor) for r in rows]
 
 
 @register
@@ -156,7 +156,7 @@ class PrismPolicy(SchedulingPolicy):
     plans_with_costs = True
 
     @staticmethod
-    def _batch_points(engine: Engine, batches: list[Batch]) -> tuple[list[OperatingPoint | None], int]:
+    def _batch_points(engine: Engine, plan: list[_Planned], waiting: list[OperatingPoint]) -> tuple[list[OperatingPoint | None], int]:
         """The point each running batch is kept at (None: it takes any floor now), and how many batches may run.
 
         A batch that took every floor would run at the highest one for as long as it runs, and under load it
@@ -166,21 +166,21 @@ class PrismPolicy(SchedulingPolicy):
         floor that no batch's point meets re-points the batch whose rows already run highest (up), and a
         floor whose own point is below every batch's re-points one batch down to it (``_point_down``); a
         batch whose point no waiting request fits takes any floor for now. At most ``max_running /
-        max_batch`` batches."""
+        max_batch`` batches. ``plan``: the running batches; ``waiting``: the floors waiting."""
         ladder, limits = engine.ladder, engine.limits
-        for b in batches:
-            if b.target is None and b.rows:
-                b.target = ladder.cheapest_meeting([r.floor for r in b.rows])
+        batches = [p.batch for p in plan]
+        for p in plan:
+            if p.batch.target is None and p.rows:
+                p.batch.target = ladder.cheapest_meeting(p.floors)
         most = -(-limits.max_running // limits.max_batch)
         if len(batches) >= most and batches:
-            waiting = engine.waiting.floors()
             homeless = [f for f in waiting if not any(ladder.meets(b.target, f) for b in batches)]
             if homeless:
-                b = max(batches, key=lambda b: ladder.rank(ladder.cheapest_meeting([r.floor for r in b.rows])))
+                b = max(plan, key=lambda p: ladder.rank(ladder.cheapest_meeting(p.floors))).batch
                 b.target = ladder.cheapest_meeting([b.target, *homeless])
             else:
                 PrismPolicy._point_down(engine, batches, waiting)
-        fits = [b.target is not None and engine.waiting.count(lambda f, t=b.target: ladder.meets(t, f)) > 0 for b in batches]
+        fits = [b.target is not None and any(ladder.meets(b.target, f) for f in waiting) for b in batches]
         return [b.target if ok else None for b, ok in zip(batches, fits, strict=True)], most
 
     @staticmethod
@@ -195,8 +195,8 @@ class PrismPolicy(SchedulingPolicy):
         ladder = engine.ladder
         if len(batches) < 2:
             return  # one batch re-pointed down would turn the higher floors away until it drained
-        own = [ladder.cheapest_meeting([f]) for f in set(waiting)]
-        below = [p for p in own if all(ladder.rank(p) < ladder.rank(b.target) for b in batches)]
+        lowest = min(ladder.rank(b.target) for b in batches)
+        below = [p for p in map(ladder.own_point, waiting) if ladder.rank(p) < lowest]
         if not below:
             return
         low = min(below, key=lambda p: (ladder.rank(p), str(p)))
@@ -210,69 +210,73 @@ class PrismPolicy(SchedulingPolicy):
         if engine.cost_model is None:
             raise PrismError("the prism policy plans with a cost model: build one with `prism schedule cost-model` "
                              "or pass --cost-model")
-        limits, ladder = engine.limits, engine.ladder
-        # A plan of the batches after this iteration's launches: (batch or None, floors of its rows).
-        plan: list[tuple[Batch | _NewBatch | None, list[OperatingPoint]]] = [(b, [r.floor for r in b.rows]) for b in engine.batches]
+        limits, ladder, waiting = engine.limits, engine.ladder, engine.waiting
+        # A decision runs between two forward passes and is charged to every request, so a batch is planned by
+        # its number of rows and the set of their floors (its point depends on nothing else), not row by row.
+        plan = [_Planned(b, len(b.rows), frozenset(r.floor for r in b.rows)) for b in engine.batches]
+        waiting_floors = waiting.floors()
         # Floors of the waiting requests this iteration has placed already: still in the waiting queue
         # until the engine launches them, they are rows of a planned batch, not requests that may fill one.
         placed: dict[OperatingPoint, int] = {}
+        queued: dict[OperatingPoint, int] = {}  # the size of a point's virtual queue (fixed within a decision)
 
-        def planned(floors: list[OperatingPoint], joining: Sequence[OperatingPoint] = ()) -> float:
+        def planned(rows: int, floors: frozenset[OperatingPoint], joining: Sequence[OperatingPoint] = ()) -> float:
             # A batch is priced per row at the size its queue can fill it to (its rows plus the waiting
             # requests its point meets, up to max_batch): SPEC's C(|Q_K|, K) over the whole queue. With
             # nothing waiting that is today's size; under load a batch that the queue will fill is worth
-            # opening now, which pricing it at one row would never show. ``joining``: the waiting requests
-            # among ``floors`` (a candidate launch's members).
-            if not floors:
+            # opening now, which pricing it at one row would never show. ``joining``: the floors of the
+            # waiting requests among its rows (a candidate launch's members).
+            if not rows:
                 return 0.0
             point = ladder.cheapest_meeting(floors)
+            if point not in queued:
+                queued[point] = waiting.count(lambda f: ladder.meets(point, f))
             claimed = sum(n for f, n in placed.items() if ladder.meets(point, f)) + sum(ladder.meets(point, f) for f in joining)
-            unplaced = engine.waiting.count(lambda f: ladder.meets(point, f)) - claimed
-            size = min(limits.max_batch, len(floors) + unplaced)
-            return ladder.step_cost(floors, max(size, len(floors)), point)
+            size = min(limits.max_batch, rows + queued[point] - claimed)
+            return ladder.step_cost(point, rows, max(size, rows))
 
-        cost = [planned(floors) for _, floors in plan]
-        targets, most_batches = self._batch_points(engine, [b for b, _ in plan])
+        for p in plan:
+            p.cost = planned(p.rows, p.floors)
+        targets, most_batches = self._batch_points(engine, plan, waiting_floors)
 
-        def own_batches(r: Request) -> list[int]:
-            """The planned batches whose point meets ``r``'s floor (or that take any floor now)."""
-            return [i for i in range(len(plan)) if targets[i] is None or ladder.meets(targets[i], r.floor)]
+        def own_batches(floor: OperatingPoint) -> list[int]:
+            """The planned batches whose point meets ``floor`` (or that take any floor now)."""
+            return [i for i in range(len(plan)) if targets[i] is None or ladder.meets(targets[i], floor)]
 
-        def may_launch(r: Request) -> bool:
-            """Room for ``r`` in one of its own batches or in a new one; or no batch of its own at all (then it
-            may raise another batch's point, so that ``t_max`` still bounds its wait)."""
-            own = own_batches(r)
-            return len(plan) < most_batches or not own or any(len(plan[i][1]) < limits.max_batch for i in own)
+        def may_launch(floor: OperatingPoint) -> bool:
+            """Room for a request of ``floor`` in one of its own batches or in a new one; or no batch of its own
+            at all (then it may raise another batch's point, so that ``t_max`` still bounds its wait)."""
+            own = own_batches(floor)
+            return len(plan) < most_batches or not own or any(plan[i].rows < limits.max_batch for i in own)
 
         free = engine.free_slots()
         launched: list[Launch] = []
         taken: set[int] = set()
         now = engine.now()
         while free > 0:
-            oldest = next((r for r in engine.waiting if id(r) not in taken and may_launch(r)), None)
+            oldest = waiting.oldest(may_launch, taken)
             if oldest is None:
                 break
             overdue = oldest if now - oldest.arrival > limits.t_max else None
-            homeless = overdue is not None and len(plan) >= most_batches and not own_batches(overdue)
-            rows = sum(len(f) for _, f in plan)
-            total = sum(cost)
-            best = None  # ((forced, full, utility, -overpay), target index, members, new floors, new cost)
-            for k in ladder.queue_points(engine.waiting.floors()):
+            homeless = overdue is not None and len(plan) >= most_batches and not own_batches(overdue.floor)
+            rows = sum(p.rows for p in plan)
+            total = sum(p.cost for p in plan)
+            best = None  # ((forced, full, utility, -overpay), plan index, members, its rows, floors and cost after)
+            for k in ladder.queue_points(waiting_floors):
                 if overdue is None:
                     accepts = lambda f, k=k: ladder.meets(k, f)  # noqa: E731 - the virtual queue of point k
                 elif ladder.meets(k, overdue.floor):
                     # A forced launch takes the overdue request with the requests that k is the own point of:
                     # filling it with cheaper floors would make them pay k's price for a launch they did not win.
-                    accepts = lambda f, k=k, own=overdue.floor: f == own or ladder.cheapest_meeting([f]) == k  # noqa: E731
+                    accepts = lambda f, k=k, own=overdue.floor: f == own or ladder.own_point(f) == k  # noqa: E731
                 else:
                     continue
-                members_all = engine.waiting.peek(accepts, free + len(taken))
-                members_all = [r for r in members_all if id(r) not in taken]
+                members_all = [r for r in waiting.peek(accepts, free + len(taken)) if id(r) not in taken]
                 if not members_all:
                     continue
                 for index in range(len(plan) + (1 if len(plan) < most_batches else 0)):
-                    floors = plan[index][1] if index < len(plan) else []
-                    room = min(free, limits.max_batch - len(floors))
+                    entry = plan[index] if index < len(plan) else _Planned(None, 0, frozenset())
+                    room = min(free, limits.max_batch - entry.rows)
                     if room <= 0:
                         continue
                     target = None if homeless or index >= len(targets) else targets[index]
@@ -280,37 +284,35 @@ class PrismPolicy(SchedulingPolicy):
                     if not pool:
                         continue
                     members = pool[:room]
-                    new_floors = floors + [r.floor for r in members]
-                    new_cost = planned(new_floors, [r.floor for r in members])
-                    old_cost = cost[index] if index < len(plan) else 0.0
-                    utility = (rows + len(members)) / (total - old_cost + new_cost)
-                    full = len(new_floors) == limits.max_batch
+                    joining = [r.floor for r in members]
+                    new_rows, new_floors = entry.rows + len(members), entry.floors.union(joining)
+                    new_cost = planned(new_rows, new_floors, joining)
+                    utility = (rows + len(members)) / (total - entry.cost + new_cost)
+                    full = new_rows == limits.max_batch
                     forced = overdue is not None and any(m is overdue for m in members)
                     # Among equal utilities (a join that leaves the batch's point as it is), prefer the
                     # members whose own point the batch runs at: cheaper floors are kept for cheaper batches.
                     point = ladder.rank(ladder.cheapest_meeting(new_floors))
-                    overpay = sum(point - ladder.own_rank(m.floor) for m in members)
+                    overpay = sum(point - ladder.own_rank(f) for f in joining)
                     key = (forced, full, round(utility, 12), -overpay)
                     if best is None or key > best[0]:
-                        best = (key, index, members, new_floors, new_cost)
+                        best = (key, index, members, _Planned(entry.batch, new_rows, new_floors, new_cost))
             if best is None:
                 break
-            (forced, *_), index, members, new_floors, new_cost = best
+            (forced, *_), index, members, after = best
             if overdue is not None and not forced:
                 break  # the overdue request fits nowhere yet: keep the room for it
             if index < len(plan):
-                plan[index] = (plan[index][0], new_floors)
-                cost[index] = new_cost
+                plan[index] = after
             else:
-                plan.append((None, new_floors))
-                targets.append(ladder.cheapest_meeting(new_floors))
-                cost.append(new_cost)
-            target = plan[index][0]
+                plan.append(after)
+                targets.append(ladder.cheapest_meeting(after.floors))
+            target = after.batch
             if isinstance(target, _NewBatch):  # a batch created by an earlier launch of this iteration
                 launched[target.launch].requests.extend(members)
             elif target is None:
                 launched.append(Launch(None, list(members)))
-                plan[index] = (_NewBatch(len(launched) - 1), new_floors)
+                after.batch = _NewBatch(len(launched) - 1)
             else:
                 existing = next((lt for lt in launched if lt.batch is target), None)
                 if existing is not None:
@@ -320,9 +322,22 @@ class PrismPolicy(SchedulingPolicy):
             taken.update(id(m) for m in members)
             for m in members:
                 placed[m.floor] = placed.get(m.floor, 0) + 1
-            cost = [planned(floors) for _, floors in plan]  # fewer requests left to fill the other batches
+            for p in plan:  # fewer requests left to fill the other batches
+                p.cost = planned(p.rows, p.floors)
             free -= len(members)
         return launched
+
+
+@dataclass(eq=False)
+class _Planned:
+    """A batch as a decision plans it: the batch (running, created by a launch of this decision, or None for
+    one still to create), and its rows after this decision's launches so far: how many, their distinct
+    floors, and the planned milliseconds of its next step."""
+
+    batch: Batch | _NewBatch | None
+    rows: int
+    floors: frozenset[OperatingPoint]
+    cost: float = 0.0
 
 
 @dataclass(eq=False)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.requests import Request
+
+_seq = operator.attrgetter("seq")
 
 
 class WaitingQueue:
@@ -22,7 +25,7 @@ class WaitingQueue:
         return self._count
 
     def __iter__(self) -> Iterator[Request]:
-        return heapq.merge(*self._by_floor.values(), key=lambda r: r.seq)
+        return heapq.merge(*self._by_floor.values(), key=_seq)
 
     def floors(self) -> list[OperatingPoint]:
         return [f for f, q in self._by_floor.items() if q]
@@ -32,14 +35,23 @@ class WaitingQueue:
         self._by_floor.setdefault(request.floor, deque()).append(request)
         self._count += 1
 
-    def oldest(self) -> Request | None:
-        heads = [q[0] for q in self._by_floor.values() if q]
-        return min(heads, key=lambda r: r.seq) if heads else None
+    def oldest(self, accepts: Callable[[OperatingPoint], bool] | None = None, skip: Set[int] = frozenset()) -> Request | None:
+        """The oldest request whose floor ``accepts`` admits (any floor without it) and whose ``id`` is not in
+        ``skip``: the head of each floor's FIFO past the skipped, not a walk over every waiting request."""
+        heads = []
+        for floor, q in self._by_floor.items():
+            if q and (accepts is None or accepts(floor)):
+                head = next((r for r in q if id(r) not in skip), None) if skip else q[0]
+                if head is not None:
+                    heads.append(head)
+        return min(heads, key=_seq) if heads else None
 
     def peek(self, accepts: Callable[[OperatingPoint], bool], n: int) -> list[Request]:
-        """The ``n`` oldest requests whose floor ``accepts`` admits (a virtual queue), without removing them."""
-        queues = [q for f, q in self._by_floor.items() if q and accepts(f)]
-        return list(itertools.islice(heapq.merge(*queues, key=lambda r: r.seq), n))
+        """The ``n`` oldest requests whose floor ``accepts`` admits (a virtual queue), without removing them:
+        the oldest of the first ``n`` of each floor's FIFO (``n`` is a few free slots, the FIFOs long)."""
+        heads = [r for f, q in self._by_floor.items() if q and accepts(f) for r in itertools.islice(q, n)]
+        heads.sort(key=_seq)
+        return heads[:n]
 
     def count(self, accepts: Callable[[OperatingPoint], bool]) -> int:
         """How many requests a virtual queue holds."""
