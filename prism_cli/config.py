@@ -70,7 +70,7 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise PrismError(f"config file {path} is a folder; give a YAML file such as configs/builtin.yaml")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # a SafeLoader: no arbitrary objects
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.constructor.ConstructorError as exc:
         raise PrismError(f"config file {path}: {exc.problem}") from None
     except yaml.YAMLError as exc:
@@ -79,6 +79,9 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
         raise PrismError(f"config file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise PrismError(f"cannot read config file {path}: {exc.strerror}") from None
+    if data is None or data == {}:  # a run on nothing but defaults, which --config was not given for
+        raise PrismError(f"config file {path} is empty: give options such as model: and data: (configs/builtin.yaml), "
+                         "or leave --config out")
     if not isinstance(data, dict):
         raise PrismError(f"config file {path} must hold a mapping of option names to values")
     check_run_config(data, path)

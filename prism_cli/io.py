@@ -69,6 +69,8 @@ def check_new_folder(path: Path, force: bool) -> None:
     here = Path.cwd().resolve()
     if target == here or target in here.parents:
         raise PrismError(f"output {path} is or holds the current folder; give a new folder to write into")
+    if path.exists() and not path.is_dir():  # --force replaces an earlier output folder, never a file
+        raise PrismError(f"output {path} is a file, not a folder: give a folder to write into")
     if path.exists() and not force:
         raise PrismError(f"output {path} already exists; pass --force to replace it")
     parent = target.parent

@@ -50,6 +50,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers.integrations.moe import _default_apply_gate
 
 from prism_cli.errors import PrismError
+from prism_cli.layers import MAX_LAYERS, format_layers
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
 from prism_cli.profiling.budget import ProfileGeometry, format_size, forward_bytes, plan_memory, reservoir_caps
 
@@ -58,7 +59,6 @@ COSTS_FORMAT = "prism-plan-costs"
 _CHECKPOINT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Decoder layers the planner builds at most (each one on the meta device: 1,000 take about 2 s).
-MAX_LAYERS = 1_000
 
 
 # ---- the model, from its config ---------------------------------------------------------------
@@ -418,7 +418,8 @@ class MachineCosts:
         except FileNotFoundError:
             raise PrismError(f"costs file {path} does not exist; run `prism plan calibrate --out {path}`") from None
         except (OSError, ValueError, KeyError, TypeError):
-            raise PrismError(f"{path} is not a prism plan costs file; run `prism plan calibrate --out {path}`") from None
+            raise PrismError(f"{path} is not a prism plan costs file; make one with `prism plan calibrate --out COSTS.json` "
+                             "and pass that") from None
 
 
 def _loglog(points: list[tuple[int, float]], x: float) -> float:
@@ -504,7 +505,8 @@ def check_plan(shape: ModelShape, settings: PlanSettings, machine: MachineCosts)
     """Refuse what cannot be planned before anything is measured."""
     missing = sorted(set(settings.layers or []) - set(shape.moe_layers))
     if missing:
-        raise PrismError(f"--layers {missing} are not MoE layers of {shape.name} (MoE layers: {shape.moe_layers})")
+        raise PrismError(f"--layers {format_layers(missing)} are not MoE layers of {shape.name} "
+                         f"(MoE layers: {format_layers(shape.moe_layers)})")
     if settings.sub_experts < 2:
         raise PrismError(f"--sub-experts must be at least 2, got {settings.sub_experts}")
     if shape.width % settings.sub_experts:

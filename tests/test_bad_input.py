@@ -354,7 +354,7 @@ NEVER_LIVE = ("prism_cli.runtime.elastic", "load_elastic_model")
 
 def offload_args(w: World, *extra: Any, budgets: str = "50%", points: str = "topk:2") -> list[Any]:
     return ["offload-bench", w.export, "--device-memory", budgets, "--points", points, "--tokens", "2", "--warmup", "0",
-            "--context", "4", "--quality-tokens", "16", *extra, "--out", w.out]
+            "--context", "4", "--quality-tokens", "16", "--out", w.out, *extra]
 
 
 def offload_trace(w: World, change: str) -> Path:
@@ -396,6 +396,11 @@ CASES = [
          ("--out .", "holds the source model"), cwd="."),
     Case("export-out-dot-empty-folder", lambda w: (w.folder("here"), ["export", w.model, w.partition, "--out", ".", "--force"])[1],
          ("is or holds the current folder", "new folder"), cwd="here"),
+    Case("export-out-is-a-file-even-with-force",
+         lambda w: ["export", w.model, w.partition, "--out", w.write("notes.txt", "mine"), "--force"],
+         ("output", "notes.txt is a file, not a folder")),
+    Case("select-routers-candidate-is-a-file", lambda w: ["select-routers", w.export, w.write("notes.txt", "mine"), "--out", w.out],
+         ("notes.txt' is a file", "export folder")),
     Case("export-out-read-only", lambda w: ["export", w.model, w.partition, "--out", w.unwritable() / "export"], ("not writable",)),
     Case("export-existing-output-needs-force", lambda w: (w.write("out/keep.txt", "mine"), export_args(w))[1],
          ("already exists", "--force")),
@@ -534,6 +539,9 @@ CASES = [
     Case("config-invalid-yaml", lambda w: profile_args(w, "--config", config(w, "profile: {tokens: [unclosed\n")),
          ("not valid YAML",)),
     Case("config-missing", lambda w: profile_args(w, "--config", w.root / "nope.yaml"), ("config file", "does not exist")),
+    Case("config-empty-for-tables", lambda w: ["tables", "--config", config(w, "# nothing but a comment\n"), "--out", w.out],
+         ("config file", "is empty")),
+    Case("config-empty-mapping", lambda w: profile_args(w, "--config", config(w, "{}\n")), ("is empty",)),
     # --- profile ---------------------------------------------------------------------------------------
     Case("profile-missing-model", lambda w: profile_args(w, model=w.root / "no-such-model"), ("does not exist",)),
     Case("profile-not-a-checkpoint", lambda w: profile_args(w, model=w.write("just-a-folder/notes.txt", "hello").parent),
@@ -558,7 +566,7 @@ CASES = [
     Case("profile-tokens-0", lambda w: profile_args(w, "--tokens", "0"), ("--tokens", "positive")),
     Case("profile-negative-max-rows", lambda w: profile_args(w, "--max-rows", "-5"), ("--max-rows", "-5")),
     Case("profile-holdout-1.5", lambda w: profile_args(w, "--holdout", "1.5"), ("--holdout", "1.5")),
-    Case("profile-layers-not-moe", lambda w: profile_args(w, "--layers", "0,7"), ("--layers [7]", "MoE layers: [0, 1]")),
+    Case("profile-layers-not-moe", lambda w: profile_args(w, "--layers", "0,7"), ("--layers 7 are not MoE layers", "MoE layers: 0-1)")),
     Case("profile-bad-dtype", lambda w: profile_args(w, "--dtype", "float64"), ("unknown dtype 'float64'",)),
     Case("profile-bad-row-dtype", lambda w: profile_args(w, "--row-dtype", "int8"), ("--row-dtype", "int8")),
     # --- partition -------------------------------------------------------------------------------------
@@ -593,7 +601,11 @@ CASES = [
     Case("partition-bad-solver-value", lambda w: partition_args(w, "-O", "objective=sideways"), ("objective must be",)),
     Case("partition-bad-solver-type", lambda w: partition_args(w, "--solver", "nsga2", "-O", "generations=ten"),
          ("option generations must be int", "'ten'")),
-    Case("partition-layers-not-profiled", lambda w: partition_args(w, "--layers", "1,5"), ("--layers [5]", "profiled layers: [0, 1]")),
+    Case("partition-layers-not-profiled", lambda w: partition_args(w, "--layers", "1,5"), ("--layers 5 are not", "profiled layers: 0-1)")),
+    Case("partition-layers-range-not-profiled", lambda w: partition_args(w, "--layers", "0-99"),
+         ("--layers 2-99 are not in the profile", "profiled layers: 0-1)")),
+    Case("partition-layers-past-any-model", lambda w: partition_args(w, "--layers", "0-100000000"),
+         ("--layers 0-100000000", "up to 1,000 decoder layers")),
     Case("partition-bad-executor", lambda w: partition_args(w, "--executor", "spark"), ("unknown executor 'spark'", "local, ray")),
     Case("compare-unknown-solver", lambda w: ["partition", "compare", w.profile, "--solvers", "random,magic", "--out", w.out],
          ("unknown solver 'magic'",)),
@@ -643,6 +655,10 @@ CASES = [
     Case("bench-cuda-without-cuda", lambda w: bench_args(w, "--device", "cuda"), ("CUDA",),
          marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),)),
     # --- offload-bench ----------------------------------------------------------------------------------
+    Case("offload-bench-out-inside-the-export", lambda w: offload_args(w, "--out", w.export / "prism"),
+         ("lies inside the model",), never=NEVER_OFFLOAD),
+    Case("offload-bench-out-is-a-file", lambda w: offload_args(w, "--out", w.write("results.txt", "x")),
+         ("is a file, not a folder",), never=NEVER_OFFLOAD),
     Case("offload-bench-empty-policy", lambda w: offload_args(w, "--policy", ""), ("--policy needs at least one value",),
          never=NEVER_OFFLOAD),
     Case("offload-bench-policy-with-an-empty-item", lambda w: offload_args(w, "--policy", "lru,,lfu"),

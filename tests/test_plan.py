@@ -235,7 +235,7 @@ def test_plan_refuses_bad_config_values_naming_the_field(cli, costs_file, tmp_pa
         ("uncalibrated-solver", ["no calibrated partition cost for solver 'anneal'"]),
         ("n-not-divisor", ["--sub-experts 5", "width 32"]),
         ("bad-memory", ["--max-memory must be a size"]),
-        ("bad-layers", ["--layers [7]", "MoE layers: [0, 1]"]),
+        ("bad-layers", ["--layers 7 are not MoE layers", "MoE layers: 0-1)"]),
         ("n-0", ["--sub-experts must be at least 2, got 0"]),
         ("n-1", ["--sub-experts must be at least 2, got 1"]),
         ("seq-len-past-the-positions", ["--seq-len 100000", "positions"]),

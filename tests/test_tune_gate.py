@@ -295,6 +295,22 @@ def _interrupt_at(step: int):
     return on_step
 
 
+def test_a_damaged_checkpoint_is_refused_in_words_of_its_own(export, train_text, tmp_path):
+    """A checkpoint that is JSON, or a torch file cut short: one line that says so and how to start over, not
+    torch's advice to load it with ``weights_only=False`` (which would run the code a file holds)."""
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        tune_gate(export, out, settings(train_text, steps=4), on_step=_interrupt_at(2))
+    good = checkpoint_path(out).read_bytes()
+    for damaged in (b'{"step": 2}', good[: len(good) // 2]):
+        checkpoint_path(out).write_bytes(damaged)
+        with pytest.raises(PrismError) as info:
+            tune_gate(export, out, settings(train_text, steps=4), resume=True)
+        message = str(info.value)
+        assert "damaged or not a tune-gate checkpoint" in message and "--force" in message
+        assert "weights_only" not in message and "\n" not in message
+
+
 def test_ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_run(export, train_text, tuned, tmp_path):
     out_full, full = tuned
     out = tmp_path / "out"

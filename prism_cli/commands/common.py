@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from prism_cli.config import config_callback
 from prism_cli.console import progress_bar
 from prism_cli.errors import PrismError
+from prism_cli.layers import MAX_LAYERS
 
 ConfigOption = typer.Option(
     None,
@@ -90,6 +91,9 @@ def parse_layers(value: str | None, option: str = "--layers") -> list[int] | Non
             raise PrismError(f"{option} must list layers and ranges such as 0-7,12, got {value!r}") from None
         if hi < lo:
             raise PrismError(f"{option} range {part} is empty (the end comes before the start)")
+        if hi >= MAX_LAYERS:
+            raise PrismError(f"{option} {part}: layers are numbered from 0 and prism handles models of up to "
+                             f"{MAX_LAYERS:,} decoder layers")
         out.extend(range(lo, hi + 1))
     return out
 

@@ -9,6 +9,7 @@ import typer
 from prism_cli.commands.common import ConfigOption, StageBars, check_seed
 from prism_cli.console import console
 from prism_cli.errors import PrismError
+from prism_cli.io import check_not_input, check_output_folder
 
 
 def offload_bench(
@@ -57,6 +58,9 @@ def offload_bench(
         trace_tokens=trace_tokens,
     )
     settings.validate()
+    inputs = {what: Path(path) for what, path in (("model", model), ("trace", trace)) if path and Path(path).exists()}
+    check_not_input(out, inputs, inside=True)  # results inside an export would be read as part of it
+    check_output_folder(out)  # before the runs: a results folder that cannot be written fails now, not after them
     from prism_cli.offload.bench import run_offload_bench
 
     with StageBars() as stages:

@@ -16,6 +16,8 @@ def _named(specs: list[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if Path(path).is_file():
+            raise PrismError(f"candidate {spec!r} is a file; give an export folder (DIR or NAME=DIR)")
         name = name or Path(path).name
         if not name or "." in name:
             raise PrismError(f"candidate {spec!r}: give it a name without dots, as NAME=DIR")

@@ -31,6 +31,7 @@ from prism_cli.data import text_hash
 from prism_cli.data.windows import token_windows
 from prism_cli.errors import Interrupted, PrismError
 from prism_cli.io import atomic_path, check_writable, open_work_dir
+from prism_cli.layers import format_layers
 from prism_cli.models.adapters import MoELayer
 from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint
 from prism_cli.profiling.budget import MemoryPlan, ProfileGeometry, format_size, forward_bytes, plan_memory
@@ -152,7 +153,7 @@ def select_layers(all_layers: list[MoELayer], wanted: list[int] | None) -> list[
     known = {layer.index: layer for layer in all_layers}
     missing = sorted(set(wanted) - set(known))
     if missing:
-        raise PrismError(f"--layers {missing} are not MoE layers of this model (MoE layers: {sorted(known)})")
+        raise PrismError(f"--layers {format_layers(missing)} are not MoE layers of this model (MoE layers: {format_layers(known)})")
     return [known[i] for i in sorted(set(wanted))]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from prism_cli import __version__
 from prism_cli.errors import Interrupted, PrismError
 from prism_cli.io import check_writable
+from prism_cli.layers import format_layers
 from prism_cli.profiling.format import ExpertRows, ProfileFile
 from prism_cli.solvers.base import SOLVERS, PartitionProblem
 from prism_cli.solvers.checkpoint import ResultStore, work_dir_for
@@ -228,7 +229,7 @@ def check_run(
         chosen = layers or profile.layers
         missing = sorted(set(chosen) - set(profile.layers))
         if missing:
-            raise PrismError(f"--layers {missing} are not in the profile (profiled layers: {profile.layers})")
+            raise PrismError(f"--layers {format_layers(missing)} are not in the profile (profiled layers: {format_layers(profile.layers)})")
         check_rows(profile, chosen, settings)
         return list(chosen), {k: profile.meta[k] for k in MODEL_KEYS}, profile.num_experts
 

@@ -515,8 +515,9 @@ def _load_checkpoint(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file; all mean "unreadable"
-        raise PrismError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                         "delete it (or pass --force without --resume) to start over") from None
+        # torch's own message would advise weights_only=False, which runs whatever code the file holds.
+        raise PrismError(f"cannot read the checkpoint {path}: it is damaged or not a tune-gate checkpoint "
+                         f"({type(exc).__name__}); delete it (or pass --force without --resume) to start over") from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise PrismError(f"{path} is not a tune-gate checkpoint of this prism; delete it to start over")
     saved = state["record"]
