@@ -7,7 +7,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-stability-n8 bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes decode-bound runtime-memory
+.PHONY: install demo test bench-executors executor-bounds executor-bounds-n8 serving-export-n8 bench-decode-n8 profile-moe bench-allocator test-all test-slow tables tables-n8 bench-stability bench-stability-n8 bench-profile bench-partition bench-fingerprint compare-solvers gate-ablation model gpu-check lint clean serving-export cost-model schedule-sweep schedule-high load-test families down-bias tune-gate tune-gate-n8 bench-scale plan-costs offload-builtin offload-deepseek offload bench-settle bench-kv-cache bench-router-modes decode-bound runtime-memory bench-decision
 
 # torch is pinned to the CPU build in the same pip command, so pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -267,6 +267,10 @@ runtime-memory: serving-export
 
 decode-bound: $(STAMP)
 	$(BIN)/python scripts/decode_bound.py --bench results/serving_bench_decode.json --out results/decode_bound
+
+# One scheduling decision of every policy, warm and right after a decode step, against the decode step (high load).
+bench-decision: serving-export executor-bounds
+	$(BIN)/python scripts/bench_decision.py --export $(SERVE)/export --cost-model results/serving_cost_model.json --out results/decision_time
 
 # The real engine's high-load sweep alone, written apart: a second sample of schedule-sweep's real run.
 schedule-high: serving-export
