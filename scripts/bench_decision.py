@@ -137,8 +137,7 @@ def main() -> None:
         f"Export {args.export}, float32, measured on {machine_label(env)}; the sweep's high load ({rate:.2f} requests/s: "
         f"{LOADS['high']}x FIFO on the original's simulated capacity), {args.duration:g} simulated seconds, seed "
         f"{args.seed}, {args.states} engine states kept per policy (spread over its run), {args.repeats} timings each way; "
-        f"the decode step: "
-        f"{rows} rows at {full}, cache width {PROMPT}-{MAX_WIDTH}.",
+        f"the decode step: {rows} rows at {full}, cache width {PROMPT}-{MAX_WIDTH}.",
         f"Command: python scripts/bench_decision.py --export {args.export} --cost-model {args.cost_model} "
         f"--out {args.out} (make bench-decision).",
     ]
