@@ -654,6 +654,16 @@ CALIBRATION_CONFIG = {
 }
 
 
+#: Sub-experts each synthetic expert of ``prism plan calibrate`` is cut into.
+CALIBRATION_SUB_EXPERTS = 4
+
+
+def calibration_bytes(width: int, rows: int) -> int:
+    """A rough upper bound on one calibration solve's memory: its rows (fit and held out, float32, a few copies)
+    and the width x width float64 matrices a solver builds."""
+    return 4 * (rows + rows // 4) * width * 4 + 3 * 8 * width * width
+
+
 def _solve_one(solver: str, width: int, rows: int, heldout_rows: int, sub_experts: int) -> tuple[float, float, int]:
     """Solve one synthetic expert the way a `prism partition` worker does: (wall s, CPU s, peak bytes)."""
     from prism_cli.io import peak_rss_bytes
@@ -684,7 +694,7 @@ def _partition_costs(solvers: list[str], widths: list[int], rows: int, on_step: 
         for width in widths:
             on_step(f"partition: {solver} at width {width}")
             with _single_threaded_children(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                wall, cpu, rss = pool.submit(_solve_one, solver, width, rows, rows // 4, 4).result()
+                wall, cpu, rss = pool.submit(_solve_one, solver, width, rows, rows // 4, CALIBRATION_SUB_EXPERTS).result()
             table[solver].append((width, wall, cpu))
             peak[width] = max(peak.get(width, 0), rss)
     return table, sorted(peak.items())

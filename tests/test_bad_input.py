@@ -220,6 +220,14 @@ class World:
             path.write_bytes(self.sources.partition.read_bytes())
             with h5py.File(path, "r+") as h5:
                 del h5["layers/1/permutation"]
+        elif kind in ("permutation-group", "permutation-text"):
+            path.write_bytes(self.sources.partition.read_bytes())
+            with h5py.File(path, "r+") as h5:
+                del h5["layers/1/permutation"]
+                if kind == "permutation-group":
+                    h5.create_group("layers/1/permutation")
+                else:
+                    h5["layers/1/permutation"] = "0 1 2 3"
         return path
 
     def edited_profile(self, kind: str) -> Path:
@@ -428,6 +436,12 @@ CASES = [
          ("corrupt",)),
     Case("export-partition-without-a-permutation", lambda w: export_args(w, partition=w.broken_partition("no-permutation")),
          ("is corrupt", "dataset layers/1/permutation is missing")),  # was h5py's "Unable to synchronously open object"
+    Case("merge-partition-permutation-is-a-group",
+         lambda w: ["partition", "merge", w.broken_partition("permutation-group"), w.partition, "--out", w.root / "merged.h5"],
+         ("is corrupt", "layers/1/permutation is not an array of numbers")),  # was an internal error (TypeError)
+    Case("merge-partition-permutation-is-text",
+         lambda w: ["partition", "merge", w.broken_partition("permutation-text"), w.partition, "--out", w.root / "merged.h5"],
+         ("is corrupt", "layers/1/permutation is not an array of numbers")),  # was an internal error (AttributeError)
     Case("export-partition-short-retained", lambda w: export_args(w, partition=w.broken_partition("short-retained")),
          ("is corrupt", "layer 0 fit_retained has shape (8, 2), not (8, 3)")),  # was exported
     Case("export-partition-sub-experts-edited", lambda w: export_args(w, partition=w.edited_partition(sub_experts=2)),
@@ -607,6 +621,9 @@ CASES = [
     Case("partition-layers-past-any-model", lambda w: partition_args(w, "--layers", "0-100000000"),
          ("--layers 0-100000000", "up to 1,000 decoder layers")),
     Case("partition-bad-executor", lambda w: partition_args(w, "--executor", "spark"), ("unknown executor 'spark'", "local, ray")),
+    Case("compare-out-stem-onto-the-profile",
+         lambda w: ["partition", "compare", w.write("prof.json", w.profile.read_bytes()), "--solvers", "random", "--out", w.root / "prof"],
+         ("is the profile",), never=NEVER_SOLVE),
     Case("compare-unknown-solver", lambda w: ["partition", "compare", w.profile, "--solvers", "random,magic", "--out", w.out],
          ("unknown solver 'magic'",)),
     Case("compare-n-not-divisor", lambda w: ["partition", "compare", w.profile, "--solvers", "random", "-N", "5", "--out", w.out],

@@ -275,8 +275,21 @@ def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, c
 
 def test_calibrate_bad_input_is_one_line(cli, tmp_path) -> None:
     cli("plan", "calibrate", "--solvers", "magic", "--out", tmp_path / "c.json").assert_one_line_error("unknown solver 'magic'")
-    cli("plan", "calibrate", "--widths", "4", "--out", tmp_path / "c.json").assert_one_line_error("widths of at least 8")
+    for widths in ("4", "10", "8", "-1"):  # 8 passed the old bound and crashed in the solver
+        cli("plan", "calibrate", "--widths", widths, "--out", tmp_path / "c.json").assert_one_line_error(
+            f"--widths {widths}", "multiple of 4", "at least 16")
+    cli("plan", "calibrate", "--widths", "256,256", "--out", tmp_path / "c.json").assert_one_line_error("--widths names 256 more than once")
+    cli("plan", "calibrate", "--solvers", "greedy,greedy", "--out", tmp_path / "c.json").assert_one_line_error("greedy more than once")
+    cli("plan", "calibrate", "--solvers", " ", "--out", tmp_path / "c.json").assert_one_line_error("--solvers names no solver")
+    cli("plan", "calibrate", "--rows", "0", "--out", tmp_path / "c.json").assert_one_line_error("--rows must be at least 8, got 0")
+    cli("plan", "calibrate", "--widths", "99999996", "--out", tmp_path / "c.json").assert_one_line_error("GiB is free")
     assert list(tmp_path.iterdir()) == []
+    other = tmp_path / "other.json"
+    other.write_text('{"mine": true}')
+    cli("plan", "calibrate", "--solvers", "greedy", "--widths", "16", "--out", other).assert_one_line_error(
+        "not a prism plan costs file")
+    assert other.read_text() == '{"mine": true}'  # not overwritten
+    cli("plan", "calibrate", "--out", other / "c.json").assert_one_line_error("is a file, not a folder")
 
 
 # --- the synthetic checkpoint writer -------------------------------------------------------------------

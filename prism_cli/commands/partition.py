@@ -119,7 +119,7 @@ def compare(
         raise PrismError(f"--solvers names {', '.join(repeated)} more than once; give each solver once")
     for name in names:
         SOLVERS.get(name)
-    ResultTable.check_writable(out)
+    ResultTable.check_writable(out, {"profile": profile, **({"config file": Path(config)} if config else {})})
     wanted = parse_layers(layers)
     table = ResultTable(
         f"partition solvers on {profile.name}: N = {sub_experts}, keep = {keep}, held-out rows",

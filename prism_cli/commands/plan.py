@@ -8,7 +8,7 @@ import typer
 
 from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, parse_int_list, parse_layers
 from prism_cli.console import console, err_console
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, check_distinct
 from prism_cli.report import ResultTable
 
 app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
@@ -122,18 +122,36 @@ def calibrate(
 ) -> None:
     """Measure this machine's per-unit costs that take minutes: partition seconds per expert by solver and
     width, export and loading throughput, disk writes (a few minutes; `prism plan` then uses them)."""
-    from prism_cli.io import check_writable
+    import psutil
+
+    from prism_cli.io import check_output_folder, check_writable
+    from prism_cli.planner import CALIBRATION_SUB_EXPERTS, MachineCosts, calibration_bytes, default_costs_path
     from prism_cli.planner import calibrate as run_calibration
-    from prism_cli.planner import default_costs_path
     from prism_cli.solvers import SOLVERS
 
     names = [x.strip() for x in solvers.split(",") if x.strip()]
+    if not names:
+        raise PrismError(f"--solvers names no solver; choose among {', '.join(SOLVERS.names())} (comma-separated)")
+    check_distinct(names, "--solvers")
     for name in names:
         SOLVERS.get(name)
     sizes = parse_int_list(widths, "--widths")
-    if not names or not sizes or min(sizes) < 8 or rows < 8:
-        raise PrismError("calibrate needs at least one solver, widths of at least 8 and --rows of at least 8")
+    check_distinct(sizes, "--widths")
+    n = CALIBRATION_SUB_EXPERTS
+    for width in sizes:
+        if width < 4 * n or width % n:
+            raise PrismError(f"--widths {width}: each width must be a multiple of {n} (the sub-experts a synthetic expert "
+                             f"is cut into) and at least {4 * n}")
+    if rows < 8:
+        raise PrismError(f"--rows must be at least 8, got {rows}")
+    need, free = calibration_bytes(max(sizes), rows), psutil.virtual_memory().available
+    if need > free:
+        raise PrismError(f"--widths {max(sizes)} with --rows {rows} needs about {need / 2**30:.1f} GiB and "
+                         f"{free / 2**30:.1f} GiB is free: give smaller --widths or fewer --rows")
     out = out or default_costs_path()
+    check_output_folder(out.parent)
+    if out.exists():  # replaced only by another costs file: anything else there is not this command's to overwrite
+        MachineCosts.load(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out)
     costs = run_calibration(solvers=names, widths=sizes, rows=rows, work=out.parent,

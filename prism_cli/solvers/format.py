@@ -161,12 +161,25 @@ def read_partition(path: str | Path) -> Partition:
         partition = Partition(meta=meta)
 
         def read(group: Any, name: str) -> np.ndarray:
-            if name not in group:
-                raise PrismError(f"{path} is corrupt: dataset {group.name.lstrip('/')}/{name} is missing")
-            return group[name][()]
+            where = f"{group.name.lstrip('/')}/{name}"
+            try:
+                item = group.get(name)
+                if item is None:
+                    raise PrismError(f"{path} is corrupt: dataset {where} is missing")
+                value = item[()] if isinstance(item, h5py.Dataset) else None
+            except (KeyError, OSError, RuntimeError, TypeError, ValueError) as exc:  # h5py's errors for damaged bytes
+                raise PrismError(f"{path} is corrupt: cannot read {where} ({str(exc).splitlines()[0]})") from None
+            if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+                raise PrismError(f"{path} is corrupt: {where} is not an array of numbers")
+            return value
 
         for layer in meta["layers"]:
-            g = h5[f"layers/{layer}"]
+            try:
+                g = h5[f"layers/{layer}"]
+            except (KeyError, OSError, RuntimeError) as exc:
+                raise PrismError(f"{path} is corrupt: cannot read layer {layer} ({str(exc).splitlines()[0]})") from None
+            if not isinstance(g, h5py.Group):
+                raise PrismError(f"{path} is corrupt: layers/{layer} is not a group")
             perm = read(g, "permutation")
             if perm.shape != (n_experts, width) or np.any(np.sort(perm, axis=1) != np.arange(width)):
                 raise PrismError(f"{path} is corrupt: layer {layer} permutation is not a permutation of 0..{width - 1} per expert")
@@ -185,6 +198,7 @@ def read_partition(path: str | Path) -> Partition:
                 raise PrismError(f"{path} is corrupt: layer {layer} {wrong[0]} has shape {np.shape(costs[wrong[0]])}, "
                                  f"not {shapes[wrong[0]]} (one entry per expert{', R_1..R_N-1' if 'retained' in wrong[0] else ''})")
             fronts = g.get("front")
+            fronts = {e: read(fronts, str(e)) for e in range(n_experts) if str(e) in fronts} if isinstance(fronts, h5py.Group) else {}
             partition.experts[layer] = [
                 ExpertPartition(
                     permutation=perm[e],
@@ -194,7 +208,7 @@ def read_partition(path: str | Path) -> Partition:
                     fit_retained=costs["fit_retained"][e],
                     heldout_retained=costs["heldout_retained"][e],
                     seconds=float(costs["seconds"][e]),
-                    front=fronts[str(e)][()] if fronts is not None and str(e) in fronts else None,
+                    front=fronts.get(e),
                 )
                 for e in range(n_experts)
             ]
