@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prism_cli"
 
 #: Layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS: list[set[str]] = [
-    {"errors", "registry", "io", "report", "console", "allocator", "environment", "operating_points", "data"},
+    {"errors", "registry", "io", "report", "console", "allocator", "environment", "operating_points", "data", "layers"},
     {"models"},
     {"profiling"},
     {"solvers"},
