@@ -334,6 +334,36 @@ def test_cheapest_point_meeting_a_set_of_floors():
     assert orig.cheapest_meeting([P("original:1")]) == P("original:1")
 
 
+def test_floor_bits_and_masks_follow_meets_as_floors_appear():
+    """Floors become bits of an int as a policy first sees them (``Ladder.bit``); a point's ``mask`` must hold
+    exactly the floors it meets (``PointSpace.meets``, the rule), including floors first seen after the mask
+    was made, and ``cheapest_of`` a set of bits must meet every floor in it with no cheaper point of the set
+    (or the full model) meeting them all, however the memos were filled before."""
+    import random
+
+    rng = random.Random(0)
+    pool = [P(f"linear:{k}") for k in range(1, 9)] + [P(f"topk:{k}") for k in range(1, 9)] + [P("threshold:0.5")]
+    for _ in range(20):
+        ladder = Ladder(SPACE, synthetic_cost_model(), 8)
+        seen: list[OperatingPoint] = []
+        for _ in range(30):
+            if rng.random() < 0.4 or not seen:
+                seen.append(rng.choice(pool))
+                ladder.bit(seen[-1])
+            point = rng.choice(pool)
+            for floor in seen:
+                assert bool(ladder.mask(point) & ladder.bit(floor)) == SPACE.meets(point, floor), (point, floor)
+            floors = set(rng.sample(seen, rng.randrange(1, len(seen) + 1)))
+            bits = ladder.bits_of(frozenset(floors))
+            assert bits == sum({ladder.bit(f) for f in floors})
+            served, mask, rank = ladder.cheapest_of(bits)
+            assert all(SPACE.meets(served, f) for f in floors)
+            assert mask == ladder.mask(served) and rank == ladder.rank(served)
+            meeting_all = [p for p in {*floors, SPACE.full()} if all(SPACE.meets(p, f) for f in floors)]
+            assert rank == min(map(ladder.rank, meeting_all))
+            assert [k for k, _ in ladder.queues(bits)] == ladder.queue_points(floors)
+
+
 # --- policies on the simulator ---------------------------------------------------------------------
 
 def _poisson(n: int, rate: float, floors: list[str], seed: int = 0, space: PointSpace = SPACE) -> list[Request]:

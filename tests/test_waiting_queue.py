@@ -42,6 +42,21 @@ def test_peek_and_oldest_are_the_virtual_queue_in_arrival_order():
         assert list(queue) == order
 
 
+def test_heads_are_the_first_n_of_each_floor_in_arrival_order():
+    """``heads(n)``: the first ``n`` requests of each floor in the order they entered, merged in that order (the
+    prism policy takes every virtual queue's first ``n`` from it); ``floors`` counts each floor's requests."""
+    rng = random.Random(1)
+    for _ in range(200):
+        queue, order = _filled(rng, rng.randrange(0, 40))
+        gone = [r for r in order if rng.random() < 0.2]
+        queue.remove(gone)
+        order = [r for r in order if r not in gone]
+        n = rng.randrange(0, 6)
+        expected = [r for r in order if sum(o.floor == r.floor for o in order[: order.index(r)]) < n]
+        assert queue.heads(n) == expected
+        assert queue.floors() == {f: c for f in FLOORS if (c := sum(r.floor == f for r in order))}
+
+
 def test_a_pickled_point_is_rehashed_where_it_is_loaded():
     """A point hashes once, when made; string hashes differ between processes, so one pickled in another
     process (another ``PYTHONHASHSEED``) must not bring its hash along: it finds the same point in a dict here."""

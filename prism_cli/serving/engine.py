@@ -54,6 +54,22 @@ class Batch:
     turn: int = 0  # iteration of its last decode step (batches take turns)
     #: The point a policy keeps this batch at (``prism``: the floors it admits are those this point meets).
     target: OperatingPoint | None = None
+    _floors: frozenset[OperatingPoint] | None = field(default=None, repr=False)
+
+    def floors(self) -> frozenset[OperatingPoint]:
+        """The distinct floors of its rows, kept until ``add`` or ``keep_rows`` changes them (a policy reads
+        them in every decision; the rows change only every few)."""
+        if self._floors is None:
+            self._floors = frozenset(r.floor for r in self.rows)
+        return self._floors
+
+    def add(self, requests: list[Request]) -> None:
+        self.rows.extend(requests)
+        self._floors = None
+
+    def keep_rows(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        self._floors = None
 
 
 @dataclass
@@ -245,7 +261,7 @@ class Engine:
                 self.batches.remove(batch)
             elif len(keep) < len(batch.rows):
                 self.executor.keep(batch, keep)
-                batch.rows = [batch.rows[i] for i in keep]
+                batch.keep_rows(keep)
 
     def _check(self, rows: list[Request], points: list[OperatingPoint]) -> None:
         for r, p in zip(rows, points, strict=True):
@@ -269,7 +285,7 @@ class Engine:
             batch = Batch([], turn=self._iteration)
             self.batches.append(batch)
         self.executor.join(batch, kv)
-        batch.rows.extend(requests)
+        batch.add(requests)
         now = self.now()
         for r, t in zip(requests, tokens, strict=True):
             r.append(t, now, self.executor.decode_text, self.executor.eos)

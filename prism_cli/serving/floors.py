@@ -163,6 +163,13 @@ class Ladder:
         self._decode: dict[tuple[OperatingPoint, int], float] = {}
         self._own: dict[OperatingPoint, OperatingPoint] = {}
         self._queues: dict[frozenset[OperatingPoint], tuple[OperatingPoint, ...]] = {}
+        # Floors as bits of an int (numbered as first seen), so that a policy tests a set of floors against
+        # a point with one ``&`` instead of a memo lookup per floor.
+        self._bits: dict[OperatingPoint, int] = {}
+        self._masks: dict[OperatingPoint, int] = {}
+        self._bits_of: dict[frozenset[OperatingPoint], int] = {}
+        self._by_bits: dict[int, tuple[OperatingPoint, int, float]] = {}
+        self._queue_masks: dict[int, tuple[tuple[OperatingPoint, int], ...]] = {}
 
     def meets(self, point: OperatingPoint, floor: OperatingPoint) -> bool:
         key = (point, floor)
@@ -209,16 +216,56 @@ class Ladder:
             self._cheapest[key] = next(p for p in self.order(candidates) if all(self.meets(p, f) for f in key))
         return self._cheapest[key]
 
+    def bit(self, floor: OperatingPoint) -> int:
+        """The bit of ``floor`` (a new floor gets the next one)."""
+        found = self._bits.get(floor)
+        if found is None:
+            found = self._bits[floor] = 1 << len(self._bits)
+            for point in self._masks:  # a mask covers every floor with a bit
+                if self.meets(point, floor):
+                    self._masks[point] |= found
+            self._by_bits.clear()  # memos that hold masks
+            self._queue_masks.clear()
+        return found
+
+    def bits_of(self, floors: frozenset[OperatingPoint]) -> int:
+        """The bits of a set of floors (memoised by the set: pass the same frozenset where it is kept)."""
+        found = self._bits_of.get(floors)
+        if found is None:
+            found = self._bits_of[floors] = sum(map(self.bit, floors))
+        return found
+
+    def mask(self, point: OperatingPoint) -> int:
+        """The bits of the floors ``point`` meets (of every floor that has a bit: a new floor's bit is added to
+        the masks made before it)."""
+        found = self._masks.get(point)
+        if found is None:
+            found = self._masks[point] = sum(b for f, b in self._bits.items() if self.meets(point, f))
+        return found
+
+    def cheapest_of(self, bits: int) -> tuple[OperatingPoint, int, float]:
+        """``cheapest_meeting`` of the floors given as bits, with its ``mask`` and ``rank``: the point that
+        serves them and all a policy asks of it, in one lookup."""
+        found = self._by_bits.get(bits)
+        if found is None:
+            point = self.cheapest_meeting(f for f, b in self._bits.items() if b & bits)
+            found = self._by_bits[bits] = (point, self.mask(point), self.rank(point))
+        return found
+
+    def queues(self, bits: int) -> tuple[tuple[OperatingPoint, int], ...]:
+        """``queue_points`` of the floors given as bits, each with its ``mask``."""
+        found = self._queue_masks.get(bits)
+        if found is None:
+            floors = (f for f, b in self._bits.items() if b & bits)
+            found = self._queue_masks[bits] = tuple((k, self.mask(k)) for k in self.queue_points(floors))
+        return found
+
     def own_point(self, floor: OperatingPoint) -> OperatingPoint:
         """The point a request of this floor alone is served at."""
         found = self._own.get(floor)
         if found is None:
             found = self._own[floor] = self.cheapest_meeting((floor,))
         return found
-
-    def own_rank(self, floor: OperatingPoint) -> float:
-        """``rank`` of the point a request of this floor alone is served at."""
-        return self.rank(self.own_point(floor))
 
     def step_cost(self, point: OperatingPoint, rows: int, size: int | None = None) -> float:
         """Planned milliseconds of one decode step of ``rows`` rows at ``point`` (0 without rows); with

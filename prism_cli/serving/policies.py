@@ -28,7 +28,7 @@ independently of the policy.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -155,9 +155,13 @@ class PrismPolicy(SchedulingPolicy):
     name = "prism"
     plans_with_costs = True
 
+    # A decision runs between two forward passes and is charged to every request, so floors are bits of an
+    # int here (``Ladder.bit``): the floors a point meets are one mask, a set of floors one int, and a batch is
+    # planned by its number of rows and the bits of their floors (its point depends on nothing else).
+
     @staticmethod
-    def _batch_points(engine: Engine, plan: list[_Planned], waiting: list[OperatingPoint]) -> tuple[list[OperatingPoint | None], int]:
-        """The point each running batch is kept at (None: it takes any floor now), and how many batches may run.
+    def _batch_points(engine: Engine, plan: list[_Planned], waiting: Iterable[int], reach: int) -> tuple[list[int], int]:
+        """The floors each running batch admits now (a ``Ladder.mask``; -1: any floor), and how many batches may run.
 
         A batch that took every floor would run at the highest one for as long as it runs, and under load it
         runs for ever (each freed slot is refilled at once): every step at the full model, whatever the mix.
@@ -166,137 +170,178 @@ class PrismPolicy(SchedulingPolicy):
         floor that no batch's point meets re-points the batch whose rows already run highest (up), and a
         floor whose own point is below every batch's re-points one batch down to it (``_point_down``); a
         batch whose point no waiting request fits takes any floor for now. At most ``max_running /
-        max_batch`` batches. ``plan``: the running batches; ``waiting``: the floors waiting."""
+        max_batch`` batches. ``plan``: the running batches; ``waiting``: the bits of the floors waiting;
+        ``reach``: those bits together."""
         ladder, limits = engine.ladder, engine.limits
         batches = [p.batch for p in plan]
         for p in plan:
             if p.batch.target is None and p.rows:
-                p.batch.target = ladder.cheapest_meeting(p.floors)
+                p.batch.target = ladder.cheapest_of(p.bits)[0]
+
+        def masks() -> list[int]:
+            return [ladder.mask(b.target) if b.target is not None else 0 for b in batches]
+
+        meets = masks()
         most = -(-limits.max_running // limits.max_batch)
         if len(batches) >= most and batches:
-            homeless = [f for f in waiting if not any(ladder.meets(b.target, f) for b in batches)]
+            covered = 0
+            for m in meets:
+                covered |= m
+            homeless = reach & ~covered
             if homeless:
-                b = max(plan, key=lambda p: ladder.rank(ladder.cheapest_meeting(p.floors))).batch
-                b.target = ladder.cheapest_meeting([b.target, *homeless])
-            else:
-                PrismPolicy._point_down(engine, batches, waiting)
-        fits = [b.target is not None and any(ladder.meets(b.target, f) for f in waiting) for b in batches]
-        return [b.target if ok else None for b, ok in zip(batches, fits, strict=True)], most
+                b = max(plan, key=lambda p: ladder.cheapest_of(p.bits)[2]).batch
+                b.target = ladder.cheapest_of(ladder.bit(b.target) | homeless)[0]
+                meets = masks()
+            elif PrismPolicy._point_down(engine, batches, meets, waiting, reach):
+                meets = masks()
+        return [m if m & reach else -1 for m in meets], most
 
     @staticmethod
-    def _point_down(engine: Engine, batches: list[Batch], waiting: list[OperatingPoint]) -> None:
-        """Where a waiting floor's own point is below every batch's, re-point one batch down to it.
+    def _point_down(engine: Engine, batches: list[Batch], meets: list[int], waiting: Iterable[int], reach: int) -> bool:
+        """Where a waiting floor's own point is below every batch's, re-point one batch down to it (True if one was).
 
         Batches that opened high (a burst of high floors) would otherwise stay high for as long as the load
         lasts: a point only ever rises, and a cheap floor joins the high batches and pays their price. The
         batch re-pointed is one whose old point no waiting floor needs (the other batches still meet every
         floor waiting), the one with the fewest rows above the new point (it drains soonest); its rows
-        finish at the point they run at, and it admits only floors the new point meets meanwhile."""
+        finish at the point they run at, and it admits only floors the new point meets meanwhile. ``meets``:
+        each batch's ``Ladder.mask``."""
         ladder = engine.ladder
         if len(batches) < 2:
-            return  # one batch re-pointed down would turn the higher floors away until it drained
+            return False  # one batch re-pointed down would turn the higher floors away until it drained
         lowest = min(ladder.rank(b.target) for b in batches)
-        below = [p for p in map(ladder.own_point, waiting) if ladder.rank(p) < lowest]
+        below = [(rank, point) for point, _, rank in map(ladder.cheapest_of, waiting) if rank < lowest]  # own points
         if not below:
-            return
-        low = min(below, key=lambda p: (ladder.rank(p), str(p)))
-        spare = [b for b in batches
-                 if all(any(ladder.meets(o.target, f) for o in batches if o is not b) for f in waiting)]
-        if spare:
-            b = min(spare, key=lambda b: (sum(not ladder.meets(low, r.floor) for r in b.rows), len(b.rows)))
-            b.target = low
+            return False
+        low = min(below, key=lambda own: (own[0], str(own[1])))[1]
+        spare = []
+        for i, b in enumerate(batches):
+            others = 0
+            for j, m in enumerate(meets):
+                if j != i:
+                    others |= m
+            if not reach & ~others:
+                spare.append(b)
+        if not spare:
+            return False
+        b = min(spare, key=lambda b: (sum(not ladder.meets(low, r.floor) for r in b.rows), len(b.rows)))
+        b.target = low
+        return True
 
     def admit(self, engine: Engine) -> list[Launch]:
         if engine.cost_model is None:
             raise PrismError("the prism policy plans with a cost model: build one with `prism schedule cost-model` "
                              "or pass --cost-model")
         limits, ladder, waiting = engine.limits, engine.ladder, engine.waiting
-        # A decision runs between two forward passes and is charged to every request, so a batch is planned by
-        # its number of rows and the set of their floors (its point depends on nothing else), not row by row.
-        plan = [_Planned(b, len(b.rows), frozenset(r.floor for r in b.rows)) for b in engine.batches]
-        waiting_floors = waiting.floors()
-        # Floors of the waiting requests this iteration has placed already: still in the waiting queue
+        cheapest_of, step_cost, max_batch = ladder.cheapest_of, ladder.step_cost, limits.max_batch
+        plan = [_Planned(b, len(b.rows), ladder.bits_of(b.floors())) for b in engine.batches]
+        counts = waiting.floors()
+        bit_of = {f: ladder.bit(f) for f in counts}
+        sizes = [(bit_of[f], n) for f, n in counts.items()]
+        reach = sum(bit_of.values())  # every floor waiting (distinct bits)
+        # Floors (as bits) of the waiting requests this iteration has placed already: still in the waiting queue
         # until the engine launches them, they are rows of a planned batch, not requests that may fill one.
-        placed: dict[OperatingPoint, int] = {}
-        queued: dict[OperatingPoint, int] = {}  # the size of a point's virtual queue (fixed within a decision)
+        placed: dict[int, int] = {}
+        queued: dict[int, int] = {}  # the size of a point's virtual queue by its mask (fixed within a decision)
 
-        def planned(rows: int, floors: frozenset[OperatingPoint], joining: Sequence[OperatingPoint] = ()) -> float:
+        def planned(rows: int, bits: int, joining: Sequence[int] = ()) -> float:
             # A batch is priced per row at the size its queue can fill it to (its rows plus the waiting
             # requests its point meets, up to max_batch): SPEC's C(|Q_K|, K) over the whole queue. With
             # nothing waiting that is today's size; under load a batch that the queue will fill is worth
-            # opening now, which pricing it at one row would never show. ``joining``: the floors of the
+            # opening now, which pricing it at one row would never show. ``joining``: the bits of the
             # waiting requests among its rows (a candidate launch's members).
             if not rows:
                 return 0.0
-            point = ladder.cheapest_meeting(floors)
-            if point not in queued:
-                queued[point] = waiting.count(lambda f: ladder.meets(point, f))
-            claimed = sum(n for f, n in placed.items() if ladder.meets(point, f)) + sum(ladder.meets(point, f) for f in joining)
-            size = min(limits.max_batch, rows + queued[point] - claimed)
-            return ladder.step_cost(point, rows, max(size, rows))
+            point, meets, _ = cheapest_of(bits)
+            size = queued.get(meets)
+            if size is None:
+                size = queued[meets] = sum(n for b, n in sizes if meets & b)
+            for b, n in placed.items():
+                if meets & b:
+                    size -= n
+            for b in joining:
+                if meets & b:
+                    size -= 1
+            size = min(max_batch, rows + size)
+            return step_cost(point, rows, max(size, rows))
 
         for p in plan:
-            p.cost = planned(p.rows, p.floors)
-        targets, most_batches = self._batch_points(engine, plan, waiting_floors)
+            p.cost = planned(p.rows, p.bits)
+        admits, most_batches = self._batch_points(engine, plan, bit_of.values(), reach)
 
-        def own_batches(floor: OperatingPoint) -> list[int]:
-            """The planned batches whose point meets ``floor`` (or that take any floor now)."""
-            return [i for i in range(len(plan)) if targets[i] is None or ladder.meets(targets[i], floor)]
-
-        def may_launch(floor: OperatingPoint) -> bool:
-            """Room for a request of ``floor`` in one of its own batches or in a new one; or no batch of its own
-            at all (then it may raise another batch's point, so that ``t_max`` still bounds its wait)."""
-            own = own_batches(floor)
-            return len(plan) < most_batches or not own or any(plan[i].rows < limits.max_batch for i in own)
-
+        own_rank = {b: cheapest_of(b)[2] for b in bit_of.values()}  # the rank of a floor's own point
+        owned: dict[OperatingPoint, int] | None = None  # the waiting floors' bits by their own point (once one is overdue)
         free = engine.free_slots()
         launched: list[Launch] = []
         taken: set[int] = set()
         now = engine.now()
         while free > 0:
-            oldest = waiting.oldest(may_launch, taken)
+            # Every virtual queue's first ``n`` requests are among the first ``n`` of each floor's FIFO.
+            n = free + len(taken)
+            window = [(r, bit_of[r.floor]) for r in waiting.heads(n)]
+            # The floors that may launch: those with room in one of their own batches (those that admit them)
+            # or in a new one, and those with no batch of their own at all (then one may raise another
+            # batch's point, so that ``t_max`` still bounds their wait).
+            if len(plan) < most_batches:
+                launchable = -1
+            else:
+                owned_by_any, with_room = 0, 0
+                for i, m in enumerate(admits):
+                    owned_by_any |= m
+                    if plan[i].rows < max_batch:
+                        with_room |= m
+                launchable = ~owned_by_any | with_room
+            oldest = next((r for r, b in window if b & launchable and id(r) not in taken), None)
             if oldest is None:
                 break
             overdue = oldest if now - oldest.arrival > limits.t_max else None
-            homeless = overdue is not None and len(plan) >= most_batches and not own_batches(overdue.floor)
+            late = bit_of[oldest.floor] if overdue is not None else 0
+            homeless = overdue is not None and len(plan) >= most_batches and not any(m & late for m in admits)
             rows = sum(p.rows for p in plan)
             total = sum(p.cost for p in plan)
             best = None  # ((forced, full, utility, -overpay), plan index, members, its rows, floors and cost after)
-            for k in ladder.queue_points(waiting_floors):
-                if overdue is None:
-                    accepts = lambda f, k=k: ladder.meets(k, f)  # noqa: E731 - the virtual queue of point k
-                elif ladder.meets(k, overdue.floor):
+            for k, accepted in ladder.queues(reach):  # the virtual queue of point k: the floors k meets
+                if overdue is not None and not accepted & late:
+                    continue
+                if overdue is not None:
                     # A forced launch takes the overdue request with the requests that k is the own point of:
                     # filling it with cheaper floors would make them pay k's price for a launch they did not win.
-                    accepts = lambda f, k=k, own=overdue.floor: f == own or ladder.own_point(f) == k  # noqa: E731
-                else:
-                    continue
-                members_all = [r for r in waiting.peek(accepts, free + len(taken)) if id(r) not in taken]
-                if not members_all:
+                    if owned is None:
+                        owned = {}
+                        for b in bit_of.values():
+                            own = cheapest_of(b)[0]
+                            owned[own] = owned.get(own, 0) | b
+                    accepted = late | owned.get(k, 0)
+                candidates = [c for c in window if c[1] & accepted][:n]
+                if taken:
+                    candidates = [c for c in candidates if id(c[0]) not in taken]
+                if not candidates:
                     continue
                 for index in range(len(plan) + (1 if len(plan) < most_batches else 0)):
-                    entry = plan[index] if index < len(plan) else _Planned(None, 0, frozenset())
-                    room = min(free, limits.max_batch - entry.rows)
+                    entry = plan[index] if index < len(plan) else _Planned(None, 0, 0)
+                    room = min(free, max_batch - entry.rows)
                     if room <= 0:
                         continue
-                    target = None if homeless or index >= len(targets) else targets[index]
-                    pool = members_all if target is None else [r for r in members_all if ladder.meets(target, r.floor)]
+                    admitted = -1 if homeless or index >= len(admits) else admits[index]
+                    pool = candidates if admitted == -1 else [c for c in candidates if c[1] & admitted]
                     if not pool:
                         continue
                     members = pool[:room]
-                    joining = [r.floor for r in members]
-                    new_rows, new_floors = entry.rows + len(members), entry.floors.union(joining)
-                    new_cost = planned(new_rows, new_floors, joining)
+                    joining = [b for _, b in members]
+                    new_rows, new_bits = entry.rows + len(members), entry.bits
+                    for b in joining:
+                        new_bits |= b
+                    new_cost = planned(new_rows, new_bits, joining)
                     utility = (rows + len(members)) / (total - entry.cost + new_cost)
-                    full = new_rows == limits.max_batch
-                    forced = overdue is not None and any(m is overdue for m in members)
+                    full = new_rows == max_batch
+                    forced = overdue is not None and any(r is overdue for r, _ in members)
                     # Among equal utilities (a join that leaves the batch's point as it is), prefer the
                     # members whose own point the batch runs at: cheaper floors are kept for cheaper batches.
-                    point = ladder.rank(ladder.cheapest_meeting(new_floors))
-                    overpay = sum(point - ladder.own_rank(f) for f in joining)
+                    point = cheapest_of(new_bits)[2]
+                    overpay = sum(point - own_rank[b] for b in joining)
                     key = (forced, full, round(utility, 12), -overpay)
                     if best is None or key > best[0]:
-                        best = (key, index, members, _Planned(entry.batch, new_rows, new_floors, new_cost))
+                        best = (key, index, [r for r, _ in members], _Planned(entry.batch, new_rows, new_bits, new_cost))
             if best is None:
                 break
             (forced, *_), index, members, after = best
@@ -306,7 +351,7 @@ class PrismPolicy(SchedulingPolicy):
                 plan[index] = after
             else:
                 plan.append(after)
-                targets.append(ladder.cheapest_meeting(after.floors))
+                admits.append(cheapest_of(after.bits)[1])
             target = after.batch
             if isinstance(target, _NewBatch):  # a batch created by an earlier launch of this iteration
                 launched[target.launch].requests.extend(members)
@@ -319,24 +364,27 @@ class PrismPolicy(SchedulingPolicy):
                     existing.requests.extend(members)
                 else:
                     launched.append(Launch(target, list(members)))
+            free -= len(members)
+            if not free:
+                break
             taken.update(id(m) for m in members)
             for m in members:
-                placed[m.floor] = placed.get(m.floor, 0) + 1
+                b = bit_of[m.floor]
+                placed[b] = placed.get(b, 0) + 1
             for p in plan:  # fewer requests left to fill the other batches
-                p.cost = planned(p.rows, p.floors)
-            free -= len(members)
+                p.cost = planned(p.rows, p.bits)
         return launched
 
 
 @dataclass(eq=False)
 class _Planned:
     """A batch as a decision plans it: the batch (running, created by a launch of this decision, or None for
-    one still to create), and its rows after this decision's launches so far: how many, their distinct
-    floors, and the planned milliseconds of its next step."""
+    one still to create), and its rows after this decision's launches so far: how many, the bits of their
+    floors (``Ladder.bit``), and the planned milliseconds of its next step."""
 
     batch: Batch | _NewBatch | None
     rows: int
-    floors: frozenset[OperatingPoint]
+    bits: int
     cost: float = 0.0
 
 

@@ -27,8 +27,9 @@ class WaitingQueue:
     def __iter__(self) -> Iterator[Request]:
         return heapq.merge(*self._by_floor.values(), key=_seq)
 
-    def floors(self) -> list[OperatingPoint]:
-        return [f for f, q in self._by_floor.items() if q]
+    def floors(self) -> dict[OperatingPoint, int]:
+        """The floors waiting, with how many requests of each."""
+        return {f: len(q) for f, q in self._by_floor.items() if q}
 
     def push(self, request: Request) -> None:
         request.seq = next(self._order)  # the queue's order is the order of entry
@@ -53,9 +54,12 @@ class WaitingQueue:
         heads.sort(key=_seq)
         return heads[:n]
 
-    def count(self, accepts: Callable[[OperatingPoint], bool]) -> int:
-        """How many requests a virtual queue holds."""
-        return sum(len(q) for f, q in self._by_floor.items() if accepts(f))
+    def heads(self, n: int) -> list[Request]:
+        """The first ``n`` requests of each floor's FIFO, oldest first: the first ``n`` of every virtual queue
+        (and the oldest of every set of floors) are among them."""
+        heads = [r for q in self._by_floor.values() for r in itertools.islice(q, n)]
+        heads.sort(key=_seq)
+        return heads
 
     def remove(self, requests: list[Request]) -> None:
         gone = {id(r) for r in requests}
