@@ -1009,6 +1009,63 @@ def test_sweep_refuses_no_load_and_unknown_loads_before_any_run():
             run_sweep("/nowhere", ScheduleSettings(sim=True), synthetic_cost_model(), loads, rates)
 
 
+def test_sweep_rounds_alternate_their_order_and_pair_each_round(monkeypatch):
+    """Three rounds of real runs: the policies in order, reversed, in order again (so that a drift of the
+    machine's speed weighs on every policy alike); the simulator once per policy; the targets compare each
+    round's prism with the same round's FIFO on the original and take medians: by hand, gains +10 %, -20 %,
+    +50 % -> +10 %; mixed over prism +10 %, 0 %, -20 % -> 0 %."""
+    from prism_cli.serving import sweep
+    from prism_cli.serving.runner import ScheduleResult, ScheduleSettings
+
+    rps = {("prism", False): [11.0, 8.0, 15.0], ("fifo", True): [10.0, 10.0, 10.0], ("mixed", False): [12.1, 8.0, 12.0]}
+    real: list[tuple[str, bool]] = []
+    simulated: list[tuple[str, bool]] = []
+
+    def fake(directory, settings, cost_model, served=None):
+        key = (settings.policy, settings.original)
+        model = "original" if settings.original else "export"
+        if settings.sim:
+            simulated.append(key)
+            return ScheduleResult({"policy": settings.policy}, model, "sim", {"requests_per_s": 5.0}, [])
+        n = real.count(key)
+        real.append(key)
+        value = rps.get(key, [7.0] * 3)[n]
+        spread = {"p50": 50.0 / value, "p90": 100.0 / value, "p99": 120.0 / value}
+        metrics = {"requests_per_s": value, "output_tokens_per_s": 64 * value, "ttft_s": spread, "tpot_s": spread,
+                   "e2e_s": spread, "floor_violations": n, "scheduler_us_per_decision": 100.0,
+                   "scheduler_share_of_decode_step": 0.01 * (n + 1)}
+        return ScheduleResult({"policy": settings.policy}, model, "real", metrics, [])
+
+    monkeypatch.setattr(sweep, "run_schedule", fake)
+    runs, capacity = sweep.run_sweep("dir", ScheduleSettings(sim=False), synthetic_cost_model(), [], [4.0], rounds=3)
+    assert capacity is None
+    assert real == sweep.RUNS + sweep.RUNS[::-1] + sweep.RUNS
+    assert sorted(simulated) == sorted(sweep.RUNS)
+    assert [(r.settings["policy"], r.model == "original", r.metrics["round"]) for _, _, r in runs] == [
+        (p, o, i) for p, o in sweep.RUNS for i in (1, 2, 3)]
+    assert all(r.metrics["sim_over_real"] == pytest.approx(5.0 / r.metrics["requests_per_s"]) for _, _, r in runs)
+    goal = sweep.targets(runs, load="4/s")
+    assert goal["rounds"] == 3
+    assert goal["gains"] == pytest.approx([0.1, -0.2, 0.5])
+    assert goal["gain"] == pytest.approx(0.1)
+    assert (goal["prism_requests_per_s"], goal["fifo_original_requests_per_s"]) == (11.0, 10.0)
+    assert goal["prism_e2e_p90_s"] == pytest.approx(100 / 11) and goal["p90_no_worse"]
+    assert goal["mixed_over_prism"] == pytest.approx(0.0)
+    assert goal["floor_violations"]["prism"] == 3 and goal["scheduler_share_of_decode_step"] == pytest.approx(0.02)
+    assert not goal["met"]
+    table = sweep.sweep_table(runs, "real", "test machine")
+    assert "round" in table.columns and len(table.rows) == 18
+
+
+def test_sweep_rounds_must_be_real_and_positive(cli, tiny_export, tmp_path):
+    cost = tmp_path / "cm.json"
+    synthetic_cost_model().save(cost)
+    for extra, needle in ((("--rounds", "0"), "--rounds must be at least 1, got 0"), (("--sim", "--rounds", "2"), "repeats real runs")):
+        cli("schedule", "sweep", tiny_export, "--cost-model", cost, "--rates", "1", *extra,
+            "--out", tmp_path / "sw").assert_one_line_error(needle)
+    assert not list(tmp_path.glob("sw*"))
+
+
 def test_floor_shares_that_do_not_sum_to_one_are_rescaled_and_said(cli, tiny_export, tmp_path):
     from prism_cli.serving.floors import parse_shares, rescale_note
 

@@ -196,6 +196,9 @@ def sweep(
         True, "--calibrate/--no-calibrate",
         help="Real runs: measure the engine's costs again right before them (on the cost model's grid), so that "
              "the simulator is compared with the real engine on this machine as it is now; saved as OUT_cost_model.json."),
+    rounds: int = typer.Option(
+        1, "--rounds", help="Real runs: run every policy this many times, in rounds of alternating order (forward, then "
+                            "backward), and report each round's gain and the median: the machine's speed drifts over a sweep."),
     out: Path = typer.Option(Path("results/schedule_sweep"), help="Output stem: .md, .csv, .json and .png."),
     config: str = ConfigOption,
 ) -> None:
@@ -204,9 +207,10 @@ def sweep(
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.executor import load_served_model
     from prism_cli.serving.runner import check_load
-    from prism_cli.serving.sweep import parse_loads, plot_sweep, run_sweep, sweep_table, targets
+    from prism_cli.serving.sweep import check_rounds, parse_loads, plot_sweep, run_sweep, sweep_table, targets
 
     _check_dir(directory)
+    check_rounds(rounds, sim)
     rate_list = None
     names: list[str] = []
     if rates is not None:
@@ -236,7 +240,7 @@ def sweep(
     if served is not None and calibrate:
         recalibrated = _recalibrate(directory, model, served, seed, settings.limits)
         model.save(stem.with_name(stem.name + "_cost_model.json"))
-    total = (len(rate_list) if rate_list else len(names)) * 6
+    total = (len(rate_list) if rate_list else len(names)) * 6 * rounds
     with deferred_progress("sweep runs", "runs") as (start, advance):
         started = [False]
 
@@ -247,7 +251,7 @@ def sweep(
                 start(total)
                 started[0] = True
 
-        runs, capacity = run_sweep(directory, settings, model, names, rate_list, served, on_run)
+        runs, capacity = run_sweep(directory, settings, model, names, rate_list, served, on_run, rounds)
         advance(1)
     mode = "sim" if sim else "real"
     table = sweep_table(runs, mode, model.machine)
@@ -264,6 +268,7 @@ def sweep(
         table.notes.append(
             f"high load: prism {goal['prism_requests_per_s']:.3f} req/s vs FIFO on the original {goal['fifo_original_requests_per_s']:.3f} "
             f"({goal['gain']:+.1%}, target +20%); e2e p90 {goal['prism_e2e_p90_s']:.2f} s vs {goal['fifo_original_e2e_p90_s']:.2f} s"
+            + (f"; medians of {rounds} rounds, gain per round " + " / ".join(f"{g:+.1%}" for g in goal["gains"]) if rounds > 1 else "")
             + (f"; mixed vs prism {goal['mixed_over_prism']:+.1%}" if "mixed_over_prism" in goal else ""))
         if "decode_gain_bound" in goal:
             table.notes.append(

@@ -4,11 +4,16 @@ Loads are fractions of the capacity of the baseline (FIFO on the original model)
 simulator measures from a burst of requests on the cost model: ``low`` 0.3x, ``medium`` 0.7x,
 ``high`` 1.3x (the baseline saturates there; a policy serving more requests/s shows it). Every policy
 runs on the export, and FIFO also on the export's source model, at the same floor mix and seed.
+
+Real runs may be repeated in rounds (``rounds``): the policies run in order, then in reverse, and so on,
+so that a drift of the machine's speed over the sweep weighs on every policy alike; the targets compare
+each round's ``prism`` with the same round's baseline and report the median.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,9 +56,12 @@ def label(policy: str, original: bool) -> str:
 
 def run_sweep(
     directory: str, settings: ScheduleSettings, cost_model: CostModel, loads: list[str], rates: list[float] | None = None,
-    served: dict[bool, Any] | None = None, on_run: Callable[[str], None] | None = None,
+    served: dict[bool, Any] | None = None, on_run: Callable[[str], None] | None = None, rounds: int = 1,
 ) -> tuple[list[tuple[str, float, ScheduleResult]], float | None]:
-    """Every run of the sweep: ``(load, rate, result)``; and the baseline capacity (None with explicit rates)."""
+    """Every run of the sweep: ``(load, rate, result)``, by load, then policy, then round (``metrics["round"]``,
+    from 1); and the baseline capacity (None with explicit rates). Round ``i`` runs the policies in ``RUNS``
+    order for odd ``i``, in reverse for even ``i``."""
+    check_rounds(rounds, settings.sim)
     capacity = None
     if rates is None:
         check_loads(loads)
@@ -68,30 +76,46 @@ def run_sweep(
         pairs = [(f"{r:g}/s", r) for r in rates]
     out = []
     for name, rate in pairs:
-        for policy, original in RUNS:
-            if on_run is not None:
-                on_run(f"{name} load, {label(policy, original)}")
-            run = dataclasses.replace(settings, policy=policy, original=original, rate=rate)
-            result = run_schedule(directory, run, cost_model, served=(served or {}).get(original))
-            if not settings.sim:  # the simulator at the same settings, to tell how far it can be trusted
-                sim = run_schedule(directory, dataclasses.replace(run, sim=True), cost_model).metrics
-                result.metrics["sim_requests_per_s"] = sim["requests_per_s"]
-                result.metrics["sim_over_real"] = sim["requests_per_s"] / result.metrics["requests_per_s"]
-            out.append((name, rate, result))
+        simulated: dict[tuple[str, bool], float] = {}  # the simulator is deterministic: once per policy
+        done = []
+        for i in range(rounds):
+            for policy, original in RUNS if i % 2 == 0 else RUNS[::-1]:
+                if on_run is not None:
+                    on_run(f"{name} load, {label(policy, original)}" + (f", round {i + 1}" if rounds > 1 else ""))
+                run = dataclasses.replace(settings, policy=policy, original=original, rate=rate)
+                result = run_schedule(directory, run, cost_model, served=(served or {}).get(original))
+                result.metrics["round"] = i + 1
+                if not settings.sim:  # the simulator at the same settings, to tell how far it can be trusted
+                    if (policy, original) not in simulated:
+                        simulated[(policy, original)] = run_schedule(directory, dataclasses.replace(run, sim=True),
+                                                                     cost_model).metrics["requests_per_s"]
+                    result.metrics["sim_requests_per_s"] = simulated[(policy, original)]
+                    result.metrics["sim_over_real"] = simulated[(policy, original)] / result.metrics["requests_per_s"]
+                done.append(((RUNS.index((policy, original)), i), result))
+        out += [(name, rate, result) for _, result in sorted(done, key=lambda d: d[0])]
     return out, capacity
 
 
+def check_rounds(rounds: int, sim: bool) -> None:
+    if rounds < 1:
+        raise PrismError(f"--rounds must be at least 1, got {rounds}")
+    if sim and rounds > 1:
+        raise PrismError("--rounds repeats real runs; a simulated run gives the same result every time (drop --sim or --rounds)")
+
+
 def sweep_table(runs: list[tuple[str, float, ScheduleResult]], mode: str, machine: str) -> ResultTable:
+    rounds = max(r.metrics.get("round", 1) for _, _, r in runs) > 1
     table = ResultTable(
         f"scheduling policies against load ({mode})",
-        ["load", "offered req/s", "policy", "req/s", "output tok/s", "TTFT p50 s", "TTFT p90 s", "TPOT p50 ms",
-         "e2e p50 s", "e2e p90 s", "e2e p99 s", "floor violations", "sched us/decision", "sched / decode step"],
+        ["load", "offered req/s", "policy", *(["round"] if rounds else []), "req/s", "output tok/s", "TTFT p50 s", "TTFT p90 s",
+         "TPOT p50 ms", "e2e p50 s", "e2e p90 s", "e2e p99 s", "floor violations", "sched us/decision", "sched / decode step"],
     )
     if mode == "real":
         table.columns += ["sim req/s", "sim / real"]
     for name, rate, r in runs:
         m = r.metrics
-        table.add(name, rate, label(r.settings["policy"], r.model == "original"), m["requests_per_s"], m["output_tokens_per_s"],
+        table.add(name, rate, label(r.settings["policy"], r.model == "original"), *([m["round"]] if rounds else []),
+                  m["requests_per_s"], m["output_tokens_per_s"],
                   m["ttft_s"]["p50"], m["ttft_s"]["p90"], _ms(m["tpot_s"]["p50"]), m["e2e_s"]["p50"], m["e2e_s"]["p90"],
                   m["e2e_s"]["p99"], m["floor_violations"], m["scheduler_us_per_decision"], m["scheduler_share_of_decode_step"],
                   *([m["sim_requests_per_s"], m["sim_over_real"]] if mode == "real" else []))
@@ -107,27 +131,42 @@ def _ms(seconds: float | None) -> float | None:
 def targets(runs: list[tuple[str, float, ScheduleResult]], load: str = "high",
             bound: dict[str, float] | None = None) -> dict[str, Any]:
     """Issue 16's targets at ``load``: prism on the export against FIFO on the original model; ``bound``
-    (``decode_gain_bound``) is reported with them."""
-    at = {(r.settings["policy"], r.model == "original"): r.metrics for name, _, r in runs if name == load}
+    (``decode_gain_bound``) is reported with them. Over rounds: each round's gain against the same round's
+    baseline (``gains``), and the median of every figure (``gain`` is the median gain)."""
+    at: dict[tuple[str, bool], dict[int, dict[str, Any]]] = {}
+    for name, _, r in runs:
+        if name == load:
+            at.setdefault((r.settings["policy"], r.model == "original"), {})[r.metrics.get("round", 1)] = r.metrics
     if ("prism", False) not in at or ("fifo", True) not in at:
         return {}
     prism, base = at[("prism", False)], at[("fifo", True)]
+    both = sorted(set(prism) & set(base))
+
+    def median(metrics: dict[int, dict[str, Any]], get: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.median(get(metrics[i]) for i in both)
+
+    rps = lambda m: m["requests_per_s"]  # noqa: E731
+    p90 = lambda m: m["e2e_s"]["p90"]  # noqa: E731
+    gains = [rps(prism[i]) / rps(base[i]) - 1.0 for i in both]
     out = {
         "load": load,
-        "prism_requests_per_s": prism["requests_per_s"],
-        "fifo_original_requests_per_s": base["requests_per_s"],
-        "gain": prism["requests_per_s"] / base["requests_per_s"] - 1.0,
+        "rounds": len(both),
+        "prism_requests_per_s": median(prism, rps),
+        "fifo_original_requests_per_s": median(base, rps),
+        "gain": statistics.median(gains),
+        "gains": gains,
         "gain_target": 0.20,
-        "prism_e2e_p90_s": prism["e2e_s"]["p90"],
-        "fifo_original_e2e_p90_s": base["e2e_s"]["p90"],
-        "p90_no_worse": prism["e2e_s"]["p90"] <= base["e2e_s"]["p90"],
-        "floor_violations": {label(p, o): m["floor_violations"] for (p, o), m in at.items()},
-        "scheduler_share_of_decode_step": prism["scheduler_share_of_decode_step"],
+        "prism_e2e_p90_s": median(prism, p90),
+        "fifo_original_e2e_p90_s": median(base, p90),
+        "p90_no_worse": median(prism, p90) <= median(base, p90),
+        "floor_violations": {label(p, o): sum(m["floor_violations"] for m in ms.values()) for (p, o), ms in at.items()},
+        "scheduler_share_of_decode_step": median(prism, lambda m: m["scheduler_share_of_decode_step"]),
     }
     if bound:
         out["decode_gain_bound"] = bound
-    if ("mixed", False) in at:
-        out["mixed_over_prism"] = at[("mixed", False)]["requests_per_s"] / prism["requests_per_s"] - 1.0
+    if ("mixed", False) in at and set(both) <= set(at[("mixed", False)]):
+        mixed = at[("mixed", False)]
+        out["mixed_over_prism"] = statistics.median(rps(mixed[i]) / rps(prism[i]) - 1.0 for i in both)
     out["met"] = out["gain"] >= 0.20 and out["p90_no_worse"] and all(v == 0 for k, v in out["floor_violations"].items()
                                                                         if not k.startswith("static"))
     return out
@@ -158,12 +197,13 @@ def plot_sweep(runs: list[tuple[str, float, ScheduleResult]], path: Path, title:
     from prism_cli.io import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series: dict[str, list[tuple[float, float, float]]] = {}
-    for _, rate, r in runs:
+    measured: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    for _, rate, r in runs:  # the median over rounds
         key = label(r.settings["policy"], r.model == "original")
-        series.setdefault(key, []).append((rate, r.metrics["requests_per_s"], r.metrics["e2e_s"]["p90"] or 0.0))
-    for key, pts in series.items():
-        pts.sort()
+        measured.setdefault(key, {}).setdefault(rate, []).append((r.metrics["requests_per_s"], r.metrics["e2e_s"]["p90"] or 0.0))
+    for key, by_rate in measured.items():
+        pts = sorted((rate, statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
+                     for rate, vals in by_rate.items())
         style = "--" if "original" in key else "-"
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=key)
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=key)
