@@ -300,3 +300,20 @@ def integer_attrs(meta: dict[str, Any], keys: tuple[str, ...], path: Path, minim
 def _is_integer(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
 
+
+def lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` (a parsed JSON document) holds a lone surrogate (U+D800-U+DFFF):
+    JSON's ``\\u`` escapes can spell one, UTF-8 text cannot, and tokenizers and encoders fail on it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class ResultTable:
         A stem that is an existing folder (``--out results``) is refused: the files would land beside it
         as ``results.md`` ..., not in it. Commands that write into a folder take ``--out DIR`` instead.
         ``others``: suffixes of further files the command writes beside them (``".png"``, ``"_targets.json"``).
+        Files already there are replaced only where they are an earlier result of this stem (its ``.json`` is a
+        result table's): a stem that names a user's own notes.md or data.json is refused, not written over.
         """
         if Path(stem).is_dir():
             raise PrismError(f"--out {stem} is a folder; give a file stem such as {Path(stem) / 'table'} "
@@ -101,6 +104,19 @@ class ResultTable:
             if path.is_dir():
                 raise PrismError(f"cannot write {path}: it is a folder")
             check_not_input(path, inputs or {}, inside=True)
+        existing = next((p for p in paths if p.is_file()), None)
+        if existing is not None and not cls.is_result(paths[2]):
+            raise PrismError(f"--out {stem} would replace {existing}, which is not an earlier result of this stem "
+                             f"({paths[2].name} is not a prism result table); move it or choose another --out")
+
+    @staticmethod
+    def is_result(path: Path) -> bool:
+        """Whether ``path`` is the JSON of a result table (``save`` writes its title and rows)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and "title" in data and isinstance(data.get("rows"), list)
 
     def save(self, stem: Path, extra: dict[str, Any] | None = None) -> list[Path]:
         """Write ``stem.md``, ``stem.csv`` and ``stem.json`` (the JSON also carries ``extra``, and where that has

@@ -656,6 +656,25 @@ CASES = [
     Case("sweep-cost-model-negative-decode", lambda w: ["schedule", "sweep", w.export, "--sim", "--rates", "1", "--cost-model",
                                                         cost_model(w, "neg.json", ms=-1.0), "--out", w.out], ("neg.json", "-1 ms")),
     Case("schedule-negative-seed", lambda w: schedule_args(w, "--seed", "-1"), ("--seed must be between 0",)),
+    # Found by the third fuzz round: --out onto a user's files replaced them; a lone surrogate or a deeply nested line in
+    # a trace was an internal error; a number as a trace's floor was read as topk:N (the server reads a perplexity).
+    Case("schedule-out-onto-own-notes", lambda w: schedule_out_args(w, w.write("notes.md", "mine").with_suffix("")),
+         ("would replace", "notes.md", "not an earlier result")),
+    Case("schedule-out-onto-own-json", lambda w: schedule_out_args(w, w.write("data.json", '{"a": 1}')),
+         ("would replace", "data.json")),
+    Case("schedule-trace-lone-surrogate", lambda w: schedule_args(
+        w, "--trace", w.write("t.jsonl", '{"arrival": 0, "prompt": "a\\ud800b", "max_tokens": 4}\n')), ("line 1", "lone surrogate")),
+    Case("schedule-trace-nested-too-deeply", lambda w: schedule_args(
+        w, "--trace", w.write("t.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")), ("line 1", "nested too deeply")),
+    Case("schedule-trace-negative-ceiling", lambda w: schedule_args(
+        w, "--trace", w.write("t.jsonl", '{"arrival": 0, "prompt": "a b", "max_tokens": 4, "floor": -3}\n')),
+         ("line 1", "perplexity ceiling must be a positive, finite number")),
+    Case("schedule-on-a-file", lambda w: schedule_args(w)[:1] + [w.write("notes.txt", "x")] + schedule_args(w)[2:],
+         ("is a file, not a prism export folder",)),
+    Case("schedule-on-a-folder-without-config", lambda w: schedule_args(w)[:1] + [w.folder("empty")] + schedule_args(w)[2:],
+         ("has no config.json",)),
+    Case("schedule-cost-model-without-machine", lambda w: schedule_args(w, model=w.write("cm-nomachine.json", json.dumps(
+        {k: v for k, v in json.loads(cost_model(w).read_text()).items() if k != "machine"}))), ("has no 'machine' field",)),
     Case("sweep-negative-seed", lambda w: sweep_args(w, "--rates", "1", "--seed", "-1"), ("--seed must be between 0",)),
     # --- bench -----------------------------------------------------------------------------------------
     Case("bench-batch-with-an-empty-item", lambda w: bench_args(w, "--batch", "1,,8"), ("--batch", "'1,,8'"), never=NEVER_BENCH),
@@ -669,6 +688,15 @@ CASES = [
     Case("bench-min-quality-0", lambda w: bench_args(w, "--min-quality", "0"), ("--min-quality",)),
     Case("bench-batch-0", lambda w: bench_args(w, "--batch", "0"), ("--batch",)),
     Case("bench-unknown-mode", lambda w: bench_args(w, "--mode", "sideways"), ("--mode",)),
+    Case("bench-infinite-budget", lambda w: bench_args(w, "--budget", "1e400ms"), ("budget must be a positive, finite time",),
+         never=NEVER_BENCH),
+    Case("bench-min-quality-nan", lambda w: bench_args(w, "--min-quality", "nan"), ("--min-quality must be a positive, finite",),
+         never=NEVER_BENCH),
+    Case("bench-points-name-no-point", lambda w: bench_args(w, "--points", ";;"), ("--points ';;' names no operating point",),
+         never=NEVER_BENCH),
+    Case("bench-unknown-dtype", lambda w: bench_args(w, "--dtype", "bf17"), ("--dtype bf17 is not a dtype prism runs",),
+         never=NEVER_BENCH),
+    Case("bench-repeats-0", lambda w: bench_args(w, "--repeats", "0"), ("--repeats must be at least 1, got 0",), never=NEVER_BENCH),
     Case("bench-cuda-without-cuda", lambda w: bench_args(w, "--device", "cuda"), ("CUDA",),
          marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),)),
     # --- offload-bench ----------------------------------------------------------------------------------

@@ -38,10 +38,12 @@ def test_parse_budget_accepts(text, ms):
     assert parse_budget(text) == pytest.approx(ms)
 
 
-@pytest.mark.parametrize("text", ["fast", "-1", "", "0", "0ms", "50 minutes", "ms", "1,5ms"])
+@pytest.mark.parametrize("text", ["fast", "-1", "", "0", "0ms", "1e400ms", "50 minutes", "ms", "1,5ms"])
 def test_parse_budget_refuses(text):
-    """Each refusal names the budget it could not use: unreadable text, or a time that is not positive."""
-    expected = f"the budget must be positive, got '{text}'" if text in ("0", "0ms") else f"cannot read the budget '{text}'"
+    """Each refusal names the budget it could not use: unreadable text, or a time that is not positive and finite
+    (``1e400`` overflows to infinity: every point met it)."""
+    expected = (f"the budget must be a positive, finite time, got '{text}'" if text in ("0", "0ms", "1e400ms")
+                else f"cannot read the budget '{text}'")
     with pytest.raises(PrismError, match=re.escape(expected)):
         parse_budget(text)
 

@@ -148,6 +148,11 @@ def test_bad_chat_messages_are_400_naming_messages(server, messages):
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),  # not streaming
     ({"model": "tiny", "prompt": "x", "tool_choice": "auto"}, 400, "tool_choice"),  # no tools to choose from
+    # a lone surrogate (a JSON \\u escape no UTF-8 text holds): the tokenizer, and the 404's encoder, raised (500)
+    ({"model": "tiny", "prompt": "a\ud800b"}, 400, "prompt"),
+    ({"model": "\udc00", "prompt": "x"}, 400, "model"),
+    ({"model": "tiny", "prompt": "x", "quality_floor": "ppl:1e400"}, 400, "quality_floor"),  # infinite: accepted
+    ({"model": "tiny", "prompt": "x", "quality_floor": -3}, 400, "quality_floor"),
 ])
 def test_bad_requests_name_the_field(server, body, status, param):
     _, url = server
@@ -175,6 +180,32 @@ def test_a_body_past_the_limit_is_413_before_it_is_read_whole(server):
     ok = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 2}).encode()
     r = httpx.post(url + "/v1/completions", content=iter([ok[:10], ok[10:]]), headers=headers, timeout=60)
     assert r.status_code == 200, r.text  # a chunked upload under the limit is read as any other
+
+
+def test_a_body_that_never_arrives_whole_is_408_after_the_timeout(server, monkeypatch):
+    """A client that declared 100 bytes and sent 9 held its connection open for as long as it liked (found by
+    fuzzing): the body must arrive within ``BODY_TIMEOUT_S``, else 408 in OpenAI's error shape."""
+    from prism_cli.serving import server as module
+
+    monkeypatch.setattr(module, "BODY_TIMEOUT_S", 0.5)
+    _, url = server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        started = time.perf_counter()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            part = s.recv(4096)
+            if not part:
+                break
+            reply += part
+        waited = time.perf_counter() - started
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["type"] == "request_timeout"
+    assert 0.4 < waited < 8, waited
+    assert httpx.get(url + "/health").text == "ok"
 
 
 def test_a_client_gone_before_its_body_is_whole_is_dropped_quietly(server, caplog):

@@ -1199,6 +1199,25 @@ def test_a_trace_run_says_it_ran_the_trace(cli, tiny_export, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["metrics"]["requests"] == 2
 
 
+def test_a_number_as_a_trace_floor_is_a_perplexity_ceiling_as_on_the_server(cli, tiny_export, tmp_path):
+    """``"floor": 45`` in a trace was read as ``topk:45``-style text (``3`` became ``topk:3``), while the server reads
+    a number as a perplexity ceiling: a trace now means what a request means. By hand: the floor a number gives is
+    the floor ``ppl:`` of that number gives, for a ceiling every point meets and for one only the full model meets."""
+    cost = tmp_path / "cm.json"
+    model = synthetic_cost_model()
+    model.save(cost)
+    full = max(p.perplexity for p in model.points.values())
+    best = min(p.perplexity for p in model.points.values())
+    lines = [{"arrival": i * 0.1, "prompt": "The whale", "max_tokens": 2, "floor": floor}
+             for i, floor in enumerate([full + 1, f"ppl:{full + 1}", best, f"ppl:{best}"])]
+    trace = tmp_path / "tr.jsonl"
+    trace.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = cli("schedule", "run", tiny_export, "--sim", "--cost-model", cost, "--trace", trace, "--out", tmp_path / "r")
+    assert result.code == 0, result.err
+    floors = [r["floor"] for r in sorted(json.loads((tmp_path / "r.json").read_text())["requests"], key=lambda r: r["arrival"])]
+    assert floors[0] == floors[1] and floors[2] == floors[3] and floors[0] != floors[2], floors
+
+
 def test_impossible_lengths_are_named_by_their_options(cli, tiny_export):
     cli("schedule", "run", tiny_export, "--sim", "--min-output", "9", "--max-output", "3").assert_one_line_error(
         "--min-output 9", "--max-output 3")

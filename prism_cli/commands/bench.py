@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,8 +53,11 @@ def bench(
 
     check_output_folder(out)  # before the sweep: a results folder that cannot be written fails now, not after it
     budget_ms = parse_budget(budget) if budget is not None else None
-    if min_quality is not None and min_quality <= 0:
-        raise PrismError(f"--min-quality must be a positive perplexity, got {min_quality}")
+    if min_quality is not None and not 0 < min_quality < math.inf:
+        raise PrismError(f"--min-quality must be a positive, finite perplexity, got {min_quality}")
+    point_list = [p for p in points.split(";") if p.strip()] if points is not None else None
+    if point_list == []:
+        raise PrismError(f"--points {points!r} names no operating point; separate points with ';' (e.g. 'linear:2;linear:8')")
     from prism_cli.offload.config import offload_config
 
     parse_device(device)
@@ -62,7 +66,7 @@ def bench(
     settings = BenchSettings(
         device=device, dtype=dtype, batches=parse_int_list(batch, "--batch") or [], seq_len=seq_len, mode=mode,
         tokens=tokens, repeats=repeats, max_repeats=max_repeats, precision=precision, warmup=warmup, settle=settle,
-        points=[p for p in points.split(";") if p.strip()] if points else None, experts_impl=experts_impl, seed=seed,
+        points=point_list, experts_impl=experts_impl, seed=seed,
         offload=offload, cpu_allocator=cpu_allocator,
     )
     settings.validate()

@@ -80,8 +80,12 @@ def _check_dir(directory: str) -> None:
     from prism_cli.runtime.elastic import export_meta
 
     path = Path(directory)
+    if path.is_file():
+        raise PrismError(f"{directory} is a file, not a prism export folder (`prism export` writes one)")
     if not path.is_dir():
         raise PrismError(f"export folder {directory} does not exist")
+    if not (path / "config.json").is_file():
+        raise PrismError(f"{directory} is not a prism export: it has no config.json")
     if export_meta(path) is None:
         raise PrismError(f"{directory} is not a prism export (its config.json has no 'prism' section)")
 

@@ -60,8 +60,8 @@ def parse_budget(text: str) -> float:
     if not m:
         raise PrismError(f"cannot read the budget {text!r}: give a time like 50ms, 0.05s or 50 (milliseconds)")
     value = float(m.group(1)) * {"ms": 1.0, None: 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}[m.group(2)]
-    if value <= 0:
-        raise PrismError(f"the budget must be positive, got {text!r}")
+    if not 0 < value < math.inf:
+        raise PrismError(f"the budget must be a positive, finite time, got {text!r}")
     return value
 
 
@@ -112,8 +112,9 @@ class BenchSettings:
             raise PrismError(f"--seq-len must be between 1 and 1048576, got {self.seq_len}")
         if self.mode not in ("decode", "prefill"):
             raise PrismError(f"--mode must be decode or prefill, got {self.mode!r}")
-        if self.tokens < 2 or self.repeats < 1 or self.warmup < 0:
-            raise PrismError("--tokens must be at least 2, --repeats at least 1 and --warmup at least 0")
+        for option, value, least in (("--tokens", self.tokens, 2), ("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0)):
+            if value < least:
+                raise PrismError(f"{option} must be at least {least}, got {value}")
         if self.settle is None:
             self.settle = SETTLE_STEPS[self.mode]
         elif not 0 <= self.settle <= 1000:
@@ -132,7 +133,9 @@ class BenchSettings:
         allowed = DEVICE_DTYPES.get(kind, ("float32",))
         self.dtype = self.dtype or allowed[0]
         if self.dtype not in allowed:
-            raise PrismError(f"--dtype {self.dtype} does not run on {kind} here; use one of: {', '.join(allowed)}")
+            known = {d for dtypes in DEVICE_DTYPES.values() for d in dtypes}
+            what = "does not run on " + kind + " here" if self.dtype in known else "is not a dtype prism runs"
+            raise PrismError(f"--dtype {self.dtype} {what}; use one of: {', '.join(allowed)}")
 
 
 @dataclass

@@ -202,7 +202,9 @@ class CostModel:
                 raise TypeError(f"machine is {data['machine']!r}, not a name")
             model = cls(points, int(data["decode_seq_len"]), int(data["prefill_seq_len"]), data["machine"],
                         dict(data.get("sources", {})), engine)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except KeyError as exc:
+            raise PrismError(f"cost model {path} is malformed: it has no {exc} field; rebuild it") from None
+        except (TypeError, ValueError, AttributeError) as exc:
             raise PrismError(f"cost model {path} is malformed ({type(exc).__name__}: {exc}); rebuild it") from None
         problem = model.problem()
         if problem:

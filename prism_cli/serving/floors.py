@@ -89,13 +89,29 @@ def parse_floor(text: str, space: PointSpace) -> FloorSpec:
             ceiling = float(raw)
         except ValueError:
             raise PrismError(f"floor {text!r}: {raw!r} is not a perplexity") from None
-        if not ceiling > 0:
-            raise PrismError(f"floor {text!r}: the perplexity ceiling must be positive")
+        if not 0 < ceiling < math.inf:
+            raise PrismError(f"floor {text!r}: the perplexity ceiling must be a positive, finite number")
         return FloorSpec(text, ceiling=ceiling)
     try:
         return FloorSpec(text, point=space.parse(text))
     except PrismError as exc:
         raise PrismError(f"floor {text!r} is not a point of this export: {exc}") from None
+
+
+def floor_spec(value: object, space: PointSpace) -> FloorSpec:
+    """A floor as a request or a trace line gives it: a string (``linear:4``, ``ppl:45``) or a number, which is a
+    perplexity ceiling (a client sends a number for a quality, not for a count of sub-experts)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            ceiling = float(value)
+        except OverflowError:  # an integer past float range
+            ceiling = math.inf
+        if not 0 < ceiling < math.inf:
+            raise PrismError(f"a perplexity ceiling must be a positive, finite number, got {ceiling:g}")
+        return FloorSpec(f"ppl:{value}", ceiling=ceiling)
+    if isinstance(value, str):
+        return parse_floor(value, space)
+    raise PrismError('expected an operating point ("linear:4") or a perplexity ceiling (a number)')
 
 
 def parse_mix(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:

@@ -20,7 +20,7 @@ from prism_cli.errors import PrismError
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.costmodel import CostModel
 from prism_cli.serving.engine import Engine, Limits
-from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, parse_floor, parse_mix
+from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, floor_spec, parse_mix
 from prism_cli.serving.policies import SCHEDULING_POLICIES
 from prism_cli.serving.requests import Request, SamplingParams, check_context
 from prism_cli.serving.workload import LengthSettings, RequestSpec, poisson_workload, read_trace
@@ -159,7 +159,7 @@ def build_workload(settings: ScheduleSettings, tokenizer: Any, export_space: Poi
     from prism_cli.data import load_text
 
     if settings.trace is not None:
-        return read_trace(Path(settings.trace), tokenizer, lambda text: parse_floor(text, export_space))
+        return read_trace(Path(settings.trace), tokenizer, lambda value: floor_spec(value, export_space))
     mix = parse_mix(settings.floors, export_space)
     text, _ = load_text(settings.data, "eval")
     return poisson_workload(text, tokenizer, settings.rate, settings.duration, mix, settings.seed, settings.lengths)

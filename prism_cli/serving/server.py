@@ -37,9 +37,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from prism_cli.errors import PrismError
+from prism_cli.io import lone_surrogate
 from prism_cli.operating_points import OperatingPoint
 from prism_cli.serving.engine import Engine
-from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, parse_floor
+from prism_cli.serving.floors import Ladder, PointSpace, floor_spec
 from prism_cli.serving.requests import Request, SamplingParams
 
 API_KEY_ENV = "PRISM_API_KEY"
@@ -57,6 +58,9 @@ class BadRequest(Exception):
 
 def error(message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error",
           headers: dict[str, str] | None = None) -> JSONResponse:
+    # A message may quote the request (a model's name); what it quotes may hold a lone surrogate, which the
+    # response's UTF-8 encoder refuses: escaped, not a 500.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
                         headers=headers)
 
@@ -173,15 +177,7 @@ def parse_quality_floor(state: ServerState, body: dict) -> OperatingPoint:
     if value is None:
         return state.space.full()
     try:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            spec = FloorSpec(f"ppl:{value}", ceiling=float(value))
-            if not value > 0:
-                raise PrismError("a perplexity ceiling must be positive")
-        elif isinstance(value, str):
-            spec = parse_floor(value, state.space)
-        else:
-            raise PrismError("expected an operating point (\"linear:4\") or a perplexity ceiling (a number)")
-        point = resolve_floor(spec, state.space, state.ladder, state.cost_model)
+        point = resolve_floor(floor_spec(value, state.space), state.space, state.ladder, state.cost_model)
         check_costed(state, point)
         return point
     except PrismError as exc:
@@ -197,6 +193,11 @@ def check_costed(state: ServerState, point: OperatingPoint) -> None:
                          f"with (timed: {timed})")
 
 
+#: Seconds a request's body may take to arrive whole: a client that declares more bytes than it sends (or
+#: sends them a byte a minute) would otherwise hold its connection for ever.
+BODY_TIMEOUT_S = 30.0
+
+
 def body_limit(context: int) -> int:
     """The largest request body read, in bytes: room for a prompt of the whole context at 64 bytes a token
     (JSON escapes included) plus 1 MiB. A larger body cannot hold a prompt that fits, and reading and
@@ -210,16 +211,23 @@ async def read_body(http: HttpRequest, limit: int) -> dict:
                            "context could take", None, 413, "request_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    try:
+
+    async def receive() -> bytes:
+        chunks, size = [], 0
         async for chunk in http.stream():  # a chunked upload declares no length: counted as it comes
             size += len(chunk)
             if size > limit:
                 raise too_large
             chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        raw = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
     except ClientDisconnect:  # gone before its body was whole: no one to answer (uvicorn logged a traceback)
         raise BadRequest("the client disconnected before the body was complete", None, 499, "client_closed") from None
-    raw = b"".join(chunks)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive whole within {BODY_TIMEOUT_S:g} s", None, 408,
+                         "request_timeout") from None
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -228,6 +236,10 @@ async def read_body(http: HttpRequest, limit: int) -> dict:
         raise BadRequest("the body is not valid JSON: nested too deeply", None) from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", None)
+    for key, value in body.items():
+        if lone_surrogate([key, value]):
+            name = key.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise BadRequest(f"{name}: not valid Unicode text (a lone surrogate, \\ud800-\\udfff)", name)
     return body
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from prism_cli.errors import PrismError
+from prism_cli.io import lone_surrogate
 from prism_cli.serving.floors import FloorSpec
 
 #: The latest arrival a trace may give (seconds; about 30 years): far beyond it a clock in seconds no
@@ -84,6 +85,12 @@ def poisson_workload(
     return specs
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a line may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_trace(path: Path, tokenizer: Any, parse_floor_text) -> list[RequestSpec]:
     """Requests of a JSON Lines trace; a bad line is reported by its number."""
     path = Path(path)
@@ -102,18 +109,22 @@ def read_trace(path: Path, tokenizer: Any, parse_floor_text) -> list[RequestSpec
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PrismError(f"{where} is not JSON: {exc.msg}") from None
+        except RecursionError:  # arrays or objects nested deeper than the parser's recursion limit
+            raise PrismError(f"{where} is not JSON that can be read: nested too deeply") from None
         if not isinstance(row, dict):
             raise PrismError(f"{where}: expected an object with arrival, prompt, max_tokens (and floor)")
+        if lone_surrogate(row):
+            raise PrismError(f"{where}: not valid Unicode text (a \\u escape spells a lone surrogate, \\ud800-\\udfff)")
         missing = [k for k in ("arrival", "prompt", "max_tokens") if k not in row]
         if missing:
             raise PrismError(f"{where}: missing {', '.join(missing)}")
         arrival, prompt, max_tokens = row["arrival"], row["prompt"], row["max_tokens"]
         if not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or not 0 <= arrival <= MAX_ARRIVAL:
-            raise PrismError(f"{where}: arrival must be a finite number of seconds, 0 to {MAX_ARRIVAL:g}, got {arrival!r}")
+            raise PrismError(f"{where}: arrival must be a finite number of seconds, 0 to {MAX_ARRIVAL:g}, got {_short(arrival)}")
         if not isinstance(prompt, str) or not prompt:
             raise PrismError(f"{where}: prompt must be a non-empty string")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise PrismError(f"{where}: max_tokens must be an integer >= 1, got {max_tokens!r}")
+            raise PrismError(f"{where}: max_tokens must be an integer >= 1, got {_short(max_tokens)}")
         try:
             floor = parse_floor_text(row["floor"]) if row.get("floor") is not None else None
         except PrismError as exc:
