@@ -273,7 +273,7 @@ bench-decision: serving-export executor-bounds
 	$(BIN)/python scripts/bench_decision.py --export $(SERVE)/export --cost-model results/serving_cost_model.json --out results/decision_time
 
 # The real engine's high-load sweep alone, written apart: three rounds of every policy in alternating order
-# (about 20 minutes), the gain taken round by round against the same round's baseline.
+# (about 30 minutes), the gain taken round by round against the same round's baseline.
 schedule-high: serving-export
 	$(BIN)/prism schedule sweep $(SERVE)/export --cost-model results/serving_cost_model.json --loads high --duration 60 --rounds 3 --out results/schedule_sweep_real_repeat
 
