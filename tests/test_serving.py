@@ -1011,7 +1011,8 @@ def test_sweep_refuses_no_load_and_unknown_loads_before_any_run():
 
 def test_sweep_rounds_alternate_their_order_and_pair_each_round(monkeypatch):
     """Three rounds of real runs: the policies in order, reversed, in order again (so that a drift of the
-    machine's speed weighs on every policy alike); the simulator once per policy; the targets compare each
+    machine's speed weighs on every policy alike), ``prism`` always next to its baseline (the pair the targets
+    compare); the table in its own order; the simulator once per policy; the targets compare each
     round's prism with the same round's FIFO on the original and take medians: by hand, gains +10 %, -20 %,
     +50 % -> +10 %; mixed over prism +10 %, 0 %, -20 % -> 0 %."""
     from prism_cli.serving import sweep
@@ -1039,7 +1040,9 @@ def test_sweep_rounds_alternate_their_order_and_pair_each_round(monkeypatch):
     monkeypatch.setattr(sweep, "run_schedule", fake)
     runs, capacity = sweep.run_sweep("dir", ScheduleSettings(sim=False), synthetic_cost_model(), [], [4.0], rounds=3)
     assert capacity is None
-    assert real == sweep.RUNS + sweep.RUNS[::-1] + sweep.RUNS
+    assert sorted(sweep.ORDER) == sorted(sweep.RUNS)
+    assert real == sweep.ORDER + sweep.ORDER[::-1] + sweep.ORDER
+    assert abs(sweep.ORDER.index(("prism", False)) - sweep.ORDER.index(("fifo", True))) == 1
     assert sorted(simulated) == sorted(sweep.RUNS)
     assert [(r.settings["policy"], r.model == "original", r.metrics["round"]) for _, _, r in runs] == [
         (p, o, i) for p, o in sweep.RUNS for i in (1, 2, 3)]

@@ -5,9 +5,10 @@ simulator measures from a burst of requests on the cost model: ``low`` 0.3x, ``m
 ``high`` 1.3x (the baseline saturates there; a policy serving more requests/s shows it). Every policy
 runs on the export, and FIFO also on the export's source model, at the same floor mix and seed.
 
-Real runs may be repeated in rounds (``rounds``): the policies run in order, then in reverse, and so on,
-so that a drift of the machine's speed over the sweep weighs on every policy alike; the targets compare
-each round's ``prism`` with the same round's baseline and report the median.
+Real runs may be repeated in rounds (``rounds``): the policies run in order (``ORDER``: ``prism`` next to
+its baseline), then in reverse, and so on, so that a drift of the machine's speed over the sweep weighs
+on every policy alike; the targets compare each round's ``prism`` with the same round's baseline and
+report the median.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from prism_cli.serving.costmodel import CostModel
 from prism_cli.serving.runner import ScheduleResult, ScheduleSettings, check_load, run_schedule
 
 LOADS = {"low": 0.3, "medium": 0.7, "high": 1.3}
-#: (policy, on the original model) pairs of a sweep; the last is the baseline of the targets.
+#: (policy, on the original model) pairs of a sweep, in the order of its table; the last is the baseline of the targets.
 RUNS = [("prism", False), ("mixed", False), ("fifo", False), ("fullbatch", False), ("static", False), ("fifo", True)]
+#: The order they run in: ``prism`` next to its baseline, so that the machine's drift between the two runs the
+#: targets compare is that of one run's length (in a three-round sweep it moved by half in 30 minutes).
+ORDER = [("prism", False), ("fifo", True), ("mixed", False), ("fifo", False), ("fullbatch", False), ("static", False)]
 
 
 def baseline_capacity(directory: str, settings: ScheduleSettings, cost_model: CostModel, burst: int = 200) -> float:
@@ -59,8 +63,8 @@ def run_sweep(
     served: dict[bool, Any] | None = None, on_run: Callable[[str], None] | None = None, rounds: int = 1,
 ) -> tuple[list[tuple[str, float, ScheduleResult]], float | None]:
     """Every run of the sweep: ``(load, rate, result)``, by load, then policy, then round (``metrics["round"]``,
-    from 1); and the baseline capacity (None with explicit rates). Round ``i`` runs the policies in ``RUNS``
-    order for odd ``i``, in reverse for even ``i``."""
+    from 1); and the baseline capacity (None with explicit rates). Round ``i`` runs the policies in ``ORDER``
+    for odd ``i``, in reverse for even ``i``."""
     check_rounds(rounds, settings.sim)
     capacity = None
     if rates is None:
@@ -79,7 +83,7 @@ def run_sweep(
         simulated: dict[tuple[str, bool], float] = {}  # the simulator is deterministic: once per policy
         done = []
         for i in range(rounds):
-            for policy, original in RUNS if i % 2 == 0 else RUNS[::-1]:
+            for policy, original in ORDER if i % 2 == 0 else ORDER[::-1]:
                 if on_run is not None:
                     on_run(f"{name} load, {label(policy, original)}" + (f", round {i + 1}" if rounds > 1 else ""))
                 run = dataclasses.replace(settings, policy=policy, original=original, rate=rate)
