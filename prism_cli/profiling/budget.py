@@ -151,10 +151,6 @@ class MemoryPlan:
     passes: int
     buffer_bytes: int
 
-    @property
-    def state_bytes(self) -> int:
-        return self.budget - self.buffer_bytes
-
 
 def plan_memory(geometry: ProfileGeometry, budget: int) -> MemoryPlan:
     """Layers per pass (their states within half the budget, at least one) and the row buffer (the rest)."""
