@@ -112,6 +112,60 @@ def test_chat_max_completion_tokens_is_named_as_sent(server):
                    json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
     assert r.json()["error"]["message"].startswith("max_completion_tokens:"), r.text
+    # A prompt and limit past the context: the message names the fields the request used.
+    r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "word " * 200}], "max_completion_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    message = r.json()["error"]["message"]
+    assert message.startswith("messages:") and "max_completion_tokens 4" in message, message
+
+
+def test_chat_null_max_completion_tokens_is_absent(server):
+    """``max_completion_tokens: null`` beside ``max_tokens: 2`` generated 256 tokens: the field was chosen by
+    its key, not its value."""
+    _, url = server
+    r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": None,
+                         "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
+
+
+def test_a_template_that_renders_no_tokens_is_400_and_the_engine_stays_up(served):
+    """A template that handles only user and assistant turns renders a system-only conversation as nothing: the
+    empty prompt reached the engine, whose prefill raised; the engine stopped for good (every later request
+    500) and the request, out of the waiting queue but in no batch yet, was never answered."""
+    template = "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    srv, thread, _, url = _start(served, chat_template=template, api_key=None)
+    try:
+        r = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": [{"role": "system", "content": "You are helpful."}], "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "no tokens" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health").text == "ok"
+        ok = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_an_engine_that_fails_mid_launch_answers_the_request_it_was_launching(served):
+    """``Engine.abort`` ended the requests waiting, queued or in a batch, not those it had taken out of the
+    waiting queue to prefill: a prefill that raised left that client waiting for ever."""
+    srv, thread, state, url = _start(served, policy="fifo", api_key=None)
+
+    def broken(*_args):
+        raise RuntimeError("prefill failed")
+
+    state.engine.executor.prefill = broken
+    try:
+        r = httpx.post(url + "/v1/completions", timeout=30, json={"model": "tiny", "prompt": "The whale", "max_tokens": 4})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
+        assert httpx.get(url + "/health").status_code == 500
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 @pytest.mark.parametrize("messages", [
@@ -153,6 +207,11 @@ def test_bad_chat_messages_are_400_naming_messages(server, messages):
     ({"model": "\udc00", "prompt": "x"}, 400, "model"),
     ({"model": "tiny", "prompt": "x", "quality_floor": "ppl:1e400"}, 400, "quality_floor"),  # infinite: accepted
     ({"model": "tiny", "prompt": "x", "quality_floor": -3}, 400, "quality_floor"),
+    # past float range: float() raised OverflowError (500, a traceback in the server log)
+    ({"model": "tiny", "prompt": "x", "temperature": 10**400}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": -(10**400)}, 400, "top_p"),
+    # an integer past Python's digit limit in any field: json.loads raised a plain ValueError (500)
+    ('{"model": "tiny", "prompt": "x", "extra": 1' + "0" * 5000 + "}", 400, None),
 ])
 def test_bad_requests_name_the_field(server, body, status, param):
     _, url = server
@@ -245,6 +304,9 @@ def test_unknown_routes_and_methods_answer_in_openai_error_shape(server):
     r = httpx.get(url + "/v1/models/gpt-9", headers=auth)
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     assert httpx.get(url + "/v1/models/tiny").status_code == 401
+    # A trailing slash was a 307 to a URL built from the client's Host header.
+    r = httpx.post(url + "/v1/completions/", headers={**auth, "Host": "evil.example"}, json={"model": "tiny", "prompt": "x"})
+    assert r.status_code == 404 and "location" not in r.headers and r.json()["error"]["message"].startswith("no route")
 
 
 def test_a_prompt_being_tokenized_does_not_hold_the_server(served):
@@ -428,6 +490,9 @@ def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     cli("serve", tmp_path / "file").assert_one_line_error("is a file")
     cli("serve", tiny_export, "--port", "70000").assert_one_line_error("--port")
     cli("serve", tiny_export, "--policy", "fifo", "--api-key", "").assert_one_line_error("--api-key is empty")
+    # Accepted, then 401 for ever: a header carries Latin-1 bytes, stripped at the ends.
+    cli("serve", tiny_export, "--policy", "fifo", "--api-key", "k\u00e9y").assert_one_line_error("printable ASCII")
+    cli("serve", tiny_export, "--policy", "fifo", "--api-key", " pad ").assert_one_line_error("printable ASCII")
     cli("serve", tiny_export, "--policy", "fifo", "--served-model-name", " ").assert_one_line_error("--served-model-name")
     cli("serve", tiny_export, "--policy", "fifo", "--point", "linear:2").assert_one_line_error("--policy static")
     cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")

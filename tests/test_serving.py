@@ -312,8 +312,12 @@ def test_floor_mix_and_bad_floors():
     assert parse_floor("ppl:45", SPACE).ceiling == 45.0
     with pytest.raises(PrismError, match="linear:9"):
         parse_floor("linear:9", SPACE)
-    with pytest.raises(PrismError, match="pattern"):
+    with pytest.raises(PrismError, match="pattern") as raised:
         parse_floor("pattern:4,1", SPACE)
+    assert "not a point of this export" not in str(raised.value)  # it is one, just not a floor
+    # A bare number counts sub-experts, as in every operating point; where that fails, the ceiling is named.
+    with pytest.raises(PrismError, match=r"ppl:45\)$"):
+        parse_floor("45", SPACE)
     with pytest.raises(PrismError, match="share"):
         parse_mix("linear:2=half", SPACE)
 

@@ -69,6 +69,10 @@ def serve(
         raise PrismError(f"the cost model has no timing of the full model ({full}), which requests without a "
                          "quality_floor run: bench it and rebuild the cost model")
     key = api_key or os.environ.get(API_KEY_ENV) or None
+    if key is not None and (key != key.strip() or not all(" " <= c <= "~" for c in key)):
+        # Header values arrive as Latin-1 bytes with the ends stripped: such a key could never be sent right.
+        raise PrismError(f"the API key ({'--api-key' if api_key else API_KEY_ENV}) must be printable ASCII with no "
+                         "space at either end: an HTTP header cannot carry it as it is")
     sock = bind(host, port)  # before loading the model: a port in use fails at once
     served = load_served_model(directory, dtype=dtype, device=device, offload=offload)
     ladder = Ladder(served.space, model, max_batch)

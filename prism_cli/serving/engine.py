@@ -157,6 +157,7 @@ class Engine:
         self.finished: MutableSequence[Request] = _history(history)
         self._inbox: deque[Request] = deque()
         self._scheduled: deque[Request] = deque()  # a pre-timed workload, released at its arrival times
+        self._launching: list[Request] = []  # out of the waiting queue, not yet in a batch (``abort`` ends them too)
         self._wake = threading.Event()
         self._iteration = 0
 
@@ -166,6 +167,8 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Thread-safe: queue a request (its ``arrival`` should be ``now()``)."""
+        if not request.prompt_ids:
+            raise PrismError("a request needs at least one prompt token")
         self._inbox.append(request)
         self._wake.set()
 
@@ -227,7 +230,7 @@ class Engine:
     def abort(self, reason: str) -> None:
         """End every request not finished yet (the engine cannot go on)."""
         now = self.now()
-        pending = [*self._inbox, *self._scheduled, *self.waiting, *(r for b in self.batches for r in b.rows)]
+        pending = [*self._inbox, *self._scheduled, *self.waiting, *self._launching, *(r for b in self.batches for r in b.rows)]
         for r in pending:
             r.finish(reason, now)
 
@@ -276,6 +279,7 @@ class Engine:
         if len(requests) + (len(batch.rows) if batch else 0) > self.limits.max_batch or len(requests) > self.free_slots():
             raise RuntimeError(f"policy {self.policy.name} launched past the limits")  # a bug in the policy
         self.waiting.remove(requests)
+        self._launching = requests
         points = self.policy.points(self, requests)
         self._check(requests, points)
         kv, tokens, ms = self.executor.prefill(requests, points)
@@ -286,6 +290,7 @@ class Engine:
             self.batches.append(batch)
         self.executor.join(batch, kv)
         batch.add(requests)
+        self._launching = []
         now = self.now()
         for r, t in zip(requests, tokens, strict=True):
             r.append(t, now, self.executor.decode_text, self.executor.eos)

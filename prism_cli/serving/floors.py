@@ -95,7 +95,18 @@ def parse_floor(text: str, space: PointSpace) -> FloorSpec:
     try:
         return FloorSpec(text, point=space.parse(text))
     except PrismError as exc:
-        raise PrismError(f"floor {text!r} is not a point of this export: {exc}") from None
+        # A bare number names sub-experts per token (the gate's default policy), as in every operating point;
+        # where that fails, the sender may have meant a perplexity.
+        hint = f" (a bare number counts sub-experts; a perplexity ceiling is ppl:{text})" if _is_number(text) else ""
+        raise PrismError(f"floor {text!r}: {exc}{hint}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def floor_spec(value: object, space: PointSpace) -> FloorSpec:

@@ -21,6 +21,7 @@ import hmac
 import json
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -140,6 +141,20 @@ def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any) -> Any:
     return value
 
 
+def _real(body: dict, name: str, default: float) -> float:
+    value = _field(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float range
+        raise BadRequest(f"{name}: {str(value)[:20]}... is out of range", name) from None
+
+
+def output_limit_field(body: dict, chat: bool) -> str:
+    """The field that bounds a request's output: chat's ``max_completion_tokens`` where it holds a value (a null
+    field is absent, as in OpenAI's API), else ``max_tokens``."""
+    return "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> SamplingParams:
     for name, allowed in _UNSUPPORTED.items():
         if name in body and body[name] not in allowed:
@@ -155,8 +170,8 @@ def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling
         max_tokens = 16
     params = SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 256,
-        temperature=float(_field(body, "temperature", (int, float), 1.0)),
-        top_p=float(_field(body, "top_p", (int, float), 1.0)),
+        temperature=_real(body, "temperature", 1.0),
+        top_p=_real(body, "top_p", 1.0),
         stop=stops,
         seed=_field(body, "seed", (int,), None),
     )
@@ -234,6 +249,8 @@ async def read_body(http: HttpRequest, limit: int) -> dict:
         raise BadRequest(f"the body is not valid JSON: {exc}", None) from None
     except RecursionError:  # arrays or objects nested deeper than the parser's recursion limit
         raise BadRequest("the body is not valid JSON: nested too deeply", None) from None
+    except ValueError:  # an integer past Python's digit limit for int(str), 4,300 by default
+        raise BadRequest(f"the body holds an integer of more than {sys.get_int_max_str_digits():,} digits", None) from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", None)
     for key, value in body.items():
@@ -281,10 +298,8 @@ def build_app(state: ServerState) -> Starlette:
             # a long prompt does not hold the event loop, so other requests and /health go on meanwhile.
             prompt_ids = await asyncio.get_running_loop().run_in_executor(
                 tokenizing, chat_prompt if chat else completion_prompt, state, body)
-            if chat:
-                params = parse_sampling(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
-            else:
-                params = parse_sampling(body)
+            limit_field = output_limit_field(body, chat)
+            params = parse_sampling(body, limit_field)
             floor = parse_quality_floor(state, body)
             stream = _field(body, "stream", (bool,), False)
             options = _field(body, "stream_options", (dict,), {})
@@ -293,12 +308,12 @@ def build_app(state: ServerState) -> Starlette:
             if options and not stream:  # as OpenAI answers
                 raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
             if params.max_tokens >= state.context:  # no prompt could fit: the limit is the field to fix
-                field = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-                raise BadRequest(f"{field}: {params.max_tokens} leaves no room for the prompt in the context of "
-                                 f"{state.context} tokens", field)
+                raise BadRequest(f"{limit_field}: {params.max_tokens} leaves no room for the prompt in the context of "
+                                 f"{state.context} tokens", limit_field)
             if len(prompt_ids) + params.max_tokens > state.context:
-                raise BadRequest(f"prompt: {len(prompt_ids)} prompt tokens plus max_tokens {params.max_tokens} exceed the "
-                                 f"context of {state.context} tokens", "prompt" if not chat else "messages")
+                name = "messages" if chat else "prompt"
+                raise BadRequest(f"{name}: {len(prompt_ids)} prompt tokens plus {limit_field} {params.max_tokens} exceed the "
+                                 f"context of {state.context} tokens", name)
         except BadRequest as exc:
             state.counters.count(str(exc.status))
             return error(str(exc), exc.param, exc.status, exc.kind)
@@ -463,7 +478,10 @@ def build_app(state: ServerState) -> Starlette:
               Route("/v1/chat/completions", chat_completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
               Route("/v1/models/{name:path}", model, methods=["GET"]),
               Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    # Starlette answers /v1/completions/ with a 307 to a URL built from the client's Host header: a 404 here.
+    app.router.redirect_slashes = False
+    return app
 
 
 def _reason(reason: str | None) -> str:
@@ -509,6 +527,8 @@ def chat_prompt(state: ServerState, body: dict) -> list[int]:
         raise BadRequest(f"messages: the chat template failed: {exc}", "messages") from None
     if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
+    if not len(ids):  # a template that skips every message it is given (a role it does not handle)
+        raise BadRequest("messages: the chat template rendered them as no tokens", "messages")
     return [int(t) for t in ids]
 
 
