@@ -9,6 +9,7 @@ untuned export and two exports with random, untied router rows written by tune-g
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,34 @@ def test_bad_input_is_refused_before_any_work(candidates, tiny_model_dir, tmp_pa
     with pytest.raises(PrismError, match="not a tuned copy of the same export"):
         select_routers({**candidates, "other": other}, out)
     assert_nothing_written(out)
+
+
+def test_a_candidate_with_other_expert_weights_is_refused(candidates, tmp_path):
+    """Only the config fields were compared: a tuned copy whose expert weights were edited (same metadata) was
+    banked with the others, and its K routed over other experts than the bank's checkpoint holds."""
+    from safetensors.torch import load_file, save_file
+
+    edited = tmp_path / "edited"
+    shutil.copytree(candidates["a"], edited)
+    for shard in edited.glob("*.safetensors"):
+        weights = load_file(str(shard))
+        key = next(k for k in sorted(weights) if "experts" in k)
+        weights[key] = weights[key] * 1.01
+        save_file(weights, str(shard), metadata={"format": "pt"})
+    with pytest.raises(PrismError, match="holds other weights than untuned beside its router"):
+        select_routers({**candidates, "edited": edited}, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_layer_ranking_is_not_copied_into_the_bank(candidates, tmp_path):
+    """The bank copied its base export's layer ranking, measured under another router."""
+    base = tmp_path / "untuned"
+    shutil.copytree(candidates["untuned"], base)
+    (base / "layer_ranking.json").write_text("{}")  # not read: only (not) copied
+    curves = {name: {k: 1.0 for k in BY_K} for name in candidates}
+    out = tmp_path / "bank"
+    write_bank({**candidates, "untuned": base}, BankChoice({k: "untuned" for k in BY_K}, curves), out)
+    assert (out / "config.json").exists() and not (out / "layer_ranking.json").exists()
 
 
 def test_a_bank_is_neither_a_candidate_nor_tuned_again(candidates, bank, tmp_path):

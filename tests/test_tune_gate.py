@@ -311,6 +311,57 @@ def test_a_damaged_checkpoint_is_refused_in_words_of_its_own(export, train_text,
         assert "weights_only" not in message and "\n" not in message
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda st: st.update(step=-3), "step -3"),
+    (lambda st: st.update(step="x"), "step 'x'"),
+    (lambda st: st.update(step=500), "step 500 is not one of 0..4"),  # trained past --steps, exit 0
+    (lambda st: st.update(routers=st["routers"][:1]), "routers"),
+    (lambda st: st["routers"].__setitem__(0, st["routers"][0][:5]), "shape"),
+    (lambda st: st["routers"][0].fill_(math.nan), "finite"),  # resumed into a NaN export, exit 0
+    (lambda st: st.pop("optimizer"), "optimizer"),
+    (lambda st: st.update(curve=[]), "loss curve"),
+], ids=["negative-step", "text-step", "step-past-steps", "one-router-short", "router-cut", "nan-router", "no-optimizer",
+        "curve-short"])
+def test_a_checkpoint_edited_into_nonsense_is_refused_as_damaged(export, train_text, tmp_path, edit, needle):
+    """A checkpoint torch reads but whose parts do not fit the run: internal errors inside torch, or a run past
+    --steps or from NaN routers that wrote an export and exited 0."""
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        tune_gate(export, out, settings(train_text, steps=4), on_step=_interrupt_at(2))
+    state = torch.load(checkpoint_path(out), weights_only=True)
+    edit(state)
+    torch.save(state, checkpoint_path(out))
+    with pytest.raises(PrismError, match="damaged") as info:
+        tune_gate(export, out, settings(train_text, steps=4), resume=True)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_a_run_that_diverges_writes_nothing(export, train_text, tmp_path):
+    """A distillation weight of 1e300 makes the loss infinite once the student moves (as --lr 1e10 or --init-alpha
+    1e30 do on the built-in export): the run trained on NaN, wrote an export whose routers were all NaN, and
+    exited 0."""
+    out = tmp_path / "out"
+    with pytest.raises(PrismError, match="training diverged at step"):
+        tune_gate(export, out, settings(train_text, steps=3, distill=1e300))
+    assert not out.exists() and not checkpoint_path(out).exists()
+
+
+def test_the_layer_ranking_is_not_copied_into_a_tuned_export(cli, export, train_text, tmp_path):
+    """A ranking measured under the untuned router was copied byte for byte into the tuned export, whose
+    layered:K+j points then followed it."""
+    source = tmp_path / "ranked"
+    shutil.copytree(export, source)
+    from prism_cli.tuning.layers import rank_export
+
+    rank_export(source, data=str(train_text), tokens=64, seq_len=32)
+    out = tmp_path / "out"
+    result = cli("tune-gate", source, "--out", out, "--data", train_text, "--steps", "1", "--batch", "2", "--seq-len", "16")
+    assert result.code == 0, result
+    assert not (out / "layer_ranking.json").exists() and (out / "config.json").exists()
+    assert "rank-layers" in result.out
+
+
 def test_ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_run(export, train_text, tuned, tmp_path):
     out_full, full = tuned
     out = tmp_path / "out"
@@ -384,6 +435,7 @@ BAD = [
     (["--distill", "-1"], "--distill"),
     (["--lr", "nan"], "--lr"),
     (["--lr", "inf"], "--lr"),
+    (["--lr", "1e38"], "--lr must be in (0, 1]"),  # float32 overflow inside the optimizer: an internal error
     (["--init-alpha", "nan"], "--init-alpha"),
     (["--init-alpha", "-inf"], "--init-alpha"),
     (["--distill", "nan"], "--distill"),
@@ -455,6 +507,8 @@ def test_an_out_that_is_holds_or_lies_in_an_input_is_refused_even_with_force(cli
     source = tmp_path / "holder" / "exp"
     shutil.copytree(export, source)
     before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    result = cli("tune-gate", source, "--out", source, "--data", train_text, "--steps", "1", "--seq-len", "64")
+    result.assert_one_line_error("is the export being tuned")  # not "pass --force", which it would refuse too
     for out, needle in [(source, "is the export being tuned"), (source / "prism", "lies inside the export being tuned"),
                         (source.parent, "holds the export being tuned"), (train_text, "is the data file"),
                         (train_text.parent, "holds the data file")]:

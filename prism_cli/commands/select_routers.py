@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from prism_cli.commands.common import deferred_progress
+from prism_cli.commands.common import ConfigOption, deferred_progress
+from prism_cli.commands.tune_gate import dropped_ranking_note
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 
@@ -36,6 +37,7 @@ def select_routers(
     serve_k: int = typer.Option(None, "--serve-k", help="K whose router the checkpoint holds, and its num_experts_per_tok "
                                 "(what a stock engine serves); default: the export's own."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
+    config: str = ConfigOption,
 ) -> None:
     """At every linear:K, choose the router of lowest validation perplexity among exports; write one export switching with K."""
     from prism_cli.tuning.bank import choice_table
@@ -48,3 +50,5 @@ def select_routers(
     console.print(choice_table(choice, served, data or "builtin:calibration").rich())
     console.print(f"wrote [bold]{out}[/]: {len(choice.chosen)} routers ({', '.join(choice.chosen)}); the checkpoint serves "
                   f"K = {served}; `prism bench {out}` measures every K with its router")
+    for directory in named.values():
+        dropped_ranking_note(directory, out)

@@ -75,3 +75,13 @@ def tune_gate(
         console.print(f"[yellow]note:[/] {result.tied_copies} experts still have identical router copies (never told apart "
                       "by training); linear:K takes those lowest index first, as vLLM does")
     console.print("linear:K is now the tuned router's own top-K; topk:K and threshold points keep the original router")
+    dropped_ranking_note(export, out)
+
+
+def dropped_ranking_note(source: Path, out: Path) -> None:
+    """Say that a source's layer ranking was not copied into a new router's export (it ranks the old router)."""
+    from prism_cli.runtime.layers import RANKING_FILE
+
+    if (source / RANKING_FILE).exists():
+        console.print(f"[yellow]note:[/] {source / RANKING_FILE} ranks the layers under the old router and was not copied: "
+                      f"`prism rank-layers {out}` ranks them under the new one (for layered:K+j points)")

@@ -317,3 +317,11 @@ def weights_fingerprint(directory: Path, adapter: MoEAdapter) -> str:
     if not any(routers.match(name) for name in tensors):
         raise PrismError(f"found no MoE router weights in {directory}")
     return tensors_fingerprint(tensors, lambda name: routers.match(name) is not None)
+
+
+def weights_fingerprint_without_routers(directory: Path, adapter: MoEAdapter) -> str:
+    """``weights_fingerprint`` of every tensor but the MoE routers: the same for two exports whose routers
+    alone differ (router tuning), different where any other weight does (by the same samples)."""
+    routers = adapter.key_patterns().router
+    tensors = {name: t for name, t in checkpoint_tensors(directory).items() if not routers.match(name)}
+    return tensors_fingerprint(tensors, lambda _name: False)

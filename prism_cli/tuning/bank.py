@@ -31,7 +31,7 @@ from prism_cli.export.format import ROUTER_BANK_FILE
 from prism_cli.io import check_not_input
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.checkpoint import CheckpointReader
-from prism_cli.models.loading import load_config
+from prism_cli.models.loading import load_config, weights_fingerprint_without_routers
 from prism_cli.report import ResultTable
 from prism_cli.runtime.elastic import read_export_meta
 from prism_cli.tuning.writer import CURVE_FILE, read_source_router, router_keys, write_router_export
@@ -96,6 +96,13 @@ def check_candidates(candidates: dict[str, Path]) -> dict[str, dict[str, Any]]:
             if mine != theirs:
                 raise PrismError(f"candidate {name} is not a tuned copy of the same export as {first}: prism."
                                  f"{'.'.join(path)} is {mine!r} against {theirs!r}; a bank switches routers over the same experts")
+    # The config fields say what each export was made from; the weights say whether they are still that.
+    adapter = adapter_for_config(load_config(str(candidates[first])))
+    expected = weights_fingerprint_without_routers(candidates[first], adapter)
+    for name, directory in candidates.items():
+        if name != first and weights_fingerprint_without_routers(directory, adapter) != expected:
+            raise PrismError(f"candidate {name} ({directory}) holds other weights than {first} beside its router; a bank "
+                             "switches routers over the same experts (tune-gate changes only the router)")
     return metas
 
 
@@ -123,10 +130,10 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
     if tokens < VALIDATION_SEQ_LEN:
         raise PrismError(f"--tokens must be at least {VALIDATION_SEQ_LEN} (one window of validation text), got {tokens}")
     text, data_name = load_selection_text(data, "choose routers")
+    check_not_input(out, {**{f"candidate {name}": directory for name, directory in candidates.items()}, **data_file(data)},
+                    inside=True)  # before --force's advice
     if out.exists() and not force:
         raise PrismError(f"{out} already exists; pass --force to replace it, or give a new folder")
-    check_not_input(out, {**{f"candidate {name}": directory for name, directory in candidates.items()}, **data_file(data)},
-                    inside=True)
     meta = next(iter(metas.values()))
     points = int(meta["sub_experts"]) * int(meta["source"]["top_k"])
     if serve_k is not None and not 1 <= serve_k <= points:

@@ -90,8 +90,8 @@ class TuneSettings:
     def validate(self) -> None:
         if self.steps < 1:
             raise PrismError(f"--steps must be at least 1, got {self.steps}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise PrismError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 < self.lr <= 1:  # AdamW moves each router weight by about lr per step: past 1 it only diverges
+            raise PrismError(f"--lr must be in (0, 1], got {self.lr}")
         if self.warmup < 0:
             raise PrismError(f"--warmup must be at least 0, got {self.warmup}")
         if self.batch < 1:
@@ -362,9 +362,9 @@ def tune_gate(
     check_context_length(load_config(str(export_dir)), settings.seq_len)
     n_sub, top_k = int(meta["sub_experts"]), int(meta["source"]["top_k"])
     k_start, k_end = settings.k_range(n_sub * top_k)
+    check_not_input(out, {"export being tuned": export_dir, **data_file(settings.data)}, inside=True)  # before --force's advice
     if out.exists() and not force:
         raise PrismError(f"output {out} already exists; pass --force to replace it")
-    check_not_input(out, {"export being tuned": export_dir, **data_file(settings.data)}, inside=True)
     check_new_folder(out, force=True)  # its folder exists and can be written: checked before the training
     ckpt = checkpoint_path(out)
     if resume and not ckpt.exists():
@@ -393,11 +393,7 @@ def tune_gate(
     step, curve, wall_before, cpu_before, resumed_at = 0, [], 0.0, 0.0, None
     if resume:
         state = _load_checkpoint(ckpt, record)
-        with torch.no_grad():
-            for p, saved in zip(params, state["routers"], strict=True):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        step, curve = int(state["step"]), [StepRecord(**r) for r in state["curve"]]
+        step, curve = _restore(ckpt, state, params, optimizer, settings.steps)
         wall_before, cpu_before, resumed_at = float(state["wall_s"]), float(state["cpu_s"]), step
     else:
         c_init, w_init = time.process_time(), time.perf_counter()
@@ -439,6 +435,10 @@ def tune_gate(
             optimizer.step()
             values = torch.stack([loss.detach(), ce.detach(), (kl if kl is not None else ce).detach()]).float()
             values = accelerator.reduce(values, "mean") if world > 1 else values
+            if not bool(torch.isfinite(values).all()) or any(not bool(torch.isfinite(p).all()) for p in params):
+                # NaN router rows route nowhere: the export written from them would serve NaN at every point.
+                raise PrismError(f"training diverged at step {step + 1}: the loss is {float(values[0]):g}; nothing was "
+                                 "written (lower --lr, --init-alpha or --distill)")
             step += 1
             rec = StepRecord(step, k, float(values[0]), float(values[1]), float(values[2]) if kl is not None else None,
                              lr, tokens_per_step, time.perf_counter() - t0 + wall_before)
@@ -511,6 +511,36 @@ def _save_checkpoint(path: Path, record: dict[str, Any], step: int, params: list
         torch.save(state, tmp)
 
 
+def _restore(path: Path, state: dict[str, Any], params: list[torch.nn.Parameter], optimizer: Any,
+             steps: int) -> tuple[int, list[StepRecord]]:
+    """Load a checkpoint's routers and optimizer into this run; returns its step and loss curve. A checkpoint
+    that ``torch.load`` reads but whose parts do not fit this run (edited, or written by a bug) is refused as
+    damaged: resumed as it is, it failed inside torch or trained past ``--steps``."""
+    def damaged(what: str) -> PrismError:
+        return PrismError(f"the checkpoint {path} is damaged ({what}); delete it (or pass --force without --resume) "
+                          "to start over")
+
+    step, routers = state.get("step"), state.get("routers")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= steps:
+        raise damaged(f"its step {step!r} is not one of 0..{steps}")
+    if not isinstance(routers, list) or len(routers) != len(params):
+        raise damaged(f"it holds {len(routers) if isinstance(routers, list) else 'no'} routers, this export {len(params)}")
+    for p, saved in zip(params, routers, strict=True):
+        if not isinstance(saved, torch.Tensor) or saved.shape != p.shape or not bool(torch.isfinite(saved).all()):
+            raise damaged("a router is not a finite tensor of this export's shape")
+    try:
+        curve = [StepRecord(**r) for r in state["curve"]]
+        if len(curve) != step or any(not isinstance(state[k], (int, float)) for k in ("wall_s", "cpu_s")):
+            raise ValueError
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise damaged("its loss curve, times or optimizer state do not fit") from None
+    with torch.no_grad():
+        for p, saved in zip(params, routers, strict=True):
+            p.copy_(saved)
+    return step, curve
+
+
 def _load_checkpoint(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -520,7 +550,9 @@ def _load_checkpoint(path: Path, record: dict[str, Any]) -> dict[str, Any]:
                          f"({type(exc).__name__}); delete it (or pass --force without --resume) to start over") from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise PrismError(f"{path} is not a tune-gate checkpoint of this prism; delete it to start over")
-    saved = state["record"]
+    saved = state.get("record")
+    if not isinstance(saved, dict):
+        raise PrismError(f"{path} is not a tune-gate checkpoint of this prism; delete it to start over")
     for key, value in record.items():
         if key != "data" and saved.get(key) != value:  # the text is checked by its hash, wherever it lies now
             raise PrismError(f"the checkpoint {path} was made with {key} = {saved.get(key)!r}, this run has {value!r}: "

@@ -1,6 +1,8 @@
 """The tuned export: the input export with its flat router replaced, and the training recorded.
 
-Everything but the router tensors is copied byte for byte (tokenizer, gate neurons, other weights);
+Everything but the router tensors is copied byte for byte (tokenizer, gate neurons, other weights),
+except the layer ranking (``layer_ranking.json``): it ranks the layers by what one more sub-expert
+gains under the old router, and ``layered:K+j`` points would take it for the new one's;
 the safetensors files are rewritten one at a time with the tuned router rows in the dtype the
 checkpoint stores. Added under ``prism/`` (where engines that load every top-level ``*.safetensors``
 do not look):
@@ -32,6 +34,7 @@ from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir
 from prism_cli.models.adapters import MoEAdapter
 from prism_cli.models.loading import load_config
+from prism_cli.runtime.layers import RANKING_FILE
 
 CURVE_FILE = "prism/tuning_curve.json"
 
@@ -118,8 +121,8 @@ def write_router_export(
             target = tmp / rel
             if path.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
-            elif rel.name == "config.json" and len(rel.parts) == 1:
-                continue
+            elif rel.name in ("config.json", RANKING_FILE) and len(rel.parts) == 1:
+                continue  # the config is written below; a ranking measured under the old router is dropped
             elif path.suffix == ".safetensors" and len(rel.parts) == 1:
                 _rewrite_shard(path, target, keys, routers)
             else:
