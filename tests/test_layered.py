@@ -180,6 +180,16 @@ def test_a_ranking_with_values_of_the_wrong_kind_is_refused(ranked, tmp_path, ed
     assert needle in str(exc.value)
 
 
+def test_rank_layers_replaces_a_damaged_ranking(cli, ranked, tmp_path, text_file):
+    """A damaged ranking made rank-layers fail on reading it, while its message said to run rank-layers."""
+    broken = tmp_path / "export"
+    shutil.copytree(ranked, broken)
+    (broken / RANKING_FILE).write_text('{"format": 1, "ord')
+    result = cli("rank-layers", broken, "--data", text_file, "--tokens", str(4 * SEQ), "--seq-len", str(SEQ))
+    assert result.code == 0, result
+    assert prism_cli.load_elastic(str(broken)) is not None  # the new ranking reads
+
+
 def test_rank_layers_cli(cli, tiny_model_dir, tmp_path, text_file):
     export = random_neurons_export(tiny_model_dir("qwen2_moe"), tmp_path, seed=2)
     result = cli("rank-layers", export, "--data", text_file, "--tokens", str(8 * SEQ), "--seq-len", str(SEQ))

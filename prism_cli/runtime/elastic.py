@@ -107,6 +107,9 @@ def read_export_meta(spec: str | Path, what: str | None = None) -> dict[str, Any
         raise PrismError(f"{where} does not exist")
     if not Path(spec).is_dir():
         raise PrismError(f"{where} is a file; give the export folder")
+    if not (Path(spec) / "config.json").exists():
+        raise PrismError(f"{where} is not a prism export (it has no config.json); "
+                         "make one with `prism export MODEL PARTITION --out DIR`")
     meta = export_meta(spec)
     if meta is None:
         raise PrismError(f"{where} is not a prism export (its config.json has no 'prism' object); "
@@ -141,8 +144,9 @@ def export_linear_mode(meta: dict[str, Any], router_sorted: bool) -> RouteMode:
     return linear_mode(bool(meta.get("linear_gate_exact", True)), router_sorted, "tuning" in meta)
 
 
-def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
-    """Prepare ``model`` (an export, or a plain model when ``directory`` is None) for operating points."""
+def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = True) -> ElasticState:
+    """Prepare ``model`` (an export, or a plain model when ``directory`` is None) for operating points;
+    ``ranked=False`` leaves the export's layer ranking unread (``prism rank-layers`` replaces it)."""
     adapter = adapter_for_config(model.config)
     layers = adapter.moe_layers(model)
     meta = getattr(model.config, "prism", None) if directory is not None else None
@@ -155,7 +159,7 @@ def attach_elastic_state(model: Any, directory: Path | None) -> ElasticState:
         flat = [LinearGateRouter(layer.router, n_sub * top_k, adapter.renormalizes(), adapter.selection_scores, n_sub,
                                  mode=mode) for layer in layers]
         state = ElasticState(meta["gate"], n_sub, top_k, int(meta["source"]["num_experts"]), layers, flat, meta=meta,
-                             ranking=read_ranking(directory, len(layers), n_sub * top_k))
+                             ranking=read_ranking(directory, len(layers), n_sub * top_k) if ranked else None)
         if "router_bank" in meta:
             state.bank = _load_bank(directory, meta, layers, flat, adapter.router_sorted)
         if meta["gate"] == "neurons":
@@ -234,7 +238,7 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
 
 
 def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu", operating_point: str | None = None,
-                       offload: Any = None) -> LoadedModel:
+                       offload: Any = None, ranked: bool = True) -> LoadedModel:
     """Load a prism export with its tokenizer; the model is at ``operating_point`` or the export's default.
 
     ``offload`` (a ``prism_cli.offload.OffloadConfig``) keeps the routed experts in host memory behind a
@@ -244,7 +248,7 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     validate_export(resolve_model(spec), meta)  # an edited config.json: one line naming the field
     loaded = load_model(spec, dtype=dtype, device="cpu" if offload is not None else device,
                         experts_implementation=EXPERTS_IMPLEMENTATION)
-    attach_elastic_state(loaded.model, Path(loaded.name))
+    attach_elastic_state(loaded.model, Path(loaded.name), ranked=ranked)
     set_operating_point(loaded.model, operating_point or meta["default_operating_point"])
     if offload is not None:
         from prism_cli.offload.executor import attach_offload  # a later stage, imported only when asked for

@@ -77,7 +77,7 @@ def rank_export(directory: Path, *, data: str | None = None, tokens: int = 16_38
     if tokens < seq_len:
         raise PrismError(f"--tokens must be at least --seq-len ({seq_len}: one window of calibration text), got {tokens}")
     text, data_name = load_selection_text(data, "rank layers")
-    loaded = load_elastic_model(str(directory))
+    loaded = load_elastic_model(str(directory), ranked=False)  # the ranking there (even a damaged one) is replaced
     check_context_length(loaded.model.config, seq_len)
     state = loaded.model.prism_state
     if len(state.layers) < 2:
