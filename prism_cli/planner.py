@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -390,14 +391,26 @@ class MachineCosts:
     def partition_seconds(self, solver: str, width: int, rows: float) -> tuple[Timed, bool]:
         """Seconds per expert at ``width`` and ``rows`` fit rows, and whether ``width`` lies outside the table."""
         table = self.partition[solver]
-        widths = [w for w, _, _ in table]
+        widths = sorted(w for w, _, _ in table)
         scale = rows / self.partition_rows
-        wall = _loglog([(w, s) for w, s, _ in table], width) * scale
-        cpu = _loglog([(w, c) for w, _, c in table], width) * scale
+        wall = self._extrapolated([(w, s) for w, s, _ in table], width, f"partition.{solver}") * scale
+        cpu = self._extrapolated([(w, c) for w, _, c in table], width, f"partition.{solver}") * scale
         return Timed(wall, cpu), not widths[0] <= width <= widths[-1]
 
     def worker_bytes(self, width: int) -> int:
-        return int(_loglog([(w, float(b)) for w, b in self.partition_worker_bytes], width))
+        return int(self._extrapolated([(w, float(b)) for w, b in self.partition_worker_bytes], width,
+                                      "partition_worker_bytes"))
+
+    def _extrapolated(self, points: list[tuple[int, float]], width: int, name: str) -> float:
+        """``_loglog`` at ``width``, or one line where a costs file's table, extended to it, gives no finite value."""
+        try:
+            value = _loglog(points, width)
+        except (OverflowError, ZeroDivisionError, ValueError):
+            value = math.inf
+        if not math.isfinite(value):
+            raise PrismError(f"{self.source or 'the plan costs'}: {name} extended to expert width {width:,} gives no "
+                             f"finite value; calibrate that width with `prism plan calibrate --widths {width}`")
+        return value
 
     def save(self, path: Path) -> None:
         from prism_cli.io import write_json
@@ -408,18 +421,115 @@ class MachineCosts:
 
     @classmethod
     def load(cls, path: Path) -> MachineCosts:
+        """The costs in ``path``, every field checked: one line naming the file and the field it refuses."""
+        data = read_costs_file(path)
         try:
-            data = json.loads(Path(path).read_text())
-            if data.pop("format") != COSTS_FORMAT:
-                raise ValueError
-            data["partition"] = {k: [tuple(x) for x in v] for k, v in data["partition"].items()}
-            data["partition_worker_bytes"] = [tuple(x) for x in data["partition_worker_bytes"]]
-            return cls(**data, source=str(path))
-        except FileNotFoundError:
-            raise PrismError(f"costs file {path} does not exist; run `prism plan calibrate --out {path}`") from None
-        except (OSError, ValueError, KeyError, TypeError):
-            raise PrismError(f"{path} is not a prism plan costs file; make one with `prism plan calibrate --out COSTS.json` "
-                             "and pass that") from None
+            return cls(**_checked_costs(data), source=str(path))
+        except _BadCosts as exc:
+            raise PrismError(f"{path} is not a valid plan costs file: {exc}; measure them again with "
+                             f"`prism plan calibrate --out {path}`") from None
+
+
+def read_costs_file(path: Path) -> dict[str, Any]:
+    """The JSON of a costs file (a JSON object marked with ``COSTS_FORMAT``), its fields not yet checked."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PrismError(f"costs file {path} does not exist; run `prism plan calibrate --out {path}`") from None
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != COSTS_FORMAT:
+        raise PrismError(f"{path} is not a prism plan costs file; make one with `prism plan calibrate --out COSTS.json` "
+                         "and pass that")
+    return data
+
+
+def is_costs_file(path: Path) -> bool:
+    """Whether ``path`` is a costs file (valid or not): what `prism plan calibrate --out` may replace."""
+    try:
+        read_costs_file(path)
+    except PrismError:
+        return False
+    return True
+
+
+class _BadCosts(Exception):
+    """A field of a costs file that no measurement gives (``MachineCosts.load`` names the file)."""
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _costs_number(value: Any, name: str, *, integer: bool = False, zero: bool = False) -> Any:
+    """``value`` where it is a finite number (an integer with ``integer``) above 0 (at least 0 with ``zero``)."""
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if ok:
+        try:
+            ok = math.isfinite(float(value)) and (value >= 0 if zero else value > 0)
+        except OverflowError:  # an integer past any float
+            ok = False
+    if not ok:
+        raise _BadCosts(f"{name} must be {'an integer' if integer else 'a finite number'} {'>=' if zero else '>'} 0, "
+                        f"got {_shown(value)}")
+    return value
+
+
+def _costs_table(value: Any, name: str, columns: list[str]) -> list[tuple[Any, ...]]:
+    """A non-empty list of ``[width, value, ...]`` rows (``columns`` names the values), one row per width,
+    sorted by width."""
+    shape = f"[{', '.join(['width', *columns])}]"
+    if not isinstance(value, list) or not value:
+        raise _BadCosts(f"{name} must be a non-empty list of {shape}, got {_shown(value)}")
+    rows = []
+    for i, row in enumerate(value):
+        if not isinstance(row, list) or len(row) != 1 + len(columns):
+            raise _BadCosts(f"{name}[{i}] must be {shape}, got {_shown(row)}")
+        width = _costs_number(row[0], f"{name}[{i}][0] (a width)", integer=True)
+        values = [_costs_number(v, f"{name}[{i}][{j}] ({what})", integer=what == "bytes")
+                  for j, (v, what) in enumerate(zip(row[1:], columns, strict=True), start=1)]
+        rows.append((width, *values))
+    widths = [row[0] for row in rows]
+    repeated = sorted({w for w in widths if widths.count(w) > 1})
+    if repeated:
+        raise _BadCosts(f"{name} gives width {repeated[0]} more than once")
+    return sorted(rows)
+
+
+def _checked_costs(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a costs file as ``MachineCosts`` takes them, or ``_BadCosts`` naming the first bad one."""
+    fields = {f.name: f for f in dataclasses.fields(MachineCosts) if f.name != "source"}
+    data = {k: v for k, v in data.items() if k != "format"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise _BadCosts(f"it has an unknown field {unknown[0]!r}")
+    missing = [name for name, f in fields.items()
+               if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise _BadCosts(f"field {missing[0]} is missing")
+    machine = data["machine"]
+    if not isinstance(machine, dict):
+        raise _BadCosts(f"machine must be an object (processor, cores, memory_bytes ...), got {_shown(machine)}")
+    if "memory_bytes" in machine:
+        _costs_number(machine["memory_bytes"], "machine.memory_bytes", zero=True)
+    partition = data["partition"]
+    if not isinstance(partition, dict) or not partition:
+        raise _BadCosts(f"partition must be an object of solver: [[width, wall seconds, CPU seconds], ...], "
+                        f"got {_shown(partition)}")
+    checked = {
+        "machine": machine,
+        "partition": {solver: _costs_table(table, f"partition.{solver}", ["wall seconds", "CPU seconds"])
+                      for solver, table in partition.items()},
+        "partition_rows": _costs_number(data["partition_rows"], "partition_rows", integer=True),
+        "partition_worker_bytes": _costs_table(data["partition_worker_bytes"], "partition_worker_bytes", ["bytes"]),
+        "runtime_bytes": _costs_number(data["runtime_bytes"], "runtime_bytes", integer=True),
+    }
+    for name in ("export_bytes_per_s", "load_bytes_per_s", "disk_write_bytes_per_s"):
+        checked[name] = _costs_number(data[name], name)
+    if "startup_seconds" in data:  # 0 (or left out) in files calibrated before it was measured
+        checked["startup_seconds"] = _costs_number(data["startup_seconds"], "startup_seconds", zero=True)
+    return checked
 
 
 def _loglog(points: list[tuple[int, float]], x: float) -> float:
@@ -514,6 +624,8 @@ def check_plan(shape: ModelShape, settings: PlanSettings, machine: MachineCosts)
     if settings.solver not in machine.partition:
         raise PrismError(f"no calibrated partition cost for solver {settings.solver!r} (calibrated: "
                          f"{', '.join(machine.partition)}); run `prism plan calibrate --solvers {settings.solver}`")
+    machine.partition_seconds(settings.solver, shape.width, 1.0)  # a table that extends to no finite cost at this width
+    machine.worker_bytes(shape.width)
 
 
 def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts, machine: MachineCosts,

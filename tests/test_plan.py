@@ -239,9 +239,14 @@ def test_plan_refuses_bad_config_values_naming_the_field(cli, costs_file, tmp_pa
         ("n-0", ["--sub-experts must be at least 2, got 0"]),
         ("n-1", ["--sub-experts must be at least 2, got 1"]),
         ("seq-len-past-the-positions", ["--seq-len 100000", "positions"]),
+        # explicitly empty: not all layers, not the current folder (typer reads '' as '.')
+        ("empty-layers", ["--layers is empty", "leave --layers out for all"]),
+        ("empty-out", ["--out is empty: give a path"]),
+        ("empty-costs", ["--costs is empty: give a path"]),
     ],
 )
-def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, case, needles) -> None:
+def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, monkeypatch, case, needles) -> None:
+    monkeypatch.chdir(tmp_path)
     config = tmp_path / "config.json"
     config.write_text((tiny_model_dir("olmoe") / "config.json").read_text())
     args: list = [config, "--costs", costs_file, "--tokens", "2048", "--seq-len", "32", "--max-rows", "64"]
@@ -270,7 +275,15 @@ def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, c
         args += ["-N", case[-1]]
     elif case == "seq-len-past-the-positions":
         args[args.index("--seq-len") + 1] = "100000"
+    elif case == "empty-layers":
+        args += ["--layers", ""]
+    elif case == "empty-out":
+        args += ["--out", ""]
+    elif case == "empty-costs":
+        args[2] = ""
+    before = sorted(tmp_path.iterdir())
     cli("plan", *args).assert_one_line_error(*needles)
+    assert sorted(tmp_path.iterdir()) == before  # nothing written here (the current folder)
 
 
 def test_calibrate_bad_input_is_one_line(cli, tmp_path) -> None:
@@ -287,9 +300,154 @@ def test_calibrate_bad_input_is_one_line(cli, tmp_path) -> None:
     other = tmp_path / "other.json"
     other.write_text('{"mine": true}')
     cli("plan", "calibrate", "--solvers", "greedy", "--widths", "16", "--out", other).assert_one_line_error(
-        "not a prism plan costs file")
+        f"--out {other} exists and is not a plan costs file: refusing to replace it")
     assert other.read_text() == '{"mine": true}'  # not overwritten
     cli("plan", "calibrate", "--out", other / "c.json").assert_one_line_error("is a file, not a folder")
+
+
+PACKAGED = json.loads((Path(__file__).parent.parent / "prism_cli" / "data" / "plan_costs.json").read_text())
+
+
+def _with(**fields) -> dict:
+    """The packaged costs with ``fields`` replaced (``partition_nsga2`` stands for ``partition["nsga2"]``)."""
+    data = json.loads(json.dumps(PACKAGED))
+    if "partition_nsga2" in fields:
+        data["partition"]["nsga2"] = fields.pop("partition_nsga2")
+    return {**data, **fields}
+
+
+def _without(name: str) -> dict:
+    return {k: v for k, v in PACKAGED.items() if k != name}
+
+
+nsga2 = PACKAGED["partition"]["nsga2"]
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (_with(export_bytes_per_s=0), "export_bytes_per_s must be a finite number > 0, got 0"),  # ZeroDivisionError
+        (_with(export_bytes_per_s=-1), "export_bytes_per_s must be a finite number > 0, got -1"),  # negative time
+        (_with(partition_rows=0), "partition_rows must be an integer > 0, got 0"),  # ZeroDivisionError
+        (_with(partition_rows=4096.5), "partition_rows must be an integer > 0, got 4096.5"),
+        (_with(partition_nsga2=[[0, *nsga2[0][1:]], *nsga2[1:]]),
+         "partition.nsga2[0][0] (a width) must be an integer > 0, got 0"),  # ZeroDivisionError
+        (_with(partition_nsga2=[]), "partition.nsga2 must be a non-empty list of [width, wall seconds, CPU seconds], "
+                                    "got []"),  # IndexError
+        (_with(partition_nsga2=[[256, -1, -1]]), "partition.nsga2[0][1] (wall seconds) must be a finite number > 0, got -1"),
+        (_with(partition_nsga2=[[256, 1.5]]), "partition.nsga2[0] must be [width, wall seconds, CPU seconds], got [256, 1.5]"),
+        (_with(partition_nsga2=[nsga2[0], nsga2[0]]), "partition.nsga2 gives width 256 more than once"),  # log(1) = 0
+        (_with(partition_worker_bytes=[]), "partition_worker_bytes must be a non-empty list of [width, bytes], got []"),
+        (_with(partition_worker_bytes=[[256, "lots"]]),
+         'partition_worker_bytes[0][1] (bytes) must be an integer > 0, got "lots"'),
+        (_with(runtime_bytes="x"), 'runtime_bytes must be an integer > 0, got "x"'),  # TypeError
+        (_with(startup_seconds=-5), "startup_seconds must be a finite number >= 0, got -5"),  # negative time
+        (_with(load_bytes_per_s=math.nan), "load_bytes_per_s must be a finite number > 0, got NaN"),  # nan time
+        (_with(disk_write_bytes_per_s=math.inf), "disk_write_bytes_per_s must be a finite number > 0, got Infinity"),
+        (_with(machine="here"), 'machine must be an object (processor, cores, memory_bytes ...), got "here"'),
+        (_with(partition=[]), "partition must be an object of solver: [[width, wall seconds, CPU seconds], ...], got []"),
+        (_with(speed=1), "it has an unknown field 'speed'"),
+        (_without("runtime_bytes"), "field runtime_bytes is missing"),
+    ],
+    ids=["export-0", "export-negative", "rows-0", "rows-float", "width-0", "no-widths", "seconds-negative", "short-row",
+         "width-twice", "no-worker-bytes", "worker-bytes-string", "runtime-string", "startup-negative", "load-nan",
+         "disk-inf", "machine-string", "partition-list", "unknown-field", "missing-field"],
+)
+def test_plan_refuses_a_bad_costs_file_naming_the_field(cli, tiny_model_dir, tmp_path, data, problem) -> None:
+    config = tmp_path / "config.json"
+    config.write_text((tiny_model_dir("olmoe") / "config.json").read_text())
+    costs = tmp_path / "c.json"
+    costs.write_text(json.dumps(data))
+    result = cli("plan", config, "--costs", costs, "--tokens", "2048", "--seq-len", "32", "--max-rows", "64")
+    result.assert_one_line_error(f"{costs} is not a valid plan costs file: {problem}; measure them again with "
+                                 f"`prism plan calibrate --out {costs}`")
+    assert result.code == 2
+
+
+def test_plan_refuses_a_bad_costs_file_in_the_cache(cli, tmp_path, monkeypatch) -> None:
+    """The costs `prism plan` finds by itself: a bad one is named, not a crash of plain `prism plan builtin`."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "prism").mkdir()
+    cache = tmp_path / "prism" / "plan_costs.json"
+    cache.write_text(json.dumps(_with(export_bytes_per_s=0)))
+    cli("plan", "builtin", "--seq-len", "32").assert_one_line_error(
+        f"{cache} is not a valid plan costs file: export_bytes_per_s must be a finite number > 0, got 0")
+    cache.write_text("3")  # JSON, not an object
+    cli("plan", "builtin", "--seq-len", "32").assert_one_line_error(f"{cache} is not a prism plan costs file")
+
+
+def test_plan_refuses_costs_that_extend_to_no_finite_time(cli, tiny_model_dir, tmp_path) -> None:
+    """Width 32 lies far below the table: its steep end segment (1e-300 s at width 4, 1e300 s at 8) gives no float."""
+    config = tmp_path / "config.json"
+    config.write_text((tiny_model_dir("olmoe") / "config.json").read_text())
+    costs = tmp_path / "c.json"
+    costs.write_text(json.dumps(_with(partition_nsga2=[[4, 1e-300, 1e-300], [8, 1e300, 1e300]])))
+    cli("plan", config, "--costs", costs, "--tokens", "2048", "--seq-len", "32").assert_one_line_error(
+        f"{costs}: partition.nsga2 extended to expert width 32 gives no finite value")
+
+
+def test_costs_tables_are_read_in_width_order(tmp_path) -> None:
+    backwards = tmp_path / "c.json"
+    backwards.write_text(json.dumps(_with(partition_nsga2=nsga2[::-1])))
+    assert MachineCosts.load(backwards).partition["nsga2"] == [tuple(row) for row in nsga2]
+    # 1,024 lies inside the table, 4,096 beyond it
+    assert not MachineCosts.load(backwards).partition_seconds("nsga2", 1024, 4096)[1]
+    assert MachineCosts.load(backwards).partition_seconds("nsga2", 1024, 4096)[0].wall == pytest.approx(nsga2[2][1])
+
+
+@pytest.fixture
+def fake_calibration(monkeypatch):
+    """`prism plan calibrate` without its minutes of measurements: ``calls`` records each call's work folder;
+    ``interrupt`` makes the next one stop as Ctrl-C does."""
+    import prism_cli.planner
+
+    state = {"calls": [], "interrupt": False}
+
+    def calibrate(*, solvers, widths, rows, work, on_step):
+        state["calls"].append(work)
+        if state["interrupt"]:
+            raise KeyboardInterrupt
+        return _machine(partition={"greedy": [(16, 1.0, 1.0)]}, source="")
+
+    monkeypatch.setattr(prism_cli.planner, "calibrate", calibrate)
+    return state
+
+
+def test_calibrate_refuses_an_out_in_a_missing_folder(cli, tmp_path, fake_calibration) -> None:
+    fake_calibration["interrupt"] = True  # were it to run: the run stops, as by Ctrl-C
+    out = tmp_path / "missing" / "c.json"
+    cli("plan", "calibrate", "--solvers", "greedy", "--widths", "16", "--out", out).assert_one_line_error(
+        f"folder {tmp_path / 'missing'} does not exist")
+    assert fake_calibration["calls"] == [] and list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_calibrate_makes_the_cache_folder_only_with_the_costs(cli, tmp_path, monkeypatch, fake_calibration) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake_calibration["interrupt"] = True
+    result = cli("plan", "calibrate", "--solvers", "greedy", "--widths", "16")
+    assert result.code == 130, result
+    assert fake_calibration["calls"] == [tmp_path]  # measured in the nearest folder that exists
+    assert list(tmp_path.iterdir()) == []  # no cache folder left behind
+    fake_calibration["interrupt"] = False
+    assert cli("plan", "calibrate", "--solvers", "greedy", "--widths", "16").code == 0
+    assert MachineCosts.load(tmp_path / "cache" / "prism" / "plan_costs.json").partition == {"greedy": [(16, 1.0, 1.0)]}
+
+
+def test_calibrate_out_names_what_it_refuses(cli, tmp_path, fake_calibration) -> None:
+    folder = tmp_path / "emptydir"
+    folder.mkdir()
+    cli("plan", "calibrate", "--out", folder).assert_one_line_error(f"--out {folder} is a folder")
+    text = tmp_path / "text.txt"
+    text.write_text("notes")
+    line = cli("plan", "calibrate", "--out", text).assert_one_line_error(
+        f"--out {text} exists and is not a plan costs file: refusing to replace it")
+    assert "prism plan calibrate --out" not in line  # not the command the user just ran
+    assert text.read_text() == "notes" and fake_calibration["calls"] == []
+    # A costs file, even one `prism plan` refuses, is what calibrate replaces.
+    costs = tmp_path / "c.json"
+    costs.write_text(json.dumps(_with(export_bytes_per_s=0)))
+    assert cli("plan", "calibrate", "--solvers", "greedy", "--widths", "16", "--out", costs).code == 0
+    assert MachineCosts.load(costs).export_bytes_per_s == 100e6
 
 
 # --- the synthetic checkpoint writer -------------------------------------------------------------------

@@ -125,7 +125,7 @@ def calibrate(
     import psutil
 
     from prism_cli.io import check_output_folder, check_writable
-    from prism_cli.planner import CALIBRATION_SUB_EXPERTS, MachineCosts, calibration_bytes, default_costs_path
+    from prism_cli.planner import CALIBRATION_SUB_EXPERTS, calibration_bytes, default_costs_path, is_costs_file
     from prism_cli.planner import calibrate as run_calibration
     from prism_cli.solvers import SOLVERS
 
@@ -148,14 +148,20 @@ def calibrate(
     if need > free:
         raise PrismError(f"--widths {max(sizes)} with --rows {rows} needs about {need / 2**30:.1f} GiB and "
                          f"{free / 2**30:.1f} GiB is free: give smaller --widths or fewer --rows")
-    out = out or default_costs_path()
-    check_output_folder(out.parent)
-    if out.exists():  # replaced only by another costs file: anything else there is not this command's to overwrite
-        MachineCosts.load(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_writable(out)
-    costs = run_calibration(solvers=names, widths=sizes, rows=rows, work=out.parent,
+    if out is None:  # the cache folder is made once the costs are measured: nothing is left if the run stops
+        out, named = default_costs_path(), str(default_costs_path())
+        check_output_folder(out.parent)
+    elif out.is_dir():
+        raise PrismError(f"--out {out} is a folder; give a file such as {out / 'plan_costs.json'}")
+    else:
+        named = f"--out {out}"
+        check_writable(out)  # its folder must exist, as every command's --out
+    if out.exists() and not is_costs_file(out):  # replaced only by another costs file: anything else is the user's
+        raise PrismError(f"{named} exists and is not a plan costs file: refusing to replace it")
+    work = next(folder for folder in (out.parent, *out.parent.parents) if folder.is_dir())
+    costs = run_calibration(solvers=names, widths=sizes, rows=rows, work=work,
                             on_step=lambda what: err_console.print(f"calibrating {what} ...", highlight=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
     costs.save(out)
     table = ResultTable(f"per-unit costs of this machine ({costs.machine['processor']}, {costs.machine['cores']} cores)",
                         ["cost", "value"])
