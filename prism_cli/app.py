@@ -171,16 +171,33 @@ def _refuse_empty_paths(root: click.Command, argv: list[str]) -> None:
     command, i = root, 0
     while i < len(argv) and argv[i] in getattr(command, "commands", {}):
         command, i = command.commands[argv[i]], i + 1
+    default = getattr(command, "default_command", None)  # `prism partition PROFILE` runs `partition run`
+    if default is not None and default in command.commands:
+        command = command.commands[default]
     try:
         hints = typing.get_type_hints(command.callback) if command.callback is not None else {}
     except (NameError, TypeError):  # an annotation this module cannot resolve: nothing to check
         return
-    paths = {opt for p in command.params if hints.get(p.name or "") in (Path, Path | None)
-             for opt in getattr(p, "opts", []) if opt.startswith("--")}
-    for j, arg in enumerate(argv[i:], start=i):
-        name, sep, value = arg.partition("=")
-        if name in paths and ((sep and not value.strip()) or (not sep and j + 1 < len(argv) and not argv[j + 1].strip())):
-            raise PrismError(f"{name} is empty: give a path ('.' for the current folder)")
+    is_path = {p.name: hints.get(p.name or "") in (Path, Path | None, list[Path]) for p in command.params}
+    # By kind, not class: typer's parameters subclass its own vendored click.
+    options = {opt: p for p in command.params if p.param_type_name == "option" for opt in p.opts}
+    positional = [p for p in command.params if p.param_type_name == "argument"]
+    j = i
+    while j < len(argv):
+        name, sep, value = argv[j].partition("=")
+        option = options.get(name)
+        if option is not None:
+            takes_value = not option.is_flag and not option.count
+            given = value if sep else argv[j + 1] if takes_value and j + 1 < len(argv) else None
+            if is_path[option.name] and given is not None and not given.strip():
+                raise PrismError(f"{name} is empty: give a path ('.' for the current folder)")
+            j += 2 if takes_value and not sep else 1
+            continue
+        if positional and not argv[j].startswith("-"):
+            argument = positional[0] if positional[0].nargs == -1 else positional.pop(0)
+            if is_path[argument.name] and not argv[j].strip():
+                raise PrismError(f"{(argument.name or 'PATH').upper()} is empty: give a path ('.' for the current folder)")
+        j += 1
 
 
 def _usage_error(exc: click.ClickException) -> None:

@@ -196,6 +196,9 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
     for key, value in {**shared, **section}.items():
         name = _norm(key)
         if name in by_name:
+            if value is None:  # YAML's null (``steps:`` with nothing after it): the default ran, silently
+                where = f"in section {command!r}" if key in section else "(a shared key)"
+                raise PrismError(f"config file {path}: {key!r} {where} has no value; give one or leave the key out")
             kind = by_name[name].bare_type() if hasattr(by_name[name], "bare_type") else None
             if isinstance(value, bool) and kind not in ("bool", None):
                 # YAML's true/false would reach click as 1/0 (``tokens: true`` ran with --tokens 1)

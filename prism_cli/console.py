@@ -18,8 +18,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+# No emoji codes: a path or an operating point may hold ":x:" (printed as it is, not as a symbol).
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 class RateColumn(ProgressColumn):

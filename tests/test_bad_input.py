@@ -156,6 +156,16 @@ class World:
         (target / "config.json").write_text(json.dumps(config))
         return target
 
+    def export_with_nan_weight(self) -> Path:
+        """A copy of the export whose final norm is NaN (every logit NaN; the config untouched)."""
+        target = self._copy(self.sources.export, "nan-export")
+        for shard in target.glob("*.safetensors"):
+            tensors = load_file(str(shard))
+            if "model.norm.weight" in tensors:
+                tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+                save_file(tensors, str(shard), metadata={"format": "pt"})
+        return target
+
     def export_with_config_text(self, text: str) -> Path:
         """A copy of the export whose config.json holds ``text``."""
         target = self._copy(self.sources.export, "export-config-text")
@@ -808,6 +818,25 @@ CASES = [
     Case("select-routers-empty-data",
          lambda w: ["select-routers", w.export, w._copy(w.sources.export, "export-b"), "--out", w.out, "--data", ""],
          ("--data is empty",), never=("prism_cli.tuning.benchmark", "per_k_perplexity")),
+    # --- a fourth fuzz round -----------------------------------------------------------------------------
+    # an empty positional path was read as '.' (rank-layers ranked the current folder's export)
+    Case("rank-layers-empty-export", lambda w: ["rank-layers", ""], ("EXPORT is empty",),
+         never=("prism_cli.tuning.layers", "load_elastic_model")),
+    Case("export-empty-partition", lambda w: ["export", w.model, "", "--out", w.out], ("PARTITION is empty",)),
+    # `prism partition PROFILE` runs the group's default command, whose path options went unchecked
+    Case("partition-empty-out", lambda w: ["partition", w.profile, "--out", ""], ("--out is empty",), never=NEVER_SOLVE),
+    Case("profile-empty-layers", lambda w: ["profile", w.model, "--layers", "", "--out", w.root / "p.h5", *PROFILE_SETTINGS],
+         ("--layers is empty",), never=("prism_cli.profiling.profiler", "profile_model")),
+    Case("rank-layers-folder-without-config", lambda w: ["rank-layers", w.folder("empty")],
+         ("is not a prism export (it has no config.json)",)),
+    # rich printed ':x:' as an emoji: the path in the message was not the path given
+    Case("eval-emoji-code-in-a-path", lambda w: ["eval", w.root / "a:x:", "--tokens", "64"], ("a:x: does not exist",)),
+    # YAML's null ran the option's default without a word
+    Case("config-null-option", lambda w: ["eval", w.export, "--config", w.write("n.yaml", "eval:\n  tokens:\n")],
+         ("'tokens' in section 'eval' has no value",), never=NEVER_LIVE),
+    # NaN weights gave "perplexity nan" and exit 0
+    Case("eval-nan-weights", lambda w: ["eval", w.export_with_nan_weight(), "--tokens", "64", "--seq-len", "64"],
+         ("outputs are NaN",)),
     # --- partition compare ----------------------------------------------------------------------------
     Case("compare-out-is-an-existing-folder",
          lambda w: ["partition", "compare", w.profile, "--solvers", "random", "--out", w.folder("results")],

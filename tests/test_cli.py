@@ -376,6 +376,6 @@ def test_the_shipped_configs_fit_the_schema(path: Path) -> None:
 def test_the_schema_has_a_section_per_command_with_a_config() -> None:
     sections = schema()
     assert set(sections) == {"profile", "partition", "merge", "compare", "export", "bench", "eval", "schedule", "sweep", "offload-bench",
-                             "tune-gate", "rank-layers", "plan", "calibrate"}
+                             "tune-gate", "rank-layers", "plan", "calibrate", "select-routers"}
     assert {"solver", "sub_experts", "gate_neurons"} <= sections["partition"]
     assert "solvers" in sections["compare"] and "config" not in sections["profile"]

@@ -80,8 +80,10 @@ def parse_int_list(value: str | None, option: str) -> list[int] | None:
 
 def parse_layers(value: str | None, option: str = "--layers") -> list[int] | None:
     """``"0-7,12"`` -> ``[0, 1, ..., 7, 12]`` (ranges include both ends); None stays None."""
-    if value is None or str(value).strip() == "":
+    if value is None:
         return None
+    if not str(value).strip():  # an unset shell variable, not "every layer"
+        raise PrismError(f"{option} is empty: give MoE layers such as 0-7,12, or leave {option} out for all")
     out: list[int] = []
     for part in (p.strip() for p in str(value).split(",")):
         first, sep, last = part.partition("-")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_cli.data.windows import batched
+from prism_cli.errors import PrismError
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ def perplexity(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of a causal LM over ``windows``; ``on_batch(tokens)`` is called after every batch."""
+    """Perplexity of a causal LM over ``windows``; ``on_batch(tokens)`` is called after every batch. NaN
+    outputs (a damaged checkpoint) are an error, not a number to report."""
     device = next(model.parameters()).device
     total_nll = 0.0
     total_tokens = 0
@@ -60,4 +62,7 @@ def perplexity(
             on_batch(batch.numel())
     seconds = time.perf_counter() - start
     mean = total_nll / total_tokens
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=total_tokens, seconds=seconds)
+    if math.isnan(mean):
+        raise PrismError("the model's outputs are NaN: its weights are damaged (a NaN or infinite weight)")
+    return PerplexityResult(perplexity=math.exp(mean) if mean < 700 else math.inf, nll=mean, tokens=total_tokens,
+                            seconds=seconds)
