@@ -676,6 +676,12 @@ CASES = [
         w, "--trace", w.write("t.jsonl", '{"arrival": 0, "prompt": "a\\ud800b", "max_tokens": 4}\n')), ("line 1", "lone surrogate")),
     Case("schedule-trace-nested-too-deeply", lambda w: schedule_args(
         w, "--trace", w.write("t.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")), ("line 1", "nested too deeply")),
+    # errors found once the model is known (the context, a ceiling no point reaches) named no line
+    Case("schedule-trace-past-the-context", lambda w: schedule_args(w, "--trace", w.write(
+        "t.jsonl", '{"arrival": 0, "prompt": "a b", "max_tokens": 4}\n{"arrival": 1, "prompt": "a b", "max_tokens": 100000}\n')),
+        ("line 2", "exceeds the model's context")),
+    Case("schedule-trace-ceiling-no-point-reaches", lambda w: schedule_args(w, "--trace", w.write(
+        "t.jsonl", '{"arrival": 0, "prompt": "a b", "max_tokens": 4, "floor": 1.5}\n')), ("line 1", "no operating point reaches")),
     Case("schedule-trace-negative-ceiling", lambda w: schedule_args(
         w, "--trace", w.write("t.jsonl", '{"arrival": 0, "prompt": "a b", "max_tokens": 4, "floor": -3}\n')),
          ("line 1", "perplexity ceiling must be a positive, finite number")),

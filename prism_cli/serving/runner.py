@@ -194,19 +194,27 @@ def run_schedule(
         context = int(config.get("max_position_embeddings") or 2048)
     ladder = Ladder(space, cost_model, settings.limits.max_batch)
     specs = build_workload(settings, tokenizer, export_space)
+
+    def admitted(s: RequestSpec) -> OperatingPoint:
+        """The floor of one request once the model is known, its length checked; a trace line is named."""
+        try:
+            check_context(len(s.prompt_ids), s.max_tokens, context)
+            return resolve_floor(s.floor, space, ladder, cost_model)
+        except PrismError as exc:
+            if not s.origin:
+                raise
+            raise PrismError(f"{s.origin}: {exc}") from None
+
+    floors = [admitted(s) for s in specs]
     fixed = None
     if settings.policy == "static":
-        fixed = space.parse(settings.point) if settings.point else ladder.cheapest_meeting(
-            [resolve_floor(s.floor, space, ladder, cost_model) for s in specs])
+        fixed = space.parse(settings.point) if settings.point else ladder.cheapest_meeting(floors)
     policy = SCHEDULING_POLICIES.get(settings.policy)(fixed) if fixed is not None else SCHEDULING_POLICIES.get(settings.policy)()
-    for point in {resolve_floor(s.floor, space, ladder, cost_model) for s in specs} | ({fixed} if fixed else set()):
+    for point in set(floors) | ({fixed} if fixed else set()):
         if cost_model is not None and not cost_model.has(point) and plans_with_costs:
             raise PrismError(f"the cost model has no timing of {point}; bench it and rebuild the cost model")
-    requests = []
-    for s in specs:
-        check_context(len(s.prompt_ids), s.max_tokens, context)
-        requests.append(Request(list(s.prompt_ids), SamplingParams(max_tokens=s.max_tokens, temperature=0.0, ignore_eos=True),
-                                resolve_floor(s.floor, space, ladder, cost_model), s.arrival))
+    requests = [Request(list(s.prompt_ids), SamplingParams(max_tokens=s.max_tokens, temperature=0.0, ignore_eos=True),
+                        floor, s.arrival) for s, floor in zip(specs, floors, strict=True)]
     if settings.sim:
         from prism_cli.models.adapters import adapter_for_config
         from prism_cli.models.loading import load_config

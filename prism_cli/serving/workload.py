@@ -33,6 +33,7 @@ class RequestSpec:
     prompt_ids: tuple[int, ...]
     max_tokens: int
     floor: FloorSpec | None  # None: the full model
+    origin: str = ""  # where a trace gave it ("trace t.jsonl line 3"), for errors found once the model is known
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def read_trace(path: Path, tokenizer: Any, parse_floor_text) -> list[RequestSpec
         ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if not ids:
             raise PrismError(f"{where}: the prompt has no tokens")
-        specs.append(RequestSpec(float(arrival), ids, max_tokens, floor))
+        specs.append(RequestSpec(float(arrival), ids, max_tokens, floor, where))
     if not specs:
         raise PrismError(f"trace {path} has no requests")
     return sorted(specs, key=lambda s: s.arrival)
