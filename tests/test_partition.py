@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -411,13 +412,19 @@ def test_layer_ranges_parse(profile_path, tmp_path) -> None:
         parse_layers("0-x")
 
 
-def test_merge_refuses_to_write_over_a_part(cli, profile_path, tmp_path) -> None:
+def test_merge_refuses_to_write_over_a_part_or_their_profile(cli, profile_path, tmp_path) -> None:
+    profile = tmp_path / "profile.h5"
+    shutil.copy(profile_path, profile)
     parts = [tmp_path / "a.h5", tmp_path / "b.h5"]
     for path, layer in zip(parts, (0, 1), strict=True):
-        run_partition(profile_path, settings_for("alternating"), path, workers=1, layers=[layer])
+        run_partition(profile, settings_for("alternating"), path, workers=1, layers=[layer])
     before = parts[0].read_bytes()
     cli("partition", "merge", *parts, "--out", parts[0]).assert_one_line_error("is the part", "choose another --out")
     assert parts[0].read_bytes() == before
+    # The profile the parts were made from (which `partition PROFILE --out` refuses too) was replaced.
+    before = profile.read_bytes()
+    cli("partition", "merge", *parts, "--out", profile).assert_one_line_error("is the profile the parts were made from")
+    assert profile.read_bytes() == before
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,8 @@ def merge(
     check_writable(out)
     check_not_input(out, {f"part {path}": path for path in parts})
     result = merge_partitions(parts)
+    if result.meta.get("profile"):  # as recorded where the parts were made (relative to that folder)
+        check_not_input(out, {"profile the parts were made from": Path(result.meta["profile"])})
     write_partition(out, result)
     console.print(summary_table(result).rich())
     console.print(f"written {out}: layers {', '.join(map(str, result.layers))} from {len(parts)} parts")
