@@ -87,6 +87,10 @@ def test_deepseek_v2_lite_shape_matches_its_published_dimensions():
     assert 15.6e9 < total < 15.8e9
     frac = parse_budget("16GB@deepseek-v2-lite").expert_fraction
     assert frac == pytest.approx((16e9 * 0.95 - shape.non_expert_bytes()) / shape.expert_bytes())
+    # The reserve the run keeps is the one the shape's budget leaves out (it was always the default 5 %).
+    for reserve, kept in (("20%", 16e9 * 0.2), ("1GB", 1e9)):
+        frac = OffloadConfig("16GB@deepseek-v2-lite", reserve=reserve).budget.expert_fraction
+        assert frac == pytest.approx((16e9 - kept - shape.non_expert_bytes()) / shape.expert_bytes())
     assert shape.expert_unit_bytes(4) * 4 == shape.expert_unit_bytes(1)
 
 

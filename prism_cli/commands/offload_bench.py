@@ -42,7 +42,7 @@ def offload_bench(
     """Per-token decode latency, hit rate and bytes moved of offloaded sub-experts against whole experts."""
     from prism_cli.models.loading import parse_device, resolve_model
     from prism_cli.offload.bench import OffloadBenchSettings
-    from prism_cli.offload.config import parse_budgets, parse_link, parse_list
+    from prism_cli.offload.config import parse_budgets, parse_link, parse_list, parse_reserve
 
     parse_device(device)
     resolve_model(model)
@@ -51,7 +51,7 @@ def offload_bench(
     except ValueError:
         raise PrismError(f"--pin takes fractions like 0,0.25, got {pin!r}") from None
     settings = OffloadBenchSettings(
-        budgets=parse_budgets(device_memory), points=parse_list(points, "--points", "topk:4,linear:4"),
+        budgets=parse_budgets(device_memory, parse_reserve(reserve)), points=parse_list(points, "--points", "topk:4,linear:4"),
         policies=parse_list(policy, "--policy", "lru,prefetch"), pins=pins, link=parse_link(link),
         reserve=reserve, device=device, dtype=dtype, context=context, warmup=warmup, tokens=tokens,
         quality_tokens=quality_tokens, seed=seed, shape=shape, trace=trace, routing=routing, compute=compute,

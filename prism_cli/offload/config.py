@@ -111,8 +111,9 @@ def _percent(text: str, what: str) -> float:
     return value / 100
 
 
-def parse_budget(text: str | int) -> Budget:
-    """``4GB`` / ``45%`` / ``16GB@deepseek-v2-lite`` (see the module docstring)."""
+def parse_budget(text: str | int, reserve: Reserve | None = None) -> Budget:
+    """``4GB`` / ``45%`` / ``16GB@deepseek-v2-lite`` (see the module docstring); ``reserve`` (default
+    ``DEFAULT_RESERVE``) is what a ``SIZE@shape`` budget keeps out of the shape's cache, as the run will."""
     if isinstance(text, int):
         return Budget(str(text), nbytes=parse_size(text, "device memory"))
     spec = str(text).strip()
@@ -123,7 +124,9 @@ def parse_budget(text: str | int) -> Budget:
         from prism_cli.offload.shapes import SHAPES
 
         shape = SHAPES.get(shape_name.strip())
-        fraction = shape.cache_fraction(parse_size(size, "device memory"))
+        nbytes = parse_size(size, "device memory")
+        reserve = reserve or parse_reserve(DEFAULT_RESERVE)
+        fraction = shape.cache_fraction(nbytes, reserve.fraction or 0.0, reserve.nbytes or 0)
         if fraction <= 0:
             need = shape.non_expert_bytes()
             raise PrismError(f"{size} leaves no room for experts at {shape.name}'s shapes (its non-expert weights alone are "
@@ -145,9 +148,9 @@ def parse_list(text: str, option: str, example: str) -> list[str]:
     return items
 
 
-def parse_budgets(text: str) -> list[Budget]:
+def parse_budgets(text: str, reserve: Reserve | None = None) -> list[Budget]:
     """A comma-separated list of budgets (``16GB,24GB`` or ``30%,60%``)."""
-    return [parse_budget(b) for b in parse_list(text, "--device-memory", "4GB or 30%,60%")]
+    return [parse_budget(b, reserve) for b in parse_list(text, "--device-memory", "4GB or 30%,60%")]
 
 
 @dataclass(frozen=True)
@@ -214,8 +217,9 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         from prism_cli.offload.cache import CACHE_POLICIES
 
-        self.budget = self.device_memory if isinstance(self.device_memory, Budget) else parse_budget(self.device_memory)
         self.reserve_spec = parse_reserve(self.reserve)
+        self.budget = (self.device_memory if isinstance(self.device_memory, Budget)
+                       else parse_budget(self.device_memory, self.reserve_spec))
         self.link_spec = self.link if isinstance(self.link, LinkSpec) else parse_link(self.link)
         CACHE_POLICIES.get(self.policy)  # an unknown policy fails here, listing the known ones
         if not 0.0 <= self.pin < 1.0:

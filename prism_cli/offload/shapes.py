@@ -73,9 +73,10 @@ class ModelShape:
         """One expert (``n_sub`` = 1) or one of its ``n_sub`` sub-experts."""
         return 3 * self.hidden * self.width // n_sub * self.dtype_bytes
 
-    def cache_fraction(self, budget_bytes: int, reserve_fraction: float = 0.05) -> float:
-        """The share of the routed experts a budget caches (after the non-expert weights and the reserve)."""
-        cache = budget_bytes * (1 - reserve_fraction) - self.non_expert_bytes()
+    def cache_fraction(self, budget_bytes: int, reserve_fraction: float = 0.0, reserve_bytes: int = 0) -> float:
+        """The share of the routed experts a budget caches (after the non-expert weights and the reserve, a
+        share of the budget or a size)."""
+        cache = budget_bytes * (1 - reserve_fraction) - reserve_bytes - self.non_expert_bytes()
         return cache / self.expert_bytes()
 
     def describe(self) -> dict[str, Any]:
