@@ -1,3 +1,3 @@
-from prism_cli.app import main
+from prism_cli.cli import main
 
 main()

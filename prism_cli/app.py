@@ -218,7 +218,9 @@ def _interrupted(terminated: bool = False) -> None:
     # Outputs written inside a temporary folder that was then dropped no longer exist: not named.
     kept = [path for path in dict.fromkeys(WRITTEN) if os.path.lexists(path)]
     if not kept:
-        said = "no partial output was kept"
+        # Not "no partial output": a --resume run stopped before its work began leaves the progress it
+        # was given (a profile's or a partition's .partial folder) where it was.
+        said = "this run left no output, nothing half-written"
     elif len(kept) == 1:
         said = f"{kept[0]} was written before; nothing half-written was kept"
     else:

@@ -63,6 +63,28 @@ def test_python_dash_m_version() -> None:
     assert done.stdout.strip() == f"prism {__version__}"
 
 
+def test_ctrl_c_while_prism_starts_is_one_line(tmp_path) -> None:
+    """Ctrl-C while ``prism`` imports its commands (about a second) printed a 25-line traceback. The console
+    script is run as installed, with a Ctrl-C raised at the import of the commands."""
+    script = tmp_path / "console.py"
+    script.write_text(
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'prism_cli.commands':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        "entry = next(e for e in entry_points(group='console_scripts') if e.name == 'prism')\n"
+        "sys.argv = ['prism', 'eval', 'builtin']\n"
+        "sys.exit(entry.load()())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 130, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted:"), done.stderr
+
+
 def test_every_command_is_walked() -> None:
     assert {("profile",), ("partition",), ("partition", "run"), ("partition", "compare"), ("export",), ("bench",),
             ("eval",), ("tables",), ("doctor",), ("kernels",)} <= set(COMMANDS)
@@ -123,7 +145,7 @@ def test_ctrl_c_says_what_was_written_before_it(written, cli, monkeypatch, tmp_p
     assert len(lines) == 1 and lines[0].startswith("interrupted: "), result.err
     assert "inner.md" not in lines[0] and not (tmp_path / "dropped").exists()
     if written == 0:
-        assert "no partial output was kept" in lines[0]
+        assert "this run left no output" in lines[0]
     else:
         assert str(outputs[-1]) in lines[0] and "nothing half-written" in lines[0]
         assert (written == 2) == ("2 outputs" in lines[0])
@@ -148,7 +170,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(cli, monkeypatch, tmp_pa
     result = cli("doctor")
     assert result.code == 143, result
     lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIGTERM; no partial output"), result.err
+    assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIGTERM; this run left no output"), result.err
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
     assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only while a command runs
 

@@ -3,10 +3,15 @@ table, evolutionary solvers and their operators on synthetic rows (bad input: te
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -317,15 +322,12 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
-def test_sigterm_stops_the_partition_workers_and_keeps_the_finished_experts(profile_path, tmp_path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_run_stops_its_partition_workers(profile_path, tmp_path, signum) -> None:
     """SIGTERM reaches only the parent (Ctrl-C at a terminal reaches the whole group): the parent died and
-    its two solver processes ran on, orphaned. Now it stops them, says how to resume and exits 143."""
-    import contextlib
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    its two solver processes ran on, orphaned. Now it stops them and exits 143, keeping nothing (no expert
+    was solved: no folder to resume from). SIGKILL runs no clean-up: the workers solved on, then waited for
+    ever beside the --resume run; now they die with the run."""
     out = tmp_path / "partition.h5"
     proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "partition", "run", str(profile_path), "--out", str(out),
                              "--workers", "2", "--solver", "nsga2", "-O", "generations=100000"],
@@ -337,21 +339,39 @@ def test_sigterm_stops_the_partition_workers_and_keeps_the_finished_experts(prof
             time.sleep(0.2)
         workers = _children(proc.pid)
         assert len(workers) >= 3, "the partition workers did not start"
-        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # past their start-up
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:  # a failing run must not leave solvers of 100000 generations behind
         for pid in [proc.pid, *workers]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == 143, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("interrupted: ") and "--resume" in lines[0], err
-    time.sleep(0.5)
-    alive = [pid for pid in workers if Path(f"/proc/{pid}/stat").exists()
-             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    if signum == signal.SIGTERM:
+        assert proc.returncode == 143, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIGTERM; this run left no output"), err
+        assert list(tmp_path.iterdir()) == []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = [pid for pid in workers if Path(f"/proc/{pid}/stat").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        if not alive:
+            break
+        time.sleep(0.2)
     assert alive == [], "solver processes outlived the run"
     assert not out.exists()
+
+
+def test_a_run_interrupted_before_any_expert_is_solved_leaves_no_folder(profile_path, tmp_path) -> None:
+    """Its .partial folder held only a manifest, and a plain rerun was refused until --resume was given."""
+    def ctrl_c(_total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_partition(profile_path, settings_for("alternating"), tmp_path / "p.h5", workers=1, on_start=ctrl_c)
+    assert list(tmp_path.iterdir()) == []
+    run_partition(profile_path, settings_for("alternating"), tmp_path / "p.h5", workers=1, layers=[0])  # no --resume needed
 
 
 def test_interrupted_and_resumed_partition_is_the_uninterrupted_one(profile_path, whole_run, tmp_path) -> None:

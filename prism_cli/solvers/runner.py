@@ -16,6 +16,8 @@ import inspect
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -302,7 +304,8 @@ def _run_local(path: str, jobs: list[tuple[int, int]], settings: PartitionSettin
             done(*_solve_from_file(path, layer, e, settings))
         return
     with _single_threaded_children(), ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
+        max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+        initializer=_die_with_parent, initargs=(os.getpid(),),
     ) as pool:
         futures = [pool.submit(_solve_from_file, path, layer, e, settings) for layer, e in jobs]
         try:
@@ -316,6 +319,19 @@ def _run_local(path: str, jobs: list[tuple[int, int]], settings: PartitionSettin
             for process in list(pool._processes.values()):
                 process.terminate()
             raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker ends when the run that started it dies, even by SIGKILL, which runs no cleanup: it would solve on
+    for nothing, then wait for ever, beside the ``--resume`` run the user starts next. Linux only (prctl)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the run died before the call above
+        os._exit(1)
 
 
 def _run_ray(path: str, jobs: list[tuple[int, int]], settings: PartitionSettings, done: Callable) -> None:
@@ -384,6 +400,9 @@ def run_partition(
                                       on_done=on_done, on_start=on_start, store=store, profile_hash=profile_hash)
         write_partition(out, partition)
     except KeyboardInterrupt:
+        if not store.finished():  # nothing to resume from: no folder left to block a plain rerun
+            store.remove()
+            raise
         raise Interrupted(
             f"{len(store.finished())} finished experts are kept in {store.folder}; rerun the same command with --resume to continue"
         ) from None
