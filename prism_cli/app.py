@@ -165,9 +165,10 @@ def _run(command: click.Command, sigterm: list[int]) -> None:
 
 
 def _refuse_empty_paths(root: click.Command, argv: list[str]) -> None:
-    """An explicitly empty path option (``--out ''``, an unset shell variable) in one line: typer turns
-    '' into ``Path('.')``, so without this ``--out ''`` wrote into the current folder, indistinguishable
-    from ``--out .`` once parsed."""
+    """An explicitly empty path (``--out ''``, ``rank-layers ''``: an unset shell variable) in one line: typer
+    turns '' into ``Path('.')``, so without this ``--out ''`` wrote into the current folder, indistinguishable
+    from ``--out .`` once parsed. Options and arguments are matched as click will parse them (an option's
+    value follows it unless it is a flag; arguments fill in order, a variadic one takes the rest)."""
     command, i = root, 0
     while i < len(argv) and argv[i] in getattr(command, "commands", {}):
         command, i = command.commands[argv[i]], i + 1
