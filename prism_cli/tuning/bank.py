@@ -147,15 +147,16 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
     except ValueError as exc:  # the text is shorter than one window
         raise PrismError(f"validation text {data_name}: {exc}") from None
     choice = choose(curves)
-    served = write_bank(candidates, choice, out, serve_k=serve_k, force=force,
+    served = write_bank(candidates, choice, out, serve_k=serve_k, force=force, metas=metas,
                         validation={"data": data_name, "tokens": tokens})
     return choice, served
 
 
 def write_bank(candidates: dict[str, Path], choice: BankChoice, out: Path, *, serve_k: int | None = None,
+               metas: dict[str, dict[str, Any]] | None = None,
                validation: dict[str, Any] | None = None, force: bool = False) -> int:
     """Write the bank export to ``out``; returns the K whose router the checkpoint holds."""
-    metas = check_candidates(candidates)
+    metas = metas or check_candidates(candidates)  # checked already by ``select_routers`` (weights are read)
     first = next(iter(candidates.values()))
     config = load_config(str(first))
     adapter = adapter_for_config(config)
