@@ -203,6 +203,10 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
             if isinstance(value, bool) and kind not in ("bool", None):
                 # YAML's true/false would reach click as 1/0 (``tokens: true`` ran with --tokens 1)
                 raise PrismError(f"config file {path}: {key!r} takes {kind}, not {str(value).lower()}")
+            if not isinstance(value, list) and not _fits(kind, value):
+                # typer's own message names the option, not the file the value came from
+                raise PrismError(f"config file {path}: {key!r} takes {'an integer' if kind == 'int' else 'a number'}, "
+                                 f"not {value!r}")
             # A repeatable option (``-O``) takes a list; a comma-separated one takes a list as it is typed
             # on the command line (``layers: [0, 1]`` -> "0,1").
             multiple = getattr(by_name[name], "multiple", False)
@@ -215,6 +219,21 @@ def defaults_for(config: dict[str, Any], command: str, params: list[click.Parame
                 value = LIST_OPTIONS.get(command, {}).get(name, ",").join(map(str, value))
             merged[name] = value
     return merged
+
+
+def _fits(kind: str | None, value: Any) -> bool:
+    """Whether a YAML scalar can be an ``int`` / ``float`` option's value, as typed on the command line."""
+    if kind not in ("int", "float") or isinstance(value, bool):
+        return True
+    if isinstance(value, int) or (isinstance(value, float) and (kind == "float" or value.is_integer())):
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        (int if kind == "int" else float)(value)
+    except ValueError:
+        return False
+    return True
 
 
 def config_callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

@@ -4,6 +4,7 @@ something goes wrong (usage errors, internal errors, PRISM_DEBUG)."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -83,6 +84,27 @@ def test_ctrl_c_while_prism_starts_is_one_line(tmp_path) -> None:
     assert done.returncode == 130, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted:"), done.stderr
+
+
+@pytest.mark.parametrize("argv, signum, code", [
+    (["--version"], signal.SIGINT, 0),  # a finished run: its outputs are in place, a late signal must not undo it
+    (["--version"], signal.SIGTERM, 0),
+    (["eval", "/nonexistent"], signal.SIGTERM, -signal.SIGTERM),  # a failed run stays killable to the end
+], ids=["success-sigint", "success-sigterm", "failure-sigterm"])
+def test_a_signal_after_the_command_ends(tmp_path, argv, signum, code) -> None:
+    """A signal landing while the interpreter shuts down (here: from an exit handler, so deterministically
+    after the command returned) made a finished run exit as if killed."""
+    script = tmp_path / "console.py"
+    script.write_text(
+        "import atexit, os, sys, time\n"
+        f"atexit.register(lambda: (os.kill(os.getpid(), {int(signum)}), time.sleep(0.5)))\n"
+        f"sys.argv = ['prism', *{argv!r}]\n"
+        "from prism_cli.cli import main\n"
+        "main()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_every_command_is_walked() -> None:
@@ -272,6 +294,10 @@ def test_unknown_shared_keys_are_ignored(cli, tmp_path) -> None:
     ("partition:\n  sub_experts: [4]\n", ("'sub_experts' in section 'partition'", "not a list")),
     ("eval:\n  tokens: true\n", ("'tokens' takes int, not true",)),  # YAML's true reached click as --tokens 1
     ("eval:\n  seq_len: false\n", ("'seq_len' takes int, not false",)),
+    # typer's own message for these named the option but not the file the value came from
+    ("eval:\n  tokens: 2.5\n", ("config file", "'tokens' takes an integer, not 2.5")),
+    ("eval:\n  tokens: many\n", ("config file", "'tokens' takes an integer, not 'many'")),
+    ("tokens: 1e3\n", ("config file", "'tokens' takes an integer, not '1e3'")),
     ("eval:\n  tokens: 512\n  tokens: 64\n", ("'tokens' is given twice",)),
     ("eval:\n  tokens: 512\neval:\n  seq_len: 64\n", ("'eval' is given twice",)),
 ])
@@ -282,6 +308,27 @@ def test_config_lists_for_single_values_and_duplicate_keys_are_refused(cli, tmp_
     result = cli("eval", "--config", config)
     assert result.code == 2
     result.assert_one_line_error(*phrases)
+
+
+def _params(name: str) -> list:
+    root = typer.main.get_command(app)
+    return root.get_command(type(root).context_class(root, info_name="prism"), name).params
+
+
+@pytest.mark.parametrize("section, refused", [
+    ({"steps": 3.0, "lr": "1e-3", "warmup": "12", "init_alpha": 2}, None),
+    ({"lr": "fast"}, "'lr' takes a number, not 'fast'"),
+    ({"lr": [0.1]}, "not a list"),
+    ({"warmup": 1.5}, "'warmup' takes an integer, not 1.5"),
+])
+def test_config_numbers_are_checked_with_the_file_named(section, refused) -> None:
+    """Integers written as 3.0 or "12" and numbers as "1e-3" (YAML 1.1 reads that as a string) pass as typed."""
+    if refused is None:
+        assert defaults_for({"tune-gate": section}, "tune-gate", _params("tune-gate"), "run.yaml") == section
+        return
+    with pytest.raises(PrismError, match="config file run.yaml") as info:
+        defaults_for({"tune-gate": section}, "tune-gate", _params("tune-gate"), "run.yaml")
+    assert refused in str(info.value)
 
 
 def test_config_lists_stay_accepted_for_list_options(tmp_path) -> None:
