@@ -182,15 +182,17 @@ class OffloadController:
         self.cache = PieceCache(self.capacity, config.policy, pinned)
         self.prefetching = CACHE_POLICIES.get(config.policy).prefetch
         _place(model, sizes.expert_ids, self.device)
-        self.pool = SlotPool(self.capacity, self.piece_shapes, dtype, self.device, config.materialize or not config.simulated)
-        self.link: Link = SimulatedLink(config.link_spec, StallClock() if config.stall_clock else None) \
-            if config.simulated else CudaLink(self.device)
-        self.routers = list(state.elastic_routers or state.flat_routers)
-        self.layers = [OffloadedLayer(self, i, layer.experts, self.n_sub, self.groups) for i, layer in enumerate(layers)]
-        self._prediction: dict[int, list[int]] = {}
-        self._compute_dtype = torch.float32 if self.device.type == "cpu" else dtype
         #: prism's CUDA kernels, run over the slot pool with slot ids as expert ids (one call per group).
         self._kernels = cuda.get_ops(self.device) if self.device.type == "cuda" and cuda.available() else None
+        self.routers = list(state.elastic_routers or state.flat_routers)
+        self.layers = [OffloadedLayer(self, i, layer.experts, self.n_sub, self.groups) for i, layer in enumerate(layers)]
+        # Slots laid out as the sources, except where the kernels read them (contiguous).
+        self.pool = SlotPool(self.capacity, self.piece_shapes, dtype, self.device, config.materialize or not config.simulated,
+                             None if self._kernels is not None else list(self.layers[0].sources(0)))
+        self.link: Link = SimulatedLink(config.link_spec, StallClock() if config.stall_clock else None) \
+            if config.simulated else CudaLink(self.device)
+        self._prediction: dict[int, list[int]] = {}
+        self._compute_dtype = torch.float32 if self.device.type == "cpu" else dtype
         for key in sorted(pinned):  # pinned pieces are loaded once, at attach: not per-token traffic
             layer, g = divmod(key, self.groups)
             self.link.copy(self.pool, self.cache.slot_of[key], self.layers[layer].sources(g))

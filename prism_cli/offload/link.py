@@ -96,9 +96,18 @@ class SlotPool:
     """Device storage of the cache slots for the weights of one piece shape."""
 
     def __init__(self, capacity: int, shapes: list[torch.Size], dtype: torch.dtype, device: torch.device,
-                 materialize: bool) -> None:
+                 materialize: bool, layouts: list[torch.Tensor] | None = None) -> None:
+        """``layouts``: one piece's source tensors, whose memory layout each slot then takes (else contiguous
+        slots, as the CUDA kernels read them). A slot laid out as its source (an export's ``down_proj`` is
+        stored transposed) goes through the same matmul as the source, whose rounding differs from the
+        other layout's on some CPUs: a piece's result then does not depend on whether it was copied."""
         self.materialized = materialize
-        self.tensors = [torch.empty((capacity, *s), dtype=dtype, device=device) for s in shapes] if materialize else []
+        if not materialize:
+            self.tensors = []
+        elif layouts is None:
+            self.tensors = [torch.empty((capacity, *s), dtype=dtype, device=device) for s in shapes]
+        else:
+            self.tensors = [_empty_laid_out(capacity, like, dtype, device) for like in layouts]
         self._refs: list[tuple[torch.Tensor, ...] | None] = [None] * capacity
 
     @property
@@ -117,6 +126,13 @@ class SlotPool:
         refs = self._refs[slot]
         assert refs is not None, "read of a slot nothing was copied into"
         return refs
+
+
+def _empty_laid_out(capacity: int, like: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[capacity, *like.shape]``, each row laid out in memory as ``like`` is (its dimensions in the same order)."""
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost dimension first
+    storage = torch.empty((capacity, *(like.shape[d] for d in order)), dtype=dtype, device=device)
+    return storage.permute(0, *(1 + order.index(d) for d in range(like.dim())))
 
 
 class Link(ABC):
