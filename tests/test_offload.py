@@ -395,6 +395,34 @@ def test_a_budget_below_the_non_expert_weights_names_what_is_needed(elastic):
         attach_offload(elastic, OffloadConfig("100TB"))
 
 
+@pytest.mark.parametrize("reserve", ["5%", "20%", "0%", "37.5%", "1MB", "123456B"])
+@pytest.mark.parametrize("asked", ["10kB", "0%"])
+def test_the_least_budget_named_is_one_that_runs(elastic, asked, reserve):
+    """The hint of a too-small budget, given back as printed, runs, and one step below it at the printed
+    precision (three significant digits) is refused. The hint was worked out with the reserve of the budget
+    asked for: a share of a small budget is small, so asking for the hint was refused again (a fuzz round:
+    ``1MB`` named 15.3 MB, which named 16 MB, which named 16.1 MB). Oracle: the program's own acceptance of
+    the sizes, and the printed digits."""
+    import re
+    from decimal import Decimal
+
+    def hint(budget) -> str:
+        with pytest.raises(PrismError, match="too small") as exc:
+            attach_offload(elastic, OffloadConfig(budget, reserve=reserve))
+        message = str(exc.value)
+        assert message.startswith("device memory (--device-memory) ") and "\n" not in message  # Python or CLI
+        return re.search(r"give at least ([\d.]+) (B|kB|MB|GB)$", message).groups()
+
+    digits, unit = hint(asked)
+    scale = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9}[unit]
+    least = Decimal(digits) * scale
+    step = max(Decimal(10) ** (Decimal(digits).adjusted() - 2) * scale, 1)  # one unit of the third digit
+    attach_offload(elastic, OffloadConfig(f"{digits} {unit}", reserve=reserve))  # accepted as printed
+    detach_offload(elastic)
+    below = int(least - step)
+    assert hint(below) == (digits, unit)  # refused, naming the same size
+
+
 # ---------------------------------------------------------------------------------------------
 # Traces, their mapping to other shapes, and replays.
 
@@ -611,7 +639,7 @@ def test_offload_bench_0_percent_is_the_non_expert_weights_and_the_reserve(expor
         run_offload_bench(str(export_dir), _live_settings("0%", reserve="1MB"))
     message = str(exc.value)
     size = r"([\d.]+ [kMG]?B)"
-    budget = re.fullmatch(rf"--device-memory 0% \({size}\) is too small: the non-expert weights take {size}, "
+    budget = re.fullmatch(rf"device memory \(--device-memory\) 0% \({size}\) is too small: the non-expert weights take {size}, "
                           r"the reserve 1 MB and .*", message)
     assert budget, message  # one size after the budget, not "(13.3 MB) (13.3 MB)"
     # three significant digits each

@@ -64,6 +64,20 @@ def format_size(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def format_size_up(n: float) -> str:
+    """``format_size`` rounded up, not to nearest: a minimum (``give at least ...``) printed at three
+    significant digits is then never below what it stands for (15.26 MB -> ``15.3 MB``, 15.31 MB -> ``15.4 MB``),
+    and the printed size, given back, is that many bytes."""
+    nbytes = int(math.ceil(n))
+    for scale in (10**12, 10**9, 10**6, 10**3):
+        if nbytes >= scale:
+            step = scale // 100  # the last printed digit of a value in [1, 10) of this unit...
+            while nbytes >= step * 1000:  # ...of one in [10, 100) or [100, 1000)
+                step *= 10
+            return format_size(-(-nbytes // step) * step)
+    return format_size(nbytes)
+
+
 @dataclass(frozen=True)
 class Budget:
     """A device-memory budget: absolute bytes, or a fraction of the routed experts to cache."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from prism_cli import cuda
 from prism_cli.errors import PrismError
 from prism_cli.offload.cache import CACHE_POLICIES, PieceCache
-from prism_cli.offload.config import Budget, OffloadConfig, format_size
+from prism_cli.offload.config import Budget, OffloadConfig, Reserve, format_size, format_size_up
 from prism_cli.offload.link import CudaLink, Link, SimulatedLink, SlotPool, StallClock
 from prism_cli.runtime.experts import EXECUTORS
 from prism_cli.runtime.plan import ExpertPlan, plan_experts
@@ -442,6 +442,7 @@ class BudgetSizes:
     budget_bytes: int
     reserve_bytes: int
     piece_name: str  # "sub-expert" or "expert"
+    reserve: Reserve  # the rule ``reserve_bytes`` came from (a share of the budget, or a size)
 
     @property
     def cache_bytes(self) -> int:
@@ -449,16 +450,17 @@ class BudgetSizes:
 
     @property
     def least_budget(self) -> int:
-        """The smallest budget that runs: the non-expert weights, the reserve and one cached piece."""
-        return self.non_expert_bytes + self.reserve_bytes + self.piece_bytes
+        """The smallest budget that runs: the non-expert weights, one cached piece and the reserve of *that*
+        budget (a share of the budget shrinks with it: not the reserve of the budget that was asked for)."""
+        return _budget_leaving(self.non_expert_bytes + self.piece_bytes, self.reserve)
 
     def check(self, config: OffloadConfig) -> None:
         """A budget that cannot hold one piece, or that is more than the device has, is an error."""
         if self.cache_bytes < self.piece_bytes:
             raise PrismError(
-                f"--device-memory {config.budget.label(self.budget_bytes)} is too small: the non-expert "
+                f"device memory (--device-memory) {config.budget.label(self.budget_bytes)} is too small: the non-expert "
                 f"weights take {format_size(self.non_expert_bytes)}, the reserve {format_size(self.reserve_bytes)} and "
-                f"one cached {self.piece_name} {format_size(self.piece_bytes)}; give at least {format_size(self.least_budget)}")
+                f"one cached {self.piece_name} {format_size(self.piece_bytes)}; give at least {format_size_up(self.least_budget)}")
         from prism_cli.models.loading import parse_device
 
         _check_device_memory(parse_device(config.device or "cpu"), self.budget_bytes, config)
@@ -481,7 +483,7 @@ def budget_sizes(model: Any, config: OffloadConfig) -> BudgetSizes:
     non_expert = _non_expert_bytes(model, expert_ids)
     budget, reserve = _resolve_budget(config, non_expert, expert_bytes)
     return BudgetSizes(int(first.gate_up_proj.shape[0]), piece_shapes, piece_bytes, expert_bytes, non_expert,
-                       expert_ids, budget, reserve, "sub-expert" if state.n_sub > 1 else "expert")
+                       expert_ids, budget, reserve, "sub-expert" if state.n_sub > 1 else "expert", config.reserve_spec)
 
 
 def _check_layout(experts: torch.nn.Module, first: torch.nn.Module) -> None:
@@ -519,14 +521,21 @@ def _resolve_budget(config: OffloadConfig, non_expert: int, experts: int) -> tup
     budget, reserve = config.budget, config.reserve_spec
     if budget.nbytes is not None:
         return budget.nbytes, reserve.of(budget.nbytes)
-    wanted = non_expert + int(math.ceil(budget.expert_fraction * experts))
-    if reserve.nbytes is not None:
-        total = wanted + reserve.nbytes
-    else:
-        total = int(math.ceil(wanted / (1 - (reserve.fraction or 0.0))))
-        while total - reserve.of(total) < wanted:  # the reserve is rounded up: never at the experts' expense
-            total += 1
+    total = _budget_leaving(non_expert + int(math.ceil(budget.expert_fraction * experts)), reserve)
     return total, reserve.of(total)
+
+
+def _budget_leaving(wanted: int, reserve: Reserve) -> int:
+    """The smallest budget whose own reserve leaves ``wanted`` bytes (``total - reserve.of(total)`` never
+    decreases as the total grows, so the first total that leaves them is the least)."""
+    if reserve.nbytes is not None:
+        return wanted + reserve.nbytes
+    total = int(math.ceil(wanted / (1 - (reserve.fraction or 0.0))))
+    while total - reserve.of(total) < wanted:  # the reserve is rounded up: never at the experts' expense
+        total += 1
+    while total > 0 and total - 1 - reserve.of(total - 1) >= wanted:  # nor a byte more (floating point)
+        total -= 1
+    return total
 
 
 def _check_device_memory(device: torch.device, budget: int, config: OffloadConfig) -> None:
@@ -537,7 +546,7 @@ def _check_device_memory(device: torch.device, budget: int, config: OffloadConfi
         total = psutil.virtual_memory().total
         where = "this machine's memory (the simulated device lives in host memory)"
     if budget > total:
-        raise PrismError(f"--device-memory {config.budget.label(budget)} is more than {where}: "
+        raise PrismError(f"device memory (--device-memory) {config.budget.label(budget)} is more than {where}: "
                          f"{format_size(total)}")
 
 

@@ -35,7 +35,7 @@ import torch
 
 from prism_cli.errors import PrismError
 from prism_cli.offload.cache import CACHE_POLICIES, PieceCache
-from prism_cli.offload.config import Budget, LinkSpec, format_size
+from prism_cli.offload.config import Budget, LinkSpec, format_size, format_size_up
 from prism_cli.offload.executor import pinned_keys, run_pieces
 from prism_cli.offload.link import SimulatedLink, VirtualClock
 from prism_cli.offload.shapes import ModelShape
@@ -251,7 +251,7 @@ def replay(mapping: TraceMapping, geometry: ReplayGeometry, compute: ComputeMode
     if cache_bytes < unit_bytes:
         need = (shape.non_expert_bytes() + unit_bytes) / (1 - reserve_fraction)
         raise PrismError(f"--device-memory {budget} is too small for {shape.name}: its non-expert weights take "
-                         f"{format_size(shape.non_expert_bytes())}; give at least {format_size(need)}")
+                         f"{format_size(shape.non_expert_bytes())}; give at least {format_size_up(need)}")
     layers = shape.moe_layers
     capacity = int(min(cache_bytes // unit_bytes, layers * groups))
     pinned = pinned_keys(layers, groups, unit_sub, min(int(capacity * pin), capacity - 1)) if pin else []
