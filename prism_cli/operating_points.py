@@ -17,6 +17,8 @@ A bare integer means the gate's own default policy (``linear`` or ``topk``).
 
 from __future__ import annotations
 
+import numbers
+import re
 from dataclasses import dataclass
 
 from prism_cli.errors import PrismError
@@ -34,7 +36,11 @@ class OperatingPoint:
     def __post_init__(self) -> None:
         # Points key the scheduler's memos, consulted many times in every decision (which is charged to
         # every request): hashed once, not on each lookup.
-        object.__setattr__(self, "_hash", hash((self.policy, self.value)))
+        try:
+            h = hash((self.policy, self.value))
+        except TypeError:  # a list value: refused where the point is parsed, and it must get that far
+            h = 0
+        object.__setattr__(self, "_hash", h)
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined]
@@ -51,63 +57,111 @@ class OperatingPoint:
 def parse_operating_point(spec: str | int | OperatingPoint, gate: str | None, n_sub: int, top_k: int) -> OperatingPoint:
     """Parse and validate a point for a model with ``n_sub`` sub-experts per expert and top-``top_k`` routing.
 
-    ``gate`` is the export's gate (None for a plain model, which only has ``original`` points).
+    ``gate`` is the export's gate (None for a plain model, which only has ``original`` points). An
+    ``OperatingPoint`` gets exactly the checks of its string form: its value is type-checked, then its
+    ``str()`` is parsed.
     """
     if isinstance(spec, OperatingPoint):
-        policy, raw = spec.policy, spec.value
-    else:
-        text = str(spec).strip()
-        policy, sep, raw = text.partition(":")
-        if not sep:
-            policy, raw = {"linear": "linear", "neurons": "topk", None: "original"}[gate], text
+        parsed = parse_operating_point(_point_text(spec), gate, n_sub, top_k)
+        if parsed != spec:  # e.g. a pattern shorter than top_k, read as a total: (5,) -> pattern:5 -> (4, 1)
+            raise PrismError(f"operating point {spec!r} reads as {parsed}; give {parsed!r}")
+        return parsed
+    text = str(spec).strip()
+    if not text:
+        raise PrismError("operating point is empty")
+    policy, sep, raw = text.partition(":")
+    if not sep:
+        policy, raw = {"linear": "linear", "neurons": "topk", None: "original"}[gate], text
     allowed = {None: ("original",), "linear": ("linear", "layered"), "neurons": ("linear", "layered", *NEURON_POLICIES)}[gate]
     if policy not in allowed:
         raise PrismError(f"operating point {spec!r} is not available here; policies: {', '.join(allowed)}")
     if policy == "pattern":
-        return OperatingPoint(policy, raw if isinstance(raw, tuple) else _pattern(str(raw), n_sub, top_k))
+        return OperatingPoint(policy, _pattern(raw, n_sub, top_k))
     if policy == "threshold":
-        try:
-            tau = float(raw)
-        except ValueError:
-            raise PrismError(f"threshold {raw!r} is not a number") from None
+        if not _FLOAT.fullmatch(raw):
+            raise PrismError(f"threshold {raw!r} is not a number")
+        tau = float(raw)
         if not 0.0 < tau <= 1.0:
-            raise PrismError(f"threshold {tau} must be in (0, 1]")
+            raise PrismError(f"threshold {raw} must be in (0, 1]")
         return OperatingPoint(policy, tau)
     if policy == "layered":
-        return OperatingPoint(policy, raw if isinstance(raw, tuple) else _layered(str(raw), n_sub, top_k))
-    try:
-        k = int(raw)
-    except ValueError:
-        raise PrismError(f"operating point {spec!r}: {raw!r} is not an integer") from None
+        return OperatingPoint(policy, _layered(raw, n_sub, top_k))
+    k = _integer(raw)
+    if k is None:
+        raise PrismError(f"operating point {spec!r}: {raw!r} is not an integer")
     limit = top_k if policy == "original" else n_sub * top_k
     if not 1 <= k <= limit:
-        raise PrismError(f"operating point {policy}:{k} is outside 1..{limit}")
+        raise PrismError(f"operating point {policy}:{raw} is outside 1..{limit}")
     return OperatingPoint(policy, k)
+
+
+# Python's int() and float() also take '_' separators, a leading '+', non-ASCII digits and nan/inf; a point
+# takes plain ASCII decimals. A leading '-' is let through so that a negative count or threshold is refused
+# as out of range (the message a user expects) rather than as not a number.
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an integer, None unless it is a plain ASCII one. Past 18 digits it is clamped (every
+    bound here is far smaller), which keeps int() clear of its limit on digits."""
+    if not _INT.fullmatch(text):
+        return None
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text)
+    digits = digits.lstrip("0") or "0"
+    return sign * (10**18 if len(digits) > 18 else int(digits))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _point_text(point: OperatingPoint) -> str:
+    """The string form of a point object, once its value has the type its policy takes (the string form
+    cannot tell 2.7 from "2.7", nor True from 1). Unknown policies are left to the parse to refuse."""
+    policy, value = point.policy, point.value
+    if not isinstance(policy, str):
+        raise PrismError(f"operating point {point!r}: the policy must be a string, not {type(policy).__name__}")
+    if policy in ("pattern", "layered"):
+        ok = isinstance(value, tuple) and all(_is_int(v) for v in value) and (policy == "pattern" or len(value) == 2)
+        want = "a tuple of integer counts" if policy == "pattern" else "a tuple (K, j) of integers"
+    elif policy == "threshold":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+    elif policy in ("linear", "topk", "original"):
+        ok, want = _is_int(value), "an integer"
+    else:
+        ok, want = True, ""
+    if not ok:
+        raise PrismError(f"operating point {point!r}: {policy} takes {want}, not {type(value).__name__} {value!r}")
+    try:
+        return str(point)
+    except ValueError:  # an integer too long for str()
+        raise PrismError(f"operating point {policy}: a value is far outside any range") from None
 
 
 def _layered(raw: str, n_sub: int, top_k: int) -> tuple[int, int]:
     """``K+j``: K in ``1 .. N*k - 1`` (there is a K+1 to give), at least one layer at K+1. Whether the
     model has ``j`` layers to give it and a ranking of them is checked where the point is set."""
     base, plus, extra = raw.partition("+")
-    try:
-        k, j = int(base), int(extra)
-    except ValueError:
-        raise PrismError(f"layered point {raw!r} must be K+j (e.g. layered:2+2), integers") from None
-    if not plus or not 1 <= k < n_sub * top_k or j < 1:
+    k, j = _integer(base), _integer(extra)
+    if k is None or j is None:
+        raise PrismError(f"layered point {raw!r} must be K+j (e.g. layered:2+2), integers")
+    if not 1 <= k < n_sub * top_k or j < 1:
         raise PrismError(f"layered:{raw}: K must be within 1..{n_sub * top_k - 1} and j at least 1 (K+j: j layers at K+1)")
     return k, j
 
 
 def _pattern(raw: str, n_sub: int, top_k: int) -> tuple[int, ...]:
     """A per-rank pattern (``4,3,1``) or a total K, filled front-loaded (best expert first)."""
-    try:
-        parts = [int(p) for p in raw.split(",")]
-    except ValueError:
-        raise PrismError(f"pattern {raw!r} must be an integer or comma-separated integers") from None
+    counts = [_integer(p) for p in raw.split(",")]
+    if None in counts:
+        raise PrismError(f"pattern {raw!r} must be an integer or comma-separated integers")
+    parts = [c for c in counts if c is not None]
     if len(parts) == 1:
         total = parts[0]
         if not 1 <= total <= n_sub * top_k:
-            raise PrismError(f"operating point pattern:{total} is outside 1..{n_sub * top_k}")
+            raise PrismError(f"operating point pattern:{raw} is outside 1..{n_sub * top_k}")
         parts = [min(n_sub, max(0, total - r * n_sub)) for r in range(top_k)]
     if len(parts) > top_k or any(not 0 <= p <= n_sub for p in parts) or sum(parts) == 0:
         raise PrismError(f"pattern {raw!r} must list at most {top_k} counts between 0 and {n_sub}, not all zero")
