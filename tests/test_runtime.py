@@ -492,6 +492,44 @@ def test_load_elastic_refuses_a_plain_model(tiny_model_dir):
         prism_cli.load_elastic(str(tiny_model_dir("olmoe")))
 
 
+@pytest.mark.parametrize("model", [None, "export/", torch.nn.Linear(2, 2)], ids=["none", "a path", "a module"])
+def test_set_operating_point_refuses_what_is_not_a_model(model):
+    import prism_cli
+
+    with pytest.raises(PrismError, match="takes a model from prism_cli.load_elastic"):
+        prism_cli.set_operating_point(model, "topk:4")
+
+
+def test_an_export_loaded_without_prism_is_refused(neurons_export):
+    """Loaded with stock transformers, an export was taken for a plain model: original:1 meant the top-1 of
+    the flat sub-experts, a point the export does not have."""
+    from transformers import AutoModelForCausalLM
+
+    import prism_cli
+
+    stock = AutoModelForCausalLM.from_pretrained(str(neurons_export))
+    with pytest.raises(PrismError, match="loaded without prism: load it with prism_cli.load_elastic"):
+        prism_cli.set_operating_point(stock, "original:1")
+
+
+@pytest.mark.parametrize("directory", [None, 5])
+def test_load_elastic_refuses_what_is_not_a_path(directory):
+    """None fell back to the built-in model (named in the error as if the user had given it); 5 raised a TypeError."""
+    import prism_cli
+
+    with pytest.raises(PrismError, match="takes the folder of a prism export"):
+        prism_cli.load_elastic(directory)
+
+
+def test_load_elastic_takes_a_path_a_torch_dtype_and_refuses_an_empty_point(neurons_export):
+    import prism_cli
+
+    model = prism_cli.load_elastic(neurons_export, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(PrismError):  # "" loaded the default point, where " " was refused
+        prism_cli.load_elastic(str(neurons_export), operating_point="")
+
+
 def test_an_export_of_another_format_version_is_refused(cli, neurons_export, tmp_path):
     import json
     import shutil
@@ -578,3 +616,100 @@ def test_eval_cli_at_operating_points(cli, neurons_export, tiny_model_dir):
     assert abs(one - full) > 1e-3 * full
     cli("eval", tiny_model_dir("olmoe"), *args, "-K", "topk:1").assert_one_line_error("needs a prism export")
     cli("eval", neurons_export, *args, "-K", "topk:99").assert_one_line_error("topk:99")
+
+
+def _reference_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
+                       w: torch.Tensor) -> torch.Tensor:
+    """Brute force, token by token and slot by slot: ``sum_p w[t, p] * down_e (silu(gate_e x) * up_e x)``,
+    skipping sentinel slots (``idx == E``); gate rows first in ``gate_up [E, 2I, H]``, ``down [E, H, I]``."""
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros(x.shape[1], dtype=x.dtype)
+        for p in range(idx.shape[1]):
+            e = int(idx[t, p])
+            if e < gate_up.shape[0]:
+                g, u = (gate_up[e] @ x[t]).chunk(2)
+                y = y + w[t, p] * (down[e] @ (torch.nn.functional.silu(g) * u))
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 20])
+def test_gradients_of_the_experts_equal_a_float64_reference(neurons_export, tokens):
+    """Backward through prism's experts reached gate_up_proj but neither down_proj (read through a detached
+    view) nor the routing weights (planned on the host): fine-tuning an elastic model silently left half
+    of each expert and the router as they were. Oracle: a float64 brute force on the same weights, at
+    arbitrary sub-expert subsets with a sentinel slot."""
+    import prism_cli
+    from prism_cli.runtime.experts import prism_experts_forward, reset_dispatch_counts
+
+    ours = prism_cli.load_elastic(str(neurons_export), operating_point="topk:3").model.layers[0].mlp.experts
+    flat = EXPERTS * N_SUB
+    gen = torch.Generator().manual_seed(tokens)
+    idx = torch.stack([torch.randperm(flat, generator=gen)[:5] for _ in range(tokens)])
+    idx[0, -1] = flat  # a sentinel slot
+    w = torch.rand(tokens, 5, generator=gen)
+    x = torch.randn(tokens, ours.hidden_dim, generator=gen)
+    probe = torch.randn(tokens, ours.hidden_dim, generator=gen)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    reset_dispatch_counts()
+    (prism_experts_forward(ours, xs, idx, ws) * probe).sum().backward()
+    assert reset_dispatch_counts() == {"autograd": 1}
+    ref = [t.detach().double().requires_grad_() for t in (x, w, ours.gate_up_proj, ours.down_proj)]
+    (_reference_experts(ref[2], ref[3], ref[0], idx, ref[1]) * probe.double()).sum().backward()
+    live = idx < flat
+    got = [xs.grad, ws.grad * live, ours.gate_up_proj.grad, ours.down_proj.grad]
+    for name, g, r in zip(["x", "weights", "gate_up_proj", "down_proj"], got, ref, strict=True):
+        assert g is not None, f"no gradient for {name}"
+        want = r.grad * live if name == "weights" else r.grad
+        torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_gradients_of_the_same_routing_equal_the_source_model(neurons_export):
+    """At linear:N*k an elastic model computes what the stock model of its export computes: so do its
+    gradients, for every parameter."""
+    from transformers import AutoModelForCausalLM
+
+    import prism_cli
+
+    ids = token_batch(seed=2, batch=2, length=12)
+    grads = []
+    for model in [prism_cli.load_elastic(str(neurons_export), operating_point=f"linear:{FULL}"),
+                  AutoModelForCausalLM.from_pretrained(str(neurons_export), dtype=torch.float32)]:
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, want in grads[1].items():  # the stock router is the elastic router's linear branch
+        got = grads[0].get(name, grads[0].get(name.replace("mlp.gate.", "mlp.gate.linear.router.")))
+        assert got is not None, f"no gradient for {name}"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "in-place step"])
+def test_the_gate_follows_expert_weights_changed_after_load(neurons_export, tmp_path, change):
+    """The training-free gate scored sub-experts by a copy of the gate neurons' rows taken at load: after
+    ``load_state_dict`` (or an optimizer step) it chose by weights the model no longer had. Oracle: the
+    same weights loaded fresh, from a copy of the export."""
+    import shutil
+
+    import prism_cli
+
+    model = prism_cli.load_elastic(str(neurons_export), operating_point="topk:5")
+    gen = torch.Generator().manual_seed(9)
+    if change == "load_state_dict":
+        state = model.state_dict()
+        for key in [k for k in state if k.endswith("experts.gate_up_proj")]:
+            state[key] = state[key] + 0.05 * torch.randn(state[key].shape, generator=gen)
+        model.load_state_dict(state)
+    else:
+        with torch.no_grad():
+            for layer in model.prism_state.layers:
+                layer.experts.gate_up_proj.add_(0.05 * torch.randn(layer.experts.gate_up_proj.shape, generator=gen))
+    copy = tmp_path / "copy"
+    shutil.copytree(neurons_export, copy)
+    model.save_pretrained(copy)  # the weights and config; prism/ and the tokenizer stay the export's
+    fresh = prism_cli.load_elastic(str(copy), operating_point="topk:5")
+    ids = token_batch(seed=6)
+    for point in ["topk:5", "threshold:0.7", "pattern:2,1"]:
+        prism_cli.set_operating_point(model, point)
+        prism_cli.set_operating_point(fresh, point)
+        torch.testing.assert_close(logits_of(model, ids), logits_of(fresh, ids), rtol=0, atol=1e-6)

@@ -139,7 +139,8 @@ def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
 def _check_gate_neurons(path: Path, layers: list[int], experts: int, n_sub: int, sub_width: int) -> None:
     if not path.exists():
         raise PrismError(f"{path.parent.parent} is a neurons-gate export but {path.name} is missing from {path.parent}: "
-                         "export the model again")
+                         "copy the prism/ folder of the export it came from (save_pretrained writes only the weights "
+                         "and config), or export the model again")
     read_header(path)  # a truncated file: one line
     positions = load_file(str(path))
     for layer in layers:

@@ -145,10 +145,13 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype prism runs, by name (``bfloat16``) or as the torch dtype itself."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
     try:
         return DTYPES[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise PrismError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
@@ -166,7 +169,7 @@ def parse_device(name: str) -> torch.device:
 def load_model(
     spec: str | None,
     *,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     device_map: str | None = None,
     experts_implementation: str | None = None,

@@ -10,9 +10,11 @@ then switches branches and policies without reloading: the weights never move.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -27,7 +29,7 @@ from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 from prism_cli.runtime.grouped import settle_down_layout
 from prism_cli.runtime.layers import LayerRanking, read_ranking, set_layer_ks
 from prism_cli.runtime.policies import POLICIES
-from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, LinearGateRouter, RouteMode
+from prism_cli.runtime.router import ElasticRouter, GateNeuronRouter, GateRowsSource, LinearGateRouter, RouteMode
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = T
                 key = f"layers.{layer.index}.gate_positions"
                 if key not in positions:
                     raise PrismError(f"{gate_file} has no gate neurons for layer {layer.index}")
-                gate_w, up_w = adapter.gate_neuron_rows(layer, positions[key], n_sub)
+                source = GateRowsSource(adapter, layer, positions[key], n_sub)
                 policy = POLICIES.get("topk")(n_sub, state.source_top_k, state.source_experts)
                 router = adapter.source_router(layer, model.config, n_sub, top_k)
                 if stored is not None:  # a tuned export: the original router rows are stored apart
@@ -180,7 +182,7 @@ def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = T
                     if key not in stored:
                         raise PrismError(f"{SOURCE_ROUTER_FILE} has no {key}")
                     router.weight = nn.Parameter(stored[key].to(router.weight), requires_grad=False)
-                gate_router = GateNeuronRouter(router, gate_w, up_w, n_sub, float(meta["down_scale"]), policy,
+                gate_router = GateNeuronRouter(router, source, n_sub, float(meta["down_scale"]), policy,
                                                n_sub * state.source_top_k)
                 gate_router.router_from_flat = stored is None
                 state.gate_routers.append(gate_router)
@@ -224,6 +226,12 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
     """Move ``model`` to ``point`` in place (see ``operating_points`` for the syntax); returns it parsed."""
     state: ElasticState | None = getattr(model, "prism_state", None)
     if state is None:
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise PrismError(f"set_operating_point takes a model from prism_cli.load_elastic (or a transformers MoE "
+                             f"model), not {type(model).__name__}")
+        if isinstance(getattr(model.config, "prism", None), dict):  # taken as a plain model, original:k meant top-k sub-experts
+            raise PrismError("this model is a prism export loaded without prism: load it with prism_cli.load_elastic(DIR) "
+                             "to run its operating points")
         state = attach_elastic_state(model, None)
     op = parse_operating_point(point, state.gate, state.n_sub, state.source_top_k)
     if op.policy in ("linear", "layered", "original"):
@@ -237,7 +245,7 @@ def set_operating_point(model: Any, point: str | int | OperatingPoint) -> Operat
     return op
 
 
-def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu", operating_point: str | None = None,
+def load_elastic_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu", operating_point: str | None = None,
                        offload: Any = None, ranked: bool = True) -> LoadedModel:
     """Load a prism export with its tokenizer; the model is at ``operating_point`` or the export's default.
 
@@ -249,7 +257,7 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     loaded = load_model(spec, dtype=dtype, device="cpu" if offload is not None else device,
                         experts_implementation=EXPERTS_IMPLEMENTATION)
     attach_elastic_state(loaded.model, Path(loaded.name), ranked=ranked)
-    set_operating_point(loaded.model, operating_point or meta["default_operating_point"])
+    set_operating_point(loaded.model, meta["default_operating_point"] if operating_point is None else operating_point)
     if offload is not None:
         from prism_cli.offload.executor import attach_offload  # a later stage, imported only when asked for
 
@@ -257,13 +265,15 @@ def load_elastic_model(spec: str, *, dtype: str = "float32", device: str = "cpu"
     return loaded
 
 
-def load_elastic(directory: str, operating_point: str | int | None = None, *, dtype: str = "float32", device: str = "cpu",
-                 offload: Any = None) -> Any:
+def load_elastic(directory: str | PathLike, operating_point: str | int | None = None, *,
+                 dtype: str | torch.dtype = "float32", device: str = "cpu", offload: Any = None) -> Any:
     """Python API: a transformers model loaded from a prism export, at ``operating_point``.
 
     >>> model = load_elastic("export/", operating_point="topk:4")
     >>> set_operating_point(model, "threshold:0.9")
     >>> small = load_elastic("export/", offload=OffloadConfig(device_memory="4GB", policy="lru", device="cuda"))
     """
-    return load_elastic_model(directory, dtype=dtype, device=device, offload=offload,
+    if not isinstance(directory, str | PathLike):
+        raise PrismError(f"load_elastic takes the folder of a prism export (a str or a path), not {type(directory).__name__}")
+    return load_elastic_model(str(directory), dtype=dtype, device=device, offload=offload,
                               operating_point=None if operating_point is None else str(operating_point)).model

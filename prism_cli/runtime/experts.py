@@ -18,6 +18,9 @@ dtype, from a registry:
   kernels built, bf16/fp16 weights and the standard layout (gate/up concatenated, not transposed, no
   biases, SwiGLU).
 
+Where autograd records a call (training, or a forward outside ``torch.no_grad()``), none of these runs:
+the family's eager experts do (``autograd``), so that a backward reaches every weight.
+
 Every call is counted by the executor that actually ran (``DISPATCH_COUNTS``), so a report can name
 the implementation behind each number instead of the one it asked for.
 """
@@ -28,9 +31,10 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _default_apply_gate
 
 from prism_cli import cuda
+from prism_cli.errors import PrismError
 from prism_cli.registry import Registry
 from prism_cli.runtime import grouped_mm
 from prism_cli.runtime.grouped import contiguous_down, grouped_experts_forward
@@ -95,9 +99,37 @@ def resolve_executor(module: torch.nn.Module, device: torch.device, dtype: torch
     return "grouped"
 
 
+def records_gradient(module: torch.nn.Module, x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether autograd records this call: a backward must then reach the weights, the inputs and the
+    routing weights, which prism's executors (plans built on the host, cached layouts, compiled kernels)
+    do not carry."""
+    return torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
+                                        or any(p.requires_grad for p in module.parameters(recurse=False)))
+
+
+def differentiable_forward(module: torch.nn.Module, x: torch.Tensor, indices: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """The family's own eager experts (transformers' reference: differentiable, any dtype and layout),
+    with prism's sentinel slots as slots of expert 0 at weight 0: the same output, and gradients for
+    everything it reads."""
+    if getattr(module, "prism_offload", None) is not None:
+        raise PrismError("offloaded experts run without autograd: call the model under torch.no_grad() or "
+                         "torch.inference_mode(), or load it without offloading to train it")
+    sentinel = indices >= module.num_experts
+    if bool(sentinel.any()):
+        indices, weights = indices.masked_fill(sentinel, 0), weights.masked_fill(sentinel, 0.0)
+    eager = getattr(type(module).forward, "__wrapped__", None)  # under transformers' implementation dispatch
+    if eager is None:
+        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](module, x, indices, weights)
+    return eager(module, x, indices, weights)
+
+
 def prism_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
+    if records_gradient(self, hidden_states, top_k_weights):  # training, or a forward outside no_grad
+        DISPATCH_COUNTS["autograd"] += 1
+        return differentiable_forward(self, hidden_states, top_k_index, top_k_weights)
     key = (hidden_states.device, hidden_states.dtype)
     cached = getattr(self, "_prism_executor", None)
     if cached is None or cached[0] != key:

@@ -17,7 +17,8 @@ sentinel slots) does the rest.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,26 @@ from prism_cli.runtime.grouped import cached_on
 from prism_cli.runtime.grouped_mm import PREFIX_ATTR, PrefixRouting
 from prism_cli.runtime.policies import AllocationPolicy
 from prism_cli.runtime.scoring import gate_scores, gate_up_rows
+
+
+@dataclass(eq=False)
+class GateRowsSource:
+    """Where a training-free gate's rows come from: the gate neurons (``positions [E, N, s]`` within each
+    sub-expert) of one MoE layer's experts, read through its family adapter."""
+
+    adapter: Any
+    layer: Any  # models.adapters.MoELayer
+    positions: torch.Tensor
+    n_sub: int
+
+    def key(self) -> tuple:
+        """The identity and version of the weights the rows are taken from."""
+        w = self.layer.experts.gate_up_proj
+        return w.data_ptr(), w._version, w.device, w.dtype
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gate_w``, ``up_w``: ``[E, N*s, H]`` each."""
+        return self.adapter.gate_neuron_rows(self.layer, self.positions, self.n_sub)
 
 
 class GateNeuronRouter(nn.Module):
@@ -39,8 +60,7 @@ class GateNeuronRouter(nn.Module):
     def __init__(
         self,
         router: nn.Module,
-        gate_w: torch.Tensor,
-        up_w: torch.Tensor,
+        source: GateRowsSource,
         n_sub: int,
         down_scale: float,
         policy: AllocationPolicy,
@@ -49,13 +69,15 @@ class GateNeuronRouter(nn.Module):
         super().__init__()
         self.router = router
         # One buffer, [E, 2*N*s, H] (one matmul per expert on the CPU); the CUDA kernels take the gate and up
-        # rows apart, split from it where they run.
-        self.register_buffer("rows", gate_up_rows(gate_w, up_w), persistent=False)
+        # rows apart, split from it where they run. A copy of the experts' rows: taken again when they change.
+        self.source = source
+        self._source_key = source.key()
+        self.register_buffer("rows", gate_up_rows(*source.rows()), persistent=False)
         self.n_sub = n_sub
         self.down_scale = down_scale
         self.policy = policy
         self.value = value
-        self.hidden_dim = gate_w.shape[-1]
+        self.hidden_dim = self.rows.shape[-1]
 
     @property
     def gate_w(self) -> torch.Tensor:
@@ -73,7 +95,17 @@ class GateNeuronRouter(nn.Module):
         return cached_on(self, "_prism_gate_split", (rows.data_ptr(), rows._version, rows.device, rows.dtype),
                          lambda: (self.gate_w.contiguous(), self.up_w.contiguous()))
 
+    def _follow_weights(self) -> None:
+        """Take the rows again where the experts' weights changed since (``load_state_dict``, an optimizer
+        step): a stale copy scored sub-experts by weights the model no longer has. They stay where
+        ``model.to()`` put them."""
+        key = self.source.key()
+        if key != self._source_key:
+            self.rows = gate_up_rows(*self.source.rows()).to(self.rows.device, self.rows.dtype)
+            self._source_key = key
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._follow_weights()
         logits, expert_w, expert_idx = self.router(hidden_states)
         x = hidden_states.reshape(-1, self.hidden_dim)
         if x.device.type == "cuda" and x.dtype in cuda.KERNEL_DTYPES and cuda.available():
@@ -230,8 +262,7 @@ class ElasticRouter(nn.Module):
     which branch runs. Both branches stay in the module tree, so ``model.to()`` / ``.half()`` move them
     all, and state-dict hooks make the block save and load as the stock flat router it replaced: an
     elastic model's ``state_dict()`` / ``save_pretrained`` has exactly the export's keys. (The gate
-    neurons' rows are taken from the experts at load; loading other expert weights into an elastic
-    model needs ``load_elastic`` again.)
+    neurons' rows are a copy of the experts' rows, taken again when those weights change.)
     """
 
     def __init__(self, linear: LinearGateRouter, neurons: GateNeuronRouter | None) -> None:
