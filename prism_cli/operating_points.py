@@ -126,7 +126,7 @@ def _point_text(point: OperatingPoint) -> str:
         ok = isinstance(value, tuple) and all(_is_int(v) for v in value) and (policy == "pattern" or len(value) == 2)
         want = "a tuple of integer counts" if policy == "pattern" else "a tuple (K, j) of integers"
     elif policy == "threshold":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
         want = "a number"
     elif policy in ("linear", "topk", "original"):
         ok, want = _is_int(value), "an integer"

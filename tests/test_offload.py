@@ -322,6 +322,19 @@ def test_load_elastic_offloads_on_the_device_it_loads_for(export_dir):
     assert config.device is None  # the caller's config is left as it was
 
 
+def test_an_offloaded_model_runs_outside_no_grad_and_refuses_a_backward(export_dir):
+    """A plain forward (autograd recording) runs as for inference; a backward, which could not reach the
+    experts' weights in host memory, is one error instead of a silently wrong gradient."""
+    import prism_cli
+
+    model = prism_cli.load_elastic(str(export_dir), operating_point="topk:5", offload=OffloadConfig("30%"))
+    ids = token_batch(seed=2)
+    out = model(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits, _logits(model, ids))
+    with pytest.raises(PrismError, match="offloaded experts have no backward"):
+        out.loss.backward()
+
+
 def test_offloaded_whole_experts_equal_the_plain_model_bitwise(tiny_model_dir):
     from prism_cli.models.loading import load_model
     from prism_cli.runtime.elastic import attach_elastic_state

@@ -713,3 +713,22 @@ def test_the_gate_follows_expert_weights_changed_after_load(neurons_export, tmp_
         prism_cli.set_operating_point(model, point)
         prism_cli.set_operating_point(fresh, point)
         torch.testing.assert_close(logits_of(model, ids), logits_of(fresh, ids), rtol=0, atol=1e-6)
+
+
+def test_a_training_step_after_an_inference_pass_that_took_the_gate_rows_again(neurons_export):
+    """Rows taken again inside an inference_mode forward were inference tensors: the next training
+    forward failed ("Inference tensors cannot be saved for backward"), and on CUDA the kernels' cached
+    split of them (which reads their version) failed at once."""
+    import prism_cli
+
+    model = prism_cli.load_elastic(str(neurons_export), operating_point="topk:5")
+    ids = token_batch(seed=3, batch=1, length=8)
+    with torch.no_grad():  # an optimizer step
+        for layer in model.prism_state.layers:
+            layer.experts.gate_up_proj.mul_(1.01)
+    logits_of(model, ids)  # under inference_mode: the rows are taken again here
+    router = model.prism_state.gate_routers[0]
+    assert not router.rows.is_inference()
+    router._split_rows()  # what the CUDA branch reads
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.prism_state.layers[0].experts.down_proj.grad is not None

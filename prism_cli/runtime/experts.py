@@ -111,10 +111,14 @@ def differentiable_forward(module: torch.nn.Module, x: torch.Tensor, indices: to
                            weights: torch.Tensor) -> torch.Tensor:
     """The family's own eager experts (transformers' reference: differentiable, any dtype and layout),
     with prism's sentinel slots as slots of expert 0 at weight 0: the same output, and gradients for
-    everything it reads."""
+    everything it reads. Offloaded experts (host memory behind a device cache) have no backward: they
+    run as for inference, and a backward through them is refused."""
     if getattr(module, "prism_offload", None) is not None:
-        raise PrismError("offloaded experts run without autograd: call the model under torch.no_grad() or "
-                         "torch.inference_mode(), or load it without offloading to train it")
+        DISPATCH_COUNTS["offload"] += 1
+        with torch.no_grad():
+            out = EXECUTORS.get("offload")(module, x, indices, weights)
+        return _NoBackward.apply(out, x, weights)
+    DISPATCH_COUNTS["autograd"] += 1
     sentinel = indices >= module.num_experts
     if bool(sentinel.any()):
         indices, weights = indices.masked_fill(sentinel, 0), weights.masked_fill(sentinel, 0.0)
@@ -124,11 +128,23 @@ def differentiable_forward(module: torch.nn.Module, x: torch.Tensor, indices: to
     return eager(module, x, indices, weights)
 
 
+class _NoBackward(torch.autograd.Function):
+    """``out`` as an output autograd records (a plain forward outside ``no_grad`` works) but will not
+    differentiate: a wrong gradient would be silent."""
+
+    @staticmethod
+    def forward(ctx: object, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: object, *grads: torch.Tensor) -> None:
+        raise PrismError("offloaded experts have no backward: load the model without offloading to train it")
+
+
 def prism_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     if records_gradient(self, hidden_states, top_k_weights):  # training, or a forward outside no_grad
-        DISPATCH_COUNTS["autograd"] += 1
         return differentiable_forward(self, hidden_states, top_k_index, top_k_weights)
     key = (hidden_states.device, hidden_states.dtype)
     cached = getattr(self, "_prism_executor", None)

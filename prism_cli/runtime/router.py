@@ -101,13 +101,16 @@ class GateNeuronRouter(nn.Module):
         ``model.to()`` put them."""
         key = self.source.key()
         if key != self._source_key:
-            self.rows = gate_up_rows(*self.source.rows()).to(self.rows.device, self.rows.dtype)
+            # Not an inference tensor, though the call that notices may run under inference_mode: the rows
+            # outlive it (a later training step, the kernels' cached split, which reads their version).
+            with torch.inference_mode(False), torch.no_grad():
+                self.rows = gate_up_rows(*self.source.rows()).to(self.rows.device, self.rows.dtype)
             self._source_key = key
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._follow_weights()
         logits, expert_w, expert_idx = self.router(hidden_states)
-        x = hidden_states.reshape(-1, self.hidden_dim)
+        x = hidden_states.reshape(-1, self.hidden_dim).detach()  # the scores only choose: no gradient through them
         if x.device.type == "cuda" and x.dtype in cuda.KERNEL_DTYPES and cuda.available():
             scores = cuda.get_ops(x.device).gate_scores(x, *self._split_rows(), expert_idx, self.n_sub)
         else:
