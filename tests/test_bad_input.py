@@ -312,6 +312,8 @@ class Case:
     #: Run from this folder of the world (``--out .``).
     cwd: str | None = None
     marks: tuple[Any, ...] = field(default_factory=tuple)
+    #: Phrases the message must not hold (advice to use an option the command does not have).
+    absent: tuple[str, ...] = ()
 
 
 NEVER_PROFILE = ("prism_cli.profiling.profiler", "profile_model")
@@ -850,6 +852,24 @@ CASES = [
     Case("compare-duplicate-solvers",
          lambda w: ["partition", "compare", w.profile, "--solvers", "random,random", "--out", w.out],
          ("--solvers names random more than once",), never=NEVER_SOLVE),
+    # --- too few tokens for one window: say what limited them (the text, or --tokens), advise only the
+    # command's own options ---------------------------------------------------------------------------
+    # the quality windows are 256 tokens whatever --seq-len is: --tokens 100 ran the models, then blamed the text
+    Case("bench-tokens-below-a-quality-window", lambda w: bench_args(w, "--seq-len", "16", "--tokens", "100"),
+         ("--tokens 100 is less than one quality window (256 tokens)",), never=NEVER_BENCH, absent=("--seq-len",)),
+    Case("bench-text-shorter-than-a-quality-window",
+         lambda w: bench_args(w, "--points", "topk:2", "--batch", "1", "--seq-len", "16", "--tokens", "512",
+                              "--data", w.short_text(1)),
+         ("the text gives", "fewer than one quality window (256 tokens); give more text"), absent=("--seq-len",)),
+    # --tokens cut the text, and the message said the text gave 1 token
+    Case("eval-tokens-below-a-window", lambda w: ["eval", w.export, "--data", w.short_text(40), "--tokens", "1", "--seq-len", "64"],
+         ("--tokens 1 is less than one window (--seq-len 64)",), absent=("the text gives",)),
+    Case("eval-text-shorter-than-a-window", lambda w: ["eval", w.export, "--data", w.short_text(1), "--seq-len", "64"],
+         ("the text gives", "fewer than one window (--seq-len 64); give more text or a shorter --seq-len",)),
+    # select-routers has no --seq-len (its validation windows are 256 tokens), yet the message advised one
+    Case("select-routers-text-shorter-than-a-window",
+         lambda w: ["select-routers", w.export, w._copy(w.sources.export, "export-b"), "--out", w.out, "--data", w.short_text(1)],
+         ("validation text", "the text gives", "fewer than one window (256 tokens); give more text"), absent=("--seq-len",)),
 ]
 
 
@@ -893,7 +913,8 @@ def test_bad_input(case: Case, cli, sources, tiny_model_dir, tmp_path, monkeypat
     if (world.root / "read-only").exists():
         (world.root / "read-only").chmod(0o755)  # so that pytest can clean up
     assert result.code == case.code, result
-    result.assert_one_line_error(*case.phrases)
+    line = result.assert_one_line_error(*case.phrases)
+    assert not [phrase for phrase in case.absent if phrase in line], line
     after = _tree(world.root)
     assert after == before, "the run wrote, deleted or changed files"
 

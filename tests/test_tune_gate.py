@@ -100,6 +100,19 @@ def test_batches_are_windows_of_the_text_and_reproducible():
         TrainBatches(np.arange(39), batch=4, seq_len=9, seed=0)
 
 
+def test_the_probe_windows_are_capped_by_the_text():
+    """Asked for more tokens than the text holds, the probe takes each of the text's windows once: random
+    starts drew tokens // seq_len windows with replacement (--init-tokens 10,000,000 ran for minutes on a
+    page of text, and the default 32,768 probed a short text's windows a thousand times each)."""
+    batches = TrainBatches(np.arange(105), batch=2, seq_len=10, seed=0)
+    whole = torch.arange(100).view(10, 10)  # the 5-token tail fills no window
+    assert torch.equal(batches.probe_windows(100_000), whole)
+    assert torch.equal(batches.probe_windows(100), whole)  # all the text holds: each window once, not 10 draws
+    assert batches.probe_count(100_000) == batches.probe_count(100) == 10
+    fewer = batches.probe_windows(40)  # within the text: random starts, as before
+    assert fewer.shape == (4, 10) and all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 10)) for row in fewer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients: only the flat routers train, and autograd through the linear gate is right.
 
@@ -394,6 +407,28 @@ def test_cli_tunes_and_reports_the_trainable_share(cli, export, train_text, tmp_
     assert AutoModelForCausalLM.from_pretrained(str(out)) is not None
 
 
+def test_cli_says_where_the_text_caps_init_tokens(cli, export, train_text, tmp_path):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(export))(train_text.read_text(), add_special_tokens=False)["input_ids"]
+    text_tokens = len(ids) // 16 * 16
+    assert text_tokens < 50_000
+    out = tmp_path / "out"
+    result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "1", "--batch", "2", "--seq-len", "16",
+                 "--init-tokens", "50000")
+    assert result.code == 0, result
+    said = " ".join(result.out.split())  # the console wraps long lines
+    assert f"note: --init-tokens 50,000 is capped by the training text: the probe fits on all {text_tokens:,} tokens" in said
+    tuning = json.loads((out / "config.json").read_text())["prism"]["tuning"]
+    assert tuning["init_tokens"] == 50_000 and tuning["init_tokens_used"] == text_tokens
+    # within the text: no note, and the probe fits on what was asked
+    result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "1", "--batch", "2", "--seq-len", "16",
+                 "--init-tokens", "1000", "--force")
+    assert result.code == 0, result
+    assert "--init-tokens" not in result.out
+    assert json.loads((out / "config.json").read_text())["prism"]["tuning"]["init_tokens_used"] == 992  # 62 windows of 16
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_cli_ctrl_c_or_sigterm_checkpoints_and_keeps_only_the_checkpoint(cli, export, train_text, tmp_path, monkeypatch,
                                                                          signum, code):
@@ -462,6 +497,19 @@ def test_bad_options_are_refused(cli, export, train_text, tmp_path, args, needle
     assert result.code == 2
     result.assert_one_line_error(needle)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("split", ["calibration", "eval"])
+def test_a_copy_of_held_out_text_is_not_trained_on(cli, export, tmp_path, split):
+    """``--data builtin:calibration`` was refused, but a file holding the same text was trained on."""
+    from prism_cli.data import split_text
+
+    copy = tmp_path / "copy.txt"
+    copy.write_text(split_text(split))
+    result = cli("tune-gate", export, "--out", tmp_path / "out", "--data", copy, "--seq-len", "64")
+    assert result.code == 2
+    result.assert_one_line_error(f"holds text of the built-in {'evaluation' if split == 'eval' else split} split")
+    assert not (tmp_path / "out").exists()
 
 
 def test_not_an_export_is_refused(cli, tiny_model_dir, train_text, tmp_path):

@@ -27,7 +27,7 @@ def bench(
     seq_len: int = typer.Option(256, "--seq-len", help="Context length: KV cache for decode, prompt length for prefill."),
     mode: str = typer.Option("decode", help="decode (one token per sequence over the cache) or prefill."),
     data: str = typer.Option(None, help="Quality text file or builtin:<split> (default builtin:eval, held out)."),
-    tokens: int = typer.Option(32_768, help="Held-out tokens for the quality columns."),
+    tokens: int = typer.Option(32_768, help="Held-out tokens for the quality columns (windows of 256 tokens, whatever --seq-len is)."),
     points: str = typer.Option(None, help="Operating points to sweep, separated by ';' (default: all the export lists)."),
     repeats: int = typer.Option(20, help="Timed repeats per point and batch, at least."),
     max_repeats: int = typer.Option(60, "--max-repeats", help="... and at most, while a median is less precise than --precision."),

@@ -71,7 +71,7 @@ def profile(
     check_not_input(out, {**{what: Path(p) for what, p in inputs.items() if p and Path(p).exists()}, **data_file(data)}, inside=True)
     check_writable(out)
     check_context_length(load_config(name), seq_len)
-    text, data_name = load_text(data, "calibration")
+    text, data_name = load_text(data, "calibration", forbid=("eval",), what="profile")
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, bounded_memory=True)
     adapter = loaded.adapter
     assert adapter is not None

@@ -26,7 +26,7 @@ def tune_gate(
     init: str = typer.Option("probe", help="Start from the export's tied router copies ('copies'), or from copies that "
                              "rank each expert's sub-experts by a mass probe on the training text ('probe')."),
     init_alpha: float = typer.Option(0.5, "--init-alpha", help="probe: weight of the predicted log-mass share in the copies' logits."),
-    init_tokens: int = typer.Option(32_768, "--init-tokens", help="probe: training tokens it fits on."),
+    init_tokens: int = typer.Option(32_768, "--init-tokens", help="probe: training tokens it fits on (capped by the text)."),
     batch: int = typer.Option(8, help="Windows per step (split over processes under `accelerate launch`)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),
     distill: float = typer.Option(0.0, help="Weight of the KL divergence from the original model's next-token distribution (0: off)."),
@@ -71,6 +71,8 @@ def tune_gate(
         f"trained {result.trainable:,} of {result.total:,} parameters ({100 * result.trainable_share:.3f} %: the flat router only); "
         f"{result.wall_s / 60:.1f} min wall, {result.cpu_s / 60:.1f} min CPU"
     )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
     if result.tied_copies:
         console.print(f"[yellow]note:[/] {result.tied_copies} experts still have identical router copies (never told apart "
                       "by training); linear:K takes those lowest index first, as vLLM does")

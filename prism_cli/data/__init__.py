@@ -85,11 +85,18 @@ def text_hash(text: str) -> str:
 BUILTIN_PREFIX = "builtin:"
 
 
-def load_text(data: str | None, default_split: str) -> tuple[str, str]:
+#: First bytes of compressed files, which read as "not UTF-8 text" without saying why.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"(\xb5/\xfd": "zstd", b"BZh": "bzip2", b"PK\x03\x04": "zip"}
+#: Why a built-in split may not be what ``forbid`` keeps out of a run.
+_HELD_OUT = {"eval": ("evaluation", "only reports results"), "calibration": ("calibration", "is held out from training")}
+
+
+def load_text(data: str | None, default_split: str, forbid: tuple[str, ...] = (), what: str = "") -> tuple[str, str]:
     """Text for ``--data``: a file path, or ``builtin:<split>``; None means the built-in ``default_split``.
 
     Returns ``(text, name)`` where ``name`` is what output metadata records. An explicit empty ``data``
-    (``--data ''``: an unset shell variable, say) is refused, not read as "the default".
+    (``--data ''``: an unset shell variable, say) is refused, not read as "the default". ``forbid``: built-in
+    splits this run (``what``, e.g. ``"profile"``) may not read, by name or as a copy of their text in a file.
     """
     if data is not None and not str(data).strip():
         raise PrismError(f"--data is empty: give a text file or builtin:<split>, or leave --data out for "
@@ -99,21 +106,66 @@ def load_text(data: str | None, default_split: str) -> tuple[str, str]:
         split = spec[len(BUILTIN_PREFIX) :]
         if split not in SPLITS:
             raise PrismError(f"unknown built-in split {split!r}; choose one of {', '.join(SPLITS)}")
+        if split in forbid:
+            name, reason = _HELD_OUT[split]
+            raise PrismError(f"the {name} split {reason}: {what} on {BUILTIN_PREFIX}{default_split} (the default) or a "
+                             "text file of your own")
         return split_text(split), spec
+    text = _read_text_file(spec)
+    for split in forbid:
+        passage = shared_passage(text, split_text(split))
+        if passage is not None:
+            name, reason = _HELD_OUT[split]
+            raise PrismError(f"data file {spec} holds text of the built-in {name} split ({passage!r}...), which "
+                             f"{reason}: {what} on other text")
+    return text, str(Path(spec))
+
+
+def _read_text_file(spec: str) -> str:
     path = Path(spec)
     if not path.exists():
         raise PrismError(f"data file {spec} does not exist")
     if path.is_dir():
         raise PrismError(f"data path {spec} is a folder; give a text file")
+    if path.is_char_device() or path.is_block_device():  # /dev/zero would be read until memory ran out
+        raise PrismError(f"data path {spec} is a device; give a text file")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            head = fh.read(6)
+        kind = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+        if kind is not None:
+            raise PrismError(f"data file {spec} is {kind}-compressed; decompress it (prism reads plain UTF-8 text)")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text the model should read
     except UnicodeDecodeError:
         raise PrismError(f"data file {spec} is not UTF-8 text") from None
     except OSError as exc:
         raise PrismError(f"cannot read data file {spec}: {exc.strerror}") from None
     if not text.strip():
         raise PrismError(f"data file {spec} is empty")
-    return text, str(path)
+    return text
+
+
+#: ``shared_passage`` compares passages of this many characters, at most this many of them per text.
+PASSAGE_CHARS, PASSAGES = 256, 32
+
+
+def shared_passage(text: str, held_out: str) -> str | None:
+    """The start of a passage of ``text`` found verbatim in ``held_out`` (line endings aside), else None.
+
+    Passages of ``PASSAGE_CHARS`` characters are taken at evenly spaced places over the whole text: a copy
+    of a held-out split, or a file that pastes a stretch of one into other text, shares them, while text
+    that was not copied from it shares no 256-character passage by chance.
+    """
+    text = text.replace("\r\n", "\n")
+    held_out = held_out.replace("\r\n", "\n")
+    if len(text) < PASSAGE_CHARS:
+        return text.strip()[:40] if len(text.strip()) >= 64 and text.strip() in held_out else None
+    last = len(text) - PASSAGE_CHARS
+    for start in sorted({last * i // max(1, PASSAGES - 1) for i in range(PASSAGES)}):
+        passage = text[start : start + PASSAGE_CHARS]
+        if passage in held_out:
+            return " ".join(passage.split())[:40]
+    return None
 
 
 def data_file(data: str | None) -> dict[str, Path]:
@@ -124,7 +176,4 @@ def data_file(data: str | None) -> dict[str, Path]:
 def load_selection_text(data: str | None, what: str) -> tuple[str, str]:
     """``load_text`` for text a setting is chosen on (``what``, e.g. ``"choose routers"``): the built-in
     calibration split by default, and never the evaluation split, which only reports results."""
-    if data is not None and data.strip() == f"{BUILTIN_PREFIX}eval":
-        raise PrismError(f"the evaluation split only reports results: {what} on {BUILTIN_PREFIX}calibration "
-                         "(the default) or a text file of your own")
-    return load_text(data, "calibration")
+    return load_text(data, "calibration", forbid=("eval",), what=what)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from prism_cli.allocator import ALLOCATOR_MODES, configure_cpu_allocator
-from prism_cli.data.windows import token_windows
+from prism_cli.data.windows import check_window_tokens, token_windows
 from prism_cli.environment import environment
 from prism_cli.errors import PrismError
 from prism_cli.evaluation.pareto import COUNT_RULE, CostQuality, distinct_stable, pareto_front, usable
@@ -112,9 +112,13 @@ class BenchSettings:
             raise PrismError(f"--seq-len must be between 1 and 1048576, got {self.seq_len}")
         if self.mode not in ("decode", "prefill"):
             raise PrismError(f"--mode must be decode or prefill, got {self.mode!r}")
-        for option, value, least in (("--tokens", self.tokens, 2), ("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0)):
+        for option, value, least in (("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0)):
             if value < least:
                 raise PrismError(f"{option} must be at least {least}, got {value}")
+        try:  # the quality windows have a length of their own: --seq-len is the timing's context
+            check_window_tokens(self.tokens, self.quality_seq_len, seq_len_option=None, kind="quality window")
+        except ValueError as exc:
+            raise PrismError(str(exc)) from None
         if self.settle is None:
             self.settle = SETTLE_STEPS[self.mode]
         elif not 0 <= self.settle <= 1000:
@@ -362,7 +366,8 @@ def _quality(models: _Models, runners: list[_Runner], text: str, settings: Bench
     handles = _hook_routers(counter, models.elastic, models.source_state, n_sub)
     try:
         try:
-            windows = token_windows(models.source.tokenizer, text, settings.quality_seq_len, settings.tokens)
+            windows = token_windows(models.source.tokenizer, text, settings.quality_seq_len, settings.tokens,
+                                    seq_len_option=None, kind="quality window")  # --seq-len is the timing's context
         except ValueError as exc:
             raise PrismError(str(exc)) from None
         top_k = models.source_state.source_top_k

@@ -147,7 +147,7 @@ def regenerate(
     seed = config.seed
     if partition is None:
         prof = dict(_pick(config.profile, {"data", "tokens", "max_rows", "holdout", "seq_len", "batch_size"}, "profile"))
-        text, data_name = load_text(prof.pop("data", None), "calibration")
+        text, data_name = load_text(prof.pop("data", None), "calibration", forbid=("eval",), what="profile")
         if "holdout" in prof:
             prof["holdout_fraction"] = prof.pop("holdout")
         loaded = load_model(config.model, device=config.device)

@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from prism_cli.data import load_text
+from prism_cli.data import load_selection_text
 from prism_cli.data.windows import token_windows
 from prism_cli.evaluation.pareto import CostQuality, distinct_stable
 from prism_cli.evaluation.perplexity import perplexity
@@ -43,7 +43,7 @@ def per_k_perplexity(directory: Path, text: str, tokens: int, seq_len: int = 256
     (``on_point(K)`` after each)."""
     loaded = load_elastic_model(str(directory))
     state = loaded.model.prism_state
-    windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
+    windows = token_windows(loaded.tokenizer, text, seq_len, tokens, seq_len_option=None)  # no command sets the length
     result = {}
     for k in range(1, state.n_sub * state.source_top_k + 1):
         set_operating_point(loaded.model, f"linear:{k}")
@@ -59,7 +59,7 @@ def geometric_mean(values: list[float]) -> float:
 
 def validate(runs: dict[str, Path], data: str, tokens: int, out: Path, winner: Path | None) -> str:
     """Per-K validation perplexity of every run; returns (and writes to ``winner``) the best tuned run."""
-    text, data_name = load_text(data, "calibration")
+    text, data_name = load_selection_text(data, "choose the tuned run")
     curves = {}
     for name, directory in runs.items():
         curves[name] = per_k_perplexity(directory, text, tokens)

@@ -170,6 +170,8 @@ class TuneResult:
     resumed_at: int | None
     tied_copies: int
     curve: list[StepRecord] = field(default_factory=list)
+    #: What the run could not do as asked (an --init-tokens capped by the text), one line each.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def trainable_share(self) -> float:
@@ -192,9 +194,18 @@ class TrainBatches:
                 f"({batch * (seq_len + 1):,}); give more text, or a smaller --batch or --seq-len"
             )
 
+    def probe_count(self, tokens: int) -> int:
+        """How many windows the initialisation probes for ``tokens`` tokens: ``tokens // seq_len``, capped by
+        the text (the whole windows it holds)."""
+        return min(max(1, tokens // self.seq_len), len(self.ids) // self.seq_len)
+
     def probe_windows(self, tokens: int) -> torch.Tensor:
-        """``tokens // seq_len`` windows of ``seq_len`` tokens for the initialisation (a stream of their own)."""
-        count = max(1, tokens // self.seq_len)
+        """``probe_count(tokens)`` windows of ``seq_len`` tokens for the initialisation: at random starts (a
+        stream of their own), or where that asks for all the text holds, the text cut into consecutive windows
+        (random starts would probe the same tokens over and over, and take time for nothing)."""
+        count, whole = self.probe_count(tokens), len(self.ids) // self.seq_len
+        if count >= whole:
+            return torch.from_numpy(self.ids[: whole * self.seq_len].reshape(whole, self.seq_len).copy())
         starts = np.random.default_rng([self.seed, INIT_STREAM]).integers(0, len(self.ids) - self.seq_len + 1, size=count)
         return torch.from_numpy(np.stack([self.ids[s : s + self.seq_len] for s in starts]))
 
@@ -372,7 +383,7 @@ def tune_gate(
                          f"{settings.checkpoint_minutes:g} min and on Ctrl-C); run without --resume to start")
     if not resume and ckpt.exists() and not force:
         raise PrismError(f"an interrupted run left {ckpt}: pass --resume to continue it, or --force to start over")
-    text, data_name = load_text(settings.data, "train")
+    text, data_name = load_text(settings.data, "train", forbid=HELD_OUT_SPLITS, what="train")
 
     accelerator = Accelerator(cpu=settings.device == "cpu")
     if settings.batch % accelerator.num_processes:
@@ -381,6 +392,12 @@ def tune_gate(
     adapter, layers, params = trainee.adapter, trainee.layers, trainee.params
     ids = np.asarray(trainee.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     batches = TrainBatches(ids, settings.batch, settings.seq_len, settings.seed)
+    notes, probe_tokens = [], None
+    if settings.init == "probe":
+        probe_tokens = batches.probe_count(settings.init_tokens) * settings.seq_len
+        if probe_tokens < settings.init_tokens // settings.seq_len * settings.seq_len:
+            notes.append(f"--init-tokens {settings.init_tokens:,} is capped by the training text: the probe fits on all "
+                         f"{probe_tokens:,} tokens of {data_name} (whole windows of --seq-len {settings.seq_len})")
     source_rows = read_source_router(export_dir, adapter, n_sub)
     input_hash = weights_fingerprint(export_dir, adapter)
     trainable, total = sum(p.numel() for p in params), trainee.total
@@ -460,7 +477,7 @@ def tune_gate(
     wall, cpu = wall_before + time.perf_counter() - t0, cpu_before + time.process_time() - c0
     tuned = {layer.index: p.detach().cpu() for layer, p in zip(layers, params, strict=True)}
     result = TuneResult(out, settings.steps, settings.steps * tokens_per_step, (k_start, k_end), settings.schedule,
-                        curve[-1].ce, trainable, total, wall, cpu, resumed_at, tied_copies(tuned, n_sub), curve)
+                        curve[-1].ce, trainable, total, wall, cpu, resumed_at, tied_copies(tuned, n_sub), curve, notes)
     if accelerator.is_main_process:
         tuning = {
             **record,
@@ -476,6 +493,7 @@ def tune_gate(
             "cpu_s": round(cpu, 1),
             "processes": world,
             "resumed_at_step": resumed_at,
+            **({"init_tokens_used": probe_tokens} if probe_tokens is not None else {}),
         }
         write_tuned_export(export_dir, out, tuned, source_rows, tuning, [asdict(r) for r in curve], adapter, force=force)
         ckpt.unlink(missing_ok=True)
