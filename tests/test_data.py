@@ -133,6 +133,7 @@ def test_load_text_builtin_and_file(tmp_path) -> None:
         ("blank", "is empty"),
         ("latin1", "not UTF-8"),
         ("builtin", "unknown built-in split"),
+        ("capitals", "does not exist; the built-in splits are written builtin:<split>"),
         ("gzip", "is gzip-compressed; decompress it"),  # these read as "not UTF-8 text", without saying why
         ("xz", "is xz-compressed; decompress it"),
         ("device", "is a device"),  # /dev/zero was read until memory ran out
@@ -146,6 +147,7 @@ def test_load_text_errors(tmp_path, case: str, message: str) -> None:
         "blank": lambda: _write(tmp_path / "blank.txt", b"  \n\n\t\n"),
         "latin1": lambda: _write(tmp_path / "latin1.txt", "caf\u00e9 cr\u00e8me\n".encode("latin-1")),
         "builtin": lambda: "builtin:validation",
+        "capitals": lambda: "BUILTIN:eval",
         "gzip": lambda: _write(tmp_path / "text.gz", gzip.compress(b"Call me Ishmael.\n")),
         "xz": lambda: _write(tmp_path / "text.xz", lzma.compress(b"Call me Ishmael.\n")),
         "device": lambda: "/dev/zero",

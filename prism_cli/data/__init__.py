@@ -124,7 +124,8 @@ def load_text(data: str | None, default_split: str, forbid: tuple[str, ...] = ()
 def _read_text_file(spec: str) -> str:
     path = Path(spec)
     if not path.exists():
-        raise PrismError(f"data file {spec} does not exist")
+        hint = f"; the built-in splits are written {BUILTIN_PREFIX}<split>" if spec.lower().startswith(BUILTIN_PREFIX) else ""
+        raise PrismError(f"data file {spec} does not exist{hint}")
     if path.is_dir():
         raise PrismError(f"data path {spec} is a folder; give a text file")
     if path.is_char_device() or path.is_block_device():  # /dev/zero would be read until memory ran out
