@@ -440,9 +440,12 @@ class BudgetSizes:
     non_expert_bytes: int
     expert_ids: set[int]
     budget_bytes: int
-    reserve_bytes: int
     piece_name: str  # "sub-expert" or "expert"
-    reserve: Reserve  # the rule ``reserve_bytes`` came from (a share of the budget, or a size)
+    reserve: Reserve  # the reserve's rule (a share of the budget, or a size)
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.reserve.of(self.budget_bytes)
 
     @property
     def cache_bytes(self) -> int:
@@ -481,9 +484,9 @@ def budget_sizes(model: Any, config: OffloadConfig) -> BudgetSizes:
     expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
     expert_bytes = sum(p.numel() * p.element_size() for layer in layers for p in layer.experts.parameters())
     non_expert = _non_expert_bytes(model, expert_ids)
-    budget, reserve = _resolve_budget(config, non_expert, expert_bytes)
-    return BudgetSizes(int(first.gate_up_proj.shape[0]), piece_shapes, piece_bytes, expert_bytes, non_expert,
-                       expert_ids, budget, reserve, "sub-expert" if state.n_sub > 1 else "expert", config.reserve_spec)
+    return BudgetSizes(int(first.gate_up_proj.shape[0]), piece_shapes, piece_bytes, expert_bytes, non_expert, expert_ids,
+                       _resolve_budget(config, non_expert, expert_bytes), "sub-expert" if state.n_sub > 1 else "expert",
+                       config.reserve_spec)
 
 
 def _check_layout(experts: torch.nn.Module, first: torch.nn.Module) -> None:
@@ -516,13 +519,12 @@ def absolute_budget(model: Any, budget: Budget, reserve: str = "5%", *others: An
     return Budget(f"{budget.text} ({format_size(nbytes)})", nbytes=nbytes)
 
 
-def _resolve_budget(config: OffloadConfig, non_expert: int, experts: int) -> tuple[int, int]:
-    """(budget bytes, reserve bytes); a relative budget is solved for the total it implies."""
-    budget, reserve = config.budget, config.reserve_spec
+def _resolve_budget(config: OffloadConfig, non_expert: int, experts: int) -> int:
+    """The budget in bytes; a relative budget is solved for the total it implies."""
+    budget = config.budget
     if budget.nbytes is not None:
-        return budget.nbytes, reserve.of(budget.nbytes)
-    total = _budget_leaving(non_expert + int(math.ceil(budget.expert_fraction * experts)), reserve)
-    return total, reserve.of(total)
+        return budget.nbytes
+    return _budget_leaving(non_expert + int(math.ceil(budget.expert_fraction * experts)), config.reserve_spec)
 
 
 def _budget_leaving(wanted: int, reserve: Reserve) -> int:
