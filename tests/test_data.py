@@ -137,6 +137,7 @@ def test_load_text_builtin_and_file(tmp_path) -> None:
         ("gzip", "is gzip-compressed; decompress it"),  # these read as "not UTF-8 text", without saying why
         ("xz", "is xz-compressed; decompress it"),
         ("device", "is a device"),  # /dev/zero was read until memory ran out
+        ("nul", "holds NUL bytes: it is a binary file"),  # valid UTF-8; its perplexity was reported, exit 0
     ],
 )
 def test_load_text_errors(tmp_path, case: str, message: str) -> None:
@@ -151,6 +152,7 @@ def test_load_text_errors(tmp_path, case: str, message: str) -> None:
         "gzip": lambda: _write(tmp_path / "text.gz", gzip.compress(b"Call me Ishmael.\n")),
         "xz": lambda: _write(tmp_path / "text.xz", lzma.compress(b"Call me Ishmael.\n")),
         "device": lambda: "/dev/zero",
+        "nul": lambda: _write(tmp_path / "zeros.txt", b"Call me Ishmael.\n" + bytes(4096)),
     }[case]()
     with pytest.raises(PrismError, match=message) as exc:
         load_text(str(spec), "calibration")

@@ -143,6 +143,8 @@ def _read_text_file(spec: str) -> str:
         raise PrismError(f"cannot read data file {spec}: {exc.strerror}") from None
     if not text.strip():
         raise PrismError(f"data file {spec} is empty")
+    if "\x00" in text:  # valid UTF-8, but a binary file: its "perplexity" would be a number about nothing
+        raise PrismError(f"data file {spec} holds NUL bytes: it is a binary file, not text")
     return text
 
 
