@@ -212,6 +212,9 @@ def test_bad_chat_messages_are_400_naming_messages(server, messages):
     ({"model": "tiny", "prompt": "x", "top_p": -(10**400)}, 400, "top_p"),
     # an integer past Python's digit limit in any field: json.loads raised a plain ValueError (500)
     ('{"model": "tiny", "prompt": "x", "extra": 1' + "0" * 5000 + "}", 400, None),
+    # NaN and Infinity are not JSON (Python's json reads them): an ignored field took NaN without a word
+    ('{"model": "tiny", "prompt": "x", "presence_penalty": NaN}', 400, None),
+    ('{"model": "tiny", "prompt": "x", "temperature": -Infinity}', 400, None),
 ])
 def test_bad_requests_name_the_field(server, body, status, param):
     _, url = server

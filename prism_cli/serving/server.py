@@ -244,7 +244,7 @@ async def read_body(http: HttpRequest, limit: int) -> dict:
         raise BadRequest(f"the request body did not arrive whole within {BODY_TIMEOUT_S:g} s", None, 408,
                          "request_timeout") from None
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_a_json_number)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", None) from None
     except RecursionError:  # arrays or objects nested deeper than the parser's recursion limit
@@ -258,6 +258,11 @@ async def read_body(http: HttpRequest, limit: int) -> dict:
             name = key.encode("utf-8", "backslashreplace").decode("utf-8")
             raise BadRequest(f"{name}: not valid Unicode text (a lone surrogate, \\ud800-\\udfff)", name)
     return body
+
+
+def _not_a_json_number(name: str) -> float:
+    """Python's json reads NaN and Infinity, which JSON does not have: refuse them as the strict parsers do."""
+    raise BadRequest(f"the body is not valid JSON: {name} is not a JSON number", None)
 
 
 def check_model(state: ServerState, body: dict) -> None:
