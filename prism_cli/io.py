@@ -6,9 +6,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,19 @@ def check_output_folder(path: Path) -> None:
     _probe(existing, path)
 
 
-def check_new_folder(path: Path, force: bool) -> None:
-    """Fail early if ``atomic_dir(path, force)`` would: ``path`` exists without ``force``, would take
-    the current folder with it, or its parent is missing or not writable."""
+@dataclass(frozen=True)
+class Replaceable:
+    """What ``--force`` may replace: an empty folder, or one that ``holds`` says is ``what`` (an earlier
+    output of the same kind); any other folder is someone's data."""
+
+    what: str
+    holds: Callable[[Path], bool]
+
+
+def check_new_folder(path: Path, force: bool, replaceable: Replaceable | None = None) -> None:
+    """Fail early if ``atomic_dir(path, force, replaceable)`` would: ``path`` exists without ``force``
+    (or, with ``replaceable``, is neither empty nor what it names), would take the current folder with
+    it, or its parent is missing or not writable."""
     path = Path(path)
     target = path.resolve()
     here = Path.cwd().resolve()
@@ -73,12 +85,22 @@ def check_new_folder(path: Path, force: bool) -> None:
         raise PrismError(f"output {path} is a file, not a folder: give a folder to write into")
     if path.exists() and not force:
         raise PrismError(f"output {path} already exists; pass --force to replace it")
+    if path.exists() and replaceable is not None and not _empty(path) and not replaceable.holds(path):
+        raise PrismError(f"output {path} exists and is not {replaceable.what}; --force replaces only {replaceable.what} "
+                         "or an empty folder: give a new folder")
     parent = target.parent
     if not parent.exists():
         raise PrismError(f"cannot write {path}: folder {parent} does not exist")
     if not parent.is_dir():
         raise PrismError(f"cannot write {path}: {parent} is a file, not a folder")
     _probe(parent, path)
+
+
+def _empty(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:  # unreadable: nothing says it may go
+        return False
 
 
 def check_not_input(out: Path, inputs: dict[str, Path], *, inside: bool = False) -> None:
@@ -102,10 +124,42 @@ def _default_mode(mode: int) -> int:
     return mode & ~umask
 
 
-def _environment_error(path: Path, exc: OSError) -> PrismError | None:
-    if exc.errno in _ENVIRONMENT_ERRNOS:
-        return PrismError(f"cannot write {path}: {exc.strerror}")
+def _environment_error(path: Path, exc: BaseException) -> PrismError | None:
+    """One line for a write that failed on the environment (a full disk, a read-only mount ...), else None.
+
+    safetensors reports its I/O errors as a ``SafetensorError`` (not an ``OSError``) ending in ``(os error N)``."""
+    if isinstance(exc, OSError):
+        return PrismError(f"cannot write {path}: {exc.strerror}") if exc.errno in _ENVIRONMENT_ERRNOS else None
+    if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM
+        return None
+    from safetensors import SafetensorError
+
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if isinstance(exc, SafetensorError) else None
+    if found and int(found[1]) in _ENVIRONMENT_ERRNOS:
+        return PrismError(f"cannot write {path}: {os.strerror(int(found[1]))}")
     return None
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse, before any work, an output of about ``needed`` bytes that the disk holding ``path``'s
+    folder has no room for (the write would fail at the end, after the long part)."""
+    folder = Path(path).resolve().parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise PrismError(f"cannot write {path}: it needs about {_size(needed)} and {folder} has {_size(free)} free; "
+                         "free some space or choose another --out")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def save_tensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the usual permissions: it makes the file private (0600)."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata=metadata)
+    os.chmod(path, _default_mode(0o666))
 
 
 @contextlib.contextmanager
@@ -128,25 +182,23 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
         WRITTEN.append(path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if (error := _environment_error(path, exc)) is not None:
             raise error from None
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: Path, force: bool = False, replaceable: Replaceable | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; move it to ``path`` only if the block succeeds.
 
-    An existing ``path`` is an error unless ``force``; then it is replaced only after success (and
-    put back if the final rename fails). No temporary outlives the block, whatever happens.
+    An existing ``path`` is an error unless ``force`` (and, with ``replaceable``, unless it is empty or
+    what that names); then it is replaced only after success (and put back if the final rename fails).
+    No temporary outlives the block, whatever happens.
     """
     path = Path(path)
-    check_new_folder(path, force)
+    check_new_folder(path, force, replaceable)
     target = path.resolve()  # `--out .` and `--out dir/` name the folder itself
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -157,13 +209,10 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
         os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes the folder private (0700)
         _move_into_place(tmp, target)
         WRITTEN.append(path)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if (error := _environment_error(path, exc)) is not None:
             raise error from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -277,6 +326,8 @@ def open_prism_h5(path: Path, kind: str, fmt: str, version: int, remake: str) ->
     problem = None
     if meta.get("format") != fmt:
         problem = f"{path} is not a prism {kind} (format attribute is {meta.get('format')!r})"
+    elif not _is_integer(meta.get("format_version", -1)):
+        problem = f"{path} is corrupt: attribute format_version is {meta['format_version']!r}, not an integer"
     elif int(meta.get("format_version", -1)) != version:
         problem = f"{path} has {kind} format version {meta.get('format_version')}; this prism reads {version}: {remake}"
     if problem is not None:

@@ -487,13 +487,12 @@ def test_the_difference_is_zero_where_the_linear_gate_is_exact(tiny_model_dir):
 
 def test_existing_output_needs_force(cli, tiny_model_dir, partition_of, tmp_path):
     model, part, out = tiny_model_dir("olmoe"), partition_of("olmoe"), tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert cli("export", model, part, "--out", out, "--gate", "linear").code == 0
     assert_one_line_failure(cli("export", model, part, "--out", out), "already exists", "--force")
-    assert (out / "keep.txt").read_text() == "mine"
-    result = cli("export", model, part, "--out", out, "--force")
+    assert not (out / GATE_FILE).exists()
+    result = cli("export", model, part, "--out", out, "--force")  # an earlier export: replaced
     assert result.code == 0, result
-    assert not (out / "keep.txt").exists() and (out / GATE_FILE).exists()
+    assert (out / GATE_FILE).exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 
 
@@ -516,11 +515,12 @@ def test_failure_mid_export_keeps_nothing_and_spares_the_old_output(error, tiny_
         export_model(str(tiny_model_dir("olmoe")), partition_of("olmoe"), out, ExportSettings())
     assert_nothing_written(out)
     out.mkdir()
+    (out / "config.json").write_text('{"prism": {}}')  # an earlier export: what --force may replace
     (out / "keep.txt").write_text("old")
     calls.clear()
     with pytest.raises(type(error)):
         export_model(str(tiny_model_dir("olmoe")), partition_of("olmoe"), out, ExportSettings(), force=True)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -34,8 +35,8 @@ def export(
     """Export sub-expert checkpoints: the flat layout (linear gate) plus, for --gate neurons, gate neurons."""
     from prism_cli.export.builder import ExportSettings, export_model
 
-    if not max_shard_gb > 0:  # NaN too
-        raise PrismError(f"--max-shard-gb must be positive, got {max_shard_gb}")
+    if not 0 < max_shard_gb < math.inf:  # NaN too
+        raise PrismError(f"--max-shard-gb must be positive and finite (GiB), got {max_shard_gb}")
     settings = ExportSettings(
         gate=gate, operating_point=operating_point, allow_inexact=allow_inexact, max_shard_bytes=int(max_shard_gb * 2**30),
         down_bias=down_bias,

@@ -34,19 +34,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from prism_cli import __version__
 from prism_cli.errors import PrismError
 from prism_cli.export.checkpoint import ShardWriter
 from prism_cli.export.exactness import GateCheck, check_export, probe_description
-from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE
+from prism_cli.export.format import EXPORT_FORMAT_VERSION, EXPORT_OUTPUT, GATE_FILE
 from prism_cli.export.inexact import linear_gate_difference
 from prism_cli.export.serving import serving_check
-from prism_cli.io import atomic_dir, check_new_folder, check_not_input
+from prism_cli.io import atomic_dir, check_free_space, check_new_folder, check_not_input, save_tensors
 from prism_cli.models.adapters import MoEAdapter, MoELayer, adapter_for_config
 from prism_cli.models.checkpoint import INDEX, SINGLE, CheckpointReader
-from prism_cli.models.checkpoint_files import check_checkpoint_files
+from prism_cli.models.checkpoint_files import check_checkpoint_files, checkpoint_tensors
 from prism_cli.models.conversion import CheckpointNames, skeleton
 from prism_cli.models.loading import checkpoint_dir, config_fingerprint, load_config, model_label, resolve_model, weights_fingerprint
 from prism_cli.models.source_sized import MODELING_FILE, SOURCE_SIZED, find_source_sized, modeling_file
@@ -164,7 +163,7 @@ def export_model(
     flat = job.adapter.flat_config(job.n_sub)
     flat_names = _check_flat_shapes(job.adapter, flat, job.n_sub)
     scale = job.adapter.flat_down_scale(job.n_sub)
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, replaceable=EXPORT_OUTPUT) as tmp:
         files = _write_weights(job, tmp, flat_names, scale, settings, on_progress)
         if settings.gate == "linear":
             _text_config(flat).__setattr__(job.adapter.top_k_key, job.default_point.value)
@@ -191,7 +190,7 @@ def _check_inputs(model: str | None, partition_path: str | Path, out: Path, sett
     protected = {"source model": Path(name)} if Path(name).is_dir() else {}
     protected |= {"partition": Path(partition_path), **(inputs or {})}
     check_not_input(out, protected, inside=True)
-    check_new_folder(out, force)
+    check_new_folder(out, force, EXPORT_OUTPUT)
     config = load_config(name)
     adapter = adapter_for_config(config)
     if settings.gate == "neurons" and (why := adapter.neurons_unsupported_reason()):
@@ -199,6 +198,8 @@ def _check_inputs(model: str | None, partition_path: str | Path, out: Path, sett
     source = checkpoint_dir(name)
     check_not_input(out, {"source model": source}, inside=True)  # a hub snapshot, once downloaded
     check_checkpoint_files(source)  # a truncated download: one line naming the file
+    # The export holds the source's tensors re-cut (the router rows repeated N times: a few KiB more).
+    check_free_space(out, sum(entry.nbytes for entry in checkpoint_tensors(source).values()))
     adapter.check_checkpoint(source)
     partition = read_partition(partition_path)
     check_partition(partition, config, adapter, weights_fingerprint(source, adapter), name)
@@ -296,7 +297,7 @@ def _write_gate_neurons(partition: Partition, tmp: Path) -> str:
         for layer in partition.layers
     }
     (tmp / GATE_FILE).parent.mkdir()
-    save_file(gates, str(tmp / GATE_FILE))
+    save_tensors(gates, tmp / GATE_FILE)
     return GATE_FILE
 
 

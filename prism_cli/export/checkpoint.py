@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from prism_cli.io import save_tensors
 from prism_cli.models.checkpoint import INDEX, SINGLE
 
 
@@ -38,7 +38,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        save_tensors(self._pending, path, metadata={"format": "pt"})
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -7,6 +7,11 @@ under ``prism/`` so that engines loading every top-level ``*.safetensors`` file 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from prism_cli.io import Replaceable
+
 #: Version of the export layout this prism writes and reads (2: gate neurons in a subfolder, ``prism.serving``;
 #: 3: ``prism.source.weights_hash`` fingerprints every tensor).
 EXPORT_FORMAT_VERSION = 3
@@ -20,3 +25,16 @@ SOURCE_ROUTER_FILE = "prism/source_router.safetensors"
 #: Several flat routers of one export, one per operating point chosen on validation text (``prism select-routers``):
 #: ``{name}.layers.{i}.weight``; the config's ``prism.router_bank.by_k`` says which one each ``linear:K`` uses.
 ROUTER_BANK_FILE = "prism/router_bank.safetensors"
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a prism export: a ``config.json`` with a ``prism`` section."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return False
+    return isinstance(config, dict) and isinstance(config.get("prism"), dict)
+
+
+#: What ``--force`` may replace with a new export (``prism export``, ``tune-gate``, ``select-routers``).
+EXPORT_OUTPUT = Replaceable("a prism export", is_export)

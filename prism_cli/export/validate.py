@@ -20,6 +20,7 @@ from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.checkpoint_files import TensorEntry, checkpoint_tensors, read_header
 from prism_cli.models.loading import load_config
 from prism_cli.operating_points import GATES, parse_operating_point
+from prism_cli.solvers.format import gate_positions_problem
 
 
 def _field(meta: dict[str, Any], dotted: str, kind: type, where: Path) -> Any:
@@ -47,6 +48,9 @@ def _weights_layout(tensors: dict[str, TensorEntry], adapter: Any, where: Path) 
         if (m := patterns.router.match(name)) and name.endswith("weight") and len(entry.shape) == 2:
             rows[int(m["layer"])] = entry.shape[0]
         elif m := patterns.experts.match(name):
+            if not entry.dtype.startswith(("F", "BF")):  # I32, U8, BOOL: not weights the runtime computes with
+                raise PrismError(f"export {where}: expert tensor {name} is stored as {entry.dtype}, not floating point: "
+                                 "export the model again")
             # Every layer is read as the first one: the skeleton of an edited config may lack the others.
             as_first = name.replace(f"layers.{m['layer']}.", f"layers.{first.index}.", 1)
             on_disk.setdefault(int(m["layer"]), {})[as_first] = torch.empty(entry.shape, device="meta")
@@ -148,6 +152,11 @@ def _check_gate_neurons(path: Path, layers: list[int], experts: int, n_sub: int,
         value = positions.get(key)
         if value is None:
             raise PrismError(f"{path} has no gate neurons for layer {layer}: export the model again")
-        if value.ndim != 3 or tuple(value.shape[:2]) != (experts, n_sub) or value.min() < 0 or value.max() >= sub_width:
-            raise PrismError(f"{path}: layer {layer} gate neurons have shape {tuple(value.shape)} or positions outside "
-                             f"0..{sub_width - 1}, not ({experts}, {n_sub}, s) for this export's config: export the model again")
+        if value.ndim != 3 or tuple(value.shape[:2]) != (experts, n_sub):
+            raise PrismError(f"{path}: layer {layer} gate neurons have shape {tuple(value.shape)}, not ({experts}, {n_sub}, s) "
+                             "for this export's config: export the model again")
+        # numpy has no bfloat16: a floating dtype is named here, before the conversion
+        problem = (f"are stored as {str(value.dtype).removeprefix('torch.')}, not integers" if value.is_floating_point()
+                   else gate_positions_problem(value.numpy(), sub_width))
+        if problem is not None:
+            raise PrismError(f"{path}: layer {layer} gate positions {problem}: export the model again")

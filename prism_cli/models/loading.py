@@ -84,6 +84,7 @@ def resolve_model(spec: str | None) -> str:
 
 def load_config(spec: str | None) -> Any:
     """The transformers config of a checkpoint folder or hub id."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     name = resolve_model(spec)
@@ -91,6 +92,30 @@ def load_config(spec: str | None) -> Any:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise PrismError(_load_failure(name, exc)) from None
+    except StrictDataclassError as exc:  # a field of the wrong type: the last line names it and its value
+        reason = str(exc).strip().splitlines()[-1].strip().removeprefix("TypeError: ").removeprefix("ValueError: ")
+        raise PrismError(f"cannot load model from {name}: config.json: {reason}") from None
+    except AttributeError:  # transformers reads a dtype name as ``getattr(torch, name)``
+        if (bad := _bad_dtype_field(name)) is None:
+            raise
+        raise PrismError(f"cannot load model from {name}: config.json {bad[0]} is {bad[1]!r}, not a torch dtype "
+                         f"({', '.join(DTYPES)} ...)") from None
+
+
+def _bad_dtype_field(name: str) -> tuple[str, Any] | None:
+    """The first ``dtype`` / ``torch_dtype`` field of a local ``config.json`` (nested configs too, as
+    ``text_config.dtype``) that names no torch dtype, with its value; None where every one does."""
+    try:
+        stack: list[tuple[str, Any]] = [("", json.loads((Path(name) / "config.json").read_text()))]
+    except (OSError, ValueError):
+        return None
+    while stack:
+        prefix, section = stack.pop()
+        for key, value in section.items() if isinstance(section, dict) else ():
+            if key in ("dtype", "torch_dtype") and isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+                return prefix + key, value
+            stack.append((f"{prefix}{key}.", value))
+    return None
 
 
 #: A size-mismatch row of transformers' load report: the tensor, its checkpoint shape, the model's shape.

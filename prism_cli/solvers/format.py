@@ -140,6 +140,20 @@ def write_partition(path: str | Path, partition: Partition) -> None:
                     g[f"front/{e}"] = x.front
 
 
+def gate_positions_problem(gates: np.ndarray, size: int) -> str | None:
+    """Why ``gates`` (``[..., s]``: each sub-expert's gate neurons, as positions among its ``size``
+    neurons) are not gate neurons, or None. Shared with the export's gate file (``export/validate.py``)."""
+    if gates.dtype.kind not in "iu":  # floats would be truncated to other neurons
+        return f"are stored as {gates.dtype}, not integers"
+    if not 1 <= gates.shape[-1] <= size:
+        return f"are {gates.shape[-1]} per sub-expert, not 1..{size} (the neurons of one sub-expert)"
+    if gates.min() < 0 or gates.max() >= size:
+        return f"lie outside 0..{size - 1}, the neurons of one sub-expert"
+    if (np.diff(np.sort(gates, axis=-1), axis=-1) == 0).any():
+        return "repeat a neuron within one sub-expert"
+    return None
+
+
 def read_partition(path: str | Path) -> Partition:
     """Read and validate a partition file; every problem is a one-line ``PrismError``."""
     path = Path(path)
@@ -187,9 +201,8 @@ def read_partition(path: str | Path) -> Partition:
             if gates.ndim != 3 or gates.shape[:2] != (n_experts, n_sub):
                 raise PrismError(f"{path} is corrupt: layer {layer} gate positions have shape {gates.shape}, not "
                                  f"({n_experts}, {n_sub}, gate neurons) for its num_experts and sub_experts")
-            if gates.size and (gates.min() < 0 or gates.max() >= width // n_sub):
-                raise PrismError(f"{path} is corrupt: layer {layer} gate positions lie outside 0..{width // n_sub - 1}, "
-                                 f"the neurons of one sub-expert")
+            if (problem := gate_positions_problem(gates, width // n_sub)) is not None:
+                raise PrismError(f"{path} is corrupt: layer {layer} gate positions {problem}")
             shapes = {"fit_cost": (n_experts,), "heldout_cost": (n_experts,), "seconds": (n_experts,),
                       "fit_retained": (n_experts, n_sub - 1), "heldout_retained": (n_experts, n_sub - 1)}
             costs = {name: read(g, name) for name in shapes}

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from prism_cli.data import data_file, load_selection_text
 from prism_cli.errors import PrismError
-from prism_cli.export.format import ROUTER_BANK_FILE
-from prism_cli.io import check_not_input
+from prism_cli.export.format import EXPORT_OUTPUT, ROUTER_BANK_FILE
+from prism_cli.io import check_new_folder, check_not_input, save_tensors
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.checkpoint import CheckpointReader
 from prism_cli.models.loading import load_config, weights_fingerprint_without_routers
@@ -134,6 +133,7 @@ def select_routers(candidates: dict[str, Path], out: Path, *, data: str | None =
                     inside=True)  # before --force's advice
     if out.exists() and not force:
         raise PrismError(f"{out} already exists; pass --force to replace it, or give a new folder")
+    check_new_folder(out, True, EXPORT_OUTPUT)  # an old export only; its folder can be written: before the measuring
     meta = next(iter(metas.values()))
     points = int(meta["sub_experts"]) * int(meta["source"]["top_k"])
     if serve_k is not None and not 1 <= serve_k <= points:
@@ -173,7 +173,7 @@ def write_bank(candidates: dict[str, Path], choice: BankChoice, out: Path, *, se
         if serve != adapter.top_k:
             config[adapter.top_k_key] = serve
         bank = {f"{name}.layers.{layer}.weight": w.contiguous() for name, layers in rows.items() for layer, w in layers.items()}
-        save_file(bank, str(tmp / ROUTER_BANK_FILE))
+        save_tensors(bank, tmp / ROUTER_BANK_FILE)
         choice_table(choice, serve, (validation or {}).get("data")).save(tmp / ROUTER_BANK_REPORT)
         (tmp / CURVE_FILE).unlink(missing_ok=True)  # each router's own record is kept below
         prism.pop("tuning", None)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from prism_cli.data import BUILTIN_PREFIX, data_file, load_text, text_hash
 from prism_cli.errors import Interrupted, PrismError
+from prism_cli.export.format import EXPORT_OUTPUT
 from prism_cli.export.validate import validate_export
 from prism_cli.io import atomic_path, check_new_folder, check_not_input
 from prism_cli.models.loading import check_context_length, load_config, load_model, weights_fingerprint
@@ -376,7 +377,7 @@ def tune_gate(
     check_not_input(out, {"export being tuned": export_dir, **data_file(settings.data)}, inside=True)  # before --force's advice
     if out.exists() and not force:
         raise PrismError(f"output {out} already exists; pass --force to replace it")
-    check_new_folder(out, force=True)  # its folder exists and can be written: checked before the training
+    check_new_folder(out, True, EXPORT_OUTPUT)  # an old export only; its folder can be written: before the training
     ckpt = checkpoint_path(out)
     if resume and not ckpt.exists():
         raise PrismError(f"--resume: no checkpoint at {ckpt} (a run with this --out writes one every "

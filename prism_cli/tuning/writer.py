@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from prism_cli.errors import PrismError
-from prism_cli.export.format import SOURCE_ROUTER_FILE
+from prism_cli.export.format import EXPORT_OUTPUT, SOURCE_ROUTER_FILE
 from prism_cli.export.serving import serving_check
-from prism_cli.io import atomic_dir
+from prism_cli.io import atomic_dir, save_tensors
 from prism_cli.models.adapters import MoEAdapter
 from prism_cli.models.loading import load_config
 from prism_cli.runtime.layers import RANKING_FILE
@@ -115,7 +115,7 @@ def write_router_export(
     keys = {key: layer for key, (layer, name) in router_keys(export_dir, adapter).items() if name == "weight"}
     if sorted(keys.values()) != sorted(routers):
         raise PrismError(f"{export_dir} has router weights for layers {sorted(keys.values())}, given: {sorted(routers)}")
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, replaceable=EXPORT_OUTPUT) as tmp:
         for path in sorted(export_dir.rglob("*")):
             rel = path.relative_to(export_dir)
             target = tmp / rel
@@ -128,7 +128,7 @@ def write_router_export(
             else:
                 shutil.copy2(path, target)
         (tmp / SOURCE_ROUTER_FILE).parent.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in source_rows.items()}, str(tmp / SOURCE_ROUTER_FILE))
+        save_tensors({k: v.contiguous() for k, v in source_rows.items()}, tmp / SOURCE_ROUTER_FILE)
         config = json.loads((export_dir / "config.json").read_text())
         record(config, tmp)
         prism = config["prism"]
@@ -147,4 +147,4 @@ def _rewrite_shard(path: Path, target: Path, keys: dict[str, int], tuned: dict[i
         if new.shape != old.shape:
             raise PrismError(f"tuned router for {key} has shape {tuple(new.shape)}, the export {tuple(old.shape)}")
         tensors[key] = new.to(old.dtype).contiguous()
-    save_file(tensors, str(target), metadata=metadata)
+    save_tensors(tensors, target, metadata=metadata)
