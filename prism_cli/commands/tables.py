@@ -15,7 +15,9 @@ from prism_cli.io import check_output_folder
 def tables(
     config: Path = typer.Option(..., "--config", help="Table config (configs/NAME.yaml): model, stages, points, data."),
     out: Path = typer.Option(Path("tables"), help="Tables root: writes <out>/<name>/."),
-    work: Path = typer.Option(None, help="Work folder for profile, partition and export (default runs/<name>)."),
+    work: Path = typer.Option(
+        None, help="Work folder for profile, partition and export (default runs/<name>): the table's own, a rerun "
+                   "replaces them; an export/ there that is not a prism export is refused."),
     partition: Path = typer.Option(None, help="Reuse this partition instead of profiling and solving again."),
     quality_only: bool = typer.Option(False, "--quality-only", help="Skip timing; print the quality columns only."),
 ) -> None:

@@ -10,12 +10,19 @@ profile -> partition -> export (-> rank-layers, with a ``layers`` section) -> be
 * ``config.yaml``: the config used.
 
 ``quality_only`` skips timing; ``partition`` reuses a committed partition instead of re-solving.
+
+``TableConfig.load`` checks the whole config before any stage runs: every key's type, the table's name
+(one folder name under ``<out>``), and every stage's settings, built as the stages take them with their
+own checks (and the model's config: the expert width, top-k, positions). The work folder is the table's
+own: it keeps ``profile.h5`` (a rerun continues an interrupted profile), ``partition.h5`` and ``export/``,
+which a rerun replaces; an ``export/`` there that is not a prism export is refused, never replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,23 +30,105 @@ from typing import Any
 import yaml
 
 from prism_cli.config import load_run_config, unknown_key
-from prism_cli.data import load_text
+from prism_cli.data import load_selection_text, load_text
 from prism_cli.errors import Interrupted, PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.io import write_text
-from prism_cli.models.loading import load_model
+from prism_cli.models.adapters import adapter_for_config
+from prism_cli.models.loading import check_context_length, load_config, load_model, parse_device
+from prism_cli.operating_points import parse_operating_point
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
+from prism_cli.runtime.elastic import export_meta
 from prism_cli.solvers.format import read_partition, write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile
+from prism_cli.tuning.layers import SEQ_LEN as RANK_SEQ_LEN
 from prism_cli.tuning.layers import rank_export
 
-__all__ = ["QUALITY_COLUMNS", "TableConfig", "quality_table", "regenerate"]
+__all__ = ["QUALITY_COLUMNS", "TableConfig", "check_work_folder", "quality_table", "regenerate"]
+
+#: The keys of each section of a table config and the type each takes: the settings of the stage it
+#: configures, under the names of that command's options. ``list`` keys take a YAML list, one value or a
+#: string with the command line's separator (``batch: "8,32"``, ``points: "topk:1;linear:4"``).
+SECTIONS: dict[str, dict[str, type]] = {
+    "profile": {"data": str, "tokens": int, "max_rows": int, "holdout": float, "seq_len": int, "batch_size": int},
+    "partition": {"solver": str, "sub_experts": int, "keep": int, "gate_neurons": int, "gate_selection": str,
+                  "workers": int},
+    "export": {"gate": str, "operating_point": str},
+    "rank-layers": {"data": str, "tokens": int, "seq_len": int},
+    "bench": {"data": str, "tokens": int, "batch": list, "seq_len": int, "mode": str, "points": list, "repeats": int,
+              "max_repeats": int, "precision": float, "warmup": int, "settle": int, "dtype": str},
+}
+#: The top-level keys and their types (``data`` is accepted and ignored: each stage's section names its text).
+TOP_KEYS: dict[str, type] = {"name": str, "model": str, "seed": int, "device": str}
+
+#: Seeds go to numpy's and torch's generators and into HDF5 metadata (the bound of every command's --seed).
+MAX_SEED = 2**63 - 1
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar(key: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind``, or one line naming ``key``. An integer or a number may be written as a string,
+    as on the command line; a string key takes a string, never a number YAML read (``name: 1.10`` is 1.1)."""
+    if value is None:
+        raise PrismError(f"{key!r} has no value; give one or leave the key out")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+    elif not isinstance(value, (bool, list, dict)):
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return kind(value.strip())
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)
+    hint = f'; quote it: {key}: "{value}"' if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+    raise PrismError(f"{key!r} takes {_KIND_NAMES[kind]}, not {shown}{hint}")
+
+
+def _batches(value: Any) -> list[int]:
+    """``bench.batch``: one size, a list, or the command line's comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    batches = [_scalar("batch", item, int) for item in items]
+    if not batches:
+        raise PrismError("'batch' names no batch size; give sizes such as \"8,32\"")
+    return batches
+
+
+def _points(value: Any) -> list[str]:
+    """``bench.points``: one point, a list, or the command line's ';'-separated string."""
+    items = value.split(";") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    named = [str(item) if isinstance(item, int) and not isinstance(item, bool) else _scalar("points", item, str)
+             for item in items]  # a bare integer is the gate's default policy (as on the command line)
+    points = [p.strip() for p in named if p.strip()]
+    if not points:
+        raise PrismError(f"'points' {value!r} names no operating point; separate points with ';' (e.g. 'linear:2;linear:8')")
+    return points
+
+
+def _check_name(name: Any) -> str:
+    """The table's folder under ``--out``: one plain folder name, so that nothing is written outside it."""
+    name = _scalar("name", name, str)
+    if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise PrismError(f"'name' must be one folder name (the table is written to <out>/<name>/), not {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Prefix a refusal inside the block with ``where`` (the config file and its section)."""
+    try:
+        yield
+    except PrismError as exc:
+        raise PrismError(f"{where}: {exc}") from None
 
 
 @dataclass
 class TableConfig:
+    """A table config as read from its file (sections as written, keys with '_'); ``load`` checks it whole."""
+
     name: str
     model: str = "builtin"
     seed: int = 0
@@ -51,67 +140,159 @@ class TableConfig:
     #: present: the export offers layered points.
     layers: dict[str, Any] | None = None
     bench: dict[str, Any] = field(default_factory=dict)
+    #: The file it was read from (named in refusals); not part of the config.
+    source: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> TableConfig:
+        """Read and check a table config: every key's type and every stage's settings, built with the
+        checks the stages make, so that a bad value is refused in one line before any stage runs."""
         data = load_run_config(path)
-        known = {"name", "model", "seed", "device", "profile", "partition", "export", "rank-layers", "bench", "data"}
-        unknown = sorted(set(data) - known)
+        known = {*TOP_KEYS, *SECTIONS, "data"}
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise unknown_key(f"table config {path}", "key", unknown[0], known)
         data.pop("data", None)
-        if "rank-layers" in data:
-            data["layers"] = data.pop("rank-layers") or {}
+        sections: dict[str, dict[str, Any]] = {}
+        for section in SECTIONS:
+            if section in data:  # `max-rows` and `max_rows` are one key (config.py refuses both at once)
+                sections[section] = {str(k).replace("-", "_"): v for k, v in (data.pop(section) or {}).items()}
         data.setdefault("name", Path(path).stem)
-        return cls(**data)
+        config = cls(**data, **{k: v for k, v in sections.items() if k != "rank-layers"},
+                     layers=sections.get("rank-layers"), source=Path(path))
+        config.check()
+        return config
 
+    def where(self, section: str | None = None) -> str:
+        """How refusals name this config (and ``section`` of it)."""
+        origin = f"config file {self.source}" if self.source is not None else f"table config {self.name!r}"
+        return origin + (f": section {section!r}" if section else "")
+
+    def check(self) -> None:
+        """Refuse, in one line naming the file and the key, any value a stage would refuse: the stages'
+        settings objects are built and validated here, and the model's config read (the expert width that
+        N must divide, top-k for the operating points, the positions that bound every seq_len)."""
+        with _naming(self.where()):
+            _check_name(self.name)
+            self.seed = _scalar("seed", self.seed, int)  # "7" is 7, as on the command line: the stages take the int
+            if not 0 <= self.seed <= MAX_SEED:
+                raise PrismError(f"'seed' must be between 0 and {MAX_SEED}, got {self.seed}")
+        with _naming(f"{self.where()}: device {self.device!r}"):
+            parse_device(_scalar("device", self.device, str))
+        with _naming(f"{self.where()}: model {self.model!r}"):
+            model_config = load_config(_scalar("model", self.model, str))
+            adapter = adapter_for_config(model_config)
+        with _naming(self.where("profile")):
+            profile, data = profile_settings(self)
+            load_text(data, "calibration", forbid=("eval",), what="profile")
+            check_context_length(model_config, profile.seq_len)
+        with _naming(self.where("partition")):
+            solver, _ = partition_settings(self)
+            solver.validate(adapter.width)
+        with _naming(self.where("export")):
+            export = export_settings(self)
+            if export.operating_point is not None:
+                parse_operating_point(export.operating_point, export.gate, solver.sub_experts, adapter.top_k)
+        if self.layers is not None:
+            with _naming(self.where("rank-layers")):
+                ranking = rank_settings(self)
+                load_selection_text(ranking.get("data"), "rank layers")
+                check_context_length(model_config, ranking.get("seq_len", RANK_SEQ_LEN))
+        with _naming(self.where("bench")):
+            bench, _ = bench_settings(self)  # its text read: a missing file is refused now
+            for point in bench.points or []:
+                parse_operating_point(point, export.gate, solver.sub_experts, adapter.top_k)
+            check_context_length(model_config, bench.seq_len)
 
     def as_file(self) -> dict[str, Any]:
         """The config as a file that ``load`` reads back (sections under their command names)."""
-        data = {k: v for k, v in vars(self).items() if k != "layers"}
+        data: dict[str, Any] = {"name": self.name, "model": self.model, "seed": self.seed, "device": self.device,
+                                "profile": self.profile, "partition": self.partition, "export": self.export}
         if self.layers is not None:
-            data = {**{k: v for k, v in data.items() if k != "bench"}, "rank-layers": self.layers, "bench": self.bench}
+            data["rank-layers"] = self.layers
+        data["bench"] = self.bench
         return data
 
 
-def _pick(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
-    bad = sorted(set(section) - allowed)
+def _pick(config: TableConfig, section: str) -> dict[str, Any]:
+    """The keys of ``section``, each of the type it takes (unknown keys refused, naming the nearest)."""
+    values = {"rank-layers": config.layers}.get(section, getattr(config, section, None)) or {}
+    if not isinstance(values, dict):
+        raise PrismError(f"section {section!r} must be a mapping of option names to values")
+    kinds = SECTIONS[section]
+    bad = sorted(set(values) - set(kinds), key=str)
     if bad:
-        raise unknown_key(f"table config section {where!r}", "key", bad[0], allowed)
-    return section
+        raise unknown_key("prism tables", "key", bad[0], set(kinds))  # an option of the command, not of the table run
+    return {key: value if kinds[key] is list else _scalar(key, value, kinds[key]) for key, value in values.items()}
+
+
+def profile_settings(config: TableConfig) -> tuple[ProfileSettings, str | None]:
+    """The profiler's settings of the config (validated) and its calibration data."""
+    prof = _pick(config, "profile")
+    data = prof.pop("data", None)
+    if "holdout" in prof:
+        prof["holdout_fraction"] = prof.pop("holdout")
+    settings = ProfileSettings(seed=config.seed, **prof)
+    settings.validate()
+    return settings, data
+
+
+def partition_settings(config: TableConfig) -> tuple[PartitionSettings, int | None]:
+    """The solver settings of the config's partition section, and its worker count (checked without the
+    model: ``PartitionSettings.validate`` takes the expert width)."""
+    part = _pick(config, "partition")
+    workers = part.pop("workers", None)
+    if workers is not None and workers < 1:
+        raise PrismError(f"--workers must be at least 1, got {workers}")
+    return PartitionSettings(seed=config.seed, **part), workers
+
+
+def export_settings(config: TableConfig) -> ExportSettings:
+    """The exporter's settings of the config (validated)."""
+    settings = ExportSettings(**_pick(config, "export"))
+    settings.validate()
+    return settings
+
+
+def rank_settings(config: TableConfig) -> dict[str, Any]:
+    """``rank_export``'s keyword arguments from the config's rank-layers section, with its checks on them."""
+    ranking = _pick(config, "rank-layers")
+    seq_len = ranking.get("seq_len", RANK_SEQ_LEN)
+    if seq_len < 2:
+        raise PrismError(f"--seq-len must be at least 2 (a token and the next), got {seq_len}")
+    if ranking.get("tokens", seq_len) < seq_len:
+        raise PrismError(f"--tokens must be at least --seq-len ({seq_len}: one window of calibration text), "
+                         f"got {ranking['tokens']}")
+    return ranking
 
 
 def bench_settings(config: TableConfig, *, quality_only: bool = False,
                    points: list[str] | None = None) -> tuple[BenchSettings, str]:
-    """The bench settings and quality text of a table config (``points`` overrides its points)."""
-    bench_cfg = dict(_pick(config.bench, {"data", "tokens", "batch", "seq_len", "mode", "points", "repeats", "max_repeats",
-                                           "precision", "warmup", "settle", "dtype"}, "bench"))
-    text, _ = load_text(bench_cfg.pop("data", None), "eval")
-    batches = [int(b) for b in str(bench_cfg.pop("batch", "32")).split(",")]
+    """The bench settings (validated) and quality text of a table config (``points`` overrides its points)."""
+    bench_cfg = _pick(config, "bench")
+    data = bench_cfg.pop("data", None)
+    batches = _batches(bench_cfg.pop("batch", "32"))
     configured = bench_cfg.pop("points", None)
-    points = points or configured
     settings = BenchSettings(batches=batches, seed=config.seed, quality_only=quality_only, device=config.device,
-                             points=points.split(";") if isinstance(points, str) else points, **bench_cfg)
+                             points=points or (_points(configured) if configured is not None else None), **bench_cfg)
+    settings.validate()
+    text, _ = load_text(data, "eval")
     return settings, text
 
 
 def table_export(config: TableConfig, partition: Path, out: Path,
                  on_stage: Callable[[str, int], Callable[..., None]] | None = None) -> None:
-    """Export ``partition`` as the config says, then rank its layers where the config has a ``rank-layers`` section."""
-    exp = _pick(config.export, {"gate", "operating_point"}, "export")
-    export_model(config.model, partition, out, ExportSettings(**exp), force=True)
+    """Export ``partition`` as the config says, then rank its layers where the config has a ``rank-layers`` section.
+
+    An export already at ``out`` is replaced (once the new one is complete): ``check_work_folder`` has made
+    sure that it is a prism export, the one an earlier run of the table left there.
+    """
+    export_model(config.model, partition, out, export_settings(config), force=True)
     if config.layers is not None:
         advance = on_stage("rank layers", 0) if on_stage else None
-        rank_export(out, **_pick(config.layers, {"data", "tokens", "seq_len"}, "rank-layers"),
+        rank_export(out, **rank_settings(config),
                     on_start=(lambda total: advance(0, total=total)) if advance else None,
                     on_step=(lambda: advance(1)) if advance else None)
-
-
-def partition_settings(config: TableConfig) -> tuple[PartitionSettings, int | None]:
-    """The solver settings of the config's partition section, and its worker count."""
-    part = dict(_pick(config.partition, {"solver", "sub_experts", "keep", "gate_neurons", "gate_selection", "workers"}, "partition"))
-    workers = part.pop("workers", None)
-    return PartitionSettings(seed=config.seed, **part), workers
 
 
 def check_partition_matches(config: TableConfig, partition: Path) -> None:
@@ -126,6 +307,38 @@ def check_partition_matches(config: TableConfig, partition: Path) -> None:
                          + "; give a partition made with the config's settings, or leave --partition out")
 
 
+def check_work_folder(work: Path) -> None:
+    """Refuse a work folder whose ``export/`` is not a prism export: the run replaces the export there,
+    which must be one an earlier run left (a rerun continues), never a folder of the user's."""
+    export = Path(work) / "export"
+    if not export.exists() and not export.is_symlink():
+        return
+    try:
+        ours = export.is_dir() and not export.is_symlink() and export_meta(export) is not None
+    except PrismError:  # a config.json that cannot be read: not an export this run may replace
+        ours = False
+    if not ours:
+        raise PrismError(f"work folder {work} holds {export}, which is not a prism export; prism tables writes its "
+                         "export there: move it away or give another --work")
+
+
+@contextlib.contextmanager
+def _work_folder(work: Path) -> Iterator[None]:
+    """Create ``work`` (with its missing parents) for the run; a run that fails leaves none of them behind
+    empty (what it keeps, such as profiling progress, keeps its folder)."""
+    missing = [folder for folder in (work, *work.parents) if not folder.exists()]  # the deepest first
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty
+                break
+        raise
+
+
 def regenerate(
     config: TableConfig,
     out_root: Path,
@@ -138,29 +351,37 @@ def regenerate(
 ) -> tuple[Path, BenchReport]:
     """Run the pipeline for ``config``; returns the table folder and the bench report.
 
-    ``points`` overrides the config's operating points (a quick check of a few rows of a table).
+    ``points`` overrides the config's operating points (a quick check of a few rows of a table). Everything
+    that can refuse the run is checked before any stage runs: the config whole, the reused partition, and
+    ``work``'s ``export/``, which is replaced only where it is a prism export (a rerun's). A run refused or
+    failed leaves no work folder it created empty behind.
     """
+    config.check()
     if partition is not None:
         check_partition_matches(config, partition)
-    work.mkdir(parents=True, exist_ok=True)
-    table_dir = out_root / config.name
-    seed = config.seed
+    check_work_folder(work)
+    with _work_folder(work):
+        return _run(config, out_root / config.name, work, partition, quality_only, points, on_stage)
+
+
+def _run(config: TableConfig, table_dir: Path, work: Path, partition: Path | None, quality_only: bool,
+         points: list[str] | None, on_stage: Callable[[str, int], Callable[[int], None]] | None,
+         ) -> tuple[Path, BenchReport]:
+    """``regenerate``'s stages, once its checks have passed and the work folder exists."""
     if partition is None:
-        prof = dict(_pick(config.profile, {"data", "tokens", "max_rows", "holdout", "seq_len", "batch_size"}, "profile"))
-        text, data_name = load_text(prof.pop("data", None), "calibration", forbid=("eval",), what="profile")
-        if "holdout" in prof:
-            prof["holdout_fraction"] = prof.pop("holdout")
+        settings, data = profile_settings(config)
+        text, data_name = load_text(data, "calibration", forbid=("eval",), what="profile")
         loaded = load_model(config.model, device=config.device)
         advance = on_stage("profile", 0) if on_stage else None
         try:  # the work folder is the table's own: a rerun continues what an interruption left there
-            profile_model(loaded, text, data_name, ProfileSettings(seed=seed, **prof), work / "profile.h5", resume=True,
+            profile_model(loaded, text, data_name, settings, work / "profile.h5", resume=True,
                           on_batch=advance, on_start=(lambda plan: advance(0, total=plan.total_tokens)) if advance else None)
         except Interrupted:
             raise Interrupted(f"profiling progress is kept in {work}; rerun the same command to continue") from None
         del loaded
-        settings, workers = partition_settings(config)
+        solver, workers = partition_settings(config)
         advance = on_stage("partition", 0) if on_stage else None
-        result = partition_profile(work / "profile.h5", settings, workers=workers,
+        result = partition_profile(work / "profile.h5", solver, workers=workers,
                                    on_start=(lambda total: advance(0, total=total)) if advance else None,
                                    on_done=(lambda *_: advance(1)) if advance else None)
         partition = work / "partition.h5"

@@ -1,0 +1,183 @@
+"""``prism tables``: a table config is checked whole before any stage runs, and the run never writes
+outside its folders nor replaces what is not its own.
+
+Every bad value is refused in one line naming the config file and the key, with exit code 2, before
+the model is loaded or anything written (the stages are replaced by functions that fail the test if
+called); a run refused or failed leaves no work folder behind; a work folder whose ``export/`` is not a
+prism export is refused, not emptied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from prism_cli.errors import PrismError
+from prism_cli.pipeline.tables import TableConfig, bench_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A small valid table config of the built-in model (the fuzz tester's base).
+BASE: dict[str, Any] = {
+    "name": "small",
+    "model": "builtin",
+    "seed": 0,
+    "profile": {"data": "builtin:calibration", "tokens": 2048, "max_rows": 256},
+    "partition": {"solver": "greedy", "sub_experts": 4, "gate_neurons": 8, "gate_selection": "mass"},
+    "export": {"gate": "neurons"},
+    "bench": {"data": "builtin:eval", "tokens": 256, "mode": "prefill", "batch": "1", "seq_len": 32, "repeats": 1,
+              "max_repeats": 1, "warmup": 0, "settle": 0, "points": "topk:1"},
+}
+
+#: The stages of a table run: none may run when the config or the work folder is refused.
+STAGES = ("load_model", "profile_model", "partition_profile", "write_partition", "export_model", "rank_export", "run_bench")
+
+
+def write_config(folder: Path, **changes: Any) -> Path:
+    """BASE with ``changes`` (``bench__mode="x"`` sets bench.mode; ``rank_layers=...`` the rank-layers section)."""
+    data = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        section, _, option = key.partition("__")
+        section = section.replace("_", "-") if section == "rank_layers" else section
+        if option:
+            data.setdefault(section, {})[option] = value
+        else:
+            data[section] = value
+    path = folder / "t.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def no_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any stage of the pipeline that is called fails the test."""
+    for name in STAGES:
+        def called(*_args: Any, _name: str = name, **_kwargs: Any) -> None:
+            raise AssertionError(f"{_name} ran: the run should have been refused before any stage")
+        monkeypatch.setattr(f"prism_cli.pipeline.tables.{name}", called)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its content (None for a folder)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+BAD_VALUES = [
+    # (changes, phrases the one error line must hold besides the config file)
+    ({"name": 123}, ("'name'", "not 123")),
+    ({"name": 1.10}, ("'name'", "takes a string")),
+    ({"name": "../ESCAPED"}, ("'name'", "one folder name", "'../ESCAPED'")),
+    ({"name": "/tmp/ESCAPED-prism-test"}, ("'name'", "one folder name")),
+    ({"name": "a/b"}, ("'name'", "one folder name")),
+    ({"name": ""}, ("'name'", "one folder name")),
+    ({"name": "."}, ("'name'", "one folder name")),
+    ({"name": ".."}, ("'name'", "one folder name")),
+    ({"seed": "abc"}, ("'seed'", "integer", "'abc'")),
+    ({"seed": 1.5}, ("'seed'", "integer", "1.5")),
+    ({"seed": -1}, ("'seed'", "between 0")),
+    ({"device": "tpu"}, ("device 'tpu'", "unknown device")),
+    ({"model": "/nonexistent/model"}, ("model '/nonexistent/model'", "does not exist")),
+    ({"profile__tokens": "lots"}, ("section 'profile'", "'tokens'", "'lots'")),
+    ({"profile__tokens": -5}, ("section 'profile'", "--tokens", "-5")),
+    ({"profile__holdout": 1.5}, ("section 'profile'", "--holdout")),
+    ({"profile__data": "no-such-file.txt"}, ("section 'profile'", "no-such-file.txt", "does not exist")),
+    ({"partition__sub_experts": "four"}, ("section 'partition'", "'sub_experts'", "'four'")),
+    ({"partition__sub_experts": 3}, ("section 'partition'", "--sub-experts 3", "does not divide")),
+    ({"partition__solver": "bogus"}, ("section 'partition'", "solver 'bogus'")),
+    ({"partition__workers": 0}, ("section 'partition'", "--workers")),
+    ({"export__gate": "bogus"}, ("section 'export'", "gate 'bogus'")),
+    ({"export__operating_point": "topk:99"}, ("section 'export'", "topk:99")),
+    ({"bench__batch": "8,x"}, ("section 'bench'", "'batch'", "'x'")),
+    ({"bench__batch": 0}, ("section 'bench'", "--batch")),
+    ({"bench__mode": "sideways"}, ("section 'bench'", "--mode", "'sideways'")),
+    ({"bench__points": "foo:1"}, ("section 'bench'", "'foo:1'")),
+    ({"bench__points": ";"}, ("section 'bench'", "'points'", "names no operating point")),
+    ({"bench__repeats": True}, ("section 'bench'", "'repeats'", "true")),
+    ({"bench__seq_len": 999999}, ("section 'bench'", "--seq-len 999999", "positions")),
+    ({"bench__data": "builtin:nope"}, ("section 'bench'", "'nope'")),
+    ({"rank_layers": {"tokens": 8, "seq_len": 64}}, ("section 'rank-layers'", "--tokens")),
+    ({"rank_layers": {"tokenz": 8}}, ("section 'rank-layers'", "'tokenz'")),
+]
+
+
+@pytest.mark.parametrize(("changes", "phrases"), BAD_VALUES, ids=[str(c) for c, _ in BAD_VALUES])
+def test_a_bad_value_is_refused_in_one_line_before_any_stage(tmp_path: Path, cli, no_stages, changes, phrases) -> None:
+    config = write_config(tmp_path, **changes)
+    before = tree(tmp_path)
+    result = cli("tables", "--config", config, "--out", tmp_path / "sub" / "out", "--work", tmp_path / "sub" / "work")
+    assert result.code == 2, result
+    result.assert_one_line_error(f"config file {config}", *phrases)
+    assert tree(tmp_path) == before  # no work folder, no table, nothing outside --out (name: ../ESCAPED)
+    assert not Path("/tmp/ESCAPED-prism-test").exists()
+
+
+def test_a_bad_value_is_refused_by_load_itself(tmp_path: Path) -> None:
+    """The library call checks as the CLI does (``regenerate`` and ``pipeline.stability`` load configs too)."""
+    with pytest.raises(PrismError, match=r"section 'bench': .*'batch' takes an integer, not 'x'"):
+        TableConfig.load(write_config(tmp_path, bench__batch="8,x"))
+
+
+def test_list_values_are_read_as_on_the_command_line(tmp_path: Path) -> None:
+    """``batch`` and ``points`` take a YAML list or the command line's separated string alike."""
+    listed = TableConfig.load(write_config(tmp_path, bench__batch=[8, 32], bench__points=["topk:1", "linear:4"]))
+    settings, _ = bench_settings(listed)
+    assert settings.batches == [8, 32] and settings.points == ["topk:1", "linear:4"]
+    typed = TableConfig.load(write_config(tmp_path, bench__batch="8,32", bench__points="topk:1;linear:4"))
+    assert bench_settings(typed)[0].batches == [8, 32] and bench_settings(typed)[0].points == ["topk:1", "linear:4"]
+
+
+@pytest.mark.parametrize("config", ["builtin.yaml", "builtin-n8.yaml"])
+def test_the_committed_configs_load_and_round_trip(tmp_path: Path, config: str) -> None:
+    loaded = TableConfig.load(ROOT / "configs" / config)
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(loaded.as_file(), sort_keys=False))
+    assert TableConfig.load(again) == loaded
+    assert TableConfig.load(ROOT / "tables" / loaded.name / "config.yaml") == loaded
+
+
+@pytest.mark.parametrize("content", ["mine.txt", "config.json", "file"])
+def test_a_work_folder_export_of_the_users_is_refused_not_replaced(tmp_path: Path, cli, no_stages, content: str) -> None:
+    """``--work wk`` with ``wk/export`` holding the user's files (or a config.json without a prism section, or
+    a file named export): refused in one line before any stage, every file kept."""
+    work = tmp_path / "wk"
+    work.mkdir()
+    if content == "file":
+        (work / "export").write_text("mine")
+    else:
+        (work / "export").mkdir()
+        (work / "export" / content).write_text('{"model_type": "olmoe"}' if content == "config.json" else "mine")
+    config = write_config(tmp_path)
+    before = tree(tmp_path)
+    result = cli("tables", "--config", config, "--out", tmp_path / "out", "--work", work)
+    assert result.code == 2, result
+    result.assert_one_line_error(f"{work / 'export'}", "not a prism export", "--work")
+    assert tree(tmp_path) == before
+
+
+def test_a_prism_export_in_the_work_folder_is_the_tables_own(tmp_path: Path) -> None:
+    """An earlier run's export (config.json with a prism section) is the run's to replace: a rerun works."""
+    from prism_cli.pipeline.tables import check_work_folder  # new with the check: the other tests run on older code
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text(json.dumps({"model_type": "olmoe", "prism": {"format_version": 1}}))
+    check_work_folder(tmp_path)
+    check_work_folder(tmp_path / "missing")
+
+
+def test_a_run_that_fails_leaves_no_work_folder(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails once the checks have passed (here: loading the model) removes the work folder
+    (and its parents) it created empty."""
+    def fail(*_args: Any, **_kwargs: Any) -> None:
+        raise PrismError("the model could not be loaded")
+
+    monkeypatch.setattr("prism_cli.pipeline.tables.load_model", fail)
+    config = write_config(tmp_path)
+    before = tree(tmp_path)
+    result = cli("tables", "--config", config, "--out", tmp_path / "out", "--work", tmp_path / "a" / "work")
+    assert result.code == 2, result
+    result.assert_one_line_error("the model could not be loaded")
+    assert tree(tmp_path) == before
