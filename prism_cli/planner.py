@@ -34,6 +34,7 @@ import bisect
 import contextlib
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -59,7 +60,11 @@ COSTS_FORMAT = "prism-plan-costs"
 #: Bytes per parameter of a checkpoint by its stored dtype (FP8-quantized checkpoints: one).
 _CHECKPOINT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Decoder layers the planner builds at most (each one on the meta device: 1,000 take about 2 s).
+#: Routed experts per layer the planner takes at most: published MoE models have at most a few hundred, and
+#: far beyond them the per-expert costs round to nothing while their sums do not (1e9 experts: 0.0 s each, 14 h).
+MAX_EXPERTS = 65_536
+#: The sizes every config must give (besides the family's expert count, width and top-k).
+_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
 # ---- the model, from its config ---------------------------------------------------------------
@@ -95,6 +100,7 @@ class ModelShape:
 def read_config(spec: str) -> tuple[Any, str]:
     """A config and a display name from a ``config.json`` file, a checkpoint folder, a hub id or ``builtin``."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from prism_cli.models.loading import load_config, model_label, resolve_model
 
@@ -102,18 +108,45 @@ def read_config(spec: str) -> tuple[Any, str]:
     try:
         if not path.is_file():
             return load_config(spec), model_label(resolve_model(spec))
-        try:
-            data = json.loads(path.read_text())
-            model_type = data.pop("model_type")
-        except (OSError, ValueError, KeyError, AttributeError):
-            raise PrismError(f"{spec} is not a model config.json (JSON with a model_type)") from None
+        data = _config_json(path, spec)
+        model_type = data.pop("model_type")
         data = {k: v for k, v in data.items() if not k.startswith("_")}
+        known = list(CONFIG_MAPPING)  # (its len() is 0: a lazy mapping)
+        if model_type not in known:  # transformers' own message lists all of its hundreds of types
+            close = difflib.get_close_matches(model_type, known, n=3)
+            raise PrismError(f"{spec}: transformers does not know model_type {model_type!r}"
+                             + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+                             + f"; it knows {len(known)} model types, of which prism exports the MoE families")
         try:
             return AutoConfig.for_model(model_type, **data), path.stem
         except (ValueError, KeyError) as exc:
-            raise PrismError(f"{spec}: transformers does not know model_type {model_type!r} ({exc})") from None
+            raise PrismError(f"{spec}: transformers cannot build a {model_type!r} config from it ({exc})") from None
     except StrictDataclassFieldValidationError as exc:  # transformers' own type checks, e.g. a string for an integer
         raise PrismError(f"{spec}: {' '.join(str(exc.__cause__ or exc).split())}") from None
+
+
+def _config_json(path: Path, spec: str) -> dict[str, Any]:
+    """The object of a model's config.json, refused in one line unless it is a JSON object with a model_type."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise PrismError(f"{spec} is not a model config.json (a JSON object with a model_type)")
+    return data
+
+
+def defaulted_fields(spec: str, adapter: MoEAdapter) -> list[str]:
+    """The sizes ``check_config`` reads that the config.json at ``spec`` (a file or a checkpoint folder) leaves
+    out, which transformers fills with its defaults (a Qwen3-MoE config without ``num_experts`` has 128); [] for
+    a hub id or ``builtin``, whose file is not at hand."""
+    path = Path(spec).expanduser()
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        return []
+    data = _config_json(path, spec)
+    section = data["text_config"] if isinstance(data.get("text_config"), dict) else data
+    return [key for key in _SIZE_FIELDS + (adapter.experts_key, adapter.width_key, adapter.top_k_key) if key not in section]
 
 
 @contextlib.contextmanager
@@ -131,14 +164,16 @@ def _config_failures(name: str, what: str) -> Iterator[None]:
 def check_config(adapter: MoEAdapter) -> None:
     """Refuse config values no model can have, naming each key as the family's config.json spells it."""
     text = adapter.text_config
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                adapter.experts_key, adapter.width_key, adapter.top_k_key):
+    for key in (*_SIZE_FIELDS, adapter.experts_key, adapter.width_key, adapter.top_k_key):
         value = getattr(text, key, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrismError(f"config field {key!r} is {value!r}: it must be a positive integer")
     if text.num_hidden_layers > MAX_LAYERS:
         raise PrismError(f"config field 'num_hidden_layers' is {text.num_hidden_layers:,}: prism plans models of up to "
                          f"{MAX_LAYERS:,} decoder layers (published MoE models have under 100)")
+    if adapter.num_experts > MAX_EXPERTS:
+        raise PrismError(f"config field {adapter.experts_key!r} is {adapter.num_experts:,}: prism plans models of up to "
+                         f"{MAX_EXPERTS:,} experts per layer (published MoE models have at most a few hundred)")
     if adapter.top_k > adapter.num_experts:
         raise PrismError(f"config field {adapter.top_k_key!r} is {adapter.top_k}: more than the "
                          f"{adapter.num_experts} experts of {adapter.experts_key!r}")

@@ -1184,6 +1184,7 @@ def test_a_sweep_names_every_file_after_its_whole_stem(cli, tiny_export, tmp_pat
     """``--out sw/res.v2`` wrote res.v2.md but res.png (``with_suffix``): two sweeps res.v1 and res.v2 shared a plot."""
     cost = tmp_path / "cm.json"
     synthetic_cost_model().save(cost)
+    (tmp_path / "sw").mkdir()  # a missing folder is refused, not made
     result = cli("schedule", "sweep", tiny_export, "--sim", "--cost-model", cost, "--duration", "1", "--rates", "2",
                  "--max-prompt", "32", "--max-output", "16", "--out", tmp_path / "sw" / "res.v2")
     assert result.code == 0, result.err

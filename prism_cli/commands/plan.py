@@ -36,12 +36,14 @@ def run(
     config: str = ConfigOption,
 ) -> None:
     """Time, memory and disk of profile, partition and export for MODEL on this machine (no weights needed)."""
+    from prism_cli.models.adapters import adapter_for_config
     from prism_cli.models.loading import check_context_length, parse_device, parse_dtype
     from prism_cli.planner import (
         MachineCosts,
         PlanSettings,
         check_plan,
         default_costs_path,
+        defaulted_fields,
         make_plan,
         measure_profile_costs,
         model_shape,
@@ -68,6 +70,12 @@ def run(
     machine = MachineCosts.load(costs)
     model_config, name = read_config(model)
     shape = model_shape(model_config, name)  # checks the config's own fields first
+    adapter = adapter_for_config(model_config, quantized=True)
+    defaulted = defaulted_fields(model, adapter)
+    if defaulted:  # planned all the same, as transformers builds the model, but not silently
+        console.print(f"note: {name}'s config.json gives no " + ", ".join(
+            f"{key!r} (transformers' default {getattr(adapter.text_config, key)!r} is used)" for key in defaulted)
+            + "; give the model's own values if they differ", highlight=False)
     check_context_length(model_config.get_text_config(), seq_len)
     check_plan(shape, settings, machine)
     console.print(f"measuring profiling costs at {name}'s shapes on this machine ...", highlight=False)

@@ -76,6 +76,22 @@ def _inputs(directory: str, cost_model: Path | None, trace: Path | None, data: s
     return {what: path for what, path in found.items() if path is not None}
 
 
+def _check_out(out: Path, inputs: dict[str, Path], others: tuple[str, ...] = ()) -> None:
+    """``ResultTable.check_writable``, and a folder of ``out`` that does not exist refused as ``schedule
+    cost-model --out`` refuses it: a mistyped folder is not made (README: a missing location is refused)."""
+    parent = ResultTable.stem(out).parent
+    existing = next(folder for folder in (parent, *parent.parents) if folder.exists())
+    if existing != parent and existing.is_dir():  # a file on the way is ResultTable's to name
+        raise PrismError(f"cannot write --out {out}: folder {parent} does not exist; create it first")
+    ResultTable.check_writable(out, inputs, others)
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not its default, nor a --config file's value)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
 def _check_dir(directory: str) -> None:
     from prism_cli.runtime.elastic import export_meta
 
@@ -92,6 +108,7 @@ def _check_dir(directory: str) -> None:
 
 @app.command("run")
 def run(
+    ctx: typer.Context,
     directory: str = Directory,
     policy: str = typer.Option("prism", help="prism, fifo, fullbatch, static or mixed."),
     rate: float = typer.Option(4.0, help="Poisson arrival rate, requests per second."),
@@ -120,10 +137,12 @@ def run(
     from prism_cli.serving.runner import run_schedule
 
     _check_dir(directory)
+    if point is not None and policy != "static" and not _typed(ctx, "point"):
+        point = None  # a --config file's point, for the runs that use the static policy
     settings = _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
                          max_prompt, min_output, max_output, device_memory, cache_policy)
     if out is not None:  # before the run, not after it
-        ResultTable.check_writable(out, _inputs(directory, cost_model, trace, data, config))
+        _check_out(out, _inputs(directory, cost_model, trace, data, config))
     shares = None if trace is not None else _floor_shares(directory, floors)
     model = find_cost_model(directory, cost_model)
     with deferred_progress("requests served", "requests") as (start, advance):
@@ -180,6 +199,7 @@ def _trio(p: dict, scale: float = 1.0) -> str:
 
 @app.command("sweep")
 def sweep(
+    ctx: typer.Context,
     directory: str = Directory,
     floors: str = typer.Option("linear:2=0.5,linear:6=0.3,linear:8=0.2", help="Floor mix POINT=SHARE,..."),
     duration: float = typer.Option(60.0, help="Seconds of arrivals per run."),
@@ -210,6 +230,7 @@ def sweep(
     from prism_cli.io import write_json
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.executor import load_served_model
+    from prism_cli.serving.floors import split_items
     from prism_cli.serving.runner import check_load
     from prism_cli.serving.sweep import check_rounds, parse_loads, plot_sweep, run_sweep, sweep_table, targets
 
@@ -218,8 +239,10 @@ def sweep(
     rate_list = None
     names: list[str] = []
     if rates is not None:
+        if _typed(ctx, "loads"):
+            raise PrismError("give --rates or --loads, not both: --rates replaces the loads with explicit arrival rates")
         try:
-            rate_list = [float(r) for r in rates.split(",") if r.strip()]
+            rate_list = [float(r) for r in split_items(rates, "--rates")]
         except ValueError:
             raise PrismError(f"--rates must be comma-separated numbers, got {rates!r}") from None
         if not rate_list:
@@ -235,7 +258,7 @@ def sweep(
     model = find_cost_model(directory, cost_model)
     if model is None:
         raise PrismError(f"{directory} has no cost model: build one with `prism schedule cost-model` or pass --cost-model")
-    ResultTable.check_writable(out, _inputs(directory, cost_model, None, None, config), SWEEP_FILES)
+    _check_out(out, _inputs(directory, cost_model, None, None, config), SWEEP_FILES)
     stem = ResultTable.stem(out)
     offload = settings.offload()
     served = None if sim else {False: load_served_model(directory, offload=offload),

@@ -206,7 +206,7 @@ def load_model(
     ``bounded_memory`` loads a safetensors checkpoint with a peak of about the model's size plus one
     layer (``_load_bounded``) instead of transformers' default, which can reach twice the model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     name = resolve_model(spec)
     config = load_config(name)
@@ -237,14 +237,7 @@ def load_model(
             raise PrismError(f"cannot load model from {name}: its weights do not match config.json: {key} is [{ckpt}] "
                              f"in the weights, [{built}] as config.json builds it{more}") from None
         raise PrismError(_load_failure(name, exc)) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise PrismError(f"cannot load the tokenizer of {name} (are its tokenizer files missing or damaged?): "
-                         f"{' '.join(str(exc).split())}") from None
-    if not tokenizer("a text").input_ids:  # transformers makes an empty tokenizer where the files are missing
-        raise PrismError(f"{name} has no usable tokenizer (its tokenizer files are missing or empty): "
-                         "copy them from the model it came from")
+    tokenizer = load_tokenizer(name)
     if target is not None:
         model.to(target)
     model.eval()
@@ -353,3 +346,18 @@ def weights_fingerprint_without_routers(directory: Path, adapter: MoEAdapter) ->
     routers = adapter.key_patterns().router
     tensors = {name: t for name, t in checkpoint_tensors(directory).items() if not routers.match(name)}
     return tensors_fingerprint(tensors, lambda _name: False)
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a checkpoint folder or hub id, or one line saying why it has none that works."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise PrismError(f"cannot load the tokenizer of {name} (are its tokenizer files missing or damaged?): "
+                         f"{' '.join(str(exc).split())}") from None
+    if not tokenizer("a text").input_ids:  # transformers makes an empty tokenizer where the files are missing
+        raise PrismError(f"{name} has no usable tokenizer (its tokenizer files are missing or empty): "
+                         "copy them from the model it came from")
+    return tokenizer

@@ -31,6 +31,9 @@ from prism_cli.operating_points import OperatingPoint
 COST_MODEL_FILE = "prism/cost_model.json"
 FORMAT = "prism-cost-model"
 FORMAT_VERSION = 1
+#: The longest time a cost model may give one step or copy (ms; about 11.6 days). Longer is no measurement, and
+#: the simulator's sums of such times overflow to infinity and NaN (every time 1e308 gave NaN metrics).
+MAX_MS = 1e9
 
 
 def interpolate(table: dict[int, float], x: float) -> float:
@@ -56,7 +59,8 @@ def interpolate(table: dict[int, float], x: float) -> float:
 
 def _table_problem(table: dict[int, Any], needed: bool, positive: bool) -> str | None:
     """What is wrong with a table of milliseconds by batch, tokens or width (nested: by width, then rows),
-    or None: a needed table has entries, keys start at 1, times are finite and > 0 (``positive``) or >= 0."""
+    or None: a needed table has entries, keys start at 1, times are finite and > 0 (``positive``) or >= 0, and
+    at most ``MAX_MS``."""
     if needed and not table:
         return " is empty"
     for key, value in table.items():
@@ -66,8 +70,8 @@ def _table_problem(table: dict[int, Any], needed: bool, positive: bool) -> str |
             inner = _table_problem(value, needed, positive)
             if inner:
                 return f"[{key}]{inner}"
-        elif not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-            return f"[{key}] is {value:g} ms (a time must be finite and {'> 0' if positive else '>= 0'})"
+        elif not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= MAX_MS):
+            return f"[{key}] is {value:g} ms (a time must be finite, {'> 0' if positive else '>= 0'} and at most {MAX_MS:g})"
     return None
 
 
@@ -117,8 +121,8 @@ class EngineCosts:
             return {int(w): {int(r): float(v) for r, v in by.items()} for w, by in t.items()}
 
         around = float(data.get("step_overhead_ms", 0.0))
-        if not (math.isfinite(around) and around >= 0.0):  # a negative or NaN time would run the simulator's clock backwards
-            raise ValueError(f"step_overhead_ms must be a finite time >= 0, got {around}")
+        if not (math.isfinite(around) and 0.0 <= around <= MAX_MS):  # a negative or NaN time would run the simulator's clock backwards
+            raise ValueError(f"step_overhead_ms must be a finite time >= 0 and at most {MAX_MS:g}, got {around}")
         return cls({p: nested(t) for p, t in data["decode_ms"].items()}, {p: nested(t) for p, t in data["prefill_ms"].items()},
                    nested(data["join_ms"]), nested(data["keep_ms"]), around)
 

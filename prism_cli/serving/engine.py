@@ -18,6 +18,7 @@ here, independently of the policy; a row served below its floor is counted as a 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -32,6 +33,7 @@ from prism_cli.serving.floors import Ladder
 from prism_cli.serving.policies import Launch, SchedulingPolicy
 from prism_cli.serving.queue import WaitingQueue
 from prism_cli.serving.requests import Request
+from prism_cli.serving.workload import MAX_ARRIVAL
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,10 @@ class Limits:
     def validate(self) -> None:
         if self.max_batch < 1 or self.max_running < self.max_batch:
             raise PrismError(f"need --max-batch >= 1 and --max-running >= --max-batch, got {self.max_batch}, {self.max_running}")
-        if not self.t_max > 0:
-            raise PrismError(f"--t-max must be positive (seconds), got {self.t_max}")
+        # Bounded as a trace's arrivals are: the simulator waits out t_max on its clock in seconds, which
+        # stands still once a step's milliseconds no longer change it (--t-max inf or 1e300 ran for ever).
+        if not (math.isfinite(self.t_max) and 0 < self.t_max <= MAX_ARRIVAL):
+            raise PrismError(f"--t-max must be a finite number of seconds > 0 and at most {MAX_ARRIVAL:g}, got {self.t_max:g}")
 
 
 @dataclass(eq=False)

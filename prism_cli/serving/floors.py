@@ -133,7 +133,7 @@ def parse_mix(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
 def parse_shares(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
     """The floors of a mix with their shares as written (finite, > 0; a floor without ``=SHARE`` has 1)."""
     mix: list[tuple[FloorSpec, float]] = []
-    for part in [p for p in str(text).split(",") if p.strip()]:
+    for part in split_items(text, "--floors"):
         floor, sep, weight = part.rpartition("=")
         if not sep:
             floor, weight = part, "1"
@@ -150,6 +150,18 @@ def parse_shares(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
     if not mix:
         raise PrismError(f"--floors {text!r} names no floor with a positive share (e.g. linear:2=0.5,linear:8=0.5)")
     return mix
+
+
+def split_items(text: str, option: str) -> list[str]:
+    """The items of a comma-separated option, stripped; an empty item beside others (``a,,b``, a trailing comma)
+    is refused, not skipped: it is most often a value lost to a typo or an unset shell variable. Text with no
+    item at all (``""``, ``" , "``) gives [], which the caller refuses as naming nothing."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not any(items):
+        return []
+    if "" in items:
+        raise PrismError(f"{option} {text!r} has an empty item (two commas, or one at an end): give each value once")
+    return items
 
 
 def normalise_mix(mix: list[tuple[FloorSpec, float]]) -> list[tuple[FloorSpec, float]]:

@@ -25,8 +25,9 @@ from prism_cli.serving.policies import SCHEDULING_POLICIES
 from prism_cli.serving.requests import Request, SamplingParams, check_context
 from prism_cli.serving.workload import LengthSettings, RequestSpec, poisson_workload, read_trace
 
-#: The most requests a Poisson workload may expect (rate x duration): each is held in memory and served.
-MAX_REQUESTS = 10_000_000
+#: The most requests a Poisson workload may expect (rate x duration): each is held in memory and served, and
+#: the workload is built before the first is (a million took minutes without a word, even simulated).
+MAX_REQUESTS = 100_000
 
 
 def check_load(rate: float, duration: float, flag: str = "--rate") -> None:
@@ -64,6 +65,9 @@ class ScheduleSettings:
             raise PrismError(f"--seed must be >= 0, got {self.seed}")
         if self.trace is None:
             check_load(self.rate, self.duration)
+        if self.point is not None and self.policy != "static":
+            raise PrismError(f"--point {self.point} is the static policy's point; the {self.policy} policy chooses its own: "
+                             "give --policy static, or leave --point out")
         self.limits.validate()
         self.lengths.validate()
         if self.sim and self.device_memory is not None:
@@ -187,9 +191,9 @@ def run_schedule(
     if served is not None:
         tokenizer, context = served.tokenizer, served.context
     else:
-        from transformers import AutoTokenizer
+        from prism_cli.models.loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)  # refused as the real engine refuses a folder without one
         config = json.loads((Path(directory) / "config.json").read_text())
         context = int(config.get("max_position_embeddings") or 2048)
     ladder = Ladder(space, cost_model, settings.limits.max_batch)
@@ -240,6 +244,7 @@ def run_schedule(
     t = executor.times  # the simulator's: what it charged on its clock (the scheduler's time is real either way)
     metrics["engine_time_s"] = {"forward": t.forward_s, "kv_cache_copies": t.kv_s, "sampling": t.sample_s,
                                 "scheduler": engine.stats.decision_s}
+    check_finite(metrics)
     return ScheduleResult(
         settings={**{k: v for k, v in asdict(settings).items() if k not in ("limits", "lengths")},
                   **asdict(settings.limits), **asdict(settings.lengths)},
@@ -250,6 +255,18 @@ def run_schedule(
                    "floor": str(r.floor), "served_at": sorted(r.served_at), "ttft": _sub(r.first_token_at, r.arrival),
                    "e2e": _sub(r.finished_at, r.arrival), "finish": r.finish_reason} for r in requests],
     )
+
+
+def check_finite(metrics: dict[str, Any], where: str = "") -> None:
+    """Refuse metrics holding NaN or an infinity, naming the first: JSON has no such numbers (a writer would put
+    bare ``NaN`` in the file), and a time that overflowed means nothing. The cost model's bounds
+    (``costmodel.MAX_MS``) keep a run from reaching one; this is the guard behind them."""
+    for key, value in metrics.items():
+        name = f"{where}.{key}" if where else key
+        if isinstance(value, dict):
+            check_finite(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise PrismError(f"the run's metric {name} is {value}: its times overflowed; check the cost model's times")
 
 
 def _sub(a: float | None, b: float) -> float | None:

@@ -22,6 +22,7 @@ from typing import Any
 from prism_cli.errors import PrismError, check_distinct
 from prism_cli.report import ResultTable
 from prism_cli.serving.costmodel import CostModel
+from prism_cli.serving.floors import split_items
 from prism_cli.serving.runner import ScheduleResult, ScheduleSettings, check_load, run_schedule
 
 LOADS = {"low": 0.3, "medium": 0.7, "high": 1.3}
@@ -40,7 +41,7 @@ def baseline_capacity(directory: str, settings: ScheduleSettings, cost_model: Co
 
 def parse_loads(text: str) -> list[str]:
     """``--loads``: comma-separated names of ``LOADS``; at least one, every one known."""
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    names = split_items(text, "--loads")
     check_loads(names)
     return names
 

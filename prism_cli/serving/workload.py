@@ -23,6 +23,8 @@ from prism_cli.serving.floors import FloorSpec
 #: The latest arrival a trace may give (seconds; about 30 years): far beyond it a clock in seconds no
 #: longer resolves the milliseconds of a step, and the simulator would stand still.
 MAX_ARRIVAL = 1e9
+#: The fields of a trace line (any other is refused: a misspelt ``floor`` served its request at the full model).
+TRACE_FIELDS = ("arrival", "prompt", "max_tokens", "floor")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ def read_trace(path: Path, tokenizer: Any, parse_floor_text) -> list[RequestSpec
             raise PrismError(f"{where}: expected an object with arrival, prompt, max_tokens (and floor)")
         if lone_surrogate(row):
             raise PrismError(f"{where}: not valid Unicode text (a \\u escape spells a lone surrogate, \\ud800-\\udfff)")
+        unknown = [k for k in row if k not in TRACE_FIELDS]
+        if unknown:
+            raise PrismError(f"{where}: unknown field {_short(unknown[0])}; a line has {', '.join(TRACE_FIELDS)} (floor optional)")
         missing = [k for k in ("arrival", "prompt", "max_tokens") if k not in row]
         if missing:
             raise PrismError(f"{where}: missing {', '.join(missing)}")
