@@ -181,3 +181,31 @@ def test_a_run_that_fails_leaves_no_work_folder(tmp_path: Path, cli, monkeypatch
     assert result.code == 2, result
     result.assert_one_line_error("the model could not be loaded")
     assert tree(tmp_path) == before
+
+
+def test_a_copy_stopped_midway_keeps_the_tables_partition_whole(tmp_path, monkeypatch) -> None:
+    """The table's partition.h5 was copied in place: a Ctrl-C mid-copy left a truncated committed file."""
+    import shutil
+
+    from prism_cli.pipeline import tables
+
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "partition.h5").write_bytes(b"old partition")
+    new = tmp_path / "partition.h5"
+    new.write_bytes(b"new partition, longer")
+
+    def stopped(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        tables.keep_partition(new, table)
+    assert [p.name for p in table.iterdir()] == ["partition.h5"]
+    assert (table / "partition.h5").read_bytes() == b"old partition"
+    monkeypatch.undo()
+    tables.keep_partition(new, table)
+    assert (table / "partition.h5").read_bytes() == b"new partition, longer"
+    tables.keep_partition(table / "partition.h5", table)  # the table's own: nothing to copy
+    assert (table / "partition.h5").read_bytes() == b"new partition, longer"

@@ -35,7 +35,7 @@ from prism_cli.errors import Interrupted, PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
-from prism_cli.io import write_text
+from prism_cli.io import atomic_path, write_text
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.loading import check_context_length, load_config, load_model, parse_device
 from prism_cli.operating_points import parse_operating_point
@@ -307,6 +307,15 @@ def check_partition_matches(config: TableConfig, partition: Path) -> None:
                          + "; give a partition made with the config's settings, or leave --partition out")
 
 
+def keep_partition(partition: Path, table_dir: Path) -> None:
+    """Copy ``partition`` into the table (unless it is the table's own): through a temporary file, so that
+    a run stopped mid-copy leaves the committed partition whole."""
+    kept = table_dir / "partition.h5"
+    if partition.resolve() != kept.resolve():
+        with atomic_path(kept) as tmp:
+            shutil.copyfile(partition, tmp)
+
+
 def check_work_folder(work: Path) -> None:
     """Refuse a work folder whose ``export/`` is not a prism export: the run replaces the export there,
     which must be one an earlier run left (a rerun continues), never a folder of the user's."""
@@ -397,7 +406,6 @@ def _run(config: TableConfig, table_dir: Path, work: Path, partition: Path | Non
     from prism_cli.evaluation.plot import plot_frontiers
 
     plot_frontiers(report, settings.batches[0], table_dir / "frontier.png")
-    if partition.resolve() != (table_dir / "partition.h5").resolve():
-        shutil.copyfile(partition, table_dir / "partition.h5")
+    keep_partition(partition, table_dir)
     write_text(table_dir / "config.yaml", yaml.safe_dump(config.as_file(), sort_keys=False))
     return table_dir, report
