@@ -71,6 +71,10 @@ class Replaceable:
     what: str
     holds: Callable[[Path], bool]
 
+    def permits(self, folder: Path) -> bool:
+        """Whether ``--force`` may replace the existing ``folder``."""
+        return _empty(folder) or self.holds(folder)
+
 
 def check_new_folder(path: Path, force: bool, replaceable: Replaceable | None = None) -> None:
     """Fail early if ``atomic_dir(path, force, replaceable)`` would: ``path`` exists without ``force``
@@ -85,7 +89,7 @@ def check_new_folder(path: Path, force: bool, replaceable: Replaceable | None = 
         raise PrismError(f"output {path} is a file, not a folder: give a folder to write into")
     if path.exists() and not force:
         raise PrismError(f"output {path} already exists; pass --force to replace it")
-    if path.exists() and replaceable is not None and not _empty(path) and not replaceable.holds(path):
+    if path.exists() and replaceable is not None and not replaceable.permits(path):
         raise PrismError(f"output {path} exists and is not {replaceable.what}; --force replaces only {replaceable.what} "
                          "or an empty folder: give a new folder")
     parent = target.parent

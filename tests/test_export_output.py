@@ -158,6 +158,20 @@ def test_a_config_field_of_the_wrong_type_is_one_line(field, value, cli, model, 
     assert_nothing_written(out)
 
 
+def test_a_hub_config_naming_no_torch_dtype_is_one_line(monkeypatch):
+    """A hub id's config.json is not at hand to name the field: still one line, not a traceback."""
+    import transformers
+
+    from prism_cli.models.loading import load_config
+
+    def bad_dtype(*_args, **_kwargs):
+        raise AttributeError("module 'torch' has no attribute 'float99'")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", bad_dtype)
+    with pytest.raises(PrismError, match="cannot load model from some-org/some-moe: module 'torch' has no attribute 'float99'"):
+        load_config("some-org/some-moe")
+
+
 # --- damaged exports -------------------------------------------------------------------------------------
 
 

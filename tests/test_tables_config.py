@@ -160,12 +160,36 @@ def test_a_work_folder_export_of_the_users_is_refused_not_replaced(tmp_path: Pat
 
 def test_a_prism_export_in_the_work_folder_is_the_tables_own(tmp_path: Path) -> None:
     """An earlier run's export (config.json with a prism section) is the run's to replace: a rerun works."""
-    from prism_cli.pipeline.tables import check_work_folder  # new with the check: the other tests run on older code
+    from prism_cli.pipeline.tables import check_work_folder
 
     (tmp_path / "export").mkdir()
+    check_work_folder(tmp_path)  # empty: as `export --force` would replace it
     (tmp_path / "export" / "config.json").write_text(json.dumps({"model_type": "olmoe", "prism": {"format_version": 1}}))
     check_work_folder(tmp_path)
     check_work_folder(tmp_path / "missing")
+
+
+def test_a_reused_partition_needs_no_profile_text(tmp_path: Path) -> None:
+    """With --partition no profiling runs: the profile section's text need not exist (a CI job reusing a
+    committed partition, without the calibration file), though its keys are still checked."""
+    config = write_config(tmp_path, profile__data=str(tmp_path / "gone.txt"))
+    with pytest.raises(PrismError, match="gone.txt does not exist"):
+        TableConfig.load(config)
+    TableConfig.load(config, profiles=False)
+    with pytest.raises(PrismError, match="'tokenz'"):
+        TableConfig.load(write_config(tmp_path, profile__tokenz=5), profiles=False)
+
+
+def test_rank_layers_windows_are_checked_with_its_default_tokens(tmp_path: Path) -> None:
+    """A seq_len past rank-layers' default 16,384 tokens, with no tokens given, is refused before any stage
+    (the early check had taken tokens = seq_len, and rank-layers refused only after the export)."""
+    from prism_cli.pipeline.tables import rank_settings
+    from prism_cli.tuning.layers import TOKENS
+
+    config = TableConfig(name="t", layers={"seq_len": TOKENS + 1})
+    with pytest.raises(PrismError, match="--tokens must be at least --seq-len"):
+        rank_settings(config)
+    assert rank_settings(TableConfig(name="t", layers={"seq_len": TOKENS}))["seq_len"] == TOKENS
 
 
 def test_a_run_that_fails_leaves_no_work_folder(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:

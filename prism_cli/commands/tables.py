@@ -25,7 +25,7 @@ def tables(
     from prism_cli.evaluation.bench_tables import summary_tables
     from prism_cli.pipeline.tables import TableConfig, quality_table, regenerate
 
-    cfg = TableConfig.load(config)
+    cfg = TableConfig.load(config, profiles=partition is None)
     if partition is not None and not partition.exists():
         raise PrismError(f"partition {partition} does not exist")
     work = work or Path("runs") / cfg.name

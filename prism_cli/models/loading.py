@@ -95,9 +95,9 @@ def load_config(spec: str | None) -> Any:
     except StrictDataclassError as exc:  # a field of the wrong type: the last line names it and its value
         reason = str(exc).strip().splitlines()[-1].strip().removeprefix("TypeError: ").removeprefix("ValueError: ")
         raise PrismError(f"cannot load model from {name}: config.json: {reason}") from None
-    except AttributeError:  # transformers reads a dtype name as ``getattr(torch, name)``
-        if (bad := _bad_dtype_field(name)) is None:
-            raise
+    except AttributeError as exc:  # transformers reads a dtype name as ``getattr(torch, name)``
+        if (bad := _bad_dtype_field(name)) is None:  # a hub config: its file is not at hand to name the field
+            raise PrismError(f"cannot load model from {name}: {' '.join(str(exc).split())}") from None
         raise PrismError(f"cannot load model from {name}: config.json {bad[0]} is {bad[1]!r}, not a torch dtype "
                          f"({', '.join(DTYPES)} ...)") from None
 

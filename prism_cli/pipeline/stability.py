@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/bench_stability"))
     args = ap.parse_args()
 
-    config = TableConfig.load(args.config)
+    config = TableConfig.load(args.config, profiles=False)  # the committed partition is reused
     settings, text = bench_settings(config)
     reports: list[BenchReport] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,16 +35,17 @@ from prism_cli.errors import Interrupted, PrismError
 from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, run_bench
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
+from prism_cli.export.format import EXPORT_OUTPUT
 from prism_cli.io import atomic_path, write_text
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.loading import check_context_length, load_config, load_model, parse_device
 from prism_cli.operating_points import parse_operating_point
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
-from prism_cli.runtime.elastic import export_meta
 from prism_cli.solvers.format import read_partition, write_partition
-from prism_cli.solvers.runner import PartitionSettings, partition_profile
+from prism_cli.solvers.runner import PartitionSettings, check_workers, partition_profile
 from prism_cli.tuning.layers import SEQ_LEN as RANK_SEQ_LEN
-from prism_cli.tuning.layers import rank_export
+from prism_cli.tuning.layers import TOKENS as RANK_TOKENS
+from prism_cli.tuning.layers import check_windows, rank_export
 
 __all__ = ["QUALITY_COLUMNS", "TableConfig", "check_work_folder", "quality_table", "regenerate"]
 
@@ -144,9 +145,11 @@ class TableConfig:
     source: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> TableConfig:
+    def load(cls, path: str | Path, *, profiles: bool = True) -> TableConfig:
         """Read and check a table config: every key's type and every stage's settings, built with the
-        checks the stages make, so that a bad value is refused in one line before any stage runs."""
+        checks the stages make, so that a bad value is refused in one line before any stage runs.
+        ``profiles``: whether the run profiles (not where a partition is reused: the profile section's
+        text is then not read, and need not exist)."""
         data = load_run_config(path)
         known = {*TOP_KEYS, *SECTIONS, "data"}
         unknown = sorted(set(data) - known, key=str)
@@ -160,7 +163,7 @@ class TableConfig:
         data.setdefault("name", Path(path).stem)
         config = cls(**data, **{k: v for k, v in sections.items() if k != "rank-layers"},
                      layers=sections.get("rank-layers"), source=Path(path))
-        config.check()
+        config.check(profiles=profiles)
         return config
 
     def where(self, section: str | None = None) -> str:
@@ -168,7 +171,7 @@ class TableConfig:
         origin = f"config file {self.source}" if self.source is not None else f"table config {self.name!r}"
         return origin + (f": section {section!r}" if section else "")
 
-    def check(self) -> None:
+    def check(self, profiles: bool = True) -> None:
         """Refuse, in one line naming the file and the key, any value a stage would refuse: the stages'
         settings objects are built and validated here, and the model's config read (the expert width that
         N must divide, top-k for the operating points, the positions that bound every seq_len)."""
@@ -184,8 +187,9 @@ class TableConfig:
             adapter = adapter_for_config(model_config)
         with _naming(self.where("profile")):
             profile, data = profile_settings(self)
-            load_text(data, "calibration", forbid=("eval",), what="profile")
-            check_context_length(model_config, profile.seq_len)
+            if profiles:
+                load_text(data, "calibration", forbid=("eval",), what="profile")
+                check_context_length(model_config, profile.seq_len)
         with _naming(self.where("partition")):
             solver, _ = partition_settings(self)
             solver.validate(adapter.width)
@@ -242,8 +246,7 @@ def partition_settings(config: TableConfig) -> tuple[PartitionSettings, int | No
     model: ``PartitionSettings.validate`` takes the expert width)."""
     part = _pick(config, "partition")
     workers = part.pop("workers", None)
-    if workers is not None and workers < 1:
-        raise PrismError(f"--workers must be at least 1, got {workers}")
+    check_workers(workers)
     return PartitionSettings(seed=config.seed, **part), workers
 
 
@@ -257,12 +260,7 @@ def export_settings(config: TableConfig) -> ExportSettings:
 def rank_settings(config: TableConfig) -> dict[str, Any]:
     """``rank_export``'s keyword arguments from the config's rank-layers section, with its checks on them."""
     ranking = _pick(config, "rank-layers")
-    seq_len = ranking.get("seq_len", RANK_SEQ_LEN)
-    if seq_len < 2:
-        raise PrismError(f"--seq-len must be at least 2 (a token and the next), got {seq_len}")
-    if ranking.get("tokens", seq_len) < seq_len:
-        raise PrismError(f"--tokens must be at least --seq-len ({seq_len}: one window of calibration text), "
-                         f"got {ranking['tokens']}")
+    check_windows(ranking.get("tokens", RANK_TOKENS), ranking.get("seq_len", RANK_SEQ_LEN))
     return ranking
 
 
@@ -317,16 +315,12 @@ def keep_partition(partition: Path, table_dir: Path) -> None:
 
 
 def check_work_folder(work: Path) -> None:
-    """Refuse a work folder whose ``export/`` is not a prism export: the run replaces the export there,
-    which must be one an earlier run left (a rerun continues), never a folder of the user's."""
+    """Refuse a work folder whose ``export/`` is not a prism export (or empty): the run replaces the export
+    there, which must be one an earlier run left (a rerun continues), never a folder of the user's."""
     export = Path(work) / "export"
     if not export.exists() and not export.is_symlink():
         return
-    try:
-        ours = export.is_dir() and not export.is_symlink() and export_meta(export) is not None
-    except PrismError:  # a config.json that cannot be read: not an export this run may replace
-        ours = False
-    if not ours:
+    if export.is_symlink() or not export.is_dir() or not EXPORT_OUTPUT.permits(export):  # what export --force keeps
         raise PrismError(f"work folder {work} holds {export}, which is not a prism export; prism tables writes its "
                          "export there: move it away or give another --work")
 
@@ -365,7 +359,7 @@ def regenerate(
     ``work``'s ``export/``, which is replaced only where it is a prism export (a rerun's). A run refused or
     failed leaves no work folder it created empty behind.
     """
-    config.check()
+    config.check(profiles=partition is None)
     if partition is not None:
         check_partition_matches(config, partition)
     check_work_folder(work)

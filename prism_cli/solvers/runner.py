@@ -216,12 +216,17 @@ def check_rows(profile: ProfileFile, layers: list[int], settings: PartitionSetti
         )
 
 
+def check_workers(workers: int | None) -> None:
+    """A worker count of at least 1 (None: one per core)."""
+    if workers is not None and workers < 1:
+        raise PrismError(f"--workers must be at least 1, got {workers}")
+
+
 def check_run(
     profile_path: str | Path, settings: PartitionSettings, layers: list[int] | None, workers: int | None, executor: str
 ) -> tuple[list[int], dict[str, Any], int]:
     """Every check a run makes before its first expert: (layers to run, the profile's model metadata, experts per layer)."""
-    if workers is not None and workers < 1:
-        raise PrismError(f"--workers must be at least 1, got {workers}")
+    check_workers(workers)
     if executor not in EXECUTORS:
         raise PrismError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if executor == "ray" and importlib.util.find_spec("ray") is None:

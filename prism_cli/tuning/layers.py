@@ -65,17 +65,26 @@ def rank_layers(model: Any, windows: Any, data: str, batch_size: int = 8,
     return LayerRanking(order, ppl, base, data, int(windows.numel()))
 
 
-def rank_export(directory: Path, *, data: str | None = None, tokens: int = 16_384, seq_len: int = SEQ_LEN,
+#: Calibration tokens ``rank_export`` ranks on by default.
+TOKENS = 16_384
+
+
+def check_windows(tokens: int, seq_len: int) -> None:
+    """``rank_export``'s window settings, refused in one line (also before a tables run's first stage)."""
+    if seq_len < 2:
+        raise PrismError(f"--seq-len must be at least 2 (a token and the next), got {seq_len}")
+    if tokens < seq_len:
+        raise PrismError(f"--tokens must be at least --seq-len ({seq_len}: one window of calibration text), got {tokens}")
+
+
+def rank_export(directory: Path, *, data: str | None = None, tokens: int = TOKENS, seq_len: int = SEQ_LEN,
                 on_start: Callable[[int], None] | None = None, on_step: Callable[[], None] | None = None,
                 ) -> LayerRanking:
     """Rank the layers of the export in ``directory`` on ``tokens`` tokens of calibration text and write
     the ranking into it (``layer_ranking.json``, replacing one there)."""
     read_export_meta(directory)  # not an export: one line
     check_writable(Path(directory) / RANKING_FILE)  # before the long work, not after
-    if seq_len < 2:
-        raise PrismError(f"--seq-len must be at least 2 (a token and the next), got {seq_len}")
-    if tokens < seq_len:
-        raise PrismError(f"--tokens must be at least --seq-len ({seq_len}: one window of calibration text), got {tokens}")
+    check_windows(tokens, seq_len)
     text, data_name = load_selection_text(data, "rank layers")
     loaded = load_elastic_model(str(directory), ranked=False)  # the ranking there (even a damaged one) is replaced
     check_context_length(loaded.model.config, seq_len)
