@@ -240,3 +240,14 @@ def test_plan_names_the_sizes_a_config_leaves_to_transformers_defaults(tmp_path)
     folder.mkdir()
     shutil.copy(missing, folder / "config.json")
     assert defaulted_fields(str(folder), adapter_for_config(config, quantized=True)) == ["vocab_size", "num_experts"]
+
+
+@pytest.mark.parametrize("ceiling, best, shown", [
+    (40.27, 40.2700840, ("40.27", "40.2701")),  # printed "40.27 ... at 40.27": the message contradicted itself
+    (45.0, 45.5, ("45", "45.5")),
+    (3.0, 3.0, ("3", "3")),
+])
+def test_an_unreachable_ceiling_and_the_best_point_are_printed_apart(ceiling, best, shown) -> None:
+    from prism_cli.serving.runner import _distinct
+
+    assert _distinct(ceiling, best) == shown

@@ -97,14 +97,24 @@ def resolve_floor(spec: FloorSpec | None, space: PointSpace, ladder: Ladder, cos
         if not ok:
             best = min((p for p in cost_model.points.values() if p.kind == kind and p.perplexity is not None),
                        key=lambda p: p.perplexity, default=None)
-            raise PrismError(f"no operating point reaches perplexity {spec.ceiling:g}"
-                             + (f"; the best is {best.point} at {best.perplexity:.2f}" if best else ""))
+            ceiling, nearest = _distinct(spec.ceiling, best.perplexity) if best else (f"{spec.ceiling:g}", "")
+            raise PrismError(f"no operating point reaches perplexity {ceiling}"
+                             + (f"; the best is {best.point} at {nearest}" if best else ""))
         return ladder.order(ok)[0]
     assert spec.point is not None
     if space.gate is None and spec.point.policy != "original":
         candidates = [OperatingPoint("original", k) for k in range(1, space.top_k + 1)]
         return ladder.order(p for p in candidates if space.meets(p, spec.point))[0]
     return spec.point
+
+
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest significant digits (at least 4) that tell them apart: a ceiling of 40.27
+    and a best of 40.27008 printed both as 40.27."""
+    for digits in range(4, 18):
+        if f"{a:.{digits}g}" != f"{b:.{digits}g}" or a == b:
+            return f"{a:.{digits}g}", f"{b:.{digits}g}"
+    return repr(a), repr(b)
 
 
 @dataclass
