@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 KEY = "s3cret-key"
 
 
-def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=None, api_key=KEY):
+def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=None, api_key=KEY, host="127.0.0.1"):
     import uvicorn
 
     from prism_cli.serving.engine import Engine, Limits
@@ -36,7 +36,7 @@ def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=Non
     state = ServerState(engine, served.tokenizer, served.space, Ladder(served.space, cost, 2), cost, "tiny", served.context,
                         api_key, max_queue, chat_template)
     app = build_app(state)
-    sock = bind("127.0.0.1", 0)
+    sock = bind(host, 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -44,8 +44,8 @@ def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=Non
         if server.started:
             break
         time.sleep(0.02)
-    port = sock.getsockname()[1]
-    return server, thread, state, f"http://127.0.0.1:{port}"
+    address, port = sock.getsockname()[:2]
+    return server, thread, state, f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +107,22 @@ def test_chat_completions_with_a_template(server):
 
 
 def test_chat_max_completion_tokens_is_named_as_sent(server):
-    _, url = server
+    state, url = server
     r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
     assert r.json()["error"]["message"].startswith("max_completion_tokens:"), r.text
     # A prompt and limit past the context: the message names the fields the request used.
+    limit = state.context - 1  # leaves room for a 1-token prompt, no more
     r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "tiny", "messages": [{"role": "user", "content": "word " * 200}], "max_completion_tokens": 4})
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": limit})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     message = r.json()["error"]["message"]
-    assert message.startswith("messages:") and "max_completion_tokens 4" in message, message
+    assert message.startswith("messages:") and f"max_completion_tokens {limit}" in message, message
+    # A prompt past the context by itself: the messages are the field to fix, whatever the limit.
+    r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "word " * 200}], "max_completion_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 
 
 def test_chat_null_max_completion_tokens_is_absent(server):
@@ -198,6 +203,15 @@ def test_bad_chat_messages_are_400_naming_messages(server, messages):
     ({"model": "tiny", "prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),  # no prompt fits beside it
     ({"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed"),  # stopped the engine thread
     ({"model": "tiny", "prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
+    # torch keeps a seed's low 63 bits: -1 drew what 2**63-1 draws (the CLI's --seed refuses negatives too)
+    ({"model": "tiny", "prompt": "x", "seed": -1}, 400, "seed"),
+    # vLLM's sampling fields and JSON mode, which prism does not implement: they answered 200, ignored
+    ({"model": "tiny", "prompt": "x", "top_k": 5}, 400, "top_k"),
+    ({"model": "tiny", "prompt": "x", "top_k": True}, 400, "top_k"),  # True == 1, but no default
+    ({"model": "tiny", "prompt": "x", "min_tokens": 3}, 400, "min_tokens"),
+    ({"model": "tiny", "prompt": "x", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "x", "ignore_eos": True}, 400, "ignore_eos"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ('{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # RecursionError in json
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),  # not streaming
@@ -519,7 +533,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_export):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "serve", str(tiny_export), "--policy", "fifo", "--port", str(port),
                              "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PRISM_API_KEY": ""})
+                            env={k: v for k, v in os.environ.items() if k != "PRISM_API_KEY"})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):

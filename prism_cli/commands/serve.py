@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from prism_cli.commands.common import CachePolicyOption, DeviceMemoryOption, check_seed
-from prism_cli.console import console
+from prism_cli.console import console, err_console
 from prism_cli.errors import PrismError
 
 #: Finished requests and step records a server keeps (for inspection); its counters count them all.
@@ -42,7 +42,7 @@ def serve(
     from prism_cli.serving.executor import ModelExecutor, load_served_model
     from prism_cli.serving.floors import Ladder, PointSpace
     from prism_cli.serving.policies import SCHEDULING_POLICIES
-    from prism_cli.serving.server import API_KEY_ENV, ServerState, bind, serve_forever
+    from prism_cli.serving.server import API_KEY_ENV, ServerState, bind, is_loopback, serve_forever, url_of
 
     meta = read_export_meta(directory)
     for flag, value in (("--api-key", api_key), ("--served-model-name", served_model_name)):
@@ -68,7 +68,9 @@ def serve(
     if cls.plans_with_costs and not model.has(full):  # a request without a floor runs the full model
         raise PrismError(f"the cost model has no timing of the full model ({full}), which requests without a "
                          "quality_floor run: bench it and rebuild the cost model")
-    key = api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and os.environ.get(API_KEY_ENV) == "":  # set but empty: refused as --api-key "" is
+        raise PrismError(f"{API_KEY_ENV} is set but empty; unset it for no key")
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     if key is not None and (key != key.strip() or not all(" " <= c <= "~" for c in key)):
         # Header values arrive as Latin-1 bytes with the ends stripped: such a key could never be sent right.
         raise PrismError(f"the API key ({'--api-key' if api_key else API_KEY_ENV}) must be printable ASCII with no "
@@ -81,6 +83,10 @@ def serve(
     state = ServerState(engine, served.tokenizer, served.space, ladder, model, served_model_name or Path(directory).resolve().name,
                         served.context, key, max_queue, getattr(served.tokenizer, "chat_template", None))
     bound = sock.getsockname()
-    console.print(f"prism serve: {state.model_name} on http://{bound[0]}:{bound[1]} (policy {policy}"
-                  f"{', API key required' if key else ''}); Ctrl-C or SIGTERM drains and stops", highlight=False)
+    if key is None and not is_loopback(bound[0]):
+        err_console.print(f"warning: {url_of(bound)} is reachable from the network without authentication "
+                          f"(set --api-key or {API_KEY_ENV})", highlight=False, soft_wrap=True)
+    console.print(f"prism serve: {state.model_name} on {url_of(bound)} (policy {policy}"
+                  f"{', API key required' if key else ''}); Ctrl-C or SIGTERM drains and stops", highlight=False,
+                  soft_wrap=True)
     serve_forever(state, sock)

@@ -34,9 +34,10 @@ class SamplingParams:
             raise ValueError("top_p: must be in (0, 1]")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop: at most 4 non-empty strings")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            # OpenAI's range (a 64-bit integer); a larger seed stopped the engine thread when it seeded the request
-            raise ValueError("seed: must be a 64-bit integer (-2**63 .. 2**63-1)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            # torch's manual_seed keeps 63 bits: -1 and 2**63-1 drew the same samples (a larger seed stopped the
+            # engine thread); the range of the CLI's --seed
+            raise ValueError("seed: must be between 0 and 2**63-1")
 
 
 #: ``on_update(request)`` is called from the engine thread after every new token and at the end.

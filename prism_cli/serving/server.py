@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import signal
 import socket
@@ -48,7 +49,15 @@ API_KEY_ENV = "PRISM_API_KEY"
 _UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
                 "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                 "top_logprobs": (None, 0),
-                "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0)}
+                "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+                # vLLM's extra sampling fields and JSON mode: accepted only as the no-ops they default to
+                "top_k": (None, -1, 0), "min_tokens": (None, 0), "repetition_penalty": (None, 1, 1.0),
+                "ignore_eos": (None, False), "response_format": (None, {"type": "text"})}
+
+
+def _is_default(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """``value`` is one of ``allowed``, a bool only as a bool (``True == 1``: ``"top_k": true`` is no default)."""
+    return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
 
 
 class BadRequest(Exception):
@@ -124,6 +133,11 @@ class ServerState:
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
+    #: The most characters of a prompt one token covers (``longest_token_chars``); None: no early refusal.
+    longest_token: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.longest_token = longest_token_chars(self.tokenizer)
 
     @property
     def capacity(self) -> int:
@@ -155,9 +169,11 @@ def output_limit_field(body: dict, chat: bool) -> str:
     return "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
 
 
-def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> SamplingParams:
+def parse_sampling(body: dict, max_tokens_field: str, default_max_tokens: int) -> SamplingParams:
+    """The request's sampling; without a limit it may generate ``default_max_tokens`` (OpenAI's 16 for
+    completions, the rest of the context for chat, as vLLM does)."""
     for name, allowed in _UNSUPPORTED.items():
-        if name in body and body[name] not in allowed:
+        if name in body and not _is_default(body[name], allowed):
             raise BadRequest(f"{name}: not supported by prism serve", name)
     if _field(body, "n", (int,), 1) != 1:
         raise BadRequest("n: only n = 1 is supported", "n")
@@ -165,11 +181,8 @@ def parse_sampling(body: dict, max_tokens_field: str = "max_tokens") -> Sampling
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else None
     if stops is None:
         raise BadRequest("stop: expected a string or a list of strings", "stop")
-    max_tokens = _field(body, max_tokens_field, (int,), None)
-    if max_tokens is None and max_tokens_field == "max_tokens":
-        max_tokens = 16
     params = SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else 256,
+        max_tokens=_field(body, max_tokens_field, (int,), default_max_tokens),
         temperature=_real(body, "temperature", 1.0),
         top_p=_real(body, "top_p", 1.0),
         stop=stops,
@@ -301,10 +314,15 @@ def build_app(state: ServerState) -> Starlette:
             check_model(state, body)
             # Tokenized on one worker thread (the tokenizer is not shared between threads that encode):
             # a long prompt does not hold the event loop, so other requests and /health go on meanwhile.
+            if not chat:
+                refuse_certainly_too_long(state, body)
             prompt_ids = await asyncio.get_running_loop().run_in_executor(
                 tokenizing, chat_prompt if chat else completion_prompt, state, body)
+            name = "messages" if chat else "prompt"
+            if len(prompt_ids) >= state.context:  # no room for one token of output, whatever the limit
+                raise BadRequest(too_long(name, state.context), name)
             limit_field = output_limit_field(body, chat)
-            params = parse_sampling(body, limit_field)
+            params = parse_sampling(body, limit_field, state.context - len(prompt_ids) if chat else 16)
             floor = parse_quality_floor(state, body)
             stream = _field(body, "stream", (bool,), False)
             options = _field(body, "stream_options", (dict,), {})
@@ -316,7 +334,6 @@ def build_app(state: ServerState) -> Starlette:
                 raise BadRequest(f"{limit_field}: {params.max_tokens} leaves no room for the prompt in the context of "
                                  f"{state.context} tokens", limit_field)
             if len(prompt_ids) + params.max_tokens > state.context:
-                name = "messages" if chat else "prompt"
                 raise BadRequest(f"{name}: {len(prompt_ids)} prompt tokens plus {limit_field} {params.max_tokens} exceed the "
                                  f"context of {state.context} tokens", name)
         except BadRequest as exc:
@@ -364,7 +381,8 @@ def build_app(state: ServerState) -> Starlette:
 
         def chunk(delta: str, reason: str | None) -> dict:
             if chat:
-                choice = {"index": 0, "delta": {"content": delta} if delta or reason is None else {}, "finish_reason": reason}
+                choice = {"index": 0, "delta": {"content": delta} if delta or reason is None else {}, "logprobs": None,
+                          "finish_reason": reason}
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                         "choices": [choice]}
             return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
@@ -426,7 +444,8 @@ def build_app(state: ServerState) -> Starlette:
             return error("the engine failed on an internal error", None, 500, "internal_error")
         done("200")
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _reason(reason)}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": _reason(reason)}
             body = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name, "choices": [choice]}
         else:
             body = chunk(text, _reason(reason))
@@ -500,10 +519,70 @@ async def _wait_disconnect(http: HttpRequest) -> None:
             return
 
 
-def completion_prompt(state: ServerState, body: dict) -> list[int]:
+def _one_prompt(body: dict) -> Any:
+    """The request's prompt, a one-prompt batch (``["text"]``, ``[[1, 2, 3]]``, both OpenAI forms) unwrapped."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        return prompt[0]
+    return prompt
+
+
+def too_long(name: str, context: int) -> str:
+    return f"{name}: longer than the model's context of {context} tokens, with no room left for output"
+
+
+def refuse_certainly_too_long(state: ServerState, body: dict) -> None:
+    """Refuse, before tokenizing, a text prompt that surely has more tokens than the context: one token covers
+    at most ``state.longest_token`` of its characters, so a longer prompt only held the tokenizer thread (a
+    1 MB prompt, seconds) to be refused in the end. The message is the one tokenizing would give."""
+    prompt = _one_prompt(body)
+    if state.longest_token is not None and isinstance(prompt, str) and len(prompt) > state.context * state.longest_token:
+        raise BadRequest(too_long("prompt", state.context), "prompt")
+
+
+def longest_token_chars(tokenizer: Any) -> int | None:
+    """The most characters of a prompt that one token can cover, where that has a sound bound: the length of
+    the longest token string of the vocabulary. None where a tokenizer's parts may drop or merge characters.
+
+    Why it is sound for the tokenizers accepted here: an added (special) token is cut out of the prompt where
+    its own string is; the normalizers kept (none, Prepend, a Replace by no shorter text) never shorten the
+    rest; the pre-tokenizers kept (ByteLevel, Metaspace, Split and Punctuation but not "removed", Digits)
+    keep every character, ByteLevel as one character per UTF-8 byte, at least one per character; BPE then
+    cuts each piece into tokens whose strings put together are the piece (an unknown character, unless
+    fused, is one token). So a token covers at most as many of the prompt's characters as its string holds,
+    n tokens at most n x longest, and a prompt of more than ``context`` x longest characters has more than
+    ``context`` tokens (``test_the_early_bound_is_sound`` checks it on many texts)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: nothing to check its parts against
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("unk_token") is not None and model.get("fuse_unk"):
+        return None
+    if not _keeps_length(spec.get("normalizer"), _NORMALIZERS) or not _keeps_length(spec.get("pre_tokenizer"), _PRE_TOKENIZERS):
+        return None
+    return max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
+_NORMALIZERS = {"Prepend", "Replace"}
+_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation"}
+
+
+def _keeps_length(part: dict | None, kinds: set[str]) -> bool:
+    """``part`` (a normalizer or pre-tokenizer in tokenizer.json) never shortens the text or drops a character."""
+    if part is None:
+        return True
+    kind = part.get("type")
+    if kind == "Sequence":
+        return all(_keeps_length(p, kinds) for p in part.get("normalizers", part.get("pretokenizers", [])))
+    if kind == "Replace":
+        pattern = part.get("pattern", {})
+        return "String" in pattern and len(part.get("content", "")) >= len(pattern["String"])
+    return kind in kinds and part.get("behavior") not in ("Removed", "removed")
+
+
+def completion_prompt(state: ServerState, body: dict) -> list[int]:
+    prompt = _one_prompt(body)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if any(not 0 <= t < len(state.tokenizer) for t in prompt):
             raise BadRequest("prompt: a token id is outside the vocabulary", "prompt")
@@ -596,6 +675,20 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def url_of(address: tuple) -> str:
+    """``http://HOST:PORT`` of a bound socket's address, an IPv6 host in brackets (RFC 3986)."""
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine reaches ``host`` (a bound address: 0.0.0.0 and :: are every interface)."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def serve_forever(state: ServerState, sock: socket.socket, on_ready=None) -> None:
