@@ -837,6 +837,9 @@ CASES = [
          ("--layers is empty",), never=("prism_cli.profiling.profiler", "profile_model")),
     Case("rank-layers-folder-without-config", lambda w: ["rank-layers", w.folder("empty")],
          ("is not a prism export (it has no config.json)",)),
+    # the built-in model's name, where an export is wanted: "builtin does not exist" said nothing of why
+    Case("rank-layers-builtin-model", lambda w: ["rank-layers", "builtin"], ("names the built-in model, not an export",),
+         never=("prism_cli.tuning.layers", "load_elastic_model")),
     # rich printed ':x:' as an emoji: the path in the message was not the path given
     Case("eval-emoji-code-in-a-path", lambda w: ["eval", w.root / "a:x:", "--tokens", "64"], ("a:x: does not exist",)),
     # YAML's null ran the option's default without a word

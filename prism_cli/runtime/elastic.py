@@ -23,7 +23,7 @@ from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BAN
 from prism_cli.export.validate import validate_export
 from prism_cli.io import read_json
 from prism_cli.models.adapters import MoELayer, adapter_for_config
-from prism_cli.models.loading import LoadedModel, load_model, resolve_model
+from prism_cli.models.loading import BUILTIN, LoadedModel, load_model, resolve_model
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
 from prism_cli.runtime.grouped import settle_down_layout
@@ -106,7 +106,9 @@ def read_export_meta(spec: str | Path, what: str | None = None) -> dict[str, Any
     argument in it, e.g. ``candidate tuned``)."""
     where = f"{what}: {spec}" if what else str(spec)
     if not Path(spec).exists():
-        raise PrismError(f"{where} does not exist")
+        hint = (": it names the built-in model, not an export; make one with `prism export builtin PARTITION --out DIR`"
+                if str(spec) == BUILTIN else "")
+        raise PrismError(f"{where} does not exist{hint}")
     if not Path(spec).is_dir():
         raise PrismError(f"{where} is a file; give the export folder")
     if not (Path(spec) / "config.json").exists():
