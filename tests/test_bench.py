@@ -504,3 +504,53 @@ def test_every_timed_step_follows_settle_untimed_steps_of_its_own_point(monkeypa
 def test_bench_refuses_a_negative_settle(cli, tmp_path, bench_export):
     result = cli("bench", bench_export, *TINY, "--settle", "-1", "--out", tmp_path / "o")
     assert_one_line_failure(result, "--settle")
+
+
+def test_one_sample_has_no_spread_and_the_precision_loop_repeats_on(monkeypatch):
+    """``--repeats 1``: the median of one sample is not known within any precision (its interval is the
+    sample itself), so the loop times a second round before it stops; with ``--max-repeats 1`` the spread
+    is reported as unknown, not as 0."""
+    from types import SimpleNamespace
+
+    from prism_cli.evaluation import bench as bench_module
+    from prism_cli.evaluation.timing import StepTimer, relative_ci
+
+    assert relative_ci([3.0]) is None
+
+    class FakeTimer:  # a step of exactly 1 ms: any two samples give a spread of 0
+        summarize = StepTimer.summarize
+
+        def __init__(self, model, *_args, **_kwargs):
+            self.batch, self.seq_len, self.mode = 1, 4, "decode"
+
+        def sample(self):
+            return 1.0, None, 0.0
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench_module, "StepTimer", FakeTimer)
+    monkeypatch.setattr(bench_module, "reset_dispatch_counts", lambda: {})
+    runner = SimpleNamespace(model=SimpleNamespace(), state=SimpleNamespace(layers=[]), prepare=lambda: runner.model,
+                             implementation="prism")
+    for max_repeats, expected in ((10, 2), (1, 1)):
+        settings = BenchSettings(batches=[1], repeats=1, max_repeats=max_repeats, warmup=0, settle=0)
+        settings.validate()
+        latency, _ = bench_module._latency([runner], 1, settings, 10, None)[0]
+        assert latency.repeats == expected, max_repeats
+        assert latency.median_ci == (0.0 if expected > 1 else None)
+
+
+def test_bench_replaces_an_earlier_bench_result(cli, bench_runs, bench_export, tmp_path):
+    """A second run into the folder of an earlier one replaces its files (only a user's own files are refused)."""
+    import shutil
+
+    _, _, first, _ = _budget_run(cli, bench_runs, bench_export)
+    out = tmp_path / "again"
+    shutil.copytree(first, out)
+    before = {name: (out / name).read_bytes() for name in ("bench.md", "bench.csv", "bench.json", "bench_summary.md")}
+    result = cli("bench", bench_export, *TINY, "--points", "topk:1", "--out", out)
+    assert result.code == 0, result
+    after = {name: (out / name).read_bytes() for name in before}
+    assert all(after[name] != before[name] for name in before)
+    assert [p["point"] for p in json.loads(after["bench.json"])["points"]][0] == "topk:1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +12,7 @@ from rich.panel import Panel
 
 from prism_cli.commands.common import CachePolicyOption, ConfigOption, DeviceMemoryOption, StageBars, check_seed, parse_int_list
 from prism_cli.console import console
-from prism_cli.data import load_text
+from prism_cli.data import data_file, load_text
 from prism_cli.errors import BudgetNotMet, PrismError
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ def bench(
     data: str = typer.Option(None, help="Quality text file or builtin:<split> (default builtin:eval, held out)."),
     tokens: int = typer.Option(32_768, help="Held-out tokens for the quality columns (windows of 256 tokens, whatever --seq-len is)."),
     points: str = typer.Option(None, help="Operating points to sweep, separated by ';' (default: all the export lists)."),
-    repeats: int = typer.Option(20, help="Timed repeats per point and batch, at least."),
+    repeats: int = typer.Option(
+        20, help="Timed repeats per point and batch, at least (one sample has no spread: --precision then repeats on)."),
     max_repeats: int = typer.Option(60, "--max-repeats", help="... and at most, while a median is less precise than --precision."),
     precision: float = typer.Option(0.02, help="Repeat until every median is known within this fraction (95% interval)."),
     warmup: int = typer.Option(3, help="Untimed warm-up steps."),
@@ -48,10 +50,8 @@ def bench(
     """Benchmark every operating point: quality, latency, memory; Pareto frontiers; the point for a budget."""
     # Imported here, not at the top: torch and transformers would slow every `prism` call (--help too).
     from prism_cli.evaluation.bench import BenchSettings, parse_budget, run_bench
-    from prism_cli.io import check_output_folder
     from prism_cli.models.loading import check_context_length, load_config, parse_device, resolve_model
 
-    check_output_folder(out)  # before the sweep: a results folder that cannot be written fails now, not after it
     budget_ms = parse_budget(budget) if budget is not None else None
     if min_quality is not None and not 0 < min_quality < math.inf:
         raise PrismError(f"--min-quality must be a positive, finite perplexity, got {min_quality}")
@@ -61,7 +61,10 @@ def bench(
     from prism_cli.offload.config import offload_config
 
     parse_device(device)
-    resolve_model(model)
+    target = Path(resolve_model(model))
+    # Before the sweep: a results folder that cannot be written, or would be written over the model or
+    # someone's own files, fails now, not after it.
+    check_bench_out(out, {**({"model": target} if target.is_dir() else {}), **data_file(data)})
     offload = offload_config(device_memory, cache_policy, device=device)
     settings = BenchSettings(
         device=device, dtype=dtype, batches=parse_int_list(batch, "--batch") or [], seq_len=seq_len, mode=mode,
@@ -76,6 +79,39 @@ def bench(
     with StageBars() as stages:
         report = run_bench(model, text, settings, on_stage=stages)
     _emit(report, out, budget_ms, min_quality)
+
+
+#: What ``_emit`` writes into ``--out``; ``bench.json`` says whether they are an earlier bench's.
+BENCH_FILES = ("bench.md", "bench.csv", "bench.json", "bench_summary.md", "bench.png")
+
+
+def check_bench_out(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse, before any work, an ``--out`` that ``_emit`` could not write whole: one that is, holds or lies
+    inside one of ``inputs``, cannot be written, has a folder where one of ``BENCH_FILES`` goes, or holds
+    ``bench.*`` files that are not an earlier ``prism bench`` result (a user's own ``bench.md``)."""
+    from prism_cli.io import check_not_input, check_output_folder
+
+    check_not_input(out, inputs, inside=True)  # results inside an export would be read as part of it
+    check_output_folder(out)
+    paths = [out / name for name in BENCH_FILES]
+    for path in paths:
+        if path.is_dir():
+            raise PrismError(f"cannot write {path}: it is a folder; move it or choose another --out")
+        check_not_input(path, inputs)
+    existing = next((p for p in paths if p.exists() or p.is_symlink()), None)
+    if existing is not None and not is_bench_result(out / "bench.json"):
+        raise PrismError(f"--out {out} would replace {existing}, which is not an earlier result of prism bench "
+                         "(bench.json is not a prism bench result); move it or choose another --out")
+
+
+def is_bench_result(path: Path) -> bool:
+    """Whether ``path`` is the ``bench.json`` of a ``prism bench`` run: a result table with its points."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(data, dict) and "title" in data and isinstance(data.get("rows"), list)
+            and isinstance(data.get("points"), list) and isinstance(data.get("counts"), dict))
 
 
 def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: float | None) -> None:

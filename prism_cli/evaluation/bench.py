@@ -108,6 +108,10 @@ class BenchSettings:
             self.batches = []
         elif not self.batches or any(b < 1 or b > 1_000_000 for b in self.batches):
             raise PrismError(f"--batch sizes must be between 1 and 1000000, got {self.batches}")
+        elif len(set(self.batches)) < len(self.batches):  # each batch size is a column of the tables
+            repeated = sorted({b for b in self.batches if self.batches.count(b) > 1})
+            raise PrismError(f"--batch repeats {', '.join(map(str, repeated))}; give each batch size once, "
+                             f"e.g. {','.join(map(str, dict.fromkeys(self.batches)))}")
         if not 1 <= self.seq_len <= 1_048_576:
             raise PrismError(f"--seq-len must be between 1 and 1048576, got {self.seq_len}")
         if self.mode not in ("decode", "prefill"):
@@ -414,7 +418,7 @@ def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab:
             if progress:
                 progress(len(runners) / settings.repeats if rounds <= settings.repeats else 0)
             if rounds >= settings.repeats and all(
-                timers[id(r.model)].summarize(s).median_ci <= settings.precision for r, s in zip(runners, samples, strict=True)
+                _precise(timers[id(r.model)].summarize(s), settings.precision) for r, s in zip(runners, samples, strict=True)
             ):
                 break
     except MemoryError:
@@ -428,6 +432,11 @@ def _latency(runners: list[_Runner], batch: int, settings: BenchSettings, vocab:
             timer.close()
     return {i: (timers[id(r.model)].summarize(samples[i]), _implementation_label(r.implementation, executors[i]))
             for i, r in enumerate(runners)}
+
+
+def _precise(latency: Latency, precision: float) -> bool:
+    """Whether ``latency``'s median is known within ``precision``; an unknown spread (one sample) is not."""
+    return latency.median_ci is not None and latency.median_ci <= precision
 
 
 def _implementation_label(implementation: str, executors: Counter[str]) -> str:

@@ -37,7 +37,8 @@ class Latency:
     peak_memory_mib: float
     repeats: int
     moe_ms: float | None = None  # median time inside the sparse MoE blocks (CPU only: timed by hooks)
-    #: Half-width of the 95 % confidence interval of the median, relative to it (the spread reported).
+    #: Half-width of the 95 % confidence interval of the median, relative to it (the spread reported);
+    #: None where it is unknown (fewer than two samples).
     median_ci: float | None = None
 
 
@@ -58,8 +59,13 @@ def median_ci(samples: list[float], z: float = 1.96) -> tuple[float, float]:
     return xs[lo - 1], xs[hi - 1]
 
 
-def relative_ci(samples: list[float]) -> float:
-    """Half-width of :func:`median_ci` over the median: 0.02 means the median is known within 2 %."""
+def relative_ci(samples: list[float]) -> float | None:
+    """Half-width of :func:`median_ci` over the median: 0.02 means the median is known within 2 %.
+
+    None for fewer than two samples: one sample has no spread to measure (its interval is the sample
+    itself, which would read as a median known exactly)."""
+    if len(samples) < 2:
+        return None
     lo, hi = median_ci(samples)
     median = statistics.median(samples)
     return (hi - lo) / 2 / median if median > 0 else math.inf

@@ -181,11 +181,16 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def parse_device(name: str) -> torch.device:
-    """A torch device, refusing CUDA where there is none."""
+    """A torch device, refusing CUDA where there is none.
+
+    Only cpu and cuda: torch parses mps, xpu, meta and others too, but prism's kernels, timing and memory
+    checks know these two, and the others failed later in torch, after the model was loaded."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise PrismError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise PrismError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PrismError("CUDA was asked for but this machine has no CUDA device (torch.cuda.is_available() is False)")
     return device
