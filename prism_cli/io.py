@@ -150,12 +150,16 @@ def check_free_space(path: Path, needed: int) -> None:
     folder = Path(path).resolve().parent
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise PrismError(f"cannot write {path}: it needs about {_size(needed)} and {folder} has {_size(free)} free; "
+        raise PrismError(f"cannot write {path}: it needs about {format_size(needed)} and {folder} has {format_size(free)} free; "
                          "free some space or choose another --out")
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def format_size(nbytes: float) -> str:
+    """``nbytes`` in the largest binary unit it reaches, to two decimals (``1.50 GiB``)."""
+    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def save_tensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:

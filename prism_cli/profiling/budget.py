@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 
 from prism_cli.errors import PrismError
+from prism_cli.io import format_size
 
 #: Host memory of one reservoir's generator and bookkeeping objects (measured: about 1 KiB each).
 RESERVOIR_OBJECT_BYTES = 1536
@@ -58,13 +59,6 @@ def parse_size(text: str | int, option: str = "--max-memory") -> int:
     if value <= 0:
         raise PrismError(f"{option} must be positive, got {text!r}")
     return value
-
-
-def format_size(nbytes: float) -> str:
-    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{int(nbytes)} B"
 
 
 def reservoir_caps(max_rows: int, holdout_fraction: float) -> tuple[int, int]:
