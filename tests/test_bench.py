@@ -32,7 +32,8 @@ QUALITY_FIELDS = ("perplexity", "kl", "top1_agreement", "active", "tokens")
 
 @pytest.mark.parametrize(
     ("text", "ms"),
-    [("50ms", 50.0), ("0.05s", 50.0), ("50", 50.0), ("500us", 0.5), ("500µs", 0.5), (" 2.5 ms ", 2.5), ("1e-1s", 100.0)],
+    [("50ms", 50.0), ("0.05s", 50.0), ("50", 50.0), ("500us", 0.5), ("500µs", 0.5), (" 2.5 ms ", 2.5), ("1e-1s", 100.0),
+     ("1e+3ms", 1000.0), ("1E3", 1000.0), ("2.5e+0s", 2500.0)],
 )
 def test_parse_budget_accepts(text, ms):
     assert parse_budget(text) == pytest.approx(ms)
@@ -287,19 +288,26 @@ def test_bench_end_to_end_files(cli, bench_runs, bench_export):
 
 
 def test_bench_budget_and_quality_picks(cli, bench_runs, bench_export):
-    result, data, _, _ = _budget_run(cli, bench_runs, bench_export)
+    result, data, out, _ = _budget_run(cli, bench_runs, bench_export)
     assert result.code == 0, result
     pts = data["points"]
     budget = min(pts, key=lambda p: (p["perplexity"], p["latency"]["2"]["median_ms"]))
     cheapest = min(pts, key=lambda p: (p["latency"]["2"]["median_ms"], p["perplexity"]))
-    assert data["selection"]["budget"] == budget["point"]
-    assert data["selection"]["quality"] == cheapest["point"]
+    selection = data["selection"]
+    assert selection["batch"] == 2 and selection["budget_ms"] == 100000 and selection["max_perplexity"] == 1e9
+    for key, want in (("budget", budget), ("quality", cheapest)):
+        assert selection[key] == {"point": want["point"], "kind": want["kind"], "perplexity": want["perplexity"],
+                                  "median_ms": want["latency"]["2"]["median_ms"]}
     assert "best point within the budget" in result.out and budget["point"] in result.out
     assert "cheapest point with perplexity" in result.out and cheapest["point"] in result.out
+    # The picks are in the Markdown table too, naming the kind: a table read later says what was chosen.
+    md = (out / "bench.md").read_text()
+    assert f"best point within the budget of 100000 ms per decode step at batch 2: {budget['point']} ({budget['kind']})" in md
+    assert f"cheapest point with perplexity <= 1e+09: {cheapest['point']} ({cheapest['kind']})" in md
 
 
 def test_bench_budget_not_met_exits_3(cli, bench_runs, bench_export):
-    result, data, _, _ = _tight_run(cli, bench_runs, bench_export)
+    result, data, out, _ = _tight_run(cli, bench_runs, bench_export)
     assert result.code == 3, result
     message = result.err.strip().splitlines()[-1]
     assert "Traceback" not in result.err
@@ -307,7 +315,11 @@ def test_bench_budget_not_met_exits_3(cli, bench_runs, bench_export):
     best = min(data["points"], key=lambda p: p["perplexity"])
     assert "no operating point meets 0.0001 ms" in message and f"the fastest is {fastest['point']}" in message
     assert "no operating point reaches perplexity 1" in message and f"the best is {best['point']}" in message
-    assert data["selection"] == {"budget": None, "fastest": fastest["point"], "quality": None, "best_quality": best["point"]}
+    named = {k: (v["point"] if isinstance(v, dict) else v) for k, v in data["selection"].items()}
+    assert named == {"batch": 2, "budget_ms": 0.0001, "max_perplexity": 1.0, "budget": None, "fastest": fastest["point"],
+                     "quality": None, "best_quality": best["point"]}
+    md = (out / "bench.md").read_text()
+    assert "not met: no operating point meets 0.0001 ms" in md and "not met: no operating point reaches perplexity 1" in md
 
 
 def test_bench_quality_is_deterministic(cli, bench_runs, bench_export, tmp_path):

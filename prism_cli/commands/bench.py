@@ -16,7 +16,7 @@ from prism_cli.data import data_file, load_text
 from prism_cli.errors import BudgetNotMet, PrismError
 
 if TYPE_CHECKING:
-    from prism_cli.evaluation.bench import BenchReport
+    from prism_cli.evaluation.bench import BenchReport, PointResult
 
 
 def bench(
@@ -114,8 +114,48 @@ def is_bench_result(path: Path) -> bool:
             and isinstance(data.get("points"), list) and isinstance(data.get("counts"), dict))
 
 
+def _pick_record(pick: PointResult | None, batch: int) -> dict[str, object] | None:
+    """A pick as bench.json keeps it: which point, elastic or original, and the numbers it was chosen on."""
+    if pick is None:
+        return None
+    return {"point": pick.point, "kind": pick.kind, "perplexity": pick.quality.perplexity,
+            "median_ms": pick.latency[batch].median_ms}
+
+
+def _picks(report: BenchReport, budget_ms: float | None, max_ppl: float | None) -> tuple[dict[str, object], list[str], list[str]]:
+    """The ``--budget``/``--min-quality`` picks over every point: bench.json's ``selection``, one line per
+    pick (printed and written into bench.md), and what could not be met (exit 3)."""
+    from prism_cli.evaluation.bench import best_under_budget
+
+    b0 = report.settings.batches[0]
+    picks = best_under_budget(report, b0, budget_ms, max_ppl)
+    selection: dict[str, object] = {"batch": b0, "budget_ms": budget_ms, "max_perplexity": max_ppl,
+                                    **{k: _pick_record(v, b0) for k, v in picks.items()}}
+    lines: list[str] = []
+    failures: list[str] = []
+    step = f"per {report.settings.mode} step at batch {b0}"
+    if budget_ms is not None:
+        pick = picks["budget"]
+        if pick is None:
+            fastest = picks["fastest"]
+            failures.append(f"no operating point meets {budget_ms:g} ms at batch {b0}; the fastest is {fastest.point} "
+                            f"at {fastest.latency[b0].median_ms:.3g} ms (perplexity {fastest.quality.perplexity:.2f})")
+        else:
+            lines.append(f"best point within the budget of {budget_ms:g} ms {step}: {pick.point} ({pick.kind}), "
+                         f"perplexity {pick.quality.perplexity:.2f}, {pick.latency[b0].median_ms:.3g} ms")
+    if max_ppl is not None:
+        pick = picks["quality"]
+        if pick is None:
+            best = picks["best_quality"]
+            failures.append(f"no operating point reaches perplexity {max_ppl:g}; the best is {best.point} at {best.quality.perplexity:.2f}")
+        else:
+            lines.append(f"cheapest point with perplexity <= {max_ppl:g}: {pick.point} ({pick.kind}), "
+                         f"perplexity {pick.quality.perplexity:.2f}, {pick.latency[b0].median_ms:.3g} ms {step}")
+    return selection, lines, failures
+
+
 def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: float | None) -> None:
-    from prism_cli.evaluation.bench import best_under_budget, report_json
+    from prism_cli.evaluation.bench import report_json
     from prism_cli.evaluation.bench_tables import points_table, screen_table, summary_tables
     from prism_cli.evaluation.plot import plot_frontiers
     from prism_cli.io import write_text
@@ -132,31 +172,14 @@ def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: floa
     for summary in summaries:
         console.print(summary.rich())
     data = report_json(report)
-    picks = best_under_budget(report, b0, budget_ms, max_ppl)
-    data["selection"] = {k: (v.point if v is not None else None) for k, v in picks.items()}
+    data["selection"], picked, failures = _picks(report, budget_ms, max_ppl)
+    table.notes += picked + [f"not met: {failure}" for failure in failures]
     table.save(out / "bench", extra=data)
     write_text(out / "bench_summary.md", "\n".join(t.markdown() for t in summaries))
     plot_frontiers(report, b0, out / "bench.png")
     console.print(f"written {out}/bench.md, bench.csv, bench.json, bench_summary.md, bench.png")
-    failures = []
-    if budget_ms is not None:
-        pick = picks["budget"]
-        if pick is None:
-            fastest = picks["fastest"]
-            failures.append(f"no operating point meets {budget_ms:g} ms at batch {b0}; the fastest is {fastest.point} "
-                            f"at {fastest.latency[b0].median_ms:.3g} ms (perplexity {fastest.quality.perplexity:.2f})")
-        else:
-            console.print(Panel(f"[bold]{pick.point}[/] ({pick.kind}): perplexity {pick.quality.perplexity:.2f}, "
-                                f"{pick.latency[b0].median_ms:.3g} ms per {report.settings.mode} step at batch {b0} "
-                                f"(budget {budget_ms:g} ms)", title="best point within the budget", border_style="green"))
-    if max_ppl is not None:
-        pick = picks["quality"]
-        if pick is None:
-            best = picks["best_quality"]
-            failures.append(f"no operating point reaches perplexity {max_ppl:g}; the best is {best.point} at {best.quality.perplexity:.2f}")
-        else:
-            console.print(Panel(f"[bold]{pick.point}[/] ({pick.kind}): perplexity {pick.quality.perplexity:.2f}, "
-                                f"{pick.latency[b0].median_ms:.3g} ms at batch {b0}",
-                                title=f"cheapest point with perplexity <= {max_ppl:g}", border_style="green"))
+    for line in picked:
+        title, _, body = line.partition(": ")
+        console.print(Panel(body, title=title, border_style="green"))
     if failures:
         raise BudgetNotMet("; ".join(failures))

@@ -56,7 +56,7 @@ DEVICE_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float16",
 
 def parse_budget(text: str) -> float:
     """A latency budget in milliseconds: ``50ms``, ``0.05s``, ``50`` (ms) or ``500us``."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|s|us|µs)?\s*", str(text))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|us|µs)?\s*", str(text))
     if not m:
         raise PrismError(f"cannot read the budget {text!r}: give a time like 50ms, 0.05s or 50 (milliseconds)")
     value = float(m.group(1)) * {"ms": 1.0, None: 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}[m.group(2)]
