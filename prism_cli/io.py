@@ -344,6 +344,18 @@ def open_prism_h5(path: Path, kind: str, fmt: str, version: int, remake: str) ->
     return h5, meta
 
 
+def is_prism_h5(path: Path, fmt: str) -> bool:
+    """Whether ``path`` is an HDF5 file whose ``format`` attribute is ``fmt`` (a prism profile or partition of
+    any version): one that a run may replace with a newer one, unlike a file of the user's of that name."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5_attr(h5.attrs.get("format")) == fmt
+    except OSError:
+        return False
+
+
 def integer_attrs(meta: dict[str, Any], keys: tuple[str, ...], path: Path, minimum: int = 0) -> None:
     """Replace the attributes ``keys`` of an opened prism HDF5 file by ints, each at least ``minimum``
     (``layers``: a list of them), or raise one line naming the first that is missing or is not one."""

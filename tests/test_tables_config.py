@@ -158,6 +158,34 @@ def test_a_work_folder_export_of_the_users_is_refused_not_replaced(tmp_path: Pat
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize(("name", "content"), [("profile.h5", "notes"), ("partition.h5", "hdf5"), ("profile.h5", "partition"),
+                                              ("partition.h5", "folder")])
+def test_a_work_folder_profile_or_partition_of_the_users_is_refused(tmp_path: Path, cli, no_stages, name: str,
+                                                                     content: str) -> None:
+    """``wk/profile.h5`` or ``wk/partition.h5`` that is not a prism file of that kind (a text file, another HDF5
+    file, a partition where the profile goes, a folder): refused in one line before any stage, nothing touched.
+    A rerun's own files, written by prism, are the run's to replace."""
+    import h5py
+
+    work = tmp_path / "wk"
+    work.mkdir()
+    path = work / name
+    if content == "notes":
+        path.write_text("mine")
+    elif content == "folder":
+        path.mkdir()
+    else:
+        with h5py.File(path, "w") as h5:
+            h5.attrs["format"] = "prism-partition" if content == "partition" else "someone-elses"
+    config = write_config(tmp_path)
+    before = tree(tmp_path)
+    result = cli("tables", "--config", config, "--out", tmp_path / "out", "--work", work)
+    assert result.code == 2, result
+    kind = name.removesuffix(".h5")
+    result.assert_one_line_error(f"{path}", f"not a prism {kind}", "--work")
+    assert tree(tmp_path) == before
+
+
 def test_a_prism_export_in_the_work_folder_is_the_tables_own(tmp_path: Path) -> None:
     """An earlier run's export (config.json with a prism section) is the run's to replace: a rerun works."""
     from prism_cli.pipeline.tables import check_work_folder
@@ -167,6 +195,12 @@ def test_a_prism_export_in_the_work_folder_is_the_tables_own(tmp_path: Path) -> 
     (tmp_path / "export" / "config.json").write_text(json.dumps({"model_type": "olmoe", "prism": {"format_version": 1}}))
     check_work_folder(tmp_path)
     check_work_folder(tmp_path / "missing")
+    import h5py
+
+    for name, fmt in (("profile.h5", "prism-profile"), ("partition.h5", "prism-partition")):
+        with h5py.File(tmp_path / name, "w") as h5:  # an earlier run's (of any format version)
+            h5.attrs["format"] = fmt
+    check_work_folder(tmp_path)
 
 
 def test_a_reused_partition_needs_no_profile_text(tmp_path: Path) -> None:

@@ -36,11 +36,13 @@ from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, 
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.export.format import EXPORT_OUTPUT
-from prism_cli.io import atomic_path, write_text
+from prism_cli.io import atomic_path, is_prism_h5, write_text
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.loading import check_context_length, load_config, load_model, parse_device
 from prism_cli.operating_points import parse_operating_point
+from prism_cli.profiling.format import FORMAT as PROFILE_FORMAT
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
+from prism_cli.solvers.format import FORMAT as PARTITION_FORMAT
 from prism_cli.solvers.format import read_partition, write_partition
 from prism_cli.solvers.runner import PartitionSettings, check_workers, partition_profile
 from prism_cli.tuning.layers import SEQ_LEN as RANK_SEQ_LEN
@@ -314,15 +316,24 @@ def keep_partition(partition: Path, table_dir: Path) -> None:
             shutil.copyfile(partition, tmp)
 
 
+#: What a table run writes into its work folder, beside ``export/``: name, its HDF5 format, what it is.
+WORK_FILES = (("profile.h5", PROFILE_FORMAT, "profile"), ("partition.h5", PARTITION_FORMAT, "partition"))
+
+
 def check_work_folder(work: Path) -> None:
-    """Refuse a work folder whose ``export/`` is not a prism export (or empty): the run replaces the export
-    there, which must be one an earlier run left (a rerun continues), never a folder of the user's."""
+    """Refuse a work folder whose ``export/``, ``profile.h5`` or ``partition.h5`` is not a prism export,
+    profile or partition (or an empty export folder): the run replaces them, which must be what an earlier
+    run left (a rerun continues), never files of the user's."""
     export = Path(work) / "export"
-    if not export.exists() and not export.is_symlink():
-        return
-    if export.is_symlink() or not export.is_dir() or not EXPORT_OUTPUT.permits(export):  # what export --force keeps
+    if (export.exists() or export.is_symlink()) and (
+            export.is_symlink() or not export.is_dir() or not EXPORT_OUTPUT.permits(export)):  # what export --force keeps
         raise PrismError(f"work folder {work} holds {export}, which is not a prism export; prism tables writes its "
                          "export there: move it away or give another --work")
+    for name, fmt, kind in WORK_FILES:
+        path = Path(work) / name
+        if (path.exists() or path.is_symlink()) and (path.is_symlink() or not path.is_file() or not is_prism_h5(path, fmt)):
+            raise PrismError(f"work folder {work} holds {path}, which is not a prism {kind}; prism tables writes its "
+                             f"{kind} there: move it away or give another --work")
 
 
 @contextlib.contextmanager
