@@ -54,6 +54,23 @@ class OperatingPoint:
         return f"{self.policy}:{value}"
 
 
+#: Where a list of points splits: at ``;``, or at a ``,`` that starts another named point (``topk:4,linear:4``).
+#: A pattern's own commas (``pattern:4,3,1``) are followed by a digit and stay inside it.
+_POINT_SEPARATOR = re.compile(r";|,(?=\s*[A-Za-z_]+\s*:)")
+
+
+def split_points(text: str, option: str) -> list[str]:
+    """The points of a list option, stripped (``topk:4;pattern:4,3,1`` or ``topk:4,linear:4``). An empty item
+    beside others is refused (a point lost to a typo or an unset shell variable); text with no point at all
+    gives [], which the caller refuses as naming nothing."""
+    items = [item.strip() for item in _POINT_SEPARATOR.split(str(text))]
+    if not any(items):
+        return []
+    if "" in items:
+        raise PrismError(f"{option} {text!r} has an empty item (two separators, or one at an end): give each point once")
+    return items
+
+
 def parse_operating_point(spec: str | int | OperatingPoint, gate: str | None, n_sub: int, top_k: int) -> OperatingPoint:
     """Parse and validate a point for a model with ``n_sub`` sub-experts per expert and top-``top_k`` routing.
 

@@ -440,7 +440,7 @@ timed (the source and the export): with 40,000 B available,
 
 
 def test_bench_other_experts_implementation(cli, bench_runs, bench_export):
-    result, data, _, _ = bench_run(cli, bench_runs, "eager", bench_export, "--experts-impl", "eager", "--points", "topk:2;2;pattern:4")
+    result, data, _, _ = bench_run(cli, bench_runs, "eager", bench_export, "--experts-impl", "eager", "--points", "topk:2;2,pattern:4,0")
     assert result.code == 0, result
     by_name = {p["point"]: p for p in data["points"]}
     assert list(by_name) == ["topk:2", "pattern:4,0", "original:1", "original:2"]  # "2" is topk:2, measured once

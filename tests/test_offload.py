@@ -692,7 +692,8 @@ def test_offload_bench_a_link_of_one_byte_a_second_is_charged_not_waited_out(exp
 @pytest.mark.parametrize(("option", "value", "named"), [("--device-memory", "30%,30%", "30%"),
                                                          ("--device-memory", "4GB,4000MB", "4GB"),
                                                          ("--policy", "lru,lru", "lru"), ("--pin", "0,0.0", "0"),
-                                                         ("--points", "topk:4,topk:4", "topk:4")])
+                                                         ("--points", "topk:4,topk:4", "topk:4"),
+                                                         ("--points", "pattern:4,1;pattern:4,1", "pattern:4,1")])
 def test_offload_bench_refuses_a_value_given_twice(cli, export_dir, option, value, named):
     args = {"--device-memory": "30%", "--points": "topk:4", option: value}
     r = cli("offload-bench", export_dir, *[x for kv in args.items() for x in kv], "--context", "8", "--warmup", "1",

@@ -8,7 +8,7 @@ import pytest
 from conftest import FULL, N_SUB, TOP_K
 
 from prism_cli.errors import PrismError
-from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
+from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point, split_points
 
 
 def refused(spec: str | int | OperatingPoint, gate: str | None = "neurons") -> str:
@@ -107,3 +107,23 @@ def test_numbers_are_plain_ascii_decimals_and_a_refusal_quotes_what_was_typed():
 @pytest.mark.parametrize("spec", ["", " ", "\t\n"])
 def test_an_empty_point_says_so(spec):
     assert "operating point is empty" in refused(spec)
+
+
+@pytest.mark.parametrize(("text", "items"), [
+    ("topk:4;linear:4", ["topk:4", "linear:4"]),
+    ("topk:4,linear:4", ["topk:4", "linear:4"]),
+    ("pattern:4,3,1", ["pattern:4,3,1"]),
+    ("topk:4, pattern:4,3,1 ,linear:8", ["topk:4", "pattern:4,3,1", "linear:8"]),
+    ("pattern:4,3;pattern:2,2", ["pattern:4,3", "pattern:2,2"]),
+    ("2;threshold:0.8", ["2", "threshold:0.8"]),
+    (" ; ", []),
+])
+def test_split_points_by_hand(text, items):
+    """';' always separates; ',' only where another named point starts (a pattern's commas stay in it)."""
+    assert split_points(text, "--points") == items
+
+
+@pytest.mark.parametrize("text", ["topk:4;;linear:4", "topk:4;", ",linear:4"])
+def test_split_points_refuses_empty_items(text):
+    with pytest.raises(PrismError, match="--points .* has an empty item"):
+        split_points(text, "--points")

@@ -14,6 +14,7 @@ from prism_cli.commands.common import CachePolicyOption, ConfigOption, DeviceMem
 from prism_cli.console import console
 from prism_cli.data import data_file, load_text
 from prism_cli.errors import BudgetNotMet, PrismError
+from prism_cli.operating_points import split_points
 
 if TYPE_CHECKING:
     from prism_cli.evaluation.bench import BenchReport, PointResult
@@ -29,7 +30,8 @@ def bench(
     mode: str = typer.Option("decode", help="decode (one token per sequence over the cache) or prefill."),
     data: str = typer.Option(None, help="Quality text file or builtin:<split> (default builtin:eval, held out)."),
     tokens: int = typer.Option(32_768, help="Held-out tokens for the quality columns (windows of 256 tokens, whatever --seq-len is)."),
-    points: str = typer.Option(None, help="Operating points to sweep, separated by ';' (default: all the export lists)."),
+    points: str = typer.Option(
+        None, help="Operating points to sweep, separated by ';' or ',' (topk:4,pattern:4,3,1; default: all the export lists)."),
     repeats: int = typer.Option(
         20, help="Timed repeats per point and batch, at least (one sample has no spread: --precision then repeats on)."),
     max_repeats: int = typer.Option(60, "--max-repeats", help="... and at most, while a median is less precise than --precision."),
@@ -55,9 +57,9 @@ def bench(
     budget_ms = parse_budget(budget) if budget is not None else None
     if min_quality is not None and not 0 < min_quality < math.inf:
         raise PrismError(f"--min-quality must be a positive, finite perplexity, got {min_quality}")
-    point_list = [p for p in points.split(";") if p.strip()] if points is not None else None
+    point_list = split_points(points, "--points") if points is not None else None
     if point_list == []:
-        raise PrismError(f"--points {points!r} names no operating point; separate points with ';' (e.g. 'linear:2;linear:8')")
+        raise PrismError(f"--points {points!r} names no operating point; separate points with ';' or ',' (e.g. 'linear:2;linear:8')")
     from prism_cli.offload.config import offload_config
 
     parse_device(device)

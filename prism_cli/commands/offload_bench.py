@@ -16,7 +16,7 @@ def offload_bench(
     model: str = typer.Argument(..., help="A prism export (the source model is loaded as the baseline)."),
     device_memory: str = typer.Option(..., "--device-memory", help="Budgets, comma-separated: 4GB, 4GiB, 45% (of the "
                                       "experts cached), 16GB@deepseek-v2-lite (that model's cached share)."),
-    points: str = typer.Option(..., help="Elastic operating points, comma-separated (topk:4,linear:4,...); baselines "
+    points: str = typer.Option(..., help="Elastic operating points, separated by ',' or ';' (topk:4,linear:4;pattern:4,3,1); baselines "
                                "at equal compute and at the same quality floor are added."),
     policy: str = typer.Option("lru", help="Cache policies, comma-separated (lru, lfu, prefetch)."),
     pin: str = typer.Option("0", help="Shares of the cache pinned to the highest-mass sub-experts, comma-separated (0,0.25)."),
@@ -51,7 +51,7 @@ def offload_bench(
     except ValueError:
         raise PrismError(f"--pin takes fractions like 0,0.25, got {pin!r}") from None
     settings = OffloadBenchSettings(
-        budgets=parse_budgets(device_memory, parse_reserve(reserve)), points=parse_list(points, "--points", "topk:4,linear:4"),
+        budgets=parse_budgets(device_memory, parse_reserve(reserve)), points=_points(points),
         policies=parse_list(policy, "--policy", "lru,prefetch"), pins=pins, link=parse_link(link),
         reserve=reserve, device=device, dtype=dtype, context=context, warmup=warmup, tokens=tokens,
         quality_tokens=quality_tokens, seed=seed, shape=shape, trace=trace, routing=routing, compute=compute,
@@ -82,3 +82,13 @@ def _emit(report, out: Path) -> None:
     plot_latency(report, out / "offload.png")
     console.print(f"written {out}/offload.md, .csv, .json, offload_pairs.md, .csv, .json, offload.png")
     check_budgets(report)
+
+
+def _points(text: str) -> list[str]:
+    """``--points``, split as bench splits it (``topk:4,linear:4`` or ``topk:4;pattern:4,3,1``)."""
+    from prism_cli.operating_points import split_points
+
+    points = split_points(text, "--points")
+    if not points:
+        raise PrismError("--points needs at least one value, e.g. topk:4,linear:4")
+    return points
