@@ -28,7 +28,7 @@ from prism_cli.errors import PrismError
 TABLE_KEYS = ("name",)
 
 #: Options that take a list on the command line, by section, with the separator they are typed with
-#: (``bench --points`` takes ';': a pattern point such as ``pattern:4,3`` holds commas): a YAML list is
+#: (``--points`` lists join with ';': a pattern point such as ``pattern:4,3`` holds commas): a YAML list is
 #: joined with it. A list for any other (single-valued) option is refused, even of one element (``tokens:
 #: [512]`` is a mistake, not 512). Repeatable options and variadic arguments take lists as well.
 LIST_OPTIONS: dict[str, dict[str, str]] = {
@@ -38,7 +38,7 @@ LIST_OPTIONS: dict[str, dict[str, str]] = {
     "plan": {"layers": ","},
     "calibrate": {"solvers": ",", "widths": ","},
     "bench": {"batch": ",", "points": ";"},
-    "offload-bench": {"device_memory": ",", "points": ",", "policy": ",", "pin": ","},
+    "offload-bench": {"device_memory": ",", "points": ";", "policy": ",", "pin": ","},
     "schedule": {"floors": ","},
     "sweep": {"floors": ",", "loads": ",", "rates": ","},
 }

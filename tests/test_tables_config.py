@@ -267,3 +267,20 @@ def test_a_copy_stopped_midway_keeps_the_tables_partition_whole(tmp_path, monkey
     assert (table / "partition.h5").read_bytes() == b"new partition, longer"
     tables.keep_partition(table / "partition.h5", table)  # the table's own: nothing to copy
     assert (table / "partition.h5").read_bytes() == b"new partition, longer"
+
+
+def test_a_shared_data_key_is_each_stages_text_unless_its_section_names_one(tmp_path: Path) -> None:
+    """A top-level ``data`` is read as each command reads it from the same file (the default of its --data):
+    the profile, rank-layers and bench text where their sections name none (it had been ignored)."""
+    text = tmp_path / "mine.txt"
+    text.write_text("plain words for every stage. " * 50)
+    config = write_config(tmp_path, data=str(text), rank_layers={"tokens": 256})
+    raw = yaml.safe_load(config.read_text())
+    del raw["profile"]["data"], raw["bench"]["data"]
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    loaded = TableConfig.load(config)
+    assert loaded.profile["data"] == loaded.bench["data"] == loaded.layers["data"] == str(text)
+    raw["bench"]["data"] = "builtin:eval"  # a section's own text wins
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert TableConfig.load(config).bench["data"] == "builtin:eval"
+    assert TableConfig.load(config).profile["data"] == str(text)

@@ -63,7 +63,8 @@ SECTIONS: dict[str, dict[str, type]] = {
     "bench": {"data": str, "tokens": int, "batch": list, "seq_len": int, "mode": str, "points": list, "repeats": int,
               "max_repeats": int, "precision": float, "warmup": int, "settle": int, "dtype": str},
 }
-#: The top-level keys and their types (``data`` is accepted and ignored: each stage's section names its text).
+#: The top-level keys and their types (``data``, shared as in every command's config, is the text of each
+#: stage whose section names none).
 TOP_KEYS: dict[str, type] = {"name": str, "model": str, "seed": int, "device": str}
 
 #: Seeds go to numpy's and torch's generators and into HDF5 metadata (the bound of every command's --seed).
@@ -157,11 +158,14 @@ class TableConfig:
         unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise unknown_key(f"table config {path}", "key", unknown[0], known)
-        data.pop("data", None)
+        shared_data = data.pop("data", None)
         sections: dict[str, dict[str, Any]] = {}
         for section in SECTIONS:
             if section in data:  # `max-rows` and `max_rows` are one key (config.py refuses both at once)
                 sections[section] = {str(k).replace("-", "_"): v for k, v in (data.pop(section) or {}).items()}
+        if shared_data is not None:  # as every command reads the shared key: the text of each stage without its own
+            for section in ("profile", "bench", *(("rank-layers",) if "rank-layers" in sections else ())):
+                sections.setdefault(section, {}).setdefault("data", shared_data)
         data.setdefault("name", Path(path).stem)
         config = cls(**data, **{k: v for k, v in sections.items() if k != "rank-layers"},
                      layers=sections.get("rank-layers"), source=Path(path))
