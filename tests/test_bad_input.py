@@ -968,3 +968,18 @@ def cost_model_args(w: World, target: Path, n_sub: int) -> list[Any]:
 
     return ["schedule", "cost-model", w.export, "--decode", bench("decode"), "--prefill", bench("prefill"),
             "--out", w.root / "cm.json"]
+
+
+@pytest.mark.parametrize(("count", "name", "phrase"), [(1, "cuda:1", "has 1 CUDA device (cuda:0)"),
+                                                       (2, "cuda:7", "has 2 CUDA devices (cuda:0 to cuda:1)")])
+def test_a_cuda_index_beyond_the_devices_is_refused(monkeypatch: pytest.MonkeyPatch, count: int, name: str, phrase: str) -> None:
+    """``cuda:N`` past the last GPU is one line naming the devices there are (torch failed later, at the
+    first tensor moved); ``cuda`` and the last index are accepted. CUDA is faked: only the count is read."""
+    from prism_cli.errors import PrismError
+    from prism_cli.models.loading import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(PrismError, match=f"device '{name}' does not exist: this machine {phrase.replace('(', '[(]').replace(')', '[)]')}"):
+        parse_device(name)
+    assert parse_device("cuda").type == "cuda" and parse_device(f"cuda:{count - 1}").index == count - 1

@@ -193,6 +193,9 @@ def parse_device(name: str) -> torch.device:
         raise PrismError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PrismError("CUDA was asked for but this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        raise PrismError(f"device {name!r} does not exist: this machine has {count} CUDA device{'s' * (count != 1)} "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     return device
 
 
