@@ -10,7 +10,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_elastic", "set_operating_point"]
+from prism_cli.errors import PrismError
+
+__all__ = ["PrismError", "__version__", "load_elastic", "set_operating_point"]
 
 
 def __getattr__(name: str):

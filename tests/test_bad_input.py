@@ -506,6 +506,18 @@ CASES = [
                                                     "--tokens", "64", "--seq-len", "64"], ("config.json: not valid JSON (line 1",)),
     Case("eval-export-old-format", lambda w: ["eval", w.export_with(prism__format_version=2), "--tokens", "64", "--seq-len", "64"],
          ("export format version 2", "export it again")),
+    # a string version read "has export format version 3; this prism reads 3"
+    Case("eval-export-format-version-string",
+         lambda w: ["eval", w.export_with(prism__format_version="3"), "--tokens", "64", "--seq-len", "64"],
+         ("export format version '3', not an integer",)),
+    # "operating point 'None': 'None' is not an integer"
+    Case("eval-export-default-point-missing",
+         lambda w: ["eval", w.export_with(prism__default_operating_point=None), "--tokens", "64", "--seq-len", "64"],
+         ("prism.default_operating_point is missing",)),
+    # nothing in the weights records the source's top-k: points past it were offered and ran
+    Case("eval-export-source-top-k-edited",
+         lambda w: ["eval", w.export_with(prism__source__top_k=3), "--tokens", "64", "--seq-len", "64"],
+         ("prism.source.top_k x prism.sub_experts is 12", "checked exact at its full point", "set prism.source.top_k back")),
     Case("bench-export-num-experts-edited", lambda w: bench_args(w, "--seq-len", "16", model=w.export_with(num_experts=16)),
          ("num_experts is 16",)),
     # --- truncated weights, context length (issue 13.5, 13.6) ---------------------------------------
@@ -806,6 +818,13 @@ CASES = [
          never=NEVER_LIVE),
     Case("offload-bench-device-memory-infinite", lambda w: offload_args(w, budgets="1e400GB"),
          ("device memory '1e400GB'", "too large"), never=NEVER_OFFLOAD),
+    # past int64: accepted, and it trained for ever
+    Case("tune-gate-steps-huge", lambda w: ["tune-gate", w.export, "--out", w.out, "--steps", str(10**20)],
+         ("--steps must be between 1 and 1,000,000,000",)),
+    # with --init copies the probe's --init-tokens are not read: the message named them, not the context
+    Case("tune-gate-seq-len-past-the-positions-copies",
+         lambda w: ["tune-gate", w.export, "--out", w.out, "--steps", "2", "--init", "copies", "--seq-len", "100000"],
+         ("--seq-len 100000", "128 positions")),
     Case("tune-gate-init-alpha-nan", lambda w: ["tune-gate", w.export, "--out", w.out, "--steps", "2", "--init-alpha", "nan"],
          ("--init-alpha", "nan"), never=("prism_cli.tuning.trainer", "load_text")),
     Case("tune-gate-checkpoint-minutes-nan",

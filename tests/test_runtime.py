@@ -488,7 +488,7 @@ def test_pattern_of_one_whole_expert_is_the_original_top1(elastic, tiny_model_di
 def test_load_elastic_refuses_a_plain_model(tiny_model_dir):
     import prism_cli
 
-    with pytest.raises(PrismError, match="not a prism export"):
+    with pytest.raises(prism_cli.PrismError, match="not a prism export"):  # the package names the error it raises
         prism_cli.load_elastic(str(tiny_model_dir("olmoe")))
 
 

@@ -237,6 +237,19 @@ def untied(export, tmp_path_factory):
     return out
 
 
+def test_a_tuned_export_without_its_source_router_is_refused(untied, tmp_path):
+    """Without prism/source_router.safetensors a tuned export's training-free gate would route with the tuned
+    rows, unsaid (the config records the file): loading it is one line naming the file."""
+    import prism_cli
+
+    assert json.loads((untied / "config.json").read_text())["prism"]["tuning"]["source_router"] == SOURCE_ROUTER_FILE
+    copy = tmp_path / "copy"
+    shutil.copytree(untied, copy)
+    (copy / SOURCE_ROUTER_FILE).unlink()
+    with pytest.raises(PrismError, match=f"is a tuned export but {SOURCE_ROUTER_FILE} .* is missing"):
+        prism_cli.load_elastic(str(copy), operating_point="topk:2")
+
+
 @pytest.mark.parametrize("k", [1, 3, 5, FULL])
 def test_linear_k_is_what_stock_transformers_serves_at_k(untied, k):
     """With untied copies, prism's linear:K equals plain transformers (torch.topk, the engines' rule) at

@@ -132,12 +132,29 @@ def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
     if isinstance(given, bool) or not isinstance(given, (int, float)) or not abs(float(given) - scale) <= 1e-6 * scale:  # NaN too
         raise PrismError(f"export {where}: config.json prism.down_scale is {meta.get('down_scale')!r} but its weights "
                          f"were scaled by {scale:g}: set it back to {scale:g}")
+    _check_checked_points(meta, n_sub * top_k, where)
+    default = meta.get("default_operating_point")
+    if not isinstance(default, (str, int)) or isinstance(default, bool):
+        raise PrismError(f"export {where}: config.json prism.default_operating_point is "
+                         f"{'missing' if default is None else repr(default)}; give a point such as linear:{n_sub * top_k}")
     try:
-        parse_operating_point(str(meta.get("default_operating_point")), gate, n_sub, top_k)
+        parse_operating_point(str(default), gate, n_sub, top_k)
     except PrismError as exc:
         raise PrismError(f"export {where}: config.json prism.default_operating_point: {exc}") from None
     if gate == "neurons":
         _check_gate_neurons(where / GATE_FILE, moe_layers, experts, n_sub, sub_width)
+
+
+def _check_checked_points(meta: dict[str, Any], full: int, where: Path) -> None:
+    """The points the export's exactness check ran at are its full point, N x the source's top-k: an edited
+    ``prism.source.top_k`` (which nothing in the weights records) would offer points past the source model."""
+    exactness = meta.get("exactness")
+    for record in exactness.values() if isinstance(exactness, dict) else ():
+        point = record.get("point") if isinstance(record, dict) else None
+        policy, _, value = point.partition(":") if isinstance(point, str) else ("", "", "")
+        if policy in ("linear", "topk") and value.isdigit() and int(value) != full:
+            raise PrismError(f"export {where}: config.json prism.source.top_k x prism.sub_experts is {full}, but the export "
+                             f"was checked exact at its full point {point}: set prism.source.top_k back")
 
 
 def _check_gate_neurons(path: Path, layers: list[int], experts: int, n_sub: int, sub_width: int) -> None:

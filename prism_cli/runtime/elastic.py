@@ -23,6 +23,7 @@ from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BAN
 from prism_cli.export.validate import validate_export
 from prism_cli.io import read_json
 from prism_cli.models.adapters import MoELayer, adapter_for_config
+from prism_cli.models.checkpoint_files import read_header
 from prism_cli.models.loading import BUILTIN, LoadedModel, load_model, resolve_model
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
@@ -119,8 +120,9 @@ def read_export_meta(spec: str | Path, what: str | None = None) -> dict[str, Any
         raise PrismError(f"{where} is not a prism export (its config.json has no 'prism' object); "
                          "make one with `prism export MODEL PARTITION --out DIR`")
     if meta.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise PrismError(f"{where} has export format version {meta.get('format_version')}; this prism reads "
-                         f"{EXPORT_FORMAT_VERSION}: export it again")
+        version = meta.get("format_version")
+        got = f"{version!r}, not an integer" if not isinstance(version, int) or isinstance(version, bool) else version
+        raise PrismError(f"{where} has export format version {got}; this prism reads {EXPORT_FORMAT_VERSION}: export it again")
     return meta
 
 
@@ -171,7 +173,7 @@ def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = T
             if not gate_file.exists():
                 raise PrismError(f"{directory} is a neurons-gate export but {GATE_FILE} is missing")
             positions = load_file(str(gate_file))
-            stored = load_file(str(directory / SOURCE_ROUTER_FILE)) if (directory / SOURCE_ROUTER_FILE).exists() else None
+            stored = _source_router(directory, meta)
             for layer in layers:
                 key = f"layers.{layer.index}.gate_positions"
                 if key not in positions:
@@ -198,6 +200,21 @@ def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = T
             settle_down_layout(layer.experts)
     model.prism_state = state
     return state
+
+
+def _source_router(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The original router rows a tuned export stores apart (the training-free gate routes with them), or None
+    for an untuned export, whose flat router holds them. A tuned export without the file is refused: its
+    gate would route with the tuned rows, unsaid."""
+    path = directory / SOURCE_ROUTER_FILE
+    if not path.exists():
+        tuning = meta.get("tuning")
+        if isinstance(tuning, dict) and "source_router" in tuning:  # what `prism tune-gate` records beside the file
+            raise PrismError(f"{directory} is a tuned export but {SOURCE_ROUTER_FILE} (the original router, which the "
+                             "training-free gate routes with) is missing: copy the prism/ folder of the export, or tune it again")
+        return None
+    read_header(path)  # a truncated file: one line
+    return load_file(str(path))
 
 
 def _load_bank(directory: Path, meta: dict[str, Any], layers: list[MoELayer], flat: list[LinearGateRouter],

@@ -63,6 +63,11 @@ INIT_STREAM = 2
 CHECKPOINT_VERSION = 1
 
 
+#: The most steps a run takes: far past any tuning (a step is a forward and backward pass), and every
+#: step count fits the checkpoint's and the curve's integers.
+MAX_STEPS = 10**9
+
+
 @dataclass
 class TuneSettings:
     """Options of ``prism tune-gate``; ``k_start`` / ``k_end`` default to 1 and N*k. ``init``, ``init_alpha``
@@ -89,8 +94,8 @@ class TuneSettings:
     dtype: str = "float32"
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise PrismError(f"--steps must be at least 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise PrismError(f"--steps must be between 1 and {MAX_STEPS:,}, got {self.steps}")
         if not 0 < self.lr <= 1:  # AdamW moves each router weight by about lr per step: past 1 it only diverges
             raise PrismError(f"--lr must be in (0, 1], got {self.lr}")
         if self.warmup < 0:
@@ -110,7 +115,7 @@ class TuneSettings:
                              f"got {self.experts_impl!r}")
         SCHEDULES.get(self.schedule)
         INITS.get(self.init)
-        if self.init_tokens < self.seq_len:
+        if self.init == "probe" and self.init_tokens < self.seq_len:  # the only init that reads them
             raise PrismError(f"--init-tokens must be at least one window of --seq-len {self.seq_len}, got {self.init_tokens}")
         if self.data and self.data.startswith(BUILTIN_PREFIX) and self.data[len(BUILTIN_PREFIX):] in HELD_OUT_SPLITS:
             raise PrismError(f"--data {self.data} is held-out text (calibration and evaluation are never trained on); "
