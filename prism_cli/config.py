@@ -62,6 +62,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where (``expected ',' or ']', but got ':' at line 2, column 2``): PyYAML's first
+    line of text is often only the construct it was in (``while parsing a flow sequence``)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem:
+        return str(exc).splitlines()[0]
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+
+
 def load_run_config(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML run configuration, checked against the schema."""
     path = Path(path)
@@ -74,7 +83,7 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     except yaml.constructor.ConstructorError as exc:
         raise PrismError(f"config file {path}: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise PrismError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise PrismError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     except UnicodeDecodeError:
         raise PrismError(f"config file {path} is not UTF-8 text") from None
     except OSError as exc:

@@ -54,9 +54,10 @@ class OperatingPoint:
         return f"{self.policy}:{value}"
 
 
-#: Where a list of points splits: at ``;``, or at a ``,`` that starts another named point (``topk:4,linear:4``).
-#: A pattern's own commas (``pattern:4,3,1``) are followed by a digit and stay inside it.
-_POINT_SEPARATOR = re.compile(r";|,(?=\s*[A-Za-z_]+\s*:)")
+#: Where a list of points splits: at ``;``, or at a ``,`` that starts another named point (``topk:4,linear:4``)
+#: or an empty item (``topk:4,,linear:4``, a trailing comma: refused as such). A pattern's own commas
+#: (``pattern:4,3,1``) are followed by a digit and stay inside it.
+_POINT_SEPARATOR = re.compile(r";|,(?=\s*(?:[A-Za-z_]+\s*:|[,;]|$))")
 
 
 def split_points(text: str, option: str) -> list[str]:

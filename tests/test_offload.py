@@ -134,6 +134,10 @@ def test_links_are_read_and_charged():
         with pytest.raises(PrismError, match=f"cannot read the {named}"):
             parse_link(bad)
     assert parse_link("1B/s").bandwidth == 1.0
+    assert parse_link("25GB/s,1E3us").latency == pytest.approx(1e-3) and parse_link("1GB/s,1s").latency == 1.0
+    for slow in ("25GB/s,1e400s", "25GB/s,1e300s", "25GB/s,1.5s"):  # infinity made every timing NaN, exit 0
+        with pytest.raises(PrismError, match="link latency .* is too large: give at most 1 s per copy"):
+            parse_link(slow)
     for slow in ("0.5B/s", "1e-12GB/s"):  # whole bytes: read as 0 B/s, which was called "not positive"
         with pytest.raises(PrismError, match="at least 1 B/s"):
             parse_link(slow)

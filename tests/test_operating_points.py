@@ -123,7 +123,7 @@ def test_split_points_by_hand(text, items):
     assert split_points(text, "--points") == items
 
 
-@pytest.mark.parametrize("text", ["topk:4;;linear:4", "topk:4;", ",linear:4"])
+@pytest.mark.parametrize("text", ["topk:4;;linear:4", "topk:4;", ",linear:4", "topk:4,,linear:4", "topk:4,", "pattern:4,3,"])
 def test_split_points_refuses_empty_items(text):
     with pytest.raises(PrismError, match="--points .* has an empty item"):
         split_points(text, "--points")

@@ -181,6 +181,11 @@ class LinkSpec:
         return copies * self.latency + nbytes / self.bandwidth
 
 
+#: The longest latency per copy a link may have (one second: PCIe and NVLink take microseconds; a larger
+#: value is a typo, and infinity made every timing NaN).
+MAX_LINK_LATENCY_S = 1.0
+
+
 def parse_link(text: str | None) -> LinkSpec:
     """``25GB/s,2us`` -> LinkSpec; the latency part is optional (default 2 us)."""
     if text is None:
@@ -192,10 +197,12 @@ def parse_link(text: str | None) -> LinkSpec:
     bandwidth = parse_size(m.group(1), "link bandwidth")
     latency = LinkSpec.latency
     if lat_text.strip():
-        t = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|ms|us|µs|ns)\s*", lat_text)
+        t = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(s|ms|us|µs|ns)\s*", lat_text)
         if not t:
             raise PrismError(f"cannot read the link latency {lat_text.strip()!r}: give a time like 5us")
         latency = float(t.group(1)) * _TIME[t.group(2)]
+        if not latency <= MAX_LINK_LATENCY_S:  # infinity gave NaN timings; a day per copy is no link
+            raise PrismError(f"the link latency {lat_text.strip()!r} is too large: give at most {MAX_LINK_LATENCY_S:g} s per copy")
     if bandwidth <= 0:  # sizes are whole bytes: anything under 1 B/s reads as 0
         raise PrismError(f"the link bandwidth must be at least 1 B/s, got {text!r}")
     return LinkSpec(float(bandwidth), latency)
