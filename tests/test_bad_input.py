@@ -255,6 +255,8 @@ class World:
                 rows[...] = data
             elif kind == "width-attr":
                 h5.attrs["expert_width"] = WIDTH // 2
+            elif kind == "experts-attr":
+                h5.attrs["num_experts"] = int(h5.attrs["num_experts"]) // 2
         return target
 
     def edited_partition(self, **attrs: Any) -> Path:
@@ -629,6 +631,9 @@ CASES = [
          ("is corrupt", "layers/1/experts/2/fit_rows", "NaN")),
     Case("partition-profile-width-it-does-not-hold", lambda w: partition_args(w, profile=w.edited_profile("width-attr")),
          ("is corrupt", f"width {WIDTH // 2}")),
+    # found once the run had opened OUT.partial/, which it left behind: the rerun was told to --resume
+    Case("partition-profile-experts-it-does-not-hold", lambda w: partition_args(w, profile=w.edited_profile("experts-attr")),
+         ("is corrupt", "tokens_routed has shape")),
     Case("partition-foreign-hdf5", lambda w: partition_args(w, profile=w.foreign_hdf5()), ("not a prism profile",)),
     Case("partition-incomplete-profile", lambda w: partition_args(w, profile=w.incomplete_profile()), ("is incomplete", "weights_hash")),
     Case("partition-missing-profile", lambda w: partition_args(w, profile=w.root / "nope.h5"), ("does not exist",)),

@@ -130,6 +130,13 @@ def test_profile_cli_runs(cli, tiny_model_dir, family: str, tmp_path) -> None:
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()  # not the temp file's private 0600
 
 
+def test_profile_cli_names_the_layers_it_profiles(cli, tiny_model_dir, tmp_path) -> None:
+    """With --layers, the banner says which of the model's MoE layers run (it said "all 2 decoder layers")."""
+    result = cli("profile", tiny_model_dir("olmoe"), *CLI_SETTINGS, "--layers", "1", "--out", tmp_path / "p.h5")
+    assert result.code == 0, result
+    assert "MoE layers: all 2 decoder layers; profiling 1 of them (--layers)" in result.out
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -641,6 +648,10 @@ def test_resume_refuses_other_settings_naming_the_difference(olmoe_run, tmp_path
     state.write_bytes(b"garbage")
     with pytest.raises(PrismError, match="layer 0 is damaged"):
         profile_model(loaded, text, name, settings, tmp_path / "p.h5", resume=True)
+    np.savez(state, fit_count=np.array([object()], dtype=object))  # pickled objects: never advise loading them
+    with pytest.raises(PrismError, match=r"layer 0 is damaged \(it holds pickled objects, which prism never writes\)") as exc:
+        profile_model(loaded, text, name, settings, tmp_path / "p.h5", resume=True)
+    assert "allow_pickle" not in str(exc.value)
     # --resume with nothing to resume starts from the beginning.
     profile_model(loaded, text, name, settings, tmp_path / "fresh.h5", resume=True)
     assert (tmp_path / "fresh.h5").exists()

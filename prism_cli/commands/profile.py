@@ -85,7 +85,8 @@ def profile(
                 f"{verb} [bold]{loaded.name}[/] ({adapter.model_type}: {len(plan.layers)} MoE layers x "
                 f"{adapter.num_experts} experts, width {adapter.width}, top-{adapter.top_k}; {plan.tokens:,} tokens)"
             )
-            console.print(note)
+            chosen = list(plan.layers)
+            console.print(note + (f"; profiling {', '.join(map(str, chosen))} of them (--layers)" if chosen != moe else ""))
             for line in plan.describe():
                 console.print(line, highlight=False)
             start(plan.total_tokens)

@@ -95,7 +95,9 @@ class RowBuffer:
 
 
 def _damaged(folder: Path, layer: int, exc: Exception) -> PrismError:
-    return PrismError(f"cannot resume from {folder}: the checkpoint of layer {layer} is damaged ({exc}); "
+    # numpy's refusal of a pickle suggests loading it unsafely: never the advice for a file of unknown origin
+    why = "it holds pickled objects, which prism never writes" if "pickle" in str(exc) else str(exc).splitlines()[0]
+    return PrismError(f"cannot resume from {folder}: the checkpoint of layer {layer} is damaged ({why}); "
                       "delete the folder to start over")
 
 

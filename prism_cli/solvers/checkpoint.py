@@ -40,6 +40,10 @@ class ResultStore:
         self.folder = folder
         self.resumed = open_work_dir(folder, _FORMAT, identity, resume=resume, what="partition")
 
+    def empty(self) -> bool:
+        """Whether no expert has been saved yet (their files not read: a damaged one counts)."""
+        return not any(_NAME.fullmatch(path.name) for path in self.folder.iterdir())
+
     def finished(self) -> dict[tuple[int, int], ExpertPartition]:
         """Every expert saved so far."""
         out: dict[tuple[int, int], ExpertPartition] = {}

@@ -416,5 +416,9 @@ def run_partition(
             f"a partition worker process died (out of memory?); {len(store.finished())} finished experts are kept in "
             f"{store.folder}: rerun with --resume, with fewer --workers if memory is short"
         ) from None
+    except BaseException:
+        if store.empty():  # failed before any expert was solved (a corrupt profile): nothing to block a plain rerun
+            store.remove()
+        raise
     store.remove()
     return partition
