@@ -54,22 +54,32 @@ class OperatingPoint:
         return f"{self.policy}:{value}"
 
 
-#: Where a list of points splits: at ``;``, or at a ``,`` that starts another named point (``topk:4,linear:4``)
-#: or an empty item (``topk:4,,linear:4``, a trailing comma: refused as such). A pattern's own commas
-#: (``pattern:4,3,1``) are followed by a digit and stay inside it.
-_POINT_SEPARATOR = re.compile(r";|,(?=\s*(?:[A-Za-z_]+\s*:|[,;]|$))")
-
-
 def split_points(text: str, option: str) -> list[str]:
-    """The points of a list option, stripped (``topk:4;pattern:4,3,1`` or ``topk:4,linear:4``). An empty item
-    beside others is refused (a point lost to a typo or an unset shell variable); text with no point at all
-    gives [], which the caller refuses as naming nothing."""
-    items = [item.strip() for item in _POINT_SEPARATOR.split(str(text))]
+    """The points of a list option, stripped: split at ``;``, and at ``,`` except inside a pattern, whose
+    counts are commas too (``topk:4,linear:4``, ``4,8``, ``topk:4;pattern:4,3,1``, ``pattern:4,3,linear:2``:
+    a bare number after a ``pattern:`` item continues it). An empty item beside others is refused (a point
+    lost to a typo or an unset shell variable); text with no point at all gives [] (``require_points``)."""
+    items: list[str] = []
+    for chunk in str(text).split(";"):
+        for piece in chunk.split(","):
+            piece = piece.strip()
+            if items and piece.isdigit() and items[-1].startswith("pattern:") and items[-1] != "pattern:":
+                items[-1] += "," + piece
+            else:
+                items.append(piece)
     if not any(items):
         return []
     if "" in items:
         raise PrismError(f"{option} {text!r} has an empty item (two separators, or one at an end): give each point once")
     return items
+
+
+def require_points(text: str, option: str) -> list[str]:
+    """``split_points``, refusing text that names no point."""
+    points = split_points(text, option)
+    if not points:
+        raise PrismError(f"{option} {text!r} names no operating point; separate points with ';' or ',' (e.g. 'linear:2;linear:8')")
+    return points
 
 
 def parse_operating_point(spec: str | int | OperatingPoint, gate: str | None, n_sub: int, top_k: int) -> OperatingPoint:

@@ -8,7 +8,7 @@ import pytest
 from conftest import FULL, N_SUB, TOP_K
 
 from prism_cli.errors import PrismError
-from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point, split_points
+from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point, require_points, split_points
 
 
 def refused(spec: str | int | OperatingPoint, gate: str | None = "neurons") -> str:
@@ -116,6 +116,9 @@ def test_an_empty_point_says_so(spec):
     ("topk:4, pattern:4,3,1 ,linear:8", ["topk:4", "pattern:4,3,1", "linear:8"]),
     ("pattern:4,3;pattern:2,2", ["pattern:4,3", "pattern:2,2"]),
     ("2;threshold:0.8", ["2", "threshold:0.8"]),
+    ("4,8", ["4", "8"]),  # bare numbers: the gate's default policy, as offload-bench always read them
+    ("topk:4,8", ["topk:4", "8"]),
+    ("pattern:4,3,linear:2,2", ["pattern:4,3", "linear:2", "2"]),
     (" ; ", []),
 ])
 def test_split_points_by_hand(text, items):
@@ -123,7 +126,14 @@ def test_split_points_by_hand(text, items):
     assert split_points(text, "--points") == items
 
 
-@pytest.mark.parametrize("text", ["topk:4;;linear:4", "topk:4;", ",linear:4", "topk:4,,linear:4", "topk:4,", "pattern:4,3,"])
+@pytest.mark.parametrize("text", ["topk:4;;linear:4", "topk:4;", ",linear:4", "topk:4,,linear:4", "topk:4,", "pattern:4,3,",
+                                  "4,,8"])
 def test_split_points_refuses_empty_items(text):
     with pytest.raises(PrismError, match="--points .* has an empty item"):
         split_points(text, "--points")
+
+
+def test_require_points_refuses_text_naming_none():
+    assert require_points("linear:2", "--points") == ["linear:2"]
+    with pytest.raises(PrismError, match="--points ' ; ' names no operating point"):
+        require_points(" ; ", "--points")

@@ -127,6 +127,27 @@ def test_the_training_free_gate_keeps_the_original_router(candidates, bank, poin
     assert torch.equal(logits_of(model, ids), want)
 
 
+def test_a_bank_without_the_source_router_is_refused(candidates, bank, tmp_path):
+    """A bank's flat routers are tuned: without prism/source_router.safetensors its training-free gate would
+    route with tuned rows, unsaid (a bank records no prism.tuning; the first check missed it). So is a tuned
+    export whose copies are still tied, read by tune-gate or select-routers as a candidate."""
+    from prism_cli.export.format import SOURCE_ROUTER_FILE
+
+    copy = tmp_path / "bank"
+    shutil.copytree(bank, copy)
+    (copy / SOURCE_ROUTER_FILE).unlink()
+    with pytest.raises(PrismError, match=f"is a router-bank export but {SOURCE_ROUTER_FILE} .* is missing"):
+        prism_cli.load_elastic(str(copy), operating_point="topk:2")
+    tuned = tmp_path / "tuned"
+    shutil.copytree(candidates["untuned"], tuned)
+    config = json.loads((tuned / "config.json").read_text())
+    config["prism"]["tuning"] = {"steps": 0}  # tuned, its copies still tied: they are not the source rows
+    (tuned / "config.json").write_text(json.dumps(config))
+    adapter = adapter_for_config(load_config(str(tuned)))
+    with pytest.raises(PrismError, match=f"is a tuned export but {SOURCE_ROUTER_FILE} .* is missing"):
+        read_source_router(tuned, adapter, N_SUB)
+
+
 def test_the_bank_records_its_choice(candidates, bank):
     meta = json.loads((bank / "config.json").read_text())["prism"]
     assert meta["router_bank"]["by_k"] == {str(k): v for k, v in BY_K.items()}

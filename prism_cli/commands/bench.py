@@ -14,7 +14,7 @@ from prism_cli.commands.common import CachePolicyOption, ConfigOption, DeviceMem
 from prism_cli.console import console
 from prism_cli.data import data_file, load_text
 from prism_cli.errors import BudgetNotMet, PrismError
-from prism_cli.operating_points import split_points
+from prism_cli.operating_points import require_points
 
 if TYPE_CHECKING:
     from prism_cli.evaluation.bench import BenchReport, PointResult
@@ -57,9 +57,7 @@ def bench(
     budget_ms = parse_budget(budget) if budget is not None else None
     if min_quality is not None and not 0 < min_quality < math.inf:
         raise PrismError(f"--min-quality must be a positive, finite perplexity, got {min_quality}")
-    point_list = split_points(points, "--points") if points is not None else None
-    if point_list == []:
-        raise PrismError(f"--points {points!r} names no operating point; separate points with ';' or ',' (e.g. 'linear:2;linear:8')")
+    point_list = require_points(points, "--points") if points is not None else None
     from prism_cli.offload.config import offload_config
 
     parse_device(device)

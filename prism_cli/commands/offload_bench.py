@@ -10,6 +10,7 @@ from prism_cli.commands.common import ConfigOption, StageBars, check_seed
 from prism_cli.console import console
 from prism_cli.errors import PrismError
 from prism_cli.io import check_not_input, check_output_folder
+from prism_cli.operating_points import require_points
 
 
 def offload_bench(
@@ -51,7 +52,7 @@ def offload_bench(
     except ValueError:
         raise PrismError(f"--pin takes fractions like 0,0.25, got {pin!r}") from None
     settings = OffloadBenchSettings(
-        budgets=parse_budgets(device_memory, parse_reserve(reserve)), points=_points(points),
+        budgets=parse_budgets(device_memory, parse_reserve(reserve)), points=require_points(points, "--points"),
         policies=parse_list(policy, "--policy", "lru,prefetch"), pins=pins, link=parse_link(link),
         reserve=reserve, device=device, dtype=dtype, context=context, warmup=warmup, tokens=tokens,
         quality_tokens=quality_tokens, seed=seed, shape=shape, trace=trace, routing=routing, compute=compute,
@@ -82,13 +83,3 @@ def _emit(report, out: Path) -> None:
     plot_latency(report, out / "offload.png")
     console.print(f"written {out}/offload.md, .csv, .json, offload_pairs.md, .csv, .json, offload.png")
     check_budgets(report)
-
-
-def _points(text: str) -> list[str]:
-    """``--points``, split as bench splits it (``topk:4,linear:4`` or ``topk:4;pattern:4,3,1``)."""
-    from prism_cli.operating_points import split_points
-
-    points = split_points(text, "--points")
-    if not points:
-        raise PrismError("--points needs at least one value, e.g. topk:4,linear:4")
-    return points

@@ -86,7 +86,7 @@ def profile(
                 f"{adapter.num_experts} experts, width {adapter.width}, top-{adapter.top_k}; {plan.tokens:,} tokens)"
             )
             chosen = list(plan.layers)
-            console.print(note + (f"; profiling {', '.join(map(str, chosen))} of them (--layers)" if chosen != moe else ""))
+            console.print(note + (f"; --layers profiles only {', '.join(map(str, chosen))}" if chosen != moe else ""))
             for line in plan.describe():
                 console.print(line, highlight=False)
             start(plan.total_tokens)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from prism_cli.errors import PrismError
 from prism_cli.io import Replaceable
 
 #: Version of the export layout this prism writes and reads (2: gate neurons in a subfolder, ``prism.serving``;
@@ -38,3 +40,19 @@ def is_export(folder: Path) -> bool:
 
 #: What ``--force`` may replace with a new export (``prism export``, ``tune-gate``, ``select-routers``).
 EXPORT_OUTPUT = Replaceable("a prism export", is_export)
+
+
+def source_router_file(directory: Path, meta: dict[str, Any]) -> Path | None:
+    """``SOURCE_ROUTER_FILE`` of the export ``directory``, or None where the flat router's copies still hold
+    the source rows (an untuned export). An export whose flat router was tuned (``prism.tuning``) or chosen
+    per K (``prism.router_bank``) needs the file: without it the training-free gate would route with tuned
+    rows, unsaid, so its absence is refused in one line."""
+    path = Path(directory) / SOURCE_ROUTER_FILE
+    if path.exists():
+        return path
+    tuned = "tuning" if isinstance(meta.get("tuning"), dict) else "router_bank" if "router_bank" in meta else None
+    if tuned is not None:
+        kind = "a tuned export" if tuned == "tuning" else "a router-bank export"
+        raise PrismError(f"{directory} is {kind} but {SOURCE_ROUTER_FILE} (the original router, which the training-free "
+                         "gate routes with) is missing: copy the prism/ folder of the export, or make it again")
+    return None

@@ -121,6 +121,7 @@ def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
                          f"width {sub_width} make {sub_width * n_sub}: set it back to {sub_width * n_sub}")
     if not 1 <= top_k <= experts:
         raise PrismError(f"export {where}: config.json prism.source.top_k is {top_k}, outside 1..{experts}: export the model again")
+    _check_checked_points(meta, n_sub * top_k, where)  # first: an edited top-k would be blamed on the config's own
     if not 1 <= adapter.top_k <= n_sub * top_k:
         raise PrismError(f"export {where}: config.json {adapter.top_k_key} is {adapter.top_k}, outside the export's "
                          f"operating points 1..{n_sub * top_k}")
@@ -132,7 +133,6 @@ def validate_export(directory: str | Path, meta: dict[str, Any]) -> None:
     if isinstance(given, bool) or not isinstance(given, (int, float)) or not abs(float(given) - scale) <= 1e-6 * scale:  # NaN too
         raise PrismError(f"export {where}: config.json prism.down_scale is {meta.get('down_scale')!r} but its weights "
                          f"were scaled by {scale:g}: set it back to {scale:g}")
-    _check_checked_points(meta, n_sub * top_k, where)
     default = meta.get("default_operating_point")
     if not isinstance(default, (str, int)) or isinstance(default, bool):
         raise PrismError(f"export {where}: config.json prism.default_operating_point is "

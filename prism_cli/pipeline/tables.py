@@ -39,7 +39,7 @@ from prism_cli.export.format import EXPORT_OUTPUT
 from prism_cli.io import atomic_path, is_prism_h5, write_text
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.loading import check_context_length, load_config, load_model, parse_device
-from prism_cli.operating_points import parse_operating_point, split_points
+from prism_cli.operating_points import parse_operating_point, require_points
 from prism_cli.profiling.format import FORMAT as PROFILE_FORMAT
 from prism_cli.profiling.profiler import ProfileSettings, profile_model
 from prism_cli.solvers.format import FORMAT as PARTITION_FORMAT
@@ -103,12 +103,14 @@ def _batches(value: Any) -> list[int]:
 
 def _points(value: Any) -> list[str]:
     """``bench.points``: one point, a list, or the command line's ';'- or ','-separated string."""
-    items = split_points(value, "'points'") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    if isinstance(value, str):
+        return require_points(value, "'points'")
+    items = value if isinstance(value, list) else [value]
     named = [str(item) if isinstance(item, int) and not isinstance(item, bool) else _scalar("points", item, str)
              for item in items]  # a bare integer is the gate's default policy (as on the command line)
     points = [p.strip() for p in named if p.strip()]
     if not points:
-        raise PrismError(f"'points' {value!r} names no operating point; separate points with ';' (e.g. 'linear:2;linear:8')")
+        raise PrismError(f"'points' {value!r} names no operating point; give a list such as [linear:2, linear:8]")
     return points
 
 

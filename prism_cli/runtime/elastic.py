@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prism_cli.errors import PrismError
-from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BANK_FILE, SOURCE_ROUTER_FILE
+from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BANK_FILE, SOURCE_ROUTER_FILE, source_router_file
 from prism_cli.export.validate import validate_export
 from prism_cli.io import read_json
 from prism_cli.models.adapters import MoELayer, adapter_for_config
@@ -121,7 +121,8 @@ def read_export_meta(spec: str | Path, what: str | None = None) -> dict[str, Any
                          "make one with `prism export MODEL PARTITION --out DIR`")
     if meta.get("format_version") != EXPORT_FORMAT_VERSION:
         version = meta.get("format_version")
-        got = f"{version!r}, not an integer" if not isinstance(version, int) or isinstance(version, bool) else version
+        got = ("missing" if version is None else f"{version!r}, not an integer"
+               if not isinstance(version, int) or isinstance(version, bool) else version)
         raise PrismError(f"{where} has export format version {got}; this prism reads {EXPORT_FORMAT_VERSION}: export it again")
     return meta
 
@@ -204,14 +205,9 @@ def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = T
 
 def _source_router(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """The original router rows a tuned export stores apart (the training-free gate routes with them), or None
-    for an untuned export, whose flat router holds them. A tuned export without the file is refused: its
-    gate would route with the tuned rows, unsaid."""
-    path = directory / SOURCE_ROUTER_FILE
-    if not path.exists():
-        tuning = meta.get("tuning")
-        if isinstance(tuning, dict) and "source_router" in tuning:  # what `prism tune-gate` records beside the file
-            raise PrismError(f"{directory} is a tuned export but {SOURCE_ROUTER_FILE} (the original router, which the "
-                             "training-free gate routes with) is missing: copy the prism/ folder of the export, or tune it again")
+    for an untuned export, whose flat router holds them."""
+    path = source_router_file(directory, meta)
+    if path is None:
         return None
     read_header(path)  # a truncated file: one line
     return load_file(str(path))

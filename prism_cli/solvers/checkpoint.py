@@ -40,9 +40,13 @@ class ResultStore:
         self.folder = folder
         self.resumed = open_work_dir(folder, _FORMAT, identity, resume=resume, what="partition")
 
-    def empty(self) -> bool:
-        """Whether no expert has been saved yet (their files not read: a damaged one counts)."""
-        return not any(_NAME.fullmatch(path.name) for path in self.folder.iterdir())
+    def count(self) -> int:
+        """How many experts have been saved (their files not read: a damaged one counts); 0 where the folder
+        is gone (an error about that must not hide the one being handled)."""
+        try:
+            return sum(1 for path in self.folder.iterdir() if _NAME.fullmatch(path.name))
+        except OSError:
+            return 0
 
     def finished(self) -> dict[tuple[int, int], ExpertPartition]:
         """Every expert saved so far."""

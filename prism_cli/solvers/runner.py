@@ -404,21 +404,19 @@ def run_partition(
         partition = partition_profile(profile_path, settings, layers=chosen, workers=workers, executor=executor,
                                       on_done=on_done, on_start=on_start, store=store, profile_hash=profile_hash)
         write_partition(out, partition)
-    except KeyboardInterrupt:
-        if not store.finished():  # nothing to resume from: no folder left to block a plain rerun
+    except BaseException as exc:
+        # Stopped or failed before any expert was solved (a corrupt profile found once the run began, a Ctrl-C
+        # at once): no folder is left to block a plain rerun. Finished experts are kept for --resume.
+        saved = store.count()
+        if not saved:
             store.remove()
-            raise
-        raise Interrupted(
-            f"{len(store.finished())} finished experts are kept in {store.folder}; rerun the same command with --resume to continue"
-        ) from None
-    except BrokenProcessPool:
-        raise PrismError(
-            f"a partition worker process died (out of memory?); {len(store.finished())} finished experts are kept in "
-            f"{store.folder}: rerun with --resume, with fewer --workers if memory is short"
-        ) from None
-    except BaseException:
-        if store.empty():  # failed before any expert was solved (a corrupt profile): nothing to block a plain rerun
-            store.remove()
+        if isinstance(exc, KeyboardInterrupt) and saved:
+            raise Interrupted(
+                f"{saved} finished experts are kept in {store.folder}; rerun the same command with --resume to continue") from None
+        if isinstance(exc, BrokenProcessPool):
+            kept = f"{saved} finished experts are kept in {store.folder}: rerun with --resume" if saved else "rerun"
+            raise PrismError(f"a partition worker process died (out of memory?); {kept}, with fewer --workers if "
+                             "memory is short") from None
         raise
     store.remove()
     return partition

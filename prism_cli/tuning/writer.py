@@ -29,10 +29,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from prism_cli.errors import PrismError
-from prism_cli.export.format import EXPORT_OUTPUT, SOURCE_ROUTER_FILE
+from prism_cli.export.format import EXPORT_OUTPUT, SOURCE_ROUTER_FILE, source_router_file
 from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir, save_tensors
 from prism_cli.models.adapters import MoEAdapter
+from prism_cli.models.checkpoint_files import read_header
 from prism_cli.models.loading import load_config
 from prism_cli.runtime.layers import RANKING_FILE
 
@@ -59,12 +60,14 @@ def router_keys(directory: Path, adapter: MoEAdapter) -> dict[str, tuple[int, st
 def read_source_router(directory: Path, adapter: MoEAdapter, n_sub: int) -> dict[str, torch.Tensor]:
     """The source model's router rows (``layers.{i}.{name}``) as the export stores them.
 
-    A tuned export has them in ``SOURCE_ROUTER_FILE``; an untuned one holds N identical copies of
-    each row, and every N-th row is the source router (checked: copies that differ without the file
-    mean a router changed by something other than prism).
+    A tuned export has them in ``SOURCE_ROUTER_FILE`` (refused without it, even where its copies happen to
+    be still tied); an untuned one holds N identical copies of each row, and every N-th row is the source
+    router (checked: copies that differ without the file mean a router changed by something other than prism).
     """
-    stored = directory / SOURCE_ROUTER_FILE
-    if stored.exists():
+    meta = json.loads((directory / "config.json").read_text()).get("prism") or {}
+    stored = source_router_file(directory, meta)
+    if stored is not None:
+        read_header(stored)  # a truncated file: one line
         return load_file(str(stored))
     from prism_cli.models.checkpoint import CheckpointReader
 
