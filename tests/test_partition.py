@@ -258,6 +258,7 @@ def test_compare_cli(cli, profile_path, tmp_path) -> None:
     assert all(len(v["heldout_cost"]) == 16 for v in data["per_expert"].values())
     markdown = files[".md"].read_text()
     assert all(f"| {name} |" in markdown for name in cost)
+    assert "baselines, which do not optimise the cost: random, contiguous (" in markdown  # alternating is an optimiser
 
 
 # --- resumable and distributed runs -----------------------------------------------------------------

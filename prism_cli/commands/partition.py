@@ -145,6 +145,10 @@ def compare(
         "R_m: mean over held-out tokens of the mass fraction in their m largest sub-experts, higher is better",
         f"s / expert: solver wall time on one core per (layer, expert) problem; seed {seed}",
     ]
+    baselines = [name for name in names if SOLVERS.get(name).baseline]
+    if baselines:  # greedy scoring no better than random is the method's finding, not a broken solver
+        table.notes.append(f"baselines, which do not optimise the cost: {', '.join(baselines)} (greedy is the paper's "
+                           "annealing start: it balances mass across sub-experts, which the cost penalises; SPEC 7)")
     paths = table.save(out, extra={"profile": str(profile), "per_expert": per_solver})
     console.print(table.rich())
     console.print("written " + ", ".join(map(str, paths)))

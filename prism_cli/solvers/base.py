@@ -98,6 +98,9 @@ class Solver(ABC):
     """Base class: subclasses set ``name``, take their settings as keyword arguments, implement ``solve``."""
 
     name: ClassVar[str]
+    #: A reference split that does not optimise the cost (random, contiguous, the paper's greedy start):
+    #: a floor for the optimisers in ``partition compare``, named as such there.
+    baseline: ClassVar[bool] = False
 
     def settings(self) -> dict[str, Any]:
         """The solver's settings, recorded in the partition file."""

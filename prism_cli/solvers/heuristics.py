@@ -50,6 +50,7 @@ class RandomSolver(Solver):
     """Uniformly random equal split."""
 
     name = "random"
+    baseline = True
 
     def solve(self, problem: PartitionProblem, rng: np.random.Generator) -> Solution:
         return Solution(labels=rng.permutation(equal_labels(problem.width, problem.n_groups)))
@@ -60,6 +61,7 @@ class ContiguousSolver(Solver):
     """Neurons in index order, cut into N consecutive chunks (the zero-effort published baseline)."""
 
     name = "contiguous"
+    baseline = True
 
     def solve(self, problem: PartitionProblem, rng: np.random.Generator) -> Solution:
         return Solution(labels=equal_labels(problem.width, problem.n_groups))
@@ -70,6 +72,7 @@ class GreedySolver(Solver):
     """The paper's greedy start on its own (see ``greedy_labels``)."""
 
     name = "greedy"
+    baseline = True
 
     def solve(self, problem: PartitionProblem, rng: np.random.Generator) -> Solution:
         return Solution(labels=greedy_labels(problem.l1_mass, problem.n_groups))
