@@ -171,6 +171,24 @@ def save_tensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str
 
 
 @contextlib.contextmanager
+def new_folder(folder: Path) -> Iterator[None]:
+    """Create ``folder`` (with its missing parents) for the block; a block that fails or is interrupted
+    leaves none of them behind empty (what it wrote there stays, as the interruption line names)."""
+    folder = Path(folder)
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]  # the deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for f in missing:
+            try:
+                f.rmdir()
+            except OSError:  # not empty
+                break
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
 

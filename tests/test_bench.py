@@ -566,3 +566,35 @@ def test_bench_replaces_an_earlier_bench_result(cli, bench_runs, bench_export, t
     after = {name: (out / name).read_bytes() for name in before}
     assert all(after[name] != before[name] for name in before)
     assert [p["point"] for p in json.loads(after["bench.json"])["points"]][0] == "topk:1"
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new folder", "over an earlier result"])
+def test_bench_interrupted_while_writing_leaves_no_empty_folder_and_no_stale_file(cli, bench_runs, bench_export, tmp_path,
+                                                                                   monkeypatch, earlier):
+    """A Ctrl-C once the sweep is done, while the files are written: a folder the run created is not left
+    empty, and over an earlier result no file of that result is left beside the new ones (the earlier plot
+    had stayed with the new tables). A fuzz round stopped runs in that window."""
+    import shutil
+
+    import prism_cli.evaluation.plot as plot
+
+    out = tmp_path / "res"
+    if earlier:
+        _, _, first, _ = _budget_run(cli, bench_runs, bench_export)
+        shutil.copytree(first, out)
+
+    def stopped(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    if earlier:
+        monkeypatch.setattr(plot, "plot_frontiers", stopped)  # the last file
+    else:
+        monkeypatch.setattr("prism_cli.report.ResultTable.save", stopped)  # the first file
+    result = cli("bench", bench_export, *TINY, "--points", "topk:1", "--out", out)
+    assert result.code == 130, result
+    if earlier:  # the new tables, written before the plot; the earlier plot is gone, not kept beside them
+        assert sorted(p.name for p in out.iterdir()) == ["bench.csv", "bench.json", "bench.md", "bench_summary.md"]
+        assert [p["point"] for p in json.loads((out / "bench.json").read_text())["points"]] == ["topk:1", "original:1", "original:2"]
+        assert "4 outputs were written before" in result.err
+    else:
+        assert not out.exists() and "this run left no output" in result.err

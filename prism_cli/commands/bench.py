@@ -158,9 +158,8 @@ def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: floa
     from prism_cli.evaluation.bench import report_json
     from prism_cli.evaluation.bench_tables import points_table, screen_table, summary_tables
     from prism_cli.evaluation.plot import plot_frontiers
-    from prism_cli.io import write_text
+    from prism_cli.io import new_folder, write_text
 
-    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty output folder
     table = points_table(report)
     if report.note:
         # The report's caveat (a plain model's original-only range, skipped points) must be seen on
@@ -174,9 +173,12 @@ def _emit(report: BenchReport, out: Path, budget_ms: float | None, max_ppl: floa
     data = report_json(report)
     data["selection"], picked, failures = _picks(report, budget_ms, max_ppl)
     table.notes += picked + [f"not met: {failure}" for failure in failures]
-    table.save(out / "bench", extra=data)
-    write_text(out / "bench_summary.md", "\n".join(t.markdown() for t in summaries))
-    plot_frontiers(report, b0, out / "bench.png")
+    with new_folder(out):  # only now: a failed or interrupted run leaves no empty output folder
+        for name in BENCH_FILES:  # an earlier bench result (check_bench_out): never left half old, half new
+            (out / name).unlink(missing_ok=True)
+        table.save(out / "bench", extra=data)
+        write_text(out / "bench_summary.md", "\n".join(t.markdown() for t in summaries))
+        plot_frontiers(report, b0, out / "bench.png")
     console.print(f"written {out}/bench.md, bench.csv, bench.json, bench_summary.md, bench.png")
     for line in picked:
         title, _, body = line.partition(": ")

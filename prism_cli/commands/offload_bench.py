@@ -9,7 +9,7 @@ import typer
 from prism_cli.commands.common import ConfigOption, StageBars, check_seed
 from prism_cli.console import console
 from prism_cli.errors import PrismError
-from prism_cli.io import check_not_input, check_output_folder
+from prism_cli.io import check_not_input, check_output_folder, new_folder
 from prism_cli.operating_points import require_points
 
 
@@ -73,13 +73,13 @@ def _emit(report, out: Path) -> None:
     from prism_cli.offload.bench import check_budgets, pairs_table, report_json, runs_table
     from prism_cli.offload.plot import plot_latency
 
-    out.mkdir(parents=True, exist_ok=True)
     runs, pairs = runs_table(report), pairs_table(report)
     console.print(runs.rich())
     console.print(pairs.rich())
     data = report_json(report)
-    runs.save(out / "offload", extra=data)
-    pairs.save(out / "offload_pairs", extra={"mode": report.mode, "environment": report.environment})
-    plot_latency(report, out / "offload.png")
+    with new_folder(out):  # an interruption before the first file leaves no empty folder
+        runs.save(out / "offload", extra=data)
+        pairs.save(out / "offload_pairs", extra={"mode": report.mode, "environment": report.environment})
+        plot_latency(report, out / "offload.png")
     console.print(f"written {out}/offload.md, .csv, .json, offload_pairs.md, .csv, .json, offload.png")
     check_budgets(report)

@@ -36,7 +36,7 @@ from prism_cli.evaluation.bench import BenchReport, BenchSettings, report_json, 
 from prism_cli.evaluation.bench_tables import QUALITY_COLUMNS, points_table, quality_table, summary_tables
 from prism_cli.export.builder import ExportSettings, export_model
 from prism_cli.export.format import EXPORT_OUTPUT
-from prism_cli.io import atomic_path, is_prism_h5, write_text
+from prism_cli.io import atomic_path, is_prism_h5, new_folder, write_text
 from prism_cli.models.adapters import adapter_for_config
 from prism_cli.models.loading import check_context_length, load_config, load_model, parse_device
 from prism_cli.operating_points import parse_operating_point, require_points
@@ -342,23 +342,6 @@ def check_work_folder(work: Path) -> None:
                              f"{kind} there: move it away or give another --work")
 
 
-@contextlib.contextmanager
-def _work_folder(work: Path) -> Iterator[None]:
-    """Create ``work`` (with its missing parents) for the run; a run that fails leaves none of them behind
-    empty (what it keeps, such as profiling progress, keeps its folder)."""
-    missing = [folder for folder in (work, *work.parents) if not folder.exists()]  # the deepest first
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for folder in missing:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty
-                break
-        raise
-
-
 def regenerate(
     config: TableConfig,
     out_root: Path,
@@ -380,7 +363,7 @@ def regenerate(
     if partition is not None:
         check_partition_matches(config, partition)
     check_work_folder(work)
-    with _work_folder(work):
+    with new_folder(work):
         return _run(config, out_root / config.name, work, partition, quality_only, points, on_stage)
 
 
