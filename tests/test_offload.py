@@ -747,3 +747,33 @@ def test_cuda_offloading_equals_the_device_model(export_dir):
     assert model.prism_offload.link.stats.copies > 0
     assert next(model.model.layers[0].mlp.experts.parameters()).is_pinned()
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_offload_bench_refuses_a_reserve_that_cannot_hold_the_kv_cache(export_dir, monkeypatch):
+    """A budget whose reserve (with what whole pieces leave of the cache) cannot hold the KV cache of
+    --context plus every decode step is refused before the quality stage: the run ended over its budget,
+    exit 3, after all its work. Oracle: the KV bytes from the config (layers x keys and values x heads x
+    head width x 4 bytes per position), not the tool's measure; a reserve that holds them runs."""
+    import prism_cli.evaluation.perplexity as quality
+    from prism_cli.models.loading import load_config
+    from prism_cli.offload.bench import OffloadBenchSettings, run_offload_bench
+    from prism_cli.offload.config import format_size
+
+    def settings(reserve: str) -> OffloadBenchSettings:
+        return OffloadBenchSettings([parse_budget("30%")], ["topk:4"], quality_tokens=64, tokens=2, warmup=0, context=100,
+                                    reserve=reserve)
+
+    cfg = load_config(str(export_dir))
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    positions = 100 + 0 + 2  # --context, --warmup, --tokens
+    need = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head * 4 * positions
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the quality stage ran")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quality, "perplexity", never)
+        with pytest.raises(PrismError, match=f"less than the KV cache of {positions} positions .*: {format_size(need)}\\)"):
+            run_offload_bench(str(export_dir), settings("1B"))
+    report = run_offload_bench(str(export_dir), settings(f"{need}B"))
+    assert all(r.device_bytes <= r.budget_bytes for r in report.runs)

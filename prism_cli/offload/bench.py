@@ -281,6 +281,8 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
         cfg = OffloadConfig(budget, reserve=settings.reserve, device=settings.device)
         for sizes in sorted((budget_sizes(m, cfg) for m in (source.model, elastic.model)), key=lambda s: -s.least_budget):
             sizes.check(cfg)  # the model that needs more first: its error names the budget both need
+    _check_kv_room(source.model, [budget_sizes(m, OffloadConfig(b, reserve=settings.reserve, device=settings.device))
+                                  for b in budgets for m in (source.model, elastic.model)], settings)
 
     # Quality of every point that can appear (asked, baselines, the decomposition's linear points).
     originals = [OperatingPoint("original", k) for k in range(1, top_k + 1)]
@@ -366,6 +368,29 @@ def _prefill(run: _Live, ids: torch.Tensor, context: int) -> None:
 
     set_operating_point(run.model, run.op)
     run.cache = run.model(input_ids=ids[:, :context], use_cache=True).past_key_values
+
+
+def _check_kv_room(model: Any, sizes: list[Any], settings: OffloadBenchSettings) -> None:
+    """Refuse, before the quality and timing stages, a budget whose room beside the cached pieces (the reserve
+    and what whole pieces leave of the cache) cannot hold the KV cache the run fills: ``--context`` plus every
+    decode step. That run ends over its budget (exit 3) whatever it measures. Models with sliding-window
+    layers keep fewer positions than they were given: not estimated, the run's own measure decides."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text, "sliding_window", None) is not None or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        return
+    with torch.inference_mode():
+        one = _kv_bytes(model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).past_key_values)
+    positions = settings.context + settings.warmup + settings.tokens
+    need = one * positions
+    for size in sizes:
+        slots = min(size.cache_bytes // size.piece_bytes, size.expert_bytes // size.piece_bytes)
+        room = size.budget_bytes - size.non_expert_bytes - slots * size.piece_bytes
+        if need > room:
+            raise PrismError(
+                f"--device-memory {format_size(size.budget_bytes)} leaves {format_size(room)} beside the cached "
+                f"{size.piece_name}s, less than the KV cache of {positions:,} positions (--context {settings.context} + "
+                f"--warmup {settings.warmup} + --tokens {settings.tokens}: {format_size(need)}); give a larger --reserve "
+                f"(at least {format_size(need)}) or fewer positions")
 
 
 def _kv_bytes(cache: Any) -> int:
