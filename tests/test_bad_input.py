@@ -548,9 +548,10 @@ CASES = [
     Case("profile-out-is-folder", lambda w: profile_args(w, out=w.folder("a-folder")), ("is a folder",)),
     Case("profile-budget-below-minimum", lambda w: profile_args(w, "--max-memory", "1K"),
          ("--max-memory 1.00 KiB", "minimum", "activations", "raise --max-memory")),
-    # A budget past any address space: the row buffer it leaves cannot be mapped (and no work folder stays).
+    # A budget past the machine's memory: refused before the banner and the work folder (it had failed
+    # when the row buffer could not be allocated).
     Case("profile-budget-beyond-the-machine", lambda w: profile_args(w, "--max-memory", "1000000T"),
-         ("cannot allocate the row buffer", "smaller --max-memory")),
+         ("--max-memory", "more than this machine's", "give less")),
     Case("profile-bad-budget", lambda w: profile_args(w, "--max-memory", "lots"), ("--max-memory must be a size", "'lots'"),
          never=NEVER_PROFILE),
     Case("profile-checkpoint-every-0", lambda w: profile_args(w, "--checkpoint-every", "0"), ("--checkpoint-every", "positive"),

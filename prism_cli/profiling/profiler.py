@@ -365,6 +365,9 @@ def profile_model(
     )
     budget, source = (settings.max_memory, "given") if settings.max_memory else default_budget()
     memory = plan_memory(geometry, budget)
+    if memory.buffer_bytes > (total_ram := psutil.virtual_memory().total):  # before the banner and the work folder
+        raise PrismError(f"--max-memory {format_size(budget)} sizes a row buffer of {format_size(memory.buffer_bytes)}, more "
+                         f"than this machine's {format_size(total_ram)} of memory; give less (default: half the available memory)")
     work = work_dir_for(out_path)
     resumed = open_work_dir(work, _PARTIAL_FORMAT, _identity(meta, settings, loaded), resume=resume, what="profiling")
     if resumed:  # every layer, not only the first pass's: a damaged later layer is refused now too
