@@ -39,7 +39,7 @@ def tune_gate(
     force: bool = typer.Option(False, help="Replace an existing --out (and a checkpoint left by an earlier run)."),
     config: str = ConfigOption,
 ) -> None:
-    """Fine-tune only the flat router of an export, K sub-experts per token rising over training; writes a new export."""
+    """Fine-tune only the flat router of an export, K sub-experts per token drawn (or rising) over training; writes a new export."""
     from prism_cli.models.loading import parse_device, parse_dtype
     from prism_cli.tuning.trainer import TuneSettings
     from prism_cli.tuning.trainer import tune_gate as run
