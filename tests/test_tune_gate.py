@@ -432,13 +432,15 @@ def test_cli_says_where_the_text_caps_init_tokens(cli, export, train_text, tmp_p
     assert result.code == 0, result
     said = " ".join(result.out.split())  # the console wraps long lines
     assert f"note: --init-tokens 50,000 is capped by the training text: the probe fits on all {text_tokens:,} tokens" in said
+    # the default --warmup 10 over one step: the learning rate never peaks, and the run says so
+    assert "note: --warmup 10 is not below --steps 1: the learning rate rises for the whole run and never reaches --lr" in said
     tuning = json.loads((out / "config.json").read_text())["prism"]["tuning"]
     assert tuning["init_tokens"] == 50_000 and tuning["init_tokens_used"] == text_tokens
     # within the text: no note, and the probe fits on what was asked
-    result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "1", "--batch", "2", "--seq-len", "16",
-                 "--init-tokens", "1000", "--force")
+    result = cli("tune-gate", export, "--out", out, "--data", train_text, "--steps", "2", "--warmup", "1", "--batch", "2",
+                 "--seq-len", "16", "--init-tokens", "1000", "--force")
     assert result.code == 0, result
-    assert "--init-tokens" not in result.out
+    assert "--init-tokens" not in result.out and "--warmup" not in result.out
     assert json.loads((out / "config.json").read_text())["prism"]["tuning"]["init_tokens_used"] == 992  # 62 windows of 16
 
 

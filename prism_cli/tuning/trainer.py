@@ -399,6 +399,9 @@ def tune_gate(
     ids = np.asarray(trainee.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     batches = TrainBatches(ids, settings.batch, settings.seq_len, settings.seed)
     notes, probe_tokens = [], None
+    if settings.warmup >= settings.steps:  # lr_at ramps over the whole run: its peak is never reached
+        notes.append(f"--warmup {settings.warmup} is not below --steps {settings.steps}: the learning rate rises for the "
+                     f"whole run and never reaches --lr {settings.lr:g}")
     if settings.init == "probe":
         probe_tokens = batches.probe_count(settings.init_tokens) * settings.seq_len
         if probe_tokens < settings.init_tokens // settings.seq_len * settings.seq_len:
