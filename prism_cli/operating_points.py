@@ -21,7 +21,7 @@ import numbers
 import re
 from dataclasses import dataclass
 
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, nonempty_items
 
 GATES = ("linear", "neurons")
 NEURON_POLICIES = ("topk", "pattern", "threshold")
@@ -67,11 +67,7 @@ def split_points(text: str, option: str) -> list[str]:
                 items[-1] += "," + piece
             else:
                 items.append(piece)
-    if not any(items):
-        return []
-    if "" in items:
-        raise PrismError(f"{option} {text!r} has an empty item (two separators, or one at an end): give each point once")
-    return items
+    return nonempty_items(items, text, option, "point")
 
 
 def require_points(text: str, option: str) -> list[str]:

@@ -21,7 +21,7 @@ from prism_cli.commands.common import (
     parse_int_list,
 )
 from prism_cli.console import console
-from prism_cli.errors import PrismError, check_distinct
+from prism_cli.errors import PrismError, check_distinct, split_items
 from prism_cli.report import ResultTable
 
 if TYPE_CHECKING:
@@ -230,7 +230,6 @@ def sweep(
     from prism_cli.io import write_json
     from prism_cli.serving.costmodel import find_cost_model
     from prism_cli.serving.executor import load_served_model
-    from prism_cli.serving.floors import split_items
     from prism_cli.serving.runner import check_load
     from prism_cli.serving.sweep import check_rounds, parse_loads, plot_sweep, run_sweep, sweep_table, targets
 

@@ -42,14 +42,19 @@ def is_export(folder: Path) -> bool:
 EXPORT_OUTPUT = Replaceable("a prism export", is_export)
 
 
-def source_router_file(directory: Path, meta: dict[str, Any]) -> Path | None:
-    """``SOURCE_ROUTER_FILE`` of the export ``directory``, or None where the flat router's copies still hold
-    the source rows (an untuned export). An export whose flat router was tuned (``prism.tuning``) or chosen
-    per K (``prism.router_bank``) needs the file: without it the training-free gate would route with tuned
-    rows, unsaid, so its absence is refused in one line."""
+def read_source_router_file(directory: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The tensors of ``SOURCE_ROUTER_FILE`` of the export ``directory``, or None where the flat router's
+    copies still hold the source rows (an untuned export). An export whose flat router was tuned
+    (``prism.tuning``) or chosen per K (``prism.router_bank``) needs the file: without it the training-free
+    gate would route with tuned rows, unsaid, so its absence is refused in one line."""
     path = Path(directory) / SOURCE_ROUTER_FILE
     if path.exists():
-        return path
+        from safetensors.torch import load_file
+
+        from prism_cli.models.checkpoint_files import read_header
+
+        read_header(path)  # a truncated file: one line
+        return load_file(str(path))
     tuned = "tuning" if isinstance(meta.get("tuning"), dict) else "router_bank" if "router_bank" in meta else None
     if tuned is not None:
         kind = "a tuned export" if tuned == "tuning" else "a router-bank export"

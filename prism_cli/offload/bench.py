@@ -277,12 +277,13 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     # A relative budget is solved for both models and the larger kept: 100% caches every sub-expert and
     # every whole expert, at the same bytes.
     budgets = [absolute_budget(source.model, b, settings.reserve, elastic.model) for b in settings.budgets]
+    checked = []
     for budget in budgets:
         cfg = OffloadConfig(budget, reserve=settings.reserve, device=settings.device)
         for sizes in sorted((budget_sizes(m, cfg) for m in (source.model, elastic.model)), key=lambda s: -s.least_budget):
             sizes.check(cfg)  # the model that needs more first: its error names the budget both need
-    _check_kv_room(source.model, [budget_sizes(m, OffloadConfig(b, reserve=settings.reserve, device=settings.device))
-                                  for b in budgets for m in (source.model, elastic.model)], settings)
+            checked.append(sizes)
+    _check_kv_room(source.model, checked, settings)
 
     # Quality of every point that can appear (asked, baselines, the decomposition's linear points).
     originals = [OperatingPoint("original", k) for k in range(1, top_k + 1)]
@@ -383,8 +384,7 @@ def _check_kv_room(model: Any, sizes: list[Any], settings: OffloadBenchSettings)
     positions = settings.context + settings.warmup + settings.tokens
     need = one * positions
     for size in sizes:
-        slots = min(size.cache_bytes // size.piece_bytes, size.expert_bytes // size.piece_bytes)
-        room = size.budget_bytes - size.non_expert_bytes - slots * size.piece_bytes
+        room = size.budget_bytes - size.non_expert_bytes - size.slots * size.piece_bytes
         if need > room:
             raise PrismError(
                 f"--device-memory {format_size(size.budget_bytes)} leaves {format_size(room)} beside the cached "

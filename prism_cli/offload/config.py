@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, split_items
 
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -154,11 +154,9 @@ def parse_budget(text: str | int, reserve: Reserve | None = None) -> Budget:
 
 def parse_list(text: str, option: str, example: str) -> list[str]:
     """The items of a comma-separated option; an empty list or an empty item is refused."""
-    items = [item.strip() for item in str(text).split(",")]
-    if not any(items):
+    items = split_items(text, option)
+    if not items:
         raise PrismError(f"{option} needs at least one value, e.g. {example}")
-    if not all(items):
-        raise PrismError(f"{option} {text!r} has an empty item (a stray comma?); give e.g. {example}")
     return items
 
 

@@ -175,7 +175,7 @@ class OffloadController:
         dtype = layers[0].experts.gate_up_proj.dtype
         self.piece_bytes, self.expert_bytes, self.non_expert_bytes = sizes.piece_bytes, sizes.expert_bytes, sizes.non_expert_bytes
         self.budget_bytes, self.reserve_bytes = sizes.budget_bytes, sizes.reserve_bytes
-        self.capacity = int(min(sizes.cache_bytes // self.piece_bytes, len(layers) * self.groups))
+        self.capacity = sizes.slots
         pinned = pinned_keys(len(layers), self.groups, self.n_sub, int(self.capacity * config.pin)) if config.pin else []
         if config.pin and len(pinned) >= self.capacity:
             pinned = pinned[: self.capacity - 1]
@@ -442,6 +442,12 @@ class BudgetSizes:
     budget_bytes: int
     piece_name: str  # "sub-expert" or "expert"
     reserve: Reserve  # the reserve's rule (a share of the budget, or a size)
+    pieces: int  # pieces of every MoE layer: what a cache holding them all needs no more slots than
+
+    @property
+    def slots(self) -> int:
+        """Pieces the cache holds: as many as its bytes take, never more than there are."""
+        return int(min(self.cache_bytes // self.piece_bytes, self.pieces))
 
     @property
     def reserve_bytes(self) -> int:
@@ -486,7 +492,7 @@ def budget_sizes(model: Any, config: OffloadConfig) -> BudgetSizes:
     non_expert = _non_expert_bytes(model, expert_ids)
     return BudgetSizes(int(first.gate_up_proj.shape[0]), piece_shapes, piece_bytes, expert_bytes, non_expert, expert_ids,
                        _resolve_budget(config, non_expert, expert_bytes), "sub-expert" if state.n_sub > 1 else "expert",
-                       config.reserve_spec)
+                       config.reserve_spec, len(layers) * int(first.gate_up_proj.shape[0]))
 
 
 def _check_layout(experts: torch.nn.Module, first: torch.nn.Module) -> None:

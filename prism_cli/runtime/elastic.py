@@ -19,11 +19,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prism_cli.errors import PrismError
-from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BANK_FILE, SOURCE_ROUTER_FILE, source_router_file
+from prism_cli.export.format import EXPORT_FORMAT_VERSION, GATE_FILE, ROUTER_BANK_FILE, SOURCE_ROUTER_FILE, read_source_router_file
 from prism_cli.export.validate import validate_export
 from prism_cli.io import read_json
 from prism_cli.models.adapters import MoELayer, adapter_for_config
-from prism_cli.models.checkpoint_files import read_header
 from prism_cli.models.loading import BUILTIN, LoadedModel, load_model, resolve_model
 from prism_cli.operating_points import OperatingPoint, default_operating_points, parse_operating_point
 from prism_cli.runtime.experts import EXPERTS_IMPLEMENTATION
@@ -174,7 +173,7 @@ def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = T
             if not gate_file.exists():
                 raise PrismError(f"{directory} is a neurons-gate export but {GATE_FILE} is missing")
             positions = load_file(str(gate_file))
-            stored = _source_router(directory, meta)
+            stored = read_source_router_file(directory, meta)
             for layer in layers:
                 key = f"layers.{layer.index}.gate_positions"
                 if key not in positions:
@@ -201,16 +200,6 @@ def attach_elastic_state(model: Any, directory: Path | None, *, ranked: bool = T
             settle_down_layout(layer.experts)
     model.prism_state = state
     return state
-
-
-def _source_router(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The original router rows a tuned export stores apart (the training-free gate routes with them), or None
-    for an untuned export, whose flat router holds them."""
-    path = source_router_file(directory, meta)
-    if path is None:
-        return None
-    read_header(path)  # a truncated file: one line
-    return load_file(str(path))
 
 
 def _load_bank(directory: Path, meta: dict[str, Any], layers: list[MoELayer], flat: list[LinearGateRouter],

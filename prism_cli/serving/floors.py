@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prism_cli.errors import PrismError
+from prism_cli.errors import PrismError, split_items
 from prism_cli.operating_points import OperatingPoint, parse_operating_point
 
 CEILING = "ppl"
@@ -150,18 +150,6 @@ def parse_shares(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
     if not mix:
         raise PrismError(f"--floors {text!r} names no floor with a positive share (e.g. linear:2=0.5,linear:8=0.5)")
     return mix
-
-
-def split_items(text: str, option: str) -> list[str]:
-    """The items of a comma-separated option, stripped; an empty item beside others (``a,,b``, a trailing comma)
-    is refused, not skipped: it is most often a value lost to a typo or an unset shell variable. Text with no
-    item at all (``""``, ``" , "``) gives [], which the caller refuses as naming nothing."""
-    items = [item.strip() for item in str(text).split(",")]
-    if not any(items):
-        return []
-    if "" in items:
-        raise PrismError(f"{option} {text!r} has an empty item (two commas, or one at an end): give each value once")
-    return items
 
 
 def normalise_mix(mix: list[tuple[FloorSpec, float]]) -> list[tuple[FloorSpec, float]]:

@@ -19,10 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prism_cli.errors import PrismError, check_distinct
+from prism_cli.errors import PrismError, check_distinct, split_items
 from prism_cli.report import ResultTable
 from prism_cli.serving.costmodel import CostModel
-from prism_cli.serving.floors import split_items
 from prism_cli.serving.runner import ScheduleResult, ScheduleSettings, check_load, run_schedule
 
 LOADS = {"low": 0.3, "medium": 0.7, "high": 1.3}

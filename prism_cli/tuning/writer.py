@@ -26,14 +26,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from prism_cli.errors import PrismError
-from prism_cli.export.format import EXPORT_OUTPUT, SOURCE_ROUTER_FILE, source_router_file
+from prism_cli.export.format import EXPORT_OUTPUT, SOURCE_ROUTER_FILE, read_source_router_file
 from prism_cli.export.serving import serving_check
 from prism_cli.io import atomic_dir, save_tensors
 from prism_cli.models.adapters import MoEAdapter
-from prism_cli.models.checkpoint_files import read_header
 from prism_cli.models.loading import load_config
 from prism_cli.runtime.layers import RANKING_FILE
 
@@ -65,10 +63,9 @@ def read_source_router(directory: Path, adapter: MoEAdapter, n_sub: int) -> dict
     router (checked: copies that differ without the file mean a router changed by something other than prism).
     """
     meta = json.loads((directory / "config.json").read_text()).get("prism") or {}
-    stored = source_router_file(directory, meta)
+    stored = read_source_router_file(directory, meta)
     if stored is not None:
-        read_header(stored)  # a truncated file: one line
-        return load_file(str(stored))
+        return stored
     from prism_cli.models.checkpoint import CheckpointReader
 
     reader = CheckpointReader(directory)
