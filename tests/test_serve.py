@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 KEY = "s3cret-key"
 
 
-def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=None, api_key=KEY, host="127.0.0.1"):
+def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=None, api_key=KEY, host="127.0.0.1", point=None):
     import uvicorn
 
     from prism_cli.serving.engine import Engine, Limits
@@ -32,7 +32,8 @@ def _start(served, policy="prism", max_running=4, max_queue=8, chat_template=Non
 
     cost = synthetic_cost_model()
     limits = Limits(min(2, max_running), max_running, 1.0)
-    engine = Engine(ModelExecutor(served), SCHEDULING_POLICIES.get(policy)(), Ladder(served.space, cost, 2), limits, cost)
+    instance = SCHEDULING_POLICIES.get(policy)(*([served.space.parse(point)] if point else []))
+    engine = Engine(ModelExecutor(served), instance, Ladder(served.space, cost, 2), limits, cost)
     state = ServerState(engine, served.tokenizer, served.space, Ladder(served.space, cost, 2), cost, "tiny", served.context,
                         api_key, max_queue, chat_template)
     app = build_app(state)
@@ -133,6 +134,19 @@ def test_chat_null_max_completion_tokens_is_absent(server):
                    json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": None,
                          "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
+
+
+def test_nulls_and_the_default_limit(server):
+    """A null nested field is an absent one (``include_usage: null`` was 400); a prompt that the default
+    limit of 16 pushes past the context says the limit was the default, which the client never sent."""
+    state, url = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/completions", headers=headers, timeout=60, json={
+        "model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": None}})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+    r = httpx.post(url + "/v1/completions", headers=headers, timeout=60,
+                   json={"model": "tiny", "prompt": [5] * (state.context - 8)})
+    assert r.status_code == 400 and "max_tokens 16 (the default" in r.json()["error"]["message"], r.text
 
 
 def test_a_template_that_renders_no_tokens_is_400_and_the_engine_stays_up(served):
@@ -440,6 +454,41 @@ def test_a_cancelled_request_holds_its_slot_until_the_engine_lets_it_go(served):
         thread.join(10)
 
 
+def test_sequential_requests_at_capacity_are_never_turned_away(served):
+    """One slot, no queue, one client sending each request after the last answer: nothing else is in flight,
+    so no 503. The final update and the slot's release reached the event loop in two steps, and a client
+    answered between them was refused now and then (1 in 150)."""
+    srv, thread, state, url = _start(served, policy="fifo", max_running=1, max_queue=0, api_key=None)
+    try:
+        body = {"model": "tiny", "prompt": "The whale", "max_tokens": 1, "temperature": 0}
+        with httpx.Client(timeout=30) as client:
+            codes = [client.post(url + "/v1/completions", json=body, headers={"Connection": "close"}).status_code
+                     for _ in range(150)]
+        assert codes == [200] * 150
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_static_policy_refuses_floors_above_its_point(served):
+    """Under --policy static every request runs at the one point: a floor above it is refused (400), never
+    served below it; a request without a floor runs at the operator's point; no row is below its floor."""
+    srv, thread, state, url = _start(served, policy="static", point="linear:4", api_key=None)
+    try:
+        body = {"model": "tiny", "prompt": "The whale", "max_tokens": 3, "temperature": 0}
+        above = httpx.post(url + "/v1/completions", json={**body, "quality_floor": "linear:6"}, timeout=30)
+        assert above.status_code == 400 and above.json()["error"]["param"] == "quality_floor"
+        assert "linear:4" in above.json()["error"]["message"]
+        for floor in (None, "linear:4", "linear:2"):
+            answer = httpx.post(url + "/v1/completions", json={**body, "quality_floor": floor}, timeout=30)
+            assert answer.status_code == 200, answer.text
+        assert {str(p) for r in state.engine.finished for p in r.served_at} == {"linear:4"}
+        assert state.engine.stats.violations == 0
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
 def test_chat_without_a_template_is_a_client_error_that_says_so(served):
     srv, thread, _, url = _start(served, api_key=None)
     try:
@@ -550,5 +599,56 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_export):
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"  # the request in flight was served to its end
         assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_cancels_in_flight_requests_and_exits_130(tiny_export):
+    """The first Ctrl-C drains; a second stops without draining: each request in flight is answered at once
+    (a 503 in OpenAI's error shape, an error event on a stream), quietly, and the command exits 130. uvicorn's
+    own forced stop cancelled the handlers mid-response (tracebacks, a bare-text 500, a stream cut short),
+    left the engine generating the abandoned requests, and exited 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "serve", str(tiny_export), "--policy", "fifo", "--port", str(port),
+                             "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PRISM_API_KEY"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        context = httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"]
+        body = {"model": "tiny", "prompt": [5, 6], "max_tokens": context - 2, "temperature": 1.0, "seed": 1}
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client, \
+                client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            plain = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+            deadline = time.monotonic() + 30
+            while "prism_requests_running 2" not in httpx.get(url + "/metrics").text:  # both run
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            started = time.perf_counter()
+            rest = [line for line in lines if line]
+            answer = plain.result()
+        assert proc.wait(60) == 130 and time.perf_counter() - started < 15
+        assert json.loads(rest[-1].removeprefix("data: "))["error"]["type"] == "server_stopped", rest[-3:]
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_stopped", answer.text
+        err = proc.stderr.read()
+        assert "Traceback" not in err and err.strip().startswith("interrupted:"), err
     finally:
         proc.kill()

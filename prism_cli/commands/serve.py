@@ -20,7 +20,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes the server)."),
     port: int = typer.Option(8000, help="TCP port (0: any free port, printed at start)."),
     policy: str = typer.Option("prism", help="Scheduling policy: prism, fifo, fullbatch, static or mixed."),
-    point: str = typer.Option(None, help="The static policy's point (default: the full model)."),
+    point: str = typer.Option(None, help="The static policy's point (default: the full model): requests without a quality_floor run at "
+                              "it, floors above it are refused (400)."),
     api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 (or set PRISM_API_KEY)."),
     served_model_name: str = typer.Option(None, "--served-model-name", help="Model name clients send (default: the folder name)."),
     max_batch: int = typer.Option(16, "--max-batch", help="Rows of one forward pass."),

@@ -4,13 +4,13 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (a tokenizer 
 template answers it 400, saying so), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Streaming answers
 are server-sent events (``data: {...}`` chunks, then ``data: [DONE]``). A request may carry
 ``quality_floor``: an operating point of the export (``"linear:4"``) or a perplexity ceiling (a number
-or ``"ppl:45"``); without it the request gets the full model.
+or ``"ppl:45"``); without it the request gets the full model (under ``--policy static``, its point).
 
 The engine runs in its own thread; the event loop hands it requests and receives tokens through
 thread-safe callbacks. Admission is bounded: at most ``max_running + max_queue`` requests in flight,
 beyond that 503 with ``Retry-After``. A client that disconnects cancels its request (its KV rows are
 freed at the engine's next iteration). On SIGTERM uvicorn stops accepting connections and lets the
-in-flight requests finish; then the engine thread stops.
+in-flight requests finish; then the engine thread stops. A second Ctrl-C cancels them instead.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ class ServerState:
     loop: EngineLoop | None = None
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
+    active: set[Request] = field(default_factory=set)  # submitted and not yet finished: a forced stop cancels them
+    stopping: bool = False  # a second Ctrl-C: in-flight requests are cancelled, and the command exits 130
     created: int = field(default_factory=lambda: int(time.time()))
     #: The most characters of a prompt one token covers (``longest_token_chars``); None: no early refusal.
     longest_token: int | None = field(init=False)
@@ -202,14 +204,18 @@ def parse_quality_floor(state: ServerState, body: dict) -> OperatingPoint:
     from prism_cli.serving.runner import resolve_floor
 
     value = body.get("quality_floor")
+    fixed = state.engine.policy.fixed_point  # --policy static: every request runs at it, whatever its floor
     if value is None:
-        return state.space.full()
+        return fixed or state.space.full()  # under static, the operator's point is the default floor
     try:
         point = resolve_floor(floor_spec(value, state.space), state.space, state.ladder, state.cost_model)
         check_costed(state, point)
-        return point
     except PrismError as exc:
         raise BadRequest(f"quality_floor: {exc}", "quality_floor") from None
+    if fixed is not None and not state.ladder.meets(fixed, point):  # served below it: refused, never counted
+        raise BadRequest(f"quality_floor: {point} is above {fixed}, the one point this server runs (--policy static)",
+                         "quality_floor")
+    return point
 
 
 def check_costed(state: ServerState, point: OperatingPoint) -> None:
@@ -326,7 +332,7 @@ def build_app(state: ServerState) -> Starlette:
             floor = parse_quality_floor(state, body)
             stream = _field(body, "stream", (bool,), False)
             options = _field(body, "stream_options", (dict,), {})
-            if not isinstance(options.get("include_usage", False), bool):
+            if not isinstance(options.get("include_usage") or False, bool):  # a null field is an absent one
                 raise BadRequest("stream_options.include_usage: expected bool", "stream_options")
             if options and not stream:  # as OpenAI answers
                 raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
@@ -334,8 +340,9 @@ def build_app(state: ServerState) -> Starlette:
                 raise BadRequest(f"{limit_field}: {params.max_tokens} leaves no room for the prompt in the context of "
                                  f"{state.context} tokens", limit_field)
             if len(prompt_ids) + params.max_tokens > state.context:
-                raise BadRequest(f"{name}: {len(prompt_ids)} prompt tokens plus {limit_field} {params.max_tokens} exceed the "
-                                 f"context of {state.context} tokens", name)
+                given = "" if body.get(limit_field) is not None else " (the default; set it lower)"
+                raise BadRequest(f"{name}: {len(prompt_ids)} prompt tokens plus {limit_field} {params.max_tokens}{given} "
+                                 f"exceed the context of {state.context} tokens", name)
         except BadRequest as exc:
             state.counters.count(str(exc.status))
             return error(str(exc), exc.param, exc.status, exc.kind)
@@ -350,16 +357,18 @@ def build_app(state: ServerState) -> Starlette:
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[tuple[str, str | None, int]] = asyncio.Queue()
 
-        def release() -> None:
-            state.in_flight -= 1
+        def deliver(update: tuple[str, str | None, int], finished: bool) -> None:  # event loop
+            if finished:  # once: the engine holds the request (its slot, its KV rows) until here, cancelled or not
+                state.in_flight -= 1
+                state.active.discard(req)
+            updates.put_nowait(update)  # after the release: a client answered may send its next request at once
 
         def on_update(r: Request) -> None:  # engine thread
-            loop.call_soon_threadsafe(updates.put_nowait, (r.stream_text(), r.finish_reason, len(r.output_ids)))
-            if r.finished:  # once: the engine holds the request (its slot, its KV rows) until here, cancelled or not
-                loop.call_soon_threadsafe(release)
+            loop.call_soon_threadsafe(deliver, (r.stream_text(), r.finish_reason, len(r.output_ids)), r.finished)
 
         req = Request(list(prompt_ids), params, floor, state.engine.now(), on_update=on_update)
         state.in_flight += 1
+        state.active.add(req)
         state.engine.submit(req)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -406,6 +415,9 @@ def build_app(state: ServerState) -> Starlette:
                             yield f"data: {json.dumps({'error': {'message': 'the engine failed', 'type': 'internal_error'}})}\n\n"
                             status = "500"
                             return
+                        if reason == "cancelled":  # by the server (a forced stop): the client is still here
+                            yield f"data: {json.dumps({'error': {'message': STOPPED, 'type': 'server_stopped'}})}\n\n"
+                            return
                         if reason is not None:
                             yield f"data: {json.dumps(chunk('', _reason(reason)))}\n\n"
                             if include_usage:
@@ -437,11 +449,18 @@ def build_app(state: ServerState) -> Starlette:
                 text, reason, n = getter.result()
                 if reason is not None:
                     break
+        except asyncio.CancelledError:  # the task itself cancelled (the server forced down): free the slot
+            req.cancelled = True
+            state.engine.wake()
+            raise
         finally:
             disconnect.cancel()
         if reason == "error":
             done("500")
             return error("the engine failed on an internal error", None, 500, "internal_error")
+        if reason == "cancelled":  # by the server (a forced stop): the client is still here
+            done("cancelled")
+            return error(STOPPED, None, 503, "server_stopped")
         done("200")
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -506,6 +525,9 @@ def build_app(state: ServerState) -> Starlette:
     # Starlette answers /v1/completions/ with a 307 to a URL built from the client's Host header: a 404 here.
     app.router.redirect_slashes = False
     return app
+
+
+STOPPED = "the server was stopped (a second Ctrl-C) before this request finished"
 
 
 def _reason(reason: str | None) -> str:
@@ -696,6 +718,19 @@ def serve_forever(state: ServerState, sock: socket.socket, on_ready=None) -> Non
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            # A second Ctrl-C stops without draining: uvicorn would cancel the handlers mid-response
+            # (tracebacks, a bare 500) while the engine went on generating for them. prism cancels the
+            # requests instead; each answers at once (503, or an error event), then uvicorn stops as usual.
+            # A third forces uvicorn down.
+            if self.should_exit and sig == signal.SIGINT and not state.stopping:
+                state.stopping = True
+                for req in list(state.active):
+                    req.cancelled = True
+                state.engine.wake()
+                return
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self):
             # uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would end
@@ -714,3 +749,5 @@ def serve_forever(state: ServerState, sock: socket.socket, on_ready=None) -> Non
     server.run(sockets=[sock])
     if state.loop is not None and state.loop.error is not None:
         raise state.loop.error
+    if state.stopping:
+        raise KeyboardInterrupt  # exit 130, as any interrupted command
