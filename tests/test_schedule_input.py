@@ -144,6 +144,35 @@ def test_a_trace_line_with_an_unknown_field_is_refused(cli, tiny_export, cost, t
         "line 2", "'flor'")
 
 
+def test_a_trace_integer_past_the_digit_limit_names_the_line(cli, tiny_export, cost, tmp_path):
+    """json.loads raises ValueError (not JSONDecodeError) for an integer of more than 4,300 digits: exit 1,
+    an internal error, no line."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival": 0, "prompt": "The whale", "max_tokens": 4}\n'
+                     f'{{"arrival": 0, "prompt": "Hello", "max_tokens": {"9" * 5000}}}\n')
+    cli("schedule", "run", tiny_export, "--sim", "--cost-model", cost, "--trace", trace).assert_one_line_error(
+        "line 2", "digits")
+
+
+def test_a_trace_floor_the_cost_model_has_not_timed_names_the_line(cli, tiny_export, tmp_path):
+    cost = synthetic_cost_model()
+    del cost.points["linear:3"]
+    cost.save(tmp_path / "cm.json")
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival": 0, "prompt": "The whale", "max_tokens": 4}\n'
+                     '{"arrival": 0, "prompt": "Hello", "max_tokens": 4, "floor": "linear:3"}\n')
+    cli("schedule", "run", tiny_export, "--sim", "--cost-model", tmp_path / "cm.json", "--trace", trace).assert_one_line_error(
+        "line 2", "no timing of linear:3")
+
+
+@pytest.mark.parametrize("duration", ["1.01e9", "1e300"])
+def test_a_duration_past_the_latest_arrival_is_refused(cli, tiny_export, cost, no_run, duration):
+    """``--rate 1e-300 --duration 1e300`` ran: two requests at 6.8e299 s, every latency 0 (the clock no longer
+    resolves a step), as a trace's arrival past 1e9 s is refused for."""
+    cli("schedule", "run", tiny_export, "--sim", "--cost-model", cost, "--rate", "1e-300", "--duration",
+        duration).assert_one_line_error("--duration", "at most 1e+09")
+
+
 def test_point_is_refused_with_another_policy_unless_a_config_file_gives_it(cli, tiny_export, cost, tmp_path):
     sim = ("--sim", "--cost-model", cost, "--duration", "1", "--rate", "4", "--max-output", "4", "--max-prompt", "32")
     cli("schedule", "run", tiny_export, *sim, "--policy", "fifo", "--point", "linear:4").assert_one_line_error(

@@ -404,6 +404,23 @@ def test_static_below_a_floor_is_counted_as_a_violation():
     assert reqs[0].below_floor_steps == 0 and reqs[1].below_floor_steps == 8 and engine.stats.violations == 8
 
 
+def test_a_cancelled_request_is_dropped_waiting_or_running():
+    """``Engine.cancel``: a waiting request leaves the queue without a token, a running one stops where it is;
+    the others are served whole. (The queue is swept for cancelled requests only after a cancel.)"""
+    engine = sim_engine("fifo", max_batch=1, max_running=1)
+    running, waiting, other = (request("linear:2", out=20) for _ in range(3))
+    for r in (running, waiting, other):
+        engine.submit(r)
+    engine.step()
+    assert engine.running() == 1 and len(engine.waiting) == 2
+    engine.cancel(waiting)
+    engine.cancel(running)
+    engine.run()
+    assert waiting.finish_reason == "cancelled" and waiting.output_ids == []
+    assert running.finish_reason == "cancelled" and len(running.output_ids) < 20
+    assert other.finish_reason == "length" and len(other.output_ids) == 20
+
+
 def test_prism_launches_the_queue_of_highest_utility():
     # C(b, K) = 10 + b*K. Three linear:2 requests and one linear:8 arrive together (max batch 8, none full):
     # U(Q_2) = 3 / (10 + 3*2) = 0.1875 beats U(Q_8) = 4 / (10 + 4*8) = 0.095, so Q_2 launches alone. For the

@@ -57,6 +57,22 @@ def test_heads_are_the_first_n_of_each_floor_in_arrival_order():
         assert queue.floors() == {f: c for f in FLOORS if (c := sum(r.floor == f for r in order))}
 
 
+def test_remove_takes_exactly_the_requests_given():
+    """Random sets to remove (heads of the FIFOs, as a launch takes, or any): what stays is the oracle's list
+    less those, in arrival order, and the count follows."""
+    rng = random.Random(1)
+    for _ in range(300):
+        queue, order = _filled(rng, rng.randrange(0, 40))
+        if rng.random() < 0.5:
+            gone = [r for r in order if rng.random() < 0.3]
+        else:
+            gone = queue.peek(lambda f: True, rng.randrange(0, 8))
+        rng.shuffle(gone)
+        queue.remove(gone)
+        expected = [r for r in order if r not in gone]
+        assert list(queue) == expected and len(queue) == len(expected)
+
+
 def test_a_pickled_point_is_rehashed_where_it_is_loaded():
     """A point hashes once, when made; string hashes differ between processes, so one pickled in another
     process (another ``PYTHONHASHSEED``) must not bring its hash along: it finds the same point in a dict here."""

@@ -163,6 +163,7 @@ class Engine:
         self._scheduled: deque[Request] = deque()  # a pre-timed workload, released at its arrival times
         self._launching: list[Request] = []  # out of the waiting queue, not yet in a batch (``abort`` ends them too)
         self._wake = threading.Event()
+        self._cancels = False  # a request was cancelled since the waiting queue was last swept for them
         self._iteration = 0
 
     # --- input -------------------------------------------------------------------------------
@@ -181,6 +182,13 @@ class Engine:
         self._scheduled.extend(sorted(requests, key=lambda r: r.arrival))
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, request: Request) -> None:
+        """Thread-safe: drop ``request`` at the next iteration (waiting: from the queue; running: its KV rows).
+        Only then is the waiting queue swept, not at every step (a simulation keeps thousands waiting)."""
+        request.cancelled = True
+        self._cancels = True  # after the flag: a sweep that misses the request is followed by another
         self._wake.set()
 
     # --- state -------------------------------------------------------------------------------
@@ -249,9 +257,11 @@ class Engine:
             self.waiting.push(self._scheduled.popleft())
         while self._inbox:
             self.waiting.push(self._inbox.popleft())
-        for r in self.waiting.drop_cancelled():
-            r.finish("cancelled", now)
-            self.finished.append(r)
+        if self._cancels:
+            self._cancels = False
+            for r in self.waiting.drop_cancelled():
+                r.finish("cancelled", now)
+                self.finished.append(r)
 
     def _retire(self) -> None:
         now = self.now()

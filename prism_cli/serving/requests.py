@@ -61,7 +61,7 @@ class Request:
     finish_reason: str | None = None  # "length", "stop", "cancelled"
     served_at: set[str] = field(default_factory=set)
     below_floor_steps: int = 0
-    cancelled: bool = False  # set from another thread: the engine drops the request at its next iteration
+    cancelled: bool = False  # set by ``Engine.cancel`` (any thread): the engine drops it at its next iteration
     generator: Any = None  # torch.Generator for a seeded request (real engine only)
     seq: int = 0  # order of entry into the waiting queue (set by it)
 

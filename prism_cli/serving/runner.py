@@ -23,7 +23,7 @@ from prism_cli.serving.engine import Engine, Limits
 from prism_cli.serving.floors import FloorSpec, Ladder, PointSpace, floor_spec, parse_mix
 from prism_cli.serving.policies import SCHEDULING_POLICIES
 from prism_cli.serving.requests import Request, SamplingParams, check_context
-from prism_cli.serving.workload import LengthSettings, RequestSpec, poisson_workload, read_trace
+from prism_cli.serving.workload import MAX_ARRIVAL, LengthSettings, RequestSpec, poisson_workload, read_trace
 
 #: The most requests a Poisson workload may expect (rate x duration): each is held in memory and served, and
 #: the workload is built before the first is (a million took minutes without a word, even simulated).
@@ -35,8 +35,8 @@ def check_load(rate: float, duration: float, flag: str = "--rate") -> None:
     than ``MAX_REQUESTS`` requests."""
     if not (math.isfinite(rate) and rate > 0):
         raise PrismError(f"{flag} must be a finite positive number (requests per second), got {rate}")
-    if not (math.isfinite(duration) and duration > 0):
-        raise PrismError(f"--duration must be a finite positive number (seconds), got {duration}")
+    if not (math.isfinite(duration) and 0 < duration <= MAX_ARRIVAL):  # arrivals as late as a trace's may be
+        raise PrismError(f"--duration must be a positive number of seconds, at most {MAX_ARRIVAL:g}, got {duration}")
     if rate * duration > MAX_REQUESTS:
         raise PrismError(f"{rate:g} requests/s for --duration {duration:g} s would be {rate * duration:.3g} requests; "
                          f"one run serves at most {MAX_REQUESTS:,}: give a shorter --duration or a lower rate")
@@ -209,11 +209,16 @@ def run_schedule(
     ladder = Ladder(space, cost_model, settings.limits.max_batch)
     specs = build_workload(settings, tokenizer, export_space)
 
+    def costed(point: OperatingPoint) -> OperatingPoint:
+        if cost_model is not None and not cost_model.has(point) and plans_with_costs:
+            raise PrismError(f"the cost model has no timing of {point}; bench it and rebuild the cost model")
+        return point
+
     def admitted(s: RequestSpec) -> OperatingPoint:
         """The floor of one request once the model is known, its length checked; a trace line is named."""
         try:
             check_context(len(s.prompt_ids), s.max_tokens, context)
-            return resolve_floor(s.floor, space, ladder, cost_model)
+            return costed(resolve_floor(s.floor, space, ladder, cost_model))
         except PrismError as exc:
             if not s.origin:
                 raise
@@ -222,11 +227,8 @@ def run_schedule(
     floors = [admitted(s) for s in specs]
     fixed = None
     if settings.policy == "static":
-        fixed = space.parse(settings.point) if settings.point else ladder.cheapest_meeting(floors)
+        fixed = costed(space.parse(settings.point) if settings.point else ladder.cheapest_meeting(floors))
     policy = SCHEDULING_POLICIES.get(settings.policy)(fixed) if fixed is not None else SCHEDULING_POLICIES.get(settings.policy)()
-    for point in set(floors) | ({fixed} if fixed else set()):
-        if cost_model is not None and not cost_model.has(point) and plans_with_costs:
-            raise PrismError(f"the cost model has no timing of {point}; bench it and rebuild the cost model")
     requests = [Request(list(s.prompt_ids), SamplingParams(max_tokens=s.max_tokens, temperature=0.0, ignore_eos=True),
                         floor, s.arrival) for s, floor in zip(specs, floors, strict=True)]
     if settings.sim:

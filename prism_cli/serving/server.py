@@ -429,8 +429,7 @@ def build_app(state: ServerState) -> Starlette:
                             return
                 finally:
                     if status == "cancelled":
-                        req.cancelled = True
-                        state.engine.wake()
+                        state.engine.cancel(req)
                     done(status)
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -442,16 +441,14 @@ def build_app(state: ServerState) -> Starlette:
                 finished, _ = await asyncio.wait({getter, disconnect}, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in finished:
                     getter.cancel()
-                    req.cancelled = True
-                    state.engine.wake()
+                    state.engine.cancel(req)
                     done("cancelled")
                     return Response(status_code=499)
                 text, reason, n = getter.result()
                 if reason is not None:
                     break
         except asyncio.CancelledError:  # the task itself cancelled (the server forced down): free the slot
-            req.cancelled = True
-            state.engine.wake()
+            state.engine.cancel(req)
             raise
         finally:
             disconnect.cancel()
@@ -726,8 +723,7 @@ def serve_forever(state: ServerState, sock: socket.socket, on_ready=None) -> Non
             if self.should_exit and sig == signal.SIGINT and not state.stopping:
                 state.stopping = True
                 for req in list(state.active):
-                    req.cancelled = True
-                state.engine.wake()
+                    state.engine.cancel(req)
                 return
             super().handle_exit(sig, frame)
 

@@ -114,6 +114,8 @@ def read_trace(path: Path, tokenizer: Any, parse_floor_text) -> list[RequestSpec
             raise PrismError(f"{where} is not JSON: {exc.msg}") from None
         except RecursionError:  # arrays or objects nested deeper than the parser's recursion limit
             raise PrismError(f"{where} is not JSON that can be read: nested too deeply") from None
+        except ValueError as exc:  # an integer past Python's digit limit for str -> int
+            raise PrismError(f"{where} is not JSON that can be read: {str(exc).split(';')[0]}") from None
         if not isinstance(row, dict):
             raise PrismError(f"{where}: expected an object with arrival, prompt, max_tokens (and floor)")
         if lone_surrogate(row):
