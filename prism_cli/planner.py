@@ -54,7 +54,7 @@ from transformers.integrations.moe import _default_apply_gate
 from prism_cli.errors import PrismError
 from prism_cli.layers import MAX_LAYERS, format_layers
 from prism_cli.models.adapters import MoEAdapter, adapter_for_config
-from prism_cli.profiling.budget import ProfileGeometry, format_size, forward_bytes, plan_memory, reservoir_caps
+from prism_cli.profiling.budget import ProfileGeometry, check_buffer_fits, format_size, forward_bytes, plan_memory, reservoir_caps
 
 COSTS_FORMAT = "prism-plan-costs"
 #: Bytes per parameter of a checkpoint by its stored dtype (FP8-quantized checkpoints: one).
@@ -178,7 +178,7 @@ def check_config(adapter: MoEAdapter) -> None:
         raise PrismError(f"config field {adapter.top_k_key!r} is {adapter.top_k}: more than the "
                          f"{adapter.num_experts} experts of {adapter.experts_key!r}")
     heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
-    for key in ("head_dim", "max_position_embeddings"):  # optional: when given, sizes as the others
+    for key in ("head_dim", "max_position_embeddings", "decoder_sparse_step"):  # optional: when given, as the others
         value = getattr(text, key, None)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise PrismError(f"config field {key!r} is {value!r}: it must be a positive integer (or left out)")
@@ -689,6 +689,8 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
         budget = max(geometry.minimum_budget, (available - model_bytes) // 2)
         budget_note = f"default budget: half the {format_size(max(0, available - model_bytes))} left after the model"
     memory = plan_memory(geometry, budget)
+    if settings.max_memory:  # as `prism profile` would refuse it (the default budget is within the memory)
+        check_buffer_fits(memory, psutil.virtual_memory().total)
     used = min(budget, need)
     passes = [layers[i : i + memory.layers_per_pass] for i in range(0, len(layers), memory.layers_per_pass)]
     forward = Timed(0.0, 0.0)

@@ -101,7 +101,11 @@ def test_plan_arithmetic_by_hand(tiny_model_dir) -> None:
     need = activations + 2 * geometry.layer_state_bytes + rows + geometry.reservoir_bytes
     model_bytes = shape.params * 4  # float32
     assert profile.memory_bytes == model_bytes + 300 * 2**20 + min(2**30, need)
-    assert profile.disk_bytes == geometry.profile_bytes(tokens) + geometry.work_bytes(tokens, plan_buffer(geometry, 2**30))
+    # The work folder: the rows, two layers' states and a journal, which the 1 GiB budget's buffer would size
+    # at about 1 GiB but which never holds more than every routed row (2 layers x 4096 tokens x top-2 x 32 x 2 B).
+    assert plan_buffer(geometry, 2**30) > 2**29
+    work = rows + 2 * geometry.layer_state_bytes + 2 * 4096 * 2 * 32 * 2
+    assert profile.disk_bytes == geometry.profile_bytes(tokens) + work
     # Partition: width 32 lies between the calibrated 16 and 64 (a power law of exponent 1 through them).
     per_expert = 32 / 16 * 1.0 * fit / 100
     partition = plan.stage("partition")
@@ -204,6 +208,7 @@ def test_parameter_counts_are_given_in_a_readable_unit() -> None:
         ("builtin", {"head_dim": 0}, ["'head_dim' is 0"]),  # ZeroDivisionError
         ("builtin", {"head_dim": True}, ["'head_dim' is True"]),  # a tensor size error
         ("builtin", {"max_position_embeddings": 0}, ["'max_position_embeddings' is 0"]),  # blamed --seq-len
+        ("qwen3-30b-a3b", {"decoder_sparse_step": 0}, ["'decoder_sparse_step' is 0"]),  # ZeroDivisionError
         ("builtin", {"hidden_size": 2**40}, ["cannot build a layer", "Storage size calculation overflowed"]),
         # OLMoE normalises q over hidden_size: 3 heads of 64 build but cannot run (the family's own limit)
         ("builtin", {"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 64},
@@ -211,7 +216,7 @@ def test_parameter_counts_are_given_in_a_readable_unit() -> None:
     ],
     ids=["experts-0", "hidden-negative", "hidden-1e9", "hidden-string", "experts-float", "heads-not-dividing",
          "kv-heads-not-dividing", "layers-1e7", "top-k-above-experts", "top-k-0", "deepseek-experts-0", "mixtral-top-k",
-         "head-dim-0", "head-dim-bool", "positions-0", "hidden-2e40", "heads-times-head-dim-not-hidden"],
+         "head-dim-0", "head-dim-bool", "positions-0", "sparse-step-0", "hidden-2e40", "heads-times-head-dim-not-hidden"],
 )
 def test_plan_refuses_bad_config_values_naming_the_field(cli, costs_file, tmp_path, source, fields, needles) -> None:
     from prism_cli.models.loading import builtin_model_dir
@@ -284,6 +289,30 @@ def test_plan_bad_input_is_one_line(cli, tiny_model_dir, costs_file, tmp_path, m
     before = sorted(tmp_path.iterdir())
     cli("plan", *args).assert_one_line_error(*needles)
     assert sorted(tmp_path.iterdir()) == before  # nothing written here (the current folder)
+
+
+def test_plan_counts_a_layer_named_twice_once(cli, tiny_model_dir, costs_file, tmp_path) -> None:
+    """``--layers 0,0,0,0`` planned 4 MoE layers of a 2-layer model (profile and partition take layer 0 once)."""
+    args = [tiny_model_dir("olmoe"), "--costs", costs_file, "--tokens", "2048", "--seq-len", "32", "--max-rows", "64"]
+    for layers in ("0", "0,0,0,0", "0-0,0"):
+        result = cli("plan", *args, "--layers", layers, "--out", tmp_path / "p")
+        assert result.code == 0, result
+        assert json.loads((tmp_path / "p.json").read_text())["settings"]["layers"] == [0]
+        assert "1 MoE layers" in " ".join(result.out.split())
+
+
+def test_plan_refuses_what_profile_would(cli, tiny_model_dir, costs_file, tmp_path) -> None:
+    """A --max-memory whose row buffer exceeds the machine's memory (profile refuses it; plan said it fits,
+    with a work folder as large as the budget), and an --out inside the checkpoint planned."""
+    import psutil
+
+    model = tiny_model_dir("olmoe")
+    args = [model, "--costs", costs_file, "--tokens", "2048", "--seq-len", "32", "--max-rows", "64"]
+    too_much = f"{2 * psutil.virtual_memory().total // 2**30 + 1}G"
+    cli("plan", *args, "--max-memory", too_much).assert_one_line_error(f"--max-memory {too_much[:-1]}", "row buffer", "memory")
+    before = sorted(model.iterdir())
+    cli("plan", *args, "--out", model / "plan").assert_one_line_error("lies inside the model")
+    assert sorted(model.iterdir()) == before
 
 
 def test_calibrate_bad_input_is_one_line(cli, tmp_path) -> None:

@@ -79,7 +79,8 @@ def parse_int_list(value: str | None, option: str) -> list[int] | None:
 
 
 def parse_layers(value: str | None, option: str = "--layers") -> list[int] | None:
-    """``"0-7,12"`` -> ``[0, 1, ..., 7, 12]`` (ranges include both ends); None stays None."""
+    """``"0-7,12"`` -> ``[0, 1, ..., 7, 12]`` (ranges include both ends, a layer named twice is one); None
+    stays None."""
     if value is None:
         return None
     if not str(value).strip():  # an unset shell variable, not "every layer"
@@ -97,7 +98,7 @@ def parse_layers(value: str | None, option: str = "--layers") -> list[int] | Non
             raise PrismError(f"{option} {part}: layers are numbered from 0 and prism handles models of up to "
                              f"{MAX_LAYERS:,} decoder layers")
         out.extend(range(lo, hi + 1))
-    return out
+    return list(dict.fromkeys(out))
 
 
 class DefaultCommandGroup(TyperGroup):

@@ -55,8 +55,8 @@ def run(
     from prism_cli.solvers import SOLVERS
 
     ProfileSettings(tokens=tokens, seq_len=seq_len, batch_size=batch_size, max_rows=max_rows, holdout_fraction=holdout).validate()
-    if out is not None:
-        ResultTable.check_writable(out)  # before the cost measurements, not after them
+    if out is not None:  # before the cost measurements, not after them; never into the checkpoint planned
+        ResultTable.check_writable(out, {"model": Path(model)} if Path(model).is_dir() else {})
     parse_dtype(dtype)
     parse_device(device)
     SOLVERS.get(solver)

@@ -120,10 +120,13 @@ class ProfileGeometry:
         return int(self.n_layers * (self.num_experts * per_expert + counters))
 
     def work_bytes(self, tokens: int, buffer_bytes: int) -> int:
-        """Peak size of the work folder: the rows, every layer's saved state and one journal."""
+        """Peak size of the work folder: the rows, every layer's saved state and one journal. A journal holds
+        at most the row buffer, and never more than every row the run routes (a budget of terabytes over a
+        small run planned terabytes of disk)."""
         fit, held = self.expected_rows(tokens)
         rows = self.n_layers * self.num_experts * (fit + held) * self.row_size
-        return int(rows + self.n_layers * self.layer_state_bytes + buffer_bytes)
+        routed = self.n_layers * tokens * self.top_k * self.row_size
+        return int(rows + self.n_layers * self.layer_state_bytes + min(buffer_bytes, routed))
 
 
 def forward_bytes(batch_size: int, seq_len: int, hidden_size: int, heads: int, dtype_bytes: int) -> int:
@@ -162,3 +165,12 @@ def plan_memory(geometry: ProfileGeometry, budget: int) -> MemoryPlan:
     # One expert's reservoir is kept free for the copy a checkpoint makes.
     buffer = budget - geometry.forward_bytes - layers * per_layer - geometry.reservoir_bytes
     return MemoryPlan(budget=budget, layers_per_pass=layers, passes=passes, buffer_bytes=buffer)
+
+
+def check_buffer_fits(memory: MemoryPlan, total_memory: int) -> None:
+    """Refuse a budget whose row buffer is larger than the machine's memory: the allocation would fail once
+    the run has begun (``prism plan`` refuses it as ``prism profile`` does)."""
+    if memory.buffer_bytes > total_memory:
+        raise PrismError(f"--max-memory {format_size(memory.budget)} sizes a row buffer of {format_size(memory.buffer_bytes)}, "
+                         f"more than this machine's {format_size(total_memory)} of memory; give less (default: half the "
+                         "available memory)")

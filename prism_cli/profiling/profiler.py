@@ -34,7 +34,7 @@ from prism_cli.io import atomic_path, check_writable, open_work_dir
 from prism_cli.layers import format_layers
 from prism_cli.models.adapters import MoELayer
 from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint
-from prism_cli.profiling.budget import MemoryPlan, ProfileGeometry, format_size, forward_bytes, plan_memory
+from prism_cli.profiling.budget import MemoryPlan, ProfileGeometry, check_buffer_fits, format_size, forward_bytes, plan_memory
 from prism_cli.profiling.format import FORMAT, FORMAT_VERSION
 from prism_cli.profiling.heap import limit_kernel_cache, release_free_heap
 from prism_cli.profiling.recorder import (
@@ -365,9 +365,7 @@ def profile_model(
     )
     budget, source = (settings.max_memory, "given") if settings.max_memory else default_budget()
     memory = plan_memory(geometry, budget)
-    if memory.buffer_bytes > (total_ram := psutil.virtual_memory().total):  # before the banner and the work folder
-        raise PrismError(f"--max-memory {format_size(budget)} sizes a row buffer of {format_size(memory.buffer_bytes)}, more "
-                         f"than this machine's {format_size(total_ram)} of memory; give less (default: half the available memory)")
+    check_buffer_fits(memory, psutil.virtual_memory().total)  # before the banner and the work folder
     work = work_dir_for(out_path)
     resumed = open_work_dir(work, _PARTIAL_FORMAT, _identity(meta, settings, loaded), resume=resume, what="profiling")
     if resumed:  # every layer, not only the first pass's: a damaged later layer is refused now too
