@@ -89,3 +89,8 @@ def _torch_threads() -> int:
 def machine_label(env: dict[str, Any]) -> str:
     """Short description of where latencies were measured, for column labels."""
     return env.get("gpu") or f"{env['processor']}, {env['torch_threads']} threads"
+
+
+def this_cpu_label() -> str:
+    """``machine_label`` of this machine's CPU, as a CPU bench run here records it."""
+    return machine_label({"processor": cpu_name(), "torch_threads": _torch_threads()})

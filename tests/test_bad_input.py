@@ -355,8 +355,8 @@ def cost_model(w: World, name: str = "cm.json", point: str = "linear:2", batch: 
 
 
 def schedule_args(w: World, *extra: Any, model: Path | None = None) -> list[Any]:
-    return ["schedule", w.export, "--sim", "--cost-model", model or cost_model(w), "--max-output", "8", "--max-prompt", "32",
-            *extra, "--out", w.out]
+    lengths = [] if "--trace" in extra else ["--max-output", "8", "--max-prompt", "32"]  # a trace gives its own
+    return ["schedule", w.export, "--sim", "--cost-model", model or cost_model(w), *lengths, *extra, "--out", w.out]
 
 
 def sweep_args(w: World, *extra: Any) -> list[Any]:
@@ -800,6 +800,14 @@ CASES = [
          never=("prism_cli.serving.sweep", "run_sweep")),
     Case("schedule-floor-twice", lambda w: schedule_args(w, "--floors", "linear:2=0.5,linear:2=0.5"),
          ("--floors names linear:2 twice",), never=("prism_cli.serving.runner", "run_schedule")),
+    Case("schedule-static-point-unknown", lambda w: schedule_args(w, "--policy", "static", "--point", "foo"),
+         ("--point foo", "operating point 'foo'")),
+    Case("schedule-lengths-past-the-context", lambda w: schedule_args(w, "--min-output", "2000", "--max-output", "5000"),
+         ("exceeds the model's context", "--max-output")),
+    Case("schedule-floor-spelt-twice", lambda w: schedule_args(w, "--floors", "linear:2=0.5,linear:02=0.5"),
+         ("--floors names linear:2 and linear:02, one floor",), never=("prism_cli.serving.runner", "run_schedule")),
+    Case("schedule-ceiling-spelt-twice", lambda w: schedule_args(w, "--floors", "ppl:45=0.5,ppl:45.0=0.5"),
+         ("--floors names ppl:45 and ppl:45.0, one floor",), never=("prism_cli.serving.runner", "run_schedule")),
     Case("schedule-out-is-a-folder", lambda w: schedule_out_args(w, w.folder("res.json").parent / "res"), ("res.json", "is a folder"),
          never=("prism_cli.serving.runner", "run_schedule")),
     Case("schedule-out-read-only", lambda w: schedule_out_args(w, w.unwritable() / "res"), ("not writable",),

@@ -225,6 +225,27 @@ def test_a_missing_out_folder_is_refused_and_not_made(cli, tiny_export, cost, tm
     assert not (tmp_path / "nodir").exists()
 
 
+def test_a_simulation_says_whose_times_it_gives(cli, tiny_export, tmp_path):
+    """A cost model measured on another CPU simulates that machine: the run says so (on this AMD machine the
+    committed Intel cost model simulated decode steps 3.4x faster than the real engine ran them)."""
+    from prism_cli.environment import this_cpu_label
+
+    elsewhere = synthetic_cost_model()
+    elsewhere.machine = "Some Other CPU, 2 threads"
+    elsewhere.save(tmp_path / "cm.json")
+    args = ["schedule", "run", tiny_export, "--sim", "--cost-model", tmp_path / "cm.json", "--duration", "1", "--rate", "3",
+            "--max-prompt", "16", "--max-output", "8"]
+    result = cli(*args, "--out", tmp_path / "r")
+    assert result.code == 0, result
+    assert "measured on Some Other CPU, 2 threads, not on this machine" in " ".join(result.err.split())
+    assert "simulated on the cost model measured on Some Other CPU, 2 threads" in (tmp_path / "r.md").read_text()
+    here = synthetic_cost_model()
+    here.machine = this_cpu_label()
+    here.save(tmp_path / "cm.json")
+    result = cli(*args)
+    assert result.code == 0 and "not on this machine" not in result.err, result
+
+
 # --- plan run -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"olmoe"', "3", '{"model_type": 3}', '{"hidden_size": 8}'])

@@ -561,6 +561,7 @@ def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     cli("serve", tiny_export, "--policy", "fifo", "--api-key", " pad ").assert_one_line_error("printable ASCII")
     cli("serve", tiny_export, "--policy", "fifo", "--served-model-name", " ").assert_one_line_error("--served-model-name")
     cli("serve", tiny_export, "--policy", "fifo", "--point", "linear:2").assert_one_line_error("--policy static")
+    cli("serve", tiny_export, "--policy", "static", "--point", "foo").assert_one_line_error("--point foo", "operating point")
     cli("serve", tiny_export, "--policy", "prism").assert_one_line_error("cost model")
     partial = synthetic_cost_model()
     del partial.points["linear:8"]  # the full model, which requests without a floor run

@@ -1189,7 +1189,7 @@ def test_schedule_outputs_never_replace_what_the_run_reads(cli, tiny_export, tmp
             (("schedule", "run", tiny_export, *sim), Path(tiny_export) / "config", ["inside the export"]),
             (("schedule", "run", tiny_export, *sim), Path(tiny_export) / "prism" / "cost_model", ["inside the export"]),
             (("schedule", "run", tiny_export, *sim), tmp_path / "cm", ["cm.json", "is the cost model"]),
-            (("schedule", "run", tiny_export, *sim, "--trace", trace), tmp_path / "tr", ["tr.json", "is the trace"]),
+            (("schedule", "run", tiny_export, *sim[:3], "--trace", trace), tmp_path / "tr", ["tr.json", "is the trace"]),
             (("schedule", "sweep", tiny_export, *sim, "--rates", "1"), tmp_path / "cm", ["cm.json", "is the cost model"]),
             (("schedule", "sweep", tiny_export, *sim, "--rates", "1"), Path(tiny_export) / "sweep", ["inside the export"]),
             (("schedule", "sweep", tiny_export, *sim, "--rates", "1"), tmp_path, ["is a folder"])):
@@ -1221,7 +1221,13 @@ def test_a_trace_run_says_it_ran_the_trace(cli, tiny_export, tmp_path):
     assert result.code == 0, result.err
     note = (tmp_path / "r.md").read_text()
     assert f"trace {trace}" in note and "req/s for" not in note
-    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["requests"] == 2
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["metrics"]["requests"] == 2 and saved["settings"]["trace"] == str(trace)
+    assert not {"rate", "duration", "floors", "max_prompt", "max_output"} & set(saved["settings"])  # the defaults were recorded
+    # Options for the Poisson workload the trace replaces are refused, not ignored (--max-prompt 10 kept 52).
+    for option, value in (("--rate", "2"), ("--max-prompt", "10"), ("--floors", "linear:2"), ("--duration", "5")):
+        cli("schedule", "run", tiny_export, "--sim", "--cost-model", cost, "--trace", trace, option,
+            value).assert_one_line_error(f"{option} does not apply with --trace")
 
 
 def test_a_number_as_a_trace_floor_is_a_perplexity_ceiling_as_on_the_server(cli, tiny_export, tmp_path):

@@ -20,7 +20,7 @@ from prism_cli.commands.common import (
     deferred_progress,
     parse_int_list,
 )
-from prism_cli.console import console
+from prism_cli.console import console, err_console
 from prism_cli.errors import PrismError, check_distinct, split_items
 from prism_cli.report import ResultTable
 
@@ -86,6 +86,10 @@ def _check_out(out: Path, inputs: dict[str, Path], others: tuple[str, ...] = ())
     ResultTable.check_writable(out, inputs, others)
 
 
+#: ``schedule run`` options that shape a Poisson workload, which a --trace replaces.
+TRACE_REPLACES = ("rate", "duration", "floors", "data", "max_prompt", "min_output", "max_output")
+
+
 def _typed(ctx: typer.Context, name: str) -> bool:
     """Whether option ``name`` was given on the command line (not its default, nor a --config file's value)."""
     source = ctx.get_parameter_source(name)
@@ -133,12 +137,19 @@ def run(
     config: str = ConfigOption,
 ) -> None:
     """Run one workload and report throughput, latency percentiles, floor violations and scheduler time."""
+    from prism_cli.environment import this_cpu_label
     from prism_cli.serving.costmodel import find_cost_model
+    from prism_cli.serving.policies import SCHEDULING_POLICIES
     from prism_cli.serving.runner import run_schedule
 
     _check_dir(directory)
     if point is not None and policy != "static" and not _typed(ctx, "point"):
         point = None  # a --config file's point, for the runs that use the static policy
+    if trace is not None:  # its lines give the arrivals, prompts, lengths and floors: options for them would be ignored
+        ignored = [name for name in TRACE_REPLACES if _typed(ctx, name)]
+        if ignored:
+            raise PrismError(f"--{ignored[0].replace('_', '-')} does not apply with --trace: the trace gives every request's "
+                             "arrival, prompt, max_tokens and floor")
     settings = _settings(policy, rate, duration, floors, sim, original, point, trace, data, seed, max_batch, max_running, t_max,
                          max_prompt, min_output, max_output, device_memory, cache_policy)
     if out is not None:  # before the run, not after it
@@ -159,6 +170,12 @@ def run(
     if shares is not None:
         result.settings["floor_shares"] = shares  # the mix as the run drew from it (rescaled to sum 1)
     table = metrics_table(result)
+    if model is not None and (sim or SCHEDULING_POLICIES.get(policy).plans_with_costs):
+        table.notes.append(f"{'simulated on' if sim else 'planned with'} the cost model measured on {model.machine}")
+        if sim and model.machine != (here := this_cpu_label()) and "threads" in model.machine:
+            err_console.print(f"note: the cost model was measured on {model.machine}, not on this machine ({here}): "
+                              "these are that machine's times; `prism schedule cost-model` measures this one's",
+                              highlight=False, soft_wrap=True)
     console.print(table.rich())
     if out is not None:
         table.save(out, extra={"settings": result.settings, "metrics": result.metrics, "requests": result.requests})

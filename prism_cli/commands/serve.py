@@ -53,6 +53,12 @@ def serve(
     if point is not None and policy != "static":
         raise PrismError(f"--point is the static policy's point; the {policy} policy chooses its own: "
                          "leave --point out or use --policy static")
+    static_point = None
+    if point is not None:  # before the model loads
+        try:
+            static_point = PointSpace.of_export(meta).parse(point)
+        except PrismError as exc:
+            raise PrismError(f"--point {point}: {exc}") from None
     if not 0 <= port <= 65535:
         raise PrismError(f"--port must be between 0 and 65535, got {port}")
     if max_queue < 0:
@@ -79,7 +85,7 @@ def serve(
     sock = bind(host, port)  # before loading the model: a port in use fails at once
     served = load_served_model(directory, dtype=dtype, device=device, offload=offload)
     ladder = Ladder(served.space, model, max_batch)
-    instance = cls(served.space.parse(point) if point else served.space.full()) if policy == "static" else cls()
+    instance = cls(static_point or served.space.full()) if policy == "static" else cls()
     engine = Engine(ModelExecutor(served, seed=seed), instance, ladder, limits, model, history=SERVER_HISTORY)
     state = ServerState(engine, served.tokenizer, served.space, ladder, model, served_model_name or Path(directory).resolve().name,
                         served.context, key, max_queue, getattr(served.tokenizer, "chat_template", None))

@@ -144,8 +144,10 @@ def parse_shares(text: str, space: PointSpace) -> list[tuple[FloorSpec, float]]:
         if not (math.isfinite(w) and w > 0):
             raise PrismError(f"--floors: share {weight.strip()!r} of {floor} must be a finite number > 0")
         spec = parse_floor(floor, space)
-        if any(str(f) == str(spec) for f, _ in mix):
-            raise PrismError(f"--floors names {spec} twice; give each floor once with its whole share")
+        same = next((f for f, _ in mix if (f.point, f.ceiling) == (spec.point, spec.ceiling)), None)
+        if same is not None:  # also spelt apart: linear:2 and linear:02, ppl:45 and ppl:45.0
+            named = f"{spec} twice" if str(same) == str(spec) else f"{same} and {spec}, one floor,"
+            raise PrismError(f"--floors names {named}; give each floor once with its whole share")
         mix.append((spec, w))
     if not mix:
         raise PrismError(f"--floors {text!r} names no floor with a positive share (e.g. linear:2=0.5,linear:8=0.5)")

@@ -169,6 +169,14 @@ def summarize(requests: list[Request], engine: Engine) -> dict[str, Any]:
     }
 
 
+def run_settings(settings: ScheduleSettings) -> dict[str, Any]:
+    """The settings a result records: a trace run's without the Poisson workload's, which the trace replaced."""
+    flat = {**{k: v for k, v in asdict(settings).items() if k not in ("limits", "lengths")}, **asdict(settings.limits),
+            **asdict(settings.lengths)}
+    replaced = ("rate", "duration", "floors", "data", *asdict(settings.lengths)) if settings.trace is not None else ()
+    return {k: v for k, v in flat.items() if k not in replaced}
+
+
 def build_workload(settings: ScheduleSettings, tokenizer: Any, export_space: PointSpace) -> list[RequestSpec]:
     from prism_cli.data import load_text
 
@@ -218,6 +226,9 @@ def run_schedule(
         """The floor of one request once the model is known, its length checked; a trace line is named."""
         try:
             check_context(len(s.prompt_ids), s.max_tokens, context)
+        except PrismError as exc:  # a trace's line, or the lengths the options drew
+            raise PrismError(f"{s.origin}: {exc}" if s.origin else f"{exc}: lower --max-prompt, --min-output or --max-output") from None
+        try:
             return costed(resolve_floor(s.floor, space, ladder, cost_model))
         except PrismError as exc:
             if not s.origin:
@@ -227,7 +238,10 @@ def run_schedule(
     floors = [admitted(s) for s in specs]
     fixed = None
     if settings.policy == "static":
-        fixed = costed(space.parse(settings.point) if settings.point else ladder.cheapest_meeting(floors))
+        try:
+            fixed = costed(space.parse(settings.point) if settings.point else ladder.cheapest_meeting(floors))
+        except PrismError as exc:
+            raise PrismError(f"--point {settings.point}: {exc}" if settings.point else str(exc)) from None
     policy = SCHEDULING_POLICIES.get(settings.policy)(fixed) if fixed is not None else SCHEDULING_POLICIES.get(settings.policy)()
     requests = [Request(list(s.prompt_ids), SamplingParams(max_tokens=s.max_tokens, temperature=0.0, ignore_eos=True),
                         floor, s.arrival) for s, floor in zip(specs, floors, strict=True)]
@@ -258,8 +272,7 @@ def run_schedule(
                                 "scheduler": engine.stats.decision_s}
     check_finite(metrics)
     return ScheduleResult(
-        settings={**{k: v for k, v in asdict(settings).items() if k not in ("limits", "lengths")},
-                  **asdict(settings.limits), **asdict(settings.lengths)},
+        settings=run_settings(settings),
         model="original" if settings.original else "export",
         mode="sim" if settings.sim else "real",
         metrics=metrics,
