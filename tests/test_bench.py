@@ -187,6 +187,21 @@ def test_summary_tables_by_hand():
     assert cells[0]["best elastic wins"] is False
 
 
+def test_the_same_routing_claim_follows_the_exports_exactness():
+    """An export written with --allow-inexact: its linear:N*k' does not route like original:k', and the
+    side-by-side table no longer says it does."""
+    points = [_point("linear:4", "elastic", 11.0, 1.4, 4), _point("original:1", "original", 11.0, 1.3, 4)]
+    report = _report(points)
+
+    def claim() -> str:
+        table = next(t for t in summary_tables(report) if t.title.startswith("same computation"))
+        return " ".join(table.notes)
+
+    assert "routes exactly like original:k'" in claim()
+    report.linear_exact = False
+    assert "only approximately" in claim() and "exactly" not in claim()
+
+
 def test_a_layered_point_is_timed_against_the_linear_gate_at_its_mean_k():
     """``layered:2+2`` over 4 layers computes 2.5 sub-experts a token: its ideal MoE time is 2.5/8 of ``linear:8``'s."""
     points = [_point("linear:8", "elastic", 10.0, 2.0, 8), _point("layered:2+2", "elastic", 12.0, 0.9, 2.5),

@@ -472,6 +472,9 @@ def test_allow_inexact_records_the_measured_difference(cli, tiny_model_dir, part
     assert recorded["routing_mismatch"] == pytest.approx(oracle)
     assert recorded["max_weight_error"] < 1e-5  # where the picks agree, the rescaled weights are the source's
     assert f"{oracle:.2%}" in result.out
+    # Evaluated at a linear point, it says the point routes only approximately (it printed a perplexity only).
+    evaluated = cli("eval", out, "-K", f"linear:{N_SUB}", "--tokens", "256", "--seq-len", "32")
+    assert evaluated.code == 0 and "not exact" in evaluated.out and "only approximately" in evaluated.out, evaluated
 
 
 def test_the_difference_is_zero_where_the_linear_gate_is_exact(tiny_model_dir):

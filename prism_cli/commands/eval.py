@@ -49,6 +49,7 @@ def evaluate(
     check_context_length(loaded.model.config, seq_len)
     if offload is not None:
         console.print(f"offloaded: {offload.describe()}")
+    _note_inexact(loaded.model)
     try:
         windows = token_windows(loaded.tokenizer, text, seq_len, tokens)
     except ValueError as exc:
@@ -60,6 +61,18 @@ def evaluate(
         f"perplexity{point} [bold]{result.perplexity:.2f}[/] on {result.tokens:,} predicted tokens of {data_name} "
         f"({result.tokens_per_second:,.0f} tokens/s, seq-len {seq_len})"
     )
+
+
+def _note_inexact(model) -> None:
+    """Say where the point evaluated routes only approximately: a linear or layered point of an export
+    written with --allow-inexact (its full point is then not the source model's)."""
+    state = getattr(model, "prism_state", None)
+    meta = getattr(model.config, "prism", None)
+    if state is None or not isinstance(meta, dict) or meta.get("linear_gate_exact", True):
+        return
+    if state.point is not None and state.point.policy in ("linear", "layered"):
+        console.print(f"note: this export's linear gate is not exact ({meta.get('linear_gate_note') or 'see its export'}): "
+                      f"{state.point} routes only approximately like the source model", highlight=False)
 
 
 def _check_point(model: str, operating_point: str | None) -> None:

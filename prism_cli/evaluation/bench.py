@@ -188,6 +188,7 @@ class BenchReport:
     points: list[PointResult]
     counts: dict[int, BatchCount]
     environment: dict[str, Any]
+    linear_exact: bool = True  # the export's linear:N*k' routes exactly as original:k' (the export proved it)
 
     def point(self, name: str) -> PointResult | None:
         return next((p for p in self.points if p.point == name), None)
@@ -221,6 +222,9 @@ class _Models:
     meta: dict[str, Any] | None
     default_impl: str  # transformers' own choice for the source model on this device
     note: str | None = None
+
+    def add_note(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
 
 
 def active_parameters(model: Any, state: ElasticState, policy: str, active: float, unit: float) -> float:
@@ -269,7 +273,8 @@ def run_bench(
     counts = {b: count_points(points, b, full_ppl) for b in settings.batches}
     n_sub = int(models.meta["sub_experts"]) if models.meta else 1
     return BenchReport(n_sub, target, models.source_name if models.meta else None, models.note, settings, full_ppl,
-                       points, counts, environment(torch.device(settings.device)))
+                       points, counts, environment(torch.device(settings.device)),
+                       bool((models.meta or {}).get("linear_gate_exact", True)))
 
 
 def _check_batches_fit(model: Any, models: int, settings: BenchSettings) -> None:
@@ -312,6 +317,9 @@ def _load(target: str, settings: BenchSettings) -> _Models:
     if meta is None:
         models.note = (f"{target} is a plain MoE model, not a prism export: "
                        f"only its original top-1..top-{models.source_state.source_top_k} range is benchmarked")
+    elif not meta.get("linear_gate_exact", True):  # exported with --allow-inexact
+        models.add_note(f"this export's linear gate is not exact ({meta.get('linear_gate_note') or 'see its export'}): "
+                        "linear points route only approximately like the original")
     if settings.offload is not None:
         from dataclasses import replace
 
@@ -327,8 +335,7 @@ def _load(target: str, settings: BenchSettings) -> _Models:
                 attach_offload(loaded.model, offload)
         # Transformers' own implementations would read the experts where they are: only prism's offloads.
         models.default_impl = EXPERTS_IMPLEMENTATION
-        offloaded = f"experts offloaded: {settings.offload.describe()}"
-        models.note = f"{models.note}; {offloaded}" if models.note else offloaded
+        models.add_note(f"experts offloaded: {settings.offload.describe()}")
     return models
 
 
@@ -351,7 +358,7 @@ def _runners(models: _Models, settings: BenchSettings) -> list[_Runner]:
                 continue
             runners.append(_Runner(str(op), "elastic", models.elastic.model, state, op, settings.experts_impl))
         if skipped:
-            models.note = f"threshold points ({', '.join(skipped)}) need --experts-impl {EXPERTS_IMPLEMENTATION} and were skipped"
+            models.add_note(f"threshold points ({', '.join(skipped)}) need --experts-impl {EXPERTS_IMPLEMENTATION} and were skipped")
     # The original as a user runs it: with transformers' default and with prism's experts (the faster counts).
     impls = list(dict.fromkeys([settings.experts_impl, models.default_impl]))
     for k in range(1, models.source_state.source_top_k + 1):

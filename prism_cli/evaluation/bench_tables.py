@@ -116,7 +116,8 @@ def same_routing_table(report: BenchReport) -> ResultTable | None:
     for p, ref in rows:
         table.add(p.point, ref.point, *[p.latency[b].median_ms / ref.latency[b].median_ms for b in batches],
                   *[p.latency[b].median_ms for b in batches])
-    table.notes.append("1.0 = as fast as the reference; linear:N*k' routes exactly like original:k'")
+    table.notes.append("1.0 = as fast as the reference; linear:N*k' routes " + (
+        "exactly like original:k'" if report.linear_exact else "like original:k' only approximately (inexact linear gate)"))
     return table
 
 
