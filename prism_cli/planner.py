@@ -661,6 +661,18 @@ def check_plan(shape: ModelShape, settings: PlanSettings, machine: MachineCosts)
                          f"{', '.join(machine.partition)}); run `prism plan calibrate --solvers {settings.solver}`")
     machine.partition_seconds(settings.solver, shape.width, 1.0)  # a table that extends to no finite cost at this width
     machine.worker_bytes(shape.width)
+    if settings.max_memory:  # refused as `prism profile` would refuse it (the default budget is within the memory)
+        check_buffer_fits(plan_memory(_geometry(shape, settings), settings.max_memory), psutil.virtual_memory().total)
+
+
+def _geometry(shape: ModelShape, settings: PlanSettings) -> ProfileGeometry:
+    """The sizes of the profiling run ``settings`` describe for ``shape``."""
+    dtype_bytes = torch.empty(0, dtype=_DTYPES[settings.dtype]).element_size()
+    return ProfileGeometry(num_experts=shape.num_experts, width=shape.width, top_k=shape.top_k,
+                           n_layers=len(settings.layers or shape.moe_layers), max_rows=settings.max_rows,
+                           holdout_fraction=settings.holdout_fraction, row_bytes=2 if settings.row_dtype == "float16" else 4,
+                           forward_bytes=forward_bytes(settings.batch_size, settings.seq_len, shape.hidden_size,
+                                                       shape.attention_heads, dtype_bytes))
 
 
 def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts, machine: MachineCosts,
@@ -671,12 +683,8 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
     available = psutil.virtual_memory().available if available_memory is None else available_memory
     disk_free = disk_free if disk_free is not None else _disk_free(Path.cwd())
     layers = settings.layers or shape.moe_layers
-    row_bytes = 2 if settings.row_dtype == "float16" else 4
     dtype_bytes = torch.empty(0, dtype=_DTYPES[settings.dtype]).element_size()
-    geometry = ProfileGeometry(num_experts=shape.num_experts, width=shape.width, top_k=shape.top_k, n_layers=len(layers),
-                               max_rows=settings.max_rows, holdout_fraction=settings.holdout_fraction, row_bytes=row_bytes,
-                               forward_bytes=forward_bytes(settings.batch_size, settings.seq_len, shape.hidden_size,
-                                                           shape.attention_heads, dtype_bytes))
+    geometry = _geometry(shape, settings)
     tokens = settings.tokens - settings.tokens % settings.seq_len
     model_bytes = shape.params * dtype_bytes
 
@@ -689,8 +697,6 @@ def make_plan(shape: ModelShape, settings: PlanSettings, unit: ProfileUnitCosts,
         budget = max(geometry.minimum_budget, (available - model_bytes) // 2)
         budget_note = f"default budget: half the {format_size(max(0, available - model_bytes))} left after the model"
     memory = plan_memory(geometry, budget)
-    if settings.max_memory:  # as `prism profile` would refuse it (the default budget is within the memory)
-        check_buffer_fits(memory, psutil.virtual_memory().total)
     used = min(budget, need)
     passes = [layers[i : i + memory.layers_per_pass] for i in range(0, len(layers), memory.layers_per_pass)]
     forward = Timed(0.0, 0.0)

@@ -301,10 +301,16 @@ def test_plan_counts_a_layer_named_twice_once(cli, tiny_model_dir, costs_file, t
         assert "1 MoE layers" in " ".join(result.out.split())
 
 
-def test_plan_refuses_what_profile_would(cli, tiny_model_dir, costs_file, tmp_path) -> None:
+def test_plan_refuses_what_profile_would(cli, tiny_model_dir, costs_file, tmp_path, monkeypatch) -> None:
     """A --max-memory whose row buffer exceeds the machine's memory (profile refuses it; plan said it fits,
-    with a work folder as large as the budget), and an --out inside the checkpoint planned."""
+    with a work folder as large as the budget), and an --out inside the checkpoint planned: both before
+    the costs are measured."""
     import psutil
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the costs were measured before the input was refused")
+
+    monkeypatch.setattr("prism_cli.planner.measure_profile_costs", never)
 
     model = tiny_model_dir("olmoe")
     args = [model, "--costs", costs_file, "--tokens", "2048", "--seq-len", "32", "--max-rows", "64"]

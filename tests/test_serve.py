@@ -228,6 +228,7 @@ def test_bad_chat_messages_are_400_naming_messages(server, messages):
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ('{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # RecursionError in json
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
+    ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": 0}}, 400, "stream_options"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),  # not streaming
     ({"model": "tiny", "prompt": "x", "tool_choice": "auto"}, 400, "tool_choice"),  # no tools to choose from
     # a lone surrogate (a JSON \\u escape no UTF-8 text holds): the tokenizer, and the 404's encoder, raised (500)
@@ -470,6 +471,20 @@ def test_sequential_requests_at_capacity_are_never_turned_away(served):
         thread.join(10)
 
 
+def test_a_request_arriving_while_the_server_is_stopped_is_refused(served):
+    """After a second Ctrl-C (``stopping``) a request whose body was still being read or tokenized is answered
+    503 at once, not served to its end after the stop."""
+    srv, thread, state, url = _start(served, policy="fifo", api_key=None)
+    try:
+        state.stopping = True
+        answer = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "The whale", "max_tokens": 3}, timeout=30)
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_stopped"
+        assert state.in_flight == 0 and not state.active
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
 def test_static_policy_refuses_floors_above_its_point(served):
     """Under --policy static every request runs at the one point: a floor above it is refused (400), never
     served below it; a request without a floor runs at the operator's point; no row is below its floor."""
@@ -479,9 +494,15 @@ def test_static_policy_refuses_floors_above_its_point(served):
         above = httpx.post(url + "/v1/completions", json={**body, "quality_floor": "linear:6"}, timeout=30)
         assert above.status_code == 400 and above.json()["error"]["param"] == "quality_floor"
         assert "linear:4" in above.json()["error"]["message"]
-        for floor in (None, "linear:4", "linear:2"):
+        # topk:4 is not above linear:4, but the ladder orders only one family: it does not meet it either.
+        other = httpx.post(url + "/v1/completions", json={**body, "quality_floor": "topk:2"}, timeout=30)
+        assert other.status_code == 400 and "does not meet" in other.json()["error"]["message"]
+        # A perplexity ceiling: linear:4's perplexity in the cost model is 25 (100 / K): within 30, not within 20.
+        tight = httpx.post(url + "/v1/completions", json={**body, "quality_floor": "ppl:20"}, timeout=30)
+        assert tight.status_code == 400, tight.text
+        for floor in (None, "linear:4", "linear:2", "ppl:30", 25):
             answer = httpx.post(url + "/v1/completions", json={**body, "quality_floor": floor}, timeout=30)
-            assert answer.status_code == 200, answer.text
+            assert answer.status_code == 200, (floor, answer.text)
         assert {str(p) for r in state.engine.finished for p in r.served_at} == {"linear:4"}
         assert state.engine.stats.violations == 0
     finally:

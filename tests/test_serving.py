@@ -421,6 +421,33 @@ def test_a_cancelled_request_is_dropped_waiting_or_running():
     assert other.finish_reason == "length" and len(other.output_ids) == 20
 
 
+def test_a_request_submitted_and_cancelled_while_the_inbox_empties_is_still_dropped():
+    """The engine thread finds the inbox empty while the server's thread submits a request and cancels it (a
+    client gone while its prompt was tokenized): the cancel must not be spent on the sweep of that step, which
+    cannot see the request yet. The other thread is played by the inbox, at the check that finds it empty."""
+    from collections import deque
+
+    engine = sim_engine("fifo", max_batch=1, max_running=1)
+    first, late = request("linear:2", out=20), request("linear:2", out=20)
+
+    class RacingInbox(deque):
+        raced = False
+
+        def __bool__(self) -> bool:
+            empty = len(self) == 0
+            if empty and not self.raced:  # the loop ends here; then the other thread acts
+                self.raced = True
+                self.append(late)
+                engine.cancel(late)
+            return not empty
+
+    engine._inbox = RacingInbox()
+    engine.submit(first)
+    engine.run()
+    assert late.finish_reason == "cancelled" and late.output_ids == []
+    assert first.finish_reason == "length"
+
+
 def test_prism_launches_the_queue_of_highest_utility():
     # C(b, K) = 10 + b*K. Three linear:2 requests and one linear:8 arrive together (max batch 8, none full):
     # U(Q_2) = 3 / (10 + 3*2) = 0.1875 beats U(Q_8) = 4 / (10 + 4*8) = 0.095, so Q_2 launches alone. For the

@@ -120,13 +120,14 @@ class ProfileGeometry:
         return int(self.n_layers * (self.num_experts * per_expert + counters))
 
     def work_bytes(self, tokens: int, buffer_bytes: int) -> int:
-        """Peak size of the work folder: the rows, every layer's saved state and one journal. A journal holds
-        at most the row buffer, and never more than every row the run routes (a budget of terabytes over a
-        small run planned terabytes of disk)."""
+        """Peak size of the work folder: the rows, every layer's saved state and the journals, two at a
+        checkpoint (the last is kept until the new one is durable). A journal holds at most the row buffer,
+        and the two together never more than every row the run routes (a budget of terabytes over a small
+        run planned terabytes of disk)."""
         fit, held = self.expected_rows(tokens)
         rows = self.n_layers * self.num_experts * (fit + held) * self.row_size
         routed = self.n_layers * tokens * self.top_k * self.row_size
-        return int(rows + self.n_layers * self.layer_state_bytes + min(buffer_bytes, routed))
+        return int(rows + self.n_layers * self.layer_state_bytes + min(2 * buffer_bytes, routed))
 
 
 def forward_bytes(batch_size: int, seq_len: int, hidden_size: int, heads: int, dtype_bytes: int) -> int:

@@ -188,7 +188,7 @@ class Engine:
         """Thread-safe: drop ``request`` at the next iteration (waiting: from the queue; running: its KV rows).
         Only then is the waiting queue swept, not at every step (a simulation keeps thousands waiting)."""
         request.cancelled = True
-        self._cancels = True  # after the flag: a sweep that misses the request is followed by another
+        self._cancels = True  # after the request's flag: a sweep that misses it is followed by another
         self._wake.set()
 
     # --- state -------------------------------------------------------------------------------
@@ -255,10 +255,12 @@ class Engine:
         now = self.now()
         while self._scheduled and self._scheduled[0].arrival <= now:
             self.waiting.push(self._scheduled.popleft())
+        # Read before the inbox is emptied: a request submitted and cancelled meanwhile is then either in the
+        # queue for this sweep or leaves the flag set for the next one.
+        cancels, self._cancels = self._cancels, False
         while self._inbox:
             self.waiting.push(self._inbox.popleft())
-        if self._cancels:
-            self._cancels = False
+        if cancels:
             for r in self.waiting.drop_cancelled():
                 r.finish("cancelled", now)
                 self.finished.append(r)

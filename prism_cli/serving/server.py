@@ -133,7 +133,8 @@ class ServerState:
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
     active: set[Request] = field(default_factory=set)  # submitted and not yet finished: a forced stop cancels them
-    stopping: bool = False  # a second Ctrl-C: in-flight requests are cancelled, and the command exits 130
+    stopping: bool = False  # a second Ctrl-C: in-flight requests are cancelled, new ones refused, the command exits 130
+    event_loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
     created: int = field(default_factory=lambda: int(time.time()))
     #: The most characters of a prompt one token covers (``longest_token_chars``); None: no early refusal.
     longest_token: int | None = field(init=False)
@@ -208,14 +209,23 @@ def parse_quality_floor(state: ServerState, body: dict) -> OperatingPoint:
     if value is None:
         return fixed or state.space.full()  # under static, the operator's point is the default floor
     try:
-        point = resolve_floor(floor_spec(value, state.space), state.space, state.ladder, state.cost_model)
+        spec = floor_spec(value, state.space)
+        if fixed is not None and spec.ceiling is not None and _within(state, fixed, spec.ceiling):
+            return fixed  # the ceiling's floor is then the point served (not the cheapest within it)
+        point = resolve_floor(spec, state.space, state.ladder, state.cost_model)
         check_costed(state, point)
     except PrismError as exc:
         raise BadRequest(f"quality_floor: {exc}", "quality_floor") from None
     if fixed is not None and not state.ladder.meets(fixed, point):  # served below it: refused, never counted
-        raise BadRequest(f"quality_floor: {point} is above {fixed}, the one point this server runs (--policy static)",
-                         "quality_floor")
+        raise BadRequest(f"quality_floor: {value!r} asks for {point}, which {fixed}, the one point this server runs "
+                         "(--policy static), does not meet", "quality_floor")
     return point
+
+
+def _within(state: ServerState, point: OperatingPoint, ceiling: float) -> bool:
+    """Whether the bench table puts ``point``'s perplexity within ``ceiling``."""
+    cost = state.cost_model.points.get(str(point)) if state.cost_model is not None else None
+    return cost is not None and cost.perplexity is not None and cost.perplexity <= ceiling
 
 
 def check_costed(state: ServerState, point: OperatingPoint) -> None:
@@ -332,7 +342,7 @@ def build_app(state: ServerState) -> Starlette:
             floor = parse_quality_floor(state, body)
             stream = _field(body, "stream", (bool,), False)
             options = _field(body, "stream_options", (dict,), {})
-            if not isinstance(options.get("include_usage") or False, bool):  # a null field is an absent one
+            if options.get("include_usage") is not None and not isinstance(options["include_usage"], bool):  # null: absent
                 raise BadRequest("stream_options.include_usage: expected bool", "stream_options")
             if options and not stream:  # as OpenAI answers
                 raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
@@ -366,6 +376,9 @@ def build_app(state: ServerState) -> Starlette:
         def on_update(r: Request) -> None:  # engine thread
             loop.call_soon_threadsafe(deliver, (r.stream_text(), r.finish_reason, len(r.output_ids)), r.finished)
 
+        if state.stopping:  # read or tokenized while the server was being stopped (a second Ctrl-C)
+            state.counters.count("503")
+            return error(STOPPED, None, 503, "server_stopped")
         req = Request(list(prompt_ids), params, floor, state.engine.now(), on_update=on_update)
         state.in_flight += 1
         state.active.add(req)
@@ -507,6 +520,7 @@ def build_app(state: ServerState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         state.loop = EngineLoop(state.engine)
+        state.event_loop = asyncio.get_running_loop()
         state.loop.start()
         try:
             yield
@@ -714,16 +728,21 @@ def serve_forever(state: ServerState, sock: socket.socket, on_ready=None) -> Non
     """Run uvicorn on ``sock`` until SIGINT/SIGTERM; in-flight requests are drained first."""
     import uvicorn
 
+    def cancel_active() -> None:
+        for req in list(state.active):
+            state.engine.cancel(req)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
             # A second Ctrl-C stops without draining: uvicorn would cancel the handlers mid-response
             # (tracebacks, a bare 500) while the engine went on generating for them. prism cancels the
             # requests instead; each answers at once (503, or an error event), then uvicorn stops as usual.
             # A third forces uvicorn down.
-            if self.should_exit and sig == signal.SIGINT and not state.stopping:
+            if self.should_exit and sig == signal.SIGINT and not state.stopping and state.event_loop is not None:
                 state.stopping = True
-                for req in list(state.active):
-                    state.engine.cancel(req)
+                # On the loop, not here: this handler may have interrupted the loop thread inside a lock that
+                # cancelling takes (the engine's wake-up event), and would wait on it for ever.
+                state.event_loop.call_soon_threadsafe(cancel_active)
                 return
             super().handle_exit(sig, frame)
 
