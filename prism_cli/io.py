@@ -374,6 +374,24 @@ def is_prism_h5(path: Path, fmt: str) -> bool:
         return False
 
 
+def check_replaceable(path: Path, fmt: str, what: str) -> None:
+    """Refuse an ``--out`` that names an existing file other than a prism ``what`` (an HDF5 file or a JSON
+    object whose ``format`` is ``fmt``): a run replaces an earlier result of its own, never a user's file of
+    that name (``prism profile ... --out README.md`` replaced it)."""
+    path = Path(path)
+    if path.is_file() and not (is_prism_h5(path, fmt) or _is_prism_json(path, fmt)):
+        raise PrismError(f"--out {path} exists and is not a prism {what}: writing would replace it; move it or choose "
+                         "another --out")
+
+
+def _is_prism_json(path: Path, fmt: str) -> bool:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == fmt
+
+
 def integer_attrs(meta: dict[str, Any], keys: tuple[str, ...], path: Path, minimum: int = 0) -> None:
     """Replace the attributes ``keys`` of an opened prism HDF5 file by ints, each at least ``minimum``
     (``layers``: a list of them), or raise one line naming the first that is missing or is not one."""

@@ -11,9 +11,10 @@ import yaml
 from prism_cli.commands.common import ConfigOption, DefaultCommandGroup, check_seed, deferred_progress, parse_layers
 from prism_cli.console import console
 from prism_cli.errors import PrismError
-from prism_cli.io import check_not_input, check_writable
+from prism_cli.io import check_not_input, check_replaceable, check_writable
 from prism_cli.report import ResultTable
 from prism_cli.solvers import SOLVERS
+from prism_cli.solvers.format import FORMAT as PARTITION_FORMAT
 from prism_cli.solvers.format import Partition, mean_scores, merge_partitions, write_partition
 from prism_cli.solvers.runner import PartitionSettings, partition_profile, run_partition
 
@@ -62,6 +63,7 @@ def run(
     )
     check_not_input(out, {"profile": profile, **({"config file": Path(config)} if config else {})})
     check_writable(out)
+    check_replaceable(out, PARTITION_FORMAT, "partition")
     with deferred_progress(f"partitioning ({solver})", unit="experts") as (start, advance):
         result = run_partition(profile, settings, out, resume=resume, layers=parse_layers(layers), workers=workers,
                                executor=executor, on_start=start, on_done=lambda *_: advance())
@@ -81,6 +83,7 @@ def merge(
     result = merge_partitions(parts)
     if result.meta.get("profile"):  # as recorded where the parts were made (relative to that folder)
         check_not_input(out, {"profile the parts were made from": Path(result.meta["profile"])})
+    check_replaceable(out, PARTITION_FORMAT, "partition")
     write_partition(out, result)
     console.print(summary_table(result).rich())
     console.print(f"written {out}: layers {', '.join(map(str, result.layers))} from {len(parts)} parts")

@@ -9,7 +9,7 @@ import typer
 from prism_cli.commands.common import ConfigOption, check_seed, deferred_progress, parse_layers
 from prism_cli.console import console
 from prism_cli.data import data_file, load_text
-from prism_cli.io import check_not_input, check_writable, peak_rss_bytes
+from prism_cli.io import check_not_input, check_replaceable, check_writable, peak_rss_bytes
 from prism_cli.report import ResultTable
 
 
@@ -51,6 +51,7 @@ def profile(
     # Imported here, not at the top: torch and transformers would slow every `prism` call (--help too).
     from prism_cli.models.loading import check_context_length, load_config, load_model, resolve_model
     from prism_cli.profiling.budget import format_size, parse_size
+    from prism_cli.profiling.format import FORMAT as PROFILE_FORMAT
     from prism_cli.profiling.profiler import ProfilePlan, ProfileSettings, profile_model
 
     settings = ProfileSettings(
@@ -70,6 +71,7 @@ def profile(
     inputs = {"model folder": name, "config file": config}
     check_not_input(out, {**{what: Path(p) for what, p in inputs.items() if p and Path(p).exists()}, **data_file(data)}, inside=True)
     check_writable(out)
+    check_replaceable(out, PROFILE_FORMAT, "profile")
     check_context_length(load_config(name), seq_len)
     text, data_name = load_text(data, "calibration", forbid=("eval",), what="profile")
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, bounded_memory=True)

@@ -379,15 +379,17 @@ def cost_model_cmd(
     repeats: int = typer.Option(6, help="Engine calibration: timed decode steps (and copies) per measurement."),
 ) -> None:
     """Build the cost model C(mode, batch, point) from a decode and a prefill bench of the export."""
-    from prism_cli.io import check_not_input, check_writable
+    from prism_cli.io import check_not_input, check_replaceable, check_writable
     from prism_cli.serving.calibrate import calibrate_engine
     from prism_cli.serving.costmodel import COST_MODEL_FILE, CostModel
+    from prism_cli.serving.costmodel import FORMAT as COST_MODEL_FORMAT
 
     _check_dir(directory)
     if repeats < 1:
         raise PrismError(f"--repeats must be at least 1, got {repeats}")
     target = out or Path(directory) / COST_MODEL_FILE
     check_writable(target)  # before the engine calibration, not after it
+    check_replaceable(target, COST_MODEL_FORMAT, "cost model")
     check_not_input(target, {f"{mode} bench": path / "bench.json" if path.is_dir() else path
                              for mode, path in (("decode", decode), ("prefill", prefill))})
     model = CostModel.from_bench(decode, prefill, directory)

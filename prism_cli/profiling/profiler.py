@@ -30,7 +30,7 @@ from prism_cli import __version__
 from prism_cli.data import text_hash
 from prism_cli.data.windows import token_windows
 from prism_cli.errors import Interrupted, PrismError
-from prism_cli.io import atomic_path, check_writable, open_work_dir
+from prism_cli.io import atomic_path, check_replaceable, check_writable, open_work_dir
 from prism_cli.layers import format_layers
 from prism_cli.models.adapters import MoELayer
 from prism_cli.models.loading import LoadedModel, checkpoint_dir, config_fingerprint, load_config, model_label, weights_fingerprint
@@ -319,6 +319,7 @@ def profile_model(
     limit_kernel_cache()
     out_path = Path(out_path)
     check_writable(out_path)
+    check_replaceable(out_path, FORMAT, "profile")
     adapter = loaded.adapter
     assert adapter is not None
     all_layers = adapter.moe_layers(loaded.model)

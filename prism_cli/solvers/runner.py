@@ -31,12 +31,12 @@ import numpy as np
 
 from prism_cli import __version__
 from prism_cli.errors import Interrupted, PrismError
-from prism_cli.io import check_writable
+from prism_cli.io import check_replaceable, check_writable
 from prism_cli.layers import format_layers
 from prism_cli.profiling.format import ExpertRows, ProfileFile
 from prism_cli.solvers.base import SOLVERS, PartitionProblem
 from prism_cli.solvers.checkpoint import ResultStore, work_dir_for
-from prism_cli.solvers.format import MODEL_KEYS, ExpertPartition, Partition, file_hash, write_partition
+from prism_cli.solvers.format import FORMAT, MODEL_KEYS, ExpertPartition, Partition, file_hash, write_partition
 from prism_cli.solvers.objectives import group_loads, is_valid_partition, paper_cost, retained_mass
 
 EXECUTORS = ("local", "ray")
@@ -392,6 +392,7 @@ def run_partition(
     """
     out = Path(out)
     check_writable(out)
+    check_replaceable(out, FORMAT, "partition")
     chosen = sorted(set(check_run(profile_path, settings, layers, workers, executor)[0]))
     profile_hash = file_hash(profile_path)
     identity = {
