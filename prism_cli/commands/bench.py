@@ -31,7 +31,7 @@ def bench(
     data: str = typer.Option(None, help="Quality text file or builtin:<split> (default builtin:eval, held out)."),
     tokens: int = typer.Option(32_768, help="Held-out tokens for the quality columns (windows of 256 tokens, whatever --seq-len is)."),
     points: str = typer.Option(
-        None, help="Operating points to sweep, separated by ';' or ',' (topk:4,pattern:4,3,1; default: all the export lists)."),
+        None, help="Operating points to sweep, separated by ';' or ',' (topk:4,pattern:4,3; default: all the export lists)."),
     repeats: int = typer.Option(
         20, help="Timed repeats per point and batch, at least (one sample has no spread: --precision then repeats on)."),
     max_repeats: int = typer.Option(60, "--max-repeats", help="... and at most, while a median is less precise than --precision."),

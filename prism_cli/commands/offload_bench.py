@@ -17,7 +17,7 @@ def offload_bench(
     model: str = typer.Argument(..., help="A prism export (the source model is loaded as the baseline)."),
     device_memory: str = typer.Option(..., "--device-memory", help="Budgets, comma-separated: 4GB, 4GiB, 45% (of the "
                                       "experts cached), 16GB@deepseek-v2-lite (that model's cached share)."),
-    points: str = typer.Option(..., help="Elastic operating points, separated by ',' or ';' (topk:4,linear:4;pattern:4,3,1); baselines "
+    points: str = typer.Option(..., help="Elastic operating points, separated by ',' or ';' (topk:4,linear:4;pattern:4,3); baselines "
                                "at equal compute and at the same quality floor are added."),
     policy: str = typer.Option("lru", help="Cache policies, comma-separated (lru, lfu, prefetch)."),
     pin: str = typer.Option("0", help="Shares of the cache pinned to the highest-mass sub-experts, comma-separated (0,0.25)."),
