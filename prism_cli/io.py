@@ -374,18 +374,26 @@ def is_prism_h5(path: Path, fmt: str) -> bool:
         return False
 
 
-def check_replaceable(path: Path, fmt: str, what: str) -> None:
-    """Refuse an ``--out`` that names an existing file other than a prism ``what`` (an HDF5 file or a JSON
-    object whose ``format`` is ``fmt``): a run replaces an earlier result of its own, never a user's file of
-    that name (``prism profile ... --out README.md`` replaced it)."""
+def check_replaceable(path: Path, fmt: str, what: str, *, json_file: bool = False, label: str = "--out") -> None:
+    """Refuse an output (``label``) that names an existing file other than a prism ``what``: an HDF5 file, or
+    with ``json_file`` a JSON object, whose ``format`` is ``fmt``. A run replaces an earlier result of its
+    own, never a user's file of that name (``prism profile ... --out README.md`` replaced it)."""
     path = Path(path)
-    if path.is_file() and not (is_prism_h5(path, fmt) or _is_prism_json(path, fmt)):
-        raise PrismError(f"--out {path} exists and is not a prism {what}: writing would replace it; move it or choose "
+    ours = _is_prism_json(path, fmt) if json_file else is_prism_h5(path, fmt)
+    if path.is_file() and not ours:
+        raise PrismError(f"{label} {path} exists and is not a prism {what}: writing would replace it; move it or choose "
                          "another --out")
+
+
+#: The largest JSON file read to see whether it is a prism one (a cost model is a few KiB; a user's file
+#: of gigabytes is not read whole only to refuse it).
+_MAX_OWN_JSON = 16 * 2**20
 
 
 def _is_prism_json(path: Path, fmt: str) -> bool:
     try:
+        if Path(path).stat().st_size > _MAX_OWN_JSON:
+            return False
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False

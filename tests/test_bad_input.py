@@ -557,6 +557,9 @@ CASES = [
          lambda w: ["partition", "merge", w.partition_of(w.model, "l0.h5", layers=[0]),
                     w.partition_of(w.model, "l1.h5", layers=[1]), "--out", w.write("notes.txt", "mine")],
          ("notes.txt exists and is not a prism partition",)),
+    Case("cost-model-out-is-the-decode-bench",  # the input named as such (it was "not a prism cost model: move it")
+         lambda w: (lambda args: [*args[:-1], args[args.index("--decode") + 1]])(cost_model_args(w, w.export, 4)),
+         ("is the decode bench",)),
     Case("cost-model-out-replaces-a-users-file",
          lambda w: [*cost_model_args(w, w.export, 4)[:-1], w.write("cm.json", '{"mine": 1}')],
          ("cm.json exists and is not a prism cost model",)),

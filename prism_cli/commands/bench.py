@@ -44,7 +44,7 @@ def bench(
     seed: int = typer.Option(0, callback=check_seed, help="Seed for the timing inputs."),
     cpu_allocator: str = typer.Option(
         "reuse", "--cpu-allocator", help="On the CPU: reuse (freed activations stay in the heap for the next step) or system (glibc's)."),
-    out: Path = typer.Option(Path("results"), help="Output folder: bench.md, bench.csv, bench.json, bench.png."),
+    out: Path = typer.Option(Path("results"), help="Output folder: bench.md, bench.csv, bench.json, bench.png, bench_summary.md."),
     device_memory: str = DeviceMemoryOption,
     cache_policy: str = CachePolicyOption,
     config: str = ConfigOption,

@@ -20,7 +20,7 @@ def export(
     gate: str = typer.Option("neurons", help=f"Gate: {' or '.join(GATES)} (SPEC 3.4)."),
     operating_point: str = typer.Option(
         None, "--operating-point", "-K",
-        help="Default operating point: K (1..N*k), or topk:K, pattern:4,3,1, threshold:0.9, linear:K. Default: all sub-experts.",
+        help="Default operating point: K (1..N*k), or topk:K, pattern:4,3, threshold:0.9, linear:K. Default: all sub-experts.",
     ),
     allow_inexact: bool = typer.Option(
         False, "--allow-inexact", help="Export even where a gate is not exact (the measured difference is recorded)."

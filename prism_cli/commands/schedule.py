@@ -389,9 +389,10 @@ def cost_model_cmd(
         raise PrismError(f"--repeats must be at least 1, got {repeats}")
     target = out or Path(directory) / COST_MODEL_FILE
     check_writable(target)  # before the engine calibration, not after it
-    check_replaceable(target, COST_MODEL_FORMAT, "cost model")
     check_not_input(target, {f"{mode} bench": path / "bench.json" if path.is_dir() else path
                              for mode, path in (("decode", decode), ("prefill", prefill))})
+    check_replaceable(target, COST_MODEL_FORMAT, "cost model", json_file=True,
+                      label="--out" if out is not None else "the export's cost model")
     model = CostModel.from_bench(decode, prefill, directory)
     if engine:
         with deferred_progress("engine calibration", unit="measurements") as (start, advance):

@@ -341,6 +341,9 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     notes = [_link_note(settings), f"decode steps of batch 1 after a prefill of {settings.context} tokens of the evaluation "
              f"text, {settings.warmup} warm-up tokens, {settings.tokens} timed; quality: perplexity over "
              f"{settings.quality_tokens:,} tokens per split (calibration pairs the points, evaluation is reported)"]
+    if not meta.get("linear_gate_exact", True):  # exported with --allow-inexact
+        notes.append("this export's linear gate is not exact: linear:N*k routes only approximately like the baseline, "
+                     "so 'saved by pieces' is not at the same routing")
     extra = {"source": meta["source"]["model"], "n_sub": n_sub, "top_k": top_k}
     return OffloadReport("live", settings, results, pairs, quality, notes, environment(device), extra)
 

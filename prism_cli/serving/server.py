@@ -356,6 +356,9 @@ def build_app(state: ServerState) -> Starlette:
         except BadRequest as exc:
             state.counters.count(str(exc.status))
             return error(str(exc), exc.param, exc.status, exc.kind)
+        if state.stopping:  # read or tokenized while the server was being stopped (a second Ctrl-C)
+            state.counters.count("503")
+            return error(STOPPED, None, 503, "server_stopped")
         if state.in_flight >= state.capacity:
             state.counters.count("503")
             return error("the server is at capacity; retry later", None, 503, "server_overloaded", headers={"Retry-After": "1"})
@@ -376,9 +379,6 @@ def build_app(state: ServerState) -> Starlette:
         def on_update(r: Request) -> None:  # engine thread
             loop.call_soon_threadsafe(deliver, (r.stream_text(), r.finish_reason, len(r.output_ids)), r.finished)
 
-        if state.stopping:  # read or tokenized while the server was being stopped (a second Ctrl-C)
-            state.counters.count("503")
-            return error(STOPPED, None, 503, "server_stopped")
         req = Request(list(prompt_ids), params, floor, state.engine.now(), on_update=on_update)
         state.in_flight += 1
         state.active.add(req)
