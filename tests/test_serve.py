@@ -592,10 +592,9 @@ def test_serve_cli_bad_input(cli, tiny_export, tmp_path):
     cli("serve", tiny_export, "--policy", "fifo", "--cache-policy", "mru", "--device-memory", "50%").assert_one_line_error("mru")
 
 
-@pytest.mark.slow
-def test_sigterm_drains_in_flight_requests_then_exits(tiny_export):
+def _serve_process(tiny_export):
+    """``prism serve`` (fifo) in a process of its own, once it answers /health: (the process, its URL)."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -603,16 +602,24 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_export):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "serve", str(tiny_export), "--policy", "fifo", "--port", str(port),
-                             "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={k: v for k, v in os.environ.items() if k != "PRISM_API_KEY"})
     url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, url
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_export):
+    import signal
+
+    proc, url = _serve_process(tiny_export)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         body = {"model": "tiny", "prompt": "The whale", "max_tokens": 100, "temperature": 0, "stream": True}
         with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as response:
             lines = response.iter_lines()
@@ -631,25 +638,10 @@ def test_a_second_ctrl_c_cancels_in_flight_requests_and_exits_130(tiny_export):
     (a 503 in OpenAI's error shape, an error event on a stream), quietly, and the command exits 130. uvicorn's
     own forced stop cancelled the handlers mid-response (tracebacks, a bare-text 500, a stream cut short),
     left the engine generating the abandoned requests, and exited 0."""
-    import os
     import signal
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "prism_cli", "serve", str(tiny_export), "--policy", "fifo", "--port", str(port),
-                             "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "PRISM_API_KEY"})
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _serve_process(tiny_export)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         context = httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"]
         body = {"model": "tiny", "prompt": [5, 6], "max_tokens": context - 2, "temperature": 1.0, "seed": 1}
         with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client, \
