@@ -66,13 +66,12 @@ def evaluate(
 def _note_inexact(model) -> None:
     """Say where the point evaluated routes only approximately: a linear or layered point of an export
     written with --allow-inexact (its full point is then not the source model's)."""
+    from prism_cli.export.format import inexact_linear_gate
+
     state = getattr(model, "prism_state", None)
-    meta = getattr(model.config, "prism", None)
-    if state is None or not isinstance(meta, dict) or meta.get("linear_gate_exact", True):
-        return
-    if state.point is not None and state.point.policy in ("linear", "layered"):
-        console.print(f"note: this export's linear gate is not exact ({meta.get('linear_gate_note') or 'see its export'}): "
-                      f"{state.point} routes only approximately like the source model", highlight=False)
+    caveat = inexact_linear_gate(getattr(model.config, "prism", None))
+    if caveat and state is not None and state.point is not None and state.point.policy in ("linear", "layered"):
+        console.print(f"note: {caveat}: {state.point} routes only approximately like the source model", highlight=False)
 
 
 def _check_point(model: str, operating_point: str | None) -> None:

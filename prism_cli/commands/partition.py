@@ -63,7 +63,6 @@ def run(
     )
     check_not_input(out, {"profile": profile, **({"config file": Path(config)} if config else {})})
     check_writable(out)
-    check_replaceable(out, PARTITION_FORMAT, "partition")
     with deferred_progress(f"partitioning ({solver})", unit="experts") as (start, advance):
         result = run_partition(profile, settings, out, resume=resume, layers=parse_layers(layers), workers=workers,
                                executor=executor, on_start=start, on_done=lambda *_: advance())

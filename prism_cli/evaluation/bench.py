@@ -43,6 +43,7 @@ from prism_cli.evaluation.timing import (
     largest_fitting_batch,
     step_memory_floor,
 )
+from prism_cli.export.format import inexact_linear_gate
 from prism_cli.models.loading import LoadedModel, load_model
 from prism_cli.operating_points import OperatingPoint, parse_operating_point
 from prism_cli.profiling.budget import format_size
@@ -274,7 +275,7 @@ def run_bench(
     n_sub = int(models.meta["sub_experts"]) if models.meta else 1
     return BenchReport(n_sub, target, models.source_name if models.meta else None, models.note, settings, full_ppl,
                        points, counts, environment(torch.device(settings.device)),
-                       bool((models.meta or {}).get("linear_gate_exact", True)))
+                       inexact_linear_gate(models.meta) is None)
 
 
 def _check_batches_fit(model: Any, models: int, settings: BenchSettings) -> None:
@@ -317,9 +318,8 @@ def _load(target: str, settings: BenchSettings) -> _Models:
     if meta is None:
         models.note = (f"{target} is a plain MoE model, not a prism export: "
                        f"only its original top-1..top-{models.source_state.source_top_k} range is benchmarked")
-    elif not meta.get("linear_gate_exact", True):  # exported with --allow-inexact
-        models.add_note(f"this export's linear gate is not exact ({meta.get('linear_gate_note') or 'see its export'}): "
-                        "linear points route only approximately like the original")
+    elif caveat := inexact_linear_gate(meta):
+        models.add_note(f"{caveat}: linear points route only approximately like the original")
     if settings.offload is not None:
         from dataclasses import replace
 

@@ -42,6 +42,14 @@ def is_export(folder: Path) -> bool:
 EXPORT_OUTPUT = Replaceable("a prism export", is_export)
 
 
+def inexact_linear_gate(meta: dict[str, Any] | None) -> str | None:
+    """For an export written with ``--allow-inexact`` (its linear points route only approximately like the
+    source model), the words that say so, with the export's reason; None for any other."""
+    if not isinstance(meta, dict) or meta.get("linear_gate_exact", True):
+        return None
+    return f"this export's linear gate is not exact ({meta.get('linear_gate_note') or 'see its export'})"
+
+
 def read_source_router_file(directory: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     """The tensors of ``SOURCE_ROUTER_FILE`` of the export ``directory``, or None where the flat router's
     copies still hold the source rows (an untuned export). An export whose flat router was tuned

@@ -253,6 +253,7 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     from prism_cli.data import split_text
     from prism_cli.data.windows import token_windows
     from prism_cli.evaluation.perplexity import perplexity
+    from prism_cli.export.format import inexact_linear_gate
     from prism_cli.models.loading import load_config, load_model
     from prism_cli.offload.executor import absolute_budget, attach_offload, budget_sizes
     from prism_cli.runtime.elastic import attach_elastic_state, export_meta, load_elastic_model, set_operating_point
@@ -341,9 +342,9 @@ def _live_bench(target: str, settings: OffloadBenchSettings,
     notes = [_link_note(settings), f"decode steps of batch 1 after a prefill of {settings.context} tokens of the evaluation "
              f"text, {settings.warmup} warm-up tokens, {settings.tokens} timed; quality: perplexity over "
              f"{settings.quality_tokens:,} tokens per split (calibration pairs the points, evaluation is reported)"]
-    if not meta.get("linear_gate_exact", True):  # exported with --allow-inexact
-        notes.append("this export's linear gate is not exact: linear:N*k routes only approximately like the baseline, "
-                     "so 'saved by pieces' is not at the same routing")
+    if caveat := inexact_linear_gate(meta):
+        notes.append(f"{caveat}: linear:N*k routes only approximately like the baseline, so 'saved by pieces' is not "
+                     "at the same routing")
     extra = {"source": meta["source"]["model"], "n_sub": n_sub, "top_k": top_k}
     return OffloadReport("live", settings, results, pairs, quality, notes, environment(device), extra)
 
